@@ -1,0 +1,39 @@
+# weightscope: `make book` builds the book for TARGET (default demo); `make test` runs the test suite.
+# Each target creates .venv and installs the pinned requirements by itself when needed.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+TARGET ?= demo
+PY := .venv/bin/python
+SHARED ?= $(abspath ../shared)
+
+# Offline inputs: point the library at ../shared when it exists (users with internet need neither).
+ifneq ($(wildcard $(SHARED)/models/stories260K),)
+export WEIGHTSCOPE_MODELS ?= $(SHARED)/models
+endif
+ifneq ($(wildcard $(SHARED)/corpora),)
+export WEIGHTSCOPE_CORPORA ?= $(SHARED)/corpora
+endif
+export PYTHONUNBUFFERED := 1
+
+.PHONY: book test test-fast bench clean setup
+setup: .venv/.installed
+
+.venv/.installed: requirements.txt pyproject.toml
+	@echo "[setup] installing pinned requirements into .venv (first time: several minutes) ..."
+	@test -x $(PY) || python3 -m venv .venv
+	@$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+	@$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+	@touch $@
+	@echo "[setup] .venv ready"
+
+book: .venv/.installed
+	@$(PY) -m weightscope.book --target $(TARGET)
+
+test: .venv/.installed
+	@start=$$(date +%s); $(PY) -m pytest; echo "make test: finished in $$(( $$(date +%s) - start )) s"
+
+test-fast: .venv/.installed
+	@$(PY) -m pytest -m "not slow"
+
+clean:
+	rm -rf book/_build book/_toc.yml

@@ -1,0 +1,233 @@
+"""Execute the chapter notebooks for a target with papermill and build the Jupyter Book.
+
+    python -m weightscope.book --target demo            # prepare, execute every chapter, build HTML
+    python -m weightscope.book --target demo --no-html  # execute only
+
+Executed notebooks land in `book/<target>/`; a notebook whose source, parameters, library code and package versions
+are unchanged since its last successful run is reused, not re-executed. A failing notebook never replaces the
+last good one: it is kept under `data/cache/failed/` for inspection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from weightscope.params import ParamsError, Target, check_overrides, load_target
+from weightscope.paths import REPO_ROOT, cache_dir
+from weightscope.results import atomic_write_bytes, versions
+
+NOTEBOOKS = REPO_ROOT / "notebooks"
+BOOK = REPO_ROOT / "book"
+LIB = REPO_ROOT / "lib" / "weightscope"
+
+
+def chapter_sources() -> list[Path]:
+    """Notebook sources in reading order (`notebooks/NN_*.md`)."""
+    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.md"))
+
+
+def _to_ipynb(source: Path) -> Any:
+    import jupytext
+
+    nb = jupytext.read(source)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return nb
+
+
+def notebook_defaults(source: Path) -> dict[str, Any]:
+    """The parameters a chapter declares (its `parameters` cell), with their default values."""
+    nb = _to_ipynb(source)
+    for cell in nb.cells:
+        if "parameters" in cell.metadata.get("tags", []):
+            return _literal_assignments(cell.source, where=source.name)
+    return {}
+
+
+def _literal_assignments(code: str, *, where: str) -> dict[str, Any]:
+    out = {}
+    for node in ast.parse(code).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                out[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                raise ParamsError(f"{where}: parameter `{node.targets[0].id}` must have a literal default.") from None
+    return out
+
+
+def chapter_parameters(target: Target, source: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Parameters injected into one chapter: the target name plus validated overrides."""
+    defaults = notebook_defaults(source)
+    overrides = {**target.chapter_params(source.stem), **(extra or {})}
+    defaults.pop("target", None)  # injected below, never overridden
+    merged = check_overrides(defaults, overrides, where=f"{target.path}: chapters.{source.stem}")
+    merged["target"] = target.target
+    return merged
+
+
+def _code_fingerprint() -> str:
+    h = hashlib.sha256()
+    for path in sorted(LIB.rglob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_key(source: Path, params: dict[str, Any], target: Target) -> str:
+    """What a cached execution depends on: the notebook, its parameters, the target file, code and versions."""
+    blob = json.dumps(
+        {
+            "source": source.read_text(),
+            "params": params,
+            "target": target.as_dict(),
+            "code": _code_fingerprint(),
+            "versions": versions(),
+            "env": {k: os.environ.get(k) for k in ("WEIGHTSCOPE_MODELS", "WEIGHTSCOPE_CORPORA", "WEIGHTSCOPE_DATA")},
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _stored_key(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text())["metadata"].get("weightscope", {}).get("run_key")
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+
+
+def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | None = None, force: bool = False) -> str:
+    """Execute one chapter into `book/<target>/<stem>.ipynb`; returns "reused" or "executed"."""
+    import nbformat
+    import papermill
+
+    params = chapter_parameters(target, source, extra)
+    out = BOOK / target.target / f"{source.stem}.ipynb"
+    key = run_key(source, params, target)
+    if not force and _stored_key(out) == key:
+        return "reused"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="weightscope-") as tmp:
+        src_nb = Path(tmp) / f"{source.stem}.ipynb"
+        nbformat.write(_to_ipynb(source), src_nb)
+        done = Path(tmp) / "out.ipynb"
+        try:
+            papermill.execute_notebook(
+                str(src_nb), str(done), parameters=params, cwd=str(NOTEBOOKS), progress_bar=False,
+                kernel_name="python3", log_output=False,
+            )
+        except BaseException:
+            _keep_failed(done, target, source)
+            raise
+        nb = nbformat.read(done, as_version=4)
+        nb.metadata["weightscope"] = {"run_key": key, "parameters": params, "versions": versions()}
+        atomic_write_bytes(out, nbformat.writes(nb).encode())
+    return "executed"
+
+
+def _keep_failed(done: Path, target: Target, source: Path) -> None:
+    if done.is_file():
+        failed = cache_dir() / "failed" / target.target
+        failed.mkdir(parents=True, exist_ok=True)
+        (failed / f"{source.stem}.ipynb").write_bytes(done.read_bytes())
+        print(f"  the failed notebook is kept at {failed / (source.stem + '.ipynb')}", file=sys.stderr)
+
+
+def write_toc() -> Path:
+    """Write `book/_toc.yml`: the intro, one part per target with executed chapters, then the appendix."""
+    import yaml
+
+    parts = []
+    for folder in sorted(p for p in BOOK.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+        chapters = [{"file": f"{folder.name}/{nb.stem}"} for nb in sorted(folder.glob("[0-9][0-9]_*.ipynb"))]
+        if folder.name == "appendix":
+            chapters = [{"file": f"appendix/{p.stem}"} for p in sorted(folder.glob("*.md"))]
+        if not chapters:
+            continue
+        caption = "Appendix" if folder.name == "appendix" else _target_title(folder.name)
+        parts.append({"caption": caption, "chapters": chapters})
+    parts.sort(key=lambda p: (p["caption"] == "Appendix", p["caption"] != _target_title("demo")))
+    toc = {"format": "jb-book", "root": "intro", "parts": parts}
+    path = BOOK / "_toc.yml"
+    atomic_write_bytes(path, ("# Generated by weightscope.book; do not edit.\n" + yaml.safe_dump(toc, sort_keys=False)).encode())
+    return path
+
+
+def _target_title(name: str) -> str:
+    try:
+        return load_target(name).title
+    except ParamsError:
+        return name
+
+
+def build_html() -> Path:
+    """`jupyter-book build` with warnings as errors; returns the index page."""
+    exe = Path(sys.executable).parent / "jupyter-book"
+    cmd = [str(exe), "build", str(BOOK), "-W", "-n", "--keep-going", "--quiet"]
+    subprocess.run(cmd, check=True)
+    return BOOK / "_build" / "html" / "index.html"
+
+
+def run(target_name: str, *, chapters: list[str] | None = None, extra: dict[str, Any] | None = None,
+        html: bool = True, force: bool = False) -> None:
+    """Validate, prepare, execute the chapters in order and build the book, printing progress."""
+    t0 = time.time()
+    target = load_target(target_name)
+    sources = [s for s in chapter_sources() if not chapters or s.stem[:2] in chapters or s.stem in chapters]
+    for source in sources:  # every parameter error surfaces before any work
+        chapter_parameters(target, source, extra)
+    _prepare(target)
+    counts = {"executed": 0, "reused": 0}
+    for i, source in enumerate(sources, 1):
+        print(f"[book {i}/{len(sources)}] {target.target}: {source.stem} ...", flush=True)
+        t = time.time()
+        status = execute_chapter(target, source, extra=extra, force=force)
+        counts[status] += 1
+        print(f"[book {i}/{len(sources)}] {target.target}: {source.stem} {status} ({time.time() - t:.0f} s)", flush=True)
+    write_toc()
+    where = "not built (--no-html)"
+    if html:
+        print("[book] building HTML with jupyter-book (warnings are errors) ...", flush=True)
+        where = str(build_html().relative_to(REPO_ROOT))
+    print(
+        f"book: target {target.target}: {counts['executed']} chapter(s) executed, {counts['reused']} reused, "
+        f"in {time.time() - t0:.0f} s; HTML: {where}",
+        flush=True,
+    )
+
+
+def _prepare(target: Target) -> None:
+    """Make sure the inputs exist before any notebook runs (the demo SAEs are trained here, once)."""
+    if target.sae_source == "demo":
+        from weightscope.demo_saes import ensure_demo_saes
+
+        print("[prepare] demo SAEs (trained once with sae-lens, then cached) ...", flush=True)
+        ensure_demo_saes(progress=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="demo", help="parameters file name in params/ (default: demo)")
+    parser.add_argument("--chapters", nargs="*", help="only these chapters (numbers like 00 01, or stems)")
+    parser.add_argument("--no-html", action="store_true", help="execute notebooks but do not build HTML")
+    parser.add_argument("--force", action="store_true", help="re-execute even when a cached run matches")
+    args = parser.parse_args(argv)
+    try:
+        run(args.target, chapters=args.chapters, html=not args.no_html, force=args.force)
+    except (ParamsError, FileNotFoundError, PermissionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

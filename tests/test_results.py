@@ -1,0 +1,61 @@
+"""Result tables: atomic writes, keyed reuse, and no torn file when a write is killed."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+
+from weightscope import results
+
+
+@pytest.fixture(autouse=True)
+def _data(tmp_path, monkeypatch):
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path))
+
+
+def test_roundtrip_and_key():
+    df = pd.DataFrame({"feature": [0, 1], "x": [0.5, 2.0]})
+    results.save_table(df, "t", "tab", key="k1", params={"a": 1})
+    pd.testing.assert_frame_equal(results.load_table("t", "tab", key="k1"), df)
+    assert results.load_table("t", "tab", key="other") is None
+    assert results.table_meta("t", "tab")["params"] == {"a": 1}
+
+
+def test_missing_table_says_which_chapter_to_run():
+    with pytest.raises(FileNotFoundError, match="Run the chapter 01_output_tokens first"):
+        results.require_table("t", "nothing", produced_by="01_output_tokens")
+
+
+def test_unwritable_folder_is_reported(tmp_path, monkeypatch):
+    # A plain file where the output folder should be: cannot be created, even by root.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(blocker / "sub"))
+    with pytest.raises(PermissionError, match="cannot create the output folder .*WEIGHTSCOPE_DATA"):
+        results.save_table(pd.DataFrame({"a": [1]}), "t", "tab", key="k", params={})
+    assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_killed_write_leaves_old_file(tmp_path):
+    """A child process is killed in the middle of writing a large table: the old table must survive intact."""
+    old = pd.DataFrame({"x": [1.0, 2.0]})
+    results.save_table(old, "t", "tab", key="old", params={})
+    script = textwrap.dedent(
+        f"""
+        import os, signal, pandas as pd
+        from weightscope import results
+        real = os.replace
+        def die(*a, **k):  # killed after the temporary file is complete but before the rename
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.replace = die
+        results.save_table(pd.DataFrame({{"x": range(100000)}}), "t", "tab", key="new", params={{}})
+        """
+    )
+    env = {**os.environ, "WEIGHTSCOPE_DATA": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env)
+    assert proc.returncode == -9
+    back = results.load_table("t", "tab", key="old")
+    pd.testing.assert_frame_equal(back, old)
