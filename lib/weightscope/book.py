@@ -15,6 +15,7 @@ import ast
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -129,9 +130,21 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
             _keep_failed(done, target, source)
             raise
         nb = nbformat.read(done, as_version=4)
+        _drop_progress_bars(nb)
         nb.metadata["weightscope"] = {"run_key": key, "parameters": params, "versions": versions()}
         atomic_write_bytes(out, nbformat.writes(nb).encode())
     return "executed"
+
+
+_PROGRESS = re.compile(r"\d+%\||\d+/\d+ \[|\d+\w* \[\d\d:\d\d")
+
+
+def _drop_progress_bars(nb) -> None:
+    """Remove tqdm progress bars (stderr streams) from an executed notebook: useful live, noise on a page."""
+    for cell in nb.cells:
+        if cell.get("cell_type") == "code":
+            cell.outputs = [o for o in cell.outputs if not (
+                o.get("output_type") == "stream" and o.get("name") == "stderr" and _PROGRESS.search(o.get("text", "")))]
 
 
 def _keep_failed(done: Path, target: Target, source: Path) -> None:

@@ -1,8 +1,7 @@
 """The common opening of every chapter: parameters, device, model and SAEs for one target.
 
-    ctx = open_chapter(target)                # validated params, device, dtype; gradients off
-    model = ctx.load_model()                  # HookedTransformer with the processing the SAEs need
-    saes = ctx.load_saes(model)               # one residual SAE per analysed layer, checked against the model
+    ctx = open_chapter(target)                  # validated params, device, dtype; gradients off
+    model, saes = ctx.load_model_and_saes()     # the model with its SAEs' processing; one checked SAE per layer
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from typing import Any
 
 import torch
 
-from weightscope.params import Target, load_target
+from weightscope.params import PROCESSING_FLAGS, Target, load_target
 from weightscope.results import versions
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,30 +48,39 @@ class ChapterContext:
     device: torch.device
     dtype: torch.dtype
 
-    def load_model(self):
-        """The target's model (see `weightscope.models.load_model`), on this chapter's device."""
-        from weightscope.models import load_model
+    def load_model_and_saes(self):
+        """The target's model (with the processing its SAEs were trained with) and one SAE per analysed layer.
 
-        return load_model(self.target.model_name, device=self.device, **self.processing_flags())
+        Returns (model, saes): a HookedTransformer on this chapter's device, and `LoadedSAE`s checked to fit it
+        (d_model, hook, layer) and to read the residual stream.
+        """
+        from weightscope.models import load_model
+        from weightscope.saes import check_fits, require_residual
+
+        flags = self.processing_flags()
+        model = load_model(self.target.model_name, device=self.device, dtype=self.dtype, **flags)
+        layers = self.target.resolve_layers(model.cfg.n_layers)
+        saes = self._load_saes(layers)
+        for sae in saes:
+            check_fits(sae, model)
+            require_residual(sae)
+        return model, saes
 
     def processing_flags(self) -> dict[str, bool]:
-        """TransformerLens processing flags for the model: explicit in the params, else those the SAEs record."""
+        """TransformerLens processing flags: explicit in the params, else those recorded with the target's SAEs."""
         if isinstance(self.target.processing, dict):
             return dict(self.target.processing)
-        from weightscope.saes import recorded_processing
+        if self.target.sae_source == "demo":
+            return {}  # the demo SAEs are trained on the unprocessed model
+        first = self._load_saes([0])[0]
+        recorded = first.model_from_pretrained_kwargs or {}
+        return {k: bool(v) for k, v in recorded.items() if k in PROCESSING_FLAGS}
 
-        return recorded_processing(self.target.sae_source, self._first_sae_id())
+    def _load_saes(self, layers: list[int]) -> list:
+        from weightscope.saes import load_saes
 
-    def _first_sae_id(self) -> str | None:
-        ids = self.target.sae_ids([0])
-        return ids[0] if ids else None
-
-    def load_saes(self, model) -> list:
-        """One SAE per analysed layer, checked to fit `model` (d_model, hook, layer)."""
-        from weightscope.saes import load_target_saes
-
-        layers = self.target.resolve_layers(model.cfg.n_layers)
-        return load_target_saes(self.target, layers, model=model, device=self.device)
+        ids = self.target.sae_ids(layers) or [f"layer_{layer}" for layer in layers]
+        return load_saes(self.target.sae_source, ids, device=str(self.device), dtype=_dtype_name(self.dtype))
 
     def provenance(self, **chapter_params: Any) -> dict[str, Any]:
         """What every result records: target parameters, chapter parameters, device, dtype and versions."""
@@ -80,10 +88,23 @@ class ChapterContext:
             "target": self.target.as_dict(),
             "chapter": chapter_params,
             "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": _dtype_name(self.dtype),
             "python": platform.python_version(),
             "versions": versions(),
         }
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def sae_summary(sae) -> dict[str, Any]:
+    """One row describing a loaded SAE (chapter 0's table)."""
+    return {
+        "layer": sae.layer, "hook": sae.hook_name, "source": sae.source, "id": sae.sae_id,
+        "architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k,
+        "trained on processing": sae.model_from_pretrained_kwargs,
+    }
 
 
 def open_chapter(target: str, *, seed: int = 0) -> ChapterContext:

@@ -21,7 +21,8 @@ DEVICES = ("auto", "cpu", "cuda")
 _TOP_KEYS = {"target", "title", "model", "saes", "layers", "device", "dtype", "chapters"}
 _MODEL_KEYS = {"name", "processing"}
 _SAE_KEYS = {"source", "id_template", "neuronpedia"}
-_PROCESSING_FLAGS = {"fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases", "refactor_factored_attn_matrices"}
+PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
+                    "refactor_factored_attn_matrices")  # TransformerLens weight-processing options
 
 
 class ParamsError(ValueError):
@@ -176,7 +177,7 @@ def _processing(value: Any, where: str) -> dict[str, bool] | str:
     if value == "auto":
         return value
     _require_mapping(value, where, "model.processing")
-    _no_unknown(value, _PROCESSING_FLAGS, where, "model.processing")
+    _no_unknown(value, set(PROCESSING_FLAGS), where, "model.processing")
     bad = {k: v for k, v in value.items() if not isinstance(v, bool)}
     if bad:
         raise ParamsError(f"{where}: model.processing flags must be true/false, got {bad}.")

@@ -1,0 +1,546 @@
+"""Attention kernels of chapter 2: how SAE features take part in later layers' attention, from weights alone.
+
+A feature's decoder direction d = W_dec[f] [d_model] reaches a head h of a later layer through that layer's
+pre-attention norm (weight g = `blocks[l].ln1.w`, plus centring for LayerNorm) and then the head's maps:
+
+* query read  q = ||d~ W_Q[h]||         (how strongly the feature shapes what h looks for),
+* key read    k = ||d~ W_K[kv(h)]||     (how strongly it shapes what h finds),
+* value read  v = ||d~ W_V[kv(h)] W_O[h]||  (how much of it h can move, through its OV circuit),
+
+with d~ = fold_pre_attention_norm(d, g). Norms are position-free: rotary embeddings rotate q and k
+orthogonally, which keeps their norms. Biases are left out (a read is the direction's linear contribution),
+and so is the norm's division by the residual's RMS, which scales every direction at a layer alike: compare
+reads against a null of random directions of equal norms (`null_zscores`), not across layers in raw units.
+
+`head_reads` streams over chunks of features like `kernels.token_score_stats` (chunk size from free memory,
+halved on out-of-memory); `qk_pairs` streams the bilinear query-key scores of one head keeping a running top;
+`sae_attention_reads` runs the lot over every reading layer of a TransformerLens model into a long table.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from weightscope.kernels import (
+    _auto_chunk_size,
+    _is_oom,
+    _progress_bar,
+    _release_cache,
+    random_directions_like,
+)
+
+if TYPE_CHECKING:  # pandas is only needed by the table builders
+    import pandas as pd
+
+__all__ = [
+    "READ_NAMES",
+    "first_reading_layer",
+    "fold_pre_attention_norm",
+    "head_reads",
+    "kv_head_index",
+    "null_zscores",
+    "qk_pairs",
+    "reads_summary",
+    "sae_attention_reads",
+]
+
+READ_NAMES = ("q", "k", "v")
+
+# How many layers after an SAE's own layer the first attention that reads its hook point sits.
+_READ_OFFSET = {"resid_pre": 0, "resid_mid": 1, "resid_post": 1, "attn_out": 1, "mlp_out": 1}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Folding and head bookkeeping
+# ----------------------------------------------------------------------------------------------------------
+
+
+def fold_pre_attention_norm(D: Tensor, g: Tensor | None, *, center: bool) -> Tensor:
+    """D~ = (D - mean(D, over d_model) if center else D) * g: directions as the heads' W_Q/W_K/W_V see them.
+
+    D: [n, d_model]; g: [d_model] the norm weight exactly as TransformerLens stores it (the multiplier
+    applied: its Gemma conversion already holds Gemma's `1 + weight`), or None for a weightless norm (LNPre,
+    RMSPre).
+    center=True for LayerNorm models ("LN", "LNPre"), whose norm subtracts the mean before scaling.
+    Returns [n, d_model] in D's dtype and device, computed in fp32.
+    """
+    if D.ndim != 2 or (g is not None and (g.ndim != 1 or g.shape[0] != D.shape[1])):
+        raise ValueError(
+            f"fold_pre_attention_norm needs D [n, d_model] and g [d_model]; got D {tuple(D.shape)} and "
+            f"g {None if g is None else tuple(g.shape)}."
+        )
+    X = D.float()
+    if center:
+        X = X - X.mean(1, keepdim=True)
+    if g is not None:
+        X = X * g.to(device=D.device, dtype=torch.float32)
+    return X.to(D.dtype)
+
+
+def kv_head_index(n_heads: int, n_kv_heads: int) -> Tensor:
+    """[n_heads] int64: the key/value head each query head uses under grouped-query attention.
+
+    TransformerLens expands its [n_kv_heads, ...] `_W_K`/`_W_V` with `repeat_interleave(repeats=n_heads //
+    n_kv_heads)`, so query heads 0..r-1 share kv head 0, r..2r-1 kv head 1, ...: kv(h) = h // r.
+    """
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"n_heads={n_heads} must be a positive multiple of n_kv_heads={n_kv_heads}.")
+    return torch.arange(n_heads) // (n_heads // n_kv_heads)
+
+
+def first_reading_layer(sae_layer: int, hook: str) -> int:
+    """The first layer whose attention reads an SAE's hook point: sae_layer for resid_pre, else sae_layer + 1.
+
+    hook: a hook kind ("hook_resid_pre", "resid_post", ...) or a full name ("blocks.5.hook_resid_post");
+    resid_mid, attn_out and mlp_out at layer l are written after attention l, so layer l + 1 reads them first.
+    """
+    kind = re.sub(r"^hook_", "", hook.rsplit(".", 1)[-1])
+    if kind not in _READ_OFFSET:
+        raise ValueError(
+            f"Cannot tell which attention layers read hook {hook!r}: expected one of "
+            f"{sorted('hook_' + k for k in _READ_OFFSET)} (an SAE on the residual stream or a block output)."
+        )
+    return sae_layer + _READ_OFFSET[kind]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Streaming helper (shared by head_reads and qk_pairs)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _stream(
+    n: int, chunk_size: int, compute: Callable[[int, int], object], device: torch.device, *, what: str, bar
+) -> Iterator[tuple[int, int, object]]:
+    """Yield (start, rows, compute(start, rows)) over 0..n; on out-of-memory halve the chunk and retry it."""
+    start = 0
+    while start < n:
+        rows = min(chunk_size, n - start)
+        result, oom = _attempt(compute, start, rows)
+        if oom:  # the failed chunk's tensors are released by now; retry the same rows with half
+            if rows == 1:
+                raise RuntimeError(
+                    f"{what} ran out of memory on a single feature on {device}. Free memory on that device, "
+                    "or pass device='cpu' or a smaller dtype."
+                )
+            chunk_size = rows // 2
+            _release_cache(device)
+            continue
+        yield start, rows, result
+        start += rows
+        bar.update(rows)
+
+
+def _attempt(compute, start: int, rows: int):
+    try:
+        return compute(start, rows), False
+    except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        if not _is_oom(err):
+            raise
+    return None, True  # outside the except block, so the traceback (and the chunk's tensors) is gone
+
+
+def _bar(total: int, enabled: bool, desc: str):
+    bar = _progress_bar(total, enabled)
+    if hasattr(bar, "set_description"):
+        bar.set_description(desc)
+    return bar
+
+
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of features or None; got {chunk_size}.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-head reads
+# ----------------------------------------------------------------------------------------------------------
+
+
+def head_reads(
+    D: Tensor,
+    W_Q: Tensor,
+    W_K: Tensor,
+    W_V: Tensor,
+    W_O: Tensor,
+    *,
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> dict[str, Tensor]:
+    """Query, key and value reads of every (already folded) direction by every head of one layer.
+
+    D: [n, d_model] directions folded with the layer's pre-attention norm (`fold_pre_attention_norm`).
+    W_Q: [n_heads, d_model, d_head]; W_O: [n_heads, d_head_v, d_model].
+    W_K: [n_kv, d_model, d_head], W_V: [n_kv, d_model, d_head_v], with n_kv = n_heads (plain attention, or
+        TransformerLens's expanded `attn.W_K`) or a divisor of it (grouped-query: the raw `attn._W_K`); query
+        head h then uses kv head h // (n_heads // n_kv), TransformerLens's convention (`kv_head_index`).
+    chunk_size, device, dtype, progress: as in `kernels.token_score_stats` (device defaults to W_Q's, dtype
+        to the promotion of D's and W_Q's and sets the matrix products; norms are taken in fp32).
+
+    Returns fp32 CPU tensors:
+      q [n, n_heads] = ||D W_Q[h]||;  k [n, n_heads] = ||D W_K[kv(h)]||;
+      v [n, n_heads] = ||D W_V[kv(h)] W_O[h]||, the OV circuit's output norm;
+      k_kv [n, n_kv]: the key read counted once per kv head (`k` repeats it over the heads sharing it).
+    All heads of a side go through one fused matmul. For v, with z = D W_V[kv(h)] [n, d_head] and the reduced
+    QR W_O[h]^T = Q_h R_h (Q_h with orthonormal columns), ||z W_O[h]|| = ||z R_h^T||: d_head^2 flops per
+    feature and head, against d_head * d_model for z @ W_O[h] and d_model^2 for D @ W_OV (which would also
+    hold n_heads * d_model^2 numbers: 17 GB in fp32 for one Llama-70B layer).
+    """
+    n_heads, n_kv = _check_heads(D, W_Q, W_K, W_V, W_O)
+    _check_chunk_size(chunk_size)
+    device = torch.device(device) if device is not None else W_Q.device
+    dtype = dtype or torch.promote_types(D.dtype, W_Q.dtype)
+    if not dtype.is_floating_point:
+        raise ValueError(f"head_reads computes in a floating dtype; got dtype={dtype}.")
+
+    weights = _fused_weights(W_Q, W_K, W_V, W_O, device, dtype)
+    n, d_head = D.shape[0], W_Q.shape[2]
+    out = {name: torch.empty(n, n_heads) for name in READ_NAMES}
+    out["k_kv"] = torch.empty(n, n_kv)
+    if chunk_size is None:  # one row's working set: D, q, k, v, v gathered per head, the R product
+        width = D.shape[1] + (2 * n_heads + 2 * n_kv) * max(d_head, W_V.shape[2]) + n_heads * d_head
+        chunk_size = _auto_chunk_size(width, dtype, device)
+
+    def compute(start: int, rows: int) -> dict[str, Tensor]:
+        return _reads_chunk(D[start : start + rows].to(device=device, dtype=dtype), **weights)
+
+    bar = _bar(n, progress, "head reads")
+    try:
+        for start, rows, chunk in _stream(n, max(1, chunk_size), compute, device, what="head_reads", bar=bar):
+            for name, value in chunk.items():
+                out[name][start : start + rows] = value.cpu()
+    finally:
+        bar.close()
+    return out
+
+
+def _check_heads(D: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor) -> tuple[int, int]:
+    if D.ndim != 2 or any(W.ndim != 3 for W in (W_Q, W_K, W_V, W_O)):
+        raise ValueError(
+            "Expected D [n, d_model], W_Q/W_K/W_V [heads, d_model, d_head] and W_O [n_heads, d_head, "
+            "d_model] (one layer's weights, e.g. model.blocks[l].attn.W_Q); got "
+            + ", ".join(f"{name} {tuple(W.shape)}" for name, W in zip("DQKVO", (D, W_Q, W_K, W_V, W_O)))
+        )
+    n_heads, d_model, d_head = W_Q.shape
+    n_kv = W_K.shape[0]
+    if D.shape[1] != d_model:
+        raise ValueError(f"D has {D.shape[1]} columns but W_Q has d_model={d_model}; D must be [n, d_model].")
+    if W_K.shape != (n_kv, d_model, d_head) or W_V.shape[:2] != (n_kv, d_model):
+        raise ValueError(
+            f"W_K {tuple(W_K.shape)} and W_V {tuple(W_V.shape)} must both be [n_kv_heads, d_model={d_model}, "
+            f"d_head={d_head}] with the same number of heads."
+        )
+    if W_O.shape != (n_heads, W_V.shape[2], d_model):
+        raise ValueError(
+            f"W_O must be [n_heads={n_heads}, d_head={W_V.shape[2]}, d_model={d_model}]; got "
+            f"{tuple(W_O.shape)}. TransformerLens's attn.W_O has this shape (d_head before d_model)."
+        )
+    kv_head_index(n_heads, n_kv)  # raises unless n_kv divides n_heads
+    return n_heads, n_kv
+
+
+def _fused_weights(W_Q, W_K, W_V, W_O, device, dtype) -> dict[str, Tensor]:
+    """Per-layer operands of `_reads_chunk`: heads side by side as [d_model, heads * d_head], and R_h."""
+
+    def flat(W: Tensor) -> Tensor:  # [heads, d_model, d_head] -> [d_model, heads * d_head], head-major
+        return W.detach().to(device=device, dtype=dtype).permute(1, 0, 2).reshape(W.shape[1], -1)
+
+    # R: [n_heads, min(d_model, d_head), d_head] fp32, the triangular factor of W_O[h]^T = Q_h R_h
+    R = torch.linalg.qr(W_O.detach().to(device=device, dtype=torch.float32).transpose(1, 2)).R
+    kv = kv_head_index(W_Q.shape[0], W_K.shape[0]).to(device)
+    return {"W_Q": flat(W_Q), "W_K": flat(W_K), "W_V": flat(W_V), "R": R, "kv": kv}
+
+
+def _reads_chunk(
+    D_chunk: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, R: Tensor, kv: Tensor
+) -> dict[str, Tensor]:
+    """Reads of one chunk D_chunk [c, d_model] (on the compute device and dtype): fp32 [c, heads] each."""
+    c, n_heads = D_chunk.shape[0], len(kv)
+    q = (D_chunk @ W_Q).view(c, n_heads, -1).float().norm(dim=2)
+    k_kv = (D_chunk @ W_K).view(c, -1, W_Q.shape[1] // n_heads).float().norm(dim=2)
+    z = (D_chunk @ W_V).view(c, -1, R.shape[2])[:, kv].float()  # [c, n_heads, d_head_v]: kv head of each head
+    v = torch.bmm(z.transpose(0, 1), R.transpose(1, 2)).norm(dim=2).T  # ||z R_h^T|| = ||z W_O[h]||
+    return {"q": q, "k": k_kv[:, kv], "v": v, "k_kv": k_kv}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Null baseline
+# ----------------------------------------------------------------------------------------------------------
+
+
+def null_zscores(reads: Tensor, null_reads: Tensor, *, q: float = 0.99) -> tuple[Tensor, Tensor]:
+    """Per-head z-scores of reads against a null, and whether each read beats the null's q-quantile.
+
+    reads: [n, n_heads]; null_reads: [n_null, n_heads] (n_null >= 2), e.g. `head_reads` of
+    `random_directions_like(D, seed=...)` folded the same way. Per head (column):
+    z = (read - mean_null) / std_null (sample std, ddof=1), exceeds = read > quantile_q(null) (linear
+    interpolation, numpy's default). Under the null, a fraction of about 1 - q of directions exceeds.
+    Returns z [n, n_heads] fp32 and exceeds [n, n_heads] bool, on reads' device.
+    """
+    if reads.ndim != 2 or null_reads.ndim != 2 or reads.shape[1] != null_reads.shape[1]:
+        raise ValueError(
+            f"Expected reads [n, n_heads] and null_reads [n_null, n_heads]; got {tuple(reads.shape)} and "
+            f"{tuple(null_reads.shape)}."
+        )
+    if null_reads.shape[0] < 2:
+        raise ValueError(f"The null needs at least 2 directions for a std; got {null_reads.shape[0]}.")
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"q is a quantile level strictly between 0 and 1; got q={q}.")
+    null = null_reads.to(device=reads.device, dtype=torch.float64)
+    X = reads.double()
+    z = (X - null.mean(0)) / null.std(0)
+    return z.float(), X > _quantile(null, q)
+
+
+def _quantile(X: Tensor, q: float) -> Tensor:
+    """Column quantiles of X [m, h] by linear interpolation (numpy's default); no torch.quantile size cap."""
+    S = X.sort(0).values
+    pos = q * (X.shape[0] - 1)
+    lo = int(pos)
+    hi = min(lo + 1, X.shape[0] - 1)
+    return S[lo] + (pos - lo) * (S[hi] - S[lo])
+
+
+def _null_rows(D: Tensor, n_null: int, *, seed: int) -> Tensor:
+    """n_null Gaussian directions with the norms of n_null rows of D drawn at random (seeded): [n_null, d]."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randint(D.shape[0], (n_null,), generator=generator)
+    return random_directions_like(D[rows.to(D.device)], seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Query-key feature pairs of one head
+# ----------------------------------------------------------------------------------------------------------
+
+
+def qk_pairs(
+    Dq: Tensor,
+    Dk: Tensor,
+    W_Q_h: Tensor,
+    W_K_h: Tensor,
+    *,
+    top: int = 20,
+    sign: str = "abs",
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The `top` (query feature, key feature) pairs of one head by score s_ij = (Dq_i W_Q_h) . (Dk_j W_K_h).
+
+    Dq: [n_q, d_model], Dk: [n_k, d_model] directions folded with the head's layer's pre-attention norm (they
+        may come from different SAEs: a query-side feature at the attending position, a key-side one at the
+        attended position). W_Q_h, W_K_h: [d_model, d_head], one head (under GQA pass the raw W_K of
+        kv head `kv_head_index(n_heads, n_kv)[h]`, or TransformerLens's expanded attn.W_K[h]).
+    sign: "abs" ranks by |s| (scores keep their sign), "pos" by s (the pairs h attends to most), "neg" by -s
+        (the pairs it avoids most).
+    chunk_size, device, dtype, progress: as in `head_reads`, over query features.
+
+    s is the attention logit's weight part before its division by `cfg.attn_scale` (and any soft-capping),
+    and it is position-free: rotary embeddings rotate q and k by their positions before the dot product, so s
+    is the logit for a key at the query's own position (relative offset 0); at other offsets the logit mixes
+    the rotary planes. Biases are left out.
+    Returns (scores [t] fp32, q_idx [t] int64, k_idx [t] int64) on CPU, best first, t = min(top, n_q * n_k);
+    which of several tied pairs is kept is unspecified. Only one [chunk, n_k] block of scores exists at a
+    time (plus the key side's projection Dk W_K_h [n_k, d_head]).
+    """
+    if Dq.ndim != 2 or Dk.ndim != 2 or W_Q_h.ndim != 2 or W_Q_h.shape != W_K_h.shape:
+        raise ValueError(
+            f"Expected Dq [n_q, d_model], Dk [n_k, d_model], W_Q_h and W_K_h [d_model, d_head] (one head); "
+            f"got {tuple(Dq.shape)}, {tuple(Dk.shape)}, {tuple(W_Q_h.shape)}, {tuple(W_K_h.shape)}."
+        )
+    if not Dq.shape[1] == Dk.shape[1] == W_Q_h.shape[0]:
+        raise ValueError(
+            f"Dq, Dk and W_Q_h must share d_model; got {Dq.shape[1]}, {Dk.shape[1]}, {W_Q_h.shape[0]}."
+        )
+    if sign not in ("abs", "pos", "neg"):
+        raise ValueError(f"sign must be 'abs', 'pos' or 'neg'; got {sign!r}.")
+    if top < 1:
+        raise ValueError(f"top must be a positive number of pairs; got {top}.")
+    _check_chunk_size(chunk_size)
+    device = torch.device(device) if device is not None else W_Q_h.device
+    dtype = dtype or torch.promote_types(Dq.dtype, W_Q_h.dtype)
+
+    W_Q_h, W_K_h = (W.detach().to(device=device, dtype=dtype) for W in (W_Q_h, W_K_h))
+    Kp = Dk.detach().to(device=device, dtype=dtype) @ W_K_h  # [n_k, d_head], computed once
+    n_q, n_k = Dq.shape[0], Dk.shape[0]
+    if chunk_size is None:
+        chunk_size = _auto_chunk_size(n_k + W_Q_h.shape[1], dtype, device)
+
+    def compute(start: int, rows: int) -> Tensor:
+        return _qk_chunk(Dq[start : start + rows].to(device=device, dtype=dtype), W_Q_h, Kp)
+
+    empty = torch.empty(0, device=device)
+    best = (empty, empty, torch.empty(0, dtype=torch.long, device=device))  # (rank keys, scores, flat ids)
+    bar = _bar(n_q, progress, "qk pairs")
+    try:
+        for start, _rows, S in _stream(n_q, max(1, chunk_size), compute, device, what="qk_pairs", bar=bar):
+            best = _merge_top(best, S, start, n_k, top, sign)
+    finally:
+        bar.close()
+    _key, scores, flat = best
+    return scores.cpu(), (flat // n_k).cpu(), (flat % n_k).cpu()
+
+
+def _qk_chunk(Dq_chunk: Tensor, W_Q_h: Tensor, Kp: Tensor) -> Tensor:
+    """Scores of one chunk of query features against all key features: [c, n_k] fp32."""
+    return ((Dq_chunk @ W_Q_h) @ Kp.T).float()
+
+
+def _merge_top(best, S: Tensor, start: int, n_k: int, top: int, sign: str):
+    """Merge scores S [c, n_k] of query rows start.. into the running (keys, scores, flat ids), best first."""
+    scores = S.flatten()
+    key = {"abs": scores.abs(), "pos": scores, "neg": -scores}[sign]
+    key, pos = torch.topk(key, min(top, key.numel()))
+    keys = torch.cat([best[0], key])
+    order = torch.topk(keys, min(top, keys.numel())).indices  # sorted, best first
+    merged_scores = torch.cat([best[1], scores[pos]])
+    merged_flat = torch.cat([best[2], pos + start * n_k])
+    return keys[order], merged_scores[order], merged_flat[order]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole model: a long table of reads
+# ----------------------------------------------------------------------------------------------------------
+
+
+def sae_attention_reads(
+    model,
+    W_dec: Tensor,
+    sae_layer: int,
+    hook: str,
+    *,
+    layers: Sequence[int] | None = None,
+    q: float = 0.99,
+    n_null: int = 4096,
+    seed: int = 0,
+    feature_ids: Sequence[int] | Tensor | None = None,
+    chunk_size: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> "pd.DataFrame":
+    """Query/key/value reads of an SAE's features by every head of every later attention layer, with nulls.
+
+    model: a TransformerLens HookedTransformer; W_dec: [n_features, d_model] the SAE's decoder (or some rows
+    of it, labelled by `feature_ids`); sae_layer, hook: where the SAE sits ("hook_resid_post", ...), which
+    sets the first reading layer (`first_reading_layer`). layers: the reading layers to use (default: all
+    from the first one to the last).
+    Per reading layer l', the directions are folded with `blocks[l'].ln1` (its stored weight; centred for LN
+    models) and read with `blocks[l'].attn` weights (for GQA the raw `_W_K`/`_W_V`, so `kv_head` is exact).
+    The null is `n_null` Gaussian directions with the norms of randomly drawn decoder rows (one set for all
+    layers, folded per layer); `*_z` and `*_part` come from `null_zscores` with level q, per layer and head.
+    Gemma-2's post-attention norm (ln1_post) is not folded into v.
+
+    Returns a long DataFrame, one row per (feature, read_layer, head), ordered by read_layer, feature, head:
+    feature (int32), layer, read_layer, head, kv_head, distance = read_layer - layer (int16), q, k, v, q_z,
+    k_z, v_z (float32), q_part, k_part, v_part (bool: the read exceeds the null's q-quantile).
+    """
+    n_layers = model.cfg.n_layers
+    first = first_reading_layer(sae_layer, hook)
+    layers = list(range(first, n_layers)) if layers is None else [int(layer) for layer in layers]
+    if any(not first <= layer < n_layers for layer in layers):
+        raise ValueError(
+            f"Reading layers must lie in [{first}, {n_layers}) for {hook} at layer {sae_layer}; got {layers}."
+        )
+    D = W_dec.detach()
+    feature_ids = np.arange(D.shape[0]) if feature_ids is None else torch.as_tensor(feature_ids).cpu().numpy()
+    if len(feature_ids) != D.shape[0]:
+        raise ValueError(f"feature_ids has {len(feature_ids)} entries for {D.shape[0]} rows of W_dec.")
+    null = _null_rows(D, n_null, seed=seed)
+    center = model.cfg.normalization_type in ("LN", "LNPre")
+    options = dict(chunk_size=chunk_size, dtype=dtype, device=device, progress=False)
+
+    parts = []
+    bar = _bar(len(layers) * D.shape[0], progress, "attention reads")
+    try:
+        for layer in layers:
+            block = model.blocks[layer]
+            g = getattr(block.ln1, "w", None)
+            g = None if g is None else g.detach()
+            weights = _layer_weights(block.attn)
+            reads = head_reads(fold_pre_attention_norm(D, g, center=center), *weights, **options)
+            null_reads = head_reads(fold_pre_attention_norm(null, g, center=center), *weights, **options)
+            parts.append(_layer_frame(reads, null_reads, q, feature_ids, sae_layer, layer))
+            bar.update(D.shape[0])
+    finally:
+        bar.close()
+    return _concat(parts)
+
+
+def _layer_weights(attn) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(W_Q, W_K, W_V, W_O) of one TransformerLens attention block; the unexpanded kv heads under GQA."""
+    W_K = attn._W_K if hasattr(attn, "_W_K") else attn.W_K  # GroupedQueryAttention's W_K repeats kv heads
+    W_V = attn._W_V if hasattr(attn, "_W_V") else attn.W_V
+    return attn.W_Q.detach(), W_K.detach(), W_V.detach(), attn.W_O.detach()
+
+
+def _layer_frame(reads, null_reads, q, feature_ids, sae_layer, read_layer) -> dict[str, np.ndarray]:
+    """Columns of one reading layer's rows, feature-major ([n, n_heads] arrays flattened row by row)."""
+    n, n_heads = reads["q"].shape
+    kv = kv_head_index(n_heads, reads["k_kv"].shape[1]).numpy()
+    cols = {
+        "feature": np.repeat(feature_ids.astype(np.int32), n_heads),
+        "layer": np.full(n * n_heads, sae_layer, dtype=np.int16),
+        "read_layer": np.full(n * n_heads, read_layer, dtype=np.int16),
+        "head": np.tile(np.arange(n_heads, dtype=np.int16), n),
+        "kv_head": np.tile(kv.astype(np.int16), n),
+        "distance": np.full(n * n_heads, read_layer - sae_layer, dtype=np.int16),
+    }
+    cols.update({name: reads[name].numpy().ravel() for name in READ_NAMES})
+    flags = {}
+    for name in READ_NAMES:
+        z, exceeds = null_zscores(reads[name], null_reads[name], q=q)
+        cols[f"{name}_z"] = z.numpy().ravel()
+        flags[f"{name}_part"] = exceeds.numpy().ravel()
+    cols.update(flags)
+    return cols
+
+
+_COLUMN_DTYPES = {
+    "feature": np.int32, **dict.fromkeys(("layer", "read_layer", "head", "kv_head", "distance"), np.int16),
+    **dict.fromkeys(("q", "k", "v", "q_z", "k_z", "v_z"), np.float32),
+    **dict.fromkeys(("q_part", "k_part", "v_part"), np.bool_),
+}
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> "pd.DataFrame":
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            name: np.concatenate([part[name] for part in parts]).astype(dtype, copy=False)
+            if parts else np.empty(0, dtype=dtype)
+            for name, dtype in _COLUMN_DTYPES.items()
+        }
+    )
+
+
+def reads_summary(df: "pd.DataFrame") -> "pd.DataFrame":
+    """Participation per (layer, read_layer, head) of a `sae_attention_reads` table.
+
+    Columns: layer, read_layer, head, kv_head, distance, n_features, q_frac, k_frac, v_frac (fraction of
+    features whose read exceeds the null quantile: about 1 - q by chance), any_frac (any of the three), and
+    the medians q_z_median, k_z_median, v_z_median.
+    """
+    keys = ["layer", "read_layer", "head"]
+    grouped = df.assign(any_part=df["q_part"] | df["k_part"] | df["v_part"]).groupby(keys, sort=True)
+    out = grouped.agg(
+        kv_head=("kv_head", "first"),
+        distance=("distance", "first"),
+        n_features=("feature", "size"),
+        q_frac=("q_part", "mean"),
+        k_frac=("k_part", "mean"),
+        v_frac=("v_part", "mean"),
+        any_frac=("any_part", "mean"),
+        q_z_median=("q_z", "median"),
+        k_z_median=("k_z", "median"),
+        v_z_median=("v_z", "median"),
+    )
+    return out.reset_index()

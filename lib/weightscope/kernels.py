@@ -1,0 +1,494 @@
+"""Metric kernels of chapter 1: which SAE features directly predict (or are triggered by) vocabulary tokens.
+
+Both sides of the chapter are the same computation, rows `D` [n_features, d_model] times a matrix
+`M` [d_model, d_vocab], one score per (feature, token):
+
+* decoder-unembedding: `D = W_dec` [n_features, d_model], `M = fold_norm(norm_w, W_U, plus_one=...)`;
+* encoder-embedding: `D = W_enc.T` [n_features, d_model], `M = W_E.T` [d_model, d_vocab].
+
+`token_score_stats` streams over chunks of features and never holds more than one chunk of scores
+(a full 16,384 x 256,000 fp32 matrix would be 16 GB). The other helpers score how coherent a feature's top
+tokens are (string similarity, embedding cosine) and build null baselines (random / shuffled directions).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:  # pandas is only needed by `stats_frame`
+    import pandas as pd
+
+__all__ = [
+    "STAT_NAMES",
+    "TokenScoreStats",
+    "fold_norm",
+    "mean_pairwise_cosine",
+    "mean_pairwise_string_similarity",
+    "normalize_token",
+    "normalized_levenshtein",
+    "random_directions_like",
+    "shuffled_rows",
+    "stats_frame",
+    "token_score_stats",
+]
+
+# Per-feature statistics of the full score distribution, in the order `stats_frame` lists them.
+STAT_NAMES = ("max", "min", "mean", "std", "top_z", "skew", "kurtosis", "entropy")
+
+_CPU_BUDGET_BYTES = 1 << 30  # a conservative working-set budget on CPU
+_CUDA_FREE_FRACTION = 0.5  # leave the rest of free GPU memory to fragmentation and other users
+_TOPK_GROUP = 64  # columns per group in the two-stage top-k (see `_topk`)
+_CPU_BLOCK_BYTES = 8 << 20  # rows of scores handled at once on CPU: a few MiB stays in L2/L3 cache
+_EXP_FLOOR = -87.0  # exp(-87) ~ 1.6e-38, just above fp32's smallest normal number
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Norm folding
+# ----------------------------------------------------------------------------------------------------------
+
+
+def fold_norm(weight: Tensor, W: Tensor, *, plus_one: bool) -> Tensor:
+    """Fold a final norm's elementwise weight into the matrix that follows it: `diag(scale) @ W`.
+
+    weight: [d_model] the norm's weight; W: [d_model, d_vocab] (e.g. W_U). Returns [d_model, d_vocab] in
+    W's dtype. `plus_one=True` for Gemma's RMSNorm, which multiplies by `1 + weight`; False for
+    LayerNorm/Llama-style RMSNorm. The scale is formed in fp32 (as Gemma does) before the product.
+    """
+    if weight.ndim != 1 or W.ndim != 2 or weight.shape[0] != W.shape[0]:
+        raise ValueError(
+            f"fold_norm needs weight [d_model] and W [d_model, d_vocab]; got weight {tuple(weight.shape)} "
+            f"and W {tuple(W.shape)}. Pass W_U (not W_U.T), or W_E.T for an embedding matrix."
+        )
+    scale = weight.to(device=W.device, dtype=torch.float32)
+    if plus_one:
+        scale = scale + 1.0
+    return (scale[:, None] * W.float()).to(W.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Streaming top-k + distribution statistics of D @ M
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenScoreStats:
+    """Per-feature results of `token_score_stats`, all on CPU (scores fp32, ids int64).
+
+    top_ids, top_scores: [n_features, k], highest score first.
+    bottom_ids, bottom_scores: [n_features, k], lowest score first.
+    max, min, mean, std, top_z, skew, kurtosis, entropy: [n_features] statistics of the feature's scores
+    over the whole vocabulary (see `token_score_stats`).
+    d_vocab: number of tokens scored (log(d_vocab) is the entropy of a flat distribution).
+    """
+
+    top_ids: Tensor
+    top_scores: Tensor
+    bottom_ids: Tensor
+    bottom_scores: Tensor
+    max: Tensor
+    min: Tensor
+    mean: Tensor
+    std: Tensor
+    top_z: Tensor
+    skew: Tensor
+    kurtosis: Tensor
+    entropy: Tensor
+    d_vocab: int
+
+    def __len__(self) -> int:
+        return self.top_ids.shape[0]
+
+    def to_frame(self, feature_ids: Sequence[int] | Tensor | None = None) -> "pd.DataFrame":
+        """Tidy table, one row per feature; see `stats_frame`."""
+        return stats_frame(self, feature_ids)
+
+
+def token_score_stats(
+    D: Tensor,
+    M: Tensor,
+    *,
+    k: int = 10,
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> TokenScoreStats:
+    """Top/bottom-k tokens and distribution statistics of the scores `D @ M`, in one streaming pass.
+
+    D: [n_features, d_model] feature directions (W_dec, or W_enc.T).
+    M: [d_model, d_vocab] (W_U folded with the final norm, or W_E.T).
+    k: tokens kept at each end, 1 <= k <= d_vocab.
+    chunk_size: features scored at once; None sizes it from free memory (CUDA: torch.cuda.mem_get_info,
+        CPU: psutil, capped at 1 GiB). On an out-of-memory error the chunk is halved and retried.
+    device: where to compute; default M's device (the big matrix stays put, D moves chunk by chunk).
+    dtype: dtype of the matrix product; default the promotion of D's and M's dtypes. Statistics are always
+        accumulated in fp32, whatever the product's dtype.
+    progress: show a tqdm bar over features.
+
+    Per feature, over the whole vocabulary (scores s_1..s_V, V = d_vocab):
+      max, min, mean; std (population, ddof=0); top_z = (max - mean) / std;
+      skew = m3 / m2^1.5 and kurtosis = m4 / m2^2 - 3 (excess) from the central moments m_p;
+      entropy = H(softmax(s)) in nats, between 0 and log(V).
+    A feature whose scores are all equal (e.g. a zero row) has std 0 and NaN top_z, skew and kurtosis.
+
+    Ties: each end is a valid top-k (its scores are exactly the k largest/smallest, each id scores what is
+    reported), but which of several tied tokens is kept, and their order, is unspecified (torch.topk's
+    choice; it may differ between devices and chunk sizes).
+
+    Returns a `TokenScoreStats` on CPU. Scores are never materialised beyond one chunk of features.
+    """
+    _check_operands(D, M, k)
+    device = torch.device(device) if device is not None else M.device
+    dtype = dtype or torch.promote_types(D.dtype, M.dtype)
+    if not dtype.is_floating_point:
+        raise ValueError(f"token_score_stats computes in a floating dtype; got dtype={dtype}.")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of features or None; got {chunk_size}.")
+
+    M = M.to(device=device, dtype=dtype)
+    n_features, d_vocab = D.shape[0], M.shape[1]
+    out = _empty_results(n_features, k)
+    if chunk_size is None:
+        chunk_size = _auto_chunk_size(d_vocab, dtype, device)
+    chunk_size = max(1, min(chunk_size, n_features))
+
+    bar = _progress_bar(n_features, progress)
+    try:
+        start = 0
+        while start < n_features:
+            rows = min(chunk_size, n_features - start)
+            chunk, oom = _try_chunk(D[start : start + rows], M, k, device, dtype)
+            if oom:  # the failed chunk's tensors are released by now; retry the same features with half
+                if rows == 1:
+                    raise RuntimeError(
+                        f"token_score_stats ran out of memory scoring a single feature against "
+                        f"d_vocab={d_vocab} tokens on {device} in {dtype}. Free memory on that device, or "
+                        "pass device='cpu' or a smaller dtype."
+                    )
+                chunk_size = rows // 2
+                _release_cache(device)
+                continue
+            for name, value in chunk.items():
+                out[name][start : start + rows] = value.cpu()
+            start += rows
+            bar.update(rows)
+    finally:
+        bar.close()
+    return TokenScoreStats(**out, d_vocab=d_vocab)
+
+
+def stats_frame(stats: TokenScoreStats, feature_ids: Sequence[int] | Tensor | None = None) -> "pd.DataFrame":
+    """One row per feature: `feature`, the `STAT_NAMES` columns, then top/bottom ids and scores as lists.
+
+    feature_ids: [n_features] ids to label the rows with (when D was a subset of an SAE); default 0..n-1.
+    """
+    import pandas as pd
+
+    n = len(stats)
+    if feature_ids is None:
+        feature_ids = range(n)
+    feature_ids = torch.as_tensor(feature_ids).tolist()
+    if len(feature_ids) != n:
+        raise ValueError(
+            f"feature_ids has {len(feature_ids)} entries for {n} features; pass one id per row of D."
+        )
+    columns = {"feature": feature_ids}
+    columns.update({name: getattr(stats, name).numpy() for name in STAT_NAMES})
+    for name in ("top_ids", "top_scores", "bottom_ids", "bottom_scores"):
+        columns[name] = getattr(stats, name).tolist()
+    return pd.DataFrame(columns)
+
+
+def _check_operands(D: Tensor, M: Tensor, k: int) -> None:
+    if D.ndim != 2 or M.ndim != 2:
+        raise ValueError(
+            f"Expected D [n_features, d_model] and M [d_model, d_vocab]; got D {tuple(D.shape)} and "
+            f"M {tuple(M.shape)}."
+        )
+    if D.shape[1] != M.shape[0]:
+        hint = " M looks transposed: pass W_E.T / W_U (d_model first)." if D.shape[1] == M.shape[1] else ""
+        raise ValueError(
+            f"D has d_model={D.shape[1]} columns but M has {M.shape[0]} rows; M must be [d_model, d_vocab]."
+            + hint
+        )
+    if not 1 <= k <= M.shape[1]:
+        raise ValueError(f"k must be between 1 and d_vocab={M.shape[1]}; got k={k}.")
+
+
+def _empty_results(n_features: int, k: int) -> dict[str, Tensor]:
+    out = {name: torch.empty(n_features, k, dtype=torch.int64) for name in ("top_ids", "bottom_ids")}
+    out.update({name: torch.empty(n_features, k) for name in ("top_scores", "bottom_scores")})
+    out.update({name: torch.empty(n_features) for name in STAT_NAMES})
+    return out
+
+
+def _try_chunk(D_rows: Tensor, M: Tensor, k: int, device, dtype) -> tuple[dict[str, Tensor] | None, bool]:
+    """Score one chunk; (results, False), or (None, True) on out-of-memory so the caller can retry."""
+    try:
+        return _chunk_stats(D_rows.to(device=device, dtype=dtype), M, k), False
+    except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        if not _is_oom(err):
+            raise
+    return None, True  # outside the except block, so the traceback (and the chunk's tensors) is gone
+
+
+def _is_oom(err: BaseException) -> bool:
+    oom_type = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    if isinstance(err, (oom_type, MemoryError)):
+        return True
+    message = str(err).lower()
+    return "out of memory" in message or "can't allocate memory" in message  # CUDA / CPU allocators
+
+
+def _release_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _auto_chunk_size(d_vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Features per chunk so that one chunk's working set fits the device's memory budget."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    # scores in `dtype`, their fp32 copy (same tensor for fp32), one fp32 scratch, top-k temporaries
+    bytes_per_row = d_vocab * (itemsize + 4 * (3 if itemsize < 4 else 2))
+    return max(1, _memory_budget(device) // bytes_per_row)
+
+
+def _memory_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * _CUDA_FREE_FRACTION)
+    try:
+        import psutil
+    except ImportError:
+        return _CPU_BUDGET_BYTES
+    return int(min(_CPU_BUDGET_BYTES, psutil.virtual_memory().available // 4))
+
+
+def _progress_bar(total: int, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        enabled = False
+    if not enabled:
+        return _NoBar()
+    return tqdm(total=total, unit="feature", desc="token scores")
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _chunk_stats(D_chunk: Tensor, M: Tensor, k: int) -> dict[str, Tensor]:
+    """All per-feature results for one chunk. D_chunk: [c, d_model], M: [d_model, d_vocab], same device/dtype.
+
+    Returns [c, k] ids/scores and [c] statistics, on the compute device (scores and statistics fp32).
+    On CPU the rows of the product go through in blocks of a few MiB, so that the dozen reductions after
+    the first read hit cache rather than DRAM; on a GPU one block is the whole chunk.
+    """
+    S = D_chunk @ M  # [c, d_vocab], the only chunk-sized tensor
+    c, d_vocab = S.shape
+    block = c if S.device.type != "cpu" else max(1, min(c, _CPU_BLOCK_BYTES // (4 * d_vocab)))
+    scratch = torch.empty(block, d_vocab, device=S.device)  # fp32, reused by every block
+    parts = [_block_stats(S[i : i + block], k, scratch) for i in range(0, c, block)]
+    if len(parts) == 1:
+        return parts[0]
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+
+def _block_stats(S: Tensor, k: int, scratch: Tensor) -> dict[str, Tensor]:
+    """Results for the rows of S [b, V] (overwritten); scratch: [>= b, V] fp32."""
+    top_scores, top_ids = _topk(S, k, largest=True)
+    bottom_scores, bottom_ids = _topk(S, k, largest=False)
+    smax, smin = top_scores[:, 0].float(), bottom_scores[:, 0].float()
+    mean, m2, m3, m4, entropy = _moments_and_entropy(S, smax, scratch[: S.shape[0]])
+    std = m2.sqrt()
+    return {
+        "top_ids": top_ids,
+        "top_scores": top_scores.float(),
+        "bottom_ids": bottom_ids,
+        "bottom_scores": bottom_scores.float(),
+        "max": smax,
+        "min": smin,
+        "mean": mean,
+        "std": std,
+        "top_z": (smax - mean) / std,
+        "skew": m3 / (m2 * std),
+        "kurtosis": m4 / m2.square() - 3.0,
+        "entropy": entropy,
+    }
+
+
+def _moments_and_entropy(S: Tensor, smax: Tensor, P: Tensor) -> tuple[Tensor, ...]:
+    """Mean, central moments m2, m3, m4 and softmax entropy of each row of S [b, V]: fp32 [b] each.
+
+    S is overwritten; P: [b, V] fp32 scratch; smax: [b] fp32 row maxima of S (from the top-k).
+    """
+    X = S.float()  # fp32 accumulation for bf16/fp16 products (a copy then; S itself when fp32)
+    V = X.shape[1]
+    mean = X.mean(1)
+    C = X.sub_(mean[:, None])  # centre before taking powers: raw power sums cancel badly on large means
+    # The fp32 mean is itself rounded (by up to half an ulp of the mean, which matters when the mean is
+    # large against the spread), so correct the moments about it with the small residual mean d of C.
+    d = C.mean(1)
+    torch.mul(C, C, out=P)
+    s2 = P.sum(1) / V
+    s4 = torch.linalg.vector_norm(P, dim=1).square_() / V
+    s3 = P.mul_(C).sum(1) / V
+    m2 = s2 - d * d
+    m3 = s3 - 3 * d * s2 + 2 * d**3
+    m4 = s4 - 4 * d * s3 + 6 * d * d * s2 - 3 * d**4
+    # Entropy with A = s - max <= 0 (no overflow in exp): H = log Z - sum(e^A * A) / Z, Z = sum(e^A).
+    # Every term is >= 0, so a peaked distribution (H near 0) loses no precision to cancellation.
+    A = C.sub_((smax - mean)[:, None])  # same rounding as C's own maximum, so max(A) is exactly 0
+    if A.device.type == "cpu":
+        # Flooring A keeps e^A out of fp32's subnormal range, which is very slow on CPUs; the floored
+        # terms are < 2e-38 each against Z >= 1, far below fp32 resolution.
+        E = torch.clamp(A, min=_EXP_FLOOR, out=P).exp_()
+    else:
+        E = torch.exp(A, out=P)
+    Z = E.sum(1)
+    entropy = Z.log() - E.mul_(A).sum(1) / Z
+    return mean + d, m2, m3, m4, entropy
+
+
+def _topk(S: Tensor, k: int, *, largest: bool) -> tuple[Tensor, Tensor]:
+    """torch.topk along dim 1 of S [b, V], in two cheap stages unless V < 8k.
+
+    Stage 1 splits the columns into G >= 4k groups of g columns (group j = columns j, j + G, j + 2G, ...:
+    a strided view, so the reduction is a vectorised elementwise max over g slices) and keeps the k groups
+    with the best extreme. Every top-k score lies in one of them (a group holding one has an extreme at
+    least as good as the k-th best score, and at most k groups can beat it; with ties, enough tied groups
+    are kept), so stage 2 is a torch.topk over only k * g columns plus the < g leftover ones. This replaces
+    torch.topk's per-row selection over all V columns, which is slow on CPU.
+    """
+    b, V = S.shape
+    group = min(_TOPK_GROUP, V // (4 * k))
+    if group < 2 or not S.is_contiguous():
+        return torch.topk(S, k, dim=1, largest=largest)
+    groups = V // group
+    body = S[:, : groups * group].view(b, group, groups)
+    extreme = body.amax(1) if largest else body.amin(1)  # [b, groups]
+    best_groups = torch.topk(extreme, k, dim=1, largest=largest).indices  # [b, k]
+    offsets = torch.arange(group, device=S.device) * groups
+    cols = (best_groups[:, :, None] + offsets).flatten(1)  # [b, k * group]
+    if V > groups * group:
+        tail = torch.arange(groups * group, V, device=S.device)
+        cols = torch.cat([cols, tail.expand(b, -1)], dim=1)
+    scores, pos = torch.topk(S.gather(1, cols), k, dim=1, largest=largest)
+    return scores, cols.gather(1, pos)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token coherence: do a feature's top tokens look alike?
+# ----------------------------------------------------------------------------------------------------------
+
+
+def normalized_levenshtein(a: str, b: str) -> float:
+    """Edit distance (insertions, deletions, substitutions) divided by the longer length.
+
+    0.0 = identical, 1.0 = nothing in common; two empty strings are identical (0.0).
+    """
+    if not a and not b:
+        return 0.0
+    return _levenshtein(a, b) / max(len(a), len(b))
+
+
+def _levenshtein(a: str, b: str) -> int:
+    if len(a) < len(b):
+        a, b = b, a  # keep the rolling row over the shorter string
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+# Leading markers of a word-initial token: a space (decoded text), sentencepiece's '▁', GPT-2 BPE's 'Ġ'.
+_WORD_START_MARKERS = " ▁Ġ"
+
+
+def normalize_token(token: str) -> str:
+    """Token text as `mean_pairwise_string_similarity` compares it: leading markers stripped, lowercased."""
+    return token.lstrip(_WORD_START_MARKERS).lower()
+
+
+def mean_pairwise_string_similarity(tokens: Sequence[str]) -> float:
+    """Mean over unordered pairs of 1 - normalized_levenshtein, after `normalize_token` on each token.
+
+    So ' Paris', '▁paris' and 'Paris' count as identical (1.0). NaN for fewer than 2 tokens.
+    """
+    texts = [normalize_token(t) for t in tokens]
+    pairs = list(itertools.combinations(texts, 2))
+    if not pairs:
+        return math.nan
+    return sum(1.0 - normalized_levenshtein(a, b) for a, b in pairs) / len(pairs)
+
+
+def mean_pairwise_cosine(ids: Tensor, E: Tensor, *, chunk_size: int = 4096) -> Tensor:
+    """Mean cosine similarity between the embeddings of each feature's tokens, over distinct pairs.
+
+    ids: [n_features, k] token ids (k >= 2), e.g. `TokenScoreStats.top_ids`; E: [d_vocab, d_model].
+    Returns [n_features] fp32 on CPU. Zero embedding rows count as cosine 0 with everything.
+    Uses sum_{a != b} <u_a, u_b> = |sum_a u_a|^2 - sum_a |u_a|^2 on the unit rows u: the sum of the
+    off-diagonal Gram entries without forming the [k, k] Gram matrix (O(k d) instead of O(k^2 d)).
+    """
+    if ids.ndim != 2 or E.ndim != 2:
+        raise ValueError(
+            f"Expected ids [n_features, k] and E [d_vocab, d_model]; got {tuple(ids.shape)} and "
+            f"{tuple(E.shape)}."
+        )
+    n, k = ids.shape
+    if k < 2:
+        raise ValueError(f"Need at least 2 tokens per feature for a pairwise mean; got k={k}.")
+    if ids.is_floating_point() or (n and (ids.min() < 0 or ids.max() >= E.shape[0])):
+        raise ValueError(f"ids must be integer token ids in [0, {E.shape[0]}) (rows of E).")
+    out = torch.empty(n)
+    for start in range(0, n, chunk_size):
+        rows = ids[start : start + chunk_size].to(E.device)
+        U = F.normalize(E[rows].float(), dim=-1)  # [c, k, d_model], unit rows (zero rows stay zero)
+        total = U.sum(1).square().sum(1)  # |sum_a u_a|^2 = sum over all (a, b) of <u_a, u_b>
+        diagonal = U.square().sum((1, 2))  # sum_a |u_a|^2 (k, less any zero rows)
+        out[start : start + len(rows)] = ((total - diagonal) / (k * (k - 1))).cpu()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Null baselines
+# ----------------------------------------------------------------------------------------------------------
+
+
+def random_directions_like(D: Tensor, *, seed: int) -> Tensor:
+    """Gaussian random directions with D's row norms: [n, d] like D (same dtype and device).
+
+    Deterministic for a seed (drawn on CPU, so the same on every device).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    R = torch.randn(D.shape, generator=generator)
+    norms = torch.linalg.vector_norm(D.float(), dim=-1, keepdim=True).cpu()
+    return (F.normalize(R, dim=-1) * norms).to(device=D.device, dtype=D.dtype)
+
+
+def shuffled_rows(D: Tensor, *, seed: int) -> Tensor:
+    """D [n, d] with each row's entries permuted independently (the "shuffled decoder" null).
+
+    Keeps every row's multiset of values (so its norm) and destroys its alignment with the model's basis.
+    Deterministic for a seed (permutations drawn on CPU).
+    """
+    if D.ndim != 2:
+        raise ValueError(f"shuffled_rows expects D [n_features, d_model]; got shape {tuple(D.shape)}.")
+    generator = torch.Generator().manual_seed(seed)
+    perm = torch.rand(D.shape, generator=generator).argsort(dim=1)  # an independent permutation per row
+    return D.gather(1, perm.to(D.device))

@@ -1,0 +1,177 @@
+"""Chapter 1: the token lens of SAE features, on both sides, and the "directly predicts tokens" rule.
+
+* Output side (decoder-unembedding): scores = W_dec[f] @ M_out, with M_out the unembedding with the final norm
+  folded in (`output_matrix`).
+* Input side (encoder-embedding): scores = W_enc[:, f] @ W_E.T (`input_matrix`).
+
+Both are streamed by `weightscope.kernels.token_score_stats`. The rule that calls a feature "token-predicting"
+compares its statistics with the same statistics of **null directions** (random directions with the same norms),
+so every threshold is a quantile of chance, never of the features themselves (which would make the fraction a
+tautology). Introduced in chapter 1 (`notebooks/01_output_tokens.md`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from weightscope.kernels import (
+    STAT_NAMES,
+    fold_norm,
+    mean_pairwise_cosine,
+    mean_pairwise_string_similarity,
+    random_directions_like,
+    shuffled_rows,
+    token_score_stats,
+)
+
+SIDES = {"dec": "decoder-unembedding (output tokens)", "enc": "encoder-embedding (input tokens)"}
+
+
+def output_matrix(model) -> tuple[Tensor, str]:
+    """M_out: [d_model, d_vocab], the unembedding with the final norm folded in, and a note of what was folded.
+
+    TransformerLens stores norm weights as the multiplier actually applied (its Gemma conversion already adds
+    the 1 of Gemma's `1 + weight`), so the stored weight is folded as is. A LayerNorm also centres its input,
+    which is folded as subtracting each column's mean over d_model. Biases (b_U, the norm's bias) shift every
+    feature's scores for a token by the same amount and are left out.
+    """
+    W_U = model.W_U.detach()
+    notes = []
+    weight = getattr(model.ln_final, "w", None)
+    if weight is not None:
+        W_U = fold_norm(weight.detach(), W_U, plus_one=False)
+        notes.append(f"final {model.cfg.normalization_type} weight folded (as stored by TransformerLens)")
+    else:
+        notes.append("final norm has no weight (already folded into W_U by the model's processing)")
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        W_U = W_U - W_U.mean(0, keepdim=True)
+        notes.append("LayerNorm centring folded")
+    return W_U, "; ".join(notes)
+
+
+def input_matrix(model) -> Tensor:
+    """M_in: [d_model, d_vocab] = W_E.T, the token embeddings as they enter the residual stream."""
+    return model.W_E.detach().T
+
+
+def token_strings(model) -> list[str]:
+    """The text of every token id, [d_vocab] strings with leading spaces kept.
+
+    Tokens whose text is not printable (byte-fallback pieces, control characters, partial UTF-8) are shown by
+    their vocabulary piece instead, e.g. `<0x0A>`.
+    """
+    tok = model.tokenizer
+    ids = list(range(model.cfg.d_vocab))
+    texts = tok.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
+    pieces = tok.convert_ids_to_tokens(ids)
+    return [t if t.isprintable() and "\ufffd" not in t else str(p) for t, p in zip(texts, pieces)]
+
+
+@dataclass(frozen=True)
+class LensConfig:
+    """Parameters of the token lens and of the rule (each a chapter parameter)."""
+
+    k: int = 10  # tokens kept at each end of each feature's score distribution
+    m_coherence: int = 5  # top tokens whose mutual similarity measures coherence
+    concentration_stat: str = "kurtosis"  # kurtosis | top_z | neg_entropy: how peaked the distribution is
+    q_concentration: float = 0.95  # concentrated: stat above this quantile of the null directions
+    q_coherence: float = 0.95  # coherent: string similarity or embedding cosine above this null quantile
+
+
+def side_frame(D: Tensor, M: Tensor, E: Tensor, vocab: list[str], cfg: LensConfig, *, prefix: str,
+               feature_ids=None, progress: bool = True, dtype=None) -> pd.DataFrame:
+    """Statistics and top tokens of rows D [n, d_model] against M [d_model, d_vocab], columns `<prefix>_*`.
+
+    E: [d_vocab, d_model] embeddings used for the cosine coherence of the top tokens.
+    """
+    stats = token_score_stats(D, M, k=cfg.k, progress=progress, dtype=dtype)
+    df = stats.to_frame(feature_ids)
+    m = min(cfg.m_coherence, cfg.k)
+    top = stats.top_ids[:, :m]
+    df["string_sim"] = [mean_pairwise_string_similarity([vocab[i] for i in row]) for row in top.tolist()]
+    df["emb_cos"] = mean_pairwise_cosine(top, E).numpy()
+    df["neg_entropy"] = -df["entropy"]
+    df["top_tokens"] = [[vocab[i] for i in row] for row in stats.top_ids.tolist()]
+    df["bottom_tokens"] = [[vocab[i] for i in row] for row in stats.bottom_ids.tolist()]
+    return df.rename(columns={c: f"{prefix}_{c}" for c in df.columns if c != "feature"})
+
+
+def null_directions(D: Tensor, kind: str, *, seed: int) -> Tensor:
+    """Null rows like D: `random` (Gaussian, same norms) or `shuffled` (each row's entries permuted)."""
+    if kind == "random":
+        return random_directions_like(D, seed=seed)
+    if kind == "shuffled":
+        return shuffled_rows(D, seed=seed)
+    raise ValueError(f"unknown null kind {kind!r}; use 'random' or 'shuffled'.")
+
+
+def thresholds(null: pd.DataFrame, cfg: LensConfig, prefix: str) -> dict[str, float]:
+    """The rule's thresholds on one side: quantiles of the null's statistics."""
+    return {
+        "concentration": float(np.nanquantile(null[f"{prefix}_{cfg.concentration_stat}"], cfg.q_concentration)),
+        "string_sim": float(np.nanquantile(null[f"{prefix}_string_sim"], cfg.q_coherence)),
+        "emb_cos": float(np.nanquantile(null[f"{prefix}_emb_cos"], cfg.q_coherence)),
+    }
+
+
+def apply_rule(df: pd.DataFrame, thr: dict[str, float], cfg: LensConfig, prefix: str) -> pd.DataFrame:
+    """Add `<prefix>_concentrated`, `<prefix>_coherent` and `<prefix>_predicts` (both) columns."""
+    out = df.copy()
+    out[f"{prefix}_concentrated"] = out[f"{prefix}_{cfg.concentration_stat}"] > thr["concentration"]
+    out[f"{prefix}_coherent"] = (out[f"{prefix}_string_sim"] > thr["string_sim"]) | (
+        out[f"{prefix}_emb_cos"] > thr["emb_cos"]
+    )
+    out[f"{prefix}_predicts"] = out[f"{prefix}_concentrated"] & out[f"{prefix}_coherent"]
+    return out
+
+
+def sae_sides(W_enc: Tensor, W_dec: Tensor, model, cfg: LensConfig, *, vocab: list[str], dtype=None,
+              progress: bool = True) -> pd.DataFrame:
+    """Both sides for one SAE: one row per feature, `dec_*` and `enc_*` columns.
+
+    W_enc: [d_model, d_sae]; W_dec: [d_sae, d_model].
+    """
+    M_out, _ = output_matrix(model)
+    M_in = input_matrix(model)
+    E = model.W_E.detach()
+    dec = side_frame(W_dec, M_out, E, vocab, cfg, prefix="dec", progress=progress, dtype=dtype)
+    enc = side_frame(W_enc.T, M_in, E, vocab, cfg, prefix="enc", progress=progress, dtype=dtype)
+    return dec.merge(enc, on="feature")
+
+
+def sweep(df: pd.DataFrame, null: pd.DataFrame, cfg: LensConfig, prefix: str, *, vary: str,
+          values) -> pd.DataFrame:
+    """Fraction of features (and of null rows) passing the rule as one quantile parameter moves.
+
+    vary: "q_concentration" or "q_coherence". Returns rows (value, population, fraction).
+    """
+    rows = []
+    for value in values:
+        c = LensConfig(**{**cfg.__dict__, vary: float(value)})
+        thr = thresholds(null, c, prefix)
+        for population, frame in (("SAE features", df), ("null directions", null)):
+            rows.append({"value": float(value), "population": population,
+                         "fraction": float(apply_rule(frame, thr, c, prefix)[f"{prefix}_predicts"].mean())})
+    return pd.DataFrame(rows)
+
+
+def stat_columns(prefix: str) -> list[str]:
+    """The per-feature statistic columns of one side."""
+    return [f"{prefix}_{s}" for s in (*STAT_NAMES, "string_sim", "emb_cos")]
+
+
+def neuronpedia_url(template: str | None, layer: int, feature: int) -> str | None:
+    """Link to a feature's Neuronpedia dashboard, from a target's `saes.neuronpedia` template."""
+    if not template:
+        return None
+    return f"https://www.neuronpedia.org/{template.format(layer=layer)}/{feature}"
+
+
+def as_float32(t: Tensor) -> Tensor:
+    """Detach and move to fp32 (the reference dtype for CPU runs)."""
+    return t.detach().to(torch.float32)

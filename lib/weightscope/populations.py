@@ -1,0 +1,498 @@
+"""Chapter 3: label features semantic / non-semantic / unclear from their top tokens, and compare the populations.
+
+The label of one side (`dec`: decoder-unembedding, output tokens; `enc`: encoder-embedding, input tokens) reads two
+things chapter 1 wrote: the side's top tokens (`<side>_top_tokens`) and whether they are coherent
+(`<side>_coherent`: string similarity or embedding cosine of the top tokens above a null quantile). With the first
+`m` top tokens sorted into kinds by `token_kind`:
+
+* **non-semantic**: non-word kinds (punct, space, digit, byte_special) make up >= `min_nonword_share` of them, or
+  the top tokens are not coherent on either measure;
+* **semantic**: otherwise, when words make up >= `min_word_share` of them and they are coherent (by more than
+  `coherence_margin` above a null threshold, when that margin is > 0);
+* **unclear**: everything else (coherent, but a mix of kinds or mostly fragments; coherent only within the margin;
+  coherence missing).
+
+Then the statistics chapter 3 compares the populations with: summaries (n, mean, median, P75), the share of each
+population above the pooled P75, Mann-Whitney U, Cliff's delta and bootstrap confidence intervals (numpy only).
+Introduced in chapter 3.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import unicodedata
+
+import numpy as np
+import pandas as pd
+
+SIDES = ("dec", "enc")
+LABELS = ("semantic", "non-semantic", "unclear")
+KINDS = ("word", "fragment", "punct", "space", "digit", "byte_special")
+NONWORD_KINDS = ("punct", "space", "digit", "byte_special")
+LABEL_DEFAULTS = {"m": 5, "min_word_share": 0.6, "min_nonword_share": 0.6, "min_letters": 2,
+                  "coherence_margin": 0.0}
+BOOTSTRAP_STATS = ("mean_diff", "median_diff", "cliffs_delta")
+
+_CHAPTER_1 = "chapter 1 (notebooks/01_output_tokens.md, table 01_features)"
+_CHAPTER_2 = "chapter 2 (notebooks/02_attention.md, table 02_features)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token kinds
+
+
+def _gpt2_byte_alphabet() -> dict[str, int]:
+    """GPT-2 byte-level BPE's character for each byte (its `bytes_to_unicode`), inverted: char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: b for b in printable}
+    for i, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = 256 + i  # bytes without a printable Latin-1 char are moved to U+0100..U+0143
+    return {chr(c): b for b, c in chars.items()}
+
+
+_BYTE_OF = _gpt2_byte_alphabet()
+_REMAPPED = {c for c, b in _BYTE_OF.items() if ord(c) >= 256}  # 'Ġ' (space), 'Ċ' (newline), 'Ģ' (0x80), ...
+_TAG = re.compile(r"<[/|]?\w[^<>\s]*>")  # <s>, </s>, <unk>, <0x0A>, <|endoftext|>, <unused0>, and tags like <br>
+_INVALID_CATEGORIES = {"Cc", "Cs", "Co", "Cn"}  # control, surrogate, private-use, unassigned
+
+
+def _read_back_gpt2(token: str) -> str | None:
+    """The text behind a GPT-2/Llama-3 byte-level piece ('Ġthe' -> ' the'); any other token unchanged.
+
+    None when the token is such a piece whose bytes are not valid UTF-8 (a partial character, e.g. 'âĢ').
+    """
+    if not token or not any(c in _REMAPPED for c in token) or not all(c in _BYTE_OF for c in token):
+        return token  # ordinary decoded text: no byte-level marker, or characters outside that alphabet
+    try:
+        return bytes(_BYTE_OF[c] for c in token).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+@functools.lru_cache(maxsize=1 << 20)  # a vocabulary has at most a few 100k distinct strings
+def _token_kind(token: str, min_letters: int) -> str:
+    text = _read_back_gpt2(token)
+    if text is None or "\ufffd" in text:
+        return "byte_special"
+    if any(unicodedata.category(c) in _INVALID_CATEGORIES and not c.isspace() for c in text):
+        return "byte_special"
+    # '▁' is sentencepiece's space; format characters (zero-width space, ...) are invisible: both count as space
+    text = "".join(" " if c == "▁" or unicodedata.category(c) == "Cf" else c for c in text)
+    core = text.lstrip(" Ġ").strip()
+    if not core:
+        return "space"
+    if _TAG.fullmatch(core):
+        return "byte_special"
+    visible = [c for c in core if not c.isspace()]
+    # combining marks (Devanagari vowel signs, ...) belong to the letters they sit on
+    letters = sum(c.isalpha() or unicodedata.category(c).startswith("M") for c in visible)
+    digits = sum(c.isnumeric() and not c.isalpha() for c in visible)
+    if letters == 0:
+        return "digit" if digits else "punct"
+    if letters >= min_letters and 2 * letters >= len(visible):
+        return "word"
+    return "fragment"
+
+
+def token_kind(token: str, min_letters: int = 2) -> str:
+    """The kind of one token string: word, fragment, punct, space, digit or byte_special.
+
+    Rule, in order:
+    1. A GPT-2/Llama-3 byte-level piece (spelled only in that tokenizer's 256-character byte alphabet and using
+       at least one of its remapped-byte characters U+0100..U+0143, e.g. 'Ġthe', 'Ċ', 'âĢ') is read back to its
+       text: ' the', '\\n'. If its bytes are not valid UTF-8 (a partial character) it is **byte_special**.
+       (A non-English token spelled with those letters and no leading space, e.g. Polish 'ło', can be misread
+       this way: the price of recognising byte pieces from the text alone.)
+    2. **byte_special**: the replacement character U+FFFD or a control / private-use / unassigned character
+       (whitespace excepted); or, after stripping, an angle-bracketed name: '<0x0A>', '<s>', '</s>', '<unk>',
+       '<|endoftext|>', '<unused0>' (HTML-like tags such as '<br>' land here too: markup, not words).
+    3. **space**: nothing left after stripping whitespace, '▁' (sentencepiece's space), a leading 'Ġ' and
+       invisible format characters (' ', '', '\\n', '▁▁').
+    4. Otherwise count the visible characters of the stripped text: letters (str.isalpha, plus combining marks)
+       and digits (str.isnumeric, not letters). No letters: **digit** if any digit (' 42', '3.14'), else **punct**
+       ('...', ',"'). At least `min_letters` letters making up at least half of the visible characters: **word**
+       (' Lily', 'ing', '▁the', "n't"). Anything else: **fragment** ('x', "'s", ' A1').
+    """
+    if not isinstance(token, str):
+        raise TypeError(f"token_kind expects a token string; got {type(token).__name__} {token!r}.")
+    if min_letters < 1:
+        raise ValueError(f"min_letters must be >= 1; got {min_letters}.")
+    return _token_kind(token, int(min_letters))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Labels
+
+
+def _producer(column: str) -> str:
+    """Which chapter (or function) writes a column, for error messages."""
+    if column.endswith(("_label", "_word_share", "_nonword_share")):
+        return "populations.label_features (chapter 3)"
+    if column.startswith(("dec_", "enc_")):
+        return _CHAPTER_1
+    if column.startswith(("q_", "k_", "v_")) or column == "n_heads":
+        return _CHAPTER_2
+    return "the table you passed"
+
+
+def _require(df: pd.DataFrame, columns) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        where = "; ".join(f"{c!r} (written by {_producer(c)})" for c in missing)
+        raise ValueError(f"Missing column(s): {where}. Merge that table in first.")
+
+
+def _check_side(side: str) -> None:
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES} ('dec': output tokens, 'enc': input tokens); got {side!r}.")
+
+
+def _check_label_params(m, min_word_share, min_nonword_share, min_letters, coherence_margin) -> None:
+    if int(m) != m or m < 1:
+        raise ValueError(f"m (top tokens classified) must be a positive integer; got {m!r}.")
+    for name, value in (("min_word_share", min_word_share), ("min_nonword_share", min_nonword_share)):
+        if not 0 < value <= 1:
+            raise ValueError(f"{name} is a share of the top tokens and must be in (0, 1]; got {value!r}.")
+    if int(min_letters) != min_letters or min_letters < 1:
+        raise ValueError(f"min_letters must be a positive integer; got {min_letters!r}.")
+    if coherence_margin < 0:
+        raise ValueError(f"coherence_margin must be >= 0; got {coherence_margin!r}.")
+
+
+def _token_list(value, m: int) -> list[str]:
+    """The first m tokens of one `<side>_top_tokens` cell (a list, or a numpy array after a parquet round trip)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    if isinstance(value, str):
+        raise ValueError(f"Expected a list of token strings in `<side>_top_tokens`; got the string {value!r}.")
+    return [str(t) for t in list(value)[:m]]
+
+
+def kind_shares(df: pd.DataFrame, side: str, *, m: int = 5, min_letters: int = 2) -> pd.DataFrame:
+    """Shares of word and non-word kinds among each row's first m `<side>_top_tokens`.
+
+    Returns (index of df): `word_share`, `nonword_share` (punct, space, digit, byte_special) and `n_tokens` (the
+    tokens classified: m, or fewer when a row has fewer). Shares are NaN for rows without tokens.
+    """
+    _check_side(side)
+    _require(df, [f"{side}_top_tokens"])
+    words, nonwords, counts = [], [], []
+    for value in df[f"{side}_top_tokens"]:
+        kinds = [_token_kind(t, int(min_letters)) for t in _token_list(value, int(m))]
+        counts.append(len(kinds))
+        words.append(sum(k == "word" for k in kinds))
+        nonwords.append(sum(k in NONWORD_KINDS for k in kinds))
+    n = np.asarray(counts, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pd.DataFrame({"word_share": np.asarray(words) / n, "nonword_share": np.asarray(nonwords) / n,
+                             "n_tokens": np.asarray(counts, dtype=int)}, index=df.index)
+
+
+def _coherence(df: pd.DataFrame, side: str, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """(incoherent, clearly coherent) boolean arrays; a missing `<side>_coherent` value is neither."""
+    _require(df, [f"{side}_coherent"])
+    coherent = df[f"{side}_coherent"].astype("boolean")
+    incoherent = (~coherent).fillna(False).to_numpy(dtype=bool)
+    clear = coherent.fillna(False).to_numpy(dtype=bool)
+    if margin > 0:
+        cols = [f"{side}_{s}" for s in ("string_sim", "thr_string_sim", "emb_cos", "thr_emb_cos")]
+        _require(df, cols)
+        sim, thr_sim, cos, thr_cos = (df[c].to_numpy(dtype=float) for c in cols)
+        with np.errstate(invalid="ignore"):
+            clear &= (sim - thr_sim > margin) | (cos - thr_cos > margin)
+    return incoherent, clear
+
+
+def label_side(df: pd.DataFrame, side: str, *, m: int = 5, min_word_share: float = 0.6,
+               min_nonword_share: float = 0.6, min_letters: int = 2, coherence_margin: float = 0.0) -> pd.Series:
+    """Label each row's side semantic / non-semantic / unclear (categorical Series named `<side>_label`).
+
+    Reads `<side>_top_tokens` and `<side>_coherent` (chapter 1; with coherence_margin > 0 also
+    `<side>_string_sim`, `<side>_emb_cos` and their `<side>_thr_*` thresholds). Of the first m top tokens:
+    non-semantic if non-word kinds are >= min_nonword_share of them or the tokens are not coherent; else
+    semantic if words are >= min_word_share and the tokens are coherent (each similarity measured against its
+    threshold: one must exceed it by more than coherence_margin); else unclear. See `token_kind` for the kinds.
+    """
+    _check_label_params(m, min_word_share, min_nonword_share, min_letters, coherence_margin)
+    shares = kind_shares(df, side, m=m, min_letters=min_letters)
+    incoherent, clear = _coherence(df, side, coherence_margin)
+    nonword = (shares["nonword_share"] >= min_nonword_share).to_numpy()  # NaN (no tokens) compares False
+    words = (shares["word_share"] >= min_word_share).to_numpy()
+    label = np.select([nonword | incoherent, words & clear], ["non-semantic", "semantic"], "unclear")
+    return pd.Series(pd.Categorical(label, categories=LABELS), index=df.index, name=f"{side}_label")
+
+
+def label_features(df: pd.DataFrame, *, sides=SIDES, **params) -> pd.DataFrame:
+    """A copy of df with `<side>_label`, `<side>_word_share` and `<side>_nonword_share` for each side.
+
+    params: the keyword parameters of `label_side` (m, min_word_share, min_nonword_share, min_letters,
+    coherence_margin); the shares are of the first m top tokens, so a reader sees why each label was given.
+    """
+    unknown = set(params) - set(LABEL_DEFAULTS)
+    if unknown:
+        raise ValueError(f"Unknown labelling parameter(s) {sorted(unknown)}; known: {sorted(LABEL_DEFAULTS)}.")
+    full = {**LABEL_DEFAULTS, **params}
+    out = df.copy()
+    for side in sides:
+        shares = kind_shares(df, side, m=full["m"], min_letters=full["min_letters"])
+        out[f"{side}_word_share"] = shares["word_share"]
+        out[f"{side}_nonword_share"] = shares["nonword_share"]
+        out[f"{side}_label"] = label_side(df, side, **full)
+    return out
+
+
+def label_sensitivity(df: pd.DataFrame, grid: dict[str, list], *, sides=SIDES) -> pd.DataFrame:
+    """How many rows get each label as one labelling parameter varies (the others at their defaults).
+
+    grid: {parameter: values}, parameters of `label_side`, e.g. {"min_word_share": [0.4, 0.6, 0.8]}.
+    Returns tidy rows: parameter, value, side, label, n (rows with that label), share (n / rows).
+    """
+    unknown = set(grid) - set(LABEL_DEFAULTS)
+    if unknown:
+        raise ValueError(f"Unknown labelling parameter(s) {sorted(unknown)}; known: {sorted(LABEL_DEFAULTS)}.")
+    rows = []
+    for parameter, values in grid.items():
+        for value in values:
+            params = {**LABEL_DEFAULTS, parameter: value}
+            for side in sides:
+                counts = label_side(df, side, **params).value_counts().reindex(list(LABELS), fill_value=0)
+                for label, n in counts.items():
+                    rows.append({"parameter": parameter, "value": value, "side": side, "label": label,
+                                 "n": int(n), "share": n / len(df) if len(df) else math.nan})
+    return pd.DataFrame(rows, columns=["parameter", "value", "side", "label", "n", "share"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def _values(x) -> np.ndarray:
+    """1-D float array without NaNs."""
+    x = np.asarray(x, dtype=float).ravel()
+    return x[~np.isnan(x)]
+
+
+def _describe(v: np.ndarray) -> dict[str, float]:
+    if len(v) == 0:
+        return {"n": 0, "mean": math.nan, "median": math.nan, "p75": math.nan}
+    return {"n": len(v), "mean": float(v.mean()), "median": float(np.median(v)),
+            "p75": float(np.quantile(v, 0.75))}
+
+
+def summary_by_population(df: pd.DataFrame, value_cols, by=("label",)) -> pd.DataFrame:
+    """n, mean, median and P75 of each value column in each population (tidy, long).
+
+    by: the column(s) that define a population (e.g. "dec_label", or ["layer", "dec_label"]); empty categories of
+    a categorical label appear with n = 0 and NaN statistics. Returns the `by` columns, `population` (their
+    values joined by ' / '), `column`, `n` (non-NaN values), `mean`, `median`, `p75`. NaN values are left out.
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    value_cols = [value_cols] if isinstance(value_cols, str) else list(value_cols)
+    _require(df, [*by, *value_cols])
+    rows = []
+    for key, group in df.groupby(by, observed=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        for col in value_cols:
+            rows.append({**dict(zip(by, key)), "population": " / ".join(map(str, key)), "column": col,
+                         **_describe(_values(group[col]))})
+    return pd.DataFrame(rows, columns=[*by, "population", "column", "n", "mean", "median", "p75"])
+
+
+def share_above_pooled_p75(df: pd.DataFrame, col: str, label_col: str) -> pd.DataFrame:
+    """Share of each population strictly above the 75th percentile of all populations pooled.
+
+    With no difference between populations every share is about 0.25. Rows without a label or a value are left
+    out. Returns: population, n, n_above, share_above, pooled_p75.
+    """
+    _require(df, [col, label_col])
+    data = df[[label_col, col]].dropna()
+    pooled = float(np.quantile(data[col].to_numpy(dtype=float), 0.75)) if len(data) else math.nan
+    rows = []
+    for population, group in data.groupby(label_col, observed=False, sort=True):
+        n, above = len(group), int((group[col].to_numpy(dtype=float) > pooled).sum())
+        rows.append({"population": population, "n": n, "n_above": above,
+                     "share_above": above / n if n else math.nan, "pooled_p75": pooled})
+    return pd.DataFrame(rows, columns=["population", "n", "n_above", "share_above", "pooled_p75"])
+
+
+def _average_ranks(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """1-based ranks of v with ties given their average rank, and the size of each tie group."""
+    order = np.argsort(v, kind="mergesort")
+    sv = v[order]
+    group = np.cumsum(np.r_[True, sv[1:] != sv[:-1]]) - 1
+    sizes = np.bincount(group)
+    average = np.cumsum(sizes) - (sizes - 1) / 2.0  # the last rank of a group minus half its extra members
+    ranks = np.empty(len(v))
+    ranks[order] = average[group]
+    return ranks, sizes
+
+
+def mann_whitney(x, y) -> tuple[float, float, float]:
+    """Mann-Whitney U of x against y: (U, two-sided p, rank-biserial correlation).
+
+    U counts the pairs (x_i, y_j) with x_i > y_j, ties counting one half (so U near n_x n_y / 2 means no shift).
+    p: normal approximation with tie correction and continuity correction (as scipy.stats.mannwhitneyu with
+    method="asymptotic"); 1.0 when all values are tied. Rank-biserial = 2U / (n_x n_y) - 1, in [-1, 1], positive
+    when x tends to be larger (it equals Cliff's delta). NaNs are dropped; NaN triple when x or y is empty.
+    """
+    x, y = _values(x), _values(y)
+    n1, n2 = len(x), len(y)
+    if n1 == 0 or n2 == 0:
+        return math.nan, math.nan, math.nan
+    ranks, sizes = _average_ranks(np.concatenate([x, y]))
+    u = float(ranks[:n1].sum() - n1 * (n1 + 1) / 2)
+    n = n1 + n2
+    ties = float((sizes.astype(float) ** 3 - sizes).sum())
+    variance = n1 * n2 / 12.0 * ((n + 1) - ties / (n * (n - 1))) if n > 1 else 0.0
+    if variance <= 0:
+        p = 1.0
+    else:
+        z = (abs(u - n1 * n2 / 2.0) - 0.5) / math.sqrt(variance)
+        p = min(1.0, math.erfc(z / math.sqrt(2.0)))  # 2 * P(Z > z)
+    return u, p, 2.0 * u / (n1 * n2) - 1.0
+
+
+def cliffs_delta(x, y) -> float:
+    """Cliff's delta: (#pairs x_i > y_j - #pairs x_i < y_j) / (n_x n_y), in [-1, 1]; NaN if x or y is empty."""
+    x, y = _values(x), _values(y)
+    if len(x) == 0 or len(y) == 0:
+        return math.nan
+    ys = np.sort(y)
+    less = np.searchsorted(ys, x, side="left")  # y values below each x
+    greater = len(ys) - np.searchsorted(ys, x, side="right")  # y values above each x
+    return float((less - greater).sum() / (len(x) * len(y)))
+
+
+def _resample_counts(rng: np.random.Generator, n: int, b: int) -> np.ndarray:
+    """[b, n] counts: how often each of n values is drawn in each of b resamples with replacement (size n)."""
+    draws = rng.integers(0, n, size=(b, n)) + (np.arange(b) * n)[:, None]
+    return np.bincount(draws.ravel(), minlength=b * n).reshape(b, n)
+
+
+def _order_stat(counts: np.ndarray, sorted_values: np.ndarray, k: int) -> np.ndarray:
+    """The k-th smallest (1-based) value of each resample given as counts over sorted_values: [b]."""
+    return sorted_values[(np.cumsum(counts, axis=1) >= k).argmax(axis=1)]
+
+
+def _median(counts: np.ndarray, sorted_values: np.ndarray) -> np.ndarray:
+    n = len(sorted_values)
+    return 0.5 * (_order_stat(counts, sorted_values, (n + 1) // 2) + _order_stat(counts, sorted_values, n // 2 + 1))
+
+
+def _boot_stats(xs: np.ndarray, ys: np.ndarray, W: np.ndarray, V: np.ndarray, stats) -> dict[str, np.ndarray]:
+    """Statistics of resamples given as counts W [b, n_x] over sorted xs and V [b, n_y] over sorted ys.
+
+    Counts instead of resampled arrays: every statistic is then O(b n) with no per-resample sort.
+    """
+    n1, n2 = len(xs), len(ys)
+    out = {}
+    if "mean_diff" in stats:
+        out["mean_diff"] = W @ xs / n1 - V @ ys / n2
+    if "median_diff" in stats:
+        out["median_diff"] = _median(W, xs) - _median(V, ys)
+    if "cliffs_delta" in stats:
+        # for original x_i: resampled y below it = V's cumulative count up to searchsorted(ys, x_i, "left")
+        cum = np.concatenate([np.zeros((len(V), 1), dtype=V.dtype), np.cumsum(V, axis=1)], axis=1)
+        less = cum[:, np.searchsorted(ys, xs, side="left")]
+        greater = n2 - cum[:, np.searchsorted(ys, xs, side="right")]
+        out["cliffs_delta"] = (W * (less - greater)).sum(axis=1) / (n1 * n2)
+    return out
+
+
+def _estimate(xs: np.ndarray, ys: np.ndarray, stat: str) -> float:
+    if stat == "mean_diff":
+        return float(xs.mean() - ys.mean())
+    if stat == "median_diff":
+        return float(np.median(xs) - np.median(ys))
+    return cliffs_delta(xs, ys)
+
+
+def _bootstrap(x, y, stats, *, n_boot: int, ci: float, seed: int,
+               max_elements: int = 4_000_000) -> dict[str, tuple[float, float, float]]:
+    """(estimate, lo, hi) of each statistic from the same resamples; CIs are NaN when x or y has < 2 values."""
+    bad = [s for s in stats if s not in BOOTSTRAP_STATS]
+    if bad:
+        raise ValueError(f"Unknown bootstrap statistic(s) {bad}; use one of {BOOTSTRAP_STATS}.")
+    if not 0 < ci < 1:
+        raise ValueError(f"ci is a coverage probability in (0, 1); got {ci!r}.")
+    if int(n_boot) != n_boot or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer; got {n_boot!r}.")
+    xs, ys = np.sort(_values(x)), np.sort(_values(y))
+    if len(xs) == 0 or len(ys) == 0:
+        return {s: (math.nan, math.nan, math.nan) for s in stats}
+    estimates = {s: _estimate(xs, ys, s) for s in stats}
+    if len(xs) < 2 or len(ys) < 2:
+        return {s: (estimates[s], math.nan, math.nan) for s in stats}
+    rng = np.random.default_rng(seed)
+    chunk = max(1, max_elements // (len(xs) + len(ys)))  # bounds memory: [chunk, n] arrays per step
+    parts = {s: [] for s in stats}
+    for start in range(0, int(n_boot), chunk):
+        b = min(chunk, int(n_boot) - start)
+        W, V = _resample_counts(rng, len(xs), b), _resample_counts(rng, len(ys), b)
+        for s, values in _boot_stats(xs, ys, W, V, stats).items():
+            parts[s].append(values)
+    tail = (1 - ci) / 2
+    out = {}
+    for s in stats:
+        lo, hi = np.quantile(np.concatenate(parts[s]), [tail, 1 - tail])  # percentile interval
+        out[s] = (estimates[s], float(lo), float(hi))
+    return out
+
+
+def bootstrap_ci(x, y, stat: str = "mean_diff", *, n_boot: int = 2000, ci: float = 0.95,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """(estimate, lo, hi): a statistic of x versus y with its percentile bootstrap confidence interval.
+
+    stat: "mean_diff" (mean x - mean y), "median_diff" (median x - median y) or "cliffs_delta". x and y are
+    resampled independently with replacement n_boot times; the same seed gives the same interval. NaNs are
+    dropped; all NaN when x or y is empty, NaN lo/hi when either has fewer than 2 values.
+    """
+    return _bootstrap(x, y, [stat], n_boot=n_boot, ci=ci, seed=seed)[stat]
+
+
+def holm(p) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (family-wise error over the given tests); NaNs stay NaN."""
+    p = np.asarray(p, dtype=float)
+    out = np.full(p.shape, math.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    order = valid[np.argsort(p[valid], kind="mergesort")]
+    adjusted = np.maximum.accumulate(p[order] * (len(order) - np.arange(len(order))))
+    out[order] = np.minimum(adjusted, 1.0)
+    return out
+
+
+def compare_populations(df: pd.DataFrame, value_cols, label_col: str, a: str = "semantic",
+                        b: str = "non-semantic", *, n_boot: int = 2000, ci: float = 0.95,
+                        seed: int = 0) -> pd.DataFrame:
+    """One row per value column comparing population a with population b (rows where label_col == a, == b).
+
+    Columns: column, a, b, n_a, n_b, mean_a, mean_b, median_a, median_b, p75_a, p75_b; mean_diff (mean a - mean
+    b) with mean_diff_lo/hi (bootstrap CI); cliffs_delta (> 0: a tends to be larger) with cliffs_delta_lo/hi;
+    U (Mann-Whitney, pairs a > b), p_value (two-sided) and p_holm (Holm-adjusted over the columns compared).
+    A population with fewer than 2 values gives NaN comparisons instead of an error.
+    """
+    value_cols = [value_cols] if isinstance(value_cols, str) else list(value_cols)
+    _require(df, [label_col, *value_cols])
+    in_a, in_b = (df[label_col] == a).to_numpy(), (df[label_col] == b).to_numpy()
+    rows = []
+    for col in value_cols:
+        x, y = _values(df.loc[in_a, col]), _values(df.loc[in_b, col])
+        da, db = _describe(x), _describe(y)
+        row = {"column": col, "a": a, "b": b, "n_a": da["n"], "n_b": db["n"]}
+        for name in ("mean", "median", "p75"):
+            row[f"{name}_a"], row[f"{name}_b"] = da[name], db[name]
+        if len(x) >= 2 and len(y) >= 2:
+            boot = _bootstrap(x, y, ["mean_diff", "cliffs_delta"], n_boot=n_boot, ci=ci, seed=seed)
+            u, p, _ = mann_whitney(x, y)
+        else:
+            boot = {s: (math.nan, math.nan, math.nan) for s in ("mean_diff", "cliffs_delta")}
+            u = p = math.nan
+        for s, (estimate, lo, hi) in boot.items():
+            row[s], row[f"{s}_lo"], row[f"{s}_hi"] = estimate, lo, hi
+        row["U"], row["p_value"] = u, p
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out["p_holm"] = holm(out["p_value"]) if len(out) else []
+    return out

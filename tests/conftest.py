@@ -1,0 +1,16 @@
+"""Test-session defaults: find the shared inputs next to the repository, and never touch the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+
+# Explicit environment variables win; otherwise use `<repo>/../shared/{models,corpora}` when present.
+for variable, name in (("WEIGHTSCOPE_MODELS", "models"), ("WEIGHTSCOPE_CORPORA", "corpora")):
+    folder = SHARED / name
+    if not os.environ.get(variable) and folder.is_dir():
+        os.environ[variable] = str(folder)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: it reads this once

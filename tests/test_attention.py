@@ -1,0 +1,387 @@
+"""Chapter-2 attention kernels against naive per-feature, per-head references (CPU, small random weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from weightscope import attention as A
+
+OOM = getattr(torch, "OutOfMemoryError", RuntimeError)
+
+
+def randn(*shape, seed=0, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def layer_weights(n_heads=4, n_kv=2, d_model=12, d_head=3, seed=1):
+    """Random (W_Q, W_K, W_V, W_O) in TransformerLens's shapes, kv heads unexpanded."""
+    return (
+        randn(n_heads, d_model, d_head, seed=seed),
+        randn(n_kv, d_model, d_head, seed=seed + 1),
+        randn(n_kv, d_model, d_head, seed=seed + 2),
+        randn(n_heads, d_head, d_model, seed=seed + 3),
+    )
+
+
+def naive_reads(D, W_Q, W_K, W_V, W_O, dtype=torch.float32):
+    """Double loop over features and heads; v through W_OV = W_V[kv] @ W_O[h] formed explicitly."""
+    n_heads, n_kv = W_Q.shape[0], W_K.shape[0]
+    group = n_heads // n_kv
+    D, W_Q, W_K, W_V, W_O = (t.to(dtype) for t in (D, W_Q, W_K, W_V, W_O))
+    out = {name: torch.zeros(D.shape[0], n_heads, dtype=torch.float64) for name in "qkv"}
+    out["k_kv"] = torch.zeros(D.shape[0], n_kv, dtype=torch.float64)
+    for i, d in enumerate(D):
+        for h in range(n_heads):
+            kv = h // group
+            W_OV = W_V[kv] @ W_O[h]  # [d_model, d_model]
+            out["q"][i, h] = torch.linalg.vector_norm((d @ W_Q[h]).double())
+            out["k"][i, h] = torch.linalg.vector_norm((d @ W_K[kv]).double())
+            out["v"][i, h] = torch.linalg.vector_norm((d @ W_OV).double())
+        for kv in range(n_kv):
+            out["k_kv"][i, kv] = torch.linalg.vector_norm((d @ W_K[kv]).double())
+    return out
+
+
+def assert_reads_close(result, ref, rtol):
+    assert set(result) == {"q", "k", "v", "k_kv"}
+    for name, value in result.items():
+        assert value.dtype == torch.float32 and value.device.type == "cpu"
+        np.testing.assert_allclose(value.double().numpy(), ref[name].numpy(), rtol=rtol, atol=0, err_msg=name)
+
+
+def tiny_model(normalization_type="RMS", n_kv=2, n_layers=4, seed=0):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers, d_model=16, d_head=4, n_heads=4, n_key_value_heads=n_kv, n_ctx=8, d_vocab=20,
+        act_fn="gelu", normalization_type=normalization_type, positional_embedding_type="rotary", seed=seed,
+        device="cpu",
+    )
+    model = HookedTransformer(cfg)
+    with torch.no_grad():  # non-trivial norm weights, so that folding them matters
+        for i, block in enumerate(model.blocks):
+            if hasattr(block.ln1, "w"):
+                block.ln1.w.copy_(1.0 + 0.5 * randn(16, seed=100 + i))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fold_pre_attention_norm
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_fold_scales_columns_and_optionally_centres():
+    D, g = randn(5, 6, seed=2) + 3.0, randn(6, seed=3)
+    fold = A.fold_pre_attention_norm
+    np.testing.assert_allclose(fold(D, g, center=False).numpy(), (D * g).numpy(), rtol=1e-6)
+    centred = (D - D.mean(1, keepdim=True)) * g
+    np.testing.assert_allclose(fold(D, g, center=True).numpy(), centred.numpy(), atol=1e-6)
+    assert torch.equal(A.fold_pre_attention_norm(D, None, center=False), D)
+    assert A.fold_pre_attention_norm(D.bfloat16(), g, center=True).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="g \\[d_model\\]"):
+        A.fold_pre_attention_norm(D, g[:5], center=False)
+
+
+@pytest.mark.parametrize("normalization_type", ["RMS", "LN"])
+def test_fold_is_what_the_models_own_norm_does_up_to_the_per_row_scale(normalization_type):
+    model = tiny_model(normalization_type)
+    ln1 = model.blocks[1].ln1
+    if normalization_type == "LN":
+        torch.nn.init.zeros_(ln1.b)
+    D = randn(7, 16, seed=4) + 0.5
+    folded = A.fold_pre_attention_norm(D, ln1.w.detach(), center=normalization_type == "LN")
+    with torch.no_grad():
+        normed = ln1(D[:, None, :])[:, 0]  # [batch=7, pos=1, d_model]
+    ratio = normed / folded  # the norm's 1 / rms (or 1 / std): one constant per row
+    np.testing.assert_allclose(ratio.numpy(), ratio[:, :1].expand_as(ratio).numpy(), rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# head_reads
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (4, 2), (6, 1), (6, 3)])
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, None])
+def test_head_reads_match_naive_double_loop(n_heads, n_kv, chunk_size):
+    weights = layer_weights(n_heads, n_kv)
+    D = randn(11, 12, seed=5)
+    result = A.head_reads(D, *weights, chunk_size=chunk_size, progress=False)
+    assert result["q"].shape == (11, n_heads) and result["k_kv"].shape == (11, n_kv)
+    assert_reads_close(result, naive_reads(D, *weights), rtol=1e-5)
+
+
+def test_head_reads_when_d_head_exceeds_d_model():
+    weights = layer_weights(n_heads=2, n_kv=2, d_model=3, d_head=5)  # R factor is then [3, 5], not square
+    D = randn(4, 3, seed=6)
+    assert_reads_close(A.head_reads(D, *weights, progress=False), naive_reads(D, *weights), rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [3, None])
+def test_head_reads_bf16(chunk_size):
+    weights = [w.bfloat16() for w in layer_weights(4, 2)]
+    D = randn(9, 12, seed=7).bfloat16()
+    result = A.head_reads(D, *weights, chunk_size=chunk_size, progress=False)
+    assert_reads_close(result, naive_reads(D, *weights, dtype=torch.float32), rtol=3e-2)
+    as_fp32 = A.head_reads(D, *weights, dtype=torch.float32, progress=False)
+    assert_reads_close(as_fp32, naive_reads(D, *weights), rtol=1e-5)
+
+
+def test_gqa_mapping_matches_transformer_lens_expansion():
+    model = tiny_model("RMS", n_kv=2)
+    attn = model.blocks[0].attn
+    assert attn._W_K.shape == (2, 16, 4) and attn.W_K.shape == (4, 16, 4)
+    kv = A.kv_head_index(4, 2)
+    assert kv.tolist() == [0, 0, 1, 1]
+    for h in range(4):
+        assert torch.equal(attn.W_K[h], attn._W_K[kv[h]]) and torch.equal(attn.W_V[h], attn._W_V[kv[h]])
+    D = randn(6, 16, seed=8)
+    W_Q, W_O = attn.W_Q.detach(), attn.W_O.detach()
+    raw = A.head_reads(D, W_Q, attn._W_K.detach(), attn._W_V.detach(), W_O, progress=False)
+    expanded = A.head_reads(D, W_Q, attn.W_K.detach(), attn.W_V.detach(), W_O, progress=False)
+    for name in "qkv":  # TL's own expansion is the reference for which kv head each query head uses
+        np.testing.assert_allclose(raw[name].numpy(), expanded[name].numpy(), rtol=1e-6)
+    assert raw["k_kv"].shape == (6, 2) and torch.equal(raw["k"], raw["k_kv"][:, kv])
+    assert not torch.allclose(raw["k_kv"][:, 0], raw["k_kv"][:, 1])  # the test can tell kv heads apart
+
+
+def test_head_reads_shape_errors_say_what_to_do():
+    W_Q, W_K, W_V, W_O = layer_weights(4, 2)
+    D = randn(3, 12)
+    with pytest.raises(ValueError, match="d_head before d_model"):
+        A.head_reads(D, W_Q, W_K, W_V, W_O.transpose(1, 2), progress=False)
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        A.head_reads(D, W_Q, *layer_weights(4, 3)[1:3], W_O, progress=False)
+    with pytest.raises(ValueError, match="columns"):
+        A.head_reads(D[:, :5], W_Q, W_K, W_V, W_O, progress=False)
+    with pytest.raises(ValueError, match="same number of heads"):
+        A.head_reads(D, W_Q, W_K, W_V[:1], W_O, progress=False)
+    with pytest.raises(ValueError, match="chunk_size"):
+        A.head_reads(D, W_Q, W_K, W_V, W_O, chunk_size=0, progress=False)
+
+
+def test_head_reads_progress_bar_and_empty_input():
+    weights = layer_weights(4, 2)
+    assert A.head_reads(randn(5, 12), *weights, chunk_size=2, progress=True)["v"].shape == (5, 4)
+    empty = A.head_reads(randn(0, 12), *weights, progress=False)
+    assert empty["q"].shape == (0, 4) and empty["k_kv"].shape == (0, 2)
+
+
+def test_out_of_memory_halves_the_chunk_and_retries(monkeypatch):
+    seen, original = [], A._reads_chunk
+
+    def flaky(D_chunk, **weights):
+        seen.append(D_chunk.shape[0])
+        if D_chunk.shape[0] > 4:
+            raise OOM("CUDA out of memory. Tried to allocate 1 GiB")
+        return original(D_chunk, **weights)
+
+    monkeypatch.setattr(A, "_reads_chunk", flaky)
+    weights, D = layer_weights(4, 2), randn(30, 12, seed=9)
+    result = A.head_reads(D, *weights, chunk_size=24, progress=False)
+    assert seen == [24, 12, 6] + [3] * 10  # halved until it fits, then kept
+    assert_reads_close(result, naive_reads(D, *weights), rtol=1e-5)
+
+
+def test_out_of_memory_on_one_feature_is_clear_and_other_errors_pass(monkeypatch):
+    weights, D = layer_weights(4, 2), randn(4, 12)
+    monkeypatch.setattr(A, "_reads_chunk", lambda D_chunk, **w: (_ for _ in ()).throw(OOM("out of memory")))
+    with pytest.raises(RuntimeError, match="single feature"):
+        A.head_reads(D, *weights, chunk_size=4, progress=False)
+    monkeypatch.setattr(A, "_reads_chunk", lambda D_chunk, **w: (_ for _ in ()).throw(RuntimeError("dtype!")))
+    with pytest.raises(RuntimeError, match="dtype!"):
+        A.head_reads(D, *weights, chunk_size=4, progress=False)
+
+
+def test_automatic_chunks_follow_the_memory_budget(monkeypatch):
+    from weightscope import kernels as K
+
+    seen, original = [], A._reads_chunk
+
+    def recording(D_chunk, **weights):
+        seen.append(D_chunk.shape[0])
+        return original(D_chunk, **weights)
+
+    monkeypatch.setattr(A, "_reads_chunk", recording)
+    monkeypatch.setattr(K, "_memory_budget", lambda device: 5_000)
+    A.head_reads(randn(40, 12), *layer_weights(4, 2), progress=False)
+    assert sum(seen) == 40 and 1 < seen[0] < 40 and len(set(seen[:-1])) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# null_zscores
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("q", [0.5, 0.9, 0.99])
+def test_null_zscores_match_numpy(q):
+    reads, null = randn(20, 5, seed=10).abs(), randn(37, 5, seed=11).abs() * 0.8
+    z, exceeds = A.null_zscores(reads, null, q=q)
+    r, n = reads.double().numpy(), null.double().numpy()
+    np.testing.assert_allclose(z.numpy(), (r - n.mean(0)) / n.std(0, ddof=1), rtol=1e-5)
+    assert z.dtype == torch.float32 and exceeds.dtype == torch.bool
+    assert np.array_equal(exceeds.numpy(), r > np.quantile(n, q, axis=0))
+    assert exceeds.any() and not exceeds.all()
+
+
+def test_null_zscores_quantile_is_strict_and_per_head():
+    null = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]])
+    _, exceeds = A.null_zscores(torch.tensor([[2.0, 3.0], [2.5, 31.0]]), null, q=0.5)  # medians 2 and 20
+    assert exceeds.tolist() == [[False, False], [True, True]]
+    with pytest.raises(ValueError, match="at least 2"):
+        A.null_zscores(null, null[:1])
+    with pytest.raises(ValueError, match="strictly between"):
+        A.null_zscores(null, null, q=1.0)
+    with pytest.raises(ValueError, match="n_heads"):
+        A.null_zscores(null, null[:, :1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# qk_pairs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def assert_valid_top_pairs(result, S, top, key):
+    """Tie-robust: the right `top` key values, best first, and each (i, j) really scores what is reported."""
+    scores, qi, ki = (t.numpy() for t in result)
+    assert len(scores) == min(top, S.size)
+    np.testing.assert_allclose(scores, S[qi, ki], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(key(scores), -np.sort(-key(S).ravel())[: len(scores)], rtol=1e-5, atol=1e-5)
+    assert np.all(np.diff(key(scores)) <= 1e-6), "pairs are not sorted best first"
+    assert len(set(zip(qi.tolist(), ki.tolist()))) == len(scores), "a pair repeats"
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 8, None])
+@pytest.mark.parametrize("sign,key", [("abs", np.abs), ("pos", lambda s: s), ("neg", lambda s: -s)])
+def test_qk_pairs_match_full_bilinear_matrix(chunk_size, sign, key):
+    Dq, Dk = randn(13, 10, seed=12), randn(17, 10, seed=13)
+    W_Q_h, W_K_h = randn(10, 3, seed=14), randn(10, 3, seed=15)
+    S = ((Dq @ W_Q_h) @ (Dk @ W_K_h).T).double().numpy()  # [n_q, n_k], the matrix qk_pairs never forms
+    result = A.qk_pairs(Dq, Dk, W_Q_h, W_K_h, top=9, sign=sign, chunk_size=chunk_size)
+    assert_valid_top_pairs(result, S, 9, key)
+
+
+def test_qk_pairs_with_ties_and_more_pairs_than_exist():
+    Dq = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # two identical query features: tied scores
+    Dk = torch.tensor([[2.0, 0.0], [0.0, -3.0]])
+    I = torch.eye(2)
+    S = (Dq @ Dk.T).double().numpy()
+    assert_valid_top_pairs(A.qk_pairs(Dq, Dk, I, I, top=2, chunk_size=1), S, 2, np.abs)
+    assert_valid_top_pairs(A.qk_pairs(Dq, Dk, I, I, top=50, chunk_size=2), S, 50, np.abs)
+
+
+def test_qk_pairs_retry_and_errors(monkeypatch):
+    seen, original = [], A._qk_chunk
+
+    def flaky(Dq_chunk, W_Q_h, Kp):
+        seen.append(Dq_chunk.shape[0])
+        if Dq_chunk.shape[0] > 2:
+            raise OOM("CUDA out of memory.")
+        return original(Dq_chunk, W_Q_h, Kp)
+
+    monkeypatch.setattr(A, "_qk_chunk", flaky)
+    Dq, Dk, W = randn(8, 4, seed=16), randn(5, 4, seed=17), randn(4, 2, seed=18)
+    result = A.qk_pairs(Dq, Dk, W, W, top=4, chunk_size=8)
+    assert seen == [8, 4, 2, 2, 2, 2]  # halved until it fits, then kept
+    assert_valid_top_pairs(result, ((Dq @ W) @ (Dk @ W).T).double().numpy(), 4, np.abs)
+    with pytest.raises(ValueError, match="sign"):
+        A.qk_pairs(Dq, Dk, W, W, sign="max")
+    with pytest.raises(ValueError, match="one head"):
+        A.qk_pairs(Dq, Dk, W[None], W[None])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sae_attention_reads / reads_summary
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "hook,layer,expected",
+    [
+        ("hook_resid_pre", 1, 1),
+        ("blocks.1.hook_resid_post", 1, 2),
+        ("resid_mid", 0, 1),
+        ("hook_attn_out", 0, 1),
+        ("hook_mlp_out", 2, 3),
+    ],
+)
+def test_first_reading_layer(hook, layer, expected):
+    assert A.first_reading_layer(layer, hook) == expected
+
+
+def test_first_reading_layer_rejects_unknown_hooks():
+    with pytest.raises(ValueError, match="hook_resid_post"):
+        A.first_reading_layer(1, "hook_z")
+
+
+@pytest.mark.parametrize("hook,read_layers", [("hook_resid_pre", [1, 2, 3]), ("hook_resid_post", [2, 3])])
+def test_sae_attention_reads_table(hook, read_layers):
+    model = tiny_model("RMS", n_kv=2)
+    W_dec = randn(10, 16, seed=19)
+    df = A.sae_attention_reads(model, W_dec, 1, hook, n_null=64, feature_ids=range(100, 110), progress=False)
+    assert len(df) == 10 * len(read_layers) * 4
+    assert sorted(df["read_layer"].unique().tolist()) == read_layers
+    assert (df["distance"] == df["read_layer"] - 1).all() and (df["layer"] == 1).all()
+    assert sorted(df["feature"].unique().tolist()) == list(range(100, 110))
+    assert (df["kv_head"] == df["head"] // 2).all()
+    dtypes = df.dtypes.astype(str).to_dict()
+    assert dtypes["feature"] == "int32" and dtypes["head"] == "int16" and dtypes["q"] == "float32"
+    assert dtypes["q_part"] == "bool" and dtypes["v_z"] == "float32"
+
+    # the rows of one reading layer are head_reads of W_dec folded with that layer's ln1
+    layer = read_layers[-1]
+    block = model.blocks[layer]
+    weights = A._layer_weights(block.attn)
+    folded = A.fold_pre_attention_norm(W_dec, block.ln1.w.detach(), center=False)
+    ref = A.head_reads(folded, *weights, progress=False)
+    rows = df[df["read_layer"] == layer]
+    for name in "qkv":
+        np.testing.assert_allclose(rows[name].to_numpy(), ref[name].numpy().ravel(), rtol=1e-6)
+
+
+def test_sae_attention_reads_folds_each_layers_ln1():
+    model = tiny_model("RMS", n_kv=2)
+    W_dec = randn(8, 16, seed=20)
+    before = A.sae_attention_reads(model, W_dec, 0, "hook_resid_post", n_null=32, progress=False)
+    with torch.no_grad():
+        model.blocks[2].ln1.w.mul_(3.0)
+    after = A.sae_attention_reads(model, W_dec, 0, "hook_resid_post", n_null=32, progress=False)
+    changed = after["read_layer"] == 2
+    for name in "qkv":  # the read scales with the weight; z-scores do not (the null is folded alike)
+        np.testing.assert_allclose(after.loc[changed, name], 3 * before.loc[changed, name], rtol=1e-5)
+        np.testing.assert_allclose(after.loc[~changed, name], before.loc[~changed, name], rtol=1e-6)
+        np.testing.assert_allclose(after[f"{name}_z"], before[f"{name}_z"], rtol=1e-4, atol=1e-4)
+
+
+def test_sae_attention_reads_layernorm_centres_and_weightless_norm():
+    model = tiny_model("LN", n_kv=4)
+    W_dec = randn(6, 16, seed=21)
+    shifted = W_dec + 5.0  # a constant shift along the all-ones direction is removed by LayerNorm
+    a = A.sae_attention_reads(model, W_dec, 0, "hook_resid_pre", n_null=16, progress=False)
+    b = A.sae_attention_reads(model, shifted, 0, "hook_resid_pre", n_null=16, progress=False)
+    np.testing.assert_allclose(a["q"], b["q"], rtol=1e-4)
+    pre = tiny_model("LNPre", n_kv=4)  # no ln1.w: nothing to fold but the centring
+    df = A.sae_attention_reads(pre, W_dec, 3, "hook_resid_pre", layers=[3], n_null=16, progress=False)
+    assert len(df) == 6 * 4
+    empty = A.sae_attention_reads(pre, W_dec, 3, "hook_resid_post", n_null=16, progress=False)
+    assert len(empty) == 0 and list(empty.columns) == list(df.columns)
+    with pytest.raises(ValueError, match="Reading layers"):
+        A.sae_attention_reads(pre, W_dec, 2, "hook_resid_post", layers=[2], progress=False)
+
+
+def test_null_participation_is_rare_for_random_directions_and_summary():
+    model = tiny_model("RMS", n_kv=2)
+    W_dec = randn(400, 16, seed=22)  # random "features": they beat the 0.9 null quantile ~10% of the time
+    df = A.sae_attention_reads(model, W_dec, 0, "hook_resid_pre", q=0.9, n_null=2000, seed=3, progress=False)
+    summary = A.reads_summary(df)
+    assert len(summary) == 4 * 4 and (summary["n_features"] == 400).all()
+    assert summary[["layer", "read_layer", "head"]].duplicated().sum() == 0
+    for name in "qkv":
+        assert summary[f"{name}_frac"].between(0.03, 0.2).all(), summary[f"{name}_frac"]
+    one = df[(df["read_layer"] == 2) & (df["head"] == 3)]
+    row = summary[(summary["read_layer"] == 2) & (summary["head"] == 3)].iloc[0]
+    assert row["q_frac"] == pytest.approx(one["q_part"].mean())
+    assert row["any_frac"] == pytest.approx((one["q_part"] | one["k_part"] | one["v_part"]).mean())
+    assert row["kv_head"] == 1 and row["distance"] == 2

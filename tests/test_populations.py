@@ -1,0 +1,252 @@
+"""Chapter 3's labelling rule and population statistics against hand-written expectations and brute force."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from weightscope import populations as P
+
+
+@pytest.mark.parametrize(
+    "token, kind",
+    [
+        (" Lily", "word"), ("ing", "word"), (" the", "word"), ("▁the", "word"), ("Ġthe", "word"), ("n't", "word"),
+        ("日本", "word"),
+        ("x", "fragment"), ("'s", "fragment"), (" A1", "fragment"), ("▁a", "fragment"),
+        ("...", "punct"), (',"', "punct"), (" (", "punct"), ("ĠâĢĶ", "punct"),  # GPT-2 piece of ' —'
+        (" ", "space"), ("", "space"), ("\n", "space"), ("▁▁", "space"), ("Ġ", "space"), ("Ċ", "space"),
+        (" 42", "digit"), ("3.14", "digit"), ("1990", "digit"),
+        ("<0x0A>", "byte_special"), ("<s>", "byte_special"), ("</s>", "byte_special"), ("<unk>", "byte_special"),
+        ("<|endoftext|>", "byte_special"), ("\x00", "byte_special"), ("\ufffd", "byte_special"),
+        ("âĢ", "byte_special"),  # GPT-2 piece of a partial UTF-8 character
+    ],
+)
+def test_token_kind(token, kind):
+    assert P.token_kind(token) == kind
+
+
+def test_token_kind_min_letters():
+    assert P.token_kind(" ox") == "word"
+    assert P.token_kind(" ox", min_letters=3) == "fragment"
+    with pytest.raises(TypeError):
+        P.token_kind(None)
+
+
+def frame(rows):
+    """A chapter-1-like table from (dec_top_tokens, dec_coherent) pairs."""
+    return pd.DataFrame({"dec_top_tokens": [r[0] for r in rows],
+                         "dec_coherent": pd.array([r[1] for r in rows], dtype="boolean")})
+
+
+HAND = [  # (top tokens, coherent, expected label): written by hand from the rule in the module docstring
+    ([" Lily", " lily", "Lil", " LILY", "lily"], True, "semantic"),  # one word's variants
+    ([" cat", " cats", " kitten", ".", ","], True, "semantic"),  # words exactly 0.6
+    ([".", ",", " ;", "!", "?"], True, "non-semantic"),  # coherent punctuation is still punctuation
+    (["<0x0A>", "<s>", " 42", " ", " the"], True, "non-semantic"),  # 4/5 non-word kinds
+    ([" the", " dog", " ran", " blue", " France"], False, "non-semantic"),  # words, but no coherence
+    (["x", "y", " z", "q", "k"], True, "unclear"),  # coherent fragments
+    ([" cat", " dog", ".", ",", "x"], True, "unclear"),  # mixed: 0.4 words, 0.4 non-words
+    ([" cat", " cats", " kitten", " Cat", " kitty"], None, "unclear"),  # coherence unknown
+    ([], True, "unclear"),  # no tokens
+    ([], False, "non-semantic"),
+]
+
+
+def test_label_side_hand_built():
+    df = frame([(t, c) for t, c, _ in HAND])
+    labels = P.label_side(df, "dec")
+    assert labels.name == "dec_label" and list(labels.cat.categories) == list(P.LABELS)
+    assert labels.tolist() == [e for _, _, e in HAND]
+
+
+def test_label_side_reads_parquet_arrays_and_m():
+    tokens = np.array([" cat", " cats", " kitten", " Cat", " kitty", ".", ",", ";", "!", "?"], dtype=object)
+    df = frame([(tokens, True)])
+    assert P.label_side(df, "dec").tolist() == ["semantic"]  # first 5: all words
+    assert P.label_side(df, "dec", m=10).tolist() == ["unclear"]  # 0.5 words, 0.5 non-words
+    assert P.label_side(df, "dec", m=10, min_nonword_share=0.5).tolist() == ["non-semantic"]
+    assert P.label_side(df, "dec", m=10, min_word_share=0.5).tolist() == ["semantic"]
+
+
+def test_label_side_coherence_margin():
+    df = frame([([" cat", " cats", " kitten", " Cat", " kitty"], True)]).assign(
+        dec_string_sim=0.50, dec_thr_string_sim=0.45, dec_emb_cos=0.10, dec_thr_emb_cos=0.20)
+    assert P.label_side(df, "dec", coherence_margin=0.01).tolist() == ["semantic"]  # 0.05 above the threshold
+    assert P.label_side(df, "dec", coherence_margin=0.1).tolist() == ["unclear"]  # only marginally coherent
+
+
+def test_label_errors_name_column_and_chapter():
+    with pytest.raises(ValueError, match=r"dec_coherent.*chapter 1"):
+        P.label_side(pd.DataFrame({"dec_top_tokens": [[" a"]]}), "dec")
+    with pytest.raises(ValueError, match="side"):
+        P.label_side(frame([([" a"], True)]), "out")
+    with pytest.raises(ValueError, match="min_word_share"):
+        P.label_side(frame([([" a"], True)]), "dec", min_word_share=1.5)
+    with pytest.raises(ValueError, match="Unknown labelling parameter"):
+        P.label_features(frame([([" a"], True)]), sides=("dec",), min_share=0.5)
+
+
+def test_label_features_adds_shares():
+    df = frame([(t, c) for t, c, _ in HAND])
+    df["enc_top_tokens"], df["enc_coherent"] = df["dec_top_tokens"][::-1].to_list(), df["dec_coherent"][::-1].to_list()
+    out = P.label_features(df)
+    assert out["dec_label"].tolist() == [e for _, _, e in HAND]
+    assert out["enc_label"].tolist() == [e for _, _, e in HAND][::-1]
+    np.testing.assert_allclose(out["dec_word_share"].iloc[:7], [1.0, 0.6, 0.0, 0.2, 1.0, 0.0, 0.4])
+    np.testing.assert_allclose(out["dec_nonword_share"].iloc[:7], [0.0, 0.4, 1.0, 0.8, 0.0, 0.0, 0.4])
+    assert math.isnan(out["dec_word_share"].iloc[8])
+    assert "dec_label" not in df.columns  # input untouched
+
+
+def test_label_sensitivity_counts_add_up():
+    df = frame([(t, c) for t, c, _ in HAND])
+    grid = {"min_word_share": [0.2, 0.6, 1.0], "m": [3, 5], "min_nonword_share": [0.3, 0.9]}
+    out = P.label_sensitivity(df, grid, sides=("dec",))
+    assert len(out) == 7 * len(P.LABELS)
+    totals = out.groupby(["parameter", "value", "side"])["n"].sum()
+    assert (totals == len(df)).all()
+    n = out.set_index(["parameter", "value", "label"])["n"]
+    assert n[("min_word_share", 0.6, "semantic")] == 2  # the defaults reproduce test_label_side_hand_built
+    assert n[("min_word_share", 1.0, "semantic")] == 1  # only the all-word ' Lily' row is left
+    assert n[("min_word_share", 0.2, "semantic")] == 3  # the mixed ' cat', ' dog', '.', ',', 'x' row joins
+    with pytest.raises(ValueError, match="Unknown"):
+        P.label_sensitivity(df, {"q": [1]})
+
+
+# --- statistics ------------------------------------------------------------------------------------------------
+
+
+def brute_u(x, y):
+    return sum((a > b) + 0.5 * (a == b) for a in x for b in y)
+
+
+def brute_delta(x, y):
+    return np.sign(np.subtract.outer(x, y)).mean()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mann_whitney_and_cliffs_delta_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    x, y = rng.integers(0, 6, size=9), rng.integers(1, 8, size=13)  # small integers: many ties
+    u, p, r = P.mann_whitney(x, y)
+    assert u == pytest.approx(brute_u(x, y))
+    assert r == pytest.approx(brute_delta(x, y))
+    assert P.cliffs_delta(x, y) == pytest.approx(brute_delta(x, y))
+    assert 0 <= p <= 1
+
+
+def test_mann_whitney_p_values():
+    # no ties: U = 0, mean 4.5, variance 3*3*7/12 = 5.25, z = (4.5 - 0.5) / sqrt(5.25) = 1.7457, p = 2 P(Z > z)
+    u, p, r = P.mann_whitney([1, 2, 3], [4, 5, 6])
+    assert (u, r) == (0.0, -1.0)
+    assert p == pytest.approx(0.0808556, abs=1e-6)
+    assert P.mann_whitney([1, 1, 1], [1, 1])[1] == 1.0  # all tied: no evidence of a shift
+    assert all(math.isnan(v) for v in P.mann_whitney([], [1, 2]))
+
+
+def test_mann_whitney_against_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(3)
+    for x, y in [(rng.integers(0, 5, 30), rng.integers(0, 6, 25)), (rng.normal(size=40), rng.normal(0.5, 1, 35))]:
+        ref = stats.mannwhitneyu(x, y, alternative="two-sided", method="asymptotic", use_continuity=True)
+        u, p, _ = P.mann_whitney(x, y)
+        assert u == pytest.approx(ref.statistic)
+        assert p == pytest.approx(ref.pvalue, rel=1e-9)
+
+
+def test_vectorised_bootstrap_statistics_equal_explicit_resamples():
+    rng = np.random.default_rng(4)
+    xs, ys = np.sort(rng.integers(0, 10, 11).astype(float)), np.sort(rng.normal(size=8))
+    W, V = P._resample_counts(rng, len(xs), 6), P._resample_counts(rng, len(ys), 6)
+    assert (W.sum(1) == len(xs)).all() and (V.sum(1) == len(ys)).all()
+    got = P._boot_stats(xs, ys, W, V, P.BOOTSTRAP_STATS)
+    for i in range(6):
+        xr, yr = np.repeat(xs, W[i]), np.repeat(ys, V[i])
+        assert got["mean_diff"][i] == pytest.approx(xr.mean() - yr.mean())
+        assert got["median_diff"][i] == pytest.approx(np.median(xr) - np.median(yr))
+        assert got["cliffs_delta"][i] == pytest.approx(brute_delta(xr, yr))
+
+
+def test_bootstrap_ci_covers_truth_and_is_deterministic():
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(1.0, 1.0, 3000), rng.normal(0.5, 1.0, 2000)
+    truth = {"mean_diff": 0.5, "median_diff": 0.5,
+             "cliffs_delta": 2 * 0.5 * math.erfc(-0.5 / 2) - 1}  # 2 P(X > Y) - 1 = 2 Phi(0.5 / sqrt 2) - 1
+    for stat, true in truth.items():
+        est, lo, hi = P.bootstrap_ci(x, y, stat, n_boot=500, seed=1)
+        assert lo < true < hi and lo < est < hi, stat
+    est, lo, hi = P.bootstrap_ci(x, y, "mean_diff", n_boot=500, seed=1)
+    assert hi - lo == pytest.approx(2 * 1.96 * math.sqrt(1 / 3000 + 1 / 2000), rel=0.2)  # normal-theory width
+    assert P.bootstrap_ci(x, y, n_boot=300, seed=7) == P.bootstrap_ci(x, y, n_boot=300, seed=7)
+    assert P.bootstrap_ci(x, y, n_boot=300, seed=7) != P.bootstrap_ci(x, y, n_boot=300, seed=8)
+
+
+def test_bootstrap_ci_small_and_bad_input():
+    est, lo, hi = P.bootstrap_ci([1.0], [0.0, 2.0])
+    assert est == 0.0 and math.isnan(lo) and math.isnan(hi)
+    assert all(math.isnan(v) for v in P.bootstrap_ci([], [1.0, 2.0]))
+    with pytest.raises(ValueError, match="statistic"):
+        P.bootstrap_ci([1, 2], [3, 4], "t_stat")
+
+
+def population_frame(seed=6):
+    rng = np.random.default_rng(seed)
+    labels = pd.Categorical(["semantic"] * 60 + ["non-semantic"] * 40 + ["unclear"] * 5, categories=P.LABELS)
+    score = np.r_[rng.normal(2.0, 1.0, 60), rng.normal(0.0, 1.0, 40), rng.normal(1.0, 1.0, 5)]
+    return pd.DataFrame({"label": labels, "score": score, "other": score[::-1].copy()})
+
+
+def test_compare_populations():
+    df = population_frame()
+    out = P.compare_populations(df, ["score", "other"], "label", n_boot=300)
+    row = out.set_index("column").loc["score"]
+    sem, non = df.loc[df["label"] == "semantic", "score"], df.loc[df["label"] == "non-semantic", "score"]
+    assert (row["n_a"], row["n_b"]) == (60, 40)
+    assert row["mean_a"] == pytest.approx(sem.mean()) and row["p75_b"] == pytest.approx(non.quantile(0.75))
+    assert row["mean_diff"] == pytest.approx(sem.mean() - non.mean())
+    assert row["mean_diff_lo"] < row["mean_diff"] < row["mean_diff_hi"]
+    assert row["cliffs_delta"] == pytest.approx(brute_delta(sem.to_numpy(), non.to_numpy()))
+    assert row["cliffs_delta_lo"] > 0 and row["p_value"] < 1e-6
+    assert row["U"] == pytest.approx(brute_u(sem.to_numpy(), non.to_numpy()))
+    assert (out["p_holm"] >= out["p_value"]).all()
+
+
+@pytest.mark.parametrize("n_b", [0, 1])
+def test_compare_populations_tiny_population_gives_nan(n_b):
+    df = population_frame()
+    df = pd.concat([df[df["label"] != "non-semantic"], df[df["label"] == "non-semantic"].head(n_b)])
+    row = P.compare_populations(df, ["score"], "label", n_boot=50).iloc[0]
+    assert row["n_b"] == n_b and row["n_a"] == 60
+    assert not math.isnan(row["mean_a"])
+    for col in ("mean_diff", "mean_diff_lo", "cliffs_delta_hi", "U", "p_value", "p_holm"):
+        assert math.isnan(row[col]), col
+    assert math.isnan(row["mean_b"]) == (n_b == 0)
+
+
+def test_summary_by_population():
+    df = population_frame()
+    df["label"] = df["label"].cat.add_categories(["empty"])
+    out = P.summary_by_population(df, ["score"], by="label").set_index("population")
+    sem = df.loc[df["label"] == "semantic", "score"]
+    assert out.loc["semantic", "n"] == 60
+    assert out.loc["semantic", "median"] == pytest.approx(sem.median())
+    assert out.loc["semantic", "p75"] == pytest.approx(sem.quantile(0.75))
+    assert out.loc["empty", "n"] == 0 and math.isnan(out.loc["empty", "mean"])
+    with pytest.raises(ValueError, match="q_z_mean.*chapter 2"):
+        P.summary_by_population(df, ["q_z_mean"], by="label")
+
+
+def test_share_above_pooled_p75():
+    df = pd.DataFrame({"label": list("aaaabbbb"), "score": np.arange(1.0, 9.0)})
+    out = P.share_above_pooled_p75(df, "score", "label").set_index("population")
+    assert out["pooled_p75"].iloc[0] == pytest.approx(6.25)
+    assert out.loc["a", "share_above"] == 0.0 and out.loc["b", "share_above"] == 0.5
+
+
+def test_holm():
+    np.testing.assert_allclose(P.holm([0.01, 0.04, 0.03, np.nan])[:3], [0.03, 0.06, 0.06])
+    assert math.isnan(P.holm([0.01, np.nan])[1])

@@ -1,0 +1,319 @@
+"""SAE loading, fit checks and the demo-SAE pipeline, offline, on tiny random models and SAEs built here."""
+
+import dataclasses
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from sae_lens import (
+    SAE,
+    JumpReLUSAE,
+    JumpReLUSAEConfig,
+    StandardSAE,
+    StandardSAEConfig,
+    TopKSAE,
+    TopKSAEConfig,
+)
+from sae_lens.saes.sae import SAEMetadata
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from weightscope import demo_saes, saes
+from weightscope.saes import SAEError
+
+D_MODEL, N_LAYERS = 16, 2
+pytestmark = pytest.mark.filterwarnings("ignore:(?s).*non-empty model_from_pretrained_kwargs")
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny random Llama-style HookedTransformer (2 blocks, d_model 16, vocabulary 512)."""
+    cfg = HookedTransformerConfig(
+        n_layers=N_LAYERS, d_model=D_MODEL, n_ctx=64, d_head=4, n_heads=4, d_mlp=32, d_vocab=512,
+        act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True, seed=0,
+    )
+    return HookedTransformer(cfg).eval()
+
+
+def make_sae(arch: str, hook: str, d_in: int = D_MODEL, d_sae: int = 32, **meta) -> SAE:
+    """A sae-lens SAE with random weights, built from its config class."""
+    torch.manual_seed(0)
+    metadata = SAEMetadata(hook_name=hook, model_name="tiny", **meta)
+    if arch == "topk":
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=4, metadata=metadata))
+    elif arch == "jumprelu":
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=metadata))
+        sae.threshold.data = torch.rand(d_sae)
+    else:
+        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=metadata))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return sae
+
+
+def save(sae: SAE, path: Path) -> Path:
+    sae.save_model(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Loading local folders
+
+
+def test_folder_of_saes_loads_with_documented_fields(tmp_path, model):
+    top = save(make_sae("topk", "blocks.0.hook_resid_post", model_from_pretrained_kwargs={"fold_ln": True}),
+               tmp_path / "layer_0")
+    jump = save(make_sae("jumprelu", "blocks.1.hook_resid_pre"), tmp_path / "layer_1")
+    loaded = saes.load_saes(tmp_path, model=model)
+    assert [s.sae_id for s in loaded] == ["layer_0", "layer_1"]
+    a, b = loaded
+    assert a.architecture == "topk" and b.architecture == "jumprelu"
+    assert (a.hook_name, a.layer) == ("blocks.0.hook_resid_post", 0)
+    assert (b.hook_name, b.layer) == ("blocks.1.hook_resid_pre", 1)
+    assert (a.d_in, a.d_sae, a.k) == (D_MODEL, 32, 4)
+    assert a.W_enc.shape == (D_MODEL, 32) and a.W_dec.shape == (32, D_MODEL)
+    assert a.b_enc.shape == (32,) and a.b_dec.shape == (D_MODEL,)
+    assert a.threshold is None and b.threshold.shape == (32,)
+    reference = TopKSAE.load_from_disk(top)
+    assert torch.equal(a.W_enc, reference.W_enc) and torch.equal(a.W_dec, reference.W_dec)
+    assert torch.equal(b.threshold, JumpReLUSAE.load_from_disk(jump).threshold)
+    assert a.model_from_pretrained_kwargs == {"fold_ln": True}
+    assert a.normalize_activations == "none" and a.norm_scaling_factor is None
+    assert a.model_name == "tiny" and a.is_residual
+    # encoding through the sae-lens object still works
+    assert a.sae.encode(torch.randn(3, D_MODEL)).shape == (3, 32)
+
+
+def test_ids_select_subfolders_and_single_folder_loads(tmp_path):
+    for layer in range(2):
+        save(make_sae("standard", f"blocks.{layer}.hook_resid_post"), tmp_path / "saes" / f"layer_{layer}")
+    assert [s.layer for s in saes.load_saes(tmp_path / "saes", [1])] == [1]  # int L means layer_L
+    named = saes.load_saes(tmp_path / "saes", ["layer_1", "layer_0"])
+    assert [s.sae_id for s in named] == ["layer_1", "layer_0"]
+    single = saes.load_saes(tmp_path / "saes" / "layer_0", dtype=torch.float64)
+    assert len(single) == 1 and single[0].W_enc.dtype == torch.float64
+    with pytest.raises(SAEError, match=r"no SAE folder\(s\) \['layer_7'\]"):
+        saes.load_saes(tmp_path / "saes", [7])
+    with pytest.raises(SAEError, match="does not exist"):
+        saes.load_saes(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SAEError, match="holds no sae-lens SAE"):
+        saes.load_saes(tmp_path / "empty")
+
+
+def test_sae_without_hook_name_is_refused(tmp_path):
+    sae = TopKSAE(TopKSAEConfig(d_in=D_MODEL, d_sae=8, k=2))
+    with pytest.raises(SAEError, match="records no hook name"):
+        saes.load_saes(save(sae, tmp_path / "x"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Fit checks
+
+
+def test_wrong_width_is_refused(tmp_path, model):
+    path = save(make_sae("topk", "blocks.0.hook_resid_post", d_in=D_MODEL * 2), tmp_path / "wide")
+    with pytest.raises(SAEError, match=r"d_in=32, but blocks.0.hook_resid_post .* width d_model=16"):
+        saes.load_saes(path, model=model)
+
+
+def test_hook_not_in_model_is_refused(model):
+    with pytest.raises(SAEError, match=r"reads hook 'blocks.0.hook_resid_mod', which this model does not"):
+        saes.check_fits(make_sae("topk", "blocks.0.hook_resid_mod"), model)
+
+
+def test_layer_out_of_range_is_refused(model):
+    with pytest.raises(SAEError, match=r"reads layer 5 .* the model has 2 layers \(0..1\)"):
+        saes.check_fits(make_sae("topk", "blocks.5.hook_resid_post"), model)
+
+
+def test_non_residual_refused_where_required(model):
+    mlp = make_sae("topk", "blocks.1.hook_mlp_out")
+    saes.check_fits(mlp, model)  # fits the model...
+    with pytest.raises(SAEError, match="needs residual-stream SAEs .* reads blocks.1.hook_mlp_out"):
+        saes.require_residual(mlp)  # ...but not a residual-stream chapter
+    with pytest.raises(SAEError, match="needs residual-stream"):
+        saes.reading_layers(make_sae("topk", "hook_embed"), N_LAYERS)
+
+
+def test_reading_layers_convention():
+    pre, mid, post = (make_sae("topk", f"blocks.1.hook_resid_{s}") for s in ("pre", "mid", "post"))
+    assert saes.reading_layers(pre, 5) == [1, 2, 3, 4]
+    assert saes.first_reading_layer(mid) == 1
+    assert saes.reading_layers(post, 5) == [2, 3, 4]
+    assert saes.reading_layers(make_sae("topk", "blocks.4.hook_resid_post"), 5) == []
+    assert saes.hook_layer("blocks.12.attn.hook_z") == 12 and saes.hook_layer("hook_embed") is None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Releases: validated offline, before any download
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(SAE, "from_pretrained", refuse)
+
+
+def test_unknown_release_lists_close_matches(no_download):
+    with pytest.raises(SAEError, match=r"unknown sae-lens release 'gemma-scope-2b-pt-res-canonicl'.*"
+                                       r"Close matches: \['gemma-scope-2b-pt-res-canonical'"):
+        saes.load_saes("gemma-scope-2b-pt-res-canonicl", ["layer_3/width_16k/canonical"])
+
+
+def test_unknown_id_is_refused_before_any_download(no_download):
+    ids = ["layer_3/width_16k/canonical", "layer_3/width_16k/canonicl"]  # the good one is not fetched first
+    with pytest.raises(SAEError, match=r"no SAE with id 'layer_3/width_16k/canonicl' \(close: \['layer_3/"):
+        saes.load_saes("gemma-scope-2b-pt-res-canonical", ids)
+    with pytest.raises(SAEError, match="no sae_ids given for release 'gpt2-small-res-jb', which has 13 SAEs"):
+        saes.load_saes("gpt2-small-res-jb")
+    assert saes.validate_release("llama_scope_lxr_8x", ["l3r_8x"]) == ["l3r_8x"]
+
+
+def test_offline_download_failure_is_explained(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("cannot reach the hub")
+
+    monkeypatch.setattr(SAE, "from_pretrained", offline)
+    with pytest.raises(SAEError, match="could not download SAE 'blocks.3.hook_resid_pre' .* Connect to"):
+        saes.load_saes("gpt2-small-res-jb", ["blocks.3.hook_resid_pre"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Demo SAEs: the sae-lens training pipeline on a tiny model and a tiny corpus
+
+
+def _story(i: int) -> str:
+    names = ["Lily", "Tom", "Ben", "Mia", "Sam"]
+    name = names[i % 5]
+    return (f"Once upon a time, {name} had a red ball number {i}. {name} played in the park.\n\n"
+            f"The sun was warm and the dog ran fast. They were happy and went home {i % 7} times.")
+
+
+@pytest.fixture
+def tiny_env(tmp_path, monkeypatch):
+    """A corpus folder in the demo layout and an empty data folder, via the environment variables."""
+    folder = tmp_path / "corpora" / "tinystories"
+    folder.mkdir(parents=True)
+    stories = [_story(i) for i in range(60)]
+    (folder / "tinystories_lowercase.txt").write_text("\n".join(s.lower() for s in stories) + "\n")
+    (folder / "tinystories_cased.txt").write_text("\n\n".join(stories[:20]) + "\n")
+    monkeypatch.setenv("WEIGHTSCOPE_CORPORA", str(tmp_path / "corpora"))
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path / "data"))
+    return tmp_path
+
+
+def byte_encode(text: str) -> list[int]:
+    """A stand-in tokenizer: BOS, then one token per UTF-8 byte (ids 3..258, as llama2.c's byte fallback)."""
+    return [demo_saes.BOS_ID] + [3 + b for b in text.encode()]
+
+
+TEST_CFG = dataclasses.replace(demo_saes.TINY, name="test", d_sae=32, k=4, context_size=32, train_rows=48,
+                               training_tokens=3072, max_eval_tokens=512)
+
+
+def test_split_stories_carries_boundaries_to_the_cased_text():
+    stories = [_story(i) for i in range(6)]
+    lower, cased = demo_saes.split_stories("\n".join(s.lower() for s in stories), "\n\n".join(stories[:4]))
+    assert lower == [s.lower() for s in stories] and cased == stories[:4]
+
+
+def test_tiny_training_writes_manifest_and_reuses_cache(tiny_env, model, monkeypatch, capsys):
+    handler = signal.getsignal(signal.SIGINT)
+    root = demo_saes.ensure_demo_saes(TEST_CFG, model=model, encode=byte_encode)
+    assert signal.getsignal(signal.SIGINT) is handler  # sae-lens's handler was taken back out
+    assert root.parent == tiny_env / "data" / "cache" / "demo_saes" and root.name.startswith("test-")
+    manifest = demo_saes.read_manifest(root)
+    assert manifest["complete"] and manifest["layers"] == [0, 1]
+    shape = (manifest["architecture"], manifest["width"], manifest["k"], manifest["context_size"])
+    assert shape == ("topk", 32, 4, 32)
+    assert [c["name"] for c in manifest["corpus"]] == list(demo_saes.DEFAULT.corpus_files)
+    assert all(len(c["sha256"]) == 64 for c in manifest["corpus"])
+    assert {"sae-lens", "torch"} <= set(manifest["versions"])
+    for layer in ("0", "1"):
+        m = manifest["per_layer"][layer]
+        assert m["tokens_seen"] >= TEST_CFG.training_tokens and m["training_time_s"] > 0
+        assert m["mean_l0"] <= TEST_CFG.k and 0 <= m["dead_fraction"] <= 1 and m["mse"] > 0
+        assert m["explained_variance"] < 1
+    assert not (root / demo_saes.ACTS_DIR).exists()  # the activation cache is gone once all layers are done
+    loaded = saes.load_saes(root, model=model)
+    assert [(s.hook_name, s.architecture, s.d_sae) for s in loaded] == [
+        ("blocks.0.hook_resid_post", "topk", 32), ("blocks.1.hook_resid_post", "topk", 32)]
+    assert loaded[0].model_from_pretrained_kwargs == {} and loaded[0].context_size == 32
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("retrained a cached layer")
+
+    monkeypatch.setattr(demo_saes, "train_layer", must_not_train)
+    capsys.readouterr()
+    assert demo_saes.ensure_demo_saes(TEST_CFG, model=model, encode=byte_encode) == root
+    assert "cached" in capsys.readouterr().out
+    assert demo_saes.demo_sae_dir(TEST_CFG, model=model, encode=byte_encode) == root
+
+
+def test_interrupted_run_resumes_at_the_missing_layer(tiny_env, model, monkeypatch):
+    cfg = dataclasses.replace(TEST_CFG, seed=1)
+    real_train, calls = demo_saes.train_layer, []
+
+    def interrupted_after_layer_0(cfg_, model_, dataset, acts_dir, layer, out_dir, progress=True):
+        calls.append(layer)
+        if layer == 1:
+            raise KeyboardInterrupt
+        return real_train(cfg_, model_, dataset, acts_dir, layer, out_dir, progress)
+
+    monkeypatch.setattr(demo_saes, "train_layer", interrupted_after_layer_0)
+    with pytest.raises(KeyboardInterrupt):
+        demo_saes.ensure_demo_saes(cfg, model=model, encode=byte_encode, progress=False)
+    root = demo_saes.demo_sae_dir(cfg, model=model, encode=byte_encode)
+    assert demo_saes._layer_complete(root, 0) and not (root / "layer_1").exists()
+    assert not list(root.glob("layer_1.tmp-*"))  # the half-trained layer left nothing behind
+    assert not demo_saes.read_manifest(root)["complete"]
+    (root / "layer_1.tmp-999999999-1").mkdir()  # as a killed process would leave it
+
+    calls.clear()
+    monkeypatch.setattr(demo_saes, "train_layer", lambda *a, **k: calls.append(a[4]) or real_train(*a, **k))
+    assert demo_saes.ensure_demo_saes(cfg, model=model, encode=byte_encode, progress=False) == root
+    assert calls == [1]
+    assert demo_saes.read_manifest(root)["complete"] and not list(root.glob("*.tmp-*"))
+
+
+def test_bad_demo_configs_are_refused(tiny_env, model):
+    with pytest.raises(demo_saes.DemoSAEError, match="unknown demo-SAE config 'huge'"):
+        demo_saes.ensure_demo_saes("huge", model=model, encode=byte_encode)
+    too_deep = dataclasses.replace(TEST_CFG, layers=(0, 4))
+    with pytest.raises(demo_saes.DemoSAEError, match=r"layers \[4\] are out of range: the model has 2 lay"):
+        demo_saes.ensure_demo_saes(too_deep, model=model, encode=byte_encode)
+
+
+def test_missing_corpus_is_explained(tmp_path, monkeypatch, model):
+    monkeypatch.setenv("WEIGHTSCOPE_CORPORA", str(tmp_path))
+    with pytest.raises(demo_saes.DemoSAEError, match="corpus file\\(s\\) missing"):
+        demo_saes.ensure_demo_saes(TEST_CFG, model=model, encode=byte_encode)
+
+
+def test_real_demo_model_tiny_run(tmp_path, monkeypatch):
+    """The tiny config on the real stories260K model and corpus, when they are on this machine."""
+    shared = Path(__file__).resolve().parents[2] / "shared"
+    models = Path(demo_saes.models_dir() or shared / "models")
+    corpora = Path(demo_saes.corpora_dir() or shared / "corpora")
+    have_model = (models / "stories260K" / "stories260K.bin").is_file()
+    if not (have_model and (corpora / demo_saes.LOWER_FILE).is_file()):
+        pytest.skip("stories260K or the TinyStories corpus is not on this machine")
+    monkeypatch.setenv("WEIGHTSCOPE_MODELS", str(models))
+    monkeypatch.setenv("WEIGHTSCOPE_CORPORA", str(corpora))
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path))
+    root = demo_saes.ensure_demo_saes("tiny", progress=False)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["layers"] == [0, 1, 2, 3, 4]
+    assert manifest["model"]["sha256"] == "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696"
+    from weightscope.models import load_model
+
+    loaded = saes.load_saes(root, model=load_model("stories260K"))
+    assert [s.layer for s in loaded] == [0, 1, 2, 3, 4] and all(s.d_in == 64 for s in loaded)
