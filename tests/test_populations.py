@@ -14,14 +14,15 @@ from weightscope import populations as P
 @pytest.mark.parametrize(
     "token, kind",
     [
-        (" Lily", "word"), ("ing", "word"), (" the", "word"), ("▁the", "word"), ("Ġthe", "word"), ("n't", "word"),
-        ("日本", "word"),
+        (" Lily", "word"), ("ing", "word"), (" the", "word"), ("▁the", "word"), ("Ġthe", "word"),
+        ("n't", "word"), ("日本", "word"),
         ("x", "fragment"), ("'s", "fragment"), (" A1", "fragment"), ("▁a", "fragment"),
         ("...", "punct"), (',"', "punct"), (" (", "punct"), ("ĠâĢĶ", "punct"),  # GPT-2 piece of ' —'
         (" ", "space"), ("", "space"), ("\n", "space"), ("▁▁", "space"), ("Ġ", "space"), ("Ċ", "space"),
         (" 42", "digit"), ("3.14", "digit"), ("1990", "digit"),
-        ("<0x0A>", "byte_special"), ("<s>", "byte_special"), ("</s>", "byte_special"), ("<unk>", "byte_special"),
-        ("<|endoftext|>", "byte_special"), ("\x00", "byte_special"), ("\ufffd", "byte_special"),
+        ("<0x0A>", "byte_special"), ("<s>", "byte_special"), ("</s>", "byte_special"),
+        ("<unk>", "byte_special"), ("<|endoftext|>", "byte_special"), ("\x00", "byte_special"),
+        ("\ufffd", "byte_special"),
         ("âĢ", "byte_special"),  # GPT-2 piece of a partial UTF-8 character
     ],
 )
@@ -92,7 +93,8 @@ def test_label_errors_name_column_and_chapter():
 
 def test_label_features_adds_shares():
     df = frame([(t, c) for t, c, _ in HAND])
-    df["enc_top_tokens"], df["enc_coherent"] = df["dec_top_tokens"][::-1].to_list(), df["dec_coherent"][::-1].to_list()
+    df["enc_top_tokens"] = df["dec_top_tokens"][::-1].to_list()  # the enc side: the same rows reversed
+    df["enc_coherent"] = df["dec_coherent"][::-1].to_list()
     out = P.label_features(df)
     assert out["dec_label"].tolist() == [e for _, _, e in HAND]
     assert out["enc_label"].tolist() == [e for _, _, e in HAND][::-1]
@@ -117,7 +119,7 @@ def test_label_sensitivity_counts_add_up():
         P.label_sensitivity(df, {"q": [1]})
 
 
-# --- statistics ------------------------------------------------------------------------------------------------
+# --- statistics -------------------------------------------------------------------------------------------
 
 
 def brute_u(x, y):
@@ -140,7 +142,8 @@ def test_mann_whitney_and_cliffs_delta_brute_force(seed):
 
 
 def test_mann_whitney_p_values():
-    # no ties: U = 0, mean 4.5, variance 3*3*7/12 = 5.25, z = (4.5 - 0.5) / sqrt(5.25) = 1.7457, p = 2 P(Z > z)
+    # no ties: U = 0, mean 4.5, variance 3*3*7/12 = 5.25, z = (4.5 - 0.5) / sqrt(5.25) = 1.7457,
+    # p = 2 P(Z > z) = 0.0809 (normal table)
     u, p, r = P.mann_whitney([1, 2, 3], [4, 5, 6])
     assert (u, r) == (0.0, -1.0)
     assert p == pytest.approx(0.0808556, abs=1e-6)
@@ -151,24 +154,27 @@ def test_mann_whitney_p_values():
 def test_mann_whitney_against_scipy():
     stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(3)
-    for x, y in [(rng.integers(0, 5, 30), rng.integers(0, 6, 25)), (rng.normal(size=40), rng.normal(0.5, 1, 35))]:
+    cases = [(rng.integers(0, 5, 30), rng.integers(0, 6, 25)), (rng.normal(size=40), rng.normal(0.5, 1, 35))]
+    for x, y in cases:
         ref = stats.mannwhitneyu(x, y, alternative="two-sided", method="asymptotic", use_continuity=True)
         u, p, _ = P.mann_whitney(x, y)
         assert u == pytest.approx(ref.statistic)
         assert p == pytest.approx(ref.pvalue, rel=1e-9)
 
 
-def test_vectorised_bootstrap_statistics_equal_explicit_resamples():
+def test_resample_statistics_equal_explicit_resamples():
     rng = np.random.default_rng(4)
-    xs, ys = np.sort(rng.integers(0, 10, 11).astype(float)), np.sort(rng.normal(size=8))
-    W, V = P._resample_counts(rng, len(xs), 6), P._resample_counts(rng, len(ys), 6)
-    assert (W.sum(1) == len(xs)).all() and (V.sum(1) == len(ys)).all()
-    got = P._boot_stats(xs, ys, W, V, P.BOOTSTRAP_STATS)
-    for i in range(6):
-        xr, yr = np.repeat(xs, W[i]), np.repeat(ys, V[i])
-        assert got["mean_diff"][i] == pytest.approx(xr.mean() - yr.mean())
-        assert got["median_diff"][i] == pytest.approx(np.median(xr) - np.median(yr))
-        assert got["cliffs_delta"][i] == pytest.approx(brute_delta(xr, yr))
+    for n1, n2 in [(11, 8), (10, 7)]:  # odd and even sizes: the median takes one or two middle values
+        xs = np.sort(rng.integers(0, 10, n1).astype(float))  # integers: ties between and within samples
+        ys = np.sort(rng.integers(0, 10, n2).astype(float))
+        below, above = np.searchsorted(ys, xs, side="left"), np.searchsorted(ys, xs, side="right")
+        for _ in range(6):
+            ix, iy = rng.integers(0, n1, n1), rng.integers(0, n2, n2)
+            got = P._resample_stats(xs, ys, ix, iy, P.BOOTSTRAP_STATS, below, above)
+            xr, yr = xs[ix], ys[iy]
+            assert got["mean_diff"] == pytest.approx(xr.mean() - yr.mean())
+            assert got["median_diff"] == pytest.approx(np.median(xr) - np.median(yr))
+            assert got["cliffs_delta"] == pytest.approx(brute_delta(xr, yr))
 
 
 def test_bootstrap_ci_covers_truth_and_is_deterministic():

@@ -59,3 +59,27 @@ def test_killed_write_leaves_old_file(tmp_path):
     assert proc.returncode == -9
     back = results.load_table("t", "tab", key="old")
     pd.testing.assert_frame_equal(back, old)
+
+
+class _SAE:
+    def __init__(self, layer):
+        self.layer, self.sae_id, self.d_sae = layer, f"layer_{layer}", 4
+
+
+def test_layer_tables_resume_at_first_missing_layer():
+    calls = []
+
+    def compute(sae):
+        calls.append(sae.layer)
+        return {"a": pd.DataFrame({"layer": [sae.layer] * 2, "x": [1.0, 2.0]}), "b": pd.DataFrame({"y": [sae.layer]})}
+
+    saes = [_SAE(0), _SAE(1), _SAE(2)]
+    first = results.layer_tables("t", "ch", saes, {"p": 1}, compute)
+    assert calls == [0, 1, 2] and len(first["a"]) == 6 and first["b"]["y"].tolist() == [0, 1, 2]
+    # a run killed during layer 1: its completion marker was never written
+    results.table_path("t", "ch/layer_01_parts").unlink()
+    again = results.layer_tables("t", "ch", saes, {"p": 1}, compute)
+    assert calls == [0, 1, 2, 1]
+    pd.testing.assert_frame_equal(again["a"], first["a"])
+    results.layer_tables("t", "ch", saes, {"p": 2}, compute)  # new parameters: everything recomputed
+    assert calls == [0, 1, 2, 1, 0, 1, 2]

@@ -131,6 +131,7 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
             raise
         nb = nbformat.read(done, as_version=4)
         _drop_progress_bars(nb)
+        _fold_injected_parameters(nb)
         nb.metadata["weightscope"] = {"run_key": key, "parameters": params, "versions": versions()}
         atomic_write_bytes(out, nbformat.writes(nb).encode())
     return "executed"
@@ -145,6 +146,14 @@ def _drop_progress_bars(nb) -> None:
         if cell.get("cell_type") == "code":
             cell.outputs = [o for o in cell.outputs if not (
                 o.get("output_type") == "stream" and o.get("name") == "stderr" and _PROGRESS.search(o.get("text", "")))]
+
+
+def _fold_injected_parameters(nb) -> None:
+    """Papermill's injected-parameters cell shows the values used; fold it on the page (the defaults cell stays)."""
+    for cell in nb.cells:
+        tags = cell.metadata.setdefault("tags", [])
+        if "injected-parameters" in tags and "hide-input" not in tags:
+            tags.append("hide-input")
 
 
 def _keep_failed(done: Path, target: Target, source: Path) -> None:
@@ -182,8 +191,22 @@ def _target_title(name: str) -> str:
         return name
 
 
+def _install_mathjax() -> None:
+    """Copy MathJax 2.7 (from the jupyter-server-mathjax package) into book/_static: the book renders
+    formulas offline instead of fetching MathJax from a CDN."""
+    import shutil
+
+    import jupyter_server_mathjax
+
+    dest = BOOK / "_static" / "mathjax"
+    if not (dest / "MathJax.js").is_file():
+        src = Path(jupyter_server_mathjax.__file__).parent / "static"
+        shutil.copytree(src, dest, dirs_exist_ok=True)
+
+
 def build_html() -> Path:
     """`jupyter-book build` with warnings as errors; returns the index page."""
+    _install_mathjax()
     exe = Path(sys.executable).parent / "jupyter-book"
     cmd = [str(exe), "build", str(BOOK), "-W", "-n", "--keep-going", "--quiet"]
     subprocess.run(cmd, check=True)

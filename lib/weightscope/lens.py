@@ -172,6 +172,28 @@ def neuronpedia_url(template: str | None, layer: int, feature: int) -> str | Non
     return f"https://www.neuronpedia.org/{template.format(layer=layer)}/{feature}"
 
 
-def as_float32(t: Tensor) -> Tensor:
-    """Detach and move to fp32 (the reference dtype for CPU runs)."""
-    return t.detach().to(torch.float32)
+def analyse_sae(sae, model, cfg: LensConfig, *, vocab: list[str], n_null: int, max_features: int = 0,
+                seed: int = 0, dtype=None) -> dict[str, pd.DataFrame]:
+    """Chapter 1 for one SAE: both sides of its features, three null samples, and the rule's verdicts.
+
+    Null roles: `thr` (random directions whose quantiles set the thresholds), `random` and `shuffled` (fresh
+    samples scored by the same rule: the chance rate). Returns {"features": one row per feature,
+    "nulls": one row per null direction of the `random` and `shuffled` samples}, both with a `layer` column.
+    """
+    n = sae.d_sae if max_features <= 0 else min(max_features, sae.d_sae)
+    feats = sae_sides(sae.W_enc[:, :n], sae.W_dec[:n], model, cfg, vocab=vocab, dtype=dtype)
+    nulls = {}
+    for role, kind, offset in (("thr", "random", 1), ("random", "random", 2), ("shuffled", "shuffled", 3)):
+        dec = null_directions(sae.W_dec[:n_null], kind, seed=seed + offset)
+        enc = null_directions(sae.W_enc.T[:n_null], kind, seed=seed + 10 + offset)
+        nulls[role] = sae_sides(enc.T, dec, model, cfg, vocab=vocab, dtype=dtype, progress=False)
+    for side in SIDES:
+        thr = thresholds(nulls["thr"], cfg, side)
+        feats = apply_rule(feats, thr, cfg, side)
+        for role in ("random", "shuffled"):
+            nulls[role] = apply_rule(nulls[role], thr, cfg, side)
+        for name, value in thr.items():
+            feats[f"{side}_thr_{name}"] = value
+    null_rows = pd.concat([nulls[r].assign(population=f"null: {r}") for r in ("random", "shuffled")])
+    return {"features": feats.assign(population="SAE features", layer=sae.layer),
+            "nulls": null_rows.assign(layer=sae.layer)}

@@ -117,3 +117,28 @@ def require_table(target: str, name: str, *, produced_by: str) -> pd.DataFrame:
             f"Run the chapter {produced_by} first (make book TARGET={target} runs all chapters in order)."
         )
     return df
+
+
+def layer_tables(target: str, name: str, saes, provenance: dict[str, Any], compute) -> dict[str, pd.DataFrame]:
+    """Per-SAE result tables, each cached under `<name>/layer_LL_<part>`: a rerun resumes at the first layer
+    without a complete result, and a change of parameters, SAE or versions recomputes.
+
+    compute(sae) -> {part: DataFrame}. Returns {part: the parts of every layer, concatenated}.
+    """
+    out: dict[str, list[pd.DataFrame]] = {}
+    for sae in saes:
+        key = cache_key(provenance=provenance, sae=sae.sae_id, layer=sae.layer)
+        stem = f"{name}/layer_{sae.layer:02d}"
+        marker = load_table(target, stem + "_parts", key=key)
+        parts = marker["part"].tolist() if marker is not None else None
+        frames = {p: load_table(target, f"{stem}_{p}", key=key) for p in parts} if parts else None
+        if not frames or any(f is None for f in frames.values()):
+            print(f"{name}: layer {sae.layer} ({sae.d_sae} features) ...", flush=True)
+            frames = compute(sae)
+            for part, frame in frames.items():
+                save_table(frame, target, f"{stem}_{part}", key=key, params=provenance)
+            # written last: marks the layer complete
+            save_table(pd.DataFrame({"part": list(frames)}), target, stem + "_parts", key=key, params=provenance)
+        for part, frame in frames.items():
+            out.setdefault(part, []).append(frame)
+    return {part: pd.concat(frames, ignore_index=True) for part, frames in out.items()}
