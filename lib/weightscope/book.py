@@ -192,13 +192,14 @@ def _target_title(name: str) -> str:
 
 
 def _install_mathjax() -> None:
-    """Copy MathJax 2.7 (from the jupyter-server-mathjax package) into book/_static: the book renders
-    formulas offline instead of fetching MathJax from a CDN."""
+    """Copy MathJax 2.7 (from the jupyter-server-mathjax package) into book/_mathjax, a static path of the book:
+    formulas render offline instead of fetching MathJax from a CDN. (Not book/_static: Jupyter Book would add
+    every .js file there to every page.)"""
     import shutil
 
     import jupyter_server_mathjax
 
-    dest = BOOK / "_static" / "mathjax"
+    dest = BOOK / "_mathjax" / "mathjax"
     if not (dest / "MathJax.js").is_file():
         src = Path(jupyter_server_mathjax.__file__).parent / "static"
         shutil.copytree(src, dest, dirs_exist_ok=True)

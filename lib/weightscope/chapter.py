@@ -58,6 +58,7 @@ class ChapterContext:
         from weightscope.saes import check_fits, require_residual
 
         flags = self.processing_flags()
+        self.processing = flags
         model = load_model(self.target.model_name, device=self.device, dtype=self.dtype, **flags)
         layers = self.target.resolve_layers(model.cfg.n_layers)
         saes = self._load_saes(layers)
@@ -87,6 +88,7 @@ class ChapterContext:
         return {
             "target": self.target.as_dict(),
             "chapter": chapter_params,
+            "processing": getattr(self, "processing", None),  # TransformerLens flags the model was loaded with
             "device": str(self.device),
             "dtype": _dtype_name(self.dtype),
             "python": platform.python_version(),
