@@ -135,15 +135,10 @@ def test_non_residual_refused_where_required(model):
     with pytest.raises(SAEError, match="needs residual-stream SAEs .* reads blocks.1.hook_mlp_out"):
         saes.require_residual(mlp)  # ...but not a residual-stream chapter
     with pytest.raises(SAEError, match="needs residual-stream"):
-        saes.reading_layers(make_sae("topk", "hook_embed"), N_LAYERS)
+        saes.require_residual(make_sae("topk", "hook_embed"))
 
 
-def test_reading_layers_convention():
-    pre, mid, post = (make_sae("topk", f"blocks.1.hook_resid_{s}") for s in ("pre", "mid", "post"))
-    assert saes.reading_layers(pre, 5) == [1, 2, 3, 4]
-    assert saes.first_reading_layer(mid) == 1
-    assert saes.reading_layers(post, 5) == [2, 3, 4]
-    assert saes.reading_layers(make_sae("topk", "blocks.4.hook_resid_post"), 5) == []
+def test_hook_layer():
     assert saes.hook_layer("blocks.12.attn.hook_z") == 12 and saes.hook_layer("hook_embed") is None
 
 

@@ -71,7 +71,9 @@ def chapter_parameters(target: Target, source: Path, extra: dict[str, Any] | Non
     overrides = {**target.chapter_params(source.stem), **(extra or {})}
     defaults.pop("target", None)  # injected below, never overridden
     merged = check_overrides(defaults, overrides, where=f"{target.path}: chapters.{source.stem}")
-    merged["target"] = target.target
+    # a params file outside params/ is passed by path; the notebooks resolve it to the target's name
+    shipped = target.path is not None and target.path.resolve() == (REPO_ROOT / "params" / f"{target.target}.yaml").resolve()
+    merged["target"] = target.target if shipped or target.path is None else str(target.path)
     return merged
 
 
@@ -126,6 +128,12 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
                 str(src_nb), str(done), parameters=params, cwd=str(NOTEBOOKS), progress_bar=False,
                 kernel_name="python3", log_output=False,
             )
+        except papermill.PapermillExecutionError as err:
+            kept = _keep_failed(done, target, source)
+            raise ChapterFailed(
+                f"chapter {source.stem} failed for target {target.target}: {err.ename}: {err.evalue}\n"
+                f"  The last good executed notebook (if any) is unchanged; the failed one is kept at {kept}."
+            ) from None
         except BaseException:
             _keep_failed(done, target, source)
             raise
@@ -156,12 +164,18 @@ def _fold_injected_parameters(nb) -> None:
             tags.append("hide-input")
 
 
-def _keep_failed(done: Path, target: Target, source: Path) -> None:
-    if done.is_file():
-        failed = cache_dir() / "failed" / target.target
-        failed.mkdir(parents=True, exist_ok=True)
-        (failed / f"{source.stem}.ipynb").write_bytes(done.read_bytes())
-        print(f"  the failed notebook is kept at {failed / (source.stem + '.ipynb')}", file=sys.stderr)
+class ChapterFailed(RuntimeError):
+    """A chapter raised while executing; the message names the chapter, the error and where the notebook is."""
+
+
+def _keep_failed(done: Path, target: Target, source: Path) -> Path | None:
+    """Keep a failed execution under data/cache/failed/<target>/ for inspection (never in the book)."""
+    if not done.is_file():
+        return None
+    failed = cache_dir() / "failed" / target.target / f"{source.stem}.ipynb"
+    failed.parent.mkdir(parents=True, exist_ok=True)
+    failed.write_bytes(done.read_bytes())
+    return failed
 
 
 def write_toc() -> Path:
@@ -252,6 +266,8 @@ def _prepare(target: Target) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from weightscope.demo_saes import DemoSAEError
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="demo", help="parameters file name in params/ (default: demo)")
     parser.add_argument("--chapters", nargs="*", help="only these chapters (numbers like 00 01, or stems)")
@@ -260,9 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args.target, chapters=args.chapters, html=not args.no_html, force=args.force)
-    except (ParamsError, FileNotFoundError, PermissionError) as err:
+    except (ParamsError, FileNotFoundError, PermissionError, DemoSAEError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ChapterFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except subprocess.CalledProcessError:
+        print("error: jupyter-book reported warnings or errors (see above); the HTML is incomplete.", file=sys.stderr)
+        return 4
     return 0
 
 

@@ -47,6 +47,7 @@ class ChapterContext:
     target: Target
     device: torch.device
     dtype: torch.dtype
+    processing: dict[str, bool] | None = None  # TransformerLens flags the model was loaded with (set on load)
 
     def load_model_and_saes(self):
         """The target's model (with the processing its SAEs were trained with) and one SAE per analysed layer.
@@ -88,7 +89,7 @@ class ChapterContext:
         return {
             "target": self.target.as_dict(),
             "chapter": chapter_params,
-            "processing": getattr(self, "processing", None),  # TransformerLens flags the model was loaded with
+            "processing": self.processing,
             "device": str(self.device),
             "dtype": _dtype_name(self.dtype),
             "python": platform.python_version(),

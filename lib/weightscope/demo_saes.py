@@ -215,7 +215,7 @@ def _corpus_paths(cfg: DemoSAEConfig) -> list[Path]:
     if root is None:
         raise DemoSAEError(
             "WEIGHTSCOPE_CORPORA is not set: point it at the folder holding tinystories/ "
-            "(e.g. export WEIGHTSCOPE_CORPORA=/work/shared/corpora) and retry."
+            "(the Makefile sets it to ../shared/corpora when that folder exists) and retry."
         )
     paths = [root / name for name in cfg.corpus_files]
     missing = [str(p) for p in paths if not p.is_file()]

@@ -383,19 +383,3 @@ def require_residual(sae) -> LoadedSAE:
             "gemma-scope-2b-pt-res-canonical, gpt2-small-res-jb, llama_scope_lxr_8x, or the demo SAEs)."
         )
     return s
-
-
-def first_reading_layer(sae) -> int:
-    """First block that reads the SAE's residual stream: L for hook_resid_pre/mid (mid: its MLP only), L+1 for
-    hook_resid_post."""
-    s = require_residual(sae)
-    return s.layer + 1 if s.hook_name.endswith("hook_resid_post") else s.layer
-
-
-def reading_layers(sae, n_layers: int) -> list[int]:
-    """Blocks whose input contains the SAE's residual stream: range(first_reading_layer, n_layers).
-
-    Empty for `hook_resid_post` of the last block (only the unembedding reads it). For `hook_resid_mid` of
-    block L, block L reads it through its MLP only.
-    """
-    return list(range(first_reading_layer(sae), n_layers))

@@ -1,0 +1,631 @@
+"""Streaming weight loading: only the tensors the book needs, straight from a Hugging Face safetensors checkpoint.
+
+`load_weights(path)` reads the token embedding, the unembedding, the final norm and, per block, the
+pre-attention norm and the Q/K/V/O weights (the MLP and the other block norms only with `mlp=True`) of a
+Gemma-2, Llama(-3.x) or GPT-2 checkpoint, without building the model and without ever loading a whole file:
+each tensor is opened lazily with `safetensors.safe_open` and converted to the requested dtype and device on
+its own; a tensor larger than `_BLOCK_BYTES` (64 MiB, e.g. an embedding) is read in row blocks straight into
+its preallocated output, reopening the file per block so that the memory map of one block is released before
+the next one is read. Peak resident memory is therefore the returned tensors plus one block.
+
+Tensors come back in TransformerLens conventions, shapes and values, as `HookedTransformer` stores them
+*unprocessed* (`from_pretrained_no_processing`: no norm folding, no centring), so that they can replace
+`model.W_U`, `model.blocks[l].attn.W_Q`, ... in the chapters' kernels:
+
+* `W_E` [d_vocab, d_model]; `W_U` [d_model, d_vocab]: for tied embeddings (Gemma, GPT-2, tied Llama) the
+  embedding's transpose, as TransformerLens copies it (a view of `W_E` when they are the same numbers).
+* `ln_final_w` [d_model], `layers[l].ln1_w` [d_model]: the multiplier actually applied. Gemma's RMSNorm
+  multiplies by `1 + weight`, and TransformerLens's Gemma conversion stores `weight + 1` (computed in fp32);
+  so does this module. Llama's RMSNorm and GPT-2's LayerNorm weights are taken as they are (GPT-2 also
+  gets the biases `ln_final_b`, `ln1_b`).
+* `W_Q` [n_heads, d_model, d_head]; `W_K`, `W_V` [n_kv_heads, d_model, d_head] *raw, not repeated* over the
+  query heads sharing them: TransformerLens's `attn._W_K` / `attn._W_V` under grouped-query attention (its
+  `attn.W_K` repeats them with `repeat_interleave(n_heads // n_kv_heads)`, see
+  `attention.kv_head_index`); `W_O` [n_heads, d_head, d_model]. GPT-2 adds `b_Q`, `b_K`, `b_V` [n_heads,
+  d_head] and `b_O` [d_model]; Gemma and Llama have no biases (TransformerLens's are zeros).
+* Gemma's embedding scale: Gemma multiplies the embeddings by sqrt(d_model) in its forward pass;
+  TransformerLens folds that factor into `W_E` when converting (`embed_tokens.weight * sqrt(d_model)`, the
+  factor rounded to the model's dtype as Hugging Face does) and applies no scale in its forward pass, while
+  `W_U` stays the unscaled embedding. `load_weights` does the same by default (`fold_embed_scale=True`); then
+  `W_E` and `W_U` are two tensors, each of the embedding's size. `fold_embed_scale=False` keeps the raw
+  embedding in `W_E` (and `W_U` a view of it), and `WeightSet.embed_scale` says by how much the model scales it.
+
+Tensors may be non-contiguous views (`W_U` of a tied embedding, `W_Q` of the checkpoint's [n_heads * d_head,
+d_model] matrix, ...); their values and shapes are TransformerLens's. Call `.contiguous()` where a layout
+matters. A non-finite value (NaN/Inf) in any tensor read raises `NonFiniteWeightsError` unless
+`check_finite=False`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SUPPORTED_ARCHS",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "LayerWeights",
+    "NonFiniteWeightsError",
+    "UnsupportedArchitectureError",
+    "WeightSet",
+    "detect_arch",
+    "load_weights",
+]
+
+SUPPORTED_ARCHS = ("gemma2", "llama", "gpt2")
+
+# config.json `model_type` / `architectures[0]` -> the layout read here
+_MODEL_TYPES = {"gemma2": "gemma2", "llama": "llama", "gpt2": "gpt2"}
+_ARCHITECTURES = {
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma2Model": "gemma2",
+    "LlamaForCausalLM": "llama",
+    "LlamaModel": "llama",
+    "GPT2LMHeadModel": "gpt2",
+    "GPT2Model": "gpt2",
+}
+_BLOCK_BYTES = 64 << 20  # tensors above this are read in row blocks of about this size
+_INDEX_NAME, _SINGLE_NAME = "model.safetensors.index.json", "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """The checkpoint is unreadable, inconsistent with its config.json, or lacks a tensor."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint path, its config.json or one of its shards does not exist."""
+
+
+class UnsupportedArchitectureError(CheckpointError):
+    """The checkpoint's architecture is none of `SUPPORTED_ARCHS`."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """A tensor holds NaN or Inf values."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Result containers
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerWeights:
+    """One block's tensors, TransformerLens names and shapes (see the module docstring).
+
+    Always: ln1_w, W_Q, W_K, W_V, W_O (W_K/W_V with n_kv_heads heads, not repeated). GPT-2 only: ln1_b,
+    b_Q, b_K, b_V, b_O. With `mlp=True`: ln2_w, W_in [d_model, d_mlp], W_out [d_mlp, d_model]; gated MLPs
+    (Gemma, Llama) W_gate [d_model, d_mlp]; GPT-2 ln2_b, b_in, b_out; Gemma-2 its post-norms ln1_post_w
+    (after attention) and ln2_post_w (after the MLP), stored as `1 + weight` like every Gemma norm.
+    Absent tensors are None.
+    """
+
+    ln1_w: Tensor
+    W_Q: Tensor
+    W_K: Tensor
+    W_V: Tensor
+    W_O: Tensor
+    ln1_b: Tensor | None = None
+    b_Q: Tensor | None = None
+    b_K: Tensor | None = None
+    b_V: Tensor | None = None
+    b_O: Tensor | None = None
+    ln1_post_w: Tensor | None = None
+    ln2_w: Tensor | None = None
+    ln2_b: Tensor | None = None
+    ln2_post_w: Tensor | None = None
+    W_in: Tensor | None = None
+    W_gate: Tensor | None = None
+    W_out: Tensor | None = None
+    b_in: Tensor | None = None
+    b_out: Tensor | None = None
+
+    def attention(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(W_Q, W_K, W_V, W_O), the operands of `attention.head_reads` (kv heads unexpanded)."""
+        return self.W_Q, self.W_K, self.W_V, self.W_O
+
+
+# TransformerLens state-dict name of each LayerWeights field ("{kv}" is "_" under grouped-query attention)
+_TL_LAYER_NAMES = {
+    "ln1_w": "ln1.w", "ln1_b": "ln1.b", "ln1_post_w": "ln1_post.w",
+    "W_Q": "attn.W_Q", "W_K": "attn.{kv}W_K", "W_V": "attn.{kv}W_V", "W_O": "attn.W_O",
+    "b_Q": "attn.b_Q", "b_K": "attn.{kv}b_K", "b_V": "attn.{kv}b_V", "b_O": "attn.b_O",
+    "ln2_w": "ln2.w", "ln2_b": "ln2.b", "ln2_post_w": "ln2_post.w",
+    "W_in": "mlp.W_in", "W_gate": "mlp.W_gate", "W_out": "mlp.W_out", "b_in": "mlp.b_in", "b_out": "mlp.b_out",
+}
+
+
+@dataclass
+class WeightSet:
+    """The tensors `load_weights` read, in TransformerLens conventions, and the model's dimensions.
+
+    W_E [d_vocab, d_model] (times `embed_scale` when `embed_scale_folded`), W_U [d_model, d_vocab],
+    ln_final_w [d_model] (ln_final_b for GPT-2), layers {layer index: LayerWeights} for the layers requested.
+    normalization_type: "RMS" (Gemma, Llama) or "LN" (GPT-2, whose norms also centre their input).
+    embed_scale: the factor the model multiplies its embeddings by (sqrt(d_model) for Gemma, else 1.0);
+    embed_scale_folded: whether W_E already holds it (TransformerLens's convention, the default).
+    config: the checkpoint's config.json; files: the safetensors files read.
+    """
+
+    arch: str
+    d_model: int
+    d_vocab: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    normalization_type: str
+    eps: float
+    W_E: Tensor
+    W_U: Tensor
+    ln_final_w: Tensor
+    ln_final_b: Tensor | None
+    layers: dict[int, LayerWeights]
+    embed_scale: float
+    embed_scale_folded: bool
+    tied_embeddings: bool
+    dtype: torch.dtype
+    device: torch.device
+    config: dict = field(repr=False)
+    files: list[Path] = field(repr=False)
+
+    def __getitem__(self, layer: int) -> LayerWeights:
+        try:
+            return self.layers[layer]
+        except KeyError:
+            raise KeyError(f"layer {layer} was not loaded; loaded layers: {sorted(self.layers)}") from None
+
+    @property
+    def gqa(self) -> bool:
+        """Whether TransformerLens treats the model as grouped-query (its `_W_K`/`_W_V` names)."""
+        return self.arch == "gemma2" or (self.arch == "llama" and self.n_kv_heads != self.n_heads)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor read, by its TransformerLens state-dict name ("embed.W_E", "blocks.0.attn._W_K", ...).
+
+        For a grouped-query model the kv weights carry TransformerLens's underscore (`attn._W_K`): they are
+        the raw [n_kv_heads, ...] tensors, not the repeated `attn.W_K`.
+        """
+        out = {"embed.W_E": self.W_E, "unembed.W_U": self.W_U, "ln_final.w": self.ln_final_w}
+        if self.ln_final_b is not None:
+            out["ln_final.b"] = self.ln_final_b
+        kv = "_" if self.gqa else ""
+        for layer, weights in sorted(self.layers.items()):
+            for name, tl_name in _TL_LAYER_NAMES.items():
+                value = getattr(weights, name)
+                if value is not None:
+                    out[f"blocks.{layer}.{tl_name.format(kv=kv)}"] = value
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes held by the returned tensors, each shared storage (a view such as a tied W_U) counted once."""
+        seen: dict[int, int] = {}
+        for tensor in self.tensors().values():
+            storage = tensor.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
+
+    def output_matrix(self) -> Tensor:
+        """[d_model, d_vocab]: W_U with the final norm folded in, as `lens.output_matrix` builds it."""
+        from weightscope.kernels import fold_norm
+
+        M = fold_norm(self.ln_final_w, self.W_U, plus_one=False)  # the stored weight is the multiplier
+        if self.normalization_type == "LN":
+            M = M - M.mean(0, keepdim=True)
+        return M
+
+    def input_matrix(self) -> Tensor:
+        """[d_model, d_vocab] = W_E.T, the token embeddings as they enter the residual stream (when folded)."""
+        return self.W_E.T
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Locating the checkpoint
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _resolve(path_or_dir: str | Path) -> tuple[Path, dict[str, Path]]:
+    """(folder holding config.json, {tensor name: safetensors file}) from a folder, a file or an index."""
+    path = Path(path_or_dir).expanduser()
+    if not path.exists():
+        raise CheckpointNotFoundError(
+            f"No checkpoint at {path}: pass a folder holding config.json and model.safetensors (or a sharded "
+            f"{_INDEX_NAME}), or one of those files."
+        )
+    if path.is_dir():
+        folder = path
+        if (path / _INDEX_NAME).is_file():
+            path = path / _INDEX_NAME
+        elif (path / _SINGLE_NAME).is_file():
+            path = path / _SINGLE_NAME
+        else:
+            candidates = sorted(path.glob("*.safetensors"))
+            if len(candidates) != 1:
+                found = ", ".join(p.name for p in candidates) or "no .safetensors file"
+                raise CheckpointNotFoundError(
+                    f"{folder} has neither {_SINGLE_NAME} nor {_INDEX_NAME} ({found}); pass the file itself."
+                )
+            path = candidates[0]
+    folder = path.parent
+    if path.name.endswith(".json"):
+        return folder, _read_index(path)
+    with _open(path) as handle:
+        return folder, dict.fromkeys(handle.keys(), path)
+
+
+def _read_index(path: Path) -> dict[str, Path]:
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"Cannot read the shard index {path}: {err!r} (expected a 'weight_map').") from err
+    files = {name: path.parent / shard for name, shard in weight_map.items()}
+    missing = sorted({str(p) for p in files.values() if not p.is_file()})
+    if missing:
+        raise CheckpointNotFoundError(f"The index {path} names shards that do not exist: {', '.join(missing)}.")
+    return files
+
+
+def _open(path: Path):
+    """safe_open(path) on CPU with a clear error for a missing, truncated or corrupted file."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"Checkpoint file {path} does not exist.")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as err:  # safetensors raises its own SafetensorError (not an OSError) for bad files
+        hint = ""
+        with open(path, "rb") as raw:
+            head = raw.read(64)
+        if head.startswith(b"version https://git-lfs"):
+            hint = " It is a Git LFS pointer, not the weights: fetch the file (git lfs pull / hf download)."
+        elif "incomplete" in str(err) or "not fully covered" in str(err):
+            hint = " The file is shorter than its header says: it is truncated (an interrupted download?)."
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({path.stat().st_size:,} bytes): {err}.{hint}"
+        ) from err
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointNotFoundError(
+            f"No config.json next to the weights in {folder}: it is needed for the head counts and sizes."
+        )
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+
+
+def detect_arch(config: dict) -> str:
+    """The layout of a config.json dict: one of `SUPPORTED_ARCHS`, from `model_type`, else `architectures`."""
+    model_type = config.get("model_type")
+    if model_type in _MODEL_TYPES:
+        return _MODEL_TYPES[model_type]
+    for name in config.get("architectures") or ():
+        if name in _ARCHITECTURES:
+            return _ARCHITECTURES[name]
+    raise UnsupportedArchitectureError(
+        f"Unsupported architecture: model_type={model_type!r}, architectures={config.get('architectures')!r}. "
+        f"load_weights reads {', '.join(SUPPORTED_ARCHS)} checkpoints (model_type gemma2, llama, gpt2); "
+        "load other models with weightscope.models.load_model (TransformerLens)."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading tensors
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Reads named tensors one at a time (large ones in row blocks) into `dtype` on `device`."""
+
+    def __init__(self, files: dict[str, Path], dtype: torch.dtype, device: torch.device, check_finite: bool):
+        self.files, self.dtype, self.device, self.check_finite = files, dtype, device, check_finite
+        self.read_files: set[Path] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def file(self, name: str) -> Path:
+        try:
+            return self.files[name]
+        except KeyError:
+            sample = ", ".join(sorted(self.files)[:6])
+            raise CheckpointError(
+                f"Tensor {name!r} is not in the checkpoint (it has {len(self.files)} tensors, e.g. {sample}). "
+                "Is config.json describing these weights?"
+            ) from None
+
+    def read(self, name: str, shape: tuple[int, ...] | None = None, *, dtype: torch.dtype | None = None,
+             scale: float | None = None) -> Tensor:
+        """Tensor `name` as `dtype` (default the reader's) on the device; checks `shape` when given.
+
+        scale: multiply by this factor, rounded to the output dtype, after conversion (Gemma's embedding).
+        """
+        dtype = dtype or self.dtype
+        path = self.file(name)
+        self.read_files.add(path)
+        with _open(path) as handle:
+            info = handle.get_slice(name)
+            actual = tuple(info.get_shape())
+        if shape is not None and actual != tuple(shape):
+            raise CheckpointError(
+                f"Tensor {name!r} in {path.name} has shape {list(actual)}, but config.json implies "
+                f"{list(shape)}: the config does not describe these weights."
+            )
+        factor = None if scale is None else torch.tensor(scale, dtype=dtype, device=self.device)
+        row_bytes = _source_itemsize(info.get_dtype()) * math.prod(actual[1:])
+        if not actual or row_bytes * actual[0] <= _BLOCK_BYTES:
+            with _open(path) as handle:
+                out = handle.get_tensor(name).to(device=self.device, dtype=dtype)
+            if factor is not None:
+                out = out * factor
+            self._check(name, out)
+            return out
+        out = torch.empty(actual, dtype=dtype, device=self.device)
+        rows = max(1, _BLOCK_BYTES // max(1, row_bytes))
+        for start in range(0, actual[0], rows):
+            stop = min(start + rows, actual[0])
+            with _open(path) as handle:  # reopened per block: the previous block's memory map is released
+                part = handle.get_slice(name)[start:stop]
+            target = out[start:stop]
+            target.copy_(part)
+            del part
+            if factor is not None:
+                target.mul_(factor)
+            self._check(name, target, offset=start)
+        return out
+
+    def _check(self, name: str, tensor: Tensor, offset: int = 0) -> None:
+        if not self.check_finite or not tensor.is_floating_point():
+            return
+        finite = torch.isfinite(tensor)
+        if bool(finite.all()):
+            return
+        bad = (~finite).nonzero()
+        index = bad[0].tolist()
+        value = tensor[tuple(index)].item()
+        if index:
+            index[0] += offset  # rows of a block are offset within the whole tensor
+        raise NonFiniteWeightsError(
+            f"Tensor {name!r} ({self.files[name].name}) holds non-finite values (NaN/Inf): {bad.shape[0]:,}"
+            f"{' in the block from row ' + str(offset) if offset else ''}, the first {value} at index {index} "
+            f"(after conversion to {tensor.dtype}). The checkpoint is corrupted, or its values overflow the "
+            "requested dtype (e.g. float16); pass check_finite=False to load it anyway."
+        )
+
+
+def _source_itemsize(safetensors_dtype: str) -> int:
+    sizes = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+             "U16": 2}
+    return sizes.get(safetensors_dtype, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layouts
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Dims:
+    d_model: int
+    d_vocab: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    eps: float
+    tied: bool
+
+
+def _dims(arch: str, config: dict) -> _Dims:
+    def need(key: str):
+        if key not in config:
+            raise CheckpointError(f"config.json of this {arch} checkpoint lacks {key!r}.")
+        return config[key]
+
+    if arch == "gpt2":
+        d_model, n_heads = int(need("n_embd")), int(need("n_head"))
+        return _Dims(d_model, int(need("vocab_size")), int(need("n_layer")), n_heads, n_heads,
+                     d_model // n_heads, int(config.get("n_inner") or 4 * d_model),
+                     float(config.get("layer_norm_epsilon", 1e-5)), bool(config.get("tie_word_embeddings", True)))
+    d_model, n_heads = int(need("hidden_size")), int(need("num_attention_heads"))
+    default_head = 256 if arch == "gemma2" else d_model // n_heads  # Gemma2Config's default head_dim is 256
+    return _Dims(
+        d_model, int(need("vocab_size")), int(need("num_hidden_layers")), n_heads,
+        int(config.get("num_key_value_heads") or n_heads), int(config.get("head_dim") or default_head),
+        int(need("intermediate_size")), float(config.get("rms_norm_eps", 1e-6)),
+        bool(config.get("tie_word_embeddings", arch == "gemma2")),
+    )
+
+
+def _prefix(reader: _Reader, candidates: tuple[str, ...], probe: str) -> str:
+    for prefix in candidates:
+        if reader.has(prefix + probe):
+            return prefix
+    raise CheckpointError(
+        f"Cannot find the token embedding ({' or '.join(p + probe for p in candidates)}) in the checkpoint; "
+        f"its tensors are e.g. {', '.join(sorted(reader.files)[:6])}."
+    )
+
+
+def _split_heads(W: Tensor, n: int) -> Tensor:
+    """Hugging Face [n * d_head, d_model] -> TransformerLens [n, d_model, d_head] ("(n h) m -> n m h")."""
+    return W.view(n, -1, W.shape[1]).transpose(1, 2)
+
+
+def _load_rms_model(reader: _Reader, arch: str, dims: _Dims, layers: list[int], mlp: bool,
+                    fold_embed_scale: bool) -> dict:
+    """Gemma-2 and Llama: the same tensor names; Gemma adds 1 to every norm weight and scales its embedding."""
+    gemma = arch == "gemma2"
+    p = _prefix(reader, ("model.", ""), "embed_tokens.weight")
+    d, V, nh, nkv, dh = dims.d_model, dims.d_vocab, dims.n_heads, dims.n_kv_heads, dims.d_head
+
+    def norm(name: str) -> Tensor:
+        if not gemma:
+            return reader.read(name, (d,))
+        return (reader.read(name, (d,), dtype=torch.float32) + 1.0).to(reader.dtype)  # TL: weight.float() + 1
+
+    out: dict = {}
+    embed_scale = math.sqrt(d) if gemma else 1.0
+    W_E = reader.read(p + "embed_tokens.weight", (V, d))
+    if dims.tied or not reader.has("lm_head.weight"):
+        W_U = W_E.T
+        tied = True
+    else:
+        W_U = reader.read("lm_head.weight", (V, d)).T
+        tied = False
+    if gemma and fold_embed_scale:
+        # TL: embed_tokens.weight * torch.tensor(sqrt(d_model), dtype=cfg.dtype); W_U keeps the raw embedding
+        W_E = W_E * torch.tensor(embed_scale, dtype=reader.dtype, device=reader.device)
+        reader._check(p + "embed_tokens.weight", W_E)
+    out.update(W_E=W_E, W_U=W_U, tied=tied, embed_scale=embed_scale, ln_final_w=norm(p + "norm.weight"),
+               ln_final_b=None)
+    blocks = {}
+    for layer in layers:
+        q = f"{p}layers.{layer}."
+        weights = LayerWeights(
+            ln1_w=norm(q + "input_layernorm.weight"),
+            W_Q=_split_heads(reader.read(q + "self_attn.q_proj.weight", (nh * dh, d)), nh),
+            W_K=_split_heads(reader.read(q + "self_attn.k_proj.weight", (nkv * dh, d)), nkv),
+            W_V=_split_heads(reader.read(q + "self_attn.v_proj.weight", (nkv * dh, d)), nkv),
+            W_O=reader.read(q + "self_attn.o_proj.weight", (d, nh * dh)).view(d, nh, dh).permute(1, 2, 0),
+        )
+        if mlp:
+            if gemma:  # Gemma-2: post_attention_layernorm follows attention; the MLP has pre/post norms
+                weights.ln1_post_w = norm(q + "post_attention_layernorm.weight")
+                weights.ln2_w = norm(q + "pre_feedforward_layernorm.weight")
+                weights.ln2_post_w = norm(q + "post_feedforward_layernorm.weight")
+            else:
+                weights.ln2_w = norm(q + "post_attention_layernorm.weight")
+            weights.W_in = reader.read(q + "mlp.up_proj.weight", (dims.d_mlp, d)).T
+            weights.W_gate = reader.read(q + "mlp.gate_proj.weight", (dims.d_mlp, d)).T
+            weights.W_out = reader.read(q + "mlp.down_proj.weight", (d, dims.d_mlp)).T
+        blocks[layer] = weights
+    out["layers"] = blocks
+    return out
+
+
+def _load_gpt2(reader: _Reader, dims: _Dims, layers: list[int], mlp: bool) -> dict:
+    """GPT-2: Conv1D weights stored [in, out]; fused c_attn [d_model, 3 * d_model] = Q | K | V."""
+    p = _prefix(reader, ("transformer.", ""), "wte.weight")  # the hub's gpt2 checkpoints have no prefix
+    d, V, nh, dh = dims.d_model, dims.d_vocab, dims.n_heads, dims.d_head
+    W_E = reader.read(p + "wte.weight", (V, d))
+    if dims.tied or not reader.has("lm_head.weight"):
+        W_U, tied = W_E.T, True
+    else:
+        W_U, tied = reader.read("lm_head.weight", (V, d)).T, False
+    out: dict = dict(W_E=W_E, W_U=W_U, tied=tied, embed_scale=1.0, ln_final_w=reader.read(p + "ln_f.weight", (d,)),
+                     ln_final_b=reader.read(p + "ln_f.bias", (d,)))
+    blocks = {}
+    for layer in layers:
+        q = f"{p}h.{layer}."
+        W = reader.read(q + "attn.c_attn.weight", (d, 3 * d))
+        b = reader.read(q + "attn.c_attn.bias", (3 * d,)).view(3, nh, dh)
+        W_Q, W_K, W_V = (part.view(d, nh, dh).transpose(0, 1) for part in W.split(d, dim=1))  # "m (i h)->i m h"
+        weights = LayerWeights(
+            ln1_w=reader.read(q + "ln_1.weight", (d,)), ln1_b=reader.read(q + "ln_1.bias", (d,)),
+            W_Q=W_Q, W_K=W_K, W_V=W_V, b_Q=b[0], b_K=b[1], b_V=b[2],
+            W_O=reader.read(q + "attn.c_proj.weight", (d, d)).view(nh, dh, d),  # "(i h) m -> i h m"
+            b_O=reader.read(q + "attn.c_proj.bias", (d,)),
+        )
+        if mlp:
+            weights.ln2_w = reader.read(q + "ln_2.weight", (d,))
+            weights.ln2_b = reader.read(q + "ln_2.bias", (d,))
+            weights.W_in = reader.read(q + "mlp.c_fc.weight", (d, dims.d_mlp))
+            weights.b_in = reader.read(q + "mlp.c_fc.bias", (dims.d_mlp,))
+            weights.W_out = reader.read(q + "mlp.c_proj.weight", (dims.d_mlp, d))
+            weights.b_out = reader.read(q + "mlp.c_proj.bias", (d,))
+        blocks[layer] = weights
+    out["layers"] = blocks
+    return out
+
+
+_LOADERS: dict[str, Callable] = {
+    "gemma2": lambda reader, dims, layers, mlp, fold: _load_rms_model(reader, "gemma2", dims, layers, mlp, fold),
+    "llama": lambda reader, dims, layers, mlp, fold: _load_rms_model(reader, "llama", dims, layers, mlp, fold),
+    "gpt2": lambda reader, dims, layers, mlp, fold: _load_gpt2(reader, dims, layers, mlp),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_weights(
+    path_or_dir: str | Path,
+    *,
+    arch: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    mlp: bool = False,
+    layers: Iterable[int] | None = None,
+    fold_embed_scale: bool = True,
+    check_finite: bool = True,
+) -> WeightSet:
+    """Read the book's tensors from a Hugging Face safetensors checkpoint, one tensor at a time.
+
+    path_or_dir: a folder with config.json and model.safetensors or model.safetensors.index.json (sharded),
+        or one of those files (config.json must sit next to it).
+    arch: "gemma2", "llama" or "gpt2"; default detected from config.json (`model_type`, then
+        `architectures`). Llama covers Llama 1/2/3.x (grouped-query attention, tied or untied embeddings).
+    device, dtype: where and in which floating dtype every returned tensor lives; each tensor is converted on
+        its own (large ones block by block), so the checkpoint's dtype (e.g. bf16) is never held twice.
+    mlp: also read the MLP weights and the norms around the MLP (Gemma-2: all its post-norms).
+    layers: block indices to read (default all); other blocks are not touched.
+    fold_embed_scale: Gemma only: multiply W_E by sqrt(d_model) as TransformerLens does (default). With
+        False, W_E is the raw embedding, W_U a view of it (half the memory), `embed_scale` the model's factor.
+    check_finite: raise `NonFiniteWeightsError` if a tensor holds NaN/Inf.
+
+    Never builds the model and never loads a whole file (no `safetensors.torch.load_file`): only the tensors
+    named above are read. Returns a `WeightSet` (see the module docstring for every tensor's convention).
+    Raises CheckpointNotFoundError (missing path, config.json or shard), CheckpointError (truncated or
+    corrupted file, missing tensor, shapes inconsistent with config.json), UnsupportedArchitectureError,
+    NonFiniteWeightsError.
+    """
+    dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
+    if not dtype.is_floating_point:
+        raise ValueError(f"load_weights returns floating-point tensors; got dtype={dtype}.")
+    device = torch.device(device)
+    folder, files = _resolve(path_or_dir)
+    config = _read_config(folder)
+    if arch is None:
+        arch = detect_arch(config)
+    elif arch not in SUPPORTED_ARCHS:
+        raise UnsupportedArchitectureError(f"arch must be one of {SUPPORTED_ARCHS}; got {arch!r}.")
+    dims = _dims(arch, config)
+    if dims.n_kv_heads < 1 or dims.n_heads % dims.n_kv_heads:
+        raise CheckpointError(f"num_attention_heads={dims.n_heads} is not a multiple of "
+                              f"num_key_value_heads={dims.n_kv_heads} in config.json.")
+    if layers is None:
+        chosen = list(range(dims.n_layers))
+    else:
+        chosen = sorted({int(layer) for layer in layers})
+        bad = [layer for layer in chosen if not 0 <= layer < dims.n_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: the model has {dims.n_layers} blocks (0..{dims.n_layers - 1}).")
+
+    reader = _Reader(files, dtype, device, check_finite)
+    parts = _LOADERS[arch](reader, dims, chosen, mlp, fold_embed_scale)
+    gemma = arch == "gemma2"
+    return WeightSet(
+        arch=arch, d_model=dims.d_model, d_vocab=dims.d_vocab, n_layers=dims.n_layers, n_heads=dims.n_heads,
+        n_kv_heads=dims.n_kv_heads, d_head=dims.d_head, d_mlp=dims.d_mlp,
+        normalization_type="LN" if arch == "gpt2" else "RMS", eps=dims.eps,
+        W_E=parts["W_E"], W_U=parts["W_U"], ln_final_w=parts["ln_final_w"], ln_final_b=parts["ln_final_b"],
+        layers=parts["layers"], embed_scale=parts["embed_scale"],
+        embed_scale_folded=bool(fold_embed_scale or not gemma), tied_embeddings=parts["tied"],
+        dtype=dtype, device=device, config=config, files=sorted(reader.read_files),
+    )
