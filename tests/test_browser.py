@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -37,7 +36,7 @@ SKIPPED_PAGES = {"genindex.html", "search.html"}
 
 
 def _find_chromium() -> str | None:
-    for name in (os.environ.get("WEIGHTSCOPE_CHROMIUM"), "chromium", "chromium-browser", "google-chrome", "chrome"):
+    for name in (os.environ.get("WEIGHTSCOPE_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
         if name and (path := shutil.which(name)):
             return path
     return None
@@ -65,7 +64,7 @@ pytestmark = [
 ]
 
 
-# --- a minimal DevTools-protocol client over --remote-debugging-pipe (fd 3: commands in, fd 4: replies out) ---
+# --- a minimal DevTools-protocol client over --remote-debugging-pipe (fd 3: commands in, fd 4: replies) ---
 
 
 class Browser:
@@ -73,7 +72,7 @@ class Browser:
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
 
-        def wire_fds():  # in the child: the protocol pipes become fds 3 and 4 (moved above 10 first: no clash)
+        def wire_fds():  # in the child: the protocol pipes become fds 3 and 4 (via fds >= 10: no clash)
             a = fcntl.fcntl(to_browser_r, fcntl.F_DUPFD, 10)
             b = fcntl.fcntl(from_browser_w, fcntl.F_DUPFD, 10)
             os.dup2(a, 3)
@@ -157,7 +156,8 @@ new Promise(resolve => {
   mathjax.then(state => { mathjaxState = state; });
   (function poll() {
     const divs = [...document.querySelectorAll("div.plotly-graph-div")];
-    const rendered = divs.filter(d => d.querySelector("svg.main-svg") && d.getBoundingClientRect().height > 0);
+    const rendered = divs.filter(d => d.querySelector("svg.main-svg")
+                                      && d.getBoundingClientRect().height > 0);
     const ready = rendered.length === divs.length && mathjaxState !== "pending";
     if (!ready && performance.now() - t0 < %(timeout_ms)d) return setTimeout(poll, 100);
     resolve(JSON.stringify({
@@ -191,7 +191,8 @@ def _visit(browser: Browser, page: Path) -> Visit:
     t0 = time.monotonic()
     rel = page.relative_to(HTML).as_posix()
     context = browser.send("Target.createBrowserContext")["browserContextId"]  # fresh storage: a first visit
-    target = browser.send("Target.createTarget", {"url": "about:blank", "browserContextId": context})["targetId"]
+    target = browser.send("Target.createTarget", {"url": "about:blank", "browserContextId": context})
+    target = target["targetId"]
     session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
     try:
         for domain in ("Runtime", "Log", "Network", "Page"):
@@ -247,9 +248,10 @@ def _collect(visit: Visit, events: list[dict]) -> None:
 
 def _screenshot(browser: Browser, session: str, rel: str) -> Path:
     size = browser.send("Page.getLayoutMetrics", session=session)["cssContentSize"]
-    clip = {"x": 0, "y": 0, "width": VIEWPORT["width"], "height": min(size["height"], MAX_SCREENSHOT_HEIGHT), "scale": 1}
-    shot = browser.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip},
-                        session=session, timeout=60)
+    height = min(size["height"], MAX_SCREENSHOT_HEIGHT)
+    clip = {"x": 0, "y": 0, "width": VIEWPORT["width"], "height": height, "scale": 1}
+    shot = browser.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
+                                                   "clip": clip}, session=session, timeout=60)
     out = SCREENSHOTS / Path(rel).with_suffix(".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(base64.b64decode(shot["data"]))
@@ -258,7 +260,9 @@ def _screenshot(browser: Browser, session: str, rel: str) -> Path:
 
 # --- the static side: links and loads in the page's HTML ---
 
-LOADING_RELS = {"stylesheet", "preload", "modulepreload", "prefetch", "icon", "shortcut", "manifest", "apple-touch-icon"}
+LOADING_RELS = {"stylesheet", "preload", "modulepreload", "prefetch", "icon", "shortcut", "manifest",
+                "apple-touch-icon"}  # <link rel=...> that make the browser fetch something
+SRC_TAGS = ("script", "img", "iframe", "embed", "source", "audio", "video", "track")
 
 
 class _Refs(HTMLParser):
@@ -279,10 +283,12 @@ class _Refs(HTMLParser):
             self.refs.append((tag, (a.get("rel") or "").lower(), a["href"]))
         elif tag in ("a", "area") and a.get("href"):
             self.refs.append((tag, "href", a["href"]))
-        elif tag in ("script", "img", "iframe", "embed", "source", "audio", "video", "track") and a.get("src"):
+        elif tag in SRC_TAGS and a.get("src"):
             self.refs.append((tag, "src", a["src"]))
-        elif tag == "meta" and (a.get("http-equiv") or "").lower() == "refresh" and "url=" in (a.get("content") or ""):
-            self.refs.append((tag, "refresh", a["content"].split("url=", 1)[1].strip()))
+        elif tag == "meta" and (a.get("http-equiv") or "").lower() == "refresh":
+            content = a.get("content") or ""
+            if "url=" in content:
+                self.refs.append((tag, "refresh", content.split("url=", 1)[1].strip()))
 
 
 _PARSED: dict[Path, _Refs] = {}
@@ -304,8 +310,11 @@ def _is_load(tag: str, kind: str) -> bool:
 
 
 def _pages() -> list[Path]:
-    return sorted(p for p in HTML.rglob("*.html")
-                  if p.name not in SKIPPED_PAGES and not any(part.startswith("_") for part in p.relative_to(HTML).parts))
+    def wanted(p: Path) -> bool:  # not under _static/, _sources/ ...
+        parts = p.relative_to(HTML).parts
+        return p.name not in SKIPPED_PAGES and not any(part.startswith("_") for part in parts)
+
+    return sorted(p for p in HTML.rglob("*.html") if wanted(p))
 
 
 @pytest.fixture(scope="module")
@@ -361,18 +370,20 @@ def test_every_plotly_figure_renders(visits, book_html):
         if s["url"] != (book_html / page).resolve().as_uri():
             continue  # a redirect page: its target is checked on its own
         if s["plotly_divs"] < in_html or s["plotly_rendered"] != s["plotly_divs"]:
-            problems[page] = f"{in_html} figure(s) in the HTML, {s['plotly_divs']} in the DOM, {s['plotly_rendered']} drawn"
+            problems[page] = (f"{in_html} figure(s) in the HTML, {s['plotly_divs']} in the DOM, "
+                              f"{s['plotly_rendered']} drawn")
     assert not problems, problems
-    assert sum(v.stats["plotly_rendered"] for v in visits.values()) > 0, "no plotly figure found in the whole book"
+    assert sum(v.stats["plotly_rendered"] for v in visits.values()) > 0, "no plotly figure in the whole book"
 
 
 def test_math_renders(visits):
     problems = {}
     for page, v in visits.items():
         s = v.stats
-        if s["math_elements"] and (s["mathjax"] != "done" or s["math_frames"] < s["math_elements"] or s["math_errors"]):
-            problems[page] = (f"MathJax {s['mathjax']}: {s['math_frames']} of {s['math_elements']} formulas typeset, "
-                              f"{s['math_errors']} error(s)")
+        typeset = s["mathjax"] == "done" and s["math_frames"] >= s["math_elements"] and not s["math_errors"]
+        if s["math_elements"] and not typeset:
+            problems[page] = (f"MathJax {s['mathjax']}: {s['math_frames']} of {s['math_elements']} formulas "
+                              f"typeset, {s['math_errors']} error(s)")
     assert not problems, problems
     assert any(v.stats["math_frames"] for v in visits.values()), "no typeset formula in the whole book"
 
@@ -408,7 +419,8 @@ def test_internal_links_resolve(visits, book_html):
                 problem = "points outside the built book"
             elif not target.is_file():
                 problem = "missing file"
-            elif parts.fragment and target.suffix == ".html" and unquote(parts.fragment) not in _parse(target).ids:
+            elif (parts.fragment and target.suffix == ".html"
+                  and unquote(parts.fragment) not in _parse(target).ids):
                 problem = f"no id {parts.fragment!r} in {target.relative_to(root)}"
             if problem:
                 broken.setdefault(page, []).append(f"<{tag} {kind}> {url}: {problem}")

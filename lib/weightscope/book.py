@@ -149,11 +149,18 @@ _PROGRESS = re.compile(r"\d+%\||\d+/\d+ \[|\d+\w* \[\d\d:\d\d")
 
 
 def _drop_progress_bars(nb) -> None:
-    """Remove tqdm progress bars (stderr streams) from an executed notebook: useful live, noise on a page."""
+    """Remove progress bars from an executed notebook: useful live, noise on a page. They are tqdm's stderr
+    text, or (tqdm.auto with ipywidgets) widget outputs, whose saved state would make the page fetch the widget
+    manager from a CDN."""
+    def is_progress(o) -> bool:
+        if o.get("output_type") == "stream":
+            return o.get("name") == "stderr" and bool(_PROGRESS.search(o.get("text", "")))
+        return "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+
     for cell in nb.cells:
         if cell.get("cell_type") == "code":
-            cell.outputs = [o for o in cell.outputs if not (
-                o.get("output_type") == "stream" and o.get("name") == "stderr" and _PROGRESS.search(o.get("text", "")))]
+            cell.outputs = [o for o in cell.outputs if not is_progress(o)]
+    nb.metadata.pop("widgets", None)
 
 
 def _fold_injected_parameters(nb) -> None:

@@ -387,12 +387,14 @@ class _Reader:
         return out
 
     def _check(self, name: str, tensor: Tensor, offset: int = 0) -> None:
-        if not self.check_finite or not tensor.is_floating_point():
+        if not self.check_finite or not tensor.is_floating_point() or tensor.numel() == 0:
             return
-        finite = torch.isfinite(tensor)
-        if bool(finite.all()):
+        # One pass and no tensor-sized temporaries (torch.isfinite allocates several): aminmax propagates
+        # NaN, and an Inf is an extreme. Only a failing tensor pays for locating its first bad value.
+        low, high = torch.aminmax(tensor)
+        if math.isfinite(low.item()) and math.isfinite(high.item()):
             return
-        bad = (~finite).nonzero()
+        bad = (~torch.isfinite(tensor)).nonzero()
         index = bad[0].tolist()
         value = tensor[tuple(index)].item()
         if index:
