@@ -37,3 +37,6 @@ test-fast: .venv/.installed
 
 clean:
 	rm -rf book/_build book/_toc.yml
+
+bench: .venv/.installed
+	@$(PY) bench/run.py

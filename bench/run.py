@@ -97,6 +97,27 @@ def time_runs(fn, *, repeats: int, device: str, warmup: int = 1) -> dict:
             "repeats": repeats, "warmup": warmup}
 
 
+def time_interleaved(fns: dict, *, repeats: int, device: str, warmup: int = 1) -> dict[str, dict]:
+    """`time_runs` for several routes measured round-robin (the order rotating every round), so that drifts
+    in the load of a shared machine hit every route alike; one result dict per route."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(xs), "min_s": min(xs), "samples_s": xs, "repeats": repeats,
+                   "warmup": warmup, "interleaved_with": [n for n in names if n != name]}
+            for name, xs in samples.items()}
+
+
 def _proc_status() -> dict[str, int]:
     text = Path("/proc/self/status").read_text()
     return {key: int(re.search(rf"{key}:\s+(\d+)", text).group(1)) * 1024 for key in ("VmRSS", "VmHWM")}
@@ -236,24 +257,49 @@ def bench_kernel(name: str, subset: int | None, device: str, repeats: int, meta:
     flops = 2.0 * n * d * V
     small = flops < 1e9  # the demo shape: many repeats for stable medians
     reps = repeats * 20 if small else repeats
-    matmul = time_runs(lambda: D @ M, repeats=reps, device=device)
-    kernel = time_runs(lambda: token_score_stats(D, M, k=TOP_K, progress=False), repeats=reps, device=device)
-    naive = time_runs(lambda: naive_token_stats(D, M), repeats=reps, device=device)
-    # agreement of the two routes (scores and statistics; ids may differ on exact ties)
-    a, b = token_score_stats(D, M, k=TOP_K, progress=False), naive_token_stats(D, M)
+    routes = {
+        "matmul": lambda: D @ M,
+        "token_score_stats": lambda: token_score_stats(D, M, k=TOP_K, progress=False),
+        "naive_route": lambda: naive_token_stats(D, M),
+    }
+    naive_error = None
+    try:  # the usual route holds several [n, d_vocab] matrices: at full width it may not fit (e.g. on a GPU)
+        routes["naive_route"]()
+    except (RuntimeError, MemoryError) as err:
+        if "out of memory" not in str(err).lower() and not isinstance(err, MemoryError):
+            raise
+        naive_error = f"out of memory: {str(err).splitlines()[0][:200]}"
+        del routes["naive_route"]
+        _release(device)
+    timed = time_interleaved(routes, repeats=reps, device=device)
+    matmul, kernel, naive = timed["matmul"], timed["token_score_stats"], timed.get("naive_route")
+    # agreement of the two routes on (up to) 256 features: scores and statistics (ids may differ on exact ties)
+    m = min(n, 256)
+    a, b = token_score_stats(D[:m], M, k=TOP_K, progress=False), naive_token_stats(D[:m], M)
     agree = {stat: float((getattr(a, stat) - b[stat].float()).abs().max() / (b[stat].float().abs().max() + 1e-30))
              for stat in ("top_scores", "bottom_scores", "mean", "std", "kurtosis", "entropy")}
     del D, M
+    _release(device)
     return {
         **meta, "benchmark": "kernel", "shape": name, "d_model": d, "d_vocab": V,
         "n_features_model": shape["n_features"], "n_features": n, "k": TOP_K, "flop": flops,
         "matmul": {**matmul, "flop_per_s": flops / matmul["median_s"]},
         "token_score_stats": {**kernel, "flop_per_s": flops / kernel["median_s"]},
-        "naive_route": {**naive, "flop_per_s": flops / naive["median_s"]},
+        "naive_route": {**naive, "flop_per_s": flops / naive["median_s"]} if naive else {"error": naive_error},
         "ratio_kernel_over_matmul": kernel["median_s"] / matmul["median_s"],
-        "ratio_naive_over_kernel": naive["median_s"] / kernel["median_s"],
-        "max_rel_diff_kernel_vs_naive": agree,
+        "ratio_naive_over_kernel": naive["median_s"] / kernel["median_s"] if naive else None,
+        "max_rel_diff_kernel_vs_naive": agree, "agreement_features": m,
     }
+
+
+def _release(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,7 +324,7 @@ def worker_memory(spec: dict) -> dict:
 
     chunk = _auto_chunk_size(V, torch.float32, torch.device(device)) if spec["route"] == "streaming" else None
     with PeakMemory(device) as peak:
-        timing = time_runs(fn, repeats=spec["repeats"], device=device, warmup=0)
+        timing = time_runs(fn, repeats=spec["repeats"], device=device, warmup=1 if device == "cuda" else 0)
     return {**peak.result, "time": timing, "chunk_size": chunk}
 
 
@@ -331,7 +377,7 @@ def bench_memory(n: int, device: str, repeats: int, meta: dict, tmp: Path) -> di
 def bench_attention(n: int | None, device: str, repeats: int, meta: dict) -> dict:
     import torch
 
-    from weightscope.attention import head_reads, kv_head_index
+    from weightscope.attention import _fused_weights, _reads_chunk, head_reads, kv_head_index
 
     a = GEMMA_ATTENTION
     d, nh, nkv, dh = a["d_model"], a["n_heads"], a["n_kv_heads"], a["d_head"]
@@ -355,9 +401,18 @@ def bench_attention(n: int | None, device: str, repeats: int, meta: dict) -> dic
         return q, k, v
 
     flops = 2.0 * n * d * (nh + 2 * nkv) * dh
-    t_bare = time_runs(bare, repeats=repeats, device=device)
-    t_kernel = time_runs(lambda: head_reads(D, W_Q, W_K, W_V, W_O, progress=False), repeats=repeats, device=device)
-    t_direct = time_runs(direct, repeats=repeats, device=device)
+    fused = _fused_weights(W_Q, W_K, W_V, W_O, torch.device(device), torch.float32)
+    timed = time_interleaved({
+        "bare": bare,
+        "head_reads": lambda: head_reads(D, W_Q, W_K, W_V, W_O, progress=False),
+        # the per-feature part alone: head_reads' per-call set-up (flattened weights, QR of each W_O[h]) done once
+        "reads_only": lambda: _reads_chunk(D, **fused),
+        "direct": direct,
+    }, repeats=repeats, device=device)
+    t_bare, t_kernel, t_direct = timed["bare"], timed["head_reads"], timed["direct"]
+    t_reads = timed["reads_only"]
+    setup = time_runs(lambda: _fused_weights(W_Q, W_K, W_V, W_O, torch.device(device), torch.float32),
+                      repeats=repeats, device=device)
     reads = head_reads(D, W_Q, W_K, W_V, W_O, progress=False)
     q, _, v = (x.cpu() for x in direct())
     agree = {"q": float(((reads["q"] - q).abs() / q.abs()).max()), "v": float(((reads["v"] - v).abs() / v.abs()).max())}
@@ -367,7 +422,11 @@ def bench_attention(n: int | None, device: str, repeats: int, meta: dict) -> dic
         "bare_products": {**t_bare, "flop_per_s": flops / t_bare["median_s"]},
         "head_reads": {**t_kernel, "flop_per_s": flops / t_kernel["median_s"]},
         "direct_through_W_O": t_direct,
+        "head_reads_setup": setup, "head_reads_without_setup": {**t_reads, "flop_per_s": flops / t_reads["median_s"]},
+        "setup_note": "head_reads' per-call set-up: flattening W_Q/W_K/W_V and the QR of every W_O[h] (which "
+                      "replaces z @ W_O[h] by z @ R_h^T); head_reads_without_setup times the per-feature part alone",
         "ratio_kernel_over_bare": t_kernel["median_s"] / t_bare["median_s"],
+        "ratio_kernel_without_setup_over_bare": t_reads["median_s"] / t_bare["median_s"],
         "ratio_direct_over_kernel": t_direct["median_s"] / t_kernel["median_s"],
         "max_rel_diff_kernel_vs_direct": agree,
     }
@@ -442,8 +501,13 @@ def worker_load(spec: dict) -> dict:
 
         with PeakMemory(device) as peak:
             start = time.perf_counter()
-            model, loading = transformers.AutoModelForCausalLM.from_pretrained(
-                folder, dtype=dtype, device_map=device if device == "cuda" else None, output_loading_info=True)
+            try:
+                model, loading = transformers.AutoModelForCausalLM.from_pretrained(
+                    folder, dtype=dtype, device_map=device if device == "cuda" else None, output_loading_info=True)
+            except (ImportError, ValueError):  # device_map may need accelerate: load on CPU, then move
+                model, loading = transformers.AutoModelForCausalLM.from_pretrained(
+                    folder, dtype=dtype, output_loading_info=True)
+                model.to(device)
             _sync(device)
             seconds_returned = time.perf_counter() - start
             # transformers may hand back tensors backed by the file's memory map, read only when first used:
@@ -541,6 +605,7 @@ def write_atomically(path: Path, data: dict) -> None:
             handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared and committed
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -561,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-repeats", type=int, default=3, help="fresh-process loads per loader")
     parser.add_argument("--memory-features", type=int, default=None, help="features in the memory comparison")
     parser.add_argument("--only", default="kernel,memory,attention,loading", help="comma-separated benchmarks")
+    parser.add_argument("--kernel-threads", default=None,
+                        help="comma-separated torch thread counts for the kernel benchmark (default: torch's "
+                             "default, plus 1 on a multi-core CPU in a full run)")
     parser.add_argument("--tmpdir", default=None, help="where to write temporary matrices and the checkpoint")
     parser.add_argument("--out", default=None, help="results file (default bench/results/<device>-<date>[-quick].json)")
     parser.add_argument("--table", metavar="FILE", help="print a results file as markdown tables and exit")
@@ -595,18 +663,28 @@ def main(argv: list[str] | None = None) -> int:
               "started_utc": started.isoformat(timespec="seconds"), "environment": env, "repeats": repeats,
               "plan": {**plan, "repeats": repeats, "memory": args.memory_features or plan["memory"],
                        "depth": args.depth if "loading" in only else None},
-              "results": {}}
+              "load_average_start": os.getloadavg(), "results": {}}
     _log(f"{env['device_name']} ({env['torch_threads']} torch threads), torch {env['torch']}; mode {report['mode']}")
     tmp = Path(tempfile.mkdtemp(prefix="weightscope-bench-", dir=args.tmpdir))
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
             if "kernel" in only:
+                default_threads = torch.get_num_threads()
+                if args.kernel_threads:
+                    threads = [int(t) for t in args.kernel_threads.split(",")]
+                else:  # one thread too: on a shared CPU, many small parallel ops wait on descheduled threads
+                    threads = [default_threads] + ([1] if args.device == "cpu" and default_threads > 1
+                                                   and not args.quick else [])
                 rows = []
-                for name in SHAPES:
-                    _log(f"kernel: {name} ({plan['subset'][name] or 'all'} features)")
-                    rows.append(bench_kernel(name, plan["subset"][name], args.device, repeats, meta))
-                    _log(f"  ratio kernel / D@M = {rows[-1]['ratio_kernel_over_matmul']:.2f}")
+                for count in threads:
+                    torch.set_num_threads(count)
+                    for name in SHAPES:
+                        _log(f"kernel: {name} ({plan['subset'][name] or 'all'} features, {count} threads)")
+                        rows.append({**bench_kernel(name, plan["subset"][name], args.device, repeats, meta),
+                                     "torch_threads": count})
+                        _log(f"  ratio kernel / D@M = {rows[-1]['ratio_kernel_over_matmul']:.2f}")
+                torch.set_num_threads(default_threads)
                 report["results"]["kernel"] = rows
             if "memory" in only:
                 n = args.memory_features or plan["memory"]
@@ -625,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report["wall_s"] = time.perf_counter() - t0
+    report["load_average_end"] = os.getloadavg()
     report["finished_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     write_atomically(out_path, report)
     _log(f"wrote {out_path} ({report['wall_s']:.0f} s)")
@@ -641,16 +720,20 @@ def tables(report: dict) -> str:
     env, res, lines = report["environment"], report["results"], []
     lines.append(f"Device: {env['device_name']} ({env['device']}, {env['torch_threads']} torch threads); "
                  f"torch {env['torch']}, transformers {env['transformers']}; {report['mode']} run, "
-                 f"medians of {report['repeats']} runs; `{report['command']}`\n")
+                 f"medians of {report['repeats']} runs; load average {report['load_average_start'][0]:.1f} at the "
+                 f"start, {report['load_average_end'][0]:.1f} at the end; `{report['command']}`\n")
     if "kernel" in res:
-        lines += ["| shape | features (of) | D @ M | token_score_stats | ratio | usual route | GFLOP/s (D @ M / kernel) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| shape | features (of) | threads | D @ M | token_score_stats | ratio | usual route | "
+                  "GFLOP/s (D @ M / kernel) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in res["kernel"]:
             lines.append(
                 f"| {r['shape']} ({r['d_model']} x {r['d_vocab']:,}) | {r['n_features']:,} ({r['n_features_model']:,}) "
+                f"| {r.get('torch_threads', env['torch_threads'])} "
                 f"| {r['matmul']['median_s'] * 1e3:.1f} ms | {r['token_score_stats']['median_s'] * 1e3:.1f} ms "
-                f"| {r['ratio_kernel_over_matmul']:.2f} | {r['naive_route']['median_s'] * 1e3:.1f} ms "
-                f"| {r['matmul']['flop_per_s'] / 1e9:.1f} / {r['token_score_stats']['flop_per_s'] / 1e9:.1f} |")
+                f"| {r['ratio_kernel_over_matmul']:.2f} | "
+                + (f"{r['naive_route']['median_s'] * 1e3:.1f} ms " if "median_s" in r["naive_route"] else "out of memory ")
+                + f"| {r['matmul']['flop_per_s'] / 1e9:.1f} / {r['token_score_stats']['flop_per_s'] / 1e9:.1f} |")
         lines.append("")
     if "memory" in res:
         r = res["memory"]
@@ -664,10 +747,14 @@ def tables(report: dict) -> str:
                   f"{_gb(x['streaming_peak_bytes'])} | {x['ratio_peak_naive_over_streaming']:.0f} | |", ""]
     if "attention" in res:
         r = res["attention"]
-        lines += ["| gemma-2-2b attention | features | bare products | head_reads | ratio | through W_O | GFLOP/s (bare / kernel) |",
-                  "|---|---|---|---|---|---|---|",
+        lines += ["| gemma-2-2b attention | features | bare products | head_reads | ratio | set-up (QR) | "
+                  "head_reads without set-up | ratio | through W_O | GFLOP/s (bare / kernel) |",
+                  "|---|---|---|---|---|---|---|---|---|---|",
                   f"| 8 heads x 256, 4 kv heads | {r['n_features']:,} | {r['bare_products']['median_s'] * 1e3:.1f} ms "
                   f"| {r['head_reads']['median_s'] * 1e3:.1f} ms | {r['ratio_kernel_over_bare']:.2f} "
+                  f"| {r['head_reads_setup']['median_s'] * 1e3:.1f} ms "
+                  f"| {r['head_reads_without_setup']['median_s'] * 1e3:.1f} ms "
+                  f"| {r['ratio_kernel_without_setup_over_bare']:.2f} "
                   f"| {r['direct_through_W_O']['median_s'] * 1e3:.1f} ms "
                   f"| {r['bare_products']['flop_per_s'] / 1e9:.1f} / {r['head_reads']['flop_per_s'] / 1e9:.1f} |", ""]
     if "loading" in res:

@@ -41,7 +41,8 @@ def _hf_configs():
         ),
         "llama": transformers.LlamaConfig(
             vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
-            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=64,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+            max_position_embeddings=64,
         ),
         "gpt2": transformers.GPT2Config(
             vocab_size=V, n_embd=64, n_layer=LAYERS, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0,
@@ -77,7 +78,7 @@ _CONVERTERS = {"gemma2": convert_gemma_weights, "llama": convert_llama_weights, 
 
 
 def _randomise(model, seed: int) -> None:
-    """Non-trivial values everywhere (HF initialises norms to 0/1 and biases to 0, which would hide +1 bugs)."""
+    """Non-trivial values everywhere (HF initialises norms to 0/1 and biases to 0: that hides +1 bugs)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
@@ -203,10 +204,15 @@ def test_layers_subset_reads_only_those_tensors(checkpoints, monkeypatch):
     _, single, _ = checkpoints["llama"]
     names = []
     original = C._Reader.read
-    monkeypatch.setattr(C._Reader, "read", lambda self, name, *a, **k: names.append(name) or original(self, name, *a, **k))
+    def read(self, name, *args, **kwargs):
+        names.append(name)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(C._Reader, "read", read)
     ws = C.load_weights(single, layers=[1])
     assert sorted(ws.layers) == [1]
-    assert not any("layers.0." in n or "layers.2." in n or ".mlp." in n or "post_attention" in n for n in names)
+    unwanted = ("layers.0.", "layers.2.", ".mlp.", "post_attention")
+    assert not any(part in name for name in names for part in unwanted)
     assert len(names) == 3 + 5  # embed, lm_head, final norm; ln1 and Q/K/V/O of layer 1
     with pytest.raises(KeyError, match="not loaded"):
         ws[0]

@@ -1,4 +1,4 @@
-"""Streaming weight loading: only the tensors the book needs, straight from a Hugging Face safetensors checkpoint.
+"""Streaming weight loading: only the tensors the book needs, straight from a safetensors checkpoint.
 
 `load_weights(path)` reads the token embedding, the unembedding, the final norm and, per block, the
 pre-attention norm and the Q/K/V/O weights (the MLP and the other block norms only with `mlp=True`) of a
@@ -28,7 +28,7 @@ Tensors come back in TransformerLens conventions, shapes and values, as `HookedT
   factor rounded to the model's dtype as Hugging Face does) and applies no scale in its forward pass, while
   `W_U` stays the unscaled embedding. `load_weights` does the same by default (`fold_embed_scale=True`); then
   `W_E` and `W_U` are two tensors, each of the embedding's size. `fold_embed_scale=False` keeps the raw
-  embedding in `W_E` (and `W_U` a view of it), and `WeightSet.embed_scale` says by how much the model scales it.
+  embedding in `W_E` (and `W_U` a view of it), and `WeightSet.embed_scale` says how the model scales it.
 
 Tensors may be non-contiguous views (`W_U` of a tied embedding, `W_Q` of the checkpoint's [n_heads * d_head,
 d_model] matrix, ...); their values and shapes are TransformerLens's. Call `.contiguous()` where a layout
@@ -42,7 +42,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import Tensor
@@ -138,7 +138,8 @@ _TL_LAYER_NAMES = {
     "W_Q": "attn.W_Q", "W_K": "attn.{kv}W_K", "W_V": "attn.{kv}W_V", "W_O": "attn.W_O",
     "b_Q": "attn.b_Q", "b_K": "attn.{kv}b_K", "b_V": "attn.{kv}b_V", "b_O": "attn.b_O",
     "ln2_w": "ln2.w", "ln2_b": "ln2.b", "ln2_post_w": "ln2_post.w",
-    "W_in": "mlp.W_in", "W_gate": "mlp.W_gate", "W_out": "mlp.W_out", "b_in": "mlp.b_in", "b_out": "mlp.b_out",
+    "W_in": "mlp.W_in", "W_gate": "mlp.W_gate", "W_out": "mlp.W_out",
+    "b_in": "mlp.b_in", "b_out": "mlp.b_out",
 }
 
 
@@ -206,7 +207,7 @@ class WeightSet:
         return out
 
     def nbytes(self) -> int:
-        """Bytes held by the returned tensors, each shared storage (a view such as a tied W_U) counted once."""
+        """Bytes held by the returned tensors, a shared storage (a view such as a tied W_U) counted once."""
         seen: dict[int, int] = {}
         for tensor in self.tensors().values():
             storage = tensor.untyped_storage()
@@ -223,7 +224,7 @@ class WeightSet:
         return M
 
     def input_matrix(self) -> Tensor:
-        """[d_model, d_vocab] = W_E.T, the token embeddings as they enter the residual stream (when folded)."""
+        """[d_model, d_vocab] = W_E.T, the embeddings as they enter the residual stream (when folded)."""
         return self.W_E.T
 
 
@@ -265,11 +266,15 @@ def _read_index(path: Path) -> dict[str, Path]:
     try:
         weight_map = json.loads(path.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"Cannot read the shard index {path}: {err!r} (expected a 'weight_map').") from err
+        raise CheckpointError(
+            f"Cannot read the shard index {path}: {err!r} (expected a 'weight_map')."
+        ) from err
     files = {name: path.parent / shard for name, shard in weight_map.items()}
     missing = sorted({str(p) for p in files.values() if not p.is_file()})
     if missing:
-        raise CheckpointNotFoundError(f"The index {path} names shards that do not exist: {', '.join(missing)}.")
+        raise CheckpointNotFoundError(
+            f"The index {path} names shards that do not exist: {', '.join(missing)}."
+        )
     return files
 
 
@@ -315,7 +320,8 @@ def detect_arch(config: dict) -> str:
         if name in _ARCHITECTURES:
             return _ARCHITECTURES[name]
     raise UnsupportedArchitectureError(
-        f"Unsupported architecture: model_type={model_type!r}, architectures={config.get('architectures')!r}. "
+        f"Unsupported architecture: model_type={model_type!r}, "
+        f"architectures={config.get('architectures')!r}. "
         f"load_weights reads {', '.join(SUPPORTED_ARCHS)} checkpoints (model_type gemma2, llama, gpt2); "
         "load other models with weightscope.models.load_model (TransformerLens)."
     )
@@ -342,48 +348,45 @@ class _Reader:
         except KeyError:
             sample = ", ".join(sorted(self.files)[:6])
             raise CheckpointError(
-                f"Tensor {name!r} is not in the checkpoint (it has {len(self.files)} tensors, e.g. {sample}). "
-                "Is config.json describing these weights?"
+                f"Tensor {name!r} is not in the checkpoint (it has {len(self.files)} tensors, e.g. "
+                f"{sample}). Is config.json describing these weights?"
             ) from None
 
-    def read(self, name: str, shape: tuple[int, ...] | None = None, *, dtype: torch.dtype | None = None,
-             scale: float | None = None) -> Tensor:
-        """Tensor `name` as `dtype` (default the reader's) on the device; checks `shape` when given.
+    def read(self, name: str, shape: tuple[int, ...] | None = None, *,
+             dtype: torch.dtype | None = None) -> Tensor:
+        """Tensor `name` as `dtype` (default the reader's) on the device, always a copy; checks `shape`.
 
-        scale: multiply by this factor, rounded to the output dtype, after conversion (Gemma's embedding).
+        The output is allocated once and filled from the file's memory map in row blocks of about
+        `_BLOCK_BYTES` (one block for most tensors), the file reopened per block so that the pages of one
+        block are unmapped before the next is read.
         """
         dtype = dtype or self.dtype
         path = self.file(name)
         self.read_files.add(path)
         with _open(path) as handle:
-            info = handle.get_slice(name)
-            actual = tuple(info.get_shape())
-        if shape is not None and actual != tuple(shape):
-            raise CheckpointError(
-                f"Tensor {name!r} in {path.name} has shape {list(actual)}, but config.json implies "
-                f"{list(shape)}: the config does not describe these weights."
-            )
-        factor = None if scale is None else torch.tensor(scale, dtype=dtype, device=self.device)
-        row_bytes = _source_itemsize(info.get_dtype()) * math.prod(actual[1:])
-        if not actual or row_bytes * actual[0] <= _BLOCK_BYTES:
-            with _open(path) as handle:
-                out = handle.get_tensor(name).to(device=self.device, dtype=dtype)
-            if factor is not None:
-                out = out * factor
-            self._check(name, out)
-            return out
-        out = torch.empty(actual, dtype=dtype, device=self.device)
-        rows = max(1, _BLOCK_BYTES // max(1, row_bytes))
-        for start in range(0, actual[0], rows):
+            source = handle.get_slice(name)
+            actual = tuple(source.get_shape())
+            if shape is not None and actual != tuple(shape):
+                raise CheckpointError(
+                    f"Tensor {name!r} in {path.name} has shape {list(actual)}, but config.json implies "
+                    f"{list(shape)}: the config does not describe these weights."
+                )
+            out = torch.empty(actual, dtype=dtype, device=self.device)
+            if not actual:  # a scalar
+                out.copy_(handle.get_tensor(name))
+                self._check(name, out)
+                return out
+            row_bytes = _source_itemsize(source.get_dtype()) * math.prod(actual[1:])
+            rows = max(1, _BLOCK_BYTES // max(1, row_bytes))
+            first = min(rows, actual[0])
+            out[:first].copy_(source[0:first])  # safetensors' slices are views of the map: copy_ reads once
+            del source
+        self._check(name, out[:first])
+        for start in range(first, actual[0], rows):
             stop = min(start + rows, actual[0])
-            with _open(path) as handle:  # reopened per block: the previous block's memory map is released
-                part = handle.get_slice(name)[start:stop]
-            target = out[start:stop]
-            target.copy_(part)
-            del part
-            if factor is not None:
-                target.mul_(factor)
-            self._check(name, target, offset=start)
+            with _open(path) as handle:
+                out[start:stop].copy_(handle.get_slice(name)[start:stop])
+            self._check(name, out[start:stop], offset=start)
         return out
 
     def _check(self, name: str, tensor: Tensor, offset: int = 0) -> None:
@@ -401,7 +404,8 @@ class _Reader:
             index[0] += offset  # rows of a block are offset within the whole tensor
         raise NonFiniteWeightsError(
             f"Tensor {name!r} ({self.files[name].name}) holds non-finite values (NaN/Inf): {bad.shape[0]:,}"
-            f"{' in the block from row ' + str(offset) if offset else ''}, the first {value} at index {index} "
+            f"{' in the block from row ' + str(offset) if offset else ''}, "
+            f"the first {value} at index {index} "
             f"(after conversion to {tensor.dtype}). The checkpoint is corrupted, or its values overflow the "
             "requested dtype (e.g. float16); pass check_finite=False to load it anyway."
         )
@@ -441,7 +445,8 @@ def _dims(arch: str, config: dict) -> _Dims:
         d_model, n_heads = int(need("n_embd")), int(need("n_head"))
         return _Dims(d_model, int(need("vocab_size")), int(need("n_layer")), n_heads, n_heads,
                      d_model // n_heads, int(config.get("n_inner") or 4 * d_model),
-                     float(config.get("layer_norm_epsilon", 1e-5)), bool(config.get("tie_word_embeddings", True)))
+                     float(config.get("layer_norm_epsilon", 1e-5)),
+                     bool(config.get("tie_word_embeddings", True)))
     d_model, n_heads = int(need("hidden_size")), int(need("num_attention_heads"))
     default_head = 256 if arch == "gemma2" else d_model // n_heads  # Gemma2Config's default head_dim is 256
     return _Dims(
@@ -469,7 +474,7 @@ def _split_heads(W: Tensor, n: int) -> Tensor:
 
 def _load_rms_model(reader: _Reader, arch: str, dims: _Dims, layers: list[int], mlp: bool,
                     fold_embed_scale: bool) -> dict:
-    """Gemma-2 and Llama: the same tensor names; Gemma adds 1 to every norm weight and scales its embedding."""
+    """Gemma-2 and Llama: the same tensor names; Gemma adds 1 to its norm weights and scales its embedding."""
     gemma = arch == "gemma2"
     p = _prefix(reader, ("model.", ""), "embed_tokens.weight")
     d, V, nh, nkv, dh = dims.d_model, dims.d_vocab, dims.n_heads, dims.n_kv_heads, dims.d_head
@@ -528,14 +533,16 @@ def _load_gpt2(reader: _Reader, dims: _Dims, layers: list[int], mlp: bool) -> di
         W_U, tied = W_E.T, True
     else:
         W_U, tied = reader.read("lm_head.weight", (V, d)).T, False
-    out: dict = dict(W_E=W_E, W_U=W_U, tied=tied, embed_scale=1.0, ln_final_w=reader.read(p + "ln_f.weight", (d,)),
+    out: dict = dict(W_E=W_E, W_U=W_U, tied=tied, embed_scale=1.0,
+                     ln_final_w=reader.read(p + "ln_f.weight", (d,)),
                      ln_final_b=reader.read(p + "ln_f.bias", (d,)))
     blocks = {}
     for layer in layers:
         q = f"{p}h.{layer}."
         W = reader.read(q + "attn.c_attn.weight", (d, 3 * d))
         b = reader.read(q + "attn.c_attn.bias", (3 * d,)).view(3, nh, dh)
-        W_Q, W_K, W_V = (part.view(d, nh, dh).transpose(0, 1) for part in W.split(d, dim=1))  # "m (i h)->i m h"
+        # "m (i h) -> i m h" for each of Q, K, V
+        W_Q, W_K, W_V = (part.view(d, nh, dh).transpose(0, 1) for part in W.split(d, dim=1))
         weights = LayerWeights(
             ln1_w=reader.read(q + "ln_1.weight", (d,)), ln1_b=reader.read(q + "ln_1.bias", (d,)),
             W_Q=W_Q, W_K=W_K, W_V=W_V, b_Q=b[0], b_K=b[1], b_V=b[2],
@@ -554,11 +561,10 @@ def _load_gpt2(reader: _Reader, dims: _Dims, layers: list[int], mlp: bool) -> di
     return out
 
 
-_LOADERS: dict[str, Callable] = {
-    "gemma2": lambda reader, dims, layers, mlp, fold: _load_rms_model(reader, "gemma2", dims, layers, mlp, fold),
-    "llama": lambda reader, dims, layers, mlp, fold: _load_rms_model(reader, "llama", dims, layers, mlp, fold),
-    "gpt2": lambda reader, dims, layers, mlp, fold: _load_gpt2(reader, dims, layers, mlp),
-}
+def _load(arch: str, reader: _Reader, dims: _Dims, layers: list[int], mlp: bool, fold: bool) -> dict:
+    if arch == "gpt2":
+        return _load_gpt2(reader, dims, layers, mlp)
+    return _load_rms_model(reader, arch, dims, layers, mlp, fold)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -617,10 +623,12 @@ def load_weights(
         chosen = sorted({int(layer) for layer in layers})
         bad = [layer for layer in chosen if not 0 <= layer < dims.n_layers]
         if bad:
-            raise ValueError(f"layers {bad} out of range: the model has {dims.n_layers} blocks (0..{dims.n_layers - 1}).")
+            raise ValueError(
+                f"layers {bad} out of range: the model has {dims.n_layers} blocks (0..{dims.n_layers - 1})."
+            )
 
     reader = _Reader(files, dtype, device, check_finite)
-    parts = _LOADERS[arch](reader, dims, chosen, mlp, fold_embed_scale)
+    parts = _load(arch, reader, dims, chosen, mlp, fold_embed_scale)
     gemma = arch == "gemma2"
     return WeightSet(
         arch=arch, d_model=dims.d_model, d_vocab=dims.d_vocab, n_layers=dims.n_layers, n_heads=dims.n_heads,
