@@ -25,11 +25,10 @@ from typing import Any
 
 from weightscope.params import ParamsError, Target, check_overrides, load_target
 from weightscope.paths import REPO_ROOT, cache_dir
-from weightscope.results import atomic_write_bytes, versions
+from weightscope.results import atomic_write_bytes, code_fingerprint, versions
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 BOOK = REPO_ROOT / "book"
-LIB = REPO_ROOT / "lib" / "weightscope"
 
 
 def chapter_sources() -> list[Path]:
@@ -77,13 +76,6 @@ def chapter_parameters(target: Target, source: Path, extra: dict[str, Any] | Non
     return merged
 
 
-def _code_fingerprint() -> str:
-    h = hashlib.sha256()
-    for path in sorted(LIB.rglob("*.py")):
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def run_key(source: Path, params: dict[str, Any], target: Target) -> str:
     """What a cached execution depends on: the notebook, its parameters, the target file, code and versions."""
     blob = json.dumps(
@@ -91,7 +83,7 @@ def run_key(source: Path, params: dict[str, Any], target: Target) -> str:
             "source": source.read_text(),
             "params": params,
             "target": target.as_dict(),
-            "code": _code_fingerprint(),
+            "code": code_fingerprint(),
             "versions": versions(),
             "env": {k: os.environ.get(k) for k in ("WEIGHTSCOPE_MODELS", "WEIGHTSCOPE_CORPORA", "WEIGHTSCOPE_DATA")},
         },

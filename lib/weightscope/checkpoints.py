@@ -216,12 +216,9 @@ class WeightSet:
 
     def output_matrix(self) -> Tensor:
         """[d_model, d_vocab]: W_U with the final norm folded in, as `lens.output_matrix` builds it."""
-        from weightscope.kernels import fold_norm
+        from weightscope.lens import fold_final_norm
 
-        M = fold_norm(self.ln_final_w, self.W_U, plus_one=False)  # the stored weight is the multiplier
-        if self.normalization_type == "LN":
-            M = M - M.mean(0, keepdim=True)
-        return M
+        return fold_final_norm(self.W_U, self.ln_final_w, self.normalization_type)  # the stored weight is the multiplier
 
     def input_matrix(self) -> Tensor:
         """[d_model, d_vocab] = W_E.T, the embeddings as they enter the residual stream (when folded)."""

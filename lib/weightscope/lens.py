@@ -36,22 +36,26 @@ def output_matrix(model) -> tuple[Tensor, str]:
     """M_out: [d_model, d_vocab], the unembedding with the final norm folded in, and a note of what was folded.
 
     TransformerLens stores norm weights as the multiplier actually applied (its Gemma conversion already adds
-    the 1 of Gemma's `1 + weight`), so the stored weight is folded as is. A LayerNorm also centres its input,
-    which is folded as subtracting each column's mean over d_model. Biases (b_U, the norm's bias) shift every
-    feature's scores for a token by the same amount and are left out.
+    the 1 of Gemma's `1 + weight`), so the stored weight is folded as is. Biases (b_U, the norm's bias) shift
+    every feature's scores for a token by the same amount and are left out.
     """
-    W_U = model.W_U.detach()
-    notes = []
     weight = getattr(model.ln_final, "w", None)
-    if weight is not None:
-        W_U = fold_norm(weight.detach(), W_U, plus_one=False)
-        notes.append(f"final {model.cfg.normalization_type} weight folded (as stored by TransformerLens)")
-    else:
-        notes.append("final norm has no weight (already folded into W_U by the model's processing)")
-    if model.cfg.normalization_type in ("LN", "LNPre"):
-        W_U = W_U - W_U.mean(0, keepdim=True)
+    norm = model.cfg.normalization_type
+    notes = [f"final {norm} weight folded (as stored by TransformerLens)" if weight is not None
+             else "final norm has no weight (already folded into W_U by the model's processing)"]
+    if norm in ("LN", "LNPre"):
         notes.append("LayerNorm centring folded")
-    return W_U, "; ".join(notes)
+    M = fold_final_norm(model.W_U.detach(), None if weight is None else weight.detach(), norm)
+    return M, "; ".join(notes)
+
+
+def fold_final_norm(W_U: Tensor, weight: Tensor | None, normalization_type: str) -> Tensor:
+    """[d_model, d_vocab]: diag(weight) @ W_U, then, for a LayerNorm ("LN"/"LNPre"), the centring it applies to its
+    input, folded as subtracting each column's mean over d_model. `weight` None: a norm without weight."""
+    M = W_U if weight is None else fold_norm(weight, W_U, plus_one=False)
+    if normalization_type in ("LN", "LNPre"):
+        M = M - M.mean(0, keepdim=True)
+    return M
 
 
 def input_matrix(model) -> Tensor:
@@ -183,9 +187,10 @@ def analyse_sae(sae, model, cfg: LensConfig, *, vocab: list[str], n_null: int, m
     n = sae.d_sae if max_features <= 0 else min(max_features, sae.d_sae)
     feats = sae_sides(sae.W_enc[:, :n], sae.W_dec[:n], model, cfg, vocab=vocab, dtype=dtype)
     nulls = {}
+    rows = torch.arange(n_null) % sae.d_sae  # n_null null rows, cycling over the SAE's rows for their norms
     for role, kind, offset in (("thr", "random", 1), ("random", "random", 2), ("shuffled", "shuffled", 3)):
-        dec = null_directions(sae.W_dec[:n_null], kind, seed=seed + offset)
-        enc = null_directions(sae.W_enc.T[:n_null], kind, seed=seed + 10 + offset)
+        dec = null_directions(sae.W_dec[rows], kind, seed=seed + offset)
+        enc = null_directions(sae.W_enc.T[rows], kind, seed=seed + 10 + offset)
         nulls[role] = sae_sides(enc.T, dec, model, cfg, vocab=vocab, dtype=dtype, progress=False)
     for side in SIDES:
         thr = thresholds(nulls["thr"], cfg, side)

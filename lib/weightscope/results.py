@@ -33,9 +33,17 @@ def versions() -> dict[str, str]:
     return out
 
 
+def code_fingerprint() -> str:
+    """Hash of the library's source: any edit to weightscope's code invalidates cached results."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cache_key(**parts: Any) -> str:
-    """A short stable hash of JSON-serialisable parts (model, SAEs, parameters, code version)."""
-    blob = json.dumps({**parts, "versions": versions()}, sort_keys=True, default=str)
+    """A short stable hash of JSON-serialisable parts (model, SAEs, parameters) plus code and package versions."""
+    blob = json.dumps({**parts, "versions": versions(), "code": code_fingerprint()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

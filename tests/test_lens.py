@@ -1,0 +1,64 @@
+"""Chapter-1 lens: the folded output matrix, the null-anchored rule, and one SAE end to end on a tiny model."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from weightscope import lens
+
+
+def tiny(norm: str) -> HookedTransformer:
+    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=8, d_head=4, n_heads=4, d_vocab=40, act_fn="gelu",
+                                  normalization_type=norm, seed=0)
+    model = HookedTransformer(cfg)
+    with torch.no_grad():
+        model.ln_final.w.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("norm", ["LN", "RMS"])
+def test_output_matrix_matches_the_norm_applied_to_a_direction(norm):
+    model = tiny(norm)
+    M, note = lens.output_matrix(model)
+    d = torch.randn(16)
+    x = d - d.mean() if norm == "LN" else d  # LayerNorm centres; the 1/scale factor is common to all tokens
+    expected = (x * model.ln_final.w) @ model.W_U
+    torch.testing.assert_close(d @ M, expected, rtol=1e-5, atol=1e-5)
+    assert ("centring" in note) == (norm == "LN")
+
+
+def test_rule_uses_null_quantiles_and_both_tests():
+    cfg = lens.LensConfig(q_concentration=0.9, q_coherence=0.9)
+    null = pd.DataFrame({"dec_kurtosis": np.arange(100.0), "dec_string_sim": np.linspace(0, 0.5, 100),
+                         "dec_emb_cos": np.linspace(0, 0.2, 100)})
+    thr = lens.thresholds(null, cfg, "dec")
+    assert thr["concentration"] == pytest.approx(np.quantile(np.arange(100.0), 0.9))
+    feats = pd.DataFrame({"dec_kurtosis": [200.0, 200.0, 200.0, 1.0],
+                          "dec_string_sim": [0.9, 0.0, 0.0, 0.9],
+                          "dec_emb_cos": [0.0, 0.9, 0.0, 0.9]})
+    out = lens.apply_rule(feats, thr, cfg, "dec")
+    assert out["dec_concentrated"].tolist() == [True, True, True, False]
+    assert out["dec_coherent"].tolist() == [True, True, False, True]
+    assert out["dec_predicts"].tolist() == [True, True, False, False]
+
+
+def test_analyse_sae_on_a_tiny_model():
+    model = tiny("RMS")
+    vocab = [f"t{i}" for i in range(model.cfg.d_vocab)]
+    g = torch.Generator().manual_seed(0)
+    sae = SimpleNamespace(d_sae=24, layer=0, W_enc=torch.randn(16, 24, generator=g), W_dec=torch.randn(24, 16, generator=g))
+    out = lens.analyse_sae(sae, model, lens.LensConfig(k=5, m_coherence=3), vocab=vocab, n_null=50, seed=1)
+    feats, nulls = out["features"], out["nulls"]
+    assert len(feats) == 24 and set(nulls["population"]) == {"null: random", "null: shuffled"} and len(nulls) == 100
+    for side in lens.SIDES:
+        assert feats[f"{side}_predicts"].dtype == bool
+        assert (feats[f"{side}_predicts"] <= feats[f"{side}_concentrated"]).all()
+        # thresholds are constant within a layer and come from the null, not from the features
+        assert feats[f"{side}_thr_concentration"].nunique() == 1
+    # the top output token of feature 0 is the argmax of its folded scores
+    M, _ = lens.output_matrix(model)
+    assert feats.loc[0, "dec_top_tokens"][0] == vocab[int((sae.W_dec[0] @ M).argmax())]
