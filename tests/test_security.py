@@ -21,8 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from weightscope.book import BOOK, LIB, chapter_parameters, chapter_sources, notebook_defaults
+import weightscope
+from weightscope.book import BOOK, chapter_parameters, chapter_sources, notebook_defaults
 from weightscope.params import ParamsError, load_target
+
+LIB = Path(weightscope.__file__).parent  # the library's sources
 
 HF_TOKEN_SHAPE = re.compile(rb"hf_[A-Za-z0-9]{30,}")
 # A secret-like name: `..._token` at the end (hf_token, auth_token, token) or a secret word as a `_` segment.
