@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 
 from weightscope.kernels import (
-    STAT_NAMES,
     fold_norm,
     mean_pairwise_cosine,
     mean_pairwise_string_similarity,
@@ -162,11 +161,6 @@ def sweep(df: pd.DataFrame, null: pd.DataFrame, cfg: LensConfig, prefix: str, *,
             rows.append({"value": float(value), "population": population,
                          "fraction": float(apply_rule(frame, thr, c, prefix)[f"{prefix}_predicts"].mean())})
     return pd.DataFrame(rows)
-
-
-def stat_columns(prefix: str) -> list[str]:
-    """The per-feature statistic columns of one side."""
-    return [f"{prefix}_{s}" for s in (*STAT_NAMES, "string_sim", "emb_cos")]
 
 
 def neuronpedia_url(template: str | None, layer: int, feature: int) -> str | None:
