@@ -333,7 +333,7 @@ def test_sae_attention_reads_table(hook, read_layers):
     # the rows of one reading layer are head_reads of W_dec folded with that layer's ln1
     layer = read_layers[-1]
     block = model.blocks[layer]
-    weights = A._layer_weights(block.attn)
+    weights = A.layer_weights(model, layer)
     folded = A.fold_pre_attention_norm(W_dec, block.ln1.w.detach(), center=False)
     ref = A.head_reads(folded, *weights, progress=False)
     rows = df[df["read_layer"] == layer]

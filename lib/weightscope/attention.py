@@ -454,19 +454,15 @@ def sae_attention_reads(
     if len(feature_ids) != D.shape[0]:
         raise ValueError(f"feature_ids has {len(feature_ids)} entries for {D.shape[0]} rows of W_dec.")
     null = _null_rows(D, n_null, seed=seed)
-    center = model.cfg.normalization_type in ("LN", "LNPre")
     options = dict(chunk_size=chunk_size, dtype=dtype, device=device, progress=False)
 
     parts = []
     bar = _bar(len(layers) * D.shape[0], progress, "attention reads")
     try:
         for layer in layers:
-            block = model.blocks[layer]
-            g = getattr(block.ln1, "w", None)
-            g = None if g is None else g.detach()
-            weights = _layer_weights(block.attn)
-            reads = head_reads(fold_pre_attention_norm(D, g, center=center), *weights, **options)
-            null_reads = head_reads(fold_pre_attention_norm(null, g, center=center), *weights, **options)
+            weights = layer_weights(model, layer)
+            reads = head_reads(read_by_layer(model, D, layer), *weights, **options)
+            null_reads = head_reads(read_by_layer(model, null, layer), *weights, **options)
             parts.append(_layer_frame(reads, null_reads, q, feature_ids, sae_layer, layer))
             bar.update(D.shape[0])
     finally:
@@ -474,8 +470,16 @@ def sae_attention_reads(
     return _concat(parts)
 
 
-def _layer_weights(attn) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(W_Q, W_K, W_V, W_O) of one TransformerLens attention block; the unexpanded kv heads under GQA."""
+def read_by_layer(model, D: Tensor, layer: int) -> Tensor:
+    """D [n, d_model] folded with `blocks[layer].ln1` as that layer's attention reads it (centred for LN models)."""
+    g = getattr(model.blocks[layer].ln1, "w", None)
+    center = model.cfg.normalization_type in ("LN", "LNPre")
+    return fold_pre_attention_norm(D.detach(), None if g is None else g.detach(), center=center)
+
+
+def layer_weights(model, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(W_Q, W_K, W_V, W_O) of `blocks[layer].attn`; the unexpanded [n_kv_heads, ...] kv weights under GQA."""
+    attn = model.blocks[layer].attn
     W_K = attn._W_K if hasattr(attn, "_W_K") else attn.W_K  # GroupedQueryAttention's W_K repeats kv heads
     W_V = attn._W_V if hasattr(attn, "_W_V") else attn.W_V
     return attn.W_Q.detach(), W_K.detach(), W_V.detach(), attn.W_O.detach()
