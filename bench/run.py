@@ -4,14 +4,19 @@ plain operations they replace, in one run on one device.
 
     .venv/bin/python bench/run.py [--quick] [--device cpu|cuda]      (or: make bench)
 
-1. `kernel`:    chapter 1's `token_score_stats(D, M)` against the bare product `D @ M` of the same shape (and
-                against the usual route: the full product, then statistics and top-k), at the demo,
-                GPT-2-small and Gemma-2-2B shapes; on CPU a subset of the features.
+1. `kernel`:    chapter 1's `token_score_stats(D, M)`, eager and fused (torch.compile), against the bare
+                product `D @ M` of the same shape (and against the usual route: the full product, then
+                statistics and top-k), at the demo, GPT-2-small and Gemma-2-2B shapes; on CPU a subset of
+                the features.
 2. `memory`:    peak memory of the usual route against the streaming kernel at Gemma-2-2B shape, each in a
                 fresh subprocess (CPU: peak resident set size above the baseline, Linux VmHWM after
                 resetting it; GPU: torch.cuda.max_memory_allocated above the baseline).
+   `chapter1`:  the whole chapter-1 kernel work of an SAE suite in bf16 (per layer, both sides, 16,384
+                features at Gemma-2-2B shape; on a GPU all 26 layers, on CPU a small subset) against the
+                same products alone.
 3. `attention`: chapter 2's `head_reads` against its three fused products D @ W_Q, D @ W_K, D @ W_V (and a
-                direct route through W_O per head), at Gemma-2-2B's attention shape.
+                direct route through W_O per head), at Gemma-2-2B's attention shape and chapter 2's call size
+                (16,384 features and 4,096 null rows; on CPU with --quick, fewer).
 4. `loading`:   `checkpoints.load_weights(..., mlp=False)` against `AutoModelForCausalLM.from_pretrained` on
                 a random bf16 checkpoint of Gemma-2-2B width and reduced depth (--depth), each load in a
                 fresh subprocess. Skipped with --quick.
@@ -49,8 +54,10 @@ SHAPES = {
     "gpt2-small": {"d_model": 768, "d_vocab": 50257, "n_features": 24576},
     "gemma-2-2b": {"d_model": 2304, "d_vocab": 256000, "n_features": 16384},
 }
-# Gemma-2-2B attention: 8 query heads of 256, 4 key/value heads; its 16k-wide SAEs.
-GEMMA_ATTENTION = {"d_model": 2304, "n_heads": 8, "n_kv_heads": 4, "d_head": 256, "n_features": 16384}
+# Gemma-2-2B attention: 8 query heads of 256, 4 key/value heads; its 16k-wide SAEs. Chapter 2 reads the
+# features and 4,096 null rows in one call per layer: 20,480 rows.
+GEMMA_ATTENTION = {"d_model": 2304, "n_heads": 8, "n_kv_heads": 4, "d_head": 256, "n_features": 16384,
+                   "n_null": 4096}
 GEMMA_2B = {  # Gemma2Config of google/gemma-2-2b (num_hidden_layers is 26 there; --depth here)
     "vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216, "num_attention_heads": 8,
     "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
@@ -59,13 +66,17 @@ GEMMA_2B = {  # Gemma2Config of google/gemma-2-2b (num_hidden_layers is 26 there
 # Features scored per shape (None: all), features in the memory comparison, in the attention benchmark.
 PLANS = {
     ("cpu", False): {"subset": {"demo": None, "gpt2-small": 512, "gemma-2-2b": 64}, "memory": 1024,
-                     "attention": 4096, "repeats": 5},
+                     "attention": None, "repeats": 5,
+                     "chapter1": {"layers": 2, "features": 32}},
     ("cpu", True): {"subset": {"demo": None, "gpt2-small": 128, "gemma-2-2b": 16}, "memory": 256,
-                    "attention": 1024, "repeats": 3},
+                    "attention": 1024, "repeats": 3,
+                    "chapter1": {"layers": 1, "features": 8}},
     ("cuda", False): {"subset": {"demo": None, "gpt2-small": None, "gemma-2-2b": None}, "memory": 8192,
-                      "attention": None, "repeats": 5},
+                      "attention": None, "repeats": 5,
+                      "chapter1": {"layers": 26, "features": None}},
     ("cuda", True): {"subset": {"demo": None, "gpt2-small": 4096, "gemma-2-2b": 2048}, "memory": 2048,
-                     "attention": None, "repeats": 3},
+                     "attention": None, "repeats": 3,
+                     "chapter1": {"layers": 4, "features": None}},
 }
 TOP_K = 10
 
@@ -259,7 +270,8 @@ def bench_kernel(name: str, subset: int | None, device: str, repeats: int, meta:
     reps = repeats * 20 if small else repeats
     routes = {
         "matmul": lambda: D @ M,
-        "token_score_stats": lambda: token_score_stats(D, M, k=TOP_K, progress=False),
+        "token_score_stats": lambda: token_score_stats(D, M, k=TOP_K, progress=False, fused=False),
+        "token_score_stats_fused": lambda: token_score_stats(D, M, k=TOP_K, progress=False, fused=True),
         "naive_route": lambda: naive_token_stats(D, M),
     }
     naive_error = None
@@ -271,23 +283,31 @@ def bench_kernel(name: str, subset: int | None, device: str, repeats: int, meta:
         naive_error = f"out of memory: {str(err).splitlines()[0][:200]}"
         del routes["naive_route"]
         _release(device)
-    timed = time_interleaved(routes, repeats=reps, device=device)
+    timed = time_interleaved(routes, repeats=reps, device=device)  # the warm-up call compiles the fused route
     matmul, kernel, naive = timed["matmul"], timed["token_score_stats"], timed.get("naive_route")
-    # agreement of the two routes on (up to) 256 features: scores and statistics (ids may differ on exact ties)
+    fused = timed["token_score_stats_fused"]
+    # agreement with the usual route on (up to) 256 features: scores and statistics (ids may differ on ties)
     m = min(n, 256)
-    a, b = token_score_stats(D[:m], M, k=TOP_K, progress=False), naive_token_stats(D[:m], M)
-    agree = {stat: float((getattr(a, stat) - b[stat].float()).abs().max() / (b[stat].float().abs().max() + 1e-30))
-             for stat in ("top_scores", "bottom_scores", "mean", "std", "kurtosis", "entropy")}
+    b = naive_token_stats(D[:m], M)
+    agree = {}
+    for label, flag in (("eager", False), ("fused", True)):
+        a = token_score_stats(D[:m], M, k=TOP_K, progress=False, fused=flag)
+        agree[label] = {stat: float((getattr(a, stat) - b[stat].float()).abs().max()
+                                    / (b[stat].float().abs().max() + 1e-30))
+                        for stat in ("top_scores", "bottom_scores", "mean", "std", "kurtosis", "entropy")}
     del D, M
     _release(device)
     return {
         **meta, "benchmark": "kernel", "shape": name, "d_model": d, "d_vocab": V,
         "n_features_model": shape["n_features"], "n_features": n, "k": TOP_K, "flop": flops,
         "matmul": {**matmul, "flop_per_s": flops / matmul["median_s"]},
-        "token_score_stats": {**kernel, "flop_per_s": flops / kernel["median_s"]},
+        "token_score_stats": {**kernel, "flop_per_s": flops / kernel["median_s"], "fused": False},
+        "token_score_stats_fused": {**fused, "flop_per_s": flops / fused["median_s"], "fused": True},
         "naive_route": {**naive, "flop_per_s": flops / naive["median_s"]} if naive else {"error": naive_error},
         "ratio_kernel_over_matmul": kernel["median_s"] / matmul["median_s"],
+        "ratio_fused_over_matmul": fused["median_s"] / matmul["median_s"],
         "ratio_naive_over_kernel": naive["median_s"] / kernel["median_s"] if naive else None,
+        "ratio_naive_over_fused": naive["median_s"] / fused["median_s"] if naive else None,
         "max_rel_diff_kernel_vs_naive": agree, "agreement_features": m,
     }
 
@@ -319,7 +339,9 @@ def worker_memory(spec: dict) -> dict:
     if spec["route"] == "naive":
         fn = lambda: naive_token_stats(D, M)  # noqa: E731
     else:
-        fn = lambda: token_score_stats(D, M, k=TOP_K, progress=False)  # noqa: E731
+        fn = lambda: token_score_stats(D, M, k=TOP_K, progress=False, fused=True)  # noqa: E731
+        for rows in (1, 3):  # compile the fused reduction (one row is its own specialisation) before measuring
+            token_score_stats(D[:rows], M, k=TOP_K, progress=False, fused=True)
     from weightscope.kernels import _auto_chunk_size
 
     chunk = _auto_chunk_size(V, torch.float32, torch.device(device)) if spec["route"] == "streaming" else None
@@ -381,7 +403,8 @@ def bench_attention(n: int | None, device: str, repeats: int, meta: dict) -> dic
 
     a = GEMMA_ATTENTION
     d, nh, nkv, dh = a["d_model"], a["n_heads"], a["n_kv_heads"], a["d_head"]
-    n = a["n_features"] if n is None else min(n, a["n_features"])
+    rows = a["n_features"] + a["n_null"]  # one chapter-2 call: every feature and the null rows
+    n = rows if n is None else min(n, rows)
     W_Q = _randn((nh, d, dh), seed=3, device=device, scale=d**-0.5)
     W_K = _randn((nkv, d, dh), seed=4, device=device, scale=d**-0.5)
     W_V = _randn((nkv, d, dh), seed=5, device=device, scale=d**-0.5)
@@ -417,7 +440,7 @@ def bench_attention(n: int | None, device: str, repeats: int, meta: dict) -> dic
     q, _, v = (x.cpu() for x in direct())
     agree = {"q": float(((reads["q"] - q).abs() / q.abs()).max()), "v": float(((reads["v"] - v).abs() / v.abs()).max())}
     return {
-        **meta, "benchmark": "attention", "shape": "gemma-2-2b attention", **a, "n_features_model": a["n_features"],
+        **meta, "benchmark": "attention", "shape": "gemma-2-2b attention", **a, "n_features_model": rows,
         "n_features": n, "flop_bare": flops,
         "bare_products": {**t_bare, "flop_per_s": flops / t_bare["median_s"]},
         "head_reads": {**t_kernel, "flop_per_s": flops / t_kernel["median_s"]},
@@ -429,6 +452,64 @@ def bench_attention(n: int | None, device: str, repeats: int, meta: dict) -> dic
         "ratio_kernel_without_setup_over_bare": t_reads["median_s"] / t_bare["median_s"],
         "ratio_direct_over_kernel": t_direct["median_s"] / t_kernel["median_s"],
         "max_rel_diff_kernel_vs_direct": agree,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. the whole chapter-1 kernel work of an SAE suite, in bf16, against the bare products alone
+# ----------------------------------------------------------------------------------------------------------
+
+
+def bench_chapter1(layers: int, features: int | None, device: str, repeats: int, meta: dict) -> dict:
+    """Per layer, both sides of chapter 1 (`token_score_stats` of W_dec against the folded unembedding and of
+    W_enc.T against W_E.T) for `features` features (None: all 16,384) of random Gemma-2-2B-shaped weights
+    (bf16 on a GPU, fp32 on a CPU), against the same products alone, in the chunks the kernel would use (the
+    full score matrices would not fit)."""
+    import torch
+
+    from weightscope.kernels import _auto_chunk_size, token_score_stats
+
+    shape = SHAPES["gemma-2-2b"]
+    d, V = shape["d_model"], shape["d_vocab"]
+    n = shape["n_features"] if features is None else min(features, shape["n_features"])
+    # bf16 as the book runs on a GPU; on a CPU the chapters compute in fp32 (`chapter.resolve_dtype`): without
+    # AVX-512-BF16/AMX, torch's CPU bf16 product is emulated, ~35x slower than fp32 on this benchmark's CPU
+    bf16 = torch.bfloat16 if device == "cuda" else torch.float32
+    M_out = _randn((d, V), seed=1, device=device, scale=d**-0.5, dtype=bf16)
+    M_in = _randn((d, V), seed=8, device=device, scale=d**-0.5, dtype=bf16)
+    suite = [(_randn((n, d), seed=100 + layer, device=device, dtype=bf16),  # W_dec of the layer's SAE
+              _randn((n, d), seed=200 + layer, device=device, dtype=bf16))  # W_enc.T
+             for layer in range(layers)]
+    chunk = min(n, _auto_chunk_size(V, bf16, torch.device(device)))
+    buffer = torch.empty(chunk, V, dtype=bf16, device=device)
+
+    def bare():
+        for W_dec, W_enc_T in suite:
+            for D, M in ((W_dec, M_out), (W_enc_T, M_in)):
+                for start in range(0, n, chunk):
+                    rows = min(chunk, n - start)
+                    torch.mm(D[start : start + rows], M, out=buffer[:rows])
+
+    def analysis(fused):
+        def run():
+            for W_dec, W_enc_T in suite:
+                token_score_stats(W_dec, M_out, k=TOP_K, progress=False, fused=fused)
+                token_score_stats(W_enc_T, M_in, k=TOP_K, progress=False, fused=fused)
+        return run
+
+    timed = time_interleaved({"bare_products": bare, "chapter1_fused": analysis(True),
+                              "chapter1_eager": analysis(False)}, repeats=repeats, device=device)
+    flops = 2.0 * 2 * layers * n * d * V
+    del suite, M_out, M_in, buffer
+    _release(device)
+    t_bare = timed["bare_products"]["median_s"]
+    return {
+        **meta, "benchmark": "chapter1", "dtype": str(bf16).removeprefix("torch."), "shape": "gemma-2-2b", "d_model": d, "d_vocab": V,
+        "layers": layers, "layers_model": 26, "n_features": n, "n_features_model": shape["n_features"],
+        "sides": 2, "chunk_size": chunk, "flop": flops,
+        **{name: {**t, "flop_per_s": flops / t["median_s"]} for name, t in timed.items()},
+        "ratio_fused_over_bare": timed["chapter1_fused"]["median_s"] / t_bare,
+        "ratio_eager_over_bare": timed["chapter1_eager"]["median_s"] / t_bare,
     }
 
 
@@ -625,7 +706,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=4, help="blocks in the Gemma-2-2B-width loading checkpoint")
     parser.add_argument("--load-repeats", type=int, default=3, help="fresh-process loads per loader")
     parser.add_argument("--memory-features", type=int, default=None, help="features in the memory comparison")
-    parser.add_argument("--only", default="kernel,memory,attention,loading", help="comma-separated benchmarks")
+    parser.add_argument("--only", default="kernel,memory,chapter1,attention,loading",
+                        help="comma-separated benchmarks")
     parser.add_argument("--kernel-threads", default=None,
                         help="comma-separated torch thread counts for the kernel benchmark (default: torch's "
                              "default, plus 1 on a multi-core CPU in a full run)")
@@ -691,6 +773,12 @@ def main(argv: list[str] | None = None) -> int:
                 _log(f"memory: usual route vs streaming at gemma-2-2b shape, {n} features (subprocesses)")
                 report["results"]["memory"] = bench_memory(n, args.device, max(1, repeats // 2), meta, tmp)
                 _log(f"  peak ratio naive / streaming = {report['results']['memory']['ratio_peak_naive_over_streaming']:.2f}")
+            if "chapter1" in only:
+                spec = plan["chapter1"]
+                _log(f"chapter1: {spec['layers']} layers x {spec['features'] or 'all'} features x 2 sides")
+                report["results"]["chapter1"] = bench_chapter1(spec["layers"], spec["features"], args.device,
+                                                               repeats, meta)
+                _log(f"  ratio fused / bare = {report['results']['chapter1']['ratio_fused_over_bare']:.2f}")
             if "attention" in only:
                 _log(f"attention: head_reads at gemma-2-2b shape ({plan['attention'] or 'all'} features)")
                 report["results"]["attention"] = bench_attention(plan["attention"], args.device, repeats, meta)
@@ -711,6 +799,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _ms(timing: dict) -> str:
+    return f"{timing['median_s'] * 1e3:.1f} ms"
+
+
 def _gb(x: float) -> str:
     return f"{x / 1e9:.2f} GB" if x >= 1e8 else f"{x / 1e6:.1f} MB"
 
@@ -723,18 +815,31 @@ def tables(report: dict) -> str:
                  f"medians of {report['repeats']} runs; load average {report['load_average_start'][0]:.1f} at the "
                  f"start, {report['load_average_end'][0]:.1f} at the end; `{report['command']}`\n")
     if "kernel" in res:
-        lines += ["| shape | features (of) | threads | D @ M | token_score_stats | ratio | usual route | "
-                  "GFLOP/s (D @ M / kernel) |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["| shape | features (of) | threads | D @ M | eager kernel | ratio | fused kernel | ratio | usual route "
+                  "| GFLOP/s (D @ M / eager / fused) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["kernel"]:
+            eager, fused = r["token_score_stats"], r.get("token_score_stats_fused")
             lines.append(
                 f"| {r['shape']} ({r['d_model']} x {r['d_vocab']:,}) | {r['n_features']:,} ({r['n_features_model']:,}) "
-                f"| {r.get('torch_threads', env['torch_threads'])} "
-                f"| {r['matmul']['median_s'] * 1e3:.1f} ms | {r['token_score_stats']['median_s'] * 1e3:.1f} ms "
-                f"| {r['ratio_kernel_over_matmul']:.2f} | "
-                + (f"{r['naive_route']['median_s'] * 1e3:.1f} ms " if "median_s" in r["naive_route"] else "out of memory ")
-                + f"| {r['matmul']['flop_per_s'] / 1e9:.1f} / {r['token_score_stats']['flop_per_s'] / 1e9:.1f} |")
+                f"| {r.get('torch_threads', env['torch_threads'])} | {_ms(r['matmul'])} "
+                f"| {_ms(eager)} | {r['ratio_kernel_over_matmul']:.2f} "
+                + (f"| {_ms(fused)} | {r['ratio_fused_over_matmul']:.2f} " if fused else "| | ")
+                + (f"| {_ms(r['naive_route'])} " if "median_s" in r["naive_route"] else "| out of memory ")
+                + f"| {r['matmul']['flop_per_s'] / 1e9:.1f} / {eager['flop_per_s'] / 1e9:.1f}"
+                + (f" / {fused['flop_per_s'] / 1e9:.1f} |" if fused else " |"))
         lines.append("")
+    if "chapter1" in res:
+        r = res["chapter1"]
+        lines += [f"| chapter 1, gemma-2-2b shape, {r['dtype']} | layers x features x sides | chunk | bare products "
+                  "| fused kernel | ratio | eager kernel | ratio | TFLOP/s (bare / fused) |",
+                  "|---|---|---|---|---|---|---|---|---|",
+                  f"| {'all layers' if r['layers'] == r['layers_model'] else 'a subset'} "
+                  f"| {r['layers']} x {r['n_features']:,} x 2 | {r['chunk_size']:,} "
+                  f"| {r['bare_products']['median_s']:.2f} s | {r['chapter1_fused']['median_s']:.2f} s "
+                  f"| {r['ratio_fused_over_bare']:.2f} | {r['chapter1_eager']['median_s']:.2f} s "
+                  f"| {r['ratio_eager_over_bare']:.2f} | {r['bare_products']['flop_per_s'] / 1e12:.2f} / "
+                  f"{r['chapter1_fused']['flop_per_s'] / 1e12:.2f} |", ""]
     if "memory" in res:
         r = res["memory"]
         x = r["extrapolated_full_width"]

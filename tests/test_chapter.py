@@ -40,5 +40,6 @@ def test_failing_chapter_exits_nonzero_and_leaves_no_partial_notebook(tmp_path):
         assert proc.returncode == 3, proc.stderr[-2000:]
         assert "chapter 01_output_tokens failed for target broken-demo: ParamsError: need 1 <= k <= d_vocab" in proc.stderr
         assert not (out / "01_output_tokens.ipynb").exists()
+        assert "without encryption" not in proc.stderr  # ipykernel's TCP notice is filtered in the kernel
     finally:
         shutil.rmtree(out, ignore_errors=True)

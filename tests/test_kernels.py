@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -97,20 +98,22 @@ def small_integers(shape, seed, low=-2, high=3):
 # 30: plain torch.topk (V < 8k); 100: two-stage top-k; 1500: two-stage with leftover columns
 @pytest.mark.parametrize("d_vocab", [30, 100, 1500])
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 23, 64, None])
-def test_fp32_matches_naive(d_vocab, chunk_size):
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_fp32_matches_naive(d_vocab, chunk_size, fused):
     D, M = gaussian(23, 16, d_vocab)
-    result = K.token_score_stats(D, M, k=5, chunk_size=chunk_size, progress=False)
+    result = K.token_score_stats(D, M, k=5, chunk_size=chunk_size, progress=False, fused=fused)
     assert_matches_naive(result, naive(D, M), rtol=1e-4, atol_scale=1e-5)
     assert result.top_ids.dtype == torch.int64 and result.top_scores.dtype == torch.float32
     assert result.top_ids.shape == (23, 5) and result.entropy.shape == (23,) and result.d_vocab == d_vocab
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_row_blocks_within_a_chunk_match_naive(monkeypatch, dtype):
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_row_blocks_within_a_chunk_match_naive(monkeypatch, dtype, fused):
     # On CPU a chunk is processed in cache-sized row blocks; make them 3 rows so chunks of 10 split 3+3+3+1.
     D, M = gaussian(25, 16, 1100, seed=16)
     monkeypatch.setattr(K, "_CPU_BLOCK_BYTES", 3 * 4 * 1100)
-    result = K.token_score_stats(D.to(dtype), M.to(dtype), k=4, chunk_size=10, progress=False)
+    result = K.token_score_stats(D.to(dtype), M.to(dtype), k=4, chunk_size=10, progress=False, fused=fused)
     if dtype == torch.float32:
         assert_matches_naive(result, naive(D, M), rtol=1e-4, atol_scale=1e-5)
     else:
@@ -134,7 +137,8 @@ def test_dtype_argument_sets_the_product_dtype():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_exact_scores_with_ties_and_fp32_accumulation(dtype):
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_exact_scores_with_ties_and_fp32_accumulation(dtype, fused):
     # Small integers make every score exact in bf16 too, and duplicated columns make exact ties, so any
     # difference comes from the kernel: a wrong tie-break would repeat ids, bf16 accumulation would show up
     # in the mean/moments (sums over 1,000 tokens are not representable in bf16).
@@ -142,7 +146,7 @@ def test_exact_scores_with_ties_and_fp32_accumulation(dtype):
     M = torch.cat([M0, M0, M0, M0, M0[:, :37]], dim=1)  # 837 columns, each value repeated 4-5 times
     D = small_integers((13, 8), seed=4)
     D[5] = 0.0  # a dead feature: every score equal
-    result = K.token_score_stats(D.to(dtype), M.to(dtype), k=6, chunk_size=4, progress=False)
+    result = K.token_score_stats(D.to(dtype), M.to(dtype), k=6, chunk_size=4, progress=False, fused=fused)
     ref = naive(D, M)  # exact in fp32
     live = np.arange(13) != 5
     for name in STATS:
@@ -153,21 +157,23 @@ def test_exact_scores_with_ties_and_fp32_accumulation(dtype):
     assert_valid_extremes(result.bottom_ids, result.bottom_scores, ref["S"], largest=False, atol=0)
 
 
-def test_constant_feature_has_zero_std_nan_shape_and_flat_entropy():
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_constant_feature_has_zero_std_nan_shape_and_flat_entropy(fused):
     D, M = gaussian(3, 8, 300, seed=5)
     D[1] = 0.0
-    result = K.token_score_stats(D, M, k=2, progress=False)
+    result = K.token_score_stats(D, M, k=2, progress=False, fused=fused)
     assert result.std[1] == 0 and result.max[1] == 0 and result.min[1] == 0
     assert all(math.isnan(getattr(result, name)[1]) for name in ("top_z", "skew", "kurtosis"))
     assert result.entropy[1] == pytest.approx(math.log(300), rel=1e-6)
     assert not torch.isnan(result.kurtosis[[0, 2]]).any()
 
 
-def test_large_mean_does_not_cost_precision():
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_large_mean_does_not_cost_precision(fused):
     # Scores around 4e3 with a spread of ~5: raw power sums (E[x^4] - ...) in fp32 would be noise here.
     M = small_integers((8, 600), seed=6) + 500.0
     D = small_integers((6, 8), seed=7, low=1, high=3)  # positive rows, so every score is large
-    result = K.token_score_stats(D, M, k=3, chunk_size=4, progress=False)
+    result = K.token_score_stats(D, M, k=3, chunk_size=4, progress=False, fused=fused)
     ref = naive(D, M)
     assert ref["mean"].min() > 1000
     for name in ("std", "skew", "kurtosis", "top_z", "entropy"):
@@ -175,10 +181,11 @@ def test_large_mean_does_not_cost_precision():
         np.testing.assert_allclose(got, ref[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-def test_peaked_distribution_entropy_near_zero_is_accurate():
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_peaked_distribution_entropy_near_zero_is_accurate(fused):
     D, M = gaussian(4, 16, 2000, seed=8)
     D = D * 200  # one token dominates the softmax
-    result = K.token_score_stats(D, M, k=2, progress=False)
+    result = K.token_score_stats(D, M, k=2, progress=False, fused=fused)
     ref = naive(D, M)
     assert ref["entropy"].max() < 0.01
     np.testing.assert_allclose(result.entropy.numpy(), ref["entropy"], rtol=1e-3, atol=1e-7)
@@ -197,13 +204,44 @@ def test_untied_embedding_and_unembedding_sides():
     assert not torch.equal(enc.top_ids, dec.top_ids)
 
 
+def test_fused_path_compiles_here_and_is_chosen_for_large_calls(monkeypatch):
+    # The fused reduction must really run compiled on this machine (a silent fallback would hide a slow path).
+    D, M = gaussian(6, 8, 400, seed=13)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        K.token_score_stats(D, M, k=3, progress=False, fused=True)
+    assert K._COMPILED["moments"] is not None
+    chosen = []
+    monkeypatch.setattr(K, "_fused_moments_and_entropy", lambda S, smax: chosen.append(True))  # None: eager
+    monkeypatch.setattr(K, "_FUSE_MIN_SCORES", 6 * 400)
+    K.token_score_stats(D[:5], M, k=3, progress=False)  # 2,000 scores: eager
+    assert not chosen
+    K.token_score_stats(D, M, k=3, progress=False)  # 2,400 scores: fused
+    assert chosen
+
+
+def test_fused_path_falls_back_to_eager_once_with_a_warning(monkeypatch):
+    calls = []
+
+    def failing(S, smax):
+        calls.append(1)
+        raise RuntimeError("InductorError: C++ compile error")
+
+    monkeypatch.setitem(K._COMPILED, "moments", failing)
+    D, M = gaussian(9, 16, 500, seed=14)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed.*eagerly"):
+        result = K.token_score_stats(D, M, k=3, chunk_size=4, progress=False, fused=True)
+    assert calls == [1] and K._COMPILED["moments"] is None  # not retried for the next chunks
+    assert_matches_naive(result, naive(D, M), rtol=1e-4, atol_scale=1e-5)
+
+
 def test_chunks_never_exceed_the_requested_or_budgeted_size(monkeypatch):
     seen = []
     original = K._chunk_stats
 
-    def recording(D_chunk, M, k):
+    def recording(D_chunk, M, k, **kwargs):
         seen.append(D_chunk.shape[0])
-        return original(D_chunk, M, k)
+        return original(D_chunk, M, k, **kwargs)
 
     monkeypatch.setattr(K, "_chunk_stats", recording)
     D, M = gaussian(20, 8, 250, seed=10)
@@ -231,11 +269,11 @@ def test_out_of_memory_halves_the_chunk_and_retries(monkeypatch, error):
     seen = []
     original = K._chunk_stats
 
-    def flaky(D_chunk, M, k):
+    def flaky(D_chunk, M, k, **kwargs):
         seen.append(D_chunk.shape[0])
         if D_chunk.shape[0] > 4:
             raise error
-        return original(D_chunk, M, k)
+        return original(D_chunk, M, k, **kwargs)
 
     monkeypatch.setattr(K, "_chunk_stats", flaky)
     D, M = gaussian(30, 16, 1300, seed=11)
@@ -245,7 +283,7 @@ def test_out_of_memory_halves_the_chunk_and_retries(monkeypatch, error):
 
 
 def test_out_of_memory_on_a_single_feature_is_a_clear_error(monkeypatch):
-    def always_oom(D_chunk, M, k):
+    def always_oom(D_chunk, M, k, **kwargs):
         raise RuntimeError("CUDA out of memory.")
 
     monkeypatch.setattr(K, "_chunk_stats", always_oom)
@@ -255,7 +293,7 @@ def test_out_of_memory_on_a_single_feature_is_a_clear_error(monkeypatch):
 
 
 def test_other_errors_are_not_retried(monkeypatch):
-    def broken(D_chunk, M, k):
+    def broken(D_chunk, M, k, **kwargs):
         raise RuntimeError("mat1 and mat2 must have the same dtype")
 
     monkeypatch.setattr(K, "_chunk_stats", broken)

@@ -454,15 +454,16 @@ def sae_attention_reads(
     if len(feature_ids) != D.shape[0]:
         raise ValueError(f"feature_ids has {len(feature_ids)} entries for {D.shape[0]} rows of W_dec.")
     null = _null_rows(D, n_null, seed=seed)
+    rows = torch.cat([D, null])  # features and null rows go through one call a layer: one set-up (QR of W_O)
     options = dict(chunk_size=chunk_size, dtype=dtype, device=device, progress=False)
 
     parts = []
     bar = _bar(len(layers) * D.shape[0], progress, "attention reads")
     try:
         for layer in layers:
-            weights = layer_weights(model, layer)
-            reads = head_reads(read_by_layer(model, D, layer), *weights, **options)
-            null_reads = head_reads(read_by_layer(model, null, layer), *weights, **options)
+            both = head_reads(read_by_layer(model, rows, layer), *layer_weights(model, layer), **options)
+            reads = {name: value[: len(D)] for name, value in both.items()}
+            null_reads = {name: value[len(D) :] for name, value in both.items()}
             parts.append(_layer_frame(reads, null_reads, q, feature_ids, sae_layer, layer))
             bar.update(D.shape[0])
     finally:

@@ -14,6 +14,7 @@ import argparse
 import ast
 import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -29,6 +30,26 @@ from weightscope.results import atomic_write_bytes, code_fingerprint, versions
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 BOOK = REPO_ROOT / "book"
+
+
+class _TcpEncryptionNotice(logging.Filter):
+    """Drops ipykernel's "Kernel is running over TCP without encryption ..." warning, and nothing else.
+
+    ipykernel (>= 7) logs it on its "IPKernelApp" logger, inside the kernel process, whenever the kernel
+    listens on TCP (papermill's default: localhost), so once per chapter. Neither `warnings` nor a logging
+    filter in this process can reach it: `_KERNEL_CONFIG` installs this filter in the kernel's own logging.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Kernel is running over TCP without encryption")
+
+
+# traitlets config for the kernel (`--config`), merged into IPKernelApp's default logging setup; the kernel
+# imports the filter by name (not `__name__`, which is "__main__" under `python -m weightscope.book`)
+_KERNEL_CONFIG = {"IPKernelApp": {"logging_config": {
+    "filters": {"tcp_encryption_notice": {"()": "weightscope.book._TcpEncryptionNotice"}},
+    "loggers": {"IPKernelApp": {"filters": ["tcp_encryption_notice"]}},
+}}}
 
 
 def chapter_sources() -> list[Path]:
@@ -115,10 +136,12 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
         src_nb = Path(tmp) / f"{source.stem}.ipynb"
         nbformat.write(_to_ipynb(source), src_nb)
         done = Path(tmp) / "out.ipynb"
+        kernel_config = Path(tmp) / "kernel_config.json"
+        kernel_config.write_text(json.dumps(_KERNEL_CONFIG))
         try:
             papermill.execute_notebook(
                 str(src_nb), str(done), parameters=params, cwd=str(NOTEBOOKS), progress_bar=False,
-                kernel_name="python3", log_output=False,
+                kernel_name="python3", log_output=False, extra_arguments=[f"--config={kernel_config}"],
             )
         except papermill.PapermillExecutionError as err:
             kept = _keep_failed(done, target, source)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -144,16 +144,8 @@ _TL_LAYER_NAMES = {
 
 
 @dataclass
-class WeightSet:
-    """The tensors `load_weights` read, in TransformerLens conventions, and the model's dimensions.
-
-    W_E [d_vocab, d_model] (times `embed_scale` when `embed_scale_folded`), W_U [d_model, d_vocab],
-    ln_final_w [d_model] (ln_final_b for GPT-2), layers {layer index: LayerWeights} for the layers requested.
-    normalization_type: "RMS" (Gemma, Llama) or "LN" (GPT-2, whose norms also centre their input).
-    embed_scale: the factor the model multiplies its embeddings by (sqrt(d_model) for Gemma, else 1.0);
-    embed_scale_folded: whether W_E already holds it (TransformerLens's convention, the default).
-    config: the checkpoint's config.json; files: the safetensors files read.
-    """
+class _Dims:
+    """The model's shape and norm settings from config.json: the first fields of `WeightSet`."""
 
     arch: str
     d_model: int
@@ -165,6 +157,22 @@ class WeightSet:
     d_mlp: int
     normalization_type: str
     eps: float
+
+
+@dataclass
+class WeightSet(_Dims):
+    """The tensors `load_weights` read, in TransformerLens conventions, and the model's dimensions.
+
+    Dimensions (from config.json): arch, d_model, d_vocab, n_layers, n_heads, n_kv_heads (key/value heads,
+    fewer than n_heads under grouped-query attention), d_head, d_mlp, eps (the norms' epsilon).
+    W_E [d_vocab, d_model] (times `embed_scale` when `embed_scale_folded`), W_U [d_model, d_vocab],
+    ln_final_w [d_model] (ln_final_b for GPT-2), layers {layer index: LayerWeights} for the layers requested.
+    normalization_type: "RMS" (Gemma, Llama) or "LN" (GPT-2, whose norms also centre their input).
+    embed_scale: the factor the model multiplies its embeddings by (sqrt(d_model) for Gemma, else 1.0);
+    embed_scale_folded: whether W_E already holds it (TransformerLens's convention, the default).
+    config: the checkpoint's config.json; files: the safetensors files read.
+    """
+
     W_E: Tensor
     W_U: Tensor
     ln_final_w: Tensor
@@ -419,20 +427,8 @@ def _source_itemsize(safetensors_dtype: str) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Dims:
-    d_model: int
-    d_vocab: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_head: int
-    d_mlp: int
-    eps: float
-    tied: bool
-
-
 def _dims(arch: str, config: dict) -> _Dims:
+    """The dimensions of an `arch` model from its config.json (GPT-2's keys, or Gemma-2's and Llama's)."""
     def need(key: str):
         if key not in config:
             raise CheckpointError(f"config.json of this {arch} checkpoint lacks {key!r}.")
@@ -440,18 +436,21 @@ def _dims(arch: str, config: dict) -> _Dims:
 
     if arch == "gpt2":
         d_model, n_heads = int(need("n_embd")), int(need("n_head"))
-        return _Dims(d_model, int(need("vocab_size")), int(need("n_layer")), n_heads, n_heads,
-                     d_model // n_heads, int(config.get("n_inner") or 4 * d_model),
-                     float(config.get("layer_norm_epsilon", 1e-5)),
-                     bool(config.get("tie_word_embeddings", True)))
+        return _Dims(arch, d_model, int(need("vocab_size")), int(need("n_layer")), n_heads, n_heads,
+                     d_model // n_heads, int(config.get("n_inner") or 4 * d_model), "LN",
+                     float(config.get("layer_norm_epsilon", 1e-5)))
     d_model, n_heads = int(need("hidden_size")), int(need("num_attention_heads"))
     default_head = 256 if arch == "gemma2" else d_model // n_heads  # Gemma2Config's default head_dim is 256
     return _Dims(
-        d_model, int(need("vocab_size")), int(need("num_hidden_layers")), n_heads,
+        arch, d_model, int(need("vocab_size")), int(need("num_hidden_layers")), n_heads,
         int(config.get("num_key_value_heads") or n_heads), int(config.get("head_dim") or default_head),
-        int(need("intermediate_size")), float(config.get("rms_norm_eps", 1e-6)),
-        bool(config.get("tie_word_embeddings", arch == "gemma2")),
+        int(need("intermediate_size")), "RMS", float(config.get("rms_norm_eps", 1e-6)),
     )
+
+
+def _config_ties(arch: str, config: dict) -> bool:
+    """config.json's `tie_word_embeddings`; absent, GPT-2 and Gemma-2 tie (W_U = W_E.T) and Llama does not."""
+    return bool(config.get("tie_word_embeddings", arch != "llama"))
 
 
 def _prefix(reader: _Reader, candidates: tuple[str, ...], probe: str) -> str:
@@ -469,10 +468,10 @@ def _split_heads(W: Tensor, n: int) -> Tensor:
     return W.view(n, -1, W.shape[1]).transpose(1, 2)
 
 
-def _load_rms_model(reader: _Reader, arch: str, dims: _Dims, layers: list[int], mlp: bool,
+def _load_rms_model(reader: _Reader, dims: _Dims, config_ties: bool, layers: list[int], mlp: bool,
                     fold_embed_scale: bool) -> dict:
     """Gemma-2 and Llama: the same tensor names; Gemma adds 1 to its norm weights and scales its embedding."""
-    gemma = arch == "gemma2"
+    gemma = dims.arch == "gemma2"
     p = _prefix(reader, ("model.", ""), "embed_tokens.weight")
     d, V, nh, nkv, dh = dims.d_model, dims.d_vocab, dims.n_heads, dims.n_kv_heads, dims.d_head
 
@@ -484,7 +483,7 @@ def _load_rms_model(reader: _Reader, arch: str, dims: _Dims, layers: list[int], 
     out: dict = {}
     embed_scale = math.sqrt(d) if gemma else 1.0
     W_E = reader.read(p + "embed_tokens.weight", (V, d))
-    if dims.tied or not reader.has("lm_head.weight"):
+    if config_ties or not reader.has("lm_head.weight"):
         W_U = W_E.T
         tied = True
     else:
@@ -521,12 +520,12 @@ def _load_rms_model(reader: _Reader, arch: str, dims: _Dims, layers: list[int], 
     return out
 
 
-def _load_gpt2(reader: _Reader, dims: _Dims, layers: list[int], mlp: bool) -> dict:
+def _load_gpt2(reader: _Reader, dims: _Dims, config_ties: bool, layers: list[int], mlp: bool) -> dict:
     """GPT-2: Conv1D weights stored [in, out]; fused c_attn [d_model, 3 * d_model] = Q | K | V."""
     p = _prefix(reader, ("transformer.", ""), "wte.weight")  # the hub's gpt2 checkpoints have no prefix
     d, V, nh, dh = dims.d_model, dims.d_vocab, dims.n_heads, dims.d_head
     W_E = reader.read(p + "wte.weight", (V, d))
-    if dims.tied or not reader.has("lm_head.weight"):
+    if config_ties or not reader.has("lm_head.weight"):
         W_U, tied = W_E.T, True
     else:
         W_U, tied = reader.read("lm_head.weight", (V, d)).T, False
@@ -558,10 +557,11 @@ def _load_gpt2(reader: _Reader, dims: _Dims, layers: list[int], mlp: bool) -> di
     return out
 
 
-def _load(arch: str, reader: _Reader, dims: _Dims, layers: list[int], mlp: bool, fold: bool) -> dict:
-    if arch == "gpt2":
-        return _load_gpt2(reader, dims, layers, mlp)
-    return _load_rms_model(reader, arch, dims, layers, mlp, fold)
+def _load(reader: _Reader, dims: _Dims, config_ties: bool, layers: list[int], mlp: bool, fold: bool) -> dict:
+    """The tensors of `dims.arch`'s layout; `config_ties`: whether config.json ties the embeddings."""
+    if dims.arch == "gpt2":
+        return _load_gpt2(reader, dims, config_ties, layers, mlp)
+    return _load_rms_model(reader, dims, config_ties, layers, mlp, fold)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -625,12 +625,10 @@ def load_weights(
             )
 
     reader = _Reader(files, dtype, device, check_finite)
-    parts = _load(arch, reader, dims, chosen, mlp, fold_embed_scale)
+    parts = _load(reader, dims, _config_ties(arch, config), chosen, mlp, fold_embed_scale)
     gemma = arch == "gemma2"
     return WeightSet(
-        arch=arch, d_model=dims.d_model, d_vocab=dims.d_vocab, n_layers=dims.n_layers, n_heads=dims.n_heads,
-        n_kv_heads=dims.n_kv_heads, d_head=dims.d_head, d_mlp=dims.d_mlp,
-        normalization_type="LN" if arch == "gpt2" else "RMS", eps=dims.eps,
+        **asdict(dims),
         W_E=parts["W_E"], W_U=parts["W_U"], ln_final_w=parts["ln_final_w"], ln_final_b=parts["ln_final_b"],
         layers=parts["layers"], embed_scale=parts["embed_scale"],
         embed_scale_folded=bool(fold_embed_scale or not gemma), tied_embeddings=parts["tied"],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -47,6 +48,7 @@ _CUDA_FREE_FRACTION = 0.5  # leave the rest of free GPU memory to fragmentation 
 _TOPK_GROUP = 64  # columns per group in the two-stage top-k (see `_topk`)
 _CPU_BLOCK_BYTES = 8 << 20  # rows of scores handled at once on CPU: a few MiB stays in L2/L3 cache
 _EXP_FLOOR = -87.0  # exp(-87) ~ 1.6e-38, just above fp32's smallest normal number
+_FUSE_MIN_SCORES = 1 << 26  # auto-fuse from ~67M scores a call: below, the compile (seconds) outweighs the gain
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -119,6 +121,7 @@ def token_score_stats(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    fused: bool | None = None,
 ) -> TokenScoreStats:
     """Top/bottom-k tokens and distribution statistics of the scores `D @ M`, in one streaming pass.
 
@@ -131,6 +134,10 @@ def token_score_stats(
     dtype: dtype of the matrix product; default the promotion of D's and M's dtypes. Statistics are always
         accumulated in fp32, whatever the product's dtype.
     progress: show a tqdm bar over features.
+    fused: compute the moments and the entropy with one `torch.compile`d reduction (two reads of the
+        scores) instead of a dozen eager passes. None: fused when the call scores at least 2**26 values;
+        below that the one-off compile (seconds, once per process and dtype) costs more than it saves. If
+        compiling fails (no C++ compiler on CPU, no Triton on GPU), warns once and computes eagerly.
 
     Per feature, over the whole vocabulary (scores s_1..s_V, V = d_vocab):
       max, min, mean; std (population, ddof=0); top_z = (max - mean) / std;
@@ -155,6 +162,8 @@ def token_score_stats(
     M = M.to(device=device, dtype=dtype)
     n_features, d_vocab = D.shape[0], M.shape[1]
     out = _empty_results(n_features, k)
+    if fused is None:
+        fused = n_features * d_vocab >= _FUSE_MIN_SCORES
     if chunk_size is None:
         chunk_size = _auto_chunk_size(d_vocab, dtype, device)
     chunk_size = max(1, min(chunk_size, n_features))
@@ -164,7 +173,7 @@ def token_score_stats(
         start = 0
         while start < n_features:
             rows = min(chunk_size, n_features - start)
-            chunk, oom = _try_chunk(D[start : start + rows], M, k, device, dtype)
+            chunk, oom = _try_chunk(D[start : start + rows], M, k, device, dtype, fused)
             if oom:  # the failed chunk's tensors are released by now; retry the same features with half
                 if rows == 1:
                     raise RuntimeError(
@@ -229,10 +238,10 @@ def _empty_results(n_features: int, k: int) -> dict[str, Tensor]:
     return out
 
 
-def _try_chunk(D_rows: Tensor, M: Tensor, k: int, device, dtype) -> tuple[dict[str, Tensor] | None, bool]:
+def _try_chunk(D_rows: Tensor, M: Tensor, k: int, device, dtype, fused: bool) -> tuple[dict | None, bool]:
     """Score one chunk; (results, False), or (None, True) on out-of-memory so the caller can retry."""
     try:
-        return _chunk_stats(D_rows.to(device=device, dtype=dtype), M, k), False
+        return _chunk_stats(D_rows.to(device=device, dtype=dtype), M, k, fused=fused), False
     except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
         if not _is_oom(err):
             raise
@@ -289,29 +298,35 @@ class _NoBar:
         pass
 
 
-def _chunk_stats(D_chunk: Tensor, M: Tensor, k: int) -> dict[str, Tensor]:
+def _chunk_stats(D_chunk: Tensor, M: Tensor, k: int, *, fused: bool = False) -> dict[str, Tensor]:
     """All per-feature results for one chunk. D_chunk: [c, d_model], M: [d_model, d_vocab], same device/dtype.
 
     Returns [c, k] ids/scores and [c] statistics, on the compute device (scores and statistics fp32).
-    On CPU the rows of the product go through in blocks of a few MiB, so that the dozen reductions after
-    the first read hit cache rather than DRAM; on a GPU one block is the whole chunk.
+    On CPU the rows of the product go through in blocks of a few MiB, so that the reductions after the
+    first read hit cache rather than DRAM; on a GPU one block is the whole chunk.
     """
     S = D_chunk @ M  # [c, d_vocab], the only chunk-sized tensor
     c, d_vocab = S.shape
     block = c if S.device.type != "cpu" else max(1, min(c, _CPU_BLOCK_BYTES // (4 * d_vocab)))
-    scratch = torch.empty(block, d_vocab, device=S.device)  # fp32, reused by every block
+    scratch = None if fused else torch.empty(block, d_vocab, device=S.device)  # fp32, reused by every block
     parts = [_block_stats(S[i : i + block], k, scratch) for i in range(0, c, block)]
     if len(parts) == 1:
         return parts[0]
     return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
-def _block_stats(S: Tensor, k: int, scratch: Tensor) -> dict[str, Tensor]:
-    """Results for the rows of S [b, V] (overwritten); scratch: [>= b, V] fp32."""
+def _block_stats(S: Tensor, k: int, scratch: Tensor | None) -> dict[str, Tensor]:
+    """Results for the rows of S [b, V]. scratch: [>= b, V] fp32 for the eager passes (S is then
+    overwritten), or None for the fused reduction (S is only read)."""
     top_scores, top_ids = _topk(S, k, largest=True)
     bottom_scores, bottom_ids = _topk(S, k, largest=False)
     smax, smin = top_scores[:, 0].float(), bottom_scores[:, 0].float()
-    mean, m2, m3, m4, entropy = _moments_and_entropy(S, smax, scratch[: S.shape[0]])
+    moments = _fused_moments_and_entropy(S, smax) if scratch is None else None
+    if moments is None:  # eager by choice, or the compiled reduction is unavailable
+        if scratch is None:
+            scratch = torch.empty(S.shape, device=S.device)
+        moments = _moments_and_entropy(S, smax, scratch[: S.shape[0]])
+    mean, m2, m3, m4, entropy = moments
     std = m2.sqrt()
     return {
         "top_ids": top_ids,
@@ -345,9 +360,6 @@ def _moments_and_entropy(S: Tensor, smax: Tensor, P: Tensor) -> tuple[Tensor, ..
     s2 = P.sum(1) / V
     s4 = torch.linalg.vector_norm(P, dim=1).square_() / V
     s3 = P.mul_(C).sum(1) / V
-    m2 = s2 - d * d
-    m3 = s3 - 3 * d * s2 + 2 * d**3
-    m4 = s4 - 4 * d * s3 + 6 * d * d * s2 - 3 * d**4
     # Entropy with A = s - max <= 0 (no overflow in exp): H = log Z - sum(e^A * A) / Z, Z = sum(e^A).
     # Every term is >= 0, so a peaked distribution (H near 0) loses no precision to cancellation.
     A = C.sub_((smax - mean)[:, None])  # same rounding as C's own maximum, so max(A) is exactly 0
@@ -359,7 +371,58 @@ def _moments_and_entropy(S: Tensor, smax: Tensor, P: Tensor) -> tuple[Tensor, ..
         E = torch.exp(A, out=P)
     Z = E.sum(1)
     entropy = Z.log() - E.mul_(A).sum(1) / Z
-    return mean + d, m2, m3, m4, entropy
+    return (mean + d, *_central_moments(d, s2, s3, s4), entropy)
+
+
+def _moments_and_entropy_functional(S: Tensor, smax: Tensor) -> tuple[Tensor, ...]:
+    """`_moments_and_entropy` without scratch or in-place writes, for torch.compile to fuse into one or two
+    reductions over S [b, V] (read-only, any float dtype; smax [b] fp32). Same formulas, same outputs."""
+    X = S.float()
+    V = X.shape[1]
+    mean = X.sum(1) / V
+    C = X - mean[:, None]
+    d = C.sum(1) / V
+    P = C * C
+    s2, s3, s4 = P.sum(1) / V, (P * C).sum(1) / V, (P * P).sum(1) / V
+    A = C - (smax - mean)[:, None]
+    E = torch.exp(torch.clamp(A, min=_EXP_FLOOR))
+    Z = E.sum(1)
+    entropy = Z.log() - (E * A).sum(1) / Z
+    return (mean + d, *_central_moments(d, s2, s3, s4), entropy)
+
+
+def _central_moments(d: Tensor, s2: Tensor, s3: Tensor, s4: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """m2, m3, m4 about the true mean from the power means s_p about a mean that is off by d."""
+    m2 = s2 - d * d
+    m3 = s3 - 3 * d * s2 + 2 * d**3
+    m4 = s4 - 4 * d * s3 + 6 * d * d * s2 - 3 * d**4
+    return m2, m3, m4
+
+
+_COMPILED: dict[str, object] = {}  # "moments": the compiled reduction, or None once compiling has failed
+
+
+def _fused_moments_and_entropy(S: Tensor, smax: Tensor) -> tuple[Tensor, ...] | None:
+    """The compiled `_moments_and_entropy_functional`; None when torch.compile is unavailable here."""
+    if "moments" not in _COMPILED:
+        _COMPILED["moments"] = torch.compile(_moments_and_entropy_functional, dynamic=True)
+    compiled = _COMPILED["moments"]
+    if compiled is None:
+        return None
+    try:
+        return compiled(S, smax)
+    except Exception as err:  # a backend failure (no compiler, no Triton, ...) falls back to eager
+        if _is_oom(err):
+            raise
+        _COMPILED["moments"] = None
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        warnings.warn(
+            f"token_score_stats: torch.compile failed ({type(err).__name__}: {first_line}); computing the "
+            "statistics eagerly instead (same results, slower). Pass fused=False to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
 
 
 def _topk(S: Tensor, k: int, *, largest: bool) -> tuple[Tensor, Tensor]:
