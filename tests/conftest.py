@@ -14,3 +14,14 @@ for variable, name in (("WEIGHTSCOPE_MODELS", "models"), ("WEIGHTSCOPE_CORPORA",
     if not os.environ.get(variable) and folder.is_dir():
         os.environ[variable] = str(folder)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: it reads this once
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU here; runs where one is present"))])
+def device(request) -> str:
+    """The compute devices a kernel test runs on: the CPU always, a CUDA GPU when one is present."""
+    return request.param

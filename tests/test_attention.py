@@ -113,6 +113,13 @@ def test_head_reads_match_naive_double_loop(n_heads, n_kv, chunk_size):
     assert_reads_close(result, naive_reads(D, *weights), rtol=1e-5)
 
 
+def test_head_reads_on_each_device(device):
+    weights = layer_weights(6, 3)
+    D = randn(13, 12, seed=8)
+    result = A.head_reads(D, *(w.to(device) for w in weights), chunk_size=5, progress=False)
+    assert_reads_close(result, naive_reads(D, *weights), rtol=1e-5)  # results come back to the CPU in fp32
+
+
 def test_head_reads_when_d_head_exceeds_d_model():
     weights = layer_weights(n_heads=2, n_kv=2, d_model=3, d_head=5)  # R factor is then [3, 5], not square
     D = randn(4, 3, seed=6)

@@ -181,6 +181,15 @@ def test_bf16_checkpoint(checkpoints, dtype):
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "llama", "gpt2"])
+def test_loads_onto_each_device(checkpoints, arch, device):
+    _, single, _ = checkpoints[arch]
+    on_device, on_cpu = C.load_weights(single, device=device, mlp=True), C.load_weights(single, mlp=True)
+    for name, tensor in on_cpu.tensors().items():
+        assert on_device.tensors()[name].device.type == device, name
+        assert torch.equal(on_device.tensors()[name].cpu(), tensor), name
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "llama", "gpt2"])
 def test_block_reads_match(checkpoints, arch, monkeypatch):
     """Tensors above the block size are read in row blocks into one output: same values."""
     hf_model, single, _ = checkpoints[arch]

@@ -204,6 +204,20 @@ def test_untied_embedding_and_unembedding_sides():
     assert not torch.equal(enc.top_ids, dec.top_ids)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_device_matches_naive(device, fused, dtype):
+    # operands on the device (M stays there, D moves chunk by chunk); results come back to the CPU
+    D, M = gaussian(37, 32, 2100, seed=15)
+    result = K.token_score_stats(D.to(device, dtype), M.to(device, dtype), k=5, chunk_size=16, progress=False,
+                                 fused=fused)
+    assert result.top_ids.device.type == "cpu" and result.entropy.dtype == torch.float32
+    if dtype == torch.float32:
+        assert_matches_naive(result, naive(D, M), rtol=1e-4, atol_scale=1e-5)
+    else:  # the device's bf16 product may round differently from the CPU's: bf16 tolerances
+        assert_matches_naive(result, naive(D, M, dtype), rtol=2e-2, atol_scale=1e-2)
+
+
 def test_fused_path_compiles_here_and_is_chosen_for_large_calls(monkeypatch):
     # The fused reduction must really run compiled on this machine (a silent fallback would hide a slow path).
     D, M = gaussian(6, 8, 400, seed=13)
