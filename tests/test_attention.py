@@ -120,6 +120,14 @@ def test_head_reads_on_each_device(device):
     assert_reads_close(result, naive_reads(D, *weights), rtol=1e-5)  # results come back to the CPU in fp32
 
 
+def test_head_reads_take_parameters_that_require_grad():
+    weights = layer_weights(4, 2)
+    D = randn(5, 12, seed=9)
+    result = A.head_reads(torch.nn.Parameter(D), *map(torch.nn.Parameter, weights), progress=False)
+    assert not any(value.requires_grad for value in result.values())
+    assert_reads_close(result, naive_reads(D, *weights), rtol=1e-5)
+
+
 def test_head_reads_when_d_head_exceeds_d_model():
     weights = layer_weights(n_heads=2, n_kv=2, d_model=3, d_head=5)  # R factor is then [3, 5], not square
     D = randn(4, 3, seed=6)

@@ -328,6 +328,17 @@ def test_shape_errors_say_what_to_do():
         K.token_score_stats(D[0], M, progress=False)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_parameters_that_require_grad_are_read_without_autograd(fused):
+    # sae-lens SAEs hold their weights as nn.Parameters: the kernel must take them as they are
+    D, M = gaussian(7, 8, 300, seed=17)
+    result = K.token_score_stats(torch.nn.Parameter(D), torch.nn.Parameter(M), k=3, progress=False, fused=fused)
+    assert not result.entropy.requires_grad and len(result.to_frame()) == 7
+    assert_matches_naive(result, naive(D, M), rtol=1e-4, atol_scale=1e-5)
+    E = torch.nn.Parameter(M.T.contiguous())  # [d_vocab, d_model] embeddings
+    assert not K.mean_pairwise_cosine(result.top_ids, E).requires_grad
+
+
 def test_progress_bar_and_empty_input():
     D, M = gaussian(5, 8, 100)
     assert len(K.token_score_stats(D, M, k=2, chunk_size=2, progress=True)) == 5

@@ -161,6 +161,7 @@ def _check_chunk_size(chunk_size: int | None) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()  # weights-only analysis: never build an autograd graph (SAE weights are Parameters)
 def head_reads(
     D: Tensor,
     W_Q: Tensor,
@@ -319,6 +320,7 @@ def _null_rows(D: Tensor, n_null: int, *, seed: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def qk_pairs(
     Dq: Tensor,
     Dk: Tensor,
@@ -410,6 +412,7 @@ def _merge_top(best, S: Tensor, start: int, n_k: int, top: int, sign: str):
 # ----------------------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def sae_attention_reads(
     model,
     W_dec: Tensor,

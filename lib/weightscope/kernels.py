@@ -112,6 +112,7 @@ class TokenScoreStats:
         return stats_frame(self, feature_ids)
 
 
+@torch.no_grad()  # weights-only analysis: never build an autograd graph (SAE weights are Parameters)
 def token_score_stats(
     D: Tensor,
     M: Tensor,
@@ -501,6 +502,7 @@ def mean_pairwise_string_similarity(tokens: Sequence[str]) -> float:
     return sum(1.0 - normalized_levenshtein(a, b) for a, b in pairs) / len(pairs)
 
 
+@torch.no_grad()
 def mean_pairwise_cosine(ids: Tensor, E: Tensor, *, chunk_size: int = 4096) -> Tensor:
     """Mean cosine similarity between the embeddings of each feature's tokens, over distinct pairs.
 
