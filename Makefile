@@ -20,6 +20,8 @@ setup: .venv/.installed
 
 .venv/.installed: requirements.txt pyproject.toml
 	@echo "[setup] installing pinned requirements into .venv (first time: several minutes) ..."
+	@# a .venv whose first setup never finished (interrupted) is made again from scratch
+	@test -f $@ || rm -rf .venv
 	@test -x $(PY) || python3 -m venv .venv
 	@$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	@$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
