@@ -66,16 +66,16 @@ GEMMA_2B = {  # Gemma2Config of google/gemma-2-2b (num_hidden_layers is 26 there
 # Features scored per shape (None: all), features in the memory comparison, in the attention benchmark.
 PLANS = {
     ("cpu", False): {"subset": {"demo": None, "gpt2-small": 512, "gemma-2-2b": 64}, "memory": 1024,
-                     "attention": None, "repeats": 5,
+                     "memory_full_width": True, "attention": None, "repeats": 5,
                      "chapter1": {"layers": 2, "features": 32}},
     ("cpu", True): {"subset": {"demo": None, "gpt2-small": 128, "gemma-2-2b": 16}, "memory": 256,
-                    "attention": 1024, "repeats": 3,
+                    "memory_full_width": False, "attention": 1024, "repeats": 3,
                     "chapter1": {"layers": 1, "features": 8}},
     ("cuda", False): {"subset": {"demo": None, "gpt2-small": None, "gemma-2-2b": None}, "memory": 8192,
-                      "attention": None, "repeats": 5,
+                      "memory_full_width": True, "attention": None, "repeats": 5,
                       "chapter1": {"layers": 26, "features": None}},
     ("cuda", True): {"subset": {"demo": None, "gpt2-small": 4096, "gemma-2-2b": 2048}, "memory": 2048,
-                     "attention": None, "repeats": 3,
+                     "memory_full_width": False, "attention": None, "repeats": 3,
                      "chapter1": {"layers": 4, "features": None}},
 }
 TOP_K = 10
@@ -350,7 +350,8 @@ def worker_memory(spec: dict) -> dict:
     return {**peak.result, "time": timing, "chunk_size": chunk}
 
 
-def bench_memory(n: int, device: str, repeats: int, meta: dict, tmp: Path) -> dict:
+def bench_memory(n: int, device: str, repeats: int, meta: dict, tmp: Path, *, full_width: bool = False) -> dict:
+    """Both routes at n features; with full_width, the streaming route also at all 16,384 features (once)."""
     import torch
 
     shape = SHAPES["gemma-2-2b"]
@@ -364,6 +365,9 @@ def bench_memory(n: int, device: str, repeats: int, meta: dict, tmp: Path) -> di
         spec = {"device": device, "d_model": d, "d_vocab": V, "n_features": n, "m_path": str(m_path),
                 "route": route, "repeats": repeats}
         runs[route] = run_worker("memory", spec)
+    if full_width:  # the usual route would need ~84 GB here: only the streaming kernel runs at full width
+        spec = {**spec, "route": "streaming", "n_features": SHAPES["gemma-2-2b"]["n_features"], "repeats": 1}
+        runs["streaming_full_width"] = run_worker("memory", spec)
     m_path.unlink()
     key = "cuda_peak_delta_bytes" if device == "cuda" else "rss_peak_delta_bytes"
     naive, stream = runs["naive"][key], runs["streaming"][key]
@@ -377,6 +381,7 @@ def bench_memory(n: int, device: str, repeats: int, meta: dict, tmp: Path) -> di
         **meta, "benchmark": "memory", "shape": "gemma-2-2b", "d_model": d, "d_vocab": V, "n_features": n,
         "n_features_model": full, "measure": key, "scores_bytes": 4 * n * V,
         "naive_route": runs["naive"], "streaming": runs["streaming"],
+        "streaming_full_width": runs.get("streaming_full_width"),
         "ratio_peak_naive_over_streaming": naive / max(stream, 1),
         "ratio_time_naive_over_streaming": runs["naive"]["time"]["median_s"] / runs["streaming"]["time"]["median_s"],
         "extrapolated_full_width": {
@@ -771,7 +776,8 @@ def main(argv: list[str] | None = None) -> int:
             if "memory" in only:
                 n = args.memory_features or plan["memory"]
                 _log(f"memory: usual route vs streaming at gemma-2-2b shape, {n} features (subprocesses)")
-                report["results"]["memory"] = bench_memory(n, args.device, max(1, repeats // 2), meta, tmp)
+                report["results"]["memory"] = bench_memory(n, args.device, max(1, repeats // 2), meta, tmp,
+                                                           full_width=plan["memory_full_width"])
                 _log(f"  peak ratio naive / streaming = {report['results']['memory']['ratio_peak_naive_over_streaming']:.2f}")
             if "chapter1" in only:
                 spec = plan["chapter1"]
@@ -849,7 +855,12 @@ def tables(report: dict) -> str:
                   f"{_gb(r['streaming'][r['measure']])} | {r['ratio_peak_naive_over_streaming']:.1f} | "
                   f"{r['ratio_time_naive_over_streaming']:.2f} |",
                   f"| extrapolated | {x['n_features']:,} | {_gb(x['naive_peak_bytes'])} | "
-                  f"{_gb(x['streaming_peak_bytes'])} | {x['ratio_peak_naive_over_streaming']:.0f} | |", ""]
+                  f"{_gb(x['streaming_peak_bytes'])} | {x['ratio_peak_naive_over_streaming']:.0f} | |"]
+        full = r.get("streaming_full_width")
+        if full:
+            lines.append(f"| measured, streaming only | {x['n_features']:,} | | {_gb(full[r['measure']])} | | "
+                         f"{full['time']['median_s']:.1f} s (streaming) |")
+        lines.append("")
     if "attention" in res:
         r = res["attention"]
         lines += ["| gemma-2-2b attention | features | bare products | head_reads | ratio | set-up (QR) | "
