@@ -479,14 +479,14 @@ def bench_chapter1(layers: int, features: int | None, device: str, repeats: int,
     n = shape["n_features"] if features is None else min(features, shape["n_features"])
     # bf16 as the book runs on a GPU; on a CPU the chapters compute in fp32 (`chapter.resolve_dtype`): without
     # AVX-512-BF16/AMX, torch's CPU bf16 product is emulated, ~35x slower than fp32 on this benchmark's CPU
-    bf16 = torch.bfloat16 if device == "cuda" else torch.float32
-    M_out = _randn((d, V), seed=1, device=device, scale=d**-0.5, dtype=bf16)
-    M_in = _randn((d, V), seed=8, device=device, scale=d**-0.5, dtype=bf16)
-    suite = [(_randn((n, d), seed=100 + layer, device=device, dtype=bf16),  # W_dec of the layer's SAE
-              _randn((n, d), seed=200 + layer, device=device, dtype=bf16))  # W_enc.T
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    M_out = _randn((d, V), seed=1, device=device, scale=d**-0.5, dtype=dtype)
+    M_in = _randn((d, V), seed=8, device=device, scale=d**-0.5, dtype=dtype)
+    suite = [(_randn((n, d), seed=100 + layer, device=device, dtype=dtype),  # W_dec of the layer's SAE
+              _randn((n, d), seed=200 + layer, device=device, dtype=dtype))  # W_enc.T
              for layer in range(layers)]
-    chunk = min(n, _auto_chunk_size(V, bf16, torch.device(device)))
-    buffer = torch.empty(chunk, V, dtype=bf16, device=device)
+    chunk = min(n, _auto_chunk_size(V, dtype, torch.device(device)))
+    buffer = torch.empty(chunk, V, dtype=dtype, device=device)
 
     def bare():
         for W_dec, W_enc_T in suite:
@@ -509,7 +509,8 @@ def bench_chapter1(layers: int, features: int | None, device: str, repeats: int,
     _release(device)
     t_bare = timed["bare_products"]["median_s"]
     return {
-        **meta, "benchmark": "chapter1", "dtype": str(bf16).removeprefix("torch."), "shape": "gemma-2-2b", "d_model": d, "d_vocab": V,
+        **meta, "benchmark": "chapter1", "dtype": str(dtype).removeprefix("torch."), "shape": "gemma-2-2b",
+        "d_model": d, "d_vocab": V,
         "layers": layers, "layers_model": 26, "n_features": n, "n_features_model": shape["n_features"],
         "sides": 2, "chunk_size": chunk, "flop": flops,
         **{name: {**t, "flop_per_s": flops / t["median_s"]} for name, t in timed.items()},
@@ -821,8 +822,8 @@ def tables(report: dict) -> str:
                  f"medians of {report['repeats']} runs; load average {report['load_average_start'][0]:.1f} at the "
                  f"start, {report['load_average_end'][0]:.1f} at the end; `{report['command']}`\n")
     if "kernel" in res:
-        lines += ["| shape | features (of) | threads | D @ M | eager kernel | ratio | fused kernel | ratio | usual route "
-                  "| GFLOP/s (D @ M / eager / fused) |",
+        lines += ["| shape | features (of) | threads | D @ M | eager kernel | ratio | fused kernel | ratio "
+                  "| usual route | GFLOP/s (D @ M / eager / fused) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["kernel"]:
             eager, fused = r["token_score_stats"], r.get("token_score_stats_fused")
