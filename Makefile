@@ -29,7 +29,7 @@ setup: .venv/.installed
 	@echo "[setup] .venv ready"
 
 book: .venv/.installed
-	@$(PY) -m weightscope.book --target $(TARGET)
+	@$(PY) -m weightscope.publish.book --target $(TARGET)
 
 test: .venv/.installed
 	@start=$$(date +%s); $(PY) -m pytest; echo "make test: finished in $$(( $$(date +%s) - start )) s"

@@ -258,7 +258,7 @@ def naive_token_stats(D, M, k: int = TOP_K) -> dict:
 def bench_kernel(name: str, subset: int | None, device: str, repeats: int, meta: dict) -> dict:
     import torch
 
-    from weightscope.kernels import token_score_stats
+    from weightscope.compute.token_scores import token_score_stats
 
     shape = SHAPES[name]
     d, V = shape["d_model"], shape["d_vocab"]
@@ -331,7 +331,7 @@ def worker_memory(spec: dict) -> dict:
     import numpy as np
     import torch
 
-    from weightscope.kernels import token_score_stats
+    from weightscope.compute.token_scores import token_score_stats
 
     device, d, V, n = spec["device"], spec["d_model"], spec["d_vocab"], spec["n_features"]
     M = torch.from_numpy(np.fromfile(spec["m_path"], dtype=np.float32).reshape(d, V)).to(device)
@@ -342,9 +342,9 @@ def worker_memory(spec: dict) -> dict:
         fn = lambda: token_score_stats(D, M, k=TOP_K, progress=False, fused=True)  # noqa: E731
         for rows in (1, 3):  # compile the fused reduction (one row is its own specialisation) before measuring
             token_score_stats(D[:rows], M, k=TOP_K, progress=False, fused=True)
-    from weightscope.kernels import _auto_chunk_size
+    from weightscope.compute.streaming import auto_chunk_size
 
-    chunk = _auto_chunk_size(V, torch.float32, torch.device(device)) if spec["route"] == "streaming" else None
+    chunk = auto_chunk_size(V, torch.float32, torch.device(device)) if spec["route"] == "streaming" else None
     with PeakMemory(device) as peak:
         timing = time_runs(fn, repeats=spec["repeats"], device=device, warmup=1 if device == "cuda" else 0)
     return {**peak.result, "time": timing, "chunk_size": chunk}
@@ -404,7 +404,7 @@ def bench_memory(n: int, device: str, repeats: int, meta: dict, tmp: Path, *, fu
 def bench_attention(n: int | None, device: str, repeats: int, meta: dict) -> dict:
     import torch
 
-    from weightscope.attention import _fused_weights, _reads_chunk, head_reads, kv_head_index
+    from weightscope.compute.attention import _fused_weights, _reads_chunk, head_reads, kv_head_index
 
     a = GEMMA_ATTENTION
     d, nh, nkv, dh = a["d_model"], a["n_heads"], a["n_kv_heads"], a["d_head"]
@@ -472,7 +472,8 @@ def bench_chapter1(layers: int, features: int | None, device: str, repeats: int,
     full score matrices would not fit)."""
     import torch
 
-    from weightscope.kernels import _auto_chunk_size, token_score_stats
+    from weightscope.compute.streaming import auto_chunk_size
+    from weightscope.compute.token_scores import token_score_stats
 
     shape = SHAPES["gemma-2-2b"]
     d, V = shape["d_model"], shape["d_vocab"]
@@ -485,7 +486,7 @@ def bench_chapter1(layers: int, features: int | None, device: str, repeats: int,
     suite = [(_randn((n, d), seed=100 + layer, device=device, dtype=dtype),  # W_dec of the layer's SAE
               _randn((n, d), seed=200 + layer, device=device, dtype=dtype))  # W_enc.T
              for layer in range(layers)]
-    chunk = min(n, _auto_chunk_size(V, dtype, torch.device(device)))
+    chunk = min(n, auto_chunk_size(V, dtype, torch.device(device)))
     buffer = torch.empty(chunk, V, dtype=dtype, device=device)
 
     def bare():
@@ -573,7 +574,7 @@ def worker_load(spec: dict) -> dict:
     device, folder = spec["device"], spec["folder"]
     dtype = getattr(torch, spec["dtype"])
     if spec["loader"] == "load_weights":
-        from weightscope.checkpoints import load_weights
+        from weightscope.load.checkpoints import load_weights
 
         with PeakMemory(device) as peak:
             start = time.perf_counter()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from weightscope import attention as A
+from weightscope.compute import attention as A
+from weightscope.compute import folding, streaming
 
 OOM = getattr(torch, "OutOfMemoryError", RuntimeError)
 
@@ -74,14 +75,14 @@ def tiny_model(normalization_type="RMS", n_kv=2, n_layers=4, seed=0):
 
 def test_fold_scales_columns_and_optionally_centres():
     D, g = randn(5, 6, seed=2) + 3.0, randn(6, seed=3)
-    fold = A.fold_pre_attention_norm
+    fold = folding.fold_pre_attention_norm
     np.testing.assert_allclose(fold(D, g, center=False).numpy(), (D * g).numpy(), rtol=1e-6)
     centred = (D - D.mean(1, keepdim=True)) * g
     np.testing.assert_allclose(fold(D, g, center=True).numpy(), centred.numpy(), atol=1e-6)
-    assert torch.equal(A.fold_pre_attention_norm(D, None, center=False), D)
-    assert A.fold_pre_attention_norm(D.bfloat16(), g, center=True).dtype == torch.bfloat16
+    assert torch.equal(folding.fold_pre_attention_norm(D, None, center=False), D)
+    assert folding.fold_pre_attention_norm(D.bfloat16(), g, center=True).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="g \\[d_model\\]"):
-        A.fold_pre_attention_norm(D, g[:5], center=False)
+        folding.fold_pre_attention_norm(D, g[:5], center=False)
 
 
 @pytest.mark.parametrize("normalization_type", ["RMS", "LN"])
@@ -91,7 +92,7 @@ def test_fold_is_what_the_models_own_norm_does_up_to_the_per_row_scale(normaliza
     if normalization_type == "LN":
         torch.nn.init.zeros_(ln1.b)
     D = randn(7, 16, seed=4) + 0.5
-    folded = A.fold_pre_attention_norm(D, ln1.w.detach(), center=normalization_type == "LN")
+    folded = folding.fold_pre_attention_norm(D, ln1.w.detach(), center=normalization_type == "LN")
     with torch.no_grad():
         normed = ln1(D[:, None, :])[:, 0]  # [batch=7, pos=1, d_model]
     ratio = normed / folded  # the norm's 1 / rms (or 1 / std): one constant per row
@@ -211,7 +212,7 @@ def test_out_of_memory_on_one_feature_is_clear_and_other_errors_pass(monkeypatch
 
 
 def test_automatic_chunks_follow_the_memory_budget(monkeypatch):
-    from weightscope import kernels as K
+    from weightscope.compute import token_scores as K
 
     seen, original = [], A._reads_chunk
 
@@ -220,7 +221,7 @@ def test_automatic_chunks_follow_the_memory_budget(monkeypatch):
         return original(D_chunk, **weights)
 
     monkeypatch.setattr(A, "_reads_chunk", recording)
-    monkeypatch.setattr(K, "_memory_budget", lambda device: 5_000)
+    monkeypatch.setattr(streaming, "memory_budget", lambda device: 5_000)
     A.head_reads(randn(40, 12), *layer_weights(4, 2), progress=False)
     assert sum(seen) == 40 and 1 < seen[0] < 40 and len(set(seen[:-1])) == 1
 
@@ -349,7 +350,7 @@ def test_sae_attention_reads_table(hook, read_layers):
     layer = read_layers[-1]
     block = model.blocks[layer]
     weights = A.layer_weights(model, layer)
-    folded = A.fold_pre_attention_norm(W_dec, block.ln1.w.detach(), center=False)
+    folded = folding.fold_pre_attention_norm(W_dec, block.ln1.w.detach(), center=False)
     ref = A.head_reads(folded, *weights, progress=False)
     rows = df[df["read_layer"] == layer]
     for name in "qkv":

@@ -11,13 +11,13 @@ import sys
 
 import pytest
 
-from weightscope.book import BOOK, chapter_sources
+from weightscope.publish.book import BOOK, chapter_sources
 
 pytestmark = pytest.mark.slow
 
 
 def _run_book(*args):
-    return subprocess.run([sys.executable, "-m", "weightscope.book", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "weightscope.publish.book", *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from weightscope.book import BOOK, chapter_sources
+from weightscope.publish.book import BOOK, chapter_sources
 
 HTML = BOOK / "_build" / "html"
 SCREENSHOTS = BOOK / "_build" / "screenshots"
@@ -321,7 +321,7 @@ def _pages() -> list[Path]:
 def book_html() -> Path:
     """The built book: from tests/test_book.py earlier in this session, or built here when it is missing."""
     if not (HTML / "index.html").is_file():
-        proc = subprocess.run([sys.executable, "-m", "weightscope.book", "--target", "demo"],
+        proc = subprocess.run([sys.executable, "-m", "weightscope.publish.book", "--target", "demo"],
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (HTML / "index.html").is_file()

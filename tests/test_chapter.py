@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from weightscope.book import BOOK, REPO_ROOT
-from weightscope.chapter import resolve_device, resolve_dtype
+from weightscope.publish.book import BOOK, REPO_ROOT
+from weightscope.chapters.context import resolve_device, resolve_dtype
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -35,7 +35,7 @@ def test_failing_chapter_exits_nonzero_and_leaves_no_partial_notebook(tmp_path):
                       .replace("chapters: {}", "chapters: {01_output_tokens: {k: 100000}}"))
     out = BOOK / "broken-demo"
     try:
-        proc = subprocess.run([sys.executable, "-m", "weightscope.book", "--target", str(params), "--chapters", "01",
+        proc = subprocess.run([sys.executable, "-m", "weightscope.publish.book", "--target", str(params), "--chapters", "01",
                                "--no-html"], capture_output=True, text=True)
         assert proc.returncode == 3, proc.stderr[-2000:]
         assert "chapter 01_output_tokens failed for target broken-demo: ParamsError: need 1 <= k <= d_vocab" in proc.stderr

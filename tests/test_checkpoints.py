@@ -18,7 +18,8 @@ import shutil
 import pytest
 import torch
 
-from weightscope import checkpoints as C
+from weightscope.compute.folding import fold_final_norm
+from weightscope.load import checkpoints as C
 
 transformers = pytest.importorskip("transformers")
 tl = pytest.importorskip("transformer_lens")
@@ -246,10 +247,9 @@ def test_helpers(checkpoints):
     _, single, _ = checkpoints["gpt2"]
     ws = C.load_weights(single)
     assert ws.W_U.data_ptr() == ws.W_E.data_ptr() and ws.tied_embeddings  # GPT-2 ties: W_U is a view
-    M = ws.output_matrix()
+    M = fold_final_norm(ws.W_U, ws.ln_final_w, ws.normalization_type)
     assert M.shape == (64, V)
     assert torch.allclose(M.mean(0), torch.zeros(V), atol=1e-5)  # LayerNorm centring folded
-    assert ws.input_matrix().shape == (64, V)
     W_Q, W_K, W_V, W_O = ws[0].attention()
     assert W_Q.shape == (4, 64, 16) and W_O.shape == (4, 16, 64)
     path = single / "model.safetensors"

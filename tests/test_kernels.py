@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from weightscope import kernels as K
+from weightscope.compute import folding, streaming
+from weightscope.compute import token_scores as K
 
 STATS = ("max", "min", "mean", "std", "top_z", "skew", "kurtosis", "entropy")
 
@@ -265,7 +266,7 @@ def test_chunks_never_exceed_the_requested_or_budgeted_size(monkeypatch):
     sizes = []
     for budget in (10_000, 20_000):  # automatic size: a few rows' working set (250 fp32 scores a row)
         seen.clear()
-        monkeypatch.setattr(K, "_memory_budget", lambda device: budget)
+        monkeypatch.setattr(streaming, "memory_budget", lambda device: budget)
         K.token_score_stats(D, M, k=2, progress=False)
         assert sum(seen) == 20 and len(set(seen[:-1])) == 1
         sizes.append(seen[0])
@@ -367,11 +368,11 @@ def test_stats_frame_is_tidy():
 def test_fold_norm_scales_rows():
     g = torch.Generator().manual_seed(13)
     w, W = torch.randn(6, generator=g), torch.randn(6, 40, generator=g)
-    torch.testing.assert_close(K.fold_norm(w, W, plus_one=False), torch.diag(w) @ W)
-    torch.testing.assert_close(K.fold_norm(w, W, plus_one=True), torch.diag(1 + w) @ W)
-    assert K.fold_norm(w, W.bfloat16(), plus_one=True).dtype == torch.bfloat16
+    torch.testing.assert_close(folding.fold_norm(w, W, plus_one=False), torch.diag(w) @ W)
+    torch.testing.assert_close(folding.fold_norm(w, W, plus_one=True), torch.diag(1 + w) @ W)
+    assert folding.fold_norm(w, W.bfloat16(), plus_one=True).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="W_U"):
-        K.fold_norm(w, W.T, plus_one=True)
+        folding.fold_norm(w, W.T, plus_one=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

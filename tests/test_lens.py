@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from weightscope import lens
+from weightscope.compute import lens
 
 
 def tiny(norm: str) -> HookedTransformer:

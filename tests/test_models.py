@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from weightscope import llama2c, models
-from weightscope.llama2c import Llama2cEncoder, Llama2cFileError, read_checkpoint, read_tokenizer
+from weightscope.load import llama2c, models
+from weightscope.load.llama2c import Llama2cEncoder, Llama2cFileError, read_checkpoint, read_tokenizer
 
 MODELS = Path(os.environ.get("WEIGHTSCOPE_MODELS", "/nonexistent"))
 CORPORA = Path(os.environ.get("WEIGHTSCOPE_CORPORA", "/nonexistent"))

@@ -5,7 +5,7 @@ import copy
 import pytest
 import yaml
 
-from weightscope.params import ParamsError, available_targets, check_overrides, check_quantile, load_target, parse_target
+from weightscope.config.params import ParamsError, available_targets, check_overrides, check_quantile, load_target, parse_target
 
 GOOD = yaml.safe_load((load_target("demo").path).read_text())
 

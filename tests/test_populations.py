@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from weightscope import populations as P
+from weightscope.compute import populations as P
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import textwrap
 import pandas as pd
 import pytest
 
-from weightscope import results
+from weightscope import io
 
 
 @pytest.fixture(autouse=True)
@@ -18,15 +18,15 @@ def _data(tmp_path, monkeypatch):
 
 def test_roundtrip_and_key():
     df = pd.DataFrame({"feature": [0, 1], "x": [0.5, 2.0]})
-    results.save_table(df, "t", "tab", key="k1", params={"a": 1})
-    pd.testing.assert_frame_equal(results.load_table("t", "tab", key="k1"), df)
-    assert results.load_table("t", "tab", key="other") is None
-    assert results.table_meta("t", "tab")["params"] == {"a": 1}
+    io.save_table(df, "t", "tab", key="k1", params={"a": 1})
+    pd.testing.assert_frame_equal(io.load_table("t", "tab", key="k1"), df)
+    assert io.load_table("t", "tab", key="other") is None
+    assert io.table_meta("t", "tab")["params"] == {"a": 1}
 
 
 def test_missing_table_says_which_chapter_to_run():
     with pytest.raises(FileNotFoundError, match="Run the chapter 01_output_tokens first"):
-        results.require_table("t", "nothing", produced_by="01_output_tokens")
+        io.require_table("t", "nothing", produced_by="01_output_tokens")
 
 
 def test_unwritable_folder_is_reported(tmp_path, monkeypatch):
@@ -35,29 +35,29 @@ def test_unwritable_folder_is_reported(tmp_path, monkeypatch):
     blocker.write_text("not a folder")
     monkeypatch.setenv("WEIGHTSCOPE_DATA", str(blocker / "sub"))
     with pytest.raises(PermissionError, match="cannot create the output folder .*WEIGHTSCOPE_DATA"):
-        results.save_table(pd.DataFrame({"a": [1]}), "t", "tab", key="k", params={})
+        io.save_table(pd.DataFrame({"a": [1]}), "t", "tab", key="k", params={})
     assert not list(tmp_path.rglob("*.parquet"))
 
 
 def test_killed_write_leaves_old_file(tmp_path):
     """A child process is killed in the middle of writing a large table: the old table must survive intact."""
     old = pd.DataFrame({"x": [1.0, 2.0]})
-    results.save_table(old, "t", "tab", key="old", params={})
+    io.save_table(old, "t", "tab", key="old", params={})
     script = textwrap.dedent(
         f"""
         import os, signal, pandas as pd
-        from weightscope import results
+        from weightscope import io
         real = os.replace
         def die(*a, **k):  # killed after the temporary file is complete but before the rename
             os.kill(os.getpid(), signal.SIGKILL)
         os.replace = die
-        results.save_table(pd.DataFrame({{"x": range(100000)}}), "t", "tab", key="new", params={{}})
+        io.save_table(pd.DataFrame({{"x": range(100000)}}), "t", "tab", key="new", params={{}})
         """
     )
     env = {**os.environ, "WEIGHTSCOPE_DATA": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", script], env=env)
     assert proc.returncode == -9
-    back = results.load_table("t", "tab", key="old")
+    back = io.load_table("t", "tab", key="old")
     pd.testing.assert_frame_equal(back, old)
 
 
@@ -74,12 +74,12 @@ def test_layer_tables_resume_at_first_missing_layer():
         return {"a": pd.DataFrame({"layer": [sae.layer] * 2, "x": [1.0, 2.0]}), "b": pd.DataFrame({"y": [sae.layer]})}
 
     saes = [_SAE(0), _SAE(1), _SAE(2)]
-    first = results.layer_tables("t", "ch", saes, {"p": 1}, compute)
+    first = io.layer_tables("t", "ch", saes, {"p": 1}, compute)
     assert calls == [0, 1, 2] and len(first["a"]) == 6 and first["b"]["y"].tolist() == [0, 1, 2]
     # a run killed during layer 1: its completion marker was never written
-    results.table_path("t", "ch/layer_01_parts").unlink()
-    again = results.layer_tables("t", "ch", saes, {"p": 1}, compute)
+    io.table_path("t", "ch/layer_01_parts").unlink()
+    again = io.layer_tables("t", "ch", saes, {"p": 1}, compute)
     assert calls == [0, 1, 2, 1]
     pd.testing.assert_frame_equal(again["a"], first["a"])
-    results.layer_tables("t", "ch", saes, {"p": 2}, compute)  # new parameters: everything recomputed
+    io.layer_tables("t", "ch", saes, {"p": 2}, compute)  # new parameters: everything recomputed
     assert calls == [0, 1, 2, 1, 0, 1, 2]

@@ -19,8 +19,9 @@ from sae_lens import (
 from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from weightscope import demo_saes, saes
-from weightscope.saes import SAEError
+from weightscope.prepare import demo_saes
+from weightscope.load import saes
+from weightscope.load.saes import SAEError
 
 D_MODEL, N_LAYERS = 16, 2
 pytestmark = pytest.mark.filterwarnings("ignore:(?s).*non-empty model_from_pretrained_kwargs")
@@ -308,7 +309,7 @@ def test_real_demo_model_tiny_run(tmp_path, monkeypatch):
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["complete"] and manifest["layers"] == [0, 1, 2, 3, 4]
     assert manifest["model"]["sha256"] == "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696"
-    from weightscope.models import load_model
+    from weightscope.load.models import load_model
 
     loaded = saes.load_saes(root, model=load_model("stories260K"))
     assert [s.layer for s in loaded] == [0, 1, 2, 3, 4] and all(s.d_in == 64 for s in loaded)

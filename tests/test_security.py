@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 import weightscope
-from weightscope.book import BOOK, chapter_parameters, chapter_sources, notebook_defaults
-from weightscope.params import ParamsError, load_target
+from weightscope.publish.book import BOOK, chapter_parameters, chapter_sources, notebook_defaults
+from weightscope.config.params import ParamsError, load_target
 
 LIB = Path(weightscope.__file__).parent  # the library's sources
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from weightscope.paths import results_dir
+from weightscope.config.paths import results_dir
 
 _PACKAGES = ("weightscope", "torch", "transformer-lens", "sae-lens", "pandas")
 

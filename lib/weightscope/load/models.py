@@ -16,10 +16,10 @@ import torch
 from huggingface_hub import hf_hub_download
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from weightscope import paths
-from weightscope.params import PROCESSING_FLAGS  # TransformerLens processing options; all off unless asked for
-from weightscope.llama2c import KNOWN_SHA256, Llama2cCheckpoint, read_checkpoint
-from weightscope.tokenizer import Llama2cTokenizer
+from weightscope.config import paths
+from weightscope.config.params import PROCESSING_FLAGS  # TransformerLens processing options; all off unless asked for
+from weightscope.load.llama2c import KNOWN_SHA256, Llama2cCheckpoint, read_checkpoint
+from weightscope.load.tokenizer import Llama2cTokenizer
 
 DEMO_MODEL = "stories260K"
 HUB_REPO = "karpathy/tinyllamas"

@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from weightscope.compute.streaming import auto_chunk_size, is_oom, progress_bar, release_cache
+
 if TYPE_CHECKING:  # pandas is only needed by `stats_frame`
     import pandas as pd
 
 __all__ = [
     "STAT_NAMES",
     "TokenScoreStats",
-    "fold_norm",
     "mean_pairwise_cosine",
     "mean_pairwise_string_similarity",
     "normalize_token",
@@ -43,35 +44,10 @@ __all__ = [
 # Per-feature statistics of the full score distribution, in the order `stats_frame` lists them.
 STAT_NAMES = ("max", "min", "mean", "std", "top_z", "skew", "kurtosis", "entropy")
 
-_CPU_BUDGET_BYTES = 1 << 30  # a conservative working-set budget on CPU
-_CUDA_FREE_FRACTION = 0.5  # leave the rest of free GPU memory to fragmentation and other users
 _TOPK_GROUP = 64  # columns per group in the two-stage top-k (see `_topk`)
 _CPU_BLOCK_BYTES = 8 << 20  # rows of scores handled at once on CPU: a few MiB stays in L2/L3 cache
 _EXP_FLOOR = -87.0  # exp(-87) ~ 1.6e-38, just above fp32's smallest normal number
 _FUSE_MIN_SCORES = 1 << 26  # auto-fuse from ~67M scores a call: below, the compile (seconds) outweighs the gain
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Norm folding
-# ----------------------------------------------------------------------------------------------------------
-
-
-def fold_norm(weight: Tensor, W: Tensor, *, plus_one: bool) -> Tensor:
-    """Fold a final norm's elementwise weight into the matrix that follows it: `diag(scale) @ W`.
-
-    weight: [d_model] the norm's weight; W: [d_model, d_vocab] (e.g. W_U). Returns [d_model, d_vocab] in
-    W's dtype. `plus_one=True` for Gemma's RMSNorm, which multiplies by `1 + weight`; False for
-    LayerNorm/Llama-style RMSNorm. The scale is formed in fp32 (as Gemma does) before the product.
-    """
-    if weight.ndim != 1 or W.ndim != 2 or weight.shape[0] != W.shape[0]:
-        raise ValueError(
-            f"fold_norm needs weight [d_model] and W [d_model, d_vocab]; got weight {tuple(weight.shape)} "
-            f"and W {tuple(W.shape)}. Pass W_U (not W_U.T), or W_E.T for an embedding matrix."
-        )
-    scale = weight.to(device=W.device, dtype=torch.float32)
-    if plus_one:
-        scale = scale + 1.0
-    return (scale[:, None] * W.float()).to(W.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,10 +143,10 @@ def token_score_stats(
     if fused is None:
         fused = n_features * d_vocab >= _FUSE_MIN_SCORES
     if chunk_size is None:
-        chunk_size = _auto_chunk_size(d_vocab, dtype, device)
+        chunk_size = auto_chunk_size(d_vocab, dtype, device)
     chunk_size = max(1, min(chunk_size, n_features))
 
-    bar = _progress_bar(n_features, progress)
+    bar = progress_bar(n_features, progress)
     try:
         start = 0
         while start < n_features:
@@ -184,7 +160,7 @@ def token_score_stats(
                         "pass device='cpu' or a smaller dtype."
                     )
                 chunk_size = rows // 2
-                _release_cache(device)
+                release_cache(device)
                 continue
             for name, value in chunk.items():
                 out[name][start : start + rows] = value.cpu()
@@ -245,59 +221,9 @@ def _try_chunk(D_rows: Tensor, M: Tensor, k: int, device, dtype, fused: bool) ->
     try:
         return _chunk_stats(D_rows.to(device=device, dtype=dtype), M, k, fused=fused), False
     except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
-        if not _is_oom(err):
+        if not is_oom(err):
             raise
     return None, True  # outside the except block, so the traceback (and the chunk's tensors) is gone
-
-
-def _is_oom(err: BaseException) -> bool:
-    oom_type = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-    if isinstance(err, (oom_type, MemoryError)):
-        return True
-    message = str(err).lower()
-    return "out of memory" in message or "can't allocate memory" in message  # CUDA / CPU allocators
-
-
-def _release_cache(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _auto_chunk_size(d_vocab: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Features per chunk so that one chunk's working set fits the device's memory budget."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    # scores in `dtype`, their fp32 copy (same tensor for fp32), one fp32 scratch, top-k temporaries
-    bytes_per_row = d_vocab * (itemsize + 4 * (3 if itemsize < 4 else 2))
-    return max(1, _memory_budget(device) // bytes_per_row)
-
-
-def _memory_budget(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free * _CUDA_FREE_FRACTION)
-    try:
-        import psutil
-    except ImportError:
-        return _CPU_BUDGET_BYTES
-    return int(min(_CPU_BUDGET_BYTES, psutil.virtual_memory().available // 4))
-
-
-def _progress_bar(total: int, enabled: bool):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        enabled = False
-    if not enabled:
-        return _NoBar()
-    return tqdm(total=total, unit="feature", desc="token scores")
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _chunk_stats(D_chunk: Tensor, M: Tensor, k: int, *, fused: bool = False) -> dict[str, Tensor]:
@@ -414,7 +340,7 @@ def _fused_moments_and_entropy(S: Tensor, smax: Tensor) -> tuple[Tensor, ...] | 
     try:
         return compiled(S, smax)
     except Exception as err:  # a backend failure (no compiler, no Triton, ...) falls back to eager
-        if _is_oom(err):
+        if is_oom(err):
             raise
         _COMPILED["moments"] = None
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]

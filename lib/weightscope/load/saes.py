@@ -17,6 +17,7 @@ Conventions:
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import warnings
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from weightscope.config import paths
 
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -131,17 +134,15 @@ def load_saes(
       ("layer_3/width_16k/canonical"); they are all checked before anything is downloaded.
     - Local folder: either one SAE saved by sae-lens (`cfg.json` + `sae_weights.safetensors`), or a folder of
       such folders; then `sae_ids` name subfolders (an int L means "layer_L"), None loads them all.
-    - "demo": the project's demo SAEs (trained on first use, see `weightscope.demo_saes`); ids as for a
-      folder.
+    - "demo": the project's demo SAEs, prepared beforehand by `weightscope.prepare.demo_saes` (`make book` does
+      it); ids as for a folder. Loading never trains: missing demo SAEs are a clear `SAEError`.
 
     With `model`, every SAE is checked with `check_fits`. `dtype` (e.g. "float32") overrides the stored one.
     """
     ids = [sae_ids] if isinstance(sae_ids, (str, int)) else (list(sae_ids) if sae_ids is not None else None)
     dtype_str = _dtype_str(dtype)
     if str(source) == "demo":
-        from weightscope.demo_saes import ensure_demo_saes
-
-        loaded = _load_folder(ensure_demo_saes(progress=True), ids, device, dtype_str, label="demo")
+        loaded = _load_folder(demo_sae_folder(), ids, device, dtype_str, label="demo")
     elif _looks_like_path(source):
         loaded = _load_folder(Path(source).expanduser(), ids, device, dtype_str, label=str(source))
     else:
@@ -150,6 +151,29 @@ def load_saes(
         for sae in loaded:
             check_fits(sae, model)
     return loaded
+
+
+def demo_sae_folder(config: str = "default") -> Path:
+    """The folder of the prepared demo SAEs of `config`, named by the pointer file the prepare stage writes.
+
+    Raises SAEError, saying how to prepare them, when they have not been prepared (or were removed).
+    """
+    pointer = demo_sae_pointer(config)
+    try:
+        folder = Path(json.loads(pointer.read_text())["folder"])
+    except (OSError, ValueError, KeyError, TypeError):
+        folder = None
+    if folder is None or not (folder / "manifest.json").is_file():
+        raise SAEError(
+            f"the demo SAEs ({config!r}) have not been prepared yet (no {pointer}). `make book` prepares them "
+            f"(about 10 minutes on a CPU, once); or run `python -m weightscope.prepare.demo_saes`."
+        )
+    return folder
+
+
+def demo_sae_pointer(config: str = "default") -> Path:
+    """`data/cache/demo_saes/<config>.json`: which folder holds the prepared demo SAEs of `config`."""
+    return paths.cache_dir() / "demo_saes" / f"{config}.json"
 
 
 def _dtype_str(dtype: str | torch.dtype | None) -> str | None:
@@ -184,7 +208,7 @@ def validate_release(release: str, sae_ids: list[str] | None) -> list[str]:
         hint = f" Close matches: {close}." if close else ""
         raise SAEError(
             f"unknown sae-lens release {release!r}.{hint} See sae_lens's pretrained_saes.yaml "
-            "(weightscope.saes.pretrained_directory() lists all releases), or pass a local folder."
+            "(weightscope.load.saes.pretrained_directory() lists all releases), or pass a local folder."
         )
     known = list(directory[release].saes_map)
     if not sae_ids:

@@ -30,7 +30,7 @@ Metrics (`metrics.json`, `manifest.json`) are computed by this module on held-ou
 excluded as in training: explained variance 1 - sum|x - x_hat|^2 / sum|x - mean x|^2, mean L0, the fraction of
 features that never fire, and the MSE (mean over tokens of |x - x_hat|^2, sae-lens's convention).
 
-Run `python -m weightscope.demo_saes` (add `--config tiny` for a seconds-long smoke run) to train from the
+Run `python -m weightscope.prepare.demo_saes` (add `--config tiny` for a seconds-long smoke run) to train from the
 shell.
 """
 
@@ -56,8 +56,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from weightscope.paths import cache_dir, corpora_dir, models_dir
-from weightscope.results import atomic_write_json, versions
+from weightscope.config.paths import cache_dir, corpora_dir, models_dir
+from weightscope.load.saes import demo_sae_pointer
+from weightscope.io import atomic_write_json, versions
 
 BOS_ID = 1  # llama2.c vocabularies: 0 <unk>, 1 <s> (BOS), 2 </s>
 CASED_FILE = "tinystories/tinystories_cased.txt"
@@ -157,6 +158,7 @@ def ensure_demo_saes(
     missing = [layer for layer in wanted if not _layer_complete(root, layer)]
     if not missing and (root / "manifest.json").is_file():
         say(f"demo SAEs: all {len(wanted)} layers cached in {root}")
+        _point_to(cfg, root)
         return root
     model = model if model is not None else _load_model(cfg.model)
     encode = encode or _default_encoder(cfg.model)
@@ -179,7 +181,13 @@ def ensure_demo_saes(
     shutil.rmtree(root / ACTS_DIR, ignore_errors=True)  # every layer is done: the activations are not needed
     total = read_manifest(root)["total_training_time_s"]
     say(f"demo SAEs: done; training time of the {len(wanted)} layers {total:.0f} s")
+    _point_to(cfg, root)
     return root
+
+
+def _point_to(cfg: DemoSAEConfig, root: Path) -> None:
+    """Record `root` as the prepared folder of `cfg`: what `load.saes.load_saes("demo")` reads."""
+    atomic_write_json(demo_sae_pointer(cfg.name), {"config": cfg.name, "folder": str(root)})
 
 
 def demo_sae_dir(config: DemoSAEConfig | str = DEFAULT, *, model=None, encode=None) -> Path:
@@ -225,14 +233,14 @@ def _corpus_paths(cfg: DemoSAEConfig) -> list[Path]:
 
 
 def _model_folder(name: str) -> Path:
-    """`WEIGHTSCOPE_MODELS/<name>`, else the download cache that `weightscope.models` fills."""
+    """`WEIGHTSCOPE_MODELS/<name>`, else the download cache that `weightscope.load.models` fills."""
     candidates = ([models_dir() / name] if models_dir() is not None else []) + [cache_dir() / "models" / name]
     for folder in candidates:
         if (folder / f"{name}.bin").is_file():
             return folder
     raise DemoSAEError(
         f"cannot find the {name} checkpoint in {[str(c) for c in candidates]}: set WEIGHTSCOPE_MODELS to the "
-        f"folder holding {name}/ (or load the model once with weightscope.models.load_model to download it), "
+        f"folder holding {name}/ (or load the model once with weightscope.load.models.load_model to download it), "
         "or pass `model=` and `encode=`."
     )
 
@@ -292,7 +300,7 @@ def _cache_key(cfg: DemoSAEConfig, sources: dict[str, Any]) -> str:
 def processing_flags(model) -> dict[str, bool]:
     """TransformerLens processing flags the model was loaded with, only those switched on ({} = unprocessed).
 
-    `weightscope.models.load_model` records them in `model.weightscope_processing`; sae-lens stores them in
+    `weightscope.load.models.load_model` records them in `model.weightscope_processing`; sae-lens stores them in
     the SAE's `metadata.model_from_pretrained_kwargs` (and warns on load whenever they are non-empty).
     """
     return {k: v for k, v in (getattr(model, "weightscope_processing", None) or {}).items() if v}
@@ -312,24 +320,24 @@ def _wanted_layers(cfg: DemoSAEConfig, model) -> list[int]:
         return list(cfg.layers)
     if model is not None:
         return list(range(model.cfg.n_layers))
-    from weightscope.llama2c import read_checkpoint
+    from weightscope.load.llama2c import read_checkpoint
 
     return list(range(read_checkpoint(_model_folder(cfg.model) / f"{cfg.model}.bin").config.n_layers))
 
 
 def _load_model(name: str):
     try:
-        from weightscope.models import load_model
+        from weightscope.load.models import load_model
     except ImportError as exc:
         raise DemoSAEError(
-            "weightscope.models.load_model is not available, so the demo model cannot be loaded; "
+            "weightscope.load.models.load_model is not available, so the demo model cannot be loaded; "
             "pass `model=` (a HookedTransformer) and `encode=`."
         ) from exc
     return load_model(name)
 
 
 def _default_encoder(name: str) -> Callable[[str], list[int]]:
-    from weightscope.llama2c import load_encoder
+    from weightscope.load.llama2c import load_encoder
 
     encoder = load_encoder(_model_folder(name) / "tok512.bin")
     return lambda text: encoder.encode(text, bos=True)
@@ -770,7 +778,7 @@ def _write_manifest(cfg: DemoSAEConfig, root: Path, wanted: list[int], sources: 
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m weightscope.demo_saes",
+    parser = argparse.ArgumentParser(prog="python -m weightscope.prepare.demo_saes",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="default", choices=sorted(CONFIGS))
     parser.add_argument("--quiet", action="store_true", help="no progress output")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizer
 
-from weightscope.llama2c import BOS_ID, EOS_ID, UNK_ID, Llama2cEncoder, read_tokenizer
+from weightscope.load.llama2c import BOS_ID, EOS_ID, UNK_ID, Llama2cEncoder, read_tokenizer
 
 SPECIAL_NAMES = {UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
 

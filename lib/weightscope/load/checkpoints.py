@@ -222,16 +222,6 @@ class WeightSet(_Dims):
             seen[storage.data_ptr()] = storage.nbytes()
         return sum(seen.values())
 
-    def output_matrix(self) -> Tensor:
-        """[d_model, d_vocab]: W_U with the final norm folded in, as `lens.output_matrix` builds it."""
-        from weightscope.lens import fold_final_norm
-
-        return fold_final_norm(self.W_U, self.ln_final_w, self.normalization_type)  # the stored weight is the multiplier
-
-    def input_matrix(self) -> Tensor:
-        """[d_model, d_vocab] = W_E.T, the embeddings as they enter the residual stream (when folded)."""
-        return self.W_E.T
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Locating the checkpoint
@@ -328,7 +318,7 @@ def detect_arch(config: dict) -> str:
         f"Unsupported architecture: model_type={model_type!r}, "
         f"architectures={config.get('architectures')!r}. "
         f"load_weights reads {', '.join(SUPPORTED_ARCHS)} checkpoints (model_type gemma2, llama, gpt2); "
-        "load other models with weightscope.models.load_model (TransformerLens)."
+        "load other models with weightscope.load.models.load_model (TransformerLens)."
     )
 
 

@@ -12,7 +12,7 @@ orthogonally, which keeps their norms. Biases are left out (a read is the direct
 and so is the norm's division by the residual's RMS, which scales every direction at a layer alike: compare
 reads against a null of random directions of equal norms (`null_zscores`), not across layers in raw units.
 
-`head_reads` streams over chunks of features like `kernels.token_score_stats` (chunk size from free memory,
+`head_reads` streams over chunks of features like `token_scores.token_score_stats` (chunk size from free memory,
 halved on out-of-memory); `qk_pairs` streams the bilinear query-key scores of one head keeping a running top;
 `sae_attention_reads` runs the lot over every reading layer of a TransformerLens model into a long table.
 """
@@ -20,19 +20,15 @@ halved on out-of-memory); `qk_pairs` streams the bilinear query-key scores of on
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from weightscope.kernels import (
-    _auto_chunk_size,
-    _is_oom,
-    _progress_bar,
-    _release_cache,
-    random_directions_like,
-)
+from weightscope.compute.folding import fold_pre_attention_norm
+from weightscope.compute.streaming import auto_chunk_size, check_chunk_size, progress_bar, stream
+from weightscope.compute.token_scores import random_directions_like
 
 if TYPE_CHECKING:  # pandas is only needed by the table builders
     import pandas as pd
@@ -40,7 +36,7 @@ if TYPE_CHECKING:  # pandas is only needed by the table builders
 __all__ = [
     "READ_NAMES",
     "first_reading_layer",
-    "fold_pre_attention_norm",
+    
     "head_reads",
     "kv_head_index",
     "null_zscores",
@@ -56,30 +52,8 @@ _READ_OFFSET = {"resid_pre": 0, "resid_mid": 1, "resid_post": 1, "attn_out": 1, 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Folding and head bookkeeping
+# Head bookkeeping
 # ----------------------------------------------------------------------------------------------------------
-
-
-def fold_pre_attention_norm(D: Tensor, g: Tensor | None, *, center: bool) -> Tensor:
-    """D~ = (D - mean(D, over d_model) if center else D) * g: directions as the heads' W_Q/W_K/W_V see them.
-
-    D: [n, d_model]; g: [d_model] the norm weight exactly as TransformerLens stores it (the multiplier
-    applied: its Gemma conversion already holds Gemma's `1 + weight`), or None for a weightless norm (LNPre,
-    RMSPre).
-    center=True for LayerNorm models ("LN", "LNPre"), whose norm subtracts the mean before scaling.
-    Returns [n, d_model] in D's dtype and device, computed in fp32.
-    """
-    if D.ndim != 2 or (g is not None and (g.ndim != 1 or g.shape[0] != D.shape[1])):
-        raise ValueError(
-            f"fold_pre_attention_norm needs D [n, d_model] and g [d_model]; got D {tuple(D.shape)} and "
-            f"g {None if g is None else tuple(g.shape)}."
-        )
-    X = D.float()
-    if center:
-        X = X - X.mean(1, keepdim=True)
-    if g is not None:
-        X = X * g.to(device=D.device, dtype=torch.float32)
-    return X.to(D.dtype)
 
 
 def kv_head_index(n_heads: int, n_kv_heads: int) -> Tensor:
@@ -106,54 +80,6 @@ def first_reading_layer(sae_layer: int, hook: str) -> int:
             f"{sorted('hook_' + k for k in _READ_OFFSET)} (an SAE on the residual stream or a block output)."
         )
     return sae_layer + _READ_OFFSET[kind]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Streaming helper (shared by head_reads and qk_pairs)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _stream(
-    n: int, chunk_size: int, compute: Callable[[int, int], object], device: torch.device, *, what: str, bar
-) -> Iterator[tuple[int, int, object]]:
-    """Yield (start, rows, compute(start, rows)) over 0..n; on out-of-memory halve the chunk and retry it."""
-    start = 0
-    while start < n:
-        rows = min(chunk_size, n - start)
-        result, oom = _attempt(compute, start, rows)
-        if oom:  # the failed chunk's tensors are released by now; retry the same rows with half
-            if rows == 1:
-                raise RuntimeError(
-                    f"{what} ran out of memory on a single feature on {device}. Free memory on that device, "
-                    "or pass device='cpu' or a smaller dtype."
-                )
-            chunk_size = rows // 2
-            _release_cache(device)
-            continue
-        yield start, rows, result
-        start += rows
-        bar.update(rows)
-
-
-def _attempt(compute, start: int, rows: int):
-    try:
-        return compute(start, rows), False
-    except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
-        if not _is_oom(err):
-            raise
-    return None, True  # outside the except block, so the traceback (and the chunk's tensors) is gone
-
-
-def _bar(total: int, enabled: bool, desc: str):
-    bar = _progress_bar(total, enabled)
-    if hasattr(bar, "set_description"):
-        bar.set_description(desc)
-    return bar
-
-
-def _check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of features or None; got {chunk_size}.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -194,7 +120,7 @@ def head_reads(
     hold n_heads * d_model^2 numbers: 17 GB in fp32 for one Llama-70B layer).
     """
     n_heads, n_kv = _check_heads(D, W_Q, W_K, W_V, W_O)
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     device = torch.device(device) if device is not None else W_Q.device
     dtype = dtype or torch.promote_types(D.dtype, W_Q.dtype)
     if not dtype.is_floating_point:
@@ -206,14 +132,14 @@ def head_reads(
     out["k_kv"] = torch.empty(n, n_kv)
     if chunk_size is None:  # one row's working set: D, q, k, v, v gathered per head, the R product
         width = D.shape[1] + (2 * n_heads + 2 * n_kv) * max(d_head, W_V.shape[2]) + n_heads * d_head
-        chunk_size = _auto_chunk_size(width, dtype, device)
+        chunk_size = auto_chunk_size(width, dtype, device)
 
     def compute(start: int, rows: int) -> dict[str, Tensor]:
         return _reads_chunk(D[start : start + rows].to(device=device, dtype=dtype), **weights)
 
-    bar = _bar(n, progress, "head reads")
+    bar = progress_bar(n, progress, "head reads")
     try:
-        for start, rows, chunk in _stream(n, max(1, chunk_size), compute, device, what="head_reads", bar=bar):
+        for start, rows, chunk in stream(n, max(1, chunk_size), compute, device, what="head_reads", bar=bar):
             for name, value in chunk.items():
                 out[name][start : start + rows] = value.cpu()
     finally:
@@ -365,7 +291,7 @@ def qk_pairs(
         raise ValueError(f"sign must be 'abs', 'pos' or 'neg'; got {sign!r}.")
     if top < 1:
         raise ValueError(f"top must be a positive number of pairs; got {top}.")
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     device = torch.device(device) if device is not None else W_Q_h.device
     dtype = dtype or torch.promote_types(Dq.dtype, W_Q_h.dtype)
 
@@ -373,16 +299,16 @@ def qk_pairs(
     Kp = Dk.detach().to(device=device, dtype=dtype) @ W_K_h  # [n_k, d_head], computed once
     n_q, n_k = Dq.shape[0], Dk.shape[0]
     if chunk_size is None:
-        chunk_size = _auto_chunk_size(n_k + W_Q_h.shape[1], dtype, device)
+        chunk_size = auto_chunk_size(n_k + W_Q_h.shape[1], dtype, device)
 
     def compute(start: int, rows: int) -> Tensor:
         return _qk_chunk(Dq[start : start + rows].to(device=device, dtype=dtype), W_Q_h, Kp)
 
     empty = torch.empty(0, device=device)
     best = (empty, empty, torch.empty(0, dtype=torch.long, device=device))  # (rank keys, scores, flat ids)
-    bar = _bar(n_q, progress, "qk pairs")
+    bar = progress_bar(n_q, progress, "qk pairs")
     try:
-        for start, _rows, S in _stream(n_q, max(1, chunk_size), compute, device, what="qk_pairs", bar=bar):
+        for start, _rows, S in stream(n_q, max(1, chunk_size), compute, device, what="qk_pairs", bar=bar):
             best = _merge_top(best, S, start, n_k, top, sign)
     finally:
         bar.close()
@@ -461,7 +387,7 @@ def sae_attention_reads(
     options = dict(chunk_size=chunk_size, dtype=dtype, device=device, progress=False)
 
     parts = []
-    bar = _bar(len(layers) * D.shape[0], progress, "attention reads")
+    bar = progress_bar(len(layers) * D.shape[0], progress, "attention reads")
     try:
         for layer in layers:
             both = head_reads(read_by_layer(model, rows, layer), *layer_weights(model, layer), **options)

@@ -4,7 +4,7 @@
   folded in (`output_matrix`).
 * Input side (encoder-embedding): scores = W_enc[:, f] @ W_E.T (`input_matrix`).
 
-Both are streamed by `weightscope.kernels.token_score_stats`. The rule that calls a feature "token-predicting"
+Both are streamed by `weightscope.compute.token_scores.token_score_stats`. The rule that calls a feature "token-predicting"
 compares its statistics with the same statistics of **null directions** (random directions with the same norms),
 so every threshold is a quantile of chance, never of the features themselves (which would make the fraction a
 tautology). Introduced in chapter 1 (`notebooks/01_output_tokens.md`).
@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from weightscope.kernels import (
-    fold_norm,
+from weightscope.compute.folding import fold_final_norm
+from weightscope.compute.token_scores import (
     mean_pairwise_cosine,
     mean_pairwise_string_similarity,
     random_directions_like,
@@ -46,15 +46,6 @@ def output_matrix(model) -> tuple[Tensor, str]:
         notes.append("LayerNorm centring folded")
     M = fold_final_norm(model.W_U.detach(), None if weight is None else weight.detach(), norm)
     return M, "; ".join(notes)
-
-
-def fold_final_norm(W_U: Tensor, weight: Tensor | None, normalization_type: str) -> Tensor:
-    """[d_model, d_vocab]: diag(weight) @ W_U, then, for a LayerNorm ("LN"/"LNPre"), the centring it applies to its
-    input, folded as subtracting each column's mean over d_model. `weight` None: a norm without weight."""
-    M = W_U if weight is None else fold_norm(weight, W_U, plus_one=False)
-    if normalization_type in ("LN", "LNPre"):
-        M = M - M.mean(0, keepdim=True)
-    return M
 
 
 def input_matrix(model) -> Tensor:

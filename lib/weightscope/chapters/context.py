@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from weightscope.params import PROCESSING_FLAGS, Target, load_target
-from weightscope.results import versions
+from weightscope.config.params import PROCESSING_FLAGS, Target, load_target
+from weightscope.io import versions
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,8 +55,8 @@ class ChapterContext:
         Returns (model, saes): a HookedTransformer on this chapter's device, and `LoadedSAE`s checked to fit it
         (d_model, hook, layer) and to read the residual stream.
         """
-        from weightscope.models import load_model
-        from weightscope.saes import check_fits, require_residual
+        from weightscope.load.models import load_model
+        from weightscope.load.saes import check_fits, require_residual
 
         flags = self.processing_flags()
         self.processing = flags
@@ -79,7 +79,7 @@ class ChapterContext:
         return {k: bool(v) for k, v in recorded.items() if k in PROCESSING_FLAGS}
 
     def _load_saes(self, layers: list[int]) -> list:
-        from weightscope.saes import load_saes
+        from weightscope.load.saes import load_saes
 
         ids = self.target.sae_ids(layers) or [f"layer_{layer}" for layer in layers]
         return load_saes(self.target.sae_source, ids, device=str(self.device), dtype=_dtype_name(self.dtype))

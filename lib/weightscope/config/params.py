@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from weightscope.paths import REPO_ROOT
+from weightscope.config.paths import REPO_ROOT
 
 PARAMS_DIR = REPO_ROOT / "params"
 DTYPES = ("float32", "bfloat16", "float16")

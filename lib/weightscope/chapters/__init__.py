@@ -1,0 +1,1 @@
+"""Stage 5, chapters: one call per chapter step, owning its parameters, caching and derived tables."""

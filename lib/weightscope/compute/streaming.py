@@ -1,0 +1,111 @@
+"""Streaming over feature rows: chunk sizes from free memory, out-of-memory halving, progress bars.
+
+Every kernel of `compute` walks its rows (features, null directions, neurons) in chunks through `stream`, so
+none of them ever holds a full `n_features x d_vocab` (or `x n_heads x ...`) result, and a chunk that does not
+fit is retried with half the rows instead of failing the chapter.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+_CPU_BUDGET_BYTES = 1 << 30  # a conservative working-set budget on CPU
+_CUDA_FREE_FRACTION = 0.5  # leave the rest of free GPU memory to fragmentation and other users
+
+
+def is_oom(err: BaseException) -> bool:
+    """Whether `err` is an out-of-memory error of torch's CUDA or CPU allocator."""
+    oom_type = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    if isinstance(err, (oom_type, MemoryError)):
+        return True
+    message = str(err).lower()
+    return "out of memory" in message or "can't allocate memory" in message  # CUDA / CPU allocators
+
+
+def release_cache(device: torch.device) -> None:
+    """Give cached blocks back to the CUDA driver after an out-of-memory error (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes one chunk's working set may use: half of free GPU memory, or min(1 GiB, available / 4) on CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * _CUDA_FREE_FRACTION)
+    try:
+        import psutil
+    except ImportError:
+        return _CPU_BUDGET_BYTES
+    return int(min(_CPU_BUDGET_BYTES, psutil.virtual_memory().available // 4))
+
+
+def auto_chunk_size(width: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk so that one chunk's working set (`width` scores a row) fits `memory_budget`."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    # scores in `dtype`, their fp32 copy (same tensor for fp32), one fp32 scratch, top-k temporaries
+    bytes_per_row = width * (itemsize + 4 * (3 if itemsize < 4 else 2))
+    return max(1, memory_budget(device) // bytes_per_row)
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of features or None; got {chunk_size}.")
+
+
+class NoBar:
+    """A progress bar that shows nothing (progress=False, or tqdm missing)."""
+
+    def update(self, n: int) -> None:
+        pass
+
+    def set_description(self, desc: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, enabled: bool, desc: str = "token scores", unit: str = "feature"):
+    """A tqdm bar over `total` rows, or a `NoBar`."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        enabled = False
+    if not enabled:
+        return NoBar()
+    return tqdm(total=total, unit=unit, desc=desc)
+
+
+def attempt(compute: Callable[[int, int], object], start: int, rows: int) -> tuple[object, bool]:
+    """(compute(start, rows), False), or (None, True) on out-of-memory so that the caller can retry."""
+    try:
+        return compute(start, rows), False
+    except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_oom(err):
+            raise
+    return None, True  # outside the except block, so the traceback (and the chunk's tensors) is gone
+
+
+def stream(
+    n: int, chunk_size: int, compute: Callable[[int, int], object], device: torch.device, *, what: str, bar
+) -> Iterator[tuple[int, int, object]]:
+    """Yield (start, rows, compute(start, rows)) over 0..n; on out-of-memory halve the chunk and retry it."""
+    start = 0
+    while start < n:
+        rows = min(chunk_size, n - start)
+        result, oom = attempt(compute, start, rows)
+        if oom:  # the failed chunk's tensors are released by now; retry the same rows with half
+            if rows == 1:
+                raise RuntimeError(
+                    f"{what} ran out of memory on a single feature on {device}. Free memory on that device, "
+                    "or pass device='cpu' or a smaller dtype."
+                )
+            chunk_size = rows // 2
+            release_cache(device)
+            continue
+        yield start, rows, result
+        start += rows
+        bar.update(rows)
