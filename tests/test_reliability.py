@@ -437,6 +437,63 @@ def test_unknown_chapter_on_the_command_line(world):
     assert proc.returncode == 2 and "--chapters: no chapter ['07']" in proc.stderr
 
 
+def test_shared_locks_wait_and_target_locks_refuse(tmp_path, capsys):
+    lock = tmp_path / "locks" / "html.lock"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from weightscope.io import file_lock
+        with file_lock({str(lock)!r}, what="x", wait=False):
+            print("held", flush=True)
+            time.sleep(3)
+            open({str(tmp_path / "released")!r}, "w").close()
+    """)], env={**os.environ, "PYTHONPATH": str(REPO / "lib")}, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(io.Busy, match=rf"the HTML build is in use by pid {holder.pid} \(lock {lock}\)"):
+        with io.file_lock(lock, what="the HTML build", wait=False):
+            pass
+    with io.file_lock(lock, what="the HTML build", wait=True, poll_s=0.1):
+        assert (tmp_path / "released").is_file()  # acquired only once the holder let go
+    assert f"waiting: the HTML build is in use by pid {holder.pid}" in capsys.readouterr().out
+    holder.wait()
+
+
+# --- every fault class ends in one message and its exit code ---
+
+
+def _faults():
+    from weightscope.load.llama2c import Llama2cFileError
+    from weightscope.load.saes import SAEError
+
+    return [
+        (ParamsError("p.yaml: `dtype` is 'float64'"), 2, "p.yaml: `dtype`"),
+        (pf.PreflightError("2 problem(s) with target t; nothing was run:"), 2, "2 problem(s)"),
+        (io.CacheError("the result table x is damaged"), 2, "the result table x"),
+        (Llama2cFileError("stories260K.bin is truncated"), 2, "stories260K.bin"),
+        (SAEError("SAE folder x does not exist"), 2, "SAE folder"),
+        (book.ChapterFailed("chapter 01 failed for target t: ValueError: boom", ename="ValueError"), 3, "chapter 01"),
+        (book.ChapterFailed("chapter 01 failed for target t: StorageError: no space", ename="StorageError"), 6,
+         "chapter 01"),
+        (subprocess.CalledProcessError(1, "jupyter-book"), 4, "jupyter-book reported warnings or errors"),
+        (io.Busy("target t is in use by pid 1"), 5, "target t is in use"),
+        (io.StorageError("no space left on the device while writing x"), 6, "no space left"),
+        (PermissionError("cannot create the output folder x"), 6, "cannot create the output folder"),
+        (KeyboardInterrupt(), 130, "interrupted. Kept: every finished chapter"),
+    ]
+
+
+@pytest.mark.parametrize("fault, code, fragment", _faults(), ids=lambda v: type(v).__name__)
+def test_exit_code_of_each_fault_class(monkeypatch, capsys, fault, code, fragment):
+    def run(*args, **kwargs):
+        print("[book] some progress")
+        raise fault
+
+    monkeypatch.setattr(book, "run", run)
+    assert book.main(["--target", "demo"]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {fragment}") and "Traceback" not in "\n".join(err)
+    assert code in book.EXIT_CODES
+
+
 # --- a dead kernel, Ctrl-C ---
 
 
@@ -479,3 +536,51 @@ def test_every_row_of_the_fault_table_names_an_existing_test():
             assert f"def {name}(" in sources, f"{name} (named in the fault table) is not a test"
         code = row.split("|")[2].strip()
         assert code.strip("`") in {str(c) for c in book.EXIT_CODES}, row
+
+
+# --- a killed HTML build is repaired by the next one ---
+
+
+@pytest.mark.slow
+def test_killed_html_build_is_rebuilt_with_a_complete_search_index(tmp_path):
+    """A tiny book (intro and three appendix pages) is built, a second build is killed (SIGKILL to its whole
+    process group) while it runs, and the next build must list every page in its search index."""
+    bookdir = tmp_path / "book"
+    bookdir.mkdir()
+    for name in ("_config.yml", "intro.md", "_ext"):
+        src = REPO / "book" / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, bookdir / name)
+    (bookdir / "appendix").mkdir()
+    pages = ["alpha", "beta", "gamma"]
+    for page in pages:
+        (bookdir / "appendix" / f"{page}.md").write_text(f"# Page {page}\n\nThe word {page}word is here.\n")
+    env = {**os.environ, "WEIGHTSCOPE_BOOK": str(bookdir), "WEIGHTSCOPE_DATA": str(tmp_path / "data"),
+           "PYTHONPATH": str(REPO / "lib")}
+    code = "from weightscope.publish.book import build_html, write_toc; write_toc(); build_html()"
+
+    def build(**kw):
+        return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+    def docnames() -> set[str]:
+        text = (bookdir / "_build" / "html" / "searchindex.js").read_text()
+        return set(json.loads(re.search(r'"docnames":\s*(\[[^\]]*\])', text).group(1)))
+
+    first = build()
+    assert first.wait(timeout=600) == 0, first.stdout.read()
+    assert docnames() == {"intro", *(f"appendix/{p}" for p in pages)}
+    (bookdir / "appendix" / "delta.md").write_text("# Page delta\n")  # the killed build had work to do
+    killed = build()
+    deadline = time.time() + 300
+    while (bookdir / "_build" / book.BUILD_STAMP).is_file() and time.time() < deadline:
+        time.sleep(0.1)  # the build removes the stamp first
+    time.sleep(2)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    (bookdir / "_build" / "html" / "searchindex.js").write_text("Search.setIndex({")  # as a kill can leave it
+    again = build()
+    out = again.communicate(timeout=600)[0]
+    assert again.returncode == 0, out
+    assert "book/_build was left by an interrupted or failed build" in out
+    assert docnames() == {"intro", *(f"appendix/{p}" for p in pages + ["delta"])}
+    assert "index will be incomplete" not in out and "couldn't be loaded" not in out
