@@ -149,7 +149,7 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
     out = BOOK / target.target / f"{source.stem}.ipynb"
     key = run_key(source, params, target)
     if not force and _stored_key(out) == key:
-        stale = stale_artifacts(_stored_artifacts(out))
+        stale = stale_artifacts({_expand_path(p): digest for p, digest in _stored_artifacts(out).items()})
         if not stale:
             return "reused"
         print(f"[book] {source.stem}: cached artefact(s) missing or damaged since its last run: "
@@ -198,8 +198,9 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
         _drop_progress_bars(nb)
         _fold_injected_parameters(nb)
         scrub_local_paths(nb)
-        artifacts = {**read_artifact_log(log), **_demo_sae_artifacts(target)}
-        nb.metadata["weightscope"] = {"run_key": key, "parameters": params, "versions": versions(),
+        used = {**read_artifact_log(log), **_demo_sae_artifacts(target)}
+        artifacts = {_display_path(path): digest for path, digest in used.items()}
+        nb.metadata["weightscope"] = {"run_key": key, "parameters": _scrubbed(params), "versions": versions(),
                                       "artifacts": artifacts}
         atomic_write_bytes(out, nbformat.writes(nb).encode())
     return "executed"
@@ -254,18 +255,31 @@ def _display_path(path: str) -> str:
     return path
 
 
-def scrub_local_paths(nb) -> None:
-    """Replace this machine's folders (data, models, corpora, repository, home) in outputs and in the injected
-    parameters with neutral names, in place."""
-    def clean(value):
-        if isinstance(value, str):
-            return _display_path(value)
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        return value
+def _expand_path(path: str) -> str:
+    """The inverse of `_display_path` for a path that starts with one of its labels."""
+    for root, label in _local_roots():
+        if path == label or path.startswith(label + "/"):
+            return root + path[len(label):]
+    return path
 
+
+def _scrubbed(value):
+    """`value` (str, list or dict, nested) with this machine's folders replaced as on pages."""
+    if isinstance(value, str):
+        return _display_path(value)
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items()}
+    return value
+
+
+def scrub_local_paths(nb) -> None:
+    """Replace this machine's folders (data, models, corpora, repository, home) in outputs, in the injected
+    parameters and in papermill's metadata with neutral names, in place (the book also serves the notebook)."""
+    clean = _scrubbed
+    if "papermill" in nb.metadata:
+        nb.metadata["papermill"] = clean(nb.metadata["papermill"])
     for cell in nb.cells:
         if "injected-parameters" in cell.metadata.get("tags", []):
             cell.source = clean(cell.source)
