@@ -422,11 +422,15 @@ def test_failed_target_is_left_out_of_the_toc(tmp_path, monkeypatch):
     monkeypatch.setattr(book, "BOOK", tmp_path)
     for name, status in (("good", "ok"), ("broken", "failed"), ("unknown", None)):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "00_x.ipynb").write_text("{}")
+        (tmp_path / name / "00_x.ipynb").write_text('{"cells": []}')
         if status:
             book._set_run_status(name, status)
     import yaml
 
+    (tmp_path / "good" / "00_x.ipynb").write_text('{"cells": [], "metadata": {}}')
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "00_x.ipynb").write_text('{"cells": [')  # a truncated notebook of a good run
+    book._set_run_status("damaged", "ok")
     toc = yaml.safe_load(book.write_toc().read_text())
     assert [c["file"] for part in toc["parts"] for c in part["chapters"]] == ["good/00_x"]
 
@@ -521,6 +525,17 @@ def test_ctrl_c_says_what_was_kept_and_exits_130(world):
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: interrupted. Kept: every finished chapter")
     assert nb.is_file() and not (world["book"] / "tiny" / "01_fake.ipynb").exists()
+
+
+def test_ctrl_c_during_sae_training_is_a_keyboard_interrupt():
+    """sae-lens's runner turns SIGINT into its own InterruptedException; the book runner expects Ctrl-C."""
+    from sae_lens.training._interruption import InterruptedException
+
+    from weightscope.prepare.demo_saes import _training_guard
+
+    with pytest.raises(KeyboardInterrupt):
+        with _training_guard(progress=False):
+            raise InterruptedException()
 
 
 # --- the exit-code table in the appendix is backed by tests ---

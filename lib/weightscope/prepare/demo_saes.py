@@ -631,10 +631,12 @@ def runner_config(cfg: DemoSAEConfig, hook_name: str, model, acts_dir: Path, out
 
 @contextlib.contextmanager
 def _training_guard(progress: bool) -> Iterator[None]:
-    """Silence sae-lens's expected warnings (and, unless `progress`, its progress bar), and restore the
-    SIGINT/SIGTERM handlers that its runner replaces and never puts back."""
+    """Silence sae-lens's expected warnings (and, unless `progress`, its progress bar), restore the
+    SIGINT/SIGTERM handlers that its runner replaces and never puts back, and turn the `InterruptedException`
+    its handler raises on Ctrl-C back into a KeyboardInterrupt (what callers and the book runner expect)."""
     from sae_lens import logger as sae_lens_logger
     from sae_lens.training import sae_trainer
+    from sae_lens.training._interruption import InterruptedException
 
     old_handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     old_level, old_tqdm = sae_lens_logger.level, sae_trainer.tqdm
@@ -647,6 +649,8 @@ def _training_guard(progress: bool) -> Iterator[None]:
             warnings.filterwarnings("ignore", message=".*beginning new epoch.*")  # we cycle on purpose
             warnings.filterwarnings("ignore", message=".*To copy construct from a tensor.*")
             yield
+    except InterruptedException:
+        raise KeyboardInterrupt from None
     finally:
         sae_lens_logger.setLevel(old_level)
         sae_trainer.tqdm = old_tqdm
@@ -846,6 +850,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DemoSAEError, FileNotFoundError) as exc:  # FileNotFoundError: models.ModelUnavailableError
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted. Every finished layer is kept; rerun to train the others.", file=sys.stderr)
+        return 130
     manifest = read_manifest(root)
     print(root)
     for layer, m in manifest["per_layer"].items():
