@@ -2,10 +2,10 @@
 
 Every write is atomic (temporary file in the same folder, then `os.replace`), so a run killed at any point leaves
 either the previous file or the new one, never a torn file; files get the usual mode (0666 less the umask).
-A table is reused only when its stored key (model, SAEs, parameters, code version) equals the key of the current
-run and its bytes still have the sha256 its sidecar records: a damaged table is recomputed or reported, never
-reused unread. Reads and writes are noted in the artefact log (`ARTIFACT_LOG`) that the book runner keeps per
-chapter, so a reused chapter can be checked against the tables it used.
+A table is reused only when its stored key (model, SAEs, parameters, code version) equals the key of the
+current run and its bytes still have the sha256 its sidecar records: a damaged table is recomputed or
+reported, never reused unread. Reads and writes are noted in the artefact log (`ARTIFACT_LOG`) that the book
+runner keeps per chapter, so a reused chapter can be checked against the tables it used.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pandas as pd
 from weightscope.config.paths import results_dir
 
 _PACKAGES = ("weightscope", "torch", "transformer-lens", "sae-lens", "pandas")
-ARTIFACT_LOG = "WEIGHTSCOPE_ARTIFACT_LOG"  # env var: file where reads and writes of cached artefacts are noted
+ARTIFACT_LOG = "WEIGHTSCOPE_ARTIFACT_LOG"  # env var: the file noting reads and writes of cached artefacts
 
 
 class StorageError(OSError):
@@ -84,8 +84,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             full = StorageError(f"no space left on the device while writing {path} ({len(data):,} bytes). "
-                                f"Free some space there (or set WEIGHTSCOPE_DATA to a folder on another disk) "
-                                f"and rerun: finished work is kept.")
+                                f"Free some space there (or set WEIGHTSCOPE_DATA to a folder on another "
+                                f"disk) and rerun: finished work is kept.")
             full.errno = err.errno
             raise full from None
         raise

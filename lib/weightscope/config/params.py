@@ -100,9 +100,9 @@ def load_target(name_or_path: str | Path) -> Target:
     target = parse_target(raw, path=path)
     if target.target != path.stem:  # a copied file that kept `target: demo` would overwrite the demo's book
         raise ParamsError(
-            f"{path}: `target` is {target.target!r} but the file is named {path.name}; the target name picks the "
-            f"folders its pages and tables go to. Set `target: {path.stem}` (or rename the file to "
-            f"{target.target}.yaml)."
+            f"{path}: `target` is {target.target!r} but the file is named {path.name}; the target name "
+            f"picks the folders its pages and tables go to. Set `target: {path.stem}` (or rename the file "
+            f"to {target.target}.yaml)."
         )
     return target
 
@@ -238,7 +238,7 @@ def _same_kind(default: Any, value: Any) -> bool:
 
 
 def check_chapter_names(target: Target, known: list[str]) -> list[str]:
-    """Problems with the chapter names under `chapters:` (each must be a notebook stem such as 01_output_tokens)."""
+    """Problems with the names under `chapters:` (each must be a notebook stem, e.g. 01_output_tokens)."""
     import difflib
 
     out = []

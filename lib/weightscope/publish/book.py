@@ -4,9 +4,9 @@
     python -m weightscope.publish.book --target demo --no-html  # execute only
 
 Executed notebooks land in `book/<target>/`; a notebook whose source, parameters, library code and package versions
-are unchanged since its last successful run, and whose cached artefacts (result tables, demo SAEs) still have the
-checksums it saw, is reused, not re-executed. A failing notebook never replaces the last good one: it is kept
-under `data/cache/failed/` for inspection.
+are unchanged since its last successful run, and whose cached artefacts (result tables, demo SAEs) still have
+the checksums it saw, is reused, not re-executed. A failing notebook never replaces the last good one: it is
+kept under `data/cache/failed/` for inspection.
 
 Before any work the pre-flight (`weightscope.publish.preflight`) lists every problem with the target at once.
 One run per target at a time (a second one is refused); the HTML build and the demo-SAE cache are shared, so a
@@ -39,8 +39,9 @@ from typing import Any
 
 from weightscope.config.params import ParamsError, Target, check_overrides, load_target
 from weightscope.config.paths import REPO_ROOT, cache_dir, corpora_dir, data_dir, models_dir
-from weightscope.io import (ARTIFACT_LOG, Busy, CacheError, StorageError, atomic_write_bytes, atomic_write_json,
-                            code_fingerprint, file_lock, file_sha256, read_artifact_log, stale_artifacts, versions)
+from weightscope.io import (ARTIFACT_LOG, Busy, CacheError, StorageError, atomic_write_bytes,
+                            atomic_write_json, code_fingerprint, file_lock, file_sha256, read_artifact_log,
+                            stale_artifacts, versions)
 from weightscope.publish.preflight import PreflightError, preflight
 
 NOTEBOOKS = Path(os.environ.get("WEIGHTSCOPE_NOTEBOOKS") or REPO_ROOT / "notebooks")
@@ -184,9 +185,9 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
         except DeadKernelError:
             _keep_failed(done, target, source)
             raise ChapterFailed(
-                f"{where}: its kernel died (most often the out-of-memory killer; its log: {kernel_log}). Free "
-                f"memory, analyse fewer `layers:`, or use a GPU; a rerun resumes at the first layer without a "
-                f"result.",
+                f"{where}: its kernel died (most often the out-of-memory killer; its log: {kernel_log}). "
+                f"Free memory, analyse fewer `layers:`, or use a GPU; a rerun resumes at the first layer "
+                f"without a result.",
                 ename="DeadKernelError",
             ) from None
         except BaseException:
@@ -227,7 +228,7 @@ def _stored_artifacts(path: Path) -> dict[str, str]:
 
 
 def _demo_sae_artifacts(target: Target) -> dict[str, str]:
-    """{file: sha256} of the demo SAEs a demo-SAE target's chapters read (checked when a chapter is reused)."""
+    """{file: sha256} of the demo SAEs that a demo target's chapters read (checked when one is reused)."""
     if target.sae_source != "demo":
         return {}
     from weightscope.load.saes import SAEError, demo_sae_folder
@@ -240,7 +241,7 @@ def _demo_sae_artifacts(target: Target) -> dict[str, str]:
 
 
 def _local_roots() -> list[tuple[str, str]]:
-    """(absolute folder, what the page shows instead), longest first: pages never carry this machine's paths."""
+    """(absolute folder, what a page shows instead), longest first: pages never carry this machine's paths."""
     roots = [(data_dir(), "$WEIGHTSCOPE_DATA"), (models_dir(), "$WEIGHTSCOPE_MODELS"),
              (corpora_dir(), "$WEIGHTSCOPE_CORPORA"), (REPO_ROOT, "<repo>"), (Path.home(), "~"),
              (Path(tempfile.gettempdir()), "<tmp>")]
@@ -276,7 +277,7 @@ def _scrubbed(value):
 
 def scrub_local_paths(nb) -> None:
     """Replace this machine's folders (data, models, corpora, repository, home) in outputs, in the injected
-    parameters and in papermill's metadata with neutral names, in place (the book also serves the notebook)."""
+    parameters and in papermill's metadata with neutral names, in place (the book serves the notebook too)."""
     clean = _scrubbed
     if "papermill" in nb.metadata:
         nb.metadata["papermill"] = clean(nb.metadata["papermill"])
@@ -342,8 +343,9 @@ def write_toc() -> Path:
         if folder.name == "appendix":
             chapters = [{"file": f"appendix/{p.stem}"} for p in sorted(folder.glob("*.md"))]
         elif chapters and (run_status(folder.name) != "ok" or not all(map(_readable, folder.glob("*.ipynb")))):
-            print(f"[book] part {folder.name} left out of the table of contents: its last run did not finish, "
-                  f"or one of its notebooks is damaged (make book TARGET={folder.name} adds it back)", flush=True)
+            print(f"[book] part {folder.name} left out of the table of contents: its last run did not "
+                  f"finish, or one of its notebooks is damaged (make book TARGET={folder.name} adds it back)",
+                  flush=True)
             continue
         if not chapters:
             continue
@@ -372,7 +374,8 @@ def run_status(target: str) -> str | None:
 
 
 def _set_run_status(target: str, status: str) -> None:
-    atomic_write_json(BOOK / target / RUN_STATUS, {"status": status, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    stamp = {"status": status, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_json(BOOK / target / RUN_STATUS, stamp)
 
 
 def _target_title(name: str) -> str:
@@ -446,7 +449,7 @@ def run(target_name: str, *, chapters: list[str] | None = None, extra: dict[str,
 
 
 def select_chapters(chapters: list[str] | None) -> list[Path]:
-    """The chapter sources named by `chapters` (numbers like 01 or stems), all when None; unknown names raise."""
+    """The chapter sources named by `chapters` (numbers like 01, or stems); all when None; unknown raise."""
     sources = chapter_sources()
     if not chapters:
         return sources
@@ -483,8 +486,8 @@ def _prepare(target: Target) -> None:
 
 
 EXIT_CODES = {0: "done", 2: "bad parameters or inputs", 3: "a chapter failed", 4: "jupyter-book failed",
-              5: "another run of this target is in progress", 6: "cannot write (no space left, no permission)",
-              130: "interrupted"}
+              5: "another run of this target is in progress",
+              6: "cannot write (no space left, no permission)", 130: "interrupted"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -510,9 +513,9 @@ def _main(argv: list[str] | None) -> tuple[int, str | None]:
     try:
         run(args.target, chapters=args.chapters, html=not args.no_html, force=args.force)
     except KeyboardInterrupt:
-        return 130, ("interrupted. Kept: every finished chapter, demo-SAE layer and per-layer result; the step "
-                     "that was running was discarded (the last good notebook is unchanged). Rerun the same "
-                     "command to resume.")
+        return 130, ("interrupted. Kept: every finished chapter, demo-SAE layer and per-layer result; the "
+                     "step that was running was discarded (the last good notebook is unchanged). Rerun the "
+                     "same command to resume.")
     except Busy as err:
         return 5, str(err)
     except (StorageError, PermissionError) as err:

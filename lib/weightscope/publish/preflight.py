@@ -3,9 +3,9 @@
     problems = preflight(target, sources)   # [] when the run may start; else one line per problem
 
 What is checked, without loading weights or touching the network:
-- the model name: `stories260K` (its checkpoint and tokenizer are read and sha256-checked, 1 MB), a local folder
-  (it must hold `config.json` and weights), a TransformerLens name, or a hub id `org/name` (accepted; a failed
-  download later names it);
+- the model name: `stories260K` (its checkpoint and tokenizer are read and sha256-checked, 1 MB), a local
+  folder (it must hold `config.json` and weights), a TransformerLens name, or a hub id `org/name` (accepted;
+  a failed download later names it);
 - the model's depth and widths (`ModelDims`), from the llama2.c header, `config.json`, or the Hugging Face
   cache when it already holds the model's `config.json`; unknown dims skip the checks that need them;
 - `device: cuda` on a machine without a CUDA GPU; layer indices out of range;
@@ -115,8 +115,8 @@ def _stories260k_dims() -> tuple[ModelDims | None, list[str]]:
 def _folder_dims(folder: Path) -> tuple[ModelDims | None, list[str]]:
     config = folder / "config.json"
     if not folder.is_dir() or not config.is_file():
-        return None, [f"model.name: {folder} is not a model folder (it must hold config.json and the weights). "
-                      f"Check the path, or name a TransformerLens model such as 'gpt2-small'."]
+        return None, [f"model.name: {folder} is not a model folder (it must hold config.json and the "
+                      f"weights). Check the path, or name a TransformerLens model such as 'gpt2-small'."]
     if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_FILES):
         return None, [f"model.name: {folder} holds config.json but no weights ({', '.join(WEIGHT_FILES)}). "
                       f"Save the model with `model.save_pretrained(folder)`."]
@@ -154,8 +154,8 @@ def _device_problems(device: str) -> list[str]:
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
-        return ["device: the parameters ask for `cuda`, but no CUDA GPU is visible to torch. Set `device: auto` "
-                "(falls back to the CPU) or `device: cpu`."]
+        return ["device: the parameters ask for `cuda`, but no CUDA GPU is visible to torch. Set "
+                "`device: auto` (falls back to the CPU) or `device: cpu`."]
     return []
 
 
@@ -194,7 +194,8 @@ def sae_problems(target: Target, dims: ModelDims | None, layers: list[int] | Non
             return [f"saes: {err}"]
         return []
     if not folder.is_dir():
-        return [f"saes.source: SAE folder {folder} does not exist. Pass a folder saved by `sae.save_model(path)`."]
+        return [f"saes.source: SAE folder {folder} does not exist. Pass a folder saved by "
+                f"`sae.save_model(path)`."]
     ids = target.sae_ids(layers) if layers is not None else None
     names = ids or ([f"layer_{layer}" for layer in layers] if layers is not None else None)
     if (folder / "cfg.json").is_file():
@@ -217,8 +218,9 @@ def _sae_config_problems(folder: Path, dims: ModelDims | None) -> list[str]:
     hook = cfg.get("hook_name") or (cfg.get("metadata") or {}).get("hook_name") or ""
     out = []
     if dims and dims.d_model and is_residual_hook(hook) and cfg.get("d_in") != dims.d_model:
-        out.append(f"saes: the SAE in {folder} has d_in={cfg.get('d_in')}, but the model's residual stream has "
-                   f"d_model={dims.d_model}: it was made for another model. Use SAEs made for this model.")
+        out.append(f"saes: the SAE in {folder} has d_in={cfg.get('d_in')}, but the model's residual stream "
+                   f"has d_model={dims.d_model}: it was made for another model. Use SAEs made for this "
+                   f"model.")
     layer = hook_layer(hook)
     if dims and dims.n_layers and layer is not None and not 0 <= layer < dims.n_layers:
         out.append(f"saes: the SAE in {folder} reads {hook}, but the model has {dims.n_layers} layers. "
