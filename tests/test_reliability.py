@@ -334,6 +334,45 @@ def test_demo_sae_from_before_checksums_that_cannot_be_read(tmp_path):
     assert "cannot be read (SafetensorError)" in layer_problem(tmp_path, 0)
 
 
+def test_truncated_demo_sae_is_retrained_and_only_that_layer(tmp_path, monkeypatch, capsys):
+    """The tiny demo-SAE config on a random two-block model: a truncated layer is trained again, and only it."""
+    import dataclasses
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from weightscope.prepare import demo_saes
+
+    corpus = tmp_path / "corpora" / "tinystories"
+    corpus.mkdir(parents=True)
+    stories = [f"Story {i}. Tom saw a dog number {i} and they played in the park all day." for i in range(60)]
+    (corpus / "tinystories_lowercase.txt").write_text("\n".join(t.lower() for t in stories) + "\n")
+    (corpus / "tinystories_cased.txt").write_text("\n\n".join(stories[:20]) + "\n")
+    monkeypatch.setenv("WEIGHTSCOPE_CORPORA", str(tmp_path / "corpora"))
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path / "data"))
+    model = HookedTransformer(HookedTransformerConfig(
+        n_layers=2, d_model=16, n_ctx=64, d_head=4, n_heads=4, d_mlp=32, d_vocab=512, act_fn="silu",
+        normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True, seed=0)).eval()
+
+    def encode(text):
+        return [demo_saes.BOS_ID] + [3 + b for b in text.encode()]
+
+    cfg = dataclasses.replace(demo_saes.TINY, name="test", d_sae=32, k=4, context_size=32, train_rows=48,
+                              training_tokens=3072, max_eval_tokens=512)
+    root = demo_saes.ensure_demo_saes(cfg, model=model, encode=encode, progress=False)
+    weights = root / "layer_1" / "sae_weights.safetensors"
+    _truncate(weights)
+    real, calls = demo_saes.train_layer, []
+    monkeypatch.setattr(demo_saes, "train_layer", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    capsys.readouterr()
+    assert demo_saes.ensure_demo_saes(cfg, model=model, encode=encode) == root
+    assert calls == [1]
+    assert "are damaged (sha256 differs); layer 1 is trained again" in capsys.readouterr().out
+    manifest = demo_saes.read_manifest(root)
+    assert manifest["complete"] and manifest["per_layer"]["1"]["sha256"]["sae_weights.safetensors"] == \
+        io.file_sha256(weights)
+    assert demo_saes.layer_problem(root, 0) is None and demo_saes.layer_problem(root, 1) is None
+
+
 def test_reused_chapter_is_re_executed_when_its_table_is_damaged(world):
     _notebooks(world["tmp"] / "notebooks", {"00_fake": """
         import pandas as pd
