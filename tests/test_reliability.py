@@ -2,7 +2,8 @@
 
 The runner tests use a tiny target built here (a random two-layer Llama saved with `save_pretrained`, an SAE
 folder holding only its `cfg.json`) and a folder of fake chapter notebooks (`WEIGHTSCOPE_NOTEBOOKS`), with the
-book and data folders in a temporary directory: they never touch the repository's book or data.
+book and data folders in a temporary directory: they never touch the repository's book or data. Those that start
+kernels are marked slow (`make test-fast` skips them).
 """
 
 from __future__ import annotations
@@ -207,6 +208,7 @@ def test_damaged_demo_model_is_a_preflight_problem(tmp_path, monkeypatch, file, 
     assert dims is None and len(problems) == 1 and fragment in problems[0], problems
 
 
+@pytest.mark.slow  # runs the book runner in subprocesses (kernels)
 def test_bad_target_exits_2_with_every_problem_and_no_traceback(world):
     _notebooks(world["tmp"] / "notebooks", {"00_fake": "print('ran')"})
     _params(world["tmp"], "tiny", "gpt2-smal", str(world["saes"]), device="cuda", layers=[0, 9],
@@ -373,6 +375,7 @@ def test_truncated_demo_sae_is_retrained_and_only_that_layer(tmp_path, monkeypat
     assert demo_saes.layer_problem(root, 0) is None and demo_saes.layer_problem(root, 1) is None
 
 
+@pytest.mark.slow  # runs the book runner in subprocesses (kernels)
 def test_reused_chapter_is_re_executed_when_its_table_is_damaged(world):
     _notebooks(world["tmp"] / "notebooks", {"00_fake": """
         import pandas as pd
@@ -442,6 +445,7 @@ def test_local_paths_are_scrubbed_from_outputs(monkeypatch, tmp_path):
 # --- one run at a time; failed runs stay out of the book ---
 
 
+@pytest.mark.slow  # runs the book runner in subprocesses (kernels)
 def test_two_runs_at_once_the_second_is_refused(world):
     _notebooks(world["tmp"] / "notebooks", {"00_fake": """
         import time
@@ -551,6 +555,7 @@ def test_exit_code_of_each_fault_class(monkeypatch, capsys, fault, code, fragmen
 # --- a dead kernel, Ctrl-C ---
 
 
+@pytest.mark.slow  # runs the book runner in subprocesses (kernels)
 def test_dead_kernel_is_reported_with_exit_3(world):
     suicide = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
     _notebooks(world["tmp"] / "notebooks", {"00_fake": suicide})
@@ -560,6 +565,7 @@ def test_dead_kernel_is_reported_with_exit_3(world):
     assert _last_line(proc).startswith("error: chapter 00_fake failed for target tiny: its kernel died")
 
 
+@pytest.mark.slow  # runs the book runner in subprocesses (kernels)
 def test_ctrl_c_says_what_was_kept_and_exits_130(world):
     _notebooks(world["tmp"] / "notebooks", {"00_fake": "print('done')", "01_fake": "import time; time.sleep(60)"})
     cmd = [sys.executable, "-m", "weightscope.publish.book", "--target", str(world["params"]), "--no-html"]
