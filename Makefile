@@ -28,6 +28,8 @@ setup: .venv/.installed
 	@touch $@
 	@echo "[setup] .venv ready"
 
+# The runner's last line is its one-line message; its exit codes are in book/appendix/reliability.md.
+# make itself exits 2 on any failure and then names the runner's code ("make: *** [...] Error 3").
 book: .venv/.installed
 	@$(PY) -m weightscope.publish.book --target $(TARGET)
 

@@ -1,16 +1,24 @@
 """Result tables on disk: tidy parquet files with the parameters and versions that made them.
 
 Every write is atomic (temporary file in the same folder, then `os.replace`), so a run killed at any point leaves
-either the previous file or the new one, never a torn file. A table is reused only when its stored key (model,
-SAEs, parameters, code version) equals the key of the current run.
+either the previous file or the new one, never a torn file; files get the usual mode (0666 less the umask).
+A table is reused only when its stored key (model, SAEs, parameters, code version) equals the key of the
+current run and its bytes still have the sha256 its sidecar records: a damaged table is recomputed or
+reported, never reused unread. Reads and writes are noted in the artefact log (`ARTIFACT_LOG`) that the book
+runner keeps per chapter, so a reused chapter can be checked against the tables it used.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -20,6 +28,15 @@ import pandas as pd
 from weightscope.config.paths import results_dir
 
 _PACKAGES = ("weightscope", "torch", "transformer-lens", "sae-lens", "pandas")
+ARTIFACT_LOG = "WEIGHTSCOPE_ARTIFACT_LOG"  # env var: the file noting reads and writes of cached artefacts
+
+
+class StorageError(OSError):
+    """A write failed for a reason the user can fix (disk full, no permission); the message names the path."""
+
+
+class CacheError(RuntimeError):
+    """A cached artefact is damaged and cannot be rebuilt here; the message names the file and the command."""
 
 
 def versions() -> dict[str, str]:
@@ -48,7 +65,11 @@ def cache_key(**parts: Any) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a partial one."""
+    """Write `data` to `path` so that readers see the old file or the new one, never a partial one.
+
+    The file gets mode 0666 less the umask (as `open` would give it), not mkstemp's private 0600. A full disk
+    raises `StorageError` naming the path; the temporary file is removed and the old file kept.
+    """
     path = Path(path)
     _ensure_writable(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -57,10 +78,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            full = StorageError(f"no space left on the device while writing {path} ({len(data):,} bytes). "
+                                f"Free some space there (or set WEIGHTSCOPE_DATA to a folder on another "
+                                f"disk) and rerun: finished work is kept.")
+            full.errno = err.errno
+            raise full from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -85,46 +122,163 @@ def table_path(target: str, name: str) -> Path:
 
 
 def save_table(df: pd.DataFrame, target: str, name: str, *, key: str, params: dict[str, Any]) -> Path:
-    """Atomically write a result table and its sidecar `<name>.json` (key, parameters, versions).
+    """Atomically write a result table and its sidecar `<name>.json` (key, parameters, versions, sha256).
 
     The sidecar is written last: a table without a matching sidecar is treated as missing.
     """
     path = table_path(target, name)
-    atomic_write_bytes(path, df.to_parquet(index=False))
-    atomic_write_json(path.with_suffix(".json"), {"key": key, "params": params, "versions": versions(), "rows": len(df)})
+    data = df.to_parquet(index=False)
+    atomic_write_bytes(path, data)
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_write_json(path.with_suffix(".json"), {"key": key, "params": params, "versions": versions(),
+                                                  "rows": len(df), "sha256": digest})
+    note_artifact(path, digest)
     return path
 
 
 def load_table(target: str, name: str, *, key: str | None = None) -> pd.DataFrame | None:
-    """Read a result table back; None if it is missing or (when `key` is given) was made by another run."""
+    """Read a result table back; None if it is missing, damaged, or (when `key` is given) made by another run.
+
+    A damaged table (bytes that no longer match the sidecar's sha256, or unreadable) is reported on the
+    terminal and treated as missing, so the caller recomputes it.
+    """
     path = table_path(target, name)
     meta = table_meta(target, name)
     if not path.is_file() or meta is None:
         return None
     if key is not None and meta.get("key") != key:
         return None
+    problem = table_problem(target, name)
+    if problem:
+        print(f"warning: {problem}; it is recomputed.", flush=True)
+        return None
     df = pd.read_parquet(path)
-    return df if len(df) == meta.get("rows") else None
+    if len(df) != meta.get("rows"):
+        return None
+    note_artifact(path, meta.get("sha256") or file_sha256(path))
+    return df
+
+
+def table_problem(target: str, name: str) -> str | None:
+    """Why the stored table `name` cannot be trusted (missing, sidecar unreadable, checksum or parquet
+    unreadable), or None when it verifies."""
+    path = table_path(target, name)
+    side = path.with_suffix(".json")
+    if not path.is_file():
+        return f"the result table {path} is missing"
+    try:
+        meta = json.loads(side.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return f"the sidecar {side} of the result table {path} is missing or damaged"
+    if "sha256" in meta:
+        if file_sha256(path) != meta["sha256"]:
+            return f"the result table {path} is damaged (its sha256 differs from the one in {side.name})"
+        return None
+    try:  # a sidecar written before checksums were recorded: the table must at least read back whole
+        rows = len(pd.read_parquet(path))
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ...: all mean "cannot be read"
+        return f"the result table {path} cannot be read ({type(err).__name__})"
+    return None if rows == meta.get("rows") else f"the result table {path} has lost rows"
 
 
 def table_meta(target: str, name: str) -> dict[str, Any] | None:
-    """The sidecar of a result table, or None."""
+    """The sidecar of a result table, or None (also when it is damaged)."""
     side = table_path(target, name).with_suffix(".json")
     try:
         return json.loads(side.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 
 def require_table(target: str, name: str, *, produced_by: str) -> pd.DataFrame:
-    """Read a table that an earlier chapter must have written; a clear error if it has not."""
+    """Read a table that an earlier chapter must have written; a clear error if it is missing or damaged."""
+    path = table_path(target, name)
+    if path.is_file() and table_meta(target, name) is not None:
+        problem = table_problem(target, name)
+        if problem:
+            raise CacheError(
+                f"{problem}. Rebuild it: make book TARGET={target} (the chapter {produced_by} is re-executed "
+                f"because its tables no longer verify), or delete {path} and rerun."
+            )
     df = load_table(target, name)
     if df is None:
         raise FileNotFoundError(
-            f"the result table `{name}` for target `{target}` is missing ({table_path(target, name)}). "
+            f"the result table `{name}` for target `{target}` is missing ({path}). "
             f"Run the chapter {produced_by} first (make book TARGET={target} runs all chapters in order)."
         )
     return df
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def note_artifact(path: Path, sha256: str) -> None:
+    """Note in the artefact log (when the book runner set `ARTIFACT_LOG`) that `path` was read or written with
+    these bytes: a reused chapter is re-executed when one of its artefacts no longer matches."""
+    log = os.environ.get(ARTIFACT_LOG)
+    if log:
+        with open(log, "a") as handle:  # one short line per call: appends do not interleave
+            handle.write(json.dumps({"path": str(Path(path).resolve()), "sha256": sha256}) + "\n")
+
+
+def read_artifact_log(log: Path) -> dict[str, str]:
+    """{path: sha256} of the artefacts noted in `log` (the last note of a path wins)."""
+    out = {}
+    if Path(log).is_file():
+        for line in Path(log).read_text().splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                out[entry["path"]] = entry["sha256"]
+    return out
+
+
+def stale_artifacts(artifacts: dict[str, str]) -> list[str]:
+    """Paths among {path: sha256} that are missing or whose bytes changed."""
+    return [p for p, digest in artifacts.items() if not Path(p).is_file() or file_sha256(Path(p)) != digest]
+
+
+class Busy(RuntimeError):
+    """Another process holds a lock this run needs; the message names the lock and that process."""
+
+
+@contextmanager
+def file_lock(path: Path, *, what: str, wait: bool, poll_s: float = 2.0) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (flock: released by the kernel when the holder dies, even by SIGKILL).
+
+    wait=False raises `Busy` at once when another process holds it; wait=True prints one line and waits.
+    """
+    path = Path(path)
+    _ensure_writable(path.parent)
+    handle = open(path, "a+")
+    try:
+        told = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                if not wait:
+                    raise Busy(f"{what} is in use by {holder} (lock {path}). Wait until that run ends, "
+                               f"or stop it, then rerun.") from None
+                if not told:
+                    print(f"waiting: {what} is in use by {holder} (lock {path}) ...", flush=True)
+                    told = True
+                time.sleep(poll_s)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing drops the lock
 
 
 def layer_tables(target: str, name: str, saes, provenance: dict[str, Any], compute) -> dict[str, pd.DataFrame]:

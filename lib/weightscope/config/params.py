@@ -97,7 +97,14 @@ def load_target(name_or_path: str | Path) -> Target:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML ({err}). Fix the syntax.") from None
-    return parse_target(raw, path=path)
+    target = parse_target(raw, path=path)
+    if target.target != path.stem:  # a copied file that kept `target: demo` would overwrite the demo's book
+        raise ParamsError(
+            f"{path}: `target` is {target.target!r} but the file is named {path.name}; the target name "
+            f"picks the folders its pages and tables go to. Set `target: {path.stem}` (or rename the file "
+            f"to {target.target}.yaml)."
+        )
+    return target
 
 
 def parse_target(raw: Any, *, path: Path | None = None) -> Target:
@@ -228,6 +235,19 @@ def _same_kind(default: Any, value: Any) -> bool:
     if isinstance(default, float):
         return isinstance(value, (int, float))
     return isinstance(value, type(default))
+
+
+def check_chapter_names(target: Target, known: list[str]) -> list[str]:
+    """Problems with the names under `chapters:` (each must be a notebook stem, e.g. 01_output_tokens)."""
+    import difflib
+
+    out = []
+    for name in sorted(set(target.chapters) - set(known)):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        out.append(f"{target.path or target.target}: `chapters.{name}`: no chapter of that name{hint}; "
+                   f"the chapters are {known}.")
+    return out
 
 
 def check_quantile(value: float, name: str) -> float:

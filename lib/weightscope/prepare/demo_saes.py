@@ -58,12 +58,13 @@ import torch
 
 from weightscope.config.paths import cache_dir, corpora_dir, models_dir
 from weightscope.load.saes import demo_sae_pointer
-from weightscope.io import atomic_write_json, versions
+from weightscope.io import atomic_write_json, file_lock, file_sha256, versions
 
 BOS_ID = 1  # llama2.c vocabularies: 0 <unk>, 1 <s> (BOS), 2 </s>
 CASED_FILE = "tinystories/tinystories_cased.txt"
 LOWER_FILE = "tinystories/tinystories_lowercase.txt"
 LAYER_FILES = ("cfg.json", "sae_weights.safetensors", "metrics.json")
+CHECKED_FILES = ("cfg.json", "sae_weights.safetensors")  # their sha256 is recorded in metrics.json
 ACTS_DIR = "activations"  # cached training activations, deleted when every layer is done
 
 # The bar the demo SAEs should reach on held-out text (reported in the manifest, never enforced).
@@ -152,11 +153,18 @@ def ensure_demo_saes(
     """
     cfg = _resolve_config(config)
     say = _printer(progress)
+    # one process at a time trains or checks the shared cache; a second one waits (with a message)
+    with file_lock(cache_dir() / "demo_saes" / ".lock", what="the demo-SAE cache", wait=True):
+        return _ensure(cfg, say, progress, model, encode)
+
+
+def _ensure(cfg: DemoSAEConfig, say, progress: bool, model, encode) -> Path:
     sources = _sources(cfg, model, encode)
     root = cache_dir() / "demo_saes" / _cache_key(cfg, sources)
     wanted = _wanted_layers(cfg, model)
+    _drop_damaged_layers(root, wanted, say)
     missing = [layer for layer in wanted if not _layer_complete(root, layer)]
-    if not missing and (root / "manifest.json").is_file():
+    if not missing and _manifest_readable(root):
         say(f"demo SAEs: all {len(wanted)} layers cached in {root}")
         _point_to(cfg, root)
         return root
@@ -199,6 +207,54 @@ def demo_sae_dir(config: DemoSAEConfig | str = DEFAULT, *, model=None, encode=No
 def read_manifest(root: Path) -> dict[str, Any]:
     """The `manifest.json` of a demo-SAE folder."""
     return json.loads((Path(root) / "manifest.json").read_text())
+
+
+def _manifest_readable(root: Path) -> bool:
+    try:
+        return isinstance(read_manifest(root), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def layer_problem(root: Path, layer: int) -> str | None:
+    """Why the cached layer folder cannot be trusted, or None (also when it is absent: then it is missing).
+
+    Checks the files' sha256 against those recorded in `metrics.json`. A folder from before checksums were
+    recorded is read whole instead (safetensors and JSON parse); when it reads, its checksums are recorded.
+    """
+    folder = _layer_dir(root, layer)
+    if not folder.is_dir():
+        return None
+    absent = [f for f in LAYER_FILES if not (folder / f).is_file()]
+    if absent:
+        return f"the demo SAE folder {folder} lacks {absent}"
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return f"{folder / 'metrics.json'} is damaged"
+    recorded = metrics.get("sha256")
+    if recorded:
+        bad = [f for f in CHECKED_FILES if file_sha256(folder / f) != recorded.get(f)]
+        return f"the demo SAE file(s) {bad} in {folder} are damaged (sha256 differs)" if bad else None
+    try:
+        from safetensors.numpy import load_file
+
+        load_file(str(folder / "sae_weights.safetensors"))
+        json.loads((folder / "cfg.json").read_text())
+    except Exception as err:  # SafetensorError, JSONDecodeError, OSError: all mean "cannot be read"
+        return f"the demo SAE in {folder} cannot be read ({type(err).__name__})"
+    metrics["sha256"] = {f: file_sha256(folder / f) for f in CHECKED_FILES}
+    atomic_write_json(folder / "metrics.json", metrics)
+    return None
+
+
+def _drop_damaged_layers(root: Path, wanted: list[int], say) -> None:
+    """Remove damaged layer folders so that they are trained again (the others are kept)."""
+    for layer in wanted:
+        problem = layer_problem(root, layer)
+        if problem:
+            say(f"demo SAEs: {problem}; layer {layer} is trained again")
+            shutil.rmtree(_layer_dir(root, layer))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -575,10 +631,12 @@ def runner_config(cfg: DemoSAEConfig, hook_name: str, model, acts_dir: Path, out
 
 @contextlib.contextmanager
 def _training_guard(progress: bool) -> Iterator[None]:
-    """Silence sae-lens's expected warnings (and, unless `progress`, its progress bar), and restore the
-    SIGINT/SIGTERM handlers that its runner replaces and never puts back."""
+    """Silence sae-lens's expected warnings (and, unless `progress`, its progress bar), restore the
+    SIGINT/SIGTERM handlers that its runner replaces and never puts back, and turn the `InterruptedException`
+    its handler raises on Ctrl-C back into a KeyboardInterrupt (what callers and the book runner expect)."""
     from sae_lens import logger as sae_lens_logger
     from sae_lens.training import sae_trainer
+    from sae_lens.training._interruption import InterruptedException
 
     old_handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     old_level, old_tqdm = sae_lens_logger.level, sae_trainer.tqdm
@@ -591,6 +649,8 @@ def _training_guard(progress: bool) -> Iterator[None]:
             warnings.filterwarnings("ignore", message=".*beginning new epoch.*")  # we cycle on purpose
             warnings.filterwarnings("ignore", message=".*To copy construct from a tensor.*")
             yield
+    except InterruptedException:
+        raise KeyboardInterrupt from None
     finally:
         sae_lens_logger.setLevel(old_level)
         sae_trainer.tqdm = old_tqdm
@@ -646,6 +706,7 @@ def _train_and_save_layer(cfg: DemoSAEConfig, model, data: dict[str, Any], acts_
             tokens_per_s=round(steps * cfg.train_batch_size_tokens / seconds),
         )
         metrics["meets_bar"] = meets_bar(metrics)
+        metrics["sha256"] = {f: file_sha256(tmp / f) for f in CHECKED_FILES}  # checked whenever reused
         atomic_write_json(tmp / "metrics.json", metrics)
         if final.exists():  # another process finished this layer meanwhile: keep theirs
             shutil.rmtree(tmp)
@@ -727,7 +788,7 @@ def _write_manifest(cfg: DemoSAEConfig, root: Path, wanted: list[int], sources: 
                     data: dict[str, Any]) -> None:
     """Rebuild `manifest.json` from the complete layer folders (atomic write)."""
     cache_s = data.get("activation_cache_time_s")
-    if cache_s is None and (root / "manifest.json").is_file():  # activations reused: keep the earlier time
+    if cache_s is None and _manifest_readable(root):  # activations reused: keep the earlier time
         cache_s = read_manifest(root).get("activation_cache_time_s")
     per_layer = {str(layer): json.loads((_layer_dir(root, layer) / "metrics.json").read_text())
                  for layer in wanted if _layer_complete(root, layer)}
@@ -789,6 +850,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DemoSAEError, FileNotFoundError) as exc:  # FileNotFoundError: models.ModelUnavailableError
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted. Every finished layer is kept; rerun to train the others.", file=sys.stderr)
+        return 130
     manifest = read_manifest(root)
     print(root)
     for layer, m in manifest["per_layer"].items():

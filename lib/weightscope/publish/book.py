@@ -4,8 +4,20 @@
     python -m weightscope.publish.book --target demo --no-html  # execute only
 
 Executed notebooks land in `book/<target>/`; a notebook whose source, parameters, library code and package versions
-are unchanged since its last successful run is reused, not re-executed. A failing notebook never replaces the
-last good one: it is kept under `data/cache/failed/` for inspection.
+are unchanged since its last successful run, and whose cached artefacts (result tables, demo SAEs) still have
+the checksums it saw, is reused, not re-executed. A failing notebook never replaces the last good one: it is
+kept under `data/cache/failed/` for inspection.
+
+Before any work the pre-flight (`weightscope.publish.preflight`) lists every problem with the target at once.
+One run per target at a time (a second one is refused); the HTML build and the demo-SAE cache are shared, so a
+second run waits for them. Exit codes (the last line printed is the project's one-line message):
+
+    0  done                             4  jupyter-book reported warnings or errors
+    2  bad parameters or inputs          5  another run of this target is in progress
+    3  a chapter failed (or its kernel died)  6  cannot write: no space left, or no permission
+    130  interrupted (Ctrl-C): finished work is kept, a rerun resumes
+
+`WEIGHTSCOPE_NOTEBOOKS` and `WEIGHTSCOPE_BOOK` point the runner at another notebook folder or book folder.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,11 +38,16 @@ from pathlib import Path
 from typing import Any
 
 from weightscope.config.params import ParamsError, Target, check_overrides, load_target
-from weightscope.config.paths import REPO_ROOT, cache_dir
-from weightscope.io import atomic_write_bytes, code_fingerprint, versions
+from weightscope.config.paths import REPO_ROOT, cache_dir, corpora_dir, data_dir, models_dir
+from weightscope.io import (ARTIFACT_LOG, Busy, CacheError, StorageError, atomic_write_bytes,
+                            atomic_write_json, code_fingerprint, file_lock, file_sha256, read_artifact_log,
+                            stale_artifacts, versions)
+from weightscope.publish.preflight import PreflightError, preflight
 
-NOTEBOOKS = REPO_ROOT / "notebooks"
-BOOK = REPO_ROOT / "book"
+NOTEBOOKS = Path(os.environ.get("WEIGHTSCOPE_NOTEBOOKS") or REPO_ROOT / "notebooks")
+BOOK = Path(os.environ.get("WEIGHTSCOPE_BOOK") or REPO_ROOT / "book")
+BUILD_STAMP = ".weightscope-complete.json"  # in book/_build: written last by a build that finished
+RUN_STATUS = ".run.json"  # in book/<target>: how the target's last run ended ("ok" or "failed")
 
 
 class _TcpEncryptionNotice(logging.Filter):
@@ -126,11 +144,17 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
     import nbformat
     import papermill
 
+    from nbclient.exceptions import DeadKernelError
+
     params = chapter_parameters(target, source, extra)
     out = BOOK / target.target / f"{source.stem}.ipynb"
     key = run_key(source, params, target)
     if not force and _stored_key(out) == key:
-        return "reused"
+        stale = stale_artifacts({_expand_path(p): digest for p, digest in _stored_artifacts(out).items()})
+        if not stale:
+            return "reused"
+        print(f"[book] {source.stem}: cached artefact(s) missing or damaged since its last run: "
+              f"{', '.join(_display_path(p) for p in stale)}; re-executing", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="weightscope-") as tmp:
         src_nb = Path(tmp) / f"{source.stem}.ipynb"
@@ -138,26 +162,132 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
         done = Path(tmp) / "out.ipynb"
         kernel_config = Path(tmp) / "kernel_config.json"
         kernel_config.write_text(json.dumps(_KERNEL_CONFIG))
+        log = Path(tmp) / "artifacts.jsonl"
+        os.environ[ARTIFACT_LOG] = str(log)  # the kernel inherits it: io notes every table it reads or writes
+        where = f"chapter {source.stem} failed for target {target.target}"
+        kernel_log = cache_dir() / "logs" / target.target / f"{source.stem}.kernel.log"
+        kernel_log.parent.mkdir(parents=True, exist_ok=True)
         try:
             papermill.execute_notebook(
                 str(src_nb), str(done), parameters=params, cwd=str(NOTEBOOKS), progress_bar=False,
                 kernel_name="python3", log_output=False, extra_arguments=[f"--config={kernel_config}"],
+                kernel_manager_class=_kernel_manager_class(kernel_log),
             )
         except papermill.PapermillExecutionError as err:
             kept = _keep_failed(done, target, source)
+            if err.ename == "KeyboardInterrupt":
+                raise KeyboardInterrupt from None
             raise ChapterFailed(
-                f"chapter {source.stem} failed for target {target.target}: {err.ename}: {err.evalue}\n"
-                f"  The last good executed notebook (if any) is unchanged; the failed one is kept at {kept}."
+                f"{where}: {err.ename}: {err.evalue}\n"
+                f"  The last good executed notebook (if any) is unchanged; the failed one is kept at {kept}.",
+                ename=err.ename,
+            ) from None
+        except DeadKernelError:
+            _keep_failed(done, target, source)
+            raise ChapterFailed(
+                f"{where}: its kernel died (most often the out-of-memory killer; its log: {kernel_log}). "
+                f"Free memory, analyse fewer `layers:`, or use a GPU; a rerun resumes at the first layer "
+                f"without a result.",
+                ename="DeadKernelError",
             ) from None
         except BaseException:
             _keep_failed(done, target, source)
             raise
+        finally:
+            os.environ.pop(ARTIFACT_LOG, None)
         nb = nbformat.read(done, as_version=4)
         _drop_progress_bars(nb)
         _fold_injected_parameters(nb)
-        nb.metadata["weightscope"] = {"run_key": key, "parameters": params, "versions": versions()}
+        scrub_local_paths(nb)
+        used = {**read_artifact_log(log), **_demo_sae_artifacts(target)}
+        artifacts = {_display_path(path): digest for path, digest in used.items()}
+        nb.metadata["weightscope"] = {"run_key": key, "parameters": _scrubbed(params), "versions": versions(),
+                                      "artifacts": artifacts}
         atomic_write_bytes(out, nbformat.writes(nb).encode())
     return "executed"
+
+
+def _kernel_manager_class(log: Path):
+    """A kernel manager whose kernel writes its own stderr (ipykernel's log, e.g. its report of a Ctrl-C) to
+    `log` instead of the terminal, so that the runner's one-line message stays the last thing printed."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class KernelWithLog(AsyncKernelManager):
+        async def start_kernel(self, **kw):
+            with open(log, "ab") as handle:  # the kernel process keeps its own copy of the descriptor
+                await self._async_start_kernel(stderr=handle, **kw)
+
+    return KernelWithLog
+
+
+def _stored_artifacts(path: Path) -> dict[str, str]:
+    try:
+        return json.loads(path.read_text())["metadata"]["weightscope"].get("artifacts", {})
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def _demo_sae_artifacts(target: Target) -> dict[str, str]:
+    """{file: sha256} of the demo SAEs that a demo target's chapters read (checked when one is reused)."""
+    if target.sae_source != "demo":
+        return {}
+    from weightscope.load.saes import SAEError, demo_sae_folder
+
+    try:
+        folder = demo_sae_folder()
+    except SAEError:
+        return {}
+    return {str(f.resolve()): file_sha256(f) for f in sorted(folder.glob("layer_*/sae_weights.safetensors"))}
+
+
+def _local_roots() -> list[tuple[str, str]]:
+    """(absolute folder, what a page shows instead), longest first: pages never carry this machine's paths."""
+    roots = [(data_dir(), "$WEIGHTSCOPE_DATA"), (models_dir(), "$WEIGHTSCOPE_MODELS"),
+             (corpora_dir(), "$WEIGHTSCOPE_CORPORA"), (REPO_ROOT, "<repo>"), (Path.home(), "~"),
+             (Path(tempfile.gettempdir()), "<tmp>")]
+    pairs = {str(Path(p).resolve()): label for p, label in roots if p is not None}
+    pairs.update({str(p): label for p, label in roots if p is not None})
+    return sorted(((p, label) for p, label in pairs.items() if len(p) > 1), key=lambda x: -len(x[0]))
+
+
+def _display_path(path: str) -> str:
+    for root, label in _local_roots():
+        path = path.replace(root, label)
+    return path
+
+
+def _expand_path(path: str) -> str:
+    """The inverse of `_display_path` for a path that starts with one of its labels."""
+    for root, label in _local_roots():
+        if path == label or path.startswith(label + "/"):
+            return root + path[len(label):]
+    return path
+
+
+def _scrubbed(value):
+    """`value` (str, list or dict, nested) with this machine's folders replaced as on pages."""
+    if isinstance(value, str):
+        return _display_path(value)
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items()}
+    return value
+
+
+def scrub_local_paths(nb) -> None:
+    """Replace this machine's folders (data, models, corpora, repository, home) in outputs, in the injected
+    parameters and in papermill's metadata with neutral names, in place (the book serves the notebook too)."""
+    clean = _scrubbed
+    if "papermill" in nb.metadata:
+        nb.metadata["papermill"] = clean(nb.metadata["papermill"])
+    for cell in nb.cells:
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell.source = clean(cell.source)
+        for output in cell.get("outputs", []):
+            for field in ("text", "data", "traceback", "evalue"):
+                if field in output:
+                    output[field] = clean(output[field])
 
 
 _PROGRESS = re.compile(r"\d+%\||\d+/\d+ \[|\d+\w* \[\d\d:\d\d")
@@ -189,14 +319,17 @@ def _fold_injected_parameters(nb) -> None:
 class ChapterFailed(RuntimeError):
     """A chapter raised while executing; the message names the chapter, the error and where the notebook is."""
 
+    def __init__(self, message: str, *, ename: str = ""):
+        super().__init__(message)
+        self.ename = ename  # the exception's class name inside the kernel
+
 
 def _keep_failed(done: Path, target: Target, source: Path) -> Path | None:
     """Keep a failed execution under data/cache/failed/<target>/ for inspection (never in the book)."""
     if not done.is_file():
         return None
     failed = cache_dir() / "failed" / target.target / f"{source.stem}.ipynb"
-    failed.parent.mkdir(parents=True, exist_ok=True)
-    failed.write_bytes(done.read_bytes())
+    atomic_write_bytes(failed, done.read_bytes())
     return failed
 
 
@@ -209,6 +342,11 @@ def write_toc() -> Path:
         chapters = [{"file": f"{folder.name}/{nb.stem}"} for nb in sorted(folder.glob("[0-9][0-9]_*.ipynb"))]
         if folder.name == "appendix":
             chapters = [{"file": f"appendix/{p.stem}"} for p in sorted(folder.glob("*.md"))]
+        elif chapters and (run_status(folder.name) != "ok" or not all(map(_readable, folder.glob("*.ipynb")))):
+            print(f"[book] part {folder.name} left out of the table of contents: its last run did not "
+                  f"finish, or one of its notebooks is damaged (make book TARGET={folder.name} adds it back)",
+                  flush=True)
+            continue
         if not chapters:
             continue
         caption = "Appendix" if folder.name == "appendix" else _target_title(folder.name)
@@ -218,6 +356,26 @@ def write_toc() -> Path:
     path = BOOK / "_toc.yml"
     atomic_write_bytes(path, ("# Generated by weightscope.publish.book; do not edit.\n" + yaml.safe_dump(toc, sort_keys=False)).encode())
     return path
+
+
+def _readable(notebook: Path) -> bool:
+    try:
+        return isinstance(json.loads(notebook.read_text()).get("cells"), list)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def run_status(target: str) -> str | None:
+    """How the target's last run ended: "ok", "failed", or None when unknown."""
+    try:
+        return json.loads((BOOK / target / RUN_STATUS).read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _set_run_status(target: str, status: str) -> None:
+    stamp = {"status": status, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_json(BOOK / target / RUN_STATUS, stamp)
 
 
 def _target_title(name: str) -> str:
@@ -242,12 +400,26 @@ def _install_mathjax() -> None:
 
 
 def build_html() -> Path:
-    """`jupyter-book build` with warnings as errors; returns the index page."""
+    """`jupyter-book build` with warnings as errors; returns the index page.
+
+    `book/_build` is reused (Sphinx's incremental build, which unpickles its `environment.pickle`) only when
+    it carries the stamp a finished build of this runner writes last; a build that was killed or failed, or
+    a folder of unknown origin, is cleared first, so every build starts from a state it can use.
+    """
     _install_mathjax()
-    exe = Path(sys.executable).parent / "jupyter-book"
-    cmd = [str(exe), "build", str(BOOK), "-W", "-n", "--keep-going", "--quiet"]
-    subprocess.run(cmd, check=True)
-    return BOOK / "_build" / "html" / "index.html"
+    build = BOOK / "_build"
+    stamp = build / BUILD_STAMP
+    with file_lock(cache_dir() / "locks" / "html.lock", what="the HTML build of the book", wait=True):
+        if build.exists() and not stamp.is_file():
+            print("[book] book/_build was left by an interrupted or failed build (or is of unknown origin): "
+                  "cleared, building from scratch", flush=True)
+            shutil.rmtree(build)
+        stamp.unlink(missing_ok=True)
+        exe = Path(sys.executable).parent / "jupyter-book"
+        cmd = [str(exe), "build", str(BOOK), "-W", "-n", "--keep-going", "--quiet"]
+        subprocess.run(cmd, check=True)
+        atomic_write_json(stamp, {"built_by": "weightscope.publish.book", "versions": versions()})
+    return build / "html" / "index.html"
 
 
 def run(target_name: str, *, chapters: list[str] | None = None, extra: dict[str, Any] | None = None,
@@ -255,9 +427,42 @@ def run(target_name: str, *, chapters: list[str] | None = None, extra: dict[str,
     """Validate, prepare, execute the chapters in order and build the book, printing progress."""
     t0 = time.time()
     target = load_target(target_name)
-    sources = [s for s in chapter_sources() if not chapters or s.stem[:2] in chapters or s.stem in chapters]
-    for source in sources:  # every parameter error surfaces before any work
-        chapter_parameters(target, source, extra)
+    sources = select_chapters(chapters)
+    defaults = {source.stem: notebook_defaults(source) for source in chapter_sources()}
+    problems = preflight(target, sources, defaults, extra=extra, book_dir=BOOK / target.target)
+    if problems:  # every problem at once, before any work
+        raise PreflightError(f"{len(problems)} problem(s) with target {target.target}; nothing was run:\n"
+                             + "\n".join(f"  - {p}" for p in problems))
+    lock = cache_dir() / "locks" / f"target-{target.target}.lock"
+    with file_lock(lock, what=f"target {target.target}", wait=False):
+        counts = _run_chapters(target, sources, extra, force)
+    write_toc()
+    where = "not built (--no-html)"
+    if html:
+        print("[book] building HTML with jupyter-book (warnings are errors) ...", flush=True)
+        where = _display_path(str(build_html())).removeprefix("<repo>/")
+    print(
+        f"book: target {target.target}: {counts['executed']} chapter(s) executed, {counts['reused']} reused, "
+        f"in {time.time() - t0:.0f} s; HTML: {where}",
+        flush=True,
+    )
+
+
+def select_chapters(chapters: list[str] | None) -> list[Path]:
+    """The chapter sources named by `chapters` (numbers like 01, or stems); all when None; unknown raise."""
+    sources = chapter_sources()
+    if not chapters:
+        return sources
+    known = {s.stem[:2] for s in sources} | {s.stem for s in sources}
+    unknown = [c for c in chapters if c not in known]
+    if unknown:
+        raise ParamsError(f"--chapters: no chapter {unknown}; the chapters are {[s.stem for s in sources]}.")
+    return [s for s in sources if s.stem[:2] in chapters or s.stem in chapters]
+
+
+def _run_chapters(target: Target, sources: list[Path], extra: dict[str, Any] | None, force: bool) -> dict:
+    """Prepare the inputs and execute the chapters in order; the target's run status says how it ended."""
+    _set_run_status(target.target, "failed")  # until every chapter is done (a kill leaves "failed" too)
     _prepare(target)
     counts = {"executed": 0, "reused": 0}
     for i, source in enumerate(sources, 1):
@@ -265,17 +470,10 @@ def run(target_name: str, *, chapters: list[str] | None = None, extra: dict[str,
         t = time.time()
         status = execute_chapter(target, source, extra=extra, force=force)
         counts[status] += 1
-        print(f"[book {i}/{len(sources)}] {target.target}: {source.stem} {status} ({time.time() - t:.0f} s)", flush=True)
-    write_toc()
-    where = "not built (--no-html)"
-    if html:
-        print("[book] building HTML with jupyter-book (warnings are errors) ...", flush=True)
-        where = str(build_html().relative_to(REPO_ROOT))
-    print(
-        f"book: target {target.target}: {counts['executed']} chapter(s) executed, {counts['reused']} reused, "
-        f"in {time.time() - t0:.0f} s; HTML: {where}",
-        flush=True,
-    )
+        print(f"[book {i}/{len(sources)}] {target.target}: {source.stem} {status} ({time.time() - t:.0f} s)",
+              flush=True)
+    _set_run_status(target.target, "ok")
+    return counts
 
 
 def _prepare(target: Target) -> None:
@@ -287,7 +485,23 @@ def _prepare(target: Target) -> None:
         ensure_demo_saes(progress=True)
 
 
+EXIT_CODES = {0: "done", 2: "bad parameters or inputs", 3: "a chapter failed", 4: "jupyter-book failed",
+              5: "another run of this target is in progress",
+              6: "cannot write (no space left, no permission)", 130: "interrupted"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the book from the command line; every fault a user can cause ends in one `error:` line (the last
+    line printed) and a documented exit code (`EXIT_CODES`)."""
+    code, message = _main(argv)
+    if message:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _main(argv: list[str] | None) -> tuple[int, str | None]:
+    from weightscope.load.llama2c import Llama2cFileError
+    from weightscope.load.saes import SAEError
     from weightscope.prepare.demo_saes import DemoSAEError
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -298,16 +512,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args.target, chapters=args.chapters, html=not args.no_html, force=args.force)
-    except (ParamsError, FileNotFoundError, PermissionError, DemoSAEError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        return 130, ("interrupted. Kept: every finished chapter, demo-SAE layer and per-layer result; the "
+                     "step that was running was discarded (the last good notebook is unchanged). Rerun the "
+                     "same command to resume.")
+    except Busy as err:
+        return 5, str(err)
+    except (StorageError, PermissionError) as err:
+        return 6, str(err)
+    except (ParamsError, FileNotFoundError, DemoSAEError, SAEError, Llama2cFileError, CacheError) as err:
+        return 2, str(err)
     except ChapterFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+        return (6 if err.ename == "StorageError" else 3), str(err)
     except subprocess.CalledProcessError:
-        print("error: jupyter-book reported warnings or errors (see above); the HTML is incomplete.", file=sys.stderr)
-        return 4
-    return 0
+        return 4, "jupyter-book reported warnings or errors (see above); the HTML is incomplete."
+    except OSError as err:  # e.g. a read-only file system met after the pre-flight
+        return 6, f"{err}. Check that the data and book folders are writable and have free space, then rerun."
+    return 0, None
 
 
 if __name__ == "__main__":
