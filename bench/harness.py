@@ -218,7 +218,7 @@ def randn(shape, *, seed: int, device: str, scale: float = 1.0, dtype=None):
 
 
 def run_worker(module: ModuleType, kind: str, spec: dict) -> dict:
-    """Run module.WORKERS[kind](spec) in a fresh interpreter; the result comes back as one marked JSON line."""
+    """Run module.WORKERS[kind](spec) in a fresh interpreter; the result comes back as a marked JSON line."""
     path = os.pathsep.join(filter(None, [str(REPO / "lib"), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, str(RUNNER), "--worker", module_file(module), kind, json.dumps(spec)],

@@ -34,11 +34,11 @@ SCHEMA = 2  # 2: "plan" holds one plan per benchmark (1: one flat plan); the res
 def parse_args(argv, names: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller subsets, fewer repeats, no loading step")
+    parser.add_argument("--quick", action="store_true", help="smaller subsets, fewer repeats, no loading")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (5; quick 3)")
     parser.add_argument("--only", default=",".join(names), help=f"comma-separated, of: {', '.join(names)}")
-    parser.add_argument("--depth", type=int, default=4, help="blocks in the Gemma-2-2B-width loading checkpoint")
+    parser.add_argument("--depth", type=int, default=4, help="blocks in the loading checkpoint")
     parser.add_argument("--load-repeats", type=int, default=None, help="fresh-process loads per loader")
     parser.add_argument("--memory-features", type=int, default=None, help="features in the memory comparison")
     parser.add_argument("--kernel-threads", default=None,
@@ -96,16 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now(dt.timezone.utc)
     env = harness.environment(args.device)
     command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
-    meta = {"device": args.device, "device_name": env["device_name"], "dtype": "float32", "torch": env["torch"],
-            "transformers": env["transformers"], "command": command}
+    meta = {"device": args.device, "device_name": env["device_name"], "dtype": "float32",
+            "torch": env["torch"], "transformers": env["transformers"], "command": command}
     out_path = Path(args.out) if args.out else harness.RESULTS_DIR / (
         f"{args.device}-{started.date().isoformat()}{'-quick' if args.quick else ''}.json")
     plans = {m.NAME: m.PLANS[(args.device, args.quick)] for m in selected}
-    report = {"schema": SCHEMA, "command": command, "cwd": os.getcwd(), "mode": "quick" if args.quick else "full",
+    options = {"depth": args.depth, "load_repeats": args.load_repeats,  # overrides of the plans
+               "memory_features": args.memory_features, "kernel_threads": args.kernel_threads}
+    report = {"schema": SCHEMA, "command": command, "cwd": os.getcwd(),
+              "mode": "quick" if args.quick else "full",
               "started_utc": started.isoformat(timespec="seconds"), "environment": env, "repeats": repeats,
-              "plan": plans, "load_average_start": os.getloadavg(), "results": {}}
-    options = {"depth": args.depth, "load_repeats": args.load_repeats, "memory_features": args.memory_features,
-               "kernel_threads": args.kernel_threads}
+              "plan": plans, "options": options, "load_average_start": os.getloadavg(), "results": {}}
     harness.log(f"{env['device_name']} ({env['torch_threads']} torch threads), torch {env['torch']}; "
                 f"mode {report['mode']}; benchmarks: {', '.join(m.NAME for m in selected)}")
     if standalone:
