@@ -30,8 +30,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 TESTS = Path(__file__).resolve().parent
 REFERENCES = TESTS / "nbval"
 SANITIZE = TESTS / "nbval_sanitize.cfg"
@@ -51,6 +49,7 @@ def _references() -> list[Path]:
     return [REFERENCES / f"{source.stem}.ipynb" for source in chapter_sources()]
 
 
+@pytest.mark.slow
 def test_every_chapter_has_a_reference_made_from_its_current_source():
     import jupytext
 
@@ -97,6 +96,7 @@ def test_sanitize_file_masks_what_varies_and_nothing_else():
                     assert clean(text) == text, path.name
 
 
+@pytest.mark.slow
 def test_demo_chapters_reproduce_their_stored_outputs():
     stored = {json.loads(p.read_text())["metadata"]["weightscope"].get("demo_sae_fingerprint")
               for p in _references() if p.is_file()}
