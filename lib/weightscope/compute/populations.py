@@ -383,14 +383,15 @@ def _resample_statistics(ix: np.ndarray, iy: np.ndarray, *, xs: np.ndarray, ys: 
     the original y below / not above each x. Works on draw counts: O(n) per resample, no sort and no
     [n_x, n_y] pair matrix.
     """
-    ix, iy = np.moveaxis(ix, axis, -1), np.moveaxis(iy, axis, -1)
     batch, n1, n2 = ix.shape[:-1], len(xs), len(ys)
-    w = _draw_counts(ix.reshape(-1, ix.shape[-1]), n1).astype(float)  # [b, n_x]
-    v = _draw_counts(iy.reshape(-1, iy.shape[-1]), n2).astype(float)  # [b, n_y]
+    ix, iy = np.moveaxis(ix, axis, -1).reshape(-1, n1), np.moveaxis(iy, axis, -1).reshape(-1, n2)
+    if {"median_diff", "cliffs_delta"} & set(names):
+        w = _draw_counts(ix, n1).astype(float)  # [b, n_x]
+        v = _draw_counts(iy, n2).astype(float)  # [b, n_y]
     out = []
     for name in names:
-        if name == "mean_diff":
-            out.append(w @ xs / n1 - v @ ys / n2)
+        if name == "mean_diff":  # a gather: cheaper than counting the draws when only the means are needed
+            out.append(np.take(xs, ix).mean(axis=1) - np.take(ys, iy).mean(axis=1))
         elif name == "median_diff":
             out.append(_median_from_counts(w, xs) - _median_from_counts(v, ys))
         else:  # per original x: (drawn y below it) - (drawn y above it) = cum[below] - (n_y - cum[above])
