@@ -5,9 +5,10 @@
 Executes the demo chapters the way `make book` does (reusing cached executions that are still current), then
 copies each executed notebook with its outputs into tests/nbval/, as `tests/nbval_sanitize.cfg` sanitizes
 them (figures become a placeholder, paths of this checkout a REPO/ prefix, ...), without papermill's timing
-metadata. Cells whose output legitimately differs between two preparations of the same inputs are
-tagged `nbval-ignore-output` (see IGNORE_OUTPUT). The demo SAEs' fingerprint is stored with the references:
-`tests/test_nbval.py` compares only against references made with the SAEs in use.
+metadata, with stable cell ids (a refresh changes only what changed). Cells whose output legitimately differs
+between two preparations of the same inputs are tagged `nbval-ignore-output` (see IGNORE_OUTPUT). The demo
+SAEs' fingerprint is stored with the references: `tests/test_nbval.py` compares only against references made
+with the SAEs in use.
 
 Run it after a change that is meant to move a printed result, and commit tests/nbval/ with that change.
 """
@@ -70,7 +71,8 @@ def _sanitize(output: dict) -> None:
 
 def reference(nb: dict, stem: str, fingerprint: str) -> dict:
     """The executed notebook nb as a stored reference: figures as placeholders, no timing metadata."""
-    for cell in nb["cells"]:
+    for index, cell in enumerate(nb["cells"]):
+        cell["id"] = f"{stem[:2]}-{index:03d}"  # stable ids: a refresh changes only what changed
         cell.get("metadata", {}).pop("papermill", None)
         cell.get("metadata", {}).pop("execution", None)
         if cell["cell_type"] != "code":
