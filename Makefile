@@ -15,7 +15,7 @@ export WEIGHTSCOPE_CORPORA ?= $(SHARED)/corpora
 endif
 export PYTHONUNBUFFERED := 1
 
-.PHONY: book test test-fast bench clean setup
+.PHONY: book test test-fast nbval nbval-refresh bench clean setup
 setup: .venv/.installed
 
 .venv/.installed: requirements.txt pyproject.toml
@@ -38,6 +38,13 @@ test: .venv/.installed
 
 test-fast: .venv/.installed
 	@$(PY) -m pytest -m "not slow"
+
+# the demo chapters against their stored outputs (tests/nbval/), and regenerating those references
+nbval: .venv/.installed
+	@$(PY) -m pytest tests/test_nbval.py
+
+nbval-refresh: .venv/.installed
+	@$(PY) tests/nbval_refresh.py
 
 clean:
 	rm -rf book/_build book/_toc.yml

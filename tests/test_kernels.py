@@ -397,6 +397,25 @@ def test_normalized_levenshtein(a, b, expected):
     assert K.normalized_levenshtein(a, b) == pytest.approx(expected)
 
 
+def naive_levenshtein(a: str, b: str) -> int:
+    """Edit distance by the full dynamic-programming table (the textbook recurrence)."""
+    table = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            table[i][j] = min(table[i - 1][j] + 1, table[i][j - 1] + 1,
+                              table[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+    return table[-1][-1]
+
+
+def test_normalized_levenshtein_matches_the_dynamic_programming_table():
+    rng = np.random.default_rng(3)
+    alphabet = list("abcde ▁Ġé日")  # few letters: many shared characters; non-ASCII included
+    for _ in range(300):
+        a, b = ("".join(rng.choice(alphabet, size=rng.integers(0, 9))) for _ in range(2))
+        expected = naive_levenshtein(a, b) / max(len(a), len(b), 1)
+        assert K.normalized_levenshtein(a, b) == pytest.approx(expected, abs=1e-12), (a, b)
+
+
 def test_mean_pairwise_string_similarity():
     assert K.mean_pairwise_string_similarity(["▁Paris", " paris", "PARIS", "Ġparis"]) == pytest.approx(1.0)
     assert K.mean_pairwise_string_similarity(["cat", "dog"]) == pytest.approx(0.0)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
+from rapidfuzz.distance import Levenshtein
 from torch import Tensor
 
 from weightscope.compute.streaming import auto_chunk_size, is_oom, progress_bar, release_cache
@@ -386,25 +387,11 @@ def _topk(S: Tensor, k: int, *, largest: bool) -> tuple[Tensor, Tensor]:
 
 
 def normalized_levenshtein(a: str, b: str) -> float:
-    """Edit distance (insertions, deletions, substitutions) divided by the longer length.
+    """Edit distance (insertions, deletions, substitutions) divided by the longer length (rapidfuzz).
 
     0.0 = identical, 1.0 = nothing in common; two empty strings are identical (0.0).
     """
-    if not a and not b:
-        return 0.0
-    return _levenshtein(a, b) / max(len(a), len(b))
-
-
-def _levenshtein(a: str, b: str) -> int:
-    if len(a) < len(b):
-        a, b = b, a  # keep the rolling row over the shorter string
-    previous = list(range(len(b) + 1))
-    for i, char_a in enumerate(a, start=1):
-        current = [i]
-        for j, char_b in enumerate(b, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
-        previous = current
-    return previous[-1]
+    return Levenshtein.normalized_distance(a, b)
 
 
 # Leading markers of a word-initial token: a space (decoded text), sentencepiece's '▁', GPT-2 BPE's 'Ġ'.

@@ -1,0 +1,118 @@
+"""The demo chapters reproduce their stored outputs (nbval): a change that moves a printed result fails here.
+
+`tests/nbval/NN_*.ipynb` are the demo chapters as the book executed them, outputs kept (sanitized, figures
+reduced to a placeholder); `make nbval-refresh` (`tests/nbval_refresh.py`) regenerates them. nbval re-executes
+each one in a kernel of this environment (`--nbval-current-env`) with the parameters papermill injected into
+it, and compares every cell's outputs with the stored ones after `tests/nbval_sanitize.cfg` has masked what
+legitimately varies (figures, durations, absolute paths, memory addresses, progress lines).
+
+Cost, and why all four chapters: re-executing a chapter whose results are cached costs its imports, model
+loading, tables and plots, not its analysis. The chapters cache their result tables under data/results/demo
+by a key that includes the library's code and the parameters, so a change to the library recomputes them
+here (and is checked), while an unchanged library reuses what the book test (test_book.py, which runs first
+in `make test`) has just computed. On the shared 2-core development machine (load average above 10), nbval
+over chapters 00-03 with the cache warm took 206 s and 372 s in two runs, the book run executing the same
+four chapters from scratch 275 s: as much again as the book test, not a multiple of it. Chapter 3's
+statistics are the printed results most likely to move silently, so every chapter is checked rather than
+only 00-01. Run alone with a cold cache, this file costs a book run.
+
+Two checks come first, each failing or skipping with what to do: the references were made from the current
+chapter sources (nbval runs the cells stored in a reference, so a chapter edited since would otherwise go
+unchecked), and with the demo SAEs in use (another training, e.g. on another machine, makes other numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+REFERENCES = TESTS / "nbval"
+SANITIZE = TESTS / "nbval_sanitize.cfg"
+sys.path.insert(0, str(TESTS))
+from nbval_refresh import demo_sae_fingerprint  # noqa: E402
+
+from weightscope.publish.book import chapter_sources  # noqa: E402
+
+
+def _code_sources(cells) -> list[str]:
+    """Code cells' sources, without papermill's injected-parameters cell."""
+    return ["".join(c["source"]).strip() for c in cells
+            if c["cell_type"] == "code" and "injected-parameters" not in c["metadata"].get("tags", [])]
+
+
+def _references() -> list[Path]:
+    return [REFERENCES / f"{source.stem}.ipynb" for source in chapter_sources()]
+
+
+@pytest.mark.slow
+def test_every_chapter_has_a_reference_made_from_its_current_source():
+    import jupytext
+
+    for source, path in zip(chapter_sources(), _references()):
+        assert path.is_file(), f"no nbval reference for {source.name}: run `make nbval-refresh` and commit it"
+        stored = _code_sources(json.loads(path.read_text())["cells"])
+        assert stored == _code_sources(jupytext.read(source).cells), (
+            f"{source.name} changed since its nbval reference was made: if the change is meant, run "
+            f"`make nbval-refresh` and commit tests/nbval/ with it")
+
+
+def test_sanitize_file_masks_what_varies_and_nothing_else():
+    import re
+
+    from nbval.plugin import get_sanitize_patterns
+
+    patterns = get_sanitize_patterns(SANITIZE.read_text())
+    assert len(patterns) >= 7
+
+    def clean(text: str) -> str:
+        for regex, replace in patterns:
+            text = re.sub(regex, replace, text)
+        return text
+
+    figure = '<div>  <script>/* plotly.js */</script><div id="4f1c" class="plotly-graph-div"></div></div>'
+    assert clean(figure) == "<plotly figure>"
+    assert clean("<object at 0x7f3a2c1b9d60>") == "<object at 0xADDRESS>"
+    assert clean("done in 12.4 s (3 s per layer)") == "done in DURATION (DURATION per layer)"
+    assert clean("/home/someone/weightscope/data/cache/demo_saes/x") == "REPO/data/cache/demo_saes/x"
+    computed = "01_token_lens: layer 0 (512 features) ...\n01_token_lens: layer 1 (512 features) ...\n"
+    assert clean(computed + "2560 features over 5 layers\n") == "2560 features over 5 layers\n"
+    assert clean("  3%|▎         | 1/30 [00:01<00:30]\nafter\n") == "after\n"
+    # results are not masked: counts, shares, scores, and words that merely end in s
+    kept = "512 features, 5 layers, 0.91 explained, 3.2% semantic, z = 4.5, 291 stories"
+    assert clean(kept) == kept
+    # the references are stored sanitized, and sanitizing them again changes nothing
+    for path in _references():
+        for cell in json.loads(path.read_text())["cells"]:
+            for output in cell.get("outputs", []):
+                texts = [output.get("text", "")] + [v for k, v in output.get("data", {}).items()
+                                                     if k.startswith("text/")]
+                for text in texts:
+                    text = "".join(text)
+                    assert clean(text) == text, path.name
+
+
+@pytest.mark.slow
+def test_demo_chapters_reproduce_their_stored_outputs():
+    stored = {json.loads(p.read_text())["metadata"]["weightscope"].get("demo_sae_fingerprint")
+              for p in _references() if p.is_file()}
+    try:
+        current = demo_sae_fingerprint()
+    except Exception as err:  # noqa: BLE001  (not prepared: the message says how)
+        pytest.skip(f"demo SAEs not available: {err}")
+    if stored != {current}:
+        pytest.skip(f"the nbval references were made with other demo SAEs ({sorted(map(str, stored))}, these "
+                    f"are {current}): run `make nbval-refresh` to check against these")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbval", "--nbval-current-env",
+         f"--nbval-sanitize-with={SANITIZE}", "-p", "no:cacheprovider", "-q", "--no-header",
+         *map(str, _references())],
+        capture_output=True, text=True)
+    assert proc.returncode == 0, (
+        "an executed demo chapter no longer matches its stored outputs (a printed result moved, or new "
+        "output). If the change is meant, run `make nbval-refresh` and commit tests/nbval/.\n"
+        + proc.stdout[-6000:] + proc.stderr[-2000:])
