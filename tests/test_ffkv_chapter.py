@@ -95,7 +95,10 @@ def test_reads_of_null_directions_beat_the_null_at_chance(ctx):
     null = reads[reads["dictionary"] == "null"]
     for r in ("q", "k", "v"):
         assert abs(null[f"{r}_part_frac"].mean() - 0.1) < 0.01
-    assert ch.reads_layer(model, StandInSAE(1), cfg).empty  # no later attention reads the last block
+    last = ch.reads_layer(model, StandInSAE(1), cfg)
+    assert last.empty  # no later attention reads the last block; its columns stay numeric for concatenation
+    both = pd.concat([reads, last], ignore_index=True)
+    assert all(pd.api.types.is_numeric_dtype(both[c]) for c in both.columns if c != "dictionary")
 
 
 def test_reads_do_not_depend_on_a_directions_norm(ctx):

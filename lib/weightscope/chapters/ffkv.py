@@ -51,7 +51,7 @@ class FFKVConfig:
     concentration_stat: str = "kurtosis"  # kurtosis | top_z: scale-free, so one null serves every dictionary
     q_concentration: float = 0.95  # concentrated: above this quantile of the null
     q_coherence: float = 0.95  # coherent: string similarity or embedding cosine above this null quantile
-    n_null: int = 2048  # null directions per layer (each for thresholds and for the reported null)
+    n_null: int = 1024  # null directions per layer (each for thresholds and for the reported null)
     q_null: float = 0.99  # a row takes part in a head when its read exceeds this null quantile
     key: str = "gate"  # gated MLPs: the encoder (key) direction, gate or up projection
     max_features: int = 0  # first N SAE features per layer (0: all)
@@ -61,7 +61,7 @@ class FFKVConfig:
     aligned: float = 0.9  # max cosine at or above: aligned (the paper's cut-off)
     unaligned: float = 0.3  # max cosine below: unaligned
     signed: bool = True  # max of the signed cosine (False: of |cos|)
-    n_eval_tokens: int = 16384  # held-out tokens for the activation checks (demo)
+    n_eval_tokens: int = 8192  # held-out tokens for the activation checks (demo)
     alpha: float = 0.01  # the summary names the higher dictionary when its rank test gives p below this
     seed: int = 0
 
@@ -274,9 +274,12 @@ def reads_layer(model, sae, cfg: FFKVConfig, dtype=None, device=None) -> pd.Data
                 cols[f"{r}_z_mean"] = z.mean(1).numpy()
                 cols[f"{r}_part_frac"] = part.float().mean(1).numpy()
             frames.append(pd.DataFrame(cols))
-    columns = ["dictionary", "row", "layer", "mlp_layer", "read_layer", "distance",
-               *[f"{r}_{s}" for r in READS for s in ("z_mean", "part_frac")]]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    if not frames:  # the last block: no later attention; typed, so that concatenation keeps numeric columns
+        dtypes = {"dictionary": object, **dict.fromkeys(("row", "layer", "mlp_layer", "read_layer", "distance"),
+                                                         np.int64),
+                  **{f"{r}_{s}": np.float32 for r in READS for s in ("z_mean", "part_frac")}}
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()})
+    return pd.concat(frames, ignore_index=True)
 
 
 def attention_reads(ctx, model, saes, cfg: FFKVConfig) -> pd.DataFrame:
@@ -379,7 +382,7 @@ def demo_held_out_tokens(n_tokens: int, d_vocab: int) -> torch.Tensor:
 
 @torch.no_grad()
 def activation_checks(model, saes, tokens: torch.Tensor, cfg: FFKVConfig, *, bos_id: int | None = None,
-                      batch_rows: int = 16) -> pd.DataFrame:
+                      batch_rows: int = 64) -> pd.DataFrame:
     """Explained variance and alive rate of the TopK-FF dictionary and of each SAE on held-out tokens.
 
     model: a HookedTransformer (a forward pass is needed); tokens: [rows, ctx] held-out token ids. Per paired
@@ -411,7 +414,7 @@ def activation_checks(model, saes, tokens: torch.Tensor, cfg: FFKVConfig, *, bos
 
 @torch.no_grad()
 def hook_activations(model, tokens: torch.Tensor, hooks: list[str], *, bos_id: int | None = None,
-                     batch_rows: int = 16) -> dict[str, torch.Tensor]:
+                     batch_rows: int = 64) -> dict[str, torch.Tensor]:
     """{hook: fp32 [n_tokens, d]} from one forward pass over token rows [rows, ctx], BOS positions dropped."""
     out: dict[str, list] = {h: [] for h in hooks}
     for batch in tokens.split(batch_rows):
