@@ -1,4 +1,5 @@
-"""FF-KV dictionaries: exact reconstruction on tiny random SwiGLU, Gemma-2 and GPT-2 blocks; alignment kernel."""
+"""FF-KV dictionaries: exact reconstruction on tiny random SwiGLU, Gemma-2 and GPT-2 blocks; the alignment
+kernel against a brute-force cosine matrix."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ ARCHS = {
                    positional_embedding_type="rotary", final_rms=True),
     # Gemma-2: GeGLU, pre- and post-feed-forward RMSNorms
     "gemma2": dict(act_fn="gelu_pytorch_tanh", normalization_type="RMS", gated_mlp=True, n_key_value_heads=2,
-                   use_normalization_before_and_after=True, positional_embedding_type="rotary", final_rms=True),
+                   use_normalization_before_and_after=True, positional_embedding_type="rotary",
+                   final_rms=True),
     # GPT-2: LayerNorm, gelu_new, biases everywhere
     "gpt2": dict(act_fn="gelu_new", normalization_type="LN"),
 }
@@ -28,7 +30,8 @@ def tiny_model(arch: str, seed: int = 0) -> HookedTransformer:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # every weight random, norms included, so that folding mistakes show
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if p.ndim == 1 and p.shape[0] == 16 else 0))
+            offset = 1.0 if p.ndim == 1 and p.shape[0] == 16 else 0.0  # norm weights near 1, biases near 0
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5 + offset)
     return model.eval()
 
 
@@ -83,7 +86,7 @@ def test_key_vectors_fold_the_pre_mlp_norm():
     model = tiny_model("swiglu")
     block = ffkv.ff_block(model, 0)
     g = model.blocks[0].ln2.w
-    # a neuron's gate pre-activation for MLP input x = g * x / rms: its key on the raw stream is g * W_gate[:, i]
+    # gate pre-activation of a neuron for MLP input g * x / rms: its key on the raw stream is g * W_gate[:, i]
     torch.testing.assert_close(ffkv.key_vectors(block, "gate"), (model.blocks[0].mlp.W_gate * g[:, None]).T)
     torch.testing.assert_close(ffkv.key_vectors(block, "up"), (model.blocks[0].mlp.W_in * g[:, None]).T)
     gpt2 = tiny_model("gpt2")

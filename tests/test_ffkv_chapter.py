@@ -20,7 +20,8 @@ from test_ffkv import tiny_model
 class StandInSAE(torch.nn.Module):
     """A TopK SAE with random weights, with the fields the chapter reads (as `load.saes.LoadedSAE`)."""
 
-    def __init__(self, layer: int, d_model: int = 16, d_sae: int = 40, k: int = 4, hook: str = "hook_resid_post"):
+    def __init__(self, layer: int, d_model: int = 16, d_sae: int = 40, k: int = 4,
+                 hook: str = "hook_resid_post"):
         super().__init__()
         g = torch.Generator().manual_seed(layer)
         self.W_enc = torch.randn(d_model, d_sae, generator=g)
@@ -155,8 +156,8 @@ def test_summary_names_the_higher_dictionary_only_when_the_test_is_clear():
     reads = lens_rows[["dictionary", "layer", "row"]].assign(
         **{f"{r}_{s}": 0.0 for r in "qkv" for s in ("z_mean", "part_frac")})
     labels = lens_rows.assign(dec_label="non-semantic")
-    align = {"rows": pd.DataFrame({"direction": ["SAE features vs value vectors", "value vectors vs SAE features",
-                                                 "null vs value vectors"], "max_cos": [0.5, 0.5, 0.5]})}
+    directions = ["SAE features vs value vectors", "value vectors vs SAE features", "null vs value vectors"]
+    align = {"rows": pd.DataFrame({"direction": directions, "max_cos": [0.5, 0.5, 0.5]})}
     out = ch.summary(lens_rows, reads, {"labels": labels}, align, None, CFG).set_index("measure")
     dec = out.loc["token lens, output side (decoder-unembedding): passes the rule"]
     assert dec["features"] == 0.5 and dec["neurons"] == 10 / n and dec["verdict"] == "features higher"

@@ -12,9 +12,10 @@ Each step is one call that returns tidy tables with a `dictionary` column ("feat
     summary(tables, cfg)                           -> one table: each measure, features against neurons
 
 Pairing: an MLP at layer L writes into the residual stream after block L, where a residual SAE at
-`blocks.L.hook_resid_post` reads it, so that SAE is paired with block L's MLP (an SAE at resid_pre or resid_mid
-of L with block L - 1's). Only the lowest-level kernels are called (`token_score_stats`, `head_reads`,
-`null_zscores`, `random_directions_like`, `fold_*`, and chapter 3's `label_side` and rank statistics).
+`blocks.L.hook_resid_post` reads it, so that SAE is paired with block L's MLP (an SAE at resid_pre or
+resid_mid of L with block L - 1's). Only the lowest-level kernels are called (`token_score_stats`,
+`head_reads`, `null_zscores`, `random_directions_like`, `fold_*`, and chapter 3's `label_side` and rank
+statistics).
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def blocks(model, saes, cfg: FFKVConfig) -> pd.DataFrame:
             b = ffkv.ff_block(model, L)
             V = ffkv.value_vectors(b)
             row.update({"neurons": b.d_mlp, "gated": b.gated, "activation": b.act_fn,
-                        "encoder (key) rows": ("W_gate" if cfg.key == "gate" else "W_in") if b.gated else "W_in",
+                        "encoder (key) rows": "W_gate" if b.gated and cfg.key == "gate" else "W_in",
                         "post-norm on decode": b.ln2_post_w is not None,
                         "value norm (median)": float(V.float().norm(dim=1).median()),
                         "feature decoder norm (median)": float(sae.W_dec.float().norm(dim=1).median())})
@@ -147,7 +148,8 @@ def _directions(model, sae, cfg: FFKVConfig, offset: int) -> dict[str, dict[str,
 
 def _lens_matrices(model) -> dict[str, torch.Tensor]:
     ln = getattr(model.ln_final, "w", None)
-    W_U = fold_final_norm(model.W_U.detach(), None if ln is None else ln.detach(), model.cfg.normalization_type)
+    norm = model.cfg.normalization_type
+    W_U = fold_final_norm(model.W_U.detach(), None if ln is None else ln.detach(), norm)
     return {"dec": W_U, "enc": model.W_E.detach().T}
 
 
@@ -207,7 +209,8 @@ def key_choice(model, saes, cfg: FFKVConfig, vocab: list[str], lens_rows: pd.Dat
             df = _side(K, M, E, vocab, cfg, "enc", None)
             concentrated = df[f"enc_{cfg.concentration_stat}"] > thr["stat"]
             coherent = (df["enc_string_sim"] > thr["string_sim"]) | (df["enc_emb_cos"] > thr["emb_cos"])
-            rows.append({"layer": sae.layer, "key": key + (" (chosen)" if key == cfg.key or not b.gated else ""),
+            chosen = key == cfg.key or not b.gated
+            rows.append({"layer": sae.layer, "key": key + (" (chosen)" if chosen else ""),
                          "concentrated": concentrated.mean(), "coherent": coherent.mean(),
                          "passes the rule": (concentrated & coherent).mean()})
     return pd.DataFrame(rows)
@@ -275,8 +278,8 @@ def reads_layer(model, sae, cfg: FFKVConfig, dtype=None, device=None) -> pd.Data
                 cols[f"{r}_part_frac"] = part.float().mean(1).numpy()
             frames.append(pd.DataFrame(cols))
     if not frames:  # the last block: no later attention; typed, so that concatenation keeps numeric columns
-        dtypes = {"dictionary": object, **dict.fromkeys(("row", "layer", "mlp_layer", "read_layer", "distance"),
-                                                         np.int64),
+        ints = ("row", "layer", "mlp_layer", "read_layer", "distance")
+        dtypes = {"dictionary": object, **dict.fromkeys(ints, np.int64),
                   **{f"{r}_{s}": np.float32 for r in READS for s in ("z_mean", "part_frac")}}
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()})
     return pd.concat(frames, ignore_index=True)
@@ -336,7 +339,8 @@ def alignment(ctx, model, saes, cfg: FFKVConfig) -> dict[str, pd.DataFrame]:
     shares per direction and layer}.
     """
     paired = _paired(saes)
-    values = {L: ffkv.value_vectors(ffkv.ff_block(model, L)) for L in sorted({mlp_layer_for(s) for s in paired})}
+    layers = sorted({mlp_layer_for(s) for s in paired})
+    values = {L: ffkv.value_vectors(ffkv.ff_block(model, L)) for L in layers}
     values = {L: V[: _first(len(V), cfg.max_neurons)] for L, V in values.items()}
     opts = dict(signed=cfg.signed, device=ctx.device)
     rows = []
@@ -344,19 +348,20 @@ def alignment(ctx, model, saes, cfg: FFKVConfig) -> dict[str, pd.DataFrame]:
         W = sae.W_dec[: _first(sae.d_sae, cfg.max_features)]
         earlier = torch.cat([V for L, V in values.items() if L <= mlp_layer_for(sae)])
         null = random_directions_like(W[torch.arange(cfg.n_null) % len(W)], seed=cfg.seed + sae.layer)
-        rows.append(_cos_rows("SAE features vs value vectors", sae.layer, ffkv.max_cosine(W, earlier, **opts)[0]))
-        rows.append(_cos_rows("null vs value vectors", sae.layer, ffkv.max_cosine(null, earlier, **opts)[0]))
+        for name, A in (("SAE features", W), ("null", null)):
+            best = ffkv.max_cosine(A, earlier, **opts)[0]
+            rows.append(_cos_rows(f"{name} vs value vectors", sae.layer, best))
     for L, V in values.items():
         later = [s for s in paired if mlp_layer_for(s) >= L]
         W = torch.cat([s.W_dec[: _first(s.d_sae, cfg.max_features)] for s in later])
         null = random_directions_like(V[torch.arange(cfg.n_null) % len(V)], seed=cfg.seed + 500 + L)
-        rows.append(_cos_rows("value vectors vs SAE features", L, ffkv.max_cosine(V, W, **opts)[0]))
-        rows.append(_cos_rows("null vs SAE features", L, ffkv.max_cosine(null, W, **opts)[0]))
+        for name, A in (("value vectors", V), ("null", null)):
+            rows.append(_cos_rows(f"{name} vs SAE features", L, ffkv.max_cosine(A, W, **opts)[0]))
     table = pd.concat(rows, ignore_index=True)
-    shares = (table.groupby(["direction", "layer"])["max_cos"]
-              .apply(lambda s: pd.Series(ffkv.alignment_shares(torch.tensor(s.to_numpy()), aligned=cfg.aligned,
-                                                               unaligned=cfg.unaligned)))
-              .unstack().reset_index())
+    cuts = dict(aligned=cfg.aligned, unaligned=cfg.unaligned)
+    shares = pd.DataFrame([{"direction": d, "layer": layer,
+                            **ffkv.alignment_shares(torch.tensor(part["max_cos"].to_numpy()), **cuts)}
+                           for (d, layer), part in table.groupby(["direction", "layer"])])
     return {"rows": table, "shares": shares}
 
 
@@ -461,8 +466,8 @@ def summary(lens_rows, reads, pops_tables, align, checks, cfg: FFKVConfig) -> pd
     for cut, test in ((f">= {cfg.aligned}", lambda c: c >= cfg.aligned), (f"< {cfg.unaligned}",
                                                                             lambda c: c < cfg.unaligned)):
         measures.append((f"alignment: max cosine to the other dictionary {cut}", "share of rows",
-                         {d: test(arows.loc[arows["direction"] == pick[d], "max_cos"].to_numpy()).astype(float)
-                          for d in DICTIONARIES}))
+                         {d: test(arows.loc[arows["direction"] == pick[d], "max_cos"].to_numpy())
+                          .astype(float) for d in DICTIONARIES}))
     if checks is not None and len(checks):
         for col in ("explained_variance", "alive"):
             measures.append((f"held-out text: {col.replace('_', ' ')}", "per layer (mean)",
@@ -472,6 +477,6 @@ def summary(lens_rows, reads, pops_tables, align, checks, cfg: FFKVConfig) -> pd
         means = {d: float(v.mean()) if len(v) else np.nan for d, v in values.items()}
         _, p, _ = pops.mann_whitney(values["features"], values["neurons"])
         higher = "features higher" if means["features"] > means["neurons"] else "neurons higher"
-        out.append({"measure": measure, "unit": unit, **means, "p": p,
-                    "verdict": higher if p < cfg.alpha else ("n/a" if np.isnan(p) else "no clear difference")})
+        verdict = "n/a" if np.isnan(p) else (higher if p < cfg.alpha else "no clear difference")
+        out.append({"measure": measure, "unit": unit, **means, "p": p, "verdict": verdict})
     return pd.DataFrame(out)

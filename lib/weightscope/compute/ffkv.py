@@ -6,14 +6,14 @@ Ye, Suzuki, Inaba and Kuribayashi (arXiv 2510.22332) read a feed-forward block a
   (SwiGLU, GeGLU), after gating: `a = act(x W_gate) * (x W_in) + b_in` (gated) or `a = act(x W_in + b_in)`;
 * **decoder (value) vectors** [d_mlp, d_model]: the rows of the down-projection `W_out`, as they enter the
   residual stream (`value_vectors`: Gemma-2's post-feed-forward norm weight folded in);
-* **encoder (key) vectors** [d_mlp, d_model]: the input rows that make a latent (`key_vectors`), folded with the
-  pre-MLP norm so that they read the raw residual stream like an SAE's encoder. A gated block has two input
-  rows per neuron; the book uses the gate's by default (see `key_vectors`).
+* **encoder (key) vectors** [d_mlp, d_model]: the input rows that make a latent (`key_vectors`), folded
+  with the pre-MLP norm so that they read the raw residual stream like an SAE's encoder. A gated block has
+  two input rows per neuron; the book uses the gate's by default (see `key_vectors`).
 
-Variants (`encode`, `decode`): `plain`; `normalized` (the rows of W_out scaled to unit norm, their norms folded
-into the latents, so `a_i * ||W_out[i]||` is the size of neuron i's write); `topk` and `topk_normalized` (of
-that variant's latents, the k largest by absolute value kept, the rest zeroed: the paper's k = 10). `decode`
-rebuilds the block's output exactly from the `plain` and `normalized` latents.
+Variants (`encode`, `decode`): `plain`; `normalized` (the rows of W_out scaled to unit norm, their norms
+folded into the latents, so `a_i * ||W_out[i]||` is the size of neuron i's write); `topk` and
+`topk_normalized` (of that variant's latents, the k largest by absolute value kept, the rest zeroed: the
+paper's k = 10). `decode` rebuilds the block's output exactly from the `plain` and `normalized` latents.
 
 Tensors use TransformerLens names and shapes (`blocks[l].mlp.W_in` [d_model, d_mlp], `W_gate`, `W_out`
 [d_mlp, d_model], `ln2.w`, `ln2_post.w`), so `ff_block` reads a HookedTransformer or any object with those
@@ -101,7 +101,8 @@ def ff_block(model, layer: int) -> FFBlock:
         )
     act = str(cfg.act_fn)
     if act not in _ACTS:
-        raise ValueError(f"activation {act!r} of blocks[{layer}].mlp is not supported; known: {sorted(_ACTS)}.")
+        raise ValueError(f"activation {act!r} of blocks[{layer}].mlp is not supported; "
+                         f"known: {sorted(_ACTS)}.")
     return FFBlock(
         layer=layer,
         W_in=_weight(mlp, "W_in"),
@@ -160,7 +161,8 @@ def key_vectors(block: FFBlock, key: str = "gate") -> Tensor:
 def latents(block: FFBlock, x: Tensor) -> Tensor:
     """[n, d_mlp] the input of the down-projection for MLP inputs x [n, d_model] (after the pre-MLP norm).
 
-    Gated: act(x W_gate) * (x W_in) + b_in (TransformerLens's GatedMLP, `hook_post`); plain: act(x W_in + b_in).
+    Gated: act(x W_gate) * (x W_in) + b_in (TransformerLens's GatedMLP, `hook_post`);
+    plain: act(x W_in + b_in).
     """
     act = _ACTS[block.act_fn]
     if block.gated:
@@ -239,11 +241,11 @@ def max_cosine(
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """For each row of A [n, d], the largest cosine with any row of B [m, d], and which row: fp32 [n], int64 [n].
+    """For each row of A [n, d], the largest cosine with any row of B [m, d], and which row.
 
     signed=False takes |cos| (a direction and its negative count as aligned). Zero rows have cosine 0 with
     everything. Streams over chunks of A (one [chunk, m] block of cosines at a time); computed in fp32 on
-    `device` (default B's). Returns CPU tensors.
+    `device` (default B's). Returns (max [n] fp32, argmax [n] int64) on the CPU.
     """
     if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[1]:
         raise ValueError(f"max_cosine needs A [n, d] and B [m, d] with the same d; got {tuple(A.shape)}, "
@@ -275,7 +277,9 @@ def max_cosine(
 def alignment_shares(max_cos: Tensor, *, aligned: float = 0.9, unaligned: float = 0.3) -> dict[str, float]:
     """Share of rows with max cosine >= `aligned` and < `unaligned` (the paper's two cut-offs)."""
     if not 0 <= unaligned <= aligned <= 1:
-        raise ValueError(f"need 0 <= unaligned <= aligned <= 1; got unaligned={unaligned}, aligned={aligned}.")
+        raise ValueError(f"need 0 <= unaligned <= aligned <= 1; got unaligned={unaligned}, "
+                         f"aligned={aligned}.")
     n = max(1, max_cos.numel())
-    return {"aligned": float((max_cos >= aligned).sum()) / n, "unaligned": float((max_cos < unaligned).sum()) / n,
+    return {"aligned": float((max_cos >= aligned).sum()) / n,
+            "unaligned": float((max_cos < unaligned).sum()) / n,
             "median": float(max_cos.median()) if max_cos.numel() else math.nan}
