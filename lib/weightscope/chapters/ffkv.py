@@ -343,26 +343,34 @@ def alignment(ctx, model, saes, cfg: FFKVConfig) -> dict[str, pd.DataFrame]:
     values = {L: ffkv.value_vectors(ffkv.ff_block(model, L)) for L in layers}
     values = {L: V[: _first(len(V), cfg.max_neurons)] for L, V in values.items()}
     opts = dict(signed=cfg.signed, device=ctx.device)
+    decoders = {s.layer: s.W_dec[: _first(s.d_sae, cfg.max_features)] for s in paired}
     rows = []
     for sae in paired:
-        W = sae.W_dec[: _first(sae.d_sae, cfg.max_features)]
-        earlier = torch.cat([V for L, V in values.items() if L <= mlp_layer_for(sae)])
+        W = decoders[sae.layer]
+        earlier = [V for L, V in values.items() if L <= mlp_layer_for(sae)]
         null = random_directions_like(W[torch.arange(cfg.n_null) % len(W)], seed=cfg.seed + sae.layer)
         for name, A in (("SAE features", W), ("null", null)):
-            best = ffkv.max_cosine(A, earlier, **opts)[0]
-            rows.append(_cos_rows(f"{name} vs value vectors", sae.layer, best))
+            rows.append(_cos_rows(f"{name} vs value vectors", sae.layer, _max_over(A, earlier, opts)))
     for L, V in values.items():
-        later = [s for s in paired if mlp_layer_for(s) >= L]
-        W = torch.cat([s.W_dec[: _first(s.d_sae, cfg.max_features)] for s in later])
+        later = [decoders[s.layer] for s in paired if mlp_layer_for(s) >= L]
         null = random_directions_like(V[torch.arange(cfg.n_null) % len(V)], seed=cfg.seed + 500 + L)
         for name, A in (("value vectors", V), ("null", null)):
-            rows.append(_cos_rows(f"{name} vs SAE features", L, ffkv.max_cosine(A, W, **opts)[0]))
+            rows.append(_cos_rows(f"{name} vs SAE features", L, _max_over(A, later, opts)))
     table = pd.concat(rows, ignore_index=True)
     cuts = dict(aligned=cfg.aligned, unaligned=cfg.unaligned)
     shares = pd.DataFrame([{"direction": d, "layer": layer,
                             **ffkv.alignment_shares(torch.tensor(part["max_cos"].to_numpy()), **cuts)}
                            for (d, layer), part in table.groupby(["direction", "layer"])])
     return {"rows": table, "shares": shares}
+
+
+def _max_over(A: torch.Tensor, Bs: list[torch.Tensor], opts: dict) -> torch.Tensor:
+    """[n] the max cosine of each row of A over the rows of every matrix in Bs, one matrix at a time."""
+    best = None
+    for B in Bs:
+        m = ffkv.max_cosine(A, B, **opts)[0]
+        best = m if best is None else torch.maximum(best, m)
+    return best
 
 
 def _cos_rows(direction: str, layer: int, max_cos: torch.Tensor) -> pd.DataFrame:
