@@ -163,3 +163,17 @@ def test_summary_names_the_higher_dictionary_only_when_the_test_is_clear():
     assert dec["features"] == 0.5 and dec["neurons"] == 10 / n and dec["verdict"] == "features higher"
     enc = out.loc["token lens, input side (encoder-embedding): passes the rule"]
     assert enc["p"] > 0.5 and enc["verdict"] == "no clear difference"
+
+
+def test_layer_measures_name_a_dictionary_only_when_every_layer_agrees():
+    checks = pd.DataFrame({"dictionary": ["features", "neurons", "neurons (other TopK)"] * 3,
+                           "layer": [0, 0, 0, 1, 1, 1, 2, 2, 2],
+                           "explained_variance": [0.9, 0.5, 0.99, 0.8, 0.6, 0.99, 0.7, 0.4, 0.99],
+                           "alive": [0.9, 1.0, 1.0, 1.0, 0.9, 1.0, 0.9, 1.0, 1.0]})
+    ev = ch._layer_row("ev", checks, "explained_variance")
+    assert ev["verdict"] == "features higher in every layer" and ev["neurons"] == pytest.approx(0.5)
+    assert ch._layer_row("alive", checks, "alive")["verdict"] == "mixed across layers"
+    shown = ch.for_people(pd.DataFrame([{**ev, "unit": "mean over layers"},
+                                        {"measure": "m", "unit": "share of rows", "features": 0.0123,
+                                         "neurons": 0.5, "null": np.nan, "p": 0.000123, "verdict": "x"}]))
+    assert shown["features"].tolist() == ["0.80", "1.2%"] and shown["p"].tolist() == ["", "0.00012"]

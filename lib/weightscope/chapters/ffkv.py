@@ -111,19 +111,22 @@ def _first(n: int, limit: int) -> int:
 
 
 def blocks(model, saes, cfg: FFKVConfig) -> pd.DataFrame:
-    """One row per SAE: its site, the MLP block paired with it and that block's FF-KV dictionary."""
+    """One row per SAE: its site, the MLP block paired with it and that block's FF-KV dictionary (gated or
+    not, activation, which input rows are the keys, whether a post-norm applies on decode, and the median
+    norms of the value vectors and of the SAE's decoder rows)."""
     rows = []
     for sae in saes:
         L = mlp_layer_for(sae)
-        row = {"sae layer": sae.layer, "sae hook": sae.hook_name, "features": sae.d_sae, "mlp layer": L}
+        row = {"SAE layer": sae.layer, "site": sae.hook_name.rsplit(".", 1)[-1], "features": sae.d_sae,
+               "MLP layer": L}
         if L is not None:
             b = ffkv.ff_block(model, L)
             V = ffkv.value_vectors(b)
-            row.update({"neurons": b.d_mlp, "gated": b.gated, "activation": b.act_fn,
-                        "encoder (key) rows": "W_gate" if b.gated and cfg.key == "gate" else "W_in",
-                        "post-norm on decode": b.ln2_post_w is not None,
-                        "value norm (median)": float(V.float().norm(dim=1).median()),
-                        "feature decoder norm (median)": float(sae.W_dec.float().norm(dim=1).median())})
+            row.update({"neurons": b.d_mlp, "gated": b.gated, "act": b.act_fn,
+                        "keys": "W_gate" if b.gated and cfg.key == "gate" else "W_in",
+                        "post-norm": b.ln2_post_w is not None,
+                        "value norm": float(V.float().norm(dim=1).median()),
+                        "decoder norm": float(sae.W_dec.float().norm(dim=1).median())})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -417,11 +420,12 @@ def activation_checks(model, saes, tokens: torch.Tensor, cfg: FFKVConfig, *, bos
         a = ffkv.latents(b, model.blocks[L].ln2(x))
         for v in ("topk", "topk_normalized"):  # both TopK choices; the summary uses cfg.topk_of's
             z = ffkv.encode(b, a, v, k=cfg.topk)
+            of = "plain" if v == "topk" else "normalised"
             rows.append(_check_row("neurons" if v == variant else "neurons (other TopK)", sae.layer, L,
-                                   f"MLP output, {v} (k = {cfg.topk})", y, ffkv.decode(b, z, v), z))
+                                   f"MLP output, TopK of {of} latents", y, ffkv.decode(b, z, v), z))
         f = sae.sae.encode(site.to(sae.W_dec.dtype))
-        rows.append(_check_row("features", sae.layer, L, f"{sae.hook_name}, SAE", site,
-                               sae.sae.decode(f).float(), f))
+        rows.append(_check_row("features", sae.layer, L, f"SAE site ({sae.hook_name.rsplit('.', 1)[-1]})",
+                               site, sae.sae.decode(f).float(), f))
     return pd.DataFrame(rows)
 
 
@@ -453,38 +457,72 @@ def summary(lens_rows, reads, pops_tables, align, checks, cfg: FFKVConfig) -> pd
     """One row per measure: its mean for SAE features, MLP neurons and the null, and which of the first two
     is higher.
 
-    Each measure has one value per direction (per layer for the held-out checks); `p` is the two-sided
-    Mann-Whitney p-value of features against neurons (for 0/1 values, a test of two proportions), and
-    `verdict` names the higher dictionary when p < cfg.alpha, else "no clear difference".
+    Row measures (one value per direction): `p` is the two-sided Mann-Whitney p-value of features against
+    neurons (for 0/1 values, a test of two proportions); `verdict` names the higher dictionary when
+    p < cfg.alpha, else "no clear difference". Layer measures (the held-out checks, one value per layer, too
+    few for a rank test): `verdict` names the higher dictionary when it is higher in every layer, else
+    "mixed across layers"; `p` is NaN.
     """
     per_row, labels, arows = per_row_reads(reads), pops_tables["labels"], align["rows"]
 
     def by_dict(df, values):
         return {d: values[df["dictionary"] == d].to_numpy(dtype=float) for d in DICTIONARIES}
 
-    measures = [(f"token lens, {name}: passes the rule", "share of rows", by_dict(lens_rows,
-                 lens_rows[f"{side}_predicts"])) for side, name in SIDES.items()]
-    measures += [(f"attention: later heads whose {name} read beats the null", "share of heads (mean)",
+    measures = [(f"token lens, {name}: passes the rule", "share of rows",
+                 by_dict(lens_rows, lens_rows[f"{side}_predicts"])) for side, name in SIDES.items()]
+    measures += [(f"attention: later heads whose {name} read beats the null", "share of heads",
                   by_dict(per_row, per_row[f"{r}_part_frac"]))
                  for r, name in (("q", "query"), ("k", "key"), ("v", "value (OV)"))]
     measures.append(("populations: labelled semantic (output side)", "share of rows",
                      by_dict(labels, labels["dec_label"] == "semantic")))
     pick = {"features": "SAE features vs value vectors", "neurons": "value vectors vs SAE features",
             "null": "null vs value vectors"}
-    for cut, test in ((f">= {cfg.aligned}", lambda c: c >= cfg.aligned), (f"< {cfg.unaligned}",
-                                                                            lambda c: c < cfg.unaligned)):
+    cuts = ((f">= {cfg.aligned}", lambda c: c >= cfg.aligned),
+            (f"< {cfg.unaligned}", lambda c: c < cfg.unaligned))
+    for cut, test in cuts:
         measures.append((f"alignment: max cosine to the other dictionary {cut}", "share of rows",
                          {d: test(arows.loc[arows["direction"] == pick[d], "max_cos"].to_numpy())
                           .astype(float) for d in DICTIONARIES}))
+    out = [_measure_row(m, unit, values, cfg.alpha) for m, unit, values in measures]
     if checks is not None and len(checks):
         for col in ("explained_variance", "alive"):
-            measures.append((f"held-out text: {col.replace('_', ' ')}", "per layer (mean)",
-                             by_dict(checks, checks[col])))
-    out = []
-    for measure, unit, values in measures:
-        means = {d: float(v.mean()) if len(v) else np.nan for d, v in values.items()}
-        _, p, _ = pops.mann_whitney(values["features"], values["neurons"])
-        higher = "features higher" if means["features"] > means["neurons"] else "neurons higher"
-        verdict = "n/a" if np.isnan(p) else (higher if p < cfg.alpha else "no clear difference")
-        out.append({"measure": measure, "unit": unit, **means, "p": p, "verdict": verdict})
+            out.append(_layer_row(f"held-out text: {col.replace('_', ' ')}", checks, col))
     return pd.DataFrame(out)
+
+
+def _measure_row(measure: str, unit: str, values: dict, alpha: float) -> dict:
+    means = {d: float(v.mean()) if len(v) else np.nan for d, v in values.items()}
+    _, p, _ = pops.mann_whitney(values["features"], values["neurons"])
+    higher = "features higher" if means["features"] > means["neurons"] else "neurons higher"
+    verdict = "n/a" if np.isnan(p) else (higher if p < alpha else "no clear difference")
+    return {"measure": measure, "unit": unit, **means, "p": p, "verdict": verdict}
+
+
+def _layer_row(measure: str, checks: pd.DataFrame, col: str) -> dict:
+    mine = checks[checks["dictionary"].isin(DICTIONARIES)]
+    wide = mine.pivot(index="layer", columns="dictionary", values=col)
+    diff = wide["features"] - wide["neurons"]
+    verdict = ("features higher in every layer" if (diff > 0).all() else
+               "neurons higher in every layer" if (diff < 0).all() else "mixed across layers")
+    means = {d: float(wide[d].mean()) if d in wide else np.nan for d in DICTIONARIES}
+    return {"measure": measure, "unit": "mean over layers", **means, "p": np.nan, "verdict": verdict}
+
+
+def for_people(answer: pd.DataFrame) -> pd.DataFrame:
+    """The summary with its numbers as text: shares as percentages, other means to two decimals, p to two
+    significant digits (the stored table keeps the numbers)."""
+    out = answer.copy()
+    for d in DICTIONARIES:
+        out[d] = [("" if np.isnan(v) else f"{v:.1%}" if u.startswith("share") else f"{v:.2f}")
+                  for v, u in zip(answer[d], answer["unit"])]
+    out["p"] = ["" if np.isnan(p) else f"{p:.2g}" for p in answer["p"]]
+    return out
+
+
+def save_tables(ctx, cfg: FFKVConfig, tables: dict[str, pd.DataFrame]) -> None:
+    """Write each table to `data/results/<target>/06_<name>.parquet` with this run's parameters."""
+    provenance = ctx.provenance(**asdict(cfg))
+    key = io.cache_key(provenance=provenance)
+    for name, df in tables.items():
+        if df is not None:
+            io.save_table(df, ctx.target.target, f"06_{name}", key=key, params=provenance)
