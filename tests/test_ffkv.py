@@ -162,3 +162,64 @@ def test_errors_a_user_can_cause():
                                                           d_vocab=10, attn_only=True, act_fn="relu"))
     with pytest.raises(ValueError, match="no feed-forward weights"):
         ffkv.ff_block(attn_only, 0)
+
+
+# --- Hugging Face checkpoints read by the streaming loader, checked against the HF block itself -------------
+
+
+def _hf_gemma2_and_llama(tmp_path):
+    import transformers
+
+    configs = {
+        "gemma2": (transformers.Gemma2Config(vocab_size=50, hidden_size=16, intermediate_size=24,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                             head_dim=8, max_position_embeddings=32), "gelu_pytorch_tanh"),
+        "llama": (transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24,
+                                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                           max_position_embeddings=32), "silu"),
+    }
+    out = {}
+    for i, (arch, (cfg, act)) in enumerate(configs.items()):
+        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():  # HF initialises norm weights to 0 / 1: random ones expose a missing 1 + w
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        model.save_pretrained(tmp_path / arch, safe_serialization=True)
+        out[arch] = (model, tmp_path / arch, act)
+    return out
+
+
+def _tl_names(weights, act_fn: str):
+    """The loader's `WeightSet` under TransformerLens attribute names, as a weights-only model object."""
+    from types import SimpleNamespace as NS
+
+    blocks = [NS(mlp=NS(W_in=lw.W_in, W_gate=lw.W_gate, W_out=lw.W_out, b_in=lw.b_in, b_out=lw.b_out),
+                 ln2=NS(w=lw.ln2_w), ln2_post=NS(w=lw.ln2_post_w) if lw.ln2_post_w is not None else None)
+              for _, lw in sorted(weights.layers.items())]
+    return NS(blocks=blocks, cfg=NS(act_fn=act_fn, normalization_type=weights.normalization_type, eps=weights.eps))
+
+
+def test_ffkv_of_loaded_checkpoints_reproduces_the_hf_feed_forward(tmp_path):
+    from weightscope.load.checkpoints import load_weights
+
+    for arch, (hf, folder, act) in _hf_gemma2_and_llama(tmp_path).items():
+        weights = load_weights(folder, mlp=True)
+        model = _tl_names(weights, act)
+        x = torch.randn(7, 16, generator=torch.Generator().manual_seed(0))
+        for layer, hf_layer in enumerate(hf.model.layers):
+            block = ffkv.ff_block(model, layer)
+            with torch.no_grad():
+                if arch == "gemma2":  # pre-norm, MLP, then the post-feed-forward norm (applied on decode)
+                    inp = hf_layer.pre_feedforward_layernorm(x)
+                    expected = hf_layer.post_feedforward_layernorm(hf_layer.mlp(inp))
+                else:
+                    inp = hf_layer.post_attention_layernorm(x)
+                    expected = hf_layer.mlp(inp)
+            assert block.gated and (block.ln2_post_w is not None) == (arch == "gemma2")
+            z = ffkv.encode(block, ffkv.latents(block, inp), "normalized")
+            torch.testing.assert_close(ffkv.decode(block, z, "normalized"), expected, rtol=1e-4, atol=1e-5)
+            # the pre-MLP norm folded into the keys: gate pre-activations from the raw stream, up to its RMS
+            rms = x.pow(2).mean(-1, keepdim=True).add(weights.eps).sqrt()
+            torch.testing.assert_close((x / rms) @ ffkv.key_vectors(block, "gate").T, inp @ block.W_gate,
+                                       rtol=1e-4, atol=1e-5)
