@@ -164,7 +164,7 @@ def test_errors_a_user_can_cause():
         ffkv.ff_block(attn_only, 0)
 
 
-# --- Hugging Face checkpoints read by the streaming loader, checked against the HF block itself -------------
+# --- Hugging Face checkpoints read by the streaming loader, checked against the HF block itself ---------
 
 
 def _hf_gemma2_and_llama(tmp_path):
@@ -197,7 +197,8 @@ def _tl_names(weights, act_fn: str):
     blocks = [NS(mlp=NS(W_in=lw.W_in, W_gate=lw.W_gate, W_out=lw.W_out, b_in=lw.b_in, b_out=lw.b_out),
                  ln2=NS(w=lw.ln2_w), ln2_post=NS(w=lw.ln2_post_w) if lw.ln2_post_w is not None else None)
               for _, lw in sorted(weights.layers.items())]
-    return NS(blocks=blocks, cfg=NS(act_fn=act_fn, normalization_type=weights.normalization_type, eps=weights.eps))
+    cfg = NS(act_fn=act_fn, normalization_type=weights.normalization_type, eps=weights.eps)
+    return NS(blocks=blocks, cfg=cfg)
 
 
 def test_ffkv_of_loaded_checkpoints_reproduces_the_hf_feed_forward(tmp_path):
