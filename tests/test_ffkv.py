@@ -170,14 +170,10 @@ def test_errors_a_user_can_cause():
 def _hf_gemma2_and_llama(tmp_path):
     import transformers
 
-    configs = {
-        "gemma2": (transformers.Gemma2Config(vocab_size=50, hidden_size=16, intermediate_size=24,
-                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                             head_dim=8, max_position_embeddings=32), "gelu_pytorch_tanh"),
-        "llama": (transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24,
-                                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                           max_position_embeddings=32), "silu"),
-    }
+    shape = dict(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    configs = {"gemma2": (transformers.Gemma2Config(head_dim=8, **shape), "gelu_pytorch_tanh"),
+               "llama": (transformers.LlamaConfig(**shape), "silu")}
     out = {}
     for i, (arch, (cfg, act)) in enumerate(configs.items()):
         model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
