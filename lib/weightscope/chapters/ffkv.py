@@ -9,7 +9,8 @@ Each step is one call that returns tidy tables with a `dictionary` column ("feat
     populations(lens_rows, read_rows, cfg)         -> chapter 3's labels and semantic / non-semantic contrast
     alignment(ctx, model, saes, cfg)               -> max cosine of SAE decoder rows against value vectors
     activation_checks(model, saes, tokens, cfg)    -> TopK-FF and SAE explained variance, alive rates (demo)
-    summary(tables, cfg)                           -> one table: each measure, features against neurons
+    summary(lens_rows, reads, pops, align, checks, cfg) -> one table: each measure, features against neurons
+    for_people(summary), save_tables(ctx, cfg, tables)  -> the summary as text; tables written to results
 
 Pairing: an MLP at layer L writes into the residual stream after block L, where a residual SAE at
 `blocks.L.hook_resid_post` reads it, so that SAE is paired with block L's MLP (an SAE at resid_pre or
