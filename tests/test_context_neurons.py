@@ -1,5 +1,5 @@
-"""Chapter 5: positional kernels, the linear summary and context neurons, against naive loops and forward passes
-of tiny random TransformerLens models (a GPT-2-like one and a Llama-like one with rotary positions and GQA)."""
+"""Chapter 5: positional kernels, the linear summary and context neurons, against naive loops and forward
+passes of tiny random TransformerLens models (GPT-2-like, and Llama-like with rotary positions and GQA)."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def random_patterns(b=5, h=3, n=N, seed=0):
 
 
 def tiny_model(kind: str, seed: int = 0) -> HookedTransformer:
-    """A 1-layer random model: "gpt2" (LayerNorm, learned positions, GELU) or "llama" (RMSNorm, rotary, SwiGLU,
-    grouped-query attention). Biases are made non-zero so that every bias path is exercised."""
+    """A 1-layer random model: "gpt2" (LayerNorm, learned positions, GELU) or "llama" (RMSNorm, rotary,
+    SwiGLU, grouped-query attention). Biases are made non-zero so that every bias path is exercised."""
     common = dict(n_layers=1, d_model=16, n_ctx=N, d_head=4, n_heads=4, d_mlp=24, d_vocab=VOCAB, seed=seed)
     if kind == "gpt2":
         cfg = HookedTransformerConfig(**common, act_fn="gelu_new", normalization_type="LN",
@@ -59,7 +59,8 @@ def study_on(model, config, cal_tokens, held_tokens):
     study.tokenizer = SimpleNamespace(bos_token_id=0, eos_token_id=None, unk_token_id=None, pad_token_id=None,
                                       decode=lambda ids: f"<{ids[0]}>")
     study.__dict__["calibration"] = C.layer_pass(model, cal_tokens, config.layer, batch=4)
-    study.__dict__["heldout"] = {g: C.layer_pass(model, t, config.layer, batch=4) for g, t in held_tokens.items()}
+    study.__dict__["heldout"] = {g: C.layer_pass(model, t, config.layer, batch=4)
+                                 for g, t in held_tokens.items()}
     return study
 
 
@@ -69,7 +70,7 @@ def windows(b, seed, bos=0):
     return t
 
 
-# --- positional kernels ------------------------------------------------------------------------------------
+# --- positional kernels -------------------------------------------------------------------------------------
 
 def test_kernel_and_relative_kernel_against_brute_force():
     pat, _ = random_patterns()
@@ -89,7 +90,8 @@ def test_kernel_and_relative_kernel_against_brute_force():
 def test_spread_content_tv_and_denominators_against_loops():
     pat, scores = random_patterns(seed=3)
     K = pat.mean(0)
-    eff, tv, logz = pk.effective_tokens(pat, min_query=1), pk.content_tv(pat, K, min_query=1), pk.log_denominators(scores)
+    eff, tv = pk.effective_tokens(pat, min_query=1), pk.content_tv(pat, K, min_query=1)
+    logz = pk.log_denominators(scores)
     for h in range(3):
         ents, tvs = [], []
         for b in range(5):
@@ -116,7 +118,7 @@ def test_translation_tv_is_zero_only_for_distance_kernels():
     assert float(pk.translation_tv(pat[0]).min()) > 0.05  # a random pattern depends on more than distance
 
 
-# --- the linear summary --------------------------------------------------------------------------------------
+# --- the linear summary -------------------------------------------------------------------------------------
 
 def test_linear_summary_and_weights_against_loops():
     h, b, d = 2, 3, 5
@@ -135,17 +137,19 @@ def test_linear_summary_and_weights_against_loops():
     tw = cn.token_weights(tokens, pat, K, VOCAB, prior=1.0)
     for hh in range(h):
         for t in range(VOCAB):
-            got = sum(float(pat[bb, hh, :, j].sum()) for bb in range(b) for j in range(N) if tokens[bb, j] == t)
-            exp = sum(float(K[hh, :, j].sum()) for bb in range(b) for j in range(N) if tokens[bb, j] == t)
+            where = [(bb, j) for bb in range(b) for j in range(N) if tokens[bb, j] == t]
+            got = sum(float(pat[bb, hh, :, j].sum()) for bb, j in where)
+            exp = sum(float(K[hh, :, j].sum()) for bb, j in where)
             assert float(tw[hh, t]) == pytest.approx((got + 1) / (exp + 1), rel=1e-5)
     den = cn.kernel_denominators(tokens, K, w)
-    assert float(den[1, 0, 4]) == pytest.approx(sum(float(K[0, 4, j] * w[0, tokens[1, j]]) for j in range(N)), rel=1e-5)
+    ref = sum(float(K[0, 4, j] * w[0, tokens[1, j]]) for j in range(N))
+    assert float(den[1, 0, 4]) == pytest.approx(ref, rel=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_summary_is_exact_for_a_positional_head(kind):
-    """Zero query/key weights and biases make head 0 attend uniformly (a pattern of positions alone); with rows of
-    W_E of equal norm the norm is exactly linear, so the summary must reproduce the head's output exactly."""
+    """Zero query/key weights and biases make head 0 attend uniformly (a pattern of positions alone); with
+    rows of W_E of equal norm the norm is exactly linear, so the summary must reproduce the head exactly."""
     model = tiny_model(kind)
     attn = model.blocks[0].attn
     for name in ("W_Q", "b_Q") + (("_W_K", "_b_K") if kind == "llama" else ("W_K", "b_K")):
@@ -157,7 +161,8 @@ def test_summary_is_exact_for_a_positional_head(kind):
         model.pos_embed.W_pos.zero_()  # positions would change the scale
     config = C.Config(heads=[0], window=N, n_calibration=6, n_heldout=4, norm_scale="measured")
     study = study_on(model, config, windows(6, 1), {"a": windows(4, 2)})
-    assert torch.allclose(study.kernel[0], torch.ones(N, N).tril() / torch.arange(1, N + 1)[:, None], atol=1e-6)
+    uniform = torch.ones(N, N).tril() / torch.arange(1, N + 1)[:, None]
+    assert torch.allclose(study.kernel[0], uniform, atol=1e-6)
     for weighted in (False, True):
         K, e_tok, e_pos, w = study.summary_parts([0], weighted=weighted)
         lp = study.heldout["a"]
@@ -171,12 +176,13 @@ def test_summary_is_not_exact_for_a_content_head():
     """The same check fails for a head whose scores depend on the tokens: the test can fail."""
     model = tiny_model("llama")
     model.blocks[0].attn.W_Q.mul_(30)
-    config = C.Config(heads=[0], window=N, n_calibration=6, n_heldout=4, norm_scale="token", content_weights=False)
+    config = C.Config(heads=[0], window=N, n_calibration=6, n_heldout=4, norm_scale="token",
+                      content_weights=False)
     study = study_on(model, config, windows(6, 1), {"a": windows(4, 2)})
     assert float(C.linear_summary(study)["05_quality"]["fvu"].min()) > 1e-3
 
 
-# --- neurons --------------------------------------------------------------------------------------------------
+# --- neurons ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_composition_against_a_forward_pass_with_the_heads_replaced(kind):
@@ -254,7 +260,7 @@ def test_chapter_steps_on_a_tiny_gpt2():
     assert "auc b vs a" in check and check["r_pred"].notna().all()
 
 
-# --- parameters and corpora ----------------------------------------------------------------------------------
+# --- parameters and corpora ---------------------------------------------------------------------------------
 
 def test_bad_parameters_raise_one_clear_message():
     with pytest.raises(ParamsError, match="layer=3"):
@@ -272,7 +278,8 @@ class CharTokenizer:
 
 def test_corpus_text_and_windows(tmp_path, monkeypatch):
     monkeypatch.setenv("WEIGHTSCOPE_CORPORA", str(tmp_path))
-    (tmp_path / "book.txt").write_text("header\n*** START OF THE BOOK ***\nabc def\n\nghi\n*** END OF THE BOOK ***\nlicence")
+    book = "header\n*** START OF THE BOOK ***\nabc def\n\nghi\n*** END OF THE BOOK ***\nlicence"
+    (tmp_path / "book.txt").write_text(book)
     (tmp_path / "wiki.txt").write_text('<doc id="1" title="x">\nbody\n</doc>\n')
     assert corpora.corpus_text("book.txt").split() == ["abc", "def", "ghi"]
     assert "doc" not in corpora.corpus_text("wiki.txt")

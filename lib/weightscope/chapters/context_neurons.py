@@ -25,7 +25,8 @@ from weightscope.compute import positional_kernels as pk
 from weightscope.config.params import ParamsError
 from weightscope.load import corpora
 
-PAPER = {"median_r": 0.95, "fvu": 0.14}  # Gibson's GPT-2 small layer-0 figures (reported, not seen; PAPERS.md)
+# Gibson's GPT-2 small layer-0 figures (reported, not seen; PAPERS.md)
+PAPER = {"median_r": 0.95, "fvu": 0.14}
 NORM_SCALES = ("measured", "token")
 
 
@@ -100,7 +101,8 @@ def layer_pass(model, tokens: torch.Tensor, layer: int, *, batch: int = 16) -> L
             log_z=pk.log_denominators(c[p + "attn.hook_attn_scores"]).cpu(),
             head_out=torch.einsum("bnhe,hem->bnhm", c[p + "attn.hook_z"], W_O).float().cpu(),
             resid_pre=c[p + "hook_resid_pre"].float().cpu(), attn_out=c[p + "hook_attn_out"].float().cpu(),
-            scale1=c[p + "ln1.hook_scale"][..., 0].float().cpu(), scale2=c[p + "ln2.hook_scale"][..., 0].float().cpu(),
+            scale1=c[p + "ln1.hook_scale"][..., 0].float().cpu(),
+            scale2=c[p + "ln2.hook_scale"][..., 0].float().cpu(),
             pre=c[p + "mlp.hook_pre"].float().cpu()))
     return LayerPass(*(torch.cat([getattr(x, f) for x in parts]) for f in LayerPass.__dataclass_fields__))
 
@@ -115,8 +117,9 @@ class Study:
         self.centred = model.cfg.normalization_type.startswith("LN")
         self.learned_positions = model.cfg.positional_embedding_type == "standard"
         if config.norm_scale == "token" and self.learned_positions:
-            raise ParamsError("chapter 05_context_neurons: norm_scale='token' needs a model without learned position "
-                              "embeddings (the norm's scale then depends on the position too); use 'measured'.")
+            raise ParamsError("chapter 05_context_neurons: norm_scale='token' needs a model without learned "
+                              "position embeddings (the norm's scale then depends on the position too); "
+                              "use 'measured'.")
         self.provenance = ctx.provenance(**asdict(config))
         self.tables: dict[str, pd.DataFrame] = {}
 
@@ -148,7 +151,7 @@ class Study:
         return acc.kernel()
 
     def stable(self) -> list[int]:
-        """The heads the summary replaces: the stable ones (all heads when none pass the rule), or as asked."""
+        """The heads the summary replaces: the stable ones (all heads when none passes), or as asked."""
         return self.summary_heads()[0]
 
     def summary_heads(self) -> tuple[list[int], str]:
@@ -157,13 +160,15 @@ class Study:
         if isinstance(chosen, list):
             bad = [h for h in chosen if not 0 <= h < n_heads]
             if bad or not chosen:
-                raise ParamsError(f"chapter 05_context_neurons: heads={chosen} must be indices 0..{n_heads - 1}.")
+                raise ParamsError(f"chapter 05_context_neurons: heads={chosen} must be indices "
+                                  f"0..{n_heads - 1}.")
             return sorted(set(chosen)), "listed in the parameters"
         table = kernels(self)["05_heads"]
         stable = table.loc[table["stable"], "head"].astype(int).tolist()
         if chosen == "stable" and stable:
             return stable, "stable by the rule"
-        return list(range(n_heads)), "all heads (none is stable by the rule)" if chosen == "stable" else "all heads"
+        how = "all heads (none is stable by the rule)" if chosen == "stable" else "all heads"
+        return list(range(n_heads)), how
 
     def summary_parts(self, heads: list[int], *, scale=None, weighted: bool | None = None):
         """What the linear summary of `heads` is made of: (K [h, n, n] divided by the sampled denominators,
@@ -232,7 +237,7 @@ class Study:
 
 
 def open_study(ctx, config: Config, *, model=None, save: bool = True) -> Study:
-    """The model (loaded with TransformerLens for the forward passes unless given) and the chapter's inputs."""
+    """The model (loaded with TransformerLens for the forward passes unless given) and the inputs."""
     if model is None:
         from weightscope.load.models import load_model
 
@@ -240,11 +245,12 @@ def open_study(ctx, config: Config, *, model=None, save: bool = True) -> Study:
     return Study(ctx, config, model, save=save)
 
 
-# --- step 1 ---------------------------------------------------------------------------------------------------
+# --- step 1 -------------------------------------------------------------------------------------------------
 
 def kernels(study: Study) -> dict[str, pd.DataFrame]:
-    """Per head: spread and content dependence, the stable rule; relative kernels; denominators; sensitivity."""
-    return study.step(["05_heads", "05_kernels", "05_denominators", "05_sensitivity"], lambda: _kernels(study))
+    """Per head: spread, content dependence, the stable rule; relative kernels; denominators; sensitivity."""
+    names = ["05_heads", "05_kernels", "05_denominators", "05_sensitivity"]
+    return study.step(names, lambda: _kernels(study))
 
 
 def _kernels(study: Study) -> dict[str, pd.DataFrame]:
@@ -258,7 +264,8 @@ def _kernels(study: Study) -> dict[str, pd.DataFrame]:
     heads["stable"] = (heads["spread"] >= cfg.min_spread) & (heads["content_tv"] <= cfg.max_tv)
     k = pk.relative_kernel(K, min_query=cfg.window // 2)
     kern = pd.DataFrame({"head": np.repeat(np.arange(k.shape[0]), k.shape[1]),
-                         "distance": np.tile(np.arange(k.shape[1]), k.shape[0]), "attention": k.flatten().numpy()})
+                         "distance": np.tile(np.arange(k.shape[1]), k.shape[0]),
+                         "attention": k.flatten().numpy()})
     w = cn.token_weights(cal.tokens, cal.pattern, K, study.model.cfg.d_vocab)
     log_n = cn.kernel_denominators(cal.tokens, K, w).log()  # [b, h, n]
     h_idx, i_idx = np.meshgrid(np.arange(K.shape[0]), np.arange(1, cfg.window), indexing="ij")
@@ -274,11 +281,11 @@ def _kernels(study: Study) -> dict[str, pd.DataFrame]:
     return {"05_heads": heads, "05_kernels": kern, "05_denominators": denoms, "05_sensitivity": sens}
 
 
-# --- step 2 ---------------------------------------------------------------------------------------------------
+# --- step 2 -------------------------------------------------------------------------------------------------
 
 def linear_summary(study: Study) -> dict[str, pd.DataFrame]:
     """Norm scales per text, and the summarised heads' linear summary against their true combined output,
-    with the configured choices and their alternatives (one scale or each token's own; token weights or not)."""
+    with the configured choices and the alternatives (one scale or each token's own; token weights or not)."""
     return study.step(["05_scales", "05_quality"], lambda: _linear_summary(study))
 
 
@@ -304,14 +311,16 @@ def _linear_summary(study: Study) -> dict[str, pd.DataFrame]:
             for genre, lp in study.heldout.items():
                 y = lp.head_out[:, :, heads].sum(2)
                 r, fvu = cn.summary_quality(y[:, 1:], cn.linear_summary(lp.tokens, K, e_tok, e_pos, w)[:, 1:])
-                rows.append({"norm_scale": mode, "token_weights": weighted, "genre": genre, "heads": len(heads),
-                             "chosen": how, "configured": mode == cfg.norm_scale and weighted == cfg.content_weights,
+                configured = mode == cfg.norm_scale and weighted == cfg.content_weights
+                rows.append({"norm_scale": mode, "token_weights": weighted, "genre": genre,
+                             "heads": len(heads), "chosen": how, "configured": configured,
                              "median_r": float(r.median()), "p10_r": float(r.quantile(0.1)), "fvu": fvu,
-                             "paper median_r (reported)": PAPER["median_r"], "paper fvu (reported)": PAPER["fvu"]})
+                             "paper median_r (reported)": PAPER["median_r"],
+                             "paper fvu (reported)": PAPER["fvu"]})
     return {"05_scales": scales, "05_quality": pd.DataFrame(rows)}
 
 
-# --- step 3 ---------------------------------------------------------------------------------------------------
+# --- step 3 -------------------------------------------------------------------------------------------------
 
 def context_neurons(study: Study) -> dict[str, pd.DataFrame]:
     """Per neuron: context and current-token spread of the pre-activation; the top neurons' pushing tokens."""
@@ -347,20 +356,22 @@ def _context_neurons(study: Study) -> dict[str, pd.DataFrame]:
     return {"05_neurons": table, "05_pushes": pd.DataFrame(rows)}
 
 
-# --- step 4 ---------------------------------------------------------------------------------------------------
+# --- step 4 -------------------------------------------------------------------------------------------------
 
 def check_on_text(study: Study) -> dict[str, pd.DataFrame]:
     """Predicted against true pre-activations on held-out text; genre AUCs; firing on held-out text only."""
     return study.step(["05_check", "05_firing"], lambda: _check(study))
 
 
-def predict(study: Study, lp: LayerPass, heads: list[int]) -> torch.Tensor:
+def predict(study: Study, lp: LayerPass, heads: list[int], *, context: bool = True) -> torch.Tensor:
     """[b, n, d_mlp]: pre-activations with the stable heads replaced by their linear summary and the MLP norm
-    linearised; everything else (the block's input, the other heads, b_O) as in the forward pass."""
+    linearised; everything else (the block's input, the other heads, b_O) as in the forward pass.
+    `context=False` drops the summary (the baseline: what the prediction knows without the context bag)."""
     K, e_tok, e_pos, w = study.summary_parts(heads)
     u, c = study.reads()
     rest = lp.attn_out - lp.head_out[:, :, heads].sum(2) + lp.resid_pre
-    return cn.predicted_preactivations(rest, cn.linear_summary(lp.tokens, K, e_tok, e_pos, w), u, c)
+    summary = cn.linear_summary(lp.tokens, K, e_tok, e_pos, w) if context else torch.zeros_like(rest)
+    return cn.predicted_preactivations(rest, summary, u, c)
 
 
 def _check(study: Study) -> dict[str, pd.DataFrame]:
@@ -369,9 +380,11 @@ def _check(study: Study) -> dict[str, pd.DataFrame]:
     d_mlp = study.model.cfg.d_mlp
     out = pd.DataFrame({"neuron": np.arange(d_mlp)})
     true = torch.cat([lp.pre[:, 1:].reshape(-1, d_mlp) for lp in study.heldout.values()])
-    pred = torch.cat([predict(study, lp, heads)[:, 1:].reshape(-1, d_mlp) for lp in study.heldout.values()])
-    a, b = true - true.mean(0), pred - pred.mean(0)
-    out["r_pred"] = ((a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-30)).numpy()
+    for column, context in (("r_pred", True), ("r_no_context", False)):
+        pred = torch.cat([predict(study, lp, heads, context=context)[:, 1:].reshape(-1, d_mlp)
+                          for lp in study.heldout.values()])
+        a, b = true - true.mean(0), pred - pred.mean(0)
+        out[column] = ((a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-30)).numpy()
     out["max_calibration"] = study.calibration.pre[:, 1:].amax((0, 1)).numpy()
     genres = list(study.heldout)
     for genre, lp in study.heldout.items():
@@ -386,7 +399,8 @@ def _check(study: Study) -> dict[str, pd.DataFrame]:
     top = out[out["rank"] <= cfg.n_top]
     firing = pd.DataFrame([{"threshold": t, "top_neurons": len(top),
                             "silent_on_calibration": int((top["max_calibration"] <= t).sum()),
-                            "new_on_heldout": int(((top["max_calibration"] <= t) & (top["max_heldout"] > t)).sum()),
+                            "new_on_heldout": int(((top["max_calibration"] <= t)
+                                                   & (top["max_heldout"] > t)).sum()),
                             "all_neurons_new_on_heldout": int(((out["max_calibration"] <= t)
                                                                & (out["max_heldout"] > t)).sum())}
                            for t in thresholds])

@@ -1,7 +1,7 @@
 """Context neurons from weights: stable heads as a linear bag of tokens, composed with the next MLP's input.
 
-For a set S of heads whose positional kernel K (see `positional_kernels`) describes their patterns, the combined
-output at position i is approximated by a kernel-weighted sum of per-token *extended embeddings*:
+For a set S of heads whose positional kernel K (see `positional_kernels`) describes their patterns, the
+combined output at position i is approximated by a kernel-weighted sum of per-token *extended embeddings*:
 
     y(i) = sum_{h in S} sum_{j <= i} K[h, i, j] e_h(t_j),   e_h(t) = (norm(x_t) W_V[h] + b_V[h]) W_O[h],
 
@@ -28,7 +28,7 @@ def centre(x: torch.Tensor) -> torch.Tensor:
 
 
 def token_scales(X: torch.Tensor, *, centred: bool, eps: float) -> torch.Tensor:
-    """[rows]: the norm's own scale for each row of X [rows, d_model] (RMS, of the centred row for LayerNorm)."""
+    """[rows]: the norm's own scale of each row of X [rows, d_model] (RMS; centred first for LayerNorm)."""
     X = centre(X) if centred else X
     return (X.pow(2).mean(-1) + eps).sqrt()
 
@@ -55,9 +55,9 @@ def extended_embeddings(X: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor 
 def token_weights(tokens: torch.Tensor, pattern: torch.Tensor, K: torch.Tensor, d_vocab: int, *,
                   prior: float = 1.0) -> torch.Tensor:
     """[n_heads, d_vocab]: how much more (> 1) or less (< 1) attention a token gets than the kernel gives its
-    position: sum of its true attention over the sum of its kernel attention, over all its occurrences as a key
-    in `tokens` [b, n] with patterns [b, n_heads, n, n]. `prior` pseudo-counts of weight 1 shrink rare tokens
-    towards 1 (and give unseen tokens exactly 1)."""
+    position: sum of its true attention over the sum of its kernel attention, over all its occurrences as a
+    key in `tokens` [b, n] with patterns [b, n_heads, n, n]. `prior` pseudo-counts of weight 1 shrink rare
+    tokens towards 1 (and give unseen tokens exactly 1)."""
     got = pattern.double().sum(2)  # [b, h, n]: attention each key position received
     expected = K.double().sum(1)[None].expand_as(got)  # [b, h, n]: what the kernel gives that position
     idx = tokens[:, None, :].expand_as(got).transpose(0, 1).reshape(K.shape[0], -1)  # [h, b * n]
@@ -75,8 +75,8 @@ def kernel_denominators(tokens: torch.Tensor, K: torch.Tensor, weights: torch.Te
 
 def linear_summary(tokens: torch.Tensor, K: torch.Tensor, e_tok: torch.Tensor,
                    e_pos: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """[batch, n, d_model]: sum_h sum_j K[h, i, j] w[h, t_j] (e_tok[h, t_j] + e_pos[h, j]) for every window and
-    position; `weights` w [n_heads, d_vocab] (token weights; None = all 1)."""
+    """[batch, n, d_model]: sum_h sum_j K[h, i, j] w[h, t_j] (e_tok[h, t_j] + e_pos[h, j]) for every window
+    and position; `weights` w [n_heads, d_vocab] (token weights; None = all 1)."""
     n = tokens.shape[1]
     E = e_tok[:, tokens]  # [n_heads, batch, n, d_model]
     if e_pos is not None:
@@ -139,7 +139,8 @@ def context_stats(e_tok: torch.Tensor, x_tok: torch.Tensor, u: torch.Tensor, p: 
         var_ctx = torch.einsum("nhg,hg->n", cov, KK)
         D = x_tok @ uc  # [V, chunk]
         var_cur = ((D - p @ D) ** 2 * p[:, None]).sum(0)
-        rows.append(pd.DataFrame({"neuron": np.arange(lo, lo + uc.shape[1]), "context_std": var_ctx.sqrt().numpy(),
+        rows.append(pd.DataFrame({"neuron": np.arange(lo, lo + uc.shape[1]),
+                                  "context_std": var_ctx.sqrt().numpy(),
                                   "current_std": var_cur.sqrt().numpy()}))
     out = pd.concat(rows, ignore_index=True)
     out["context_share"] = out["context_std"] ** 2 / (out["context_std"] ** 2 + out["current_std"] ** 2)
@@ -148,7 +149,8 @@ def context_stats(e_tok: torch.Tensor, x_tok: torch.Tensor, u: torch.Tensor, p: 
 
 def token_pushes(e_tok: torch.Tensor, u_n: torch.Tensor, p: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     """[d_vocab]: how much filling the context with token t moves one neuron's pre-activation, relative to the
-    calibration average: sum_h mass[h] (C[h, t] - E_p C[h, .]). u_n: [d_model]; mass: [n_heads] kernel mass."""
+    calibration average: sum_h mass[h] (C[h, t] - E_p C[h, .]). u_n: [d_model]; mass: [n_heads] kernel mass.
+    """
     C = torch.einsum("htd,d->ht", e_tok, u_n)  # [h, V]
     p = (p / p.sum()).to(C.dtype)
     return mass.to(C.dtype) @ (C - (C @ p)[:, None])

@@ -88,6 +88,6 @@ def content_tv(pattern: torch.Tensor, K: torch.Tensor, *, min_query: int = 1) ->
 def log_denominators(scores: torch.Tensor) -> torch.Tensor:
     """[batch, n_heads, n]: log of each attention row's softmax denominator, log sum_j exp(score_ij).
 
-    `scores`: [batch, n_heads, n, n] pre-softmax attention scores with the causal mask as -inf (TransformerLens
-    `hook_attn_scores`)."""
+    `scores`: [batch, n_heads, n, n] pre-softmax attention scores with the causal mask as -inf
+    (TransformerLens `hook_attn_scores`)."""
     return torch.logsumexp(scores.float(), dim=-1)

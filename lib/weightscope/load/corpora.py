@@ -26,8 +26,8 @@ def corpus_path(name: str) -> Path:
     root = corpora_dir()
     if root is None:
         raise CorpusError(
-            "WEIGHTSCOPE_CORPORA is not set: point it at the folder holding tinystories/, gutenberg/, wikipedia/ "
-            "(the Makefile sets it to ../shared/corpora when that folder exists)."
+            "WEIGHTSCOPE_CORPORA is not set: point it at the folder holding tinystories/, gutenberg/, "
+            "wikipedia/ (the Makefile sets it to ../shared/corpora when that folder exists)."
         )
     path = root / name
     if not path.is_file():
@@ -72,8 +72,8 @@ def token_windows(tokenizer, text: str, *, n: int, length: int, bos: int | None,
     ids = encode_text(tokenizer, text, n * body, start_fraction=start_fraction)
     if len(ids) < n * body:
         raise CorpusError(
-            f"{name} holds {len(ids):,} tokens from {start_fraction:.0%} on, fewer than the {n * body:,} needed for "
-            f"{n} windows of {length}; ask for fewer or shorter windows, or name a longer file."
+            f"{name} holds {len(ids):,} tokens from {start_fraction:.0%} on, fewer than the {n * body:,} "
+            f"needed for {n} windows of {length}; ask for fewer or shorter windows, or name a longer file."
         )
     rows = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
     if bos is None:
