@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Cost of chapter 5 (context neurons) at the demo's and GPT-2 small's layer-0 shapes, in one run on one device.
+"""Cost of chapter 5 (context neurons) at the demo's and GPT-2 small's layer-0 shapes, in one run on one
+device.
 
     .venv/bin/python bench/context_neurons.py [--quick] [--device cpu|cuda] [--repeats 3]
 
@@ -14,8 +15,8 @@ windows and set against the forward pass of the block that produced them (the co
     summary          the linear summary on the windows
     context_stats    per-neuron context and current-token spreads over the vocabulary (streamed over neurons)
 
---quick uses fewer windows and, at GPT-2 shape, a 8,192-token slice of the vocabulary (the full one needs a few
-GB). Results: bench/results/context-neurons-<device>-<date>[-quick].json, written atomically.
+--quick uses fewer windows and, at GPT-2 shape, an 8,192-token slice of the vocabulary (the full one needs a
+few GB). Results: bench/results/context-neurons-<device>-<date>[-quick].json, written atomically.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ SHAPES = {  # layer-0 shapes; `stable`: heads summarised (the paper's six for GP
 
 def block(shape: dict, device: str) -> HookedTransformer:
     common = dict(n_layers=1, d_model=shape["d_model"], n_ctx=shape["window"], d_head=shape["d_head"],
-                  n_heads=shape["n_heads"], d_mlp=shape["d_mlp"], d_vocab=shape["d_vocab"], device=device, seed=0)
+                  n_heads=shape["n_heads"], d_mlp=shape["d_mlp"], d_vocab=shape["d_vocab"], device=device,
+                  seed=0)
     if shape["arch"] == "gpt2":
         cfg = HookedTransformerConfig(**common, act_fn="gelu_new", normalization_type="LN",
                                       positional_embedding_type="standard")
@@ -115,7 +117,8 @@ def bench_shape(name: str, shape: dict, *, device: str, repeats: int, quick: boo
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)

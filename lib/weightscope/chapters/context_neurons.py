@@ -363,11 +363,13 @@ def check_on_text(study: Study) -> dict[str, pd.DataFrame]:
     return study.step(["05_check", "05_firing"], lambda: _check(study))
 
 
-def predict(study: Study, lp: LayerPass, heads: list[int], *, context: bool = True) -> torch.Tensor:
+def predict(study: Study, lp: LayerPass, heads: list[int], *, context: bool = True,
+            parts=None) -> torch.Tensor:
     """[b, n, d_mlp]: pre-activations with the stable heads replaced by their linear summary and the MLP norm
     linearised; everything else (the block's input, the other heads, b_O) as in the forward pass.
-    `context=False` drops the summary (the baseline: what the prediction knows without the context bag)."""
-    K, e_tok, e_pos, w = study.summary_parts(heads)
+    `context=False` drops the summary (the baseline: what the prediction knows without the context bag).
+    `parts`: `study.summary_parts(heads)`, when already computed."""
+    K, e_tok, e_pos, w = parts or study.summary_parts(heads)
     u, c = study.reads()
     rest = lp.attn_out - lp.head_out[:, :, heads].sum(2) + lp.resid_pre
     summary = cn.linear_summary(lp.tokens, K, e_tok, e_pos, w) if context else torch.zeros_like(rest)
@@ -380,8 +382,9 @@ def _check(study: Study) -> dict[str, pd.DataFrame]:
     d_mlp = study.model.cfg.d_mlp
     out = pd.DataFrame({"neuron": np.arange(d_mlp)})
     true = torch.cat([lp.pre[:, 1:].reshape(-1, d_mlp) for lp in study.heldout.values()])
+    parts = study.summary_parts(heads)
     for column, context in (("r_pred", True), ("r_no_context", False)):
-        pred = torch.cat([predict(study, lp, heads, context=context)[:, 1:].reshape(-1, d_mlp)
+        pred = torch.cat([predict(study, lp, heads, context=context, parts=parts)[:, 1:].reshape(-1, d_mlp)
                           for lp in study.heldout.values()])
         a, b = true - true.mean(0), pred - pred.mean(0)
         out[column] = ((a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-30)).numpy()

@@ -120,7 +120,7 @@ def predicted_preactivations(rest: torch.Tensor, summary: torch.Tensor, u: torch
 
 
 def context_stats(e_tok: torch.Tensor, x_tok: torch.Tensor, u: torch.Tensor, p: torch.Tensor,
-                  k: torch.Tensor, *, chunk: int = 512) -> pd.DataFrame:
+                  k: torch.Tensor, *, chunk: int = 256) -> pd.DataFrame:
     """Per neuron: how much its pre-activation varies with the bag of context tokens versus the current token.
 
     Tokens are drawn independently from the distribution p [d_vocab] (the calibration text's token
@@ -135,7 +135,7 @@ def context_stats(e_tok: torch.Tensor, x_tok: torch.Tensor, u: torch.Tensor, p: 
         uc = u[:, lo:lo + chunk]
         C = torch.einsum("htd,dn->htn", e_tok, uc)  # [h, V, chunk]
         Cc = C - torch.einsum("htn,t->hn", C, p)[:, None]
-        cov = torch.einsum("htn,gtn,t->nhg", Cc, Cc, p)
+        cov = torch.einsum("htn,gtn->nhg", Cc * p[None, :, None], Cc)  # two operands: one batched matmul
         var_ctx = torch.einsum("nhg,hg->n", cov, KK)
         D = x_tok @ uc  # [V, chunk]
         var_cur = ((D - p @ D) ** 2 * p[:, None]).sum(0)
