@@ -351,7 +351,7 @@ def _context_neurons(study: Study) -> dict[str, pd.DataFrame]:
         for side, ids in (("up", order.flip(0)[: cfg.k_tokens]), ("down", order[: cfg.k_tokens])):
             for o, t in enumerate(ids.tolist()):
                 rows.append({"neuron": int(r["neuron"]), "rank": int(r["rank"]), "side": side, "order": o + 1,
-                             "token": study.tokenizer.decode([t]), "push": float(push[t]),
+                             "token": study.tokenizer.decode([t]), "token_id": t, "push": float(push[t]),
                              "count": int(p[t])})
     return {"05_neurons": table, "05_pushes": pd.DataFrame(rows)}
 
