@@ -87,6 +87,29 @@ def test_kernel_and_relative_kernel_against_brute_force():
                 assert float(k[h, d]) == pytest.approx(float(torch.stack(vals).mean()), abs=1e-6)
 
 
+def test_kernel_of_a_model_against_attention_computed_by_hand():
+    """The chapter's kernel of a tiny GPT-2 equals the mean over windows of softmax(q . k / sqrt(d_head)),
+    with q and k computed from the weights position by position (LayerNorm, learned positions)."""
+    model = tiny_model("gpt2", seed=3)
+    tokens = windows(3, 8)
+    study = study_on(model, C.Config(window=N, n_calibration=3, n_heldout=2), tokens, {"a": windows(2, 9)})
+    attn, ln = model.blocks[0].attn, model.blocks[0].ln1
+    eps = model.cfg.eps
+    K = torch.zeros(4, N, N)
+    for b in range(3):
+        for h in range(4):
+            for i in range(N):
+                def normed(j):
+                    x = model.W_E[tokens[b, j]] + model.W_pos[j]
+                    x = x - x.mean()
+                    return x / torch.sqrt(x.pow(2).mean() + eps) * ln.w + ln.b
+                q = normed(i) @ attn.W_Q[h] + attn.b_Q[h]
+                scores = torch.stack([(q @ (normed(j) @ attn.W_K[h] + attn.b_K[h])) / 2.0
+                                      for j in range(i + 1)])  # sqrt(d_head = 4)
+                K[h, i, : i + 1] += scores.softmax(0) / 3
+    assert torch.allclose(study.kernel, K, atol=1e-5)
+
+
 def test_spread_content_tv_and_denominators_against_loops():
     pat, scores = random_patterns(seed=3)
     K = pat.mean(0)

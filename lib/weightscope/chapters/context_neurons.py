@@ -167,7 +167,7 @@ class Study:
         stable = table.loc[table["stable"], "head"].astype(int).tolist()
         if chosen == "stable" and stable:
             return stable, "stable by the rule"
-        how = "all heads (none is stable by the rule)" if chosen == "stable" else "all heads"
+        how = "all heads, since none is stable by the rule" if chosen == "stable" else "all heads"
         return list(range(n_heads)), how
 
     def summary_parts(self, heads: list[int], *, scale=None, weighted: bool | None = None):

@@ -133,10 +133,10 @@ def context_stats(e_tok: torch.Tensor, x_tok: torch.Tensor, u: torch.Tensor, p: 
     rows = []
     for lo in range(0, u.shape[1], chunk):
         uc = u[:, lo:lo + chunk]
-        C = torch.einsum("htd,dn->htn", e_tok, uc)  # [h, V, chunk]
+        C = (e_tok.reshape(-1, e_tok.shape[-1]) @ uc).view(e_tok.shape[0], -1, uc.shape[1])  # [h, V, chunk]
         Cc = C - torch.einsum("htn,t->hn", C, p)[:, None]
-        cov = torch.einsum("htn,gtn->nhg", Cc * p[None, :, None], Cc)  # two operands: one batched matmul
-        var_ctx = torch.einsum("nhg,hg->n", cov, KK)
+        # sum_{h,g} KK[h, g] Cov_p(C[h], C[g]) = sum_t p_t sum_h Cc[h] (KK Cc)[h]: no [n, h, h] products
+        var_ctx = torch.einsum("htn,htn,t->n", Cc, torch.einsum("hg,gtn->htn", KK, Cc), p)
         D = x_tok @ uc  # [V, chunk]
         var_cur = ((D - p @ D) ** 2 * p[:, None]).sum(0)
         rows.append(pd.DataFrame({"neuron": np.arange(lo, lo + uc.shape[1]),
