@@ -1,0 +1,164 @@
+"""Context neurons from weights: stable heads as a linear bag of tokens, composed with the next MLP's input.
+
+For a set S of heads whose positional kernel K (see `positional_kernels`) describes their patterns, the
+combined output at position i is approximated by a kernel-weighted sum of per-token *extended embeddings*:
+
+    y(i) = sum_{h in S} sum_{j <= i} K[h, i, j] e_h(t_j),   e_h(t) = (norm(x_t) W_V[h] + b_V[h]) W_O[h],
+
+with the norm linearised: norm(x) = centre(x) / s * w + b, where s is one scale measured on a calibration
+text (or, with no position embedding, each token's own scale, exact at layer 0). A neuron reads its MLP input
+through the (linearised) next norm, so its pre-activation is linear in that bag: per token t and head h, the
+context score C[h, t, n] = e_h(t) . u_n, with u_n the neuron's folded input row.
+
+Shapes: tokens [batch, n]; K [n_heads_S, n, n]; W_E [d_vocab, d_model]; W_V [n_heads, d_model, d_head];
+W_O [n_heads, d_head, d_model]; e [n_heads_S, d_vocab, d_model]; U (MLP input) [d_model, d_mlp].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import rankdata
+
+
+def centre(x: torch.Tensor) -> torch.Tensor:
+    """Subtract the mean over the last (d_model) axis, as LayerNorm does before scaling."""
+    return x - x.mean(-1, keepdim=True)
+
+
+def token_scales(X: torch.Tensor, *, centred: bool, eps: float) -> torch.Tensor:
+    """[rows]: the norm's own scale of each row of X [rows, d_model] (RMS; centred first for LayerNorm)."""
+    X = centre(X) if centred else X
+    return (X.pow(2).mean(-1) + eps).sqrt()
+
+
+def extended_embeddings(X: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor | None, W_V: torch.Tensor,
+                        b_V: torch.Tensor | None, W_O: torch.Tensor, scale: torch.Tensor | float, *,
+                        centred: bool, biases: bool = True) -> torch.Tensor:
+    """[n_heads, rows, d_model]: each row of X [rows, d_model] through the linearised norm, W_V and W_O.
+
+    `scale`: a number or [rows]. `biases=False` drops the norm's and W_V's biases (for the position part of a
+    GPT-2 input, whose biases are already counted once with the token part). W_V, b_V, W_O: the chosen heads.
+    """
+    x = centre(X) if centred else X
+    s = scale if isinstance(scale, float) else torch.as_tensor(scale, dtype=X.dtype).reshape(-1, 1)
+    normed = x / s * ln_w
+    if biases and ln_b is not None:
+        normed = normed + ln_b
+    v = torch.einsum("rd,hde->hre", normed, W_V)  # [n_heads, rows, d_head]
+    if biases and b_V is not None:
+        v = v + b_V[:, None, :]
+    return torch.einsum("hre,hem->hrm", v, W_O)
+
+
+def token_weights(tokens: torch.Tensor, pattern: torch.Tensor, K: torch.Tensor, d_vocab: int, *,
+                  prior: float = 1.0) -> torch.Tensor:
+    """[n_heads, d_vocab]: how much more (> 1) or less (< 1) attention a token gets than the kernel gives its
+    position: sum of its true attention over the sum of its kernel attention, over all its occurrences as a
+    key in `tokens` [b, n] with patterns [b, n_heads, n, n]. `prior` pseudo-counts of weight 1 shrink rare
+    tokens towards 1 (and give unseen tokens exactly 1)."""
+    got = pattern.double().sum(2)  # [b, h, n]: attention each key position received
+    expected = K.double().sum(1)[None].expand_as(got)  # [b, h, n]: what the kernel gives that position
+    idx = tokens[:, None, :].expand_as(got).transpose(0, 1).reshape(K.shape[0], -1)  # [h, b * n]
+    num = torch.zeros(K.shape[0], d_vocab, dtype=torch.float64).scatter_add_(
+        1, idx, got.transpose(0, 1).reshape(K.shape[0], -1))
+    den = torch.zeros_like(num).scatter_add_(1, idx, expected.transpose(0, 1).reshape(K.shape[0], -1))
+    return ((num + prior) / (den + prior)).float()
+
+
+def kernel_denominators(tokens: torch.Tensor, K: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[b, n_heads, n]: N(i) = sum_j K[h, i, j] w[h, t_j], the denominator of the kernel-times-token-weight
+    pattern on each window. Its mean over calibration windows is the sampled, fixed denominator."""
+    return torch.einsum("hij,hbj->bhi", K.double(), weights[:, tokens].double()).float()
+
+
+def linear_summary(tokens: torch.Tensor, K: torch.Tensor, e_tok: torch.Tensor,
+                   e_pos: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[batch, n, d_model]: sum_h sum_j K[h, i, j] w[h, t_j] (e_tok[h, t_j] + e_pos[h, j]) for every window
+    and position; `weights` w [n_heads, d_vocab] (token weights; None = all 1)."""
+    n = tokens.shape[1]
+    E = e_tok[:, tokens]  # [n_heads, batch, n, d_model]
+    if e_pos is not None:
+        E = E + e_pos[:, None, :n]
+    if weights is not None:
+        E = E * weights[:, tokens][..., None]
+    return torch.einsum("hij,hbjd->bid", K[:, :n, :n].to(E.dtype), E)
+
+
+def summary_quality(y: torch.Tensor, y_hat: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Per-position Pearson r over d_model ([batch, n]) and the fraction of variance unexplained of y_hat
+    (sum |y - y_hat|^2 over sum |y - mean_position(y)|^2). y, y_hat: [batch, n, d_model]."""
+    a, b = centre(y.double()), centre(y_hat.double())
+    r = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-30)
+    flat, flat_hat = y.reshape(-1, y.shape[-1]).double(), y_hat.reshape(-1, y.shape[-1]).double()
+    fvu = (flat - flat_hat).pow(2).sum() / (flat - flat.mean(0)).pow(2).sum()
+    return r.float(), float(fvu)
+
+
+def neuron_reads(U: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor | None, b_in: torch.Tensor | None,
+                 scale: float, *, centred: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MLP input through the linearised norm: pre-activation(r) = r @ u + c for a residual vector r.
+
+    U: [d_model, d_mlp] (W_gate for a gated MLP, W_in otherwise). Returns u [d_model, d_mlp] (norm weight and
+    1/scale folded in, centred over d_model for LayerNorm, since centre(r) . v = r . centre(v)) and c [d_mlp].
+    """
+    u = ln_w[:, None] * U / scale
+    if centred:
+        u = u - u.mean(0, keepdim=True)
+    c = torch.zeros(U.shape[1], dtype=U.dtype) if ln_b is None else ln_b @ U
+    if b_in is not None:
+        c = c + b_in
+    return u, c
+
+
+def predicted_preactivations(rest: torch.Tensor, summary: torch.Tensor, u: torch.Tensor,
+                             c: torch.Tensor) -> torch.Tensor:
+    """[batch, n, d_mlp]: (rest + summary) @ u + c, where `rest` [batch, n, d_model] is the MLP's residual
+    input without the summarised heads (the block's input, the other heads' outputs and b_O)."""
+    return (rest + summary) @ u + c
+
+
+def context_stats(e_tok: torch.Tensor, x_tok: torch.Tensor, u: torch.Tensor, p: torch.Tensor,
+                  k: torch.Tensor, *, chunk: int = 256) -> pd.DataFrame:
+    """Per neuron: how much its pre-activation varies with the bag of context tokens versus the current token.
+
+    Tokens are drawn independently from the distribution p [d_vocab] (the calibration text's token
+    frequencies); the context term at a long-context query is sum_h sum_d k[h, d] C[h, t_d, n], with k
+    [n_heads, D] the relative kernels. Its variance is sum_d k_d^T Cov_p(C[:, t, n]) k_d; the current token's
+    is Var_p(x_t . u_n), x_tok [d_vocab, d_model] the block's direct input per token. Streams over neurons.
+    """
+    p = (p / p.sum()).to(e_tok.dtype)
+    KK = k.to(e_tok.dtype) @ k.to(e_tok.dtype).T  # [h, h]: sum_d k[h, d] k[g, d]
+    rows = []
+    for lo in range(0, u.shape[1], chunk):
+        uc = u[:, lo:lo + chunk]
+        C = (e_tok.reshape(-1, e_tok.shape[-1]) @ uc).view(e_tok.shape[0], -1, uc.shape[1])  # [h, V, chunk]
+        Cc = C - torch.einsum("htn,t->hn", C, p)[:, None]
+        # sum_{h,g} KK[h, g] Cov_p(C[h], C[g]) = sum_t p_t sum_h Cc[h] (KK Cc)[h]: no [n, h, h] products
+        var_ctx = torch.einsum("htn,htn,t->n", Cc, torch.einsum("hg,gtn->htn", KK, Cc), p)
+        D = x_tok @ uc  # [V, chunk]
+        var_cur = ((D - p @ D) ** 2 * p[:, None]).sum(0)
+        rows.append(pd.DataFrame({"neuron": np.arange(lo, lo + uc.shape[1]),
+                                  "context_std": var_ctx.sqrt().numpy(),
+                                  "current_std": var_cur.sqrt().numpy()}))
+    out = pd.concat(rows, ignore_index=True)
+    out["context_share"] = out["context_std"] ** 2 / (out["context_std"] ** 2 + out["current_std"] ** 2)
+    return out
+
+
+def token_pushes(e_tok: torch.Tensor, u_n: torch.Tensor, p: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """[d_vocab]: how much filling the context with token t moves one neuron's pre-activation, relative to the
+    calibration average: sum_h mass[h] (C[h, t] - E_p C[h, .]). u_n: [d_model]; mass: [n_heads] kernel mass.
+    """
+    C = torch.einsum("htd,d->ht", e_tok, u_n)  # [h, V]
+    p = (p / p.sum()).to(C.dtype)
+    return mass.to(C.dtype) @ (C - (C @ p)[:, None])
+
+
+def auc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Area under the ROC curve of scores a [n_a, m] against b [n_b, m], per column: the probability that a
+    draw from a exceeds one from b (ties count one half). 1 = a always higher, 0.5 = no separation."""
+    n_a, n_b = len(a), len(b)
+    ranks = rankdata(np.concatenate([a, b]), axis=0)
+    return (ranks[:n_a].sum(0) - n_a * (n_a + 1) / 2) / (n_a * n_b)
