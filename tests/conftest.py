@@ -25,3 +25,12 @@ import torch  # noqa: E402
 def device(request) -> str:
     """The compute devices a kernel test runs on: the CPU always, a CUDA GPU when one is present."""
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _restore_grad_mode():
+    """`open_chapter` turns autograd off for the whole process (as a notebook wants); tests that call it in
+    process must not leave it off for later tests that train (sae-lens's runner needs gradients)."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)

@@ -2,7 +2,7 @@
 """Cost of chapter 5 (context neurons) at the demo's and GPT-2 small's layer-0 shapes, in one run on one
 device.
 
-    .venv/bin/python bench/context_neurons.py [--quick] [--device cpu|cuda] [--repeats 3]
+    .venv/bin/python bench/bench_context_neurons.py [--quick] [--device cpu|cuda] [--repeats 3]
 
 Random weights of the right shapes (a one-block TransformerLens model: rotary/RMSNorm/SwiGLU for the demo,
 learned positions/LayerNorm/GELU for GPT-2 small). Each of the chapter's kernels is timed on the calibration
