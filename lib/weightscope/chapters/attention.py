@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from weightscope import io
-from weightscope.chapters.findings import curve_shape, number, percent
+from weightscope.chapters.findings import binomial_tolerance, curve_shape, number, percent, shape_words
 from weightscope.compute import attention
 from weightscope.config.params import ParamsError
 
@@ -39,7 +39,7 @@ class Config:
     qk_max_offset: int = 32  # pairs are ranked over rotary offsets 0..qk_max_offset
     qk_summary: str = "mean"  # mean | max_abs: the summary of a pair's score over those offsets
     seed: int = 0  # seed of the null directions
-    shape_tolerance: float = 0.02  # smallest change of participation (fraction) that counts as a rise or fall
+    shape_se: float = 2.0  # a change of participation smaller than this many binomial standard errors is none
 
     def __post_init__(self):
         problems = []
@@ -55,8 +55,8 @@ class Config:
             problems.append(f"qk_max_offset = {self.qk_max_offset}: use 0 or a positive number of positions")
         if self.qk_summary not in SUMMARIES:
             problems.append(f"qk_summary {self.qk_summary!r}: use one of {', '.join(SUMMARIES)}")
-        if not 0.0 <= self.shape_tolerance < 1.0:
-            problems.append(f"shape_tolerance = {self.shape_tolerance}: use a fraction in [0, 1)")
+        if self.shape_se < 0:
+            problems.append(f"shape_se = {self.shape_se}: use a non-negative number of standard errors")
         if problems:
             raise ParamsError("; ".join(problems) + ".")
 
@@ -151,13 +151,19 @@ def depth_curves(heads: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["read_layer", "side", "null", "fraction"])
 
 
-def depth_shapes(depth: pd.DataFrame, tol: float) -> pd.DataFrame:
-    """The depth-shape rule per side and null: side, null, shape, n_layers (see `findings.curve_shape`)."""
+def depth_shapes(depth: pd.DataFrame, n_features: int, n_se: float) -> pd.DataFrame:
+    """The depth-shape rule per side and null: side, null, shape, tolerance, n_layers.
+
+    The tolerance is `n_se` binomial standard errors of a rate over `n_features` observations: the features,
+    not the (feature, head) pairs, since one feature's reads by the heads of a layer are not independent.
+    """
     rows = []
     for (side, null), part in depth.groupby(["side", "null"], sort=False):
         y = part.sort_values("read_layer")["fraction"].to_numpy()
-        rows.append({"side": side, "null": null, "shape": curve_shape(y, tol), "n_layers": len(y)})
-    return pd.DataFrame(rows, columns=["side", "null", "shape", "n_layers"])
+        tol = binomial_tolerance(y, n_features, n_se)
+        rows.append({"side": side, "null": null, "shape": curve_shape(y, tol), "tolerance": tol,
+                     "n_layers": len(y)})
+    return pd.DataFrame(rows, columns=["side", "null", "shape", "tolerance", "n_layers"])
 
 
 @torch.no_grad()
@@ -215,10 +221,10 @@ def findings(t: Tables) -> list[str]:
         iso, cov = part[(side, NULLS[""])], part[(side, NULLS["_cov"])]
         out.append(f"{side}: {percent(iso)} of (feature, head) pairs beat the isotropic null, {percent(cov)} the "
                    f"decoder-covariance null (chance: {percent(chance)}).")
-    shapes = depth_shapes(t.depth, t.config.shape_tolerance)
+    shapes = depth_shapes(t.depth, int(t.features.groupby("layer").size().min()), t.config.shape_se)
     for r in shapes.itertuples():
-        out.append(f"over reading depth ({r.n_layers} layers), {r.side} participation against the {r.null} null: "
-                   f"{r.shape} (changes of at most {t.config.shape_tolerance:.0%} ignored).")
+        out.append(f"over reading depth ({r.n_layers} layers), {r.side} participation against the {r.null} null "
+                   f"{shape_words(r.shape)} (changes below {percent(r.tolerance)} ignored).")
     if t.rotary and len(t.offset_corr):
         far = t.offset_corr[t.offset_corr["offset"] == t.offset_corr["offset"].max()]
         out.append(f"QK pair scores at offset {int(far['offset'].iloc[0])} against offset 0: correlation "

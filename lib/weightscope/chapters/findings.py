@@ -1,7 +1,7 @@
 """Sentences that state a finding, computed from the numbers they describe (so they cannot go stale).
 
 `curve_shape` names the shape of a curve over depth ("rises", "falls", "U", "inverted U", "flat", "mixed")
-with a stated tolerance; `percent` and `number` format values for people. Used by chapters 1 to 3.
+with a stated tolerance (`binomial_tolerance`: a few standard errors of the rates it compares); `percent` and `number` format values for people. Used by chapters 1 to 3.
 """
 
 from __future__ import annotations
@@ -62,6 +62,20 @@ def curve_shape(y: Sequence[float], tol: float) -> str:
     if len(legs) == 2:
         return "inverted U" if legs[0] > 0 else "U"
     return f"mixed (changes direction {len(legs) - 1} times)"
+
+
+def binomial_tolerance(rates: Sequence[float], n: int, n_se: float) -> float:
+    """`n_se` binomial standard errors of a rate at the curve's mean level, with n observations per point."""
+    values = [float(v) for v in rates if not math.isnan(float(v))]
+    p = sum(values) / len(values) if values else math.nan
+    return n_se * math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
+
+
+def shape_words(shape: str) -> str:
+    """A `curve_shape` as the verb phrase of a sentence: 'rises', 'is flat', 'has a U shape', ..."""
+    return {"flat": "is flat", "U": "has a U shape", "inverted U": "has an inverted-U shape",
+            "too few points": "has too few points to tell"}.get(shape, shape if not shape.startswith("mixed")
+                                                                 else "is " + shape)
 
 
 def percent(x: float, digits: int = 1) -> str:

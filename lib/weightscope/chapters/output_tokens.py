@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from weightscope import io
-from weightscope.chapters.findings import curve_shape, percent, ratio
+from weightscope.chapters.findings import binomial_tolerance, curve_shape, percent, ratio, shape_words
 from weightscope.compute import lens
 from weightscope.compute.token_scores import TOKEN_KINDS_EXCLUDABLE, token_categories
 from weightscope.config.params import ParamsError
@@ -43,7 +43,7 @@ class Config:
     max_features: int = 0  # analyse only the first N features of each SAE (0: all)
     seed: int = 0  # seed of the null directions
     exclude_tokens: tuple[str, ...] = ("byte", "special")  # token kinds left out of every distribution
-    shape_tolerance: float = 0.02  # smallest change of a rate (fraction) that counts as a rise or a fall
+    shape_se: float = 2.0  # a change of a rate smaller than this many binomial standard errors is no rise or fall
 
     def __post_init__(self):
         object.__setattr__(self, "exclude_tokens", tuple(self.exclude_tokens))
@@ -62,8 +62,8 @@ class Config:
         unknown = sorted(set(self.exclude_tokens) - set(TOKEN_KINDS_EXCLUDABLE))
         if unknown:
             problems.append(f"exclude_tokens: unknown kinds {unknown}; use any of {list(TOKEN_KINDS_EXCLUDABLE)}")
-        if not 0.0 <= self.shape_tolerance < 1.0:
-            problems.append(f"shape_tolerance = {self.shape_tolerance}: use a fraction in [0, 1)")
+        if self.shape_se < 0:
+            problems.append(f"shape_se = {self.shape_se}: use a non-negative number of standard errors")
         if problems:
             raise ParamsError("; ".join(problems) + ".")
 
@@ -205,9 +205,11 @@ def findings(t: Tables) -> list[str]:
         per_layer = t.rates[(t.rates["population"] == "SAE features") & (t.rates["side"] == side)]
         per_layer = per_layer.sort_values("layer")
         best = per_layer.loc[per_layer["fraction"].idxmax()]
-        out.append(f"{side}: over depth the rate {curve_shape(per_layer['fraction'], t.config.shape_tolerance)} "
-                   f"(changes of at most {t.config.shape_tolerance:.0%} ignored); highest in layer "
-                   f"{int(best['layer'])} ({percent(best['fraction'])}).")
+        n = int(t.features.groupby("layer").size().min())
+        tol = binomial_tolerance(per_layer["fraction"], n, t.config.shape_se)
+        out.append(f"{side}: over depth the rate {shape_words(curve_shape(per_layer['fraction'], tol))} "
+                   f"(changes below {percent(tol)}, {t.config.shape_se:g} binomial standard errors of a layer's "
+                   f"rate, ignored); highest in layer {int(best['layer'])} ({percent(best['fraction'])}).")
     own = t.readings[(t.readings["quantile"] == 0.75) & (t.readings["side"] == lens.SIDES["dec"])]
     if len(own):
         by = own.set_index("anchor")["rate"]

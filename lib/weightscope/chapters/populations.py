@@ -172,5 +172,5 @@ def findings(t: Tables, alpha: float = 0.05) -> list[str]:
         out.append(f"{r['phase']} / {r['attention side']}: pooled, {r['direction']} (Cliff's delta "
                    f"{r['cliffs_delta']:+.2f} [{r['cliffs_delta_lo']:+.2f}, {r['cliffs_delta_hi']:+.2f}], "
                    f"n = {number(r['n_a'])} vs {number(r['n_b'])}); within layers, {within} (delta "
-                   f"{r['cliffs_delta_within']:+.2f}, Holm p {number(r['p_stratified_holm'], 3)}): they {agree}.")
+                   f"{r['cliffs_delta_within']:+.2f}, Holm p {r['p_stratified_holm']:.3f}): they {agree}.")
     return out
