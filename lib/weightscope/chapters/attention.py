@@ -212,22 +212,30 @@ def label_pairs(pairs: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
     return out[["head", "SAE layer", "score", "query feature", "query tokens", "key feature", "key tokens"]]
 
 
-def findings(t: Tables) -> list[str]:
-    """The chapter's result sentences, computed from the tables (rules and tolerances stated)."""
-    out = []
+def findings(t: Tables) -> dict[str, list[str]]:
+    """The chapter's result sentences, computed from the tables (rules and tolerances stated).
+
+    Keys: "participation" (against each null, per side), "depth" (the shape of each curve over reading
+    depth), "pairs" (how QK pair scores drift with the rotary offset).
+    """
+    out: dict[str, list[str]] = {"participation": [], "depth": [], "pairs": []}
     part = t.participation.set_index(["side", "null"])["rate"]
     chance = 1.0 - t.config.q_null
     for side in SIDES.values():
         iso, cov = part[(side, NULLS[""])], part[(side, NULLS["_cov"])]
-        out.append(f"{side}: {percent(iso)} of (feature, head) pairs beat the isotropic null, {percent(cov)} the "
-                   f"decoder-covariance null (chance: {percent(chance)}).")
-    shapes = depth_shapes(t.depth, int(t.features.groupby("layer").size().min()), t.config.shape_se)
-    for r in shapes.itertuples():
-        out.append(f"over reading depth ({r.n_layers} layers), {r.side} participation against the {r.null} null "
-                   f"{shape_words(r.shape)} (changes below {percent(r.tolerance)} ignored).")
-    if t.rotary and len(t.offset_corr):
+        out["participation"].append(
+            f"{side}: {percent(iso)} of (feature, head) pairs beat the isotropic null, {percent(cov)} the "
+            f"decoder-covariance null (chance: {percent(chance)}).")
+    n_features = int(t.features.groupby("layer").size().min()) if len(t.features) else 0
+    for r in depth_shapes(t.depth, n_features, t.config.shape_se).itertuples():
+        out["depth"].append(f"{r.side} participation against the {r.null} null over {r.n_layers} reading layers "
+                            f"{shape_words(r.shape)} (changes below {percent(r.tolerance)} ignored).")
+    if not t.rotary:
+        out["pairs"].append("this model has no rotary positions: one QK score per pair.")
+    elif len(t.offset_corr):
         far = t.offset_corr[t.offset_corr["offset"] == t.offset_corr["offset"].max()]
-        out.append(f"QK pair scores at offset {int(far['offset'].iloc[0])} against offset 0: correlation "
-                   f"{number(far['correlation'].min())} to {number(far['correlation'].max())} over the "
-                   f"{len(far)} selected heads.")
+        out["pairs"].append(
+            f"QK pair scores at offset {int(far['offset'].iloc[0])} against offset 0: correlation from "
+            f"{number(far['correlation'].min())} to {number(far['correlation'].max())} (median "
+            f"{number(far['correlation'].median())}) over the {len(far)} selected heads.")
     return out

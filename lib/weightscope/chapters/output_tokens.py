@@ -188,31 +188,66 @@ def sweeps(features: pd.DataFrame, nulls: pd.DataFrame, cfg: lens.LensConfig, gr
     return pd.concat(curves, ignore_index=True)
 
 
-def findings(t: Tables) -> list[str]:
-    """The chapter's result sentences, each computed from the tables (rules and tolerances stated)."""
-    out = []
+def findings(t: Tables) -> dict[str, list[str]]:
+    """The chapter's result sentences, computed from the tables (rules and tolerances stated).
+
+    Keys: "rates" (SAE against null, per side), "tests" (which single tests beat the null), "depth" (the
+    shape of the rate over layers), "readings" (the rule under the two readings of its quantiles).
+    """
+    out: dict[str, list[str]] = {"rates": [], "tests": [], "depth": [], "readings": []}
     tests = t.tests.pivot_table(index=["side", "test"], columns="population", values="rate")
+    n = int(t.features.groupby("layer").size().min())
     for side in lens.SIDES.values():
-        sae, null = tests.loc[(side, TESTS["predicts"]), "SAE features"], tests.loc[(side, TESTS["predicts"]),
-                                                                                     "null: random"]
-        out.append(f"{side}: {percent(sae)} of SAE features pass the rule, against {percent(null)} of random "
-                   f"directions ({ratio(sae, null)} the null rate).")
+        sae, null = (tests.loc[(side, TESTS["predicts"]), p] for p in ("SAE features", "null: random"))
+        out["rates"].append(f"{side}: {percent(sae)} of SAE features pass the rule, against {percent(null)} of "
+                            f"random directions ({ratio(sae, null)} the null rate).")
         singles = tests.loc[side].drop(TESTS["predicts"])
         above = [name for name, row in singles.iterrows() if row["SAE features"] > row["null: random"]]
         below = [name for name, row in singles.iterrows() if row["SAE features"] < row["null: random"]]
-        out.append(f"{side}: single tests where SAE features pass more often than random directions: "
-                   f"{', '.join(above) or 'none'}; less often: {', '.join(below) or 'none'}.")
+        out["tests"].append(f"{side}: single tests that SAE features pass more often than random directions: "
+                            f"{', '.join(above) or 'none'}; less often: {', '.join(below) or 'none'}.")
         per_layer = t.rates[(t.rates["population"] == "SAE features") & (t.rates["side"] == side)]
         per_layer = per_layer.sort_values("layer")
         best = per_layer.loc[per_layer["fraction"].idxmax()]
-        n = int(t.features.groupby("layer").size().min())
         tol = binomial_tolerance(per_layer["fraction"], n, t.config.shape_se)
-        out.append(f"{side}: over depth the rate {shape_words(curve_shape(per_layer['fraction'], tol))} "
-                   f"(changes below {percent(tol)}, {t.config.shape_se:g} binomial standard errors of a layer's "
-                   f"rate, ignored); highest in layer {int(best['layer'])} ({percent(best['fraction'])}).")
-    own = t.readings[(t.readings["quantile"] == 0.75) & (t.readings["side"] == lens.SIDES["dec"])]
-    if len(own):
-        by = own.set_index("anchor")["rate"]
-        out.append(f"{lens.SIDES['dec']}, every threshold at the 0.75 quantile: "
-                   f"{percent(by[OWN])} with the features' own quantiles, {percent(by[NULL])} with the null's.")
+        out["depth"].append(
+            f"{side}: over depth the rate {shape_words(curve_shape(per_layer['fraction'], tol))} (changes below "
+            f"{percent(tol)}, {t.config.shape_se:g} binomial standard errors of a layer's rate, ignored); highest "
+            f"in layer {int(best['layer'])} ({percent(best['fraction'])}).")
+    at = t.readings[t.readings["quantile"] == 0.75]
+    for side, part in at.groupby("side", sort=False):
+        by = part.set_index("anchor")["rate"]
+        out["readings"].append(f"{side}, every threshold at the 0.75 quantile: {percent(by[OWN])} with the "
+                               f"features' own quantiles, {percent(by[NULL])} with the null's.")
     return out
+
+
+def verdicts(t: Tables) -> pd.DataFrame:
+    """Features and null rows in one frame with a `verdict` column: predicts / does not / the null's name."""
+    feats = t.features.assign(verdict=t.features["dec_predicts"].map({True: "predicts", False: "does not"}))
+    return pd.concat([feats, t.nulls.assign(verdict=t.nulls["population"])], ignore_index=True)
+
+
+def examples(t: Tables, n: int = 6) -> pd.DataFrame:
+    """Strongest predicting features, features nearest the threshold, and non-predicting ones (output side)."""
+    f, stat = t.features, "dec_" + t.config.concentration_stat
+    margin = (f[stat] - f["dec_thr_concentration"]).abs()
+    rest = f[~f["dec_predicts"]]
+    ex = pd.concat([
+        f[f["dec_predicts"]].sort_values(stat, ascending=False).head(n + 2).assign(kind="strongest predicting"),
+        f.loc[margin.sort_values().index].head(n).assign(kind="borderline (near the threshold)"),
+        rest.sample(min(n, len(rest)), random_state=t.config.seed).assign(kind="not predicting"),
+    ])
+
+    def show(tokens, k=6):
+        return " | ".join(repr(tok)[1:-1] for tok in list(tokens)[:k])
+
+    out = pd.DataFrame({
+        "kind": ex["kind"], "layer": ex["layer"], "feature": ex["feature"],
+        "top output tokens": ex["dec_top_tokens"].map(show), "most suppressed": ex["dec_bottom_tokens"].map(show),
+        "top input tokens": ex["enc_top_tokens"].map(show), f"{t.config.concentration_stat} (out)": ex[stat],
+        "string sim (out)": ex["dec_string_sim"], "emb cos (out)": ex["dec_emb_cos"],
+        "predicts": ex["dec_predicts"], "reads": ex["enc_predicts"]})
+    if ex["neuronpedia"].notna().any():
+        out["feature"] = [f'<a href="{u}">{i}</a>' if u else i for u, i in zip(ex["neuronpedia"], ex["feature"])]
+    return out.reset_index(drop=True)

@@ -174,3 +174,27 @@ def findings(t: Tables, alpha: float = 0.05) -> list[str]:
                    f"n = {number(r['n_a'])} vs {number(r['n_b'])}); within layers, {within} (delta "
                    f"{r['cliffs_delta_within']:+.2f}, Holm p {r['p_stratified_holm']:.3f}): they {agree}.")
     return out
+
+
+def label_examples(t: Tables, per_label: int = 4) -> pd.DataFrame:
+    """A few random features of each label on each phase, with the quantities the rule used."""
+    rows = []
+    for s, phase in PHASES.items():
+        for label in populations.LABELS:
+            part = t.labelled[t.labelled[f"{s}_label"] == label]
+            for _, row in part.sample(min(per_label, len(part)), random_state=t.config.seed).iterrows():
+                tokens = list(row[f"{s}_top_tokens"])[: t.config.m]
+                rows.append({"phase": phase, "label": label, "layer": row["layer"], "feature": row["feature"],
+                             "top tokens": " | ".join(repr(tok)[1:-1] for tok in tokens),
+                             "word share": row[f"{s}_word_share"], "non-word share": row[f"{s}_nonword_share"],
+                             "coherent": bool(row[f"{s}_coherent"])})
+    return pd.DataFrame(rows)
+
+
+def long_reads(t: Tables) -> pd.DataFrame:
+    """label, phase, side, mean z: one row per feature, phase and attention side (for distribution plots)."""
+    parts = [t.data[[f"{s}_label", *ATTN]].rename(columns={f"{s}_label": "label"}).assign(phase=phase)
+             for s, phase in PHASES.items()]
+    long = pd.concat(parts).melt(id_vars=["label", "phase"], var_name="side", value_name="mean z")
+    long["side"] = long["side"].map(ATTN)
+    return long
