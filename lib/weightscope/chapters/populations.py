@@ -198,3 +198,27 @@ def long_reads(t: Tables) -> pd.DataFrame:
     long = pd.concat(parts).melt(id_vars=["label", "phase"], var_name="side", value_name="mean z")
     long["side"] = long["side"].map(ATTN)
     return long
+
+
+FINDINGS_COLUMNS = {
+    "phase": "phase", "attention side": "side", "n_a": "n (sem)", "n_b": "n (non-sem)",
+    "mean_a": "mean (sem)", "mean_b": "mean (non-sem)", "median_a": "median (sem)",
+    "median_b": "median (non-sem)", "p75_a": "P75 (sem)", "p75_b": "P75 (non-sem)", "mean_diff": "mean diff",
+    "cliffs_delta": "Cliff's delta", "cliffs_delta_lo": "delta lo", "cliffs_delta_hi": "delta hi",
+    "p_holm": "p (Holm)", "direction": "pooled direction", "cliffs_delta_within": "delta within layers",
+    "p_stratified_holm": "p within layers (Holm)",
+}
+
+
+def findings_table(t: Tables) -> pd.DataFrame:
+    """The findings with reader-facing column names ("sem": semantic, "non-sem": non-semantic)."""
+    return t.findings[list(FINDINGS_COLUMNS)].rename(columns=FINDINGS_COLUMNS)
+
+
+def label_counts_by_layer(t: Tables) -> pd.DataFrame:
+    """layer, label, features, phase: how many features of each layer receive each label."""
+    parts = []
+    for s, phase in PHASES.items():
+        counts = t.labelled.groupby(["layer", f"{s}_label"], observed=False).size().rename("features")
+        parts.append(counts.reset_index().rename(columns={f"{s}_label": "label"}).assign(phase=phase))
+    return pd.concat(parts, ignore_index=True)
