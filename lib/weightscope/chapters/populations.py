@@ -202,8 +202,7 @@ def long_reads(t: Tables) -> pd.DataFrame:
 
 FINDINGS_COLUMNS = {
     "phase": "phase", "attention side": "side", "n_a": "n (sem)", "n_b": "n (non-sem)",
-    "mean_a": "mean (sem)", "mean_b": "mean (non-sem)", "median_a": "median (sem)",
-    "median_b": "median (non-sem)", "p75_a": "P75 (sem)", "p75_b": "P75 (non-sem)", "mean_diff": "mean diff",
+    "mean_a": "mean (sem)", "mean_b": "mean (non-sem)", "mean_diff": "mean diff",
     "cliffs_delta": "Cliff's delta", "cliffs_delta_lo": "delta lo", "cliffs_delta_hi": "delta hi",
     "p_holm": "p (Holm)", "direction": "pooled direction", "cliffs_delta_within": "delta within layers",
     "p_stratified_holm": "p within layers (Holm)",
@@ -211,7 +210,8 @@ FINDINGS_COLUMNS = {
 
 
 def findings_table(t: Tables) -> pd.DataFrame:
-    """The findings with reader-facing column names ("sem": semantic, "non-sem": non-semantic)."""
+    """The findings with reader-facing column names ("sem": semantic, "non-sem": non-semantic); medians and
+    P75s stay in the saved `03_findings` table and in `by_layer`, so the page's table fits its width."""
     return t.findings[list(FINDINGS_COLUMNS)].rename(columns=FINDINGS_COLUMNS)
 
 
