@@ -10,7 +10,11 @@ pre-attention norm (weight g = `blocks[l].ln1.w`, plus centring for LayerNorm) a
 with d~ = fold_pre_attention_norm(d, g). Norms are position-free: rotary embeddings rotate q and k
 orthogonally, which keeps their norms. Biases are left out (a read is the direction's linear contribution),
 and so is the norm's division by the residual's RMS, which scales every direction at a layer alike: compare
-reads against a null of random directions of equal norms (`null_zscores`), not across layers in raw units.
+reads per unit norm against nulls (`null_directions`: isotropic, and the Gaussian fitted to the decoder rows;
+`null_zscores`), not across layers in raw units.
+
+The query-key score of two features does depend on position: `rotate_queries` applies the model's rotary
+rotation for an offset (settings read from its cfg), and `qk_pairs` ranks pairs by a summary over offsets.
 
 `head_reads` streams over chunks of features like `token_scores.token_score_stats` (chunk size from free memory,
 halved on out-of-memory); `qk_pairs` streams the bilinear query-key scores of one head keeping a running top;
