@@ -401,3 +401,93 @@ def test_null_participation_is_rare_for_random_directions_and_summary():
     assert row["q_frac"] == pytest.approx(one["q_part"].mean())
     assert row["any_frac"] == pytest.approx((one["q_part"] | one["k_part"] | one["v_part"]).mean())
     assert row["kv_head"] == 1 and row["distance"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rotary QK scores against a forward pass; the decoder-covariance null; norm matching
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _rotary_head(adjacent: bool, rotary_dim: int, ntk: bool):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    extra = dict(use_NTK_by_parts_rope=True, NTK_by_parts_factor=8.0, NTK_by_parts_low_freq_factor=1.0,
+                 NTK_by_parts_high_freq_factor=4.0, NTK_original_ctx_len=16) if ntk else {}
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=16, d_head=8, n_heads=2, n_ctx=64, d_vocab=10, act_fn="gelu", normalization_type="RMS",
+        positional_embedding_type="rotary", rotary_dim=rotary_dim, rotary_adjacent_pairs=adjacent,
+        rotary_base=50, seed=3, device="cpu", **extra)
+    return HookedTransformer(cfg)
+
+
+@pytest.mark.parametrize("adjacent,rotary_dim,ntk", [(False, 8, False), (True, 8, False), (False, 4, False),
+                                                     (True, 6, False), (False, 8, True)])
+def test_rotary_qk_score_matches_a_forward_pass_of_one_head(adjacent, rotary_dim, ntk):
+    model = _rotary_head(adjacent, rotary_dim, ntk)
+    attn = model.blocks[0].attn
+    x_q, x_k = randn(16, seed=40), randn(16, seed=41)
+    head = 1
+    seen = {}
+    attn.hook_attn_scores.add_hook(lambda t, hook: seen.setdefault("scores", t.detach().clone()))
+    for i, j in [(5, 5), (9, 2), (40, 3), (33, 30)]:
+        seen.clear()
+        resid = torch.zeros(1, 41, 16)
+        resid[0, j], resid[0, i] = x_k, x_q
+        attn(resid, resid, resid)  # brute force: the head's real attention logits at two positions
+        expected = float(seen["scores"][0, head, i, j]) * attn.attn_scale
+        q = (x_q @ attn.W_Q[head] + attn.b_Q[head]).detach()[None]
+        k = ((x_q if i == j else x_k) @ attn.W_K[head] + attn.b_K[head]).detach()  # one vector at offset 0
+        got = float(A.rotate_queries(q, [i - j], model.cfg)[0, 0] @ k)
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-4), (i, j)
+    attn.hook_attn_scores.remove_hooks()
+
+
+def test_qk_pairs_over_offsets_match_a_naive_loop():
+    model = _rotary_head(False, 8, False)
+    attn = model.blocks[0].attn
+    Dq, Dk = randn(7, 16, seed=42), randn(5, 16, seed=43)
+    W_Q, W_K = attn.W_Q[0].detach(), attn.W_K[0].detach()
+    offsets = [0, 1, 4, 9]
+    per_offset = np.stack([(A.rotate_queries(Dq @ W_Q, [o], model.cfg)[:, 0] @ (Dk @ W_K).T).numpy()
+                           for o in offsets])  # [n_off, n_q, n_k]
+    for summary, S in (("mean", per_offset.mean(0)),
+                       ("max_abs", np.take_along_axis(per_offset, np.abs(per_offset).argmax(0)[None], 0)[0])):
+        scores, qi, ki = A.qk_pairs(Dq, Dk, W_Q, W_K, top=6, offsets=offsets, cfg=model.cfg, summary=summary,
+                                    chunk_size=3)
+        np.testing.assert_allclose(scores.numpy(), S[qi.numpy(), ki.numpy()], rtol=1e-5, atol=1e-6)
+        assert np.sort(np.abs(S).ravel())[-6:].min() == pytest.approx(np.abs(scores.numpy()).min(), rel=1e-5)
+    # offset 0 is the position-free score; a model without rotary positions keeps that one score
+    plain = A.qk_pairs(Dq, Dk, W_Q, W_K, top=6)
+    zero = A.qk_pairs(Dq, Dk, W_Q, W_K, top=6, offsets=[0], cfg=model.cfg)
+    np.testing.assert_allclose(plain[0].numpy(), zero[0].numpy(), rtol=1e-5)
+    from types import SimpleNamespace
+    learned = A.qk_pairs(Dq, Dk, W_Q, W_K, top=6, offsets=offsets, cfg=SimpleNamespace(
+        positional_embedding_type="standard"))
+    np.testing.assert_allclose(plain[0].numpy(), learned[0].numpy(), rtol=1e-5)
+
+
+def test_decoder_gaussian_null_has_the_decoder_rows_covariance():
+    mixing = randn(6, 6, seed=44)
+    D = randn(400, 6, seed=45) @ mixing + torch.arange(6.0)  # anisotropic rows with an offset
+    draws = A.decoder_gaussian_like(D, 200_000, seed=1).double().numpy()
+    target_cov = np.cov(D.double().numpy().T)
+    np.testing.assert_allclose(np.cov(draws.T), target_cov, atol=0.03 * np.abs(target_cov).max())
+    np.testing.assert_allclose(draws.mean(0), D.double().numpy().mean(0), atol=0.02 * np.abs(target_cov).max())
+    nulls = A.null_directions(D, 50, seed=2)
+    assert set(nulls) == set(A.NULL_KINDS)
+    for null in nulls.values():
+        np.testing.assert_allclose(torch.linalg.vector_norm(null, dim=1).numpy(), 1.0, rtol=1e-5)
+
+
+def test_reads_compare_each_feature_with_a_null_of_its_own_norm():
+    model = tiny_model("RMS", n_kv=2)
+    W_dec = randn(12, 16, seed=46)
+    scaled = W_dec * torch.linspace(0.1, 5.0, 12)[:, None]  # decoder norms that vary, as in Gemma Scope
+    a = A.sae_attention_reads(model, W_dec, 0, "hook_resid_pre", n_null=64, progress=False)
+    b = A.sae_attention_reads(model, scaled, 0, "hook_resid_pre", n_null=64, progress=False)
+    for name in "qkv":
+        for suffix in ("", "_cov"):
+            if suffix == "":  # the isotropic null does not depend on the rows; the fitted one does
+                np.testing.assert_allclose(a[f"{name}_z"], b[f"{name}_z"], rtol=1e-4, atol=1e-4)
+                assert (a[f"{name}_part"] == b[f"{name}_part"]).all()
+            assert f"{name}_z{suffix}" in b and f"{name}_part{suffix}" in b

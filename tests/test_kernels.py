@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import warnings
 
 import numpy as np
@@ -484,3 +485,84 @@ def test_shuffled_rows_permute_each_row_independently():
     assert len(orders) > 1  # not one permutation shared by all rows
     assert torch.equal(P, K.shuffled_rows(D, seed=0))
     assert not torch.equal(P, K.shuffled_rows(D, seed=1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Content tokens (the token filter of chapter 1)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _HandTokenizer:
+    """A hand-built vocabulary with the three kinds of entries: content, byte pieces, special tokens."""
+
+    def __init__(self, pieces, special_ids, added=None):
+        self.pieces, self.all_special_ids = pieces, special_ids
+        self.added_tokens_decoder = added or {}
+
+    def __len__(self):
+        return len(self.pieces)
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.pieces[i] for i in ids]
+
+    def batch_decode(self, rows, clean_up_tokenization_spaces=False):
+        return [self.pieces[r[0]].replace("▁", " ") if not self.pieces[r[0]].startswith("<0x")
+                else "\ufffd" for r in rows]
+
+
+def test_token_categories_on_a_hand_built_vocabulary():
+    from types import SimpleNamespace
+
+    from weightscope.compute.token_scores import content_token_ids, token_categories
+
+    pieces = ["<pad>", "<bos>", "<0x0A>", "<0xFF>", "▁the", "▁cat", "<start_of_turn>", "<unused7>", "ing", "!"]
+    added = {6: SimpleNamespace(special=True), 8: SimpleNamespace(special=False)}
+    tok = _HandTokenizer(pieces, special_ids=[0, 1], added=added)
+    cats = token_categories(tok, d_vocab=12)  # two padding rows of W_U past the tokenizer
+    assert cats == ["special", "special", "byte", "byte", "content", "content", "special", "special", "content",
+                    "content", "special", "special"]
+    assert content_token_ids(cats).tolist() == [4, 5, 8, 9]
+    assert content_token_ids(cats, exclude=("special",)).tolist() == [2, 3, 4, 5, 8, 9]
+    assert content_token_ids(cats, exclude=()).tolist() == list(range(12))
+    with pytest.raises(ValueError, match="unknown token kinds"):
+        content_token_ids(cats, exclude=("bytes",))
+
+
+def test_token_categories_of_gpt2_byte_level_bpe():
+    import json
+
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from weightscope.compute.token_scores import token_categories
+
+    folder = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt2"
+    if not (folder / "vocab.json").exists():
+        pytest.skip(f"no GPT-2 vocabulary at {folder}")
+    vocab = json.loads((folder / "vocab.json").read_text())
+    merges = [tuple(line.split()) for line in (folder / "merges.txt").read_text().splitlines()
+              if line and not line.startswith("#")]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    cats = token_categories(tok, 50257)
+    assert cats[50256] == "special" and cats.count("special") == 1
+    # bytes 0x80..0xFF alone are not UTF-8; their single-byte tokens are "byte", ASCII ones are content
+    assert cats[vocab["¡"]] == "byte" and cats[vocab["a"]] == "content" and cats[vocab["Ġthe"]] == "content"
+    expected_bytes = sum(1 for i in range(50256) if "\ufffd" in tok.decode([i]))
+    assert cats.count("byte") == expected_bytes > 128
+
+
+def test_token_categories_of_the_demo_vocabulary():
+    from weightscope.compute.token_scores import token_categories
+    from weightscope.load.models import stories260k_tokenizer
+
+    try:
+        tok = stories260k_tokenizer()
+    except Exception as err:  # the demo model folder is not here
+        pytest.skip(f"no demo tokenizer: {err}")
+    cats = token_categories(tok, 512)
+    pieces = tok.convert_ids_to_tokens(list(range(512)))
+    assert cats[:3] == ["special"] * 3  # <unk>, <s>, </s>
+    assert cats.count("byte") == sum(1 for p in pieces if p.startswith("<0x") and len(p) == 6) == 256
+    assert cats.count("content") == 512 - 3 - 256

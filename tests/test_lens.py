@@ -62,3 +62,22 @@ def test_analyse_sae_on_a_tiny_model():
     # the top output token of feature 0 is the argmax of its folded scores
     M, _ = lens.output_matrix(model)
     assert feats.loc[0, "dec_top_tokens"][0] == vocab[int((sae.W_dec[0] @ M).argmax())]
+
+
+def test_side_frame_takes_every_statistic_over_the_kept_tokens_only():
+    g = torch.Generator().manual_seed(4)
+    D, M, E = torch.randn(6, 8, generator=g), torch.randn(8, 30, generator=g), torch.randn(30, 8, generator=g)
+    M[:, :10] = 5.0 * M[:, :1]  # ten near-identical tokens (like byte pieces), which would dominate the top
+    keep = torch.arange(10, 30)
+    vocab = [f"t{i}" for i in range(30)]
+    cfg = lens.LensConfig(k=3, m_coherence=3)
+    df = lens.side_frame(D, M, E, vocab, cfg, prefix="dec", keep=keep, progress=False)
+    S = (D @ M)[:, keep].double().numpy()
+    for row, s in zip(df.itertuples(), S):
+        assert set(row.dec_top_ids) == set((keep[np.argsort(-s)[:3]]).tolist())
+        assert min(row.dec_bottom_ids) >= 10
+        c = s - s.mean()
+        assert row.dec_kurtosis == pytest.approx((c**4).mean() / (c**2).mean() ** 2 - 3, rel=1e-4)
+        assert row.dec_top_tokens == [vocab[i] for i in row.dec_top_ids]
+    full = lens.side_frame(D, M, E, vocab, cfg, prefix="dec", progress=False)
+    assert not np.allclose(full["dec_kurtosis"], df["dec_kurtosis"])

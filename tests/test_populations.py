@@ -306,3 +306,55 @@ def test_holm():
         p = rng.uniform(0, 0.2, rng.integers(1, 12))
         p[rng.uniform(size=len(p)) < 0.2] = np.nan
         np.testing.assert_allclose(P.holm(p), naive_holm(p), equal_nan=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Within-layer effects and the layer-stratified test
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _stratified_statistic(values, is_a, strata):
+    """T of van Elteren's test computed the slow way: every pair, inside every stratum."""
+    T = 0.0
+    for s in np.unique(strata):
+        x, y = values[(strata == s) & is_a], values[(strata == s) & ~is_a]
+        if len(x) and len(y):
+            u = sum((xi > yi) + 0.5 * (xi == yi) for xi in x for yi in y)
+            T += (u - len(x) * len(y) / 2) / (len(x) + len(y) + 1)
+    return T
+
+
+def test_stratified_rank_test_against_a_brute_force_permutation():
+    rng = np.random.default_rng(5)
+    strata = np.repeat([0, 1, 2], [30, 24, 18])
+    is_a = rng.random(len(strata)) < 0.4
+    values = np.round(rng.normal(size=len(strata)) + 0.35 * is_a + strata, 1)  # ties on purpose
+    result = P.stratified_rank_test(values, is_a, strata)
+    observed = _stratified_statistic(values, is_a, strata)
+    assert result["statistic"] == pytest.approx(observed)
+    perm = []
+    for _ in range(1500):  # permute the labels inside each stratum only
+        shuffled = is_a.copy()
+        for s in np.unique(strata):
+            shuffled[strata == s] = rng.permutation(is_a[strata == s])
+        perm.append(_stratified_statistic(values, shuffled, strata))
+    p_perm = float(np.mean(np.abs(perm) >= abs(observed) - 1e-12))
+    assert result["p_value"] == pytest.approx(p_perm, abs=0.03)
+    assert result["n_strata"] == 3 and -1 <= result["cliffs_delta"] <= 1
+
+
+def test_stratified_test_is_not_fooled_by_a_layer_confound():
+    rng = np.random.default_rng(6)
+    strata = np.repeat([0, 1], 400)
+    is_a = np.where(strata == 0, rng.random(800) < 0.8, rng.random(800) < 0.2)  # a sits mostly in layer 0
+    values = rng.normal(size=800) + 2.0 * (strata == 0)  # layer 0 reads more; no effect of the label
+    from scipy.stats import mannwhitneyu
+
+    assert mannwhitneyu(values[is_a], values[~is_a]).pvalue < 1e-10  # the pooled comparison "finds" a difference
+    strat = P.stratified_rank_test(values, is_a, strata)
+    assert strat["p_value"] > 0.01 and abs(strat["cliffs_delta"]) < 0.15
+    effects = P.within_layer_effects(
+        pd.DataFrame({"layer": strata, "label": np.where(is_a, "semantic", "non-semantic"), "v": values}),
+        "v", "label")
+    assert effects["layer"].tolist() == [0, 1] and effects["cliffs_delta"].abs().max() < 0.2
+    assert (effects["n_a"] + effects["n_b"]).tolist() == [400, 400]

@@ -10,7 +10,11 @@ pre-attention norm (weight g = `blocks[l].ln1.w`, plus centring for LayerNorm) a
 with d~ = fold_pre_attention_norm(d, g). Norms are position-free: rotary embeddings rotate q and k
 orthogonally, which keeps their norms. Biases are left out (a read is the direction's linear contribution),
 and so is the norm's division by the residual's RMS, which scales every direction at a layer alike: compare
-reads against a null of random directions of equal norms (`null_zscores`), not across layers in raw units.
+reads per unit norm against nulls (`null_directions`: isotropic, and the Gaussian fitted to the decoder rows;
+`null_zscores`), not across layers in raw units.
+
+The query-key score of two features does depend on position: `rotate_queries` applies the model's rotary
+rotation for an offset (settings read from its cfg), and `qk_pairs` ranks pairs by a summary over offsets.
 
 `head_reads` streams over chunks of features like `token_scores.token_score_stats` (chunk size from free memory,
 halved on out-of-memory); `qk_pairs` streams the bilinear query-key scores of one head keeping a running top;
@@ -19,6 +23,7 @@ halved on out-of-memory); `qk_pairs` streams the bilinear query-key scores of on
 
 from __future__ import annotations
 
+import math
 import re
 from typing import TYPE_CHECKING, Sequence
 
@@ -28,20 +33,24 @@ from torch import Tensor
 
 from weightscope.compute.folding import fold_pre_attention_norm
 from weightscope.compute.streaming import auto_chunk_size, check_chunk_size, progress_bar, stream
-from weightscope.compute.token_scores import random_directions_like
 
 if TYPE_CHECKING:  # pandas is only needed by the table builders
     import pandas as pd
 
 __all__ = [
+    "NULL_KINDS",
     "READ_NAMES",
+    "decoder_gaussian_like",
     "first_reading_layer",
-    
     "head_reads",
     "kv_head_index",
+    "null_directions",
     "null_zscores",
     "qk_pairs",
     "reads_summary",
+    "rotary_inverse_frequencies",
+    "rotate_queries",
+    "summarise_offsets",
     "sae_attention_reads",
 ]
 
@@ -205,7 +214,7 @@ def null_zscores(reads: Tensor, null_reads: Tensor, *, q: float = 0.99) -> tuple
     """Per-head z-scores of reads against a null, and whether each read beats the null's q-quantile.
 
     reads: [n, n_heads]; null_reads: [n_null, n_heads] (n_null >= 2), e.g. `head_reads` of
-    `random_directions_like(D, seed=...)` folded the same way. Per head (column):
+    `null_directions(D, n, seed=...)` folded the same way. Per head (column):
     z = (read - mean_null) / std_null (sample std, ddof=1), exceeds = read > quantile_q(null) (linear
     interpolation, numpy's default). Under the null, a fraction of about 1 - q of directions exceeds.
     Returns z [n, n_heads] fp32 and exceeds [n, n_heads] bool, on reads' device.
@@ -234,11 +243,94 @@ def _quantile(X: Tensor, q: float) -> Tensor:
     return S[lo] + (pos - lo) * (S[hi] - S[lo])
 
 
-def _null_rows(D: Tensor, n_null: int, *, seed: int) -> Tensor:
-    """n_null Gaussian directions with the norms of n_null rows of D drawn at random (seeded): [n_null, d]."""
-    generator = torch.Generator().manual_seed(seed)
-    rows = torch.randint(D.shape[0], (n_null,), generator=generator)
-    return random_directions_like(D[rows.to(D.device)], seed=seed)
+NULL_KINDS = {"": "isotropic", "_cov": "decoder covariance"}  # column suffix -> null kind
+
+
+def decoder_gaussian_like(D: Tensor, n: int, *, seed: int) -> Tensor:
+    """n draws of the Gaussian fitted to the rows of D [n_rows, d]: mean and covariance of D's rows. [n, d].
+
+    The "decoder-covariance" null: directions that look like the SAE's decoder rows taken together (their
+    common offset and their anisotropy) without being any feature. Drawn through the eigendecomposition of the
+    covariance (fp64, negative round-off eigenvalues clipped to 0), so a rank-deficient covariance is fine.
+    Deterministic for a seed (drawn on CPU); returned in D's dtype and on D's device.
+    """
+    if D.ndim != 2 or D.shape[0] < 2:
+        raise ValueError(f"decoder_gaussian_like needs D [n_rows >= 2, d]; got shape {tuple(D.shape)}.")
+    X = D.detach().to(device="cpu", dtype=torch.float64)
+    mean = X.mean(0)
+    cov = torch.cov(X.T).reshape(X.shape[1], X.shape[1])  # [d, d], ddof = 1
+    eigenvalues, V = torch.linalg.eigh(cov)
+    G = torch.randn(n, X.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (mean + (G * eigenvalues.clamp(min=0).sqrt()) @ V.T).to(device=D.device, dtype=D.dtype)
+
+
+def null_directions(D: Tensor, n_null: int, *, seed: int) -> dict[str, Tensor]:
+    """Unit-norm null directions for the reads of D's rows, by column suffix of `NULL_KINDS`: [n_null, d] each.
+
+    "": isotropic Gaussian directions (answers: does a head read this feature more than a random direction?);
+    "_cov": draws of the Gaussian fitted to D's rows (`decoder_gaussian_like`; answers: more than a typical
+    direction of this SAE's decoder?). Both are unit norm: reads are linear in the direction, so dividing each
+    feature's read by its own norm compares it with a null of exactly its norm.
+    """
+    iso = torch.randn(n_null, D.shape[1], generator=torch.Generator().manual_seed(seed))
+    cov = decoder_gaussian_like(D.float(), n_null, seed=seed + 1).cpu()
+    unit = {"": iso, "_cov": cov}
+    return {k: torch.nn.functional.normalize(v, dim=1).to(device=D.device, dtype=D.dtype) for k, v in unit.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rotary positions: the query-key score as a function of the offset between the two positions
+# ----------------------------------------------------------------------------------------------------------
+
+
+def rotary_inverse_frequencies(cfg) -> Tensor | None:
+    """[rotary_dim // 2] fp64 angles per position, one per rotary plane, or None without rotary positions.
+
+    Reads `positional_embedding_type`, `rotary_dim`, `rotary_base`, `use_NTK_by_parts_rope` and the
+    `NTK_by_parts_*` / `NTK_original_ctx_len` fields (Llama-3.1's scaling), as TransformerLens computes them.
+    """
+    if getattr(cfg, "positional_embedding_type", None) != "rotary":
+        return None
+    if getattr(cfg, "use_yarn_rope", False) or getattr(cfg, "use_dynamic_ntk_rope", False):
+        raise NotImplementedError("YaRN and dynamic-NTK rotary scaling are not supported by the QK-pair score.")
+    rd, base = int(cfg.rotary_dim), float(cfg.rotary_base)
+    inv = 1.0 / base ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd)
+    if getattr(cfg, "use_NTK_by_parts_rope", False):
+        factor, low, high = cfg.NTK_by_parts_factor, cfg.NTK_by_parts_low_freq_factor, cfg.NTK_by_parts_high_freq_factor
+        old = cfg.NTK_original_ctx_len
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - low) / (high - low)  # 0 at the low-frequency edge, 1 at the high one
+        scaled = torch.where(wavelen > old / low, inv / factor, inv)
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        return torch.where(medium, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    return inv / float(getattr(cfg, "rotary_scaling_factor", 1.0) or 1.0)  # linear scaling (1: none)
+
+
+def rotate_queries(Q: Tensor, offsets: Sequence[int], cfg) -> Tensor:
+    """Q [n, d_head] rotated by each offset: [n, n_offsets, d_head], so that rot(q, i - j) . k is the score.
+
+    For a query at position i and a key at position j, rotary gives (R_i q) . (R_j k) = (R_{i-j} q) . k: the
+    score depends on the offset i - j only. The first `rotary_dim` dimensions are rotated, in planes of
+    adjacent pairs (2p, 2p+1) when `rotary_adjacent_pairs`, else of halves (p, p + rotary_dim / 2); the rest
+    pass through. Without rotary positions every offset gives Q itself.
+    """
+    offsets = torch.as_tensor(list(offsets), dtype=torch.float64)
+    inv = rotary_inverse_frequencies(cfg)
+    out = Q[:, None, :].expand(-1, len(offsets), -1).clone()
+    if inv is None:
+        return out
+    rd = int(cfg.rotary_dim)
+    angles = (offsets[:, None] * inv[None, :])  # [n_offsets, rd / 2]
+    cos, sin = (f(angles).to(device=Q.device, dtype=Q.dtype) for f in (torch.cos, torch.sin))
+    if getattr(cfg, "rotary_adjacent_pairs", False):
+        a, b = Q[:, 0:rd:2], Q[:, 1:rd:2]
+        out[:, :, 0:rd:2] = a[:, None] * cos - b[:, None] * sin
+        out[:, :, 1:rd:2] = b[:, None] * cos + a[:, None] * sin
+    else:
+        a, b = Q[:, : rd // 2], Q[:, rd // 2 : rd]
+        out[:, :, : rd // 2] = a[:, None] * cos - b[:, None] * sin
+        out[:, :, rd // 2 : rd] = b[:, None] * cos + a[:, None] * sin
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -255,6 +347,9 @@ def qk_pairs(
     *,
     top: int = 20,
     sign: str = "abs",
+    offsets: Sequence[int] | None = None,
+    cfg=None,
+    summary: str = "mean",
     chunk_size: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
@@ -268,12 +363,15 @@ def qk_pairs(
         kv head `kv_head_index(n_heads, n_kv)[h]`, or TransformerLens's expanded attn.W_K[h]).
     sign: "abs" ranks by |s| (scores keep their sign), "pos" by s (the pairs h attends to most), "neg" by -s
         (the pairs it avoids most).
+    offsets, cfg, summary: with rotary positions the score depends on the offset i - j between the query's
+        position i and the key's j: s_ij(o) = rot(Dq_i W_Q_h, o) . (Dk_j W_K_h) (`rotate_queries`, settings from
+        the model's `cfg`). Pairs are then ranked by a summary over the given offsets: "mean" (the average
+        logit over the range) or "max_abs" (the offset's score of largest magnitude, sign kept). None (or a
+        model without rotary positions): the one position-free score, offset 0.
     chunk_size, device, dtype, progress: as in `head_reads`, over query features.
 
-    s is the attention logit's weight part before its division by `cfg.attn_scale` (and any soft-capping),
-    and it is position-free: rotary embeddings rotate q and k by their positions before the dot product, so s
-    is the logit for a key at the query's own position (relative offset 0); at other offsets the logit mixes
-    the rotary planes. Biases are left out.
+    s is the attention logit's weight part before its division by `cfg.attn_scale` (and any soft-capping).
+    Biases are left out.
     Returns (scores [t] fp32, q_idx [t] int64, k_idx [t] int64) on CPU, best first, t = min(top, n_q * n_k);
     which of several tied pairs is kept is unspecified. Only one [chunk, n_k] block of scores exists at a
     time (plus the key side's projection Dk W_K_h [n_k, d_head]).
@@ -291,6 +389,10 @@ def qk_pairs(
         raise ValueError(f"sign must be 'abs', 'pos' or 'neg'; got {sign!r}.")
     if top < 1:
         raise ValueError(f"top must be a positive number of pairs; got {top}.")
+    if summary not in ("mean", "max_abs"):
+        raise ValueError(f"summary must be 'mean' or 'max_abs'; got {summary!r}.")
+    if offsets is not None and (cfg is None or len(list(offsets)) == 0):
+        raise ValueError("pass the model's cfg and at least one offset to score pairs over rotary offsets.")
     check_chunk_size(chunk_size)
     device = torch.device(device) if device is not None else W_Q_h.device
     dtype = dtype or torch.promote_types(Dq.dtype, W_Q_h.dtype)
@@ -298,11 +400,16 @@ def qk_pairs(
     W_Q_h, W_K_h = (W.detach().to(device=device, dtype=dtype) for W in (W_Q_h, W_K_h))
     Kp = Dk.detach().to(device=device, dtype=dtype) @ W_K_h  # [n_k, d_head], computed once
     n_q, n_k = Dq.shape[0], Dk.shape[0]
+    rotary = offsets is not None and rotary_inverse_frequencies(cfg) is not None
+    offsets = list(offsets) if rotary else [0]
     if chunk_size is None:
-        chunk_size = auto_chunk_size(n_k + W_Q_h.shape[1], dtype, device)
+        chunk_size = auto_chunk_size(len(offsets) * (n_k + W_Q_h.shape[1]), dtype, device)
 
     def compute(start: int, rows: int) -> Tensor:
-        return _qk_chunk(Dq[start : start + rows].to(device=device, dtype=dtype), W_Q_h, Kp)
+        chunk = Dq[start : start + rows].to(device=device, dtype=dtype)
+        if not rotary:
+            return _qk_chunk(chunk, W_Q_h, Kp)
+        return summarise_offsets(rotate_queries(chunk @ W_Q_h, offsets, cfg) @ Kp.T, summary)  # [c, n_off, n_k] -> [c, n_k]
 
     empty = torch.empty(0, device=device)
     best = (empty, empty, torch.empty(0, dtype=torch.long, device=device))  # (rank keys, scores, flat ids)
@@ -319,6 +426,14 @@ def qk_pairs(
 def _qk_chunk(Dq_chunk: Tensor, W_Q_h: Tensor, Kp: Tensor) -> Tensor:
     """Scores of one chunk of query features against all key features: [c, n_k] fp32."""
     return ((Dq_chunk @ W_Q_h) @ Kp.T).float()
+
+
+def summarise_offsets(S: Tensor, summary: str) -> Tensor:
+    """S [c, n_offsets, n_k] -> [c, n_k] fp32: the mean over offsets, or the score of largest magnitude."""
+    S = S.float()
+    if summary == "mean":
+        return S.mean(1)
+    return S.gather(1, S.abs().argmax(1, keepdim=True)).squeeze(1)
 
 
 def _merge_top(best, S: Tensor, start: int, n_k: int, top: int, sign: str):
@@ -363,13 +478,16 @@ def sae_attention_reads(
     from the first one to the last).
     Per reading layer l', the directions are folded with `blocks[l'].ln1` (its stored weight; centred for LN
     models) and read with `blocks[l'].attn` weights (for GQA the raw `_W_K`/`_W_V`, so `kv_head` is exact).
-    The null is `n_null` Gaussian directions with the norms of randomly drawn decoder rows (one set for all
-    layers, folded per layer); `*_z` and `*_part` come from `null_zscores` with level q, per layer and head.
+    Two nulls of `n_null` unit directions each (`null_directions`: isotropic, and the Gaussian fitted to
+    W_dec's rows; one set for all layers, folded per layer). Each feature's read is divided by its norm before
+    it is compared (reads are linear in the direction), which matches the null's norm to every feature's even
+    when decoder norms vary. `*_z` and `*_part` come from `null_zscores` with level q, per layer and head.
     Gemma-2's post-attention norm (ln1_post) is not folded into v.
 
     Returns a long DataFrame, one row per (feature, read_layer, head), ordered by read_layer, feature, head:
-    feature (int32), layer, read_layer, head, kv_head, distance = read_layer - layer (int16), q, k, v, q_z,
-    k_z, v_z (float32), q_part, k_part, v_part (bool: the read exceeds the null's q-quantile).
+    feature (int32), layer, read_layer, head, kv_head, distance = read_layer - layer (int16), q, k, v (raw
+    reads), q_z, k_z, v_z (float32), q_part, k_part, v_part (bool: the read per unit norm exceeds the
+    isotropic null's q-quantile), and the same six with suffix `_cov` against the decoder-covariance null.
     """
     n_layers = model.cfg.n_layers
     first = first_reading_layer(sae_layer, hook)
@@ -382,8 +500,9 @@ def sae_attention_reads(
     feature_ids = np.arange(D.shape[0]) if feature_ids is None else torch.as_tensor(feature_ids).cpu().numpy()
     if len(feature_ids) != D.shape[0]:
         raise ValueError(f"feature_ids has {len(feature_ids)} entries for {D.shape[0]} rows of W_dec.")
-    null = _null_rows(D, n_null, seed=seed)
-    rows = torch.cat([D, null])  # features and null rows go through one call a layer: one set-up (QR of W_O)
+    nulls = null_directions(D, n_null, seed=seed)
+    norms = torch.linalg.vector_norm(D.float(), dim=1).cpu()  # reads per unit norm: the null's norm is each feature's
+    rows = torch.cat([D, *nulls.values()])  # one call a layer for features and nulls: one set-up (QR of W_O)
     options = dict(chunk_size=chunk_size, dtype=dtype, device=device, progress=False)
 
     parts = []
@@ -392,8 +511,9 @@ def sae_attention_reads(
         for layer in layers:
             both = head_reads(read_by_layer(model, rows, layer), *layer_weights(model, layer), **options)
             reads = {name: value[: len(D)] for name, value in both.items()}
-            null_reads = {name: value[len(D) :] for name, value in both.items()}
-            parts.append(_layer_frame(reads, null_reads, q, feature_ids, sae_layer, layer))
+            null_reads = {suffix: {name: value[len(D) + i * n_null : len(D) + (i + 1) * n_null]
+                                   for name, value in both.items()} for i, suffix in enumerate(nulls)}
+            parts.append(_layer_frame(reads, null_reads, norms, q, feature_ids, sae_layer, layer))
             bar.update(D.shape[0])
     finally:
         bar.close()
@@ -415,8 +535,11 @@ def layer_weights(model, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return attn.W_Q.detach(), W_K.detach(), W_V.detach(), attn.W_O.detach()
 
 
-def _layer_frame(reads, null_reads, q, feature_ids, sae_layer, read_layer) -> dict[str, np.ndarray]:
-    """Columns of one reading layer's rows, feature-major ([n, n_heads] arrays flattened row by row)."""
+def _layer_frame(reads, null_reads, norms, q, feature_ids, sae_layer, read_layer) -> dict[str, np.ndarray]:
+    """Columns of one reading layer's rows, feature-major ([n, n_heads] arrays flattened row by row).
+
+    null_reads: {column suffix: reads of that kind's unit-norm null}; norms: [n] the features' norms.
+    """
     n, n_heads = reads["q"].shape
     kv = kv_head_index(n_heads, reads["k_kv"].shape[1]).numpy()
     cols = {
@@ -428,19 +551,19 @@ def _layer_frame(reads, null_reads, q, feature_ids, sae_layer, read_layer) -> di
         "distance": np.full(n * n_heads, read_layer - sae_layer, dtype=np.int16),
     }
     cols.update({name: reads[name].numpy().ravel() for name in READ_NAMES})
-    flags = {}
-    for name in READ_NAMES:
-        z, exceeds = null_zscores(reads[name], null_reads[name], q=q)
-        cols[f"{name}_z"] = z.numpy().ravel()
-        flags[f"{name}_part"] = exceeds.numpy().ravel()
-    cols.update(flags)
+    for suffix, null in null_reads.items():
+        for name in READ_NAMES:
+            z, exceeds = null_zscores(reads[name] / norms[:, None], null[name], q=q)  # 0-norm rows: NaN, False
+            cols[f"{name}_z{suffix}"] = z.numpy().ravel()
+            cols[f"{name}_part{suffix}"] = exceeds.numpy().ravel()
     return cols
 
 
 _COLUMN_DTYPES = {
     "feature": np.int32, **dict.fromkeys(("layer", "read_layer", "head", "kv_head", "distance"), np.int16),
-    **dict.fromkeys(("q", "k", "v", "q_z", "k_z", "v_z"), np.float32),
-    **dict.fromkeys(("q_part", "k_part", "v_part"), np.bool_),
+    **dict.fromkeys(("q", "k", "v"), np.float32),
+    **{f"{n}_z{s}": np.float32 for s in NULL_KINDS for n in READ_NAMES},
+    **{f"{n}_part{s}": np.bool_ for s in NULL_KINDS for n in READ_NAMES},
 }
 
 
@@ -460,12 +583,14 @@ def reads_summary(df: "pd.DataFrame") -> "pd.DataFrame":
     """Participation per (layer, read_layer, head) of a `sae_attention_reads` table.
 
     Columns: layer, read_layer, head, kv_head, distance, n_features, q_frac, k_frac, v_frac (fraction of
-    features whose read exceeds the null quantile: about 1 - q by chance), any_frac (any of the three), and
-    the medians q_z_median, k_z_median, v_z_median.
+    features whose read exceeds the isotropic null's quantile: about 1 - q by chance), any_frac (any of the
+    three), the medians q_z_median, k_z_median, v_z_median, and q_frac_cov, k_frac_cov, v_frac_cov (against
+    the decoder-covariance null) when the table has them.
     """
     keys = ["layer", "read_layer", "head"]
     grouped = df.assign(any_part=df["q_part"] | df["k_part"] | df["v_part"]).groupby(keys, sort=True)
-    out = grouped.agg(
+    cov = {f"{n}_frac_cov": (f"{n}_part_cov", "mean") for n in READ_NAMES if f"{n}_part_cov" in df}
+    out = grouped.agg(**cov,
         kv_head=("kv_head", "first"),
         distance=("distance", "first"),
         n_features=("feature", "size"),

@@ -12,6 +12,7 @@ tautology). Introduced in chapter 1 (`notebooks/01_output_tokens.md`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,10 +22,12 @@ from torch import Tensor
 
 from weightscope.compute.folding import fold_final_norm
 from weightscope.compute.token_scores import (
+    content_token_ids,
     mean_pairwise_cosine,
     mean_pairwise_string_similarity,
     random_directions_like,
     shuffled_rows,
+    token_categories,
     token_score_stats,
 )
 
@@ -75,15 +78,27 @@ class LensConfig:
     concentration_stat: str = "kurtosis"  # kurtosis | top_z | neg_entropy: how peaked the distribution is
     q_concentration: float = 0.95  # concentrated: stat above this quantile of the null directions
     q_coherence: float = 0.95  # coherent: string similarity or embedding cosine above this null quantile
+    exclude_tokens: tuple[str, ...] = ("byte", "special")  # token kinds left out of every score distribution
+
+
+def content_ids(model, exclude=("byte", "special")) -> Tensor:
+    """int64 ids of the tokens the statistics are computed over: all but the `exclude` kinds (`token_categories`)."""
+    return content_token_ids(token_categories(model.tokenizer, model.cfg.d_vocab), exclude)
 
 
 def side_frame(D: Tensor, M: Tensor, E: Tensor, vocab: list[str], cfg: LensConfig, *, prefix: str,
-               feature_ids=None, progress: bool = True, dtype=None) -> pd.DataFrame:
+               keep: Tensor | None = None, feature_ids=None, progress: bool = True, dtype=None) -> pd.DataFrame:
     """Statistics and top tokens of rows D [n, d_model] against M [d_model, d_vocab], columns `<prefix>_*`.
 
     E: [d_vocab, d_model] embeddings used for the cosine coherence of the top tokens.
+    keep: [n_keep] token ids the distribution is taken over (`content_ids`); None: every token. Top and bottom
+    ids are reported in the full vocabulary's numbering.
     """
+    if keep is not None:
+        M = M[:, keep.to(M.device)]
     stats = token_score_stats(D, M, k=cfg.k, progress=progress, dtype=dtype)
+    if keep is not None:
+        stats = dataclasses.replace(stats, top_ids=keep[stats.top_ids], bottom_ids=keep[stats.bottom_ids])
     df = stats.to_frame(feature_ids)
     m = min(cfg.m_coherence, cfg.k)
     top = stats.top_ids[:, :m]
@@ -114,27 +129,28 @@ def thresholds(null: pd.DataFrame, cfg: LensConfig, prefix: str) -> dict[str, fl
 
 
 def apply_rule(df: pd.DataFrame, thr: dict[str, float], cfg: LensConfig, prefix: str) -> pd.DataFrame:
-    """Add `<prefix>_concentrated`, `<prefix>_coherent` and `<prefix>_predicts` (both) columns."""
+    """Add `<prefix>_concentrated`, `<prefix>_string_coherent`, `<prefix>_emb_coherent`, `<prefix>_coherent`
+    (either) and `<prefix>_predicts` (concentrated and coherent) columns."""
     out = df.copy()
     out[f"{prefix}_concentrated"] = out[f"{prefix}_{cfg.concentration_stat}"] > thr["concentration"]
-    out[f"{prefix}_coherent"] = (out[f"{prefix}_string_sim"] > thr["string_sim"]) | (
-        out[f"{prefix}_emb_cos"] > thr["emb_cos"]
-    )
+    out[f"{prefix}_string_coherent"] = out[f"{prefix}_string_sim"] > thr["string_sim"]
+    out[f"{prefix}_emb_coherent"] = out[f"{prefix}_emb_cos"] > thr["emb_cos"]
+    out[f"{prefix}_coherent"] = out[f"{prefix}_string_coherent"] | out[f"{prefix}_emb_coherent"]
     out[f"{prefix}_predicts"] = out[f"{prefix}_concentrated"] & out[f"{prefix}_coherent"]
     return out
 
 
 def sae_sides(W_enc: Tensor, W_dec: Tensor, model, cfg: LensConfig, *, vocab: list[str], dtype=None,
-              progress: bool = True) -> pd.DataFrame:
+              keep: Tensor | None = None, progress: bool = True) -> pd.DataFrame:
     """Both sides for one SAE: one row per feature, `dec_*` and `enc_*` columns.
 
-    W_enc: [d_model, d_sae]; W_dec: [d_sae, d_model].
+    W_enc: [d_model, d_sae]; W_dec: [d_sae, d_model]; keep: the content token ids (see `side_frame`).
     """
     M_out, _ = output_matrix(model)
     M_in = input_matrix(model)
     E = model.W_E.detach()
-    dec = side_frame(W_dec, M_out, E, vocab, cfg, prefix="dec", progress=progress, dtype=dtype)
-    enc = side_frame(W_enc.T, M_in, E, vocab, cfg, prefix="enc", progress=progress, dtype=dtype)
+    dec = side_frame(W_dec, M_out, E, vocab, cfg, prefix="dec", keep=keep, progress=progress, dtype=dtype)
+    enc = side_frame(W_enc.T, M_in, E, vocab, cfg, prefix="enc", keep=keep, progress=progress, dtype=dtype)
     return dec.merge(enc, on="feature")
 
 
@@ -162,21 +178,22 @@ def neuronpedia_url(template: str | None, layer: int, feature: int) -> str | Non
 
 
 def analyse_sae(sae, model, cfg: LensConfig, *, vocab: list[str], n_null: int, max_features: int = 0,
-                seed: int = 0, dtype=None) -> dict[str, pd.DataFrame]:
+                seed: int = 0, dtype=None, keep: Tensor | None = None) -> dict[str, pd.DataFrame]:
     """Chapter 1 for one SAE: both sides of its features, three null samples, and the rule's verdicts.
 
+    keep: the content token ids every distribution is taken over (`content_ids`; None: all tokens).
     Null roles: `thr` (random directions whose quantiles set the thresholds), `random` and `shuffled` (fresh
     samples scored by the same rule: the chance rate). Returns {"features": one row per feature,
     "nulls": one row per null direction of the `random` and `shuffled` samples}, both with a `layer` column.
     """
     n = sae.d_sae if max_features <= 0 else min(max_features, sae.d_sae)
-    feats = sae_sides(sae.W_enc[:, :n], sae.W_dec[:n], model, cfg, vocab=vocab, dtype=dtype)
+    feats = sae_sides(sae.W_enc[:, :n], sae.W_dec[:n], model, cfg, vocab=vocab, dtype=dtype, keep=keep)
     nulls = {}
     rows = torch.arange(n_null) % sae.d_sae  # n_null null rows, cycling over the SAE's rows for their norms
     for role, kind, offset in (("thr", "random", 1), ("random", "random", 2), ("shuffled", "shuffled", 3)):
         dec = null_directions(sae.W_dec[rows], kind, seed=seed + offset)
         enc = null_directions(sae.W_enc.T[rows], kind, seed=seed + 10 + offset)
-        nulls[role] = sae_sides(enc.T, dec, model, cfg, vocab=vocab, dtype=dtype, progress=False)
+        nulls[role] = sae_sides(enc.T, dec, model, cfg, vocab=vocab, dtype=dtype, keep=keep, progress=False)
     for side in SIDES:
         thr = thresholds(nulls["thr"], cfg, side)
         feats = apply_rule(feats, thr, cfg, side)

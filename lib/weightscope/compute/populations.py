@@ -499,3 +499,81 @@ def compare_populations(df: pd.DataFrame, value_cols, label_col: str, a: str = "
     out = pd.DataFrame(rows)
     out["p_holm"] = holm(out["p_value"]) if len(out) else []
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Within-layer comparisons: layer is a confounder (label shares and reads both change with depth)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _u_and_variance(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Mann-Whitney U (pairs x > y, ties count 1/2) and its variance under no difference, tie-corrected."""
+    from scipy.stats import rankdata
+
+    n_x, n_y = len(x), len(y)
+    both = np.concatenate([x, y])
+    ranks = rankdata(both)
+    u = float(ranks[:n_x].sum() - n_x * (n_x + 1) / 2)
+    n = n_x + n_y
+    _, ties = np.unique(both, return_counts=True)
+    tie_term = float((ties**3 - ties).sum()) / (n * (n - 1)) if n > 1 else 0.0
+    return u, n_x * n_y / 12.0 * ((n + 1) - tie_term)
+
+
+def stratified_rank_test(values, is_a, strata) -> dict[str, float]:
+    """van Elteren's stratified rank test of population a against b, and its weighted Cliff's delta.
+
+    values: [n] floats; is_a: [n] bool (True: population a, False: b); strata: [n] stratum of each row (the
+    layer). Within each stratum l with n_a, n_b >= 1 and N = n_a + n_b: U_l (pairs a > b), E_l = n_a n_b / 2
+    and the tie-corrected variance V_l; weights w_l = 1 / (N + 1) (van Elteren). T = sum w_l (U_l - E_l),
+    z = T / sqrt(sum w_l^2 V_l), two-sided normal p. Only comparisons inside a stratum enter, so a difference
+    between strata (e.g. semantic features sitting in layers read more) cannot make it significant.
+    Returns {"statistic": T, "z", "p_value", "cliffs_delta": sum w_l (2 U_l - n_a n_b) / sum w_l n_a n_b,
+    "n_strata": strata with both populations}. NaN values are left out.
+    """
+    from scipy.stats import norm
+
+    values, is_a, strata = np.asarray(values, dtype=float), np.asarray(is_a, dtype=bool), np.asarray(strata)
+    keep = ~np.isnan(values)
+    T = var = num = den = 0.0
+    used = 0
+    for s in np.unique(strata[keep]):
+        rows = keep & (strata == s)
+        x, y = values[rows & is_a], values[rows & ~is_a]
+        if len(x) == 0 or len(y) == 0:
+            continue
+        u, v = _u_and_variance(x, y)
+        w = 1.0 / (len(x) + len(y) + 1)
+        T += w * (u - len(x) * len(y) / 2)
+        var += w * w * v
+        num += w * (2 * u - len(x) * len(y))
+        den += w * len(x) * len(y)
+        used += 1
+    if used == 0 or var <= 0:
+        return {"statistic": math.nan, "z": math.nan, "p_value": math.nan, "cliffs_delta": math.nan,
+                "n_strata": used}
+    z = T / math.sqrt(var)
+    return {"statistic": T, "z": z, "p_value": float(2 * norm.sf(abs(z))), "cliffs_delta": num / den,
+            "n_strata": used}
+
+
+def within_layer_effects(df: pd.DataFrame, value_cols, label_col: str, a: str = "semantic",
+                         b: str = "non-semantic", *, by: str = "layer") -> pd.DataFrame:
+    """Per stratum (layer) and value column: n_a, n_b, mean_a, mean_b and Cliff's delta of a against b.
+
+    Strata where either population has no value give NaN effects (kept, so the reader sees them).
+    """
+    value_cols = [value_cols] if isinstance(value_cols, str) else list(value_cols)
+    _require(df, [by, label_col, *value_cols])
+    rows = []
+    for stratum, group in df.groupby(by, sort=True):
+        for col in value_cols:
+            x, y = _values(group.loc[group[label_col] == a, col]), _values(group.loc[group[label_col] == b, col])
+            delta = math.nan
+            if len(x) and len(y):
+                u, _ = _u_and_variance(x, y)
+                delta = (2 * u - len(x) * len(y)) / (len(x) * len(y))
+            rows.append({by: stratum, "column": col, "n_a": len(x), "n_b": len(y),
+                         "mean_a": float(x.mean()) if len(x) else math.nan,
+                         "mean_b": float(y.mean()) if len(y) else math.nan, "cliffs_delta": delta})
+    return pd.DataFrame(rows, columns=[by, "column", "n_a", "n_b", "mean_a", "mean_b", "cliffs_delta"])

@@ -14,6 +14,7 @@ tokens are (string similarity, embedding cosine) and build null baselines (rando
 from __future__ import annotations
 
 import itertools
+import re
 import math
 import warnings
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ if TYPE_CHECKING:  # pandas is only needed by `stats_frame`
 
 __all__ = [
     "STAT_NAMES",
+    "TOKEN_KINDS_EXCLUDABLE",
     "TokenScoreStats",
+    "content_token_ids",
     "mean_pairwise_cosine",
     "mean_pairwise_string_similarity",
     "normalize_token",
@@ -39,6 +42,7 @@ __all__ = [
     "random_directions_like",
     "shuffled_rows",
     "stats_frame",
+    "token_categories",
     "token_score_stats",
 ]
 
@@ -471,3 +475,51 @@ def shuffled_rows(D: Tensor, *, seed: int) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
     perm = torch.rand(D.shape, generator=generator).argsort(dim=1)  # an independent permutation per row
     return D.gather(1, perm.to(D.device))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Content tokens: which vocabulary entries the statistics and coherence tests are computed over
+# ----------------------------------------------------------------------------------------------------------
+
+TOKEN_KINDS_EXCLUDABLE = ("byte", "special")
+_BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+_RESERVED = re.compile(r"^<unused\d+>$")  # Gemma's reserved slots, not always flagged special
+
+
+def token_categories(tokenizer, d_vocab: int) -> list[str]:
+    """[d_vocab] strings, one per token id: "special", "byte" or "content".
+
+    special: the tokenizer's special tokens (`all_special_ids`) and added tokens marked special (Gemma's
+        `<start_of_turn>`, ...), and reserved `<unusedNN>` slots; ids past the tokenizer's own vocabulary (padding rows of W_U)
+        count as special too.
+    byte: sentencepiece byte-fallback pieces `<0xNN>` (llama2.c, Llama-2, Gemma), and byte-level BPE pieces
+        (GPT-2, Llama-3) whose text alone is not valid UTF-8 (a part of a multi-byte character).
+    """
+    special = set(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
+    for i, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            special.add(int(i))
+    n_tok = len(tokenizer)
+    ids = list(range(min(d_vocab, n_tok)))
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    texts = tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
+    out = []
+    for i, piece, text in zip(ids, pieces, texts):
+        if i in special or _RESERVED.match(str(piece)):
+            out.append("special")
+        elif _BYTE_FALLBACK.match(str(piece)) or "\ufffd" in text:
+            out.append("byte")
+        else:
+            out.append("content")
+    return out + ["special"] * (d_vocab - len(ids))
+
+
+def content_token_ids(categories: Sequence[str], exclude: Sequence[str] = TOKEN_KINDS_EXCLUDABLE) -> Tensor:
+    """int64 ids of the tokens whose category is not in `exclude` (see `token_categories`), ascending."""
+    unknown = sorted(set(exclude) - set(TOKEN_KINDS_EXCLUDABLE))
+    if unknown:
+        raise ValueError(f"unknown token kinds {unknown} to exclude; use any of {list(TOKEN_KINDS_EXCLUDABLE)}.")
+    keep = [i for i, c in enumerate(categories) if c not in set(exclude)]
+    if len(keep) < 2:
+        raise ValueError(f"excluding {list(exclude)} leaves {len(keep)} tokens; keep at least 2.")
+    return torch.tensor(keep, dtype=torch.int64)

@@ -9,6 +9,7 @@ import base64
 import html
 import itertools
 
+import numpy as np
 import pandas as pd
 from IPython.display import HTML, display
 
@@ -30,7 +31,7 @@ def to_html(df: pd.DataFrame, *, name: str = "table", max_rows: int = 200, float
     csv = base64.b64encode(df.to_csv(index=False).encode()).decode()
     head = "".join(f'<th onclick="wsSort(this)" title="click to sort">{html.escape(str(c))} &#8645;</th>' for c in df.columns)
     rows = []
-    for _, row in df.head(max_rows).iterrows():
+    for row in df.head(max_rows).itertuples(index=False):  # keeps each column's dtype (iterrows upcasts ints)
         cells = "".join(_cell(v, float_digits) for v in row)
         rows.append(f"<tr>{cells}</tr>")
     more = f" (first {max_rows} of {len(df)} rows shown)" if len(df) > max_rows else ""
@@ -43,12 +44,27 @@ def to_html(df: pd.DataFrame, *, name: str = "table", max_rows: int = 200, float
 
 
 def _cell(value, digits: int) -> str:
-    if isinstance(value, float):
-        return f'<td data-v="{value!r}">{value:.{digits}g}</td>'
+    if isinstance(value, (bool, np.bool_)):
+        return f"<td>{bool(value)}</td>"
+    if isinstance(value, (int, np.integer)):
+        return f'<td data-v="{int(value)}">{int(value):,}</td>'
+    if isinstance(value, (float, np.floating)):
+        return f'<td data-v="{float(value)!r}">{human_number(float(value), digits)}</td>'
     text = str(value)
     if text.startswith("<a ") and text.endswith("</a>"):  # links made by the library are already HTML
         return f"<td>{text}</td>"
     return f"<td>{html.escape(text)}</td>"
+
+
+def human_number(x: float, digits: int = 3) -> str:
+    """1500000.0 -> '1,500,000'; 0.91234 -> '0.912'; 3.0 -> '3'; tiny values keep an exponent; NaN -> ''."""
+    if x != x:
+        return ""
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    if x != 0 and abs(x) < 1e-3:
+        return f"{x:.{max(digits - 1, 1)}e}"
+    return f"{x:.{digits}g}"
 
 
 def show(df: pd.DataFrame, *, name: str = "table", max_rows: int = 200) -> None:

@@ -1,0 +1,224 @@
+"""Chapter 3 in one call: label features semantic / non-semantic, compare their attention reads, within layers.
+
+    config = populations.Config(m=5, ...)
+    tables = populations.run(ctx, config)
+
+Reads chapter 1's `01_features` and chapter 2's `02_features`; writes `03_labels` and `03_findings`. Besides the
+pooled comparison it reports within-layer effects and van Elteren's layer-stratified test, because the label
+shares and the reads both change with depth (the pooled comparison confounds layer with label).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from weightscope import io
+from weightscope.chapters.findings import number
+from weightscope.compute import populations
+from weightscope.config.params import ParamsError
+
+PHASES = {"dec": "decoder-unembedding", "enc": "encoder-embedding"}
+ATTN = {"q_z_mean": "query", "k_z_mean": "key", "v_z_mean": "value (OV)"}
+SENSITIVITY_GRID = {"min_word_share": [0.4, 0.6, 0.8], "min_nonword_share": [0.4, 0.6, 0.8], "m": [3, 5, 8]}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Chapter 3's parameters (each a notebook parameter, defaults argued on the page)."""
+
+    m: int = 5  # top tokens of each side whose kinds decide the label
+    min_word_share: float = 0.6  # semantic needs at least this share of word tokens (and coherence)
+    min_nonword_share: float = 0.6  # non-semantic when non-word kinds reach this share
+    n_boot: int = 2000  # bootstrap resamples for the confidence intervals
+    seed: int = 0  # seed of the bootstrap
+
+    def __post_init__(self):
+        problems = []
+        for name in ("min_word_share", "min_nonword_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} = {getattr(self, name)} is a share: use a value in [0, 1]")
+        if self.m < 1:
+            problems.append(f"m = {self.m}: use at least 1 top token")
+        if self.n_boot < 100:
+            problems.append(f"n_boot = {self.n_boot}: use at least 100 bootstrap resamples")
+        if problems:
+            raise ParamsError("; ".join(problems) + ".")
+
+    def problems(self, model) -> list[str]:
+        """Checks that need the model: the top tokens kept by chapter 1 are at most d_vocab."""
+        d_vocab = model.cfg.d_vocab
+        return [] if self.m <= d_vocab else [f"m = {self.m} exceeds d_vocab ({d_vocab})"]
+
+    def label_params(self) -> dict:
+        return {"m": self.m, "min_word_share": self.min_word_share, "min_nonword_share": self.min_nonword_share}
+
+
+@dataclass
+class Tables:
+    """What chapter 3 produces."""
+
+    labelled: pd.DataFrame  # chapter 1's table with <phase>_label, word/non-word shares
+    data: pd.DataFrame  # labelled features that a later head reads, with their chapter-2 profile
+    findings: pd.DataFrame  # phase x attention side: pooled comparison and the layer-stratified test
+    by_layer: pd.DataFrame  # phase, layer, label, column, n, mean, median, p75
+    within_layer: pd.DataFrame  # phase, side, layer, n_a, n_b, means, Cliff's delta inside the layer
+    share_above: pd.DataFrame  # each population's share above the pooled P75
+    sensitivity: pd.DataFrame  # parameter, value, phase, side, Cliff's delta with its interval
+    label_counts: pd.DataFrame  # how label counts move with the thresholds
+    config: Config = field(repr=False, default_factory=Config)
+
+
+def run(ctx, config: Config) -> Tables:
+    """Chapter 3 for ctx's target, from the tables chapters 1 and 2 wrote."""
+    target = ctx.target.target
+    tokens = io.require_table(target, "01_features", produced_by="01_output_tokens")
+    reads = io.require_table(target, "02_features", produced_by="02_attention")
+    labelled = populations.label_features(tokens, **config.label_params())
+    data = labelled.merge(reads, on=["layer", "feature"], how="inner")
+    provenance = {"target": target, "chapter": dataclasses.asdict(config),
+                  "inputs": {name: io.table_meta(target, name)["key"] for name in ("01_features", "02_features")}}
+    key = io.cache_key(**provenance)
+    label_cols = ["layer", "feature"] + [f"{s}_{c}" for s in PHASES for c in ("label", "word_share", "nonword_share")]
+    io.save_table(labelled[label_cols], target, "03_labels", key=key, params=provenance)
+    found = compare(data, config)
+    io.save_table(found, target, "03_findings", key=key, params=provenance)
+    return Tables(labelled=labelled, data=data, findings=found, by_layer=by_layer(data),
+                  within_layer=within_layer(data), share_above=share_above(data),
+                  sensitivity=sensitivity(tokens, reads, config),
+                  label_counts=populations.label_sensitivity(tokens, SENSITIVITY_GRID), config=config)
+
+
+def compare(data: pd.DataFrame, config: Config) -> pd.DataFrame:
+    """Semantic against non-semantic per phase and attention side: the pooled comparison (bootstrap intervals,
+    Mann-Whitney, Holm over the six) and van Elteren's test within layers (`p_stratified`, Holm-adjusted too,
+    and the layer-weighted Cliff's delta `cliffs_delta_within`)."""
+    rows = []
+    for s, phase in PHASES.items():
+        cmp = populations.compare_populations(data, list(ATTN), f"{s}_label", n_boot=config.n_boot,
+                                              seed=config.seed)
+        for col in ATTN:
+            sub = data[data[f"{s}_label"].isin(["semantic", "non-semantic"])]
+            test = populations.stratified_rank_test(sub[col], sub[f"{s}_label"] == "semantic", sub["layer"])
+            cmp.loc[cmp["column"] == col, "p_stratified"] = test["p_value"]
+            cmp.loc[cmp["column"] == col, "cliffs_delta_within"] = test["cliffs_delta"]
+            cmp.loc[cmp["column"] == col, "n_layers_compared"] = test["n_strata"]
+        rows.append(cmp.assign(phase=phase))
+    out = pd.concat(rows, ignore_index=True)
+    out["attention side"] = out["column"].map(ATTN)
+    out["p_holm"] = populations.holm(out["p_value"].to_numpy())
+    out["p_stratified_holm"] = populations.holm(out["p_stratified"].to_numpy())
+    out["direction"] = np.select([out["cliffs_delta_lo"] > 0, out["cliffs_delta_hi"] < 0],
+                                 ["semantic higher", "non-semantic higher"], "no clear difference")
+    return out
+
+
+def by_layer(data: pd.DataFrame) -> pd.DataFrame:
+    """n, mean, median and P75 of every attention side per phase, layer and label (populations split)."""
+    parts = []
+    for s, phase in PHASES.items():
+        frame = data.rename(columns={f"{s}_label": "label"})
+        summary = populations.summary_by_population(frame, list(ATTN), by=("layer", "label"))
+        parts.append(summary.assign(phase=phase, column=summary["column"].map(ATTN)))
+    out = pd.concat(parts, ignore_index=True)
+    return out[["phase", "layer", "label", "column", "n", "mean", "median", "p75"]]
+
+
+def within_layer(data: pd.DataFrame) -> pd.DataFrame:
+    """Cliff's delta of semantic against non-semantic inside each layer, per phase and attention side."""
+    parts = []
+    for s, phase in PHASES.items():
+        eff = populations.within_layer_effects(data, list(ATTN), f"{s}_label")
+        parts.append(eff.assign(phase=phase, side=eff["column"].map(ATTN)))
+    out = pd.concat(parts, ignore_index=True)
+    return out[["phase", "side", "layer", "n_a", "n_b", "mean_a", "mean_b", "cliffs_delta"]]
+
+
+def share_above(data: pd.DataFrame) -> pd.DataFrame:
+    """Each population's share above the pooled 75th percentile, per phase and side."""
+    return pd.concat([populations.share_above_pooled_p75(data, col, f"{s}_label").assign(phase=phase, side=side)
+                      for s, phase in PHASES.items() for col, side in ATTN.items()], ignore_index=True)
+
+
+def sensitivity(tokens: pd.DataFrame, reads: pd.DataFrame, config: Config) -> pd.DataFrame:
+    """Cliff's delta (with a bootstrap interval) as one labelling parameter moves, the others at default."""
+    rows = []
+    for param, values in SENSITIVITY_GRID.items():
+        for value in values:
+            lab = populations.label_features(tokens, **{**config.label_params(), param: value})
+            lab = lab.merge(reads, on=["layer", "feature"])
+            for s, phase in PHASES.items():
+                for col, side in ATTN.items():
+                    delta, lo, hi = populations.bootstrap_ci(
+                        lab.loc[lab[f"{s}_label"] == "semantic", col],
+                        lab.loc[lab[f"{s}_label"] == "non-semantic", col],
+                        stat="cliffs_delta", n_boot=max(200, config.n_boot // 10), seed=config.seed)
+                    rows.append({"parameter": param, "value": value, "phase": phase, "side": side,
+                                 "cliffs_delta": delta, "lo": lo, "hi": hi})
+    return pd.DataFrame(rows)
+
+
+def findings(t: Tables, alpha: float = 0.05) -> list[str]:
+    """One sentence per phase and side: the pooled verdict (Cliff's delta interval) beside the within-layer
+    one (Holm-adjusted stratified p below `alpha`), and whether they agree."""
+    out = []
+    for _, r in t.findings.iterrows():
+        within = ("no clear difference" if not r["p_stratified_holm"] < alpha else
+                  "semantic higher" if r["cliffs_delta_within"] > 0 else "non-semantic higher")
+        agree = "agree" if within == r["direction"] else "disagree"
+        out.append(f"{r['phase']} / {r['attention side']}: pooled, {r['direction']} (Cliff's delta "
+                   f"{r['cliffs_delta']:+.2f} [{r['cliffs_delta_lo']:+.2f}, {r['cliffs_delta_hi']:+.2f}], "
+                   f"n = {number(r['n_a'])} vs {number(r['n_b'])}); within layers, {within} (delta "
+                   f"{r['cliffs_delta_within']:+.2f}, Holm p {r['p_stratified_holm']:.3f}): they {agree}.")
+    return out
+
+
+def label_examples(t: Tables, per_label: int = 4) -> pd.DataFrame:
+    """A few random features of each label on each phase, with the quantities the rule used."""
+    rows = []
+    for s, phase in PHASES.items():
+        for label in populations.LABELS:
+            part = t.labelled[t.labelled[f"{s}_label"] == label]
+            for _, row in part.sample(min(per_label, len(part)), random_state=t.config.seed).iterrows():
+                tokens = list(row[f"{s}_top_tokens"])[: t.config.m]
+                rows.append({"phase": phase, "label": label, "layer": row["layer"], "feature": row["feature"],
+                             "top tokens": " | ".join(repr(tok)[1:-1] for tok in tokens),
+                             "word share": row[f"{s}_word_share"], "non-word share": row[f"{s}_nonword_share"],
+                             "coherent": bool(row[f"{s}_coherent"])})
+    return pd.DataFrame(rows)
+
+
+def long_reads(t: Tables) -> pd.DataFrame:
+    """label, phase, side, mean z: one row per feature, phase and attention side (for distribution plots)."""
+    parts = [t.data[[f"{s}_label", *ATTN]].rename(columns={f"{s}_label": "label"}).assign(phase=phase)
+             for s, phase in PHASES.items()]
+    long = pd.concat(parts).melt(id_vars=["label", "phase"], var_name="side", value_name="mean z")
+    long["side"] = long["side"].map(ATTN)
+    return long
+
+
+FINDINGS_COLUMNS = {
+    "phase": "phase", "attention side": "side", "n_a": "n (sem)", "n_b": "n (non-sem)",
+    "mean_a": "mean (sem)", "mean_b": "mean (non-sem)", "mean_diff": "mean diff",
+    "cliffs_delta": "Cliff's delta", "cliffs_delta_lo": "delta lo", "cliffs_delta_hi": "delta hi",
+    "p_holm": "p (Holm)", "direction": "pooled direction", "cliffs_delta_within": "delta within layers",
+    "p_stratified_holm": "p within layers (Holm)",
+}
+
+
+def findings_table(t: Tables) -> pd.DataFrame:
+    """The findings with reader-facing column names ("sem": semantic, "non-sem": non-semantic); medians and
+    P75s stay in the saved `03_findings` table and in `by_layer`, so the page's table fits its width."""
+    return t.findings[list(FINDINGS_COLUMNS)].rename(columns=FINDINGS_COLUMNS)
+
+
+def label_counts_by_layer(t: Tables) -> pd.DataFrame:
+    """layer, label, features, phase: how many features of each layer receive each label."""
+    parts = []
+    for s, phase in PHASES.items():
+        counts = t.labelled.groupby(["layer", f"{s}_label"], observed=False).size().rename("features")
+        parts.append(counts.reset_index().rename(columns={f"{s}_label": "label"}).assign(phase=phase))
+    return pd.concat(parts, ignore_index=True)
