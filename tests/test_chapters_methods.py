@@ -34,10 +34,10 @@ def test_config_lists_every_problem_at_once(module, bad, expected):
 
 def test_model_dependent_checks():
     model = SimpleNamespace(cfg=SimpleNamespace(d_vocab=50, n_ctx=16))
-    assert output_tokens.Config(k=50).problems(model) == []
-    assert "d_vocab (50)" in output_tokens.Config(k=51).problems(model)[0]
-    assert "n_ctx = 16" in attention.Config(qk_max_offset=16).problems(model)[0]
-    assert attention.Config(qk_max_offset=15).problems(model) == []
+    assert output_tokens.Config(k=50).problems(model.cfg) == []
+    assert "d_vocab (50)" in output_tokens.Config(k=51).problems(model.cfg)[0]
+    assert "n_ctx = 16" in attention.Config(qk_max_offset=16).problems(model.cfg)[0]
+    assert attention.Config(qk_max_offset=15).problems(model.cfg) == []
 
 
 @pytest.mark.parametrize("y,tol,shape", [

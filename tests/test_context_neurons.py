@@ -16,8 +16,14 @@ from weightscope.compute import positional_kernels as pk
 from weightscope.config.params import ParamsError
 from weightscope.load import corpora
 
-torch.set_grad_enabled(False)
 N, VOCAB = 12, 40
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Weights-only computations, as in the chapter; scoped to each test (a module-level switch would leak)."""
+    with torch.no_grad():
+        yield
 
 
 def gen(seed):

@@ -184,7 +184,8 @@ def test_model_name_problems(name, fragment):
 
 
 def test_model_dims_without_loading(tiny_model, tmp_path):
-    assert pf.model_dims(str(tiny_model)) == (pf.ModelDims(N_LAYERS, D_MODEL, D_VOCAB, 2), [])
+    dims, problems = pf.model_dims(str(tiny_model))
+    assert (dims.n_layers, dims.d_model, dims.d_vocab, dims.n_heads, problems) == (N_LAYERS, D_MODEL, D_VOCAB, 2, [])
     assert pf.model_dims("some-org/some-model") == (None, [])  # a hub id: accepted, checked when loading
     assert pf.model_dims("stories260K")[0].n_layers == 5  # from the llama2.c header
     weightless = tmp_path / "weightless"

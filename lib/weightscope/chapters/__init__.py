@@ -1,7 +1,7 @@
 """Stage 5, chapters: one call per chapter step, owning its parameters, caching and derived tables.
 
 CHAPTERS maps each notebook to the module whose `Config` checks its parameters (`Config(**params)` raises
-`ParamsError` listing every problem; `Config.problems(model)` adds the checks that need the model).
+`ParamsError` listing every problem; `Config.problems(dims)` adds the checks that need the model's sizes, from `model.cfg` or the pre-flight's `ModelDims`).
 """
 
 CHAPTERS = {

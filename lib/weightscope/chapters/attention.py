@@ -60,9 +60,9 @@ class Config:
         if problems:
             raise ParamsError("; ".join(problems) + ".")
 
-    def problems(self, model) -> list[str]:
-        """Checks that need the model (context length for the offsets)."""
-        n_ctx = getattr(model.cfg, "n_ctx", None)
+    def problems(self, dims) -> list[str]:
+        """Checks that need the model's context length; `dims`: `model.cfg`, or the pre-flight's `ModelDims`."""
+        n_ctx = getattr(dims, "n_ctx", None)
         if n_ctx is not None and self.qk_max_offset >= n_ctx:
             return [f"qk_max_offset = {self.qk_max_offset} must be below the context length n_ctx = {n_ctx}"]
         return []
@@ -87,7 +87,7 @@ def run(ctx, config: Config, *, model=None, saes=None) -> Tables:
     """Chapter 2 for ctx's target; needs chapter 1's `01_features` table (for the pairs' token labels)."""
     if model is None:
         model, saes = ctx.load_model_and_saes()
-    problems = config.problems(model)
+    problems = config.problems(model.cfg)
     if problems:
         raise ParamsError("; ".join(problems) + ".")
     target = ctx.target.target

@@ -67,9 +67,11 @@ class Config:
         if problems:
             raise ParamsError("; ".join(problems) + ".")
 
-    def problems(self, model) -> list[str]:
-        """Checks that need the model (vocabulary size)."""
-        d_vocab = model.cfg.d_vocab
+    def problems(self, dims) -> list[str]:
+        """Checks that need the model's sizes; `dims`: `model.cfg`, or the pre-flight's `ModelDims`."""
+        d_vocab = dims.d_vocab
+        if d_vocab is None:
+            return []
         return [] if 1 <= self.k <= d_vocab else [f"need 1 <= k <= d_vocab ({d_vocab}); got k={self.k}"]
 
     def lens_config(self) -> lens.LensConfig:
@@ -97,7 +99,7 @@ def run(ctx, config: Config, *, model=None, saes=None) -> Tables:
     """Chapter 1 for ctx's target: per-layer lens tables (cached), `01_features`, and the derived tables."""
     if model is None:
         model, saes = ctx.load_model_and_saes()
-    problems = config.problems(model)
+    problems = config.problems(model.cfg)
     categories = token_categories(model.tokenizer, model.cfg.d_vocab)
     token_kinds = (pd.Series(categories).value_counts().rename_axis("kind").rename("tokens").reset_index())
     token_kinds["excluded"] = token_kinds["kind"].isin(config.exclude_tokens)

@@ -48,9 +48,11 @@ class Config:
         if problems:
             raise ParamsError("; ".join(problems) + ".")
 
-    def problems(self, model) -> list[str]:
-        """Checks that need the model: the top tokens kept by chapter 1 are at most d_vocab."""
-        d_vocab = model.cfg.d_vocab
+    def problems(self, dims) -> list[str]:
+        """The top tokens kept by chapter 1 are at most d_vocab; `dims`: `model.cfg`, or `ModelDims`."""
+        d_vocab = dims.d_vocab
+        if d_vocab is None:
+            return []
         return [] if self.m <= d_vocab else [f"m = {self.m} exceeds d_vocab ({d_vocab})"]
 
     def label_params(self) -> dict:

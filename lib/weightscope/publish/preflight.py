@@ -47,6 +47,7 @@ class ModelDims:
     d_model: int | None = None
     d_vocab: int | None = None
     n_heads: int | None = None
+    n_ctx: int | None = None
 
 
 def preflight(target: Target, sources: list[Path], defaults: dict[str, dict[str, Any]],
@@ -109,7 +110,8 @@ def _stories260k_dims() -> tuple[ModelDims | None, list[str]]:
                        expected_sha256=KNOWN_SHA256[TOKENIZER_FILE])
     except Llama2cFileError as err:
         return None, [f"model.name: {err}"]
-    return ModelDims(n_layers=cfg.n_layers, d_model=cfg.dim, d_vocab=cfg.vocab_size, n_heads=cfg.n_heads), []
+    return ModelDims(n_layers=cfg.n_layers, d_model=cfg.dim, d_vocab=cfg.vocab_size, n_heads=cfg.n_heads,
+                     n_ctx=cfg.seq_len), []
 
 
 def _folder_dims(folder: Path) -> tuple[ModelDims | None, list[str]]:
@@ -147,7 +149,8 @@ def _hf_dims(cfg: dict[str, Any]) -> ModelDims:
 
     return ModelDims(n_layers=first("num_hidden_layers", "n_layer", "num_layers"),
                      d_model=first("hidden_size", "n_embd", "d_model"), d_vocab=first("vocab_size"),
-                     n_heads=first("num_attention_heads", "n_head"))
+                     n_heads=first("num_attention_heads", "n_head"),
+                     n_ctx=first("max_position_embeddings", "n_positions", "n_ctx"))
 
 
 def _device_problems(device: str) -> list[str]:
