@@ -28,10 +28,7 @@ def tokenizer():
     """The GPT-2 tokenizer (50,257 tokens) from the shared folder."""
     from transformers import GPT2TokenizerFast
 
-    tok = GPT2TokenizerFast(vocab_file=str(GPT2_TOKENIZER / "vocab.json"),
-                            merges_file=str(GPT2_TOKENIZER / "merges.txt"))
-    tok.add_special_tokens({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"})
-    return tok
+    return GPT2TokenizerFast(vocab=str(GPT2_TOKENIZER / "vocab.json"), merges=str(GPT2_TOKENIZER / "merges.txt"))
 
 
 def config(arch: str, vocab_size: int, n_layers: int = N_LAYERS, **overrides):
@@ -107,6 +104,7 @@ def build_saes(model_folder: Path, folder: Path, *, d_sae: int = 48, layers=None
     {"center_writing_weights": True} for GPT-2 (as the gpt2-small-res-jb release), else {}.
     """
     import json
+    import warnings
 
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
@@ -121,7 +119,9 @@ def build_saes(model_folder: Path, folder: Path, *, d_sae: int = 48, layers=None
     for layer in range(n_layers) if layers is None else layers:
         meta = SAEMetadata(hook_name=f"blocks.{layer}.{hook}", model_name=Path(model_folder).name,
                            model_from_pretrained_kwargs=dict(flags), prepend_bos=True, context_size=128)
-        sae = TopKSAE(TopKSAEConfig(d_in=d_model, d_sae=d_sae, k=8, metadata=meta))
+        with warnings.catch_warnings():  # sae-lens warns about recorded processing flags: they are the point
+            warnings.simplefilter("ignore")
+            sae = TopKSAE(TopKSAEConfig(d_in=d_model, d_sae=d_sae, k=8, metadata=meta))
         with torch.no_grad():
             W_dec = torch.randn(d_sae, d_model, generator=gen)
             sae.W_dec.copy_(W_dec / W_dec.norm(dim=1, keepdim=True))
@@ -147,3 +147,105 @@ def write_params(target: str, model_folder: Path, sae_folder: Path, path: Path, 
     path = Path(path)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+# ------------------------------------------------------------------------------------------------------------
+# An independent plain-torch reading of the Hugging Face weights (what the book's numbers must equal)
+
+WRONG_FOLDS = ("gemma_raw_weight", "gpt2_no_centring", "gqa_modulo")
+
+
+def hf_weights(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json, every tensor of the checkpoint in fp32), read whole with safetensors, names unchanged."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    sd = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        sd.update({k: v.float() for k, v in load_file(str(path)).items()})
+    return json.loads((folder / "config.json").read_text()), sd
+
+
+def _get(sd: dict, *names: str) -> torch.Tensor:
+    for name in names:
+        if name in sd:
+            return sd[name]
+    raise KeyError(names)
+
+
+def reference_output_matrix(cfg: dict, sd: dict, wrong: str | None = None) -> torch.Tensor:
+    """[d_model, d_vocab]: the final norm's multiplier times the unembedding (HF `lm_head`, or the embedding
+    when tied), centred over d_model for GPT-2's LayerNorm."""
+    arch = cfg["model_type"]
+    if arch == "gpt2":
+        g = _get(sd, "transformer.ln_f.weight", "ln_f.weight")
+        E = _get(sd, "transformer.wte.weight", "wte.weight")
+        M = g[:, None] * _get(sd, "lm_head.weight", "transformer.wte.weight", "wte.weight").T
+        return M if wrong == "gpt2_no_centring" else M - M.mean(0, keepdim=True)
+    g = sd["model.norm.weight"]
+    if arch == "gemma2" and wrong != "gemma_raw_weight":
+        g = 1.0 + g
+    W_U = sd["lm_head.weight"] if "lm_head.weight" in sd and not cfg.get("tie_word_embeddings") else \
+        sd["model.embed_tokens.weight"]
+    return g[:, None] * W_U.T
+
+
+def reference_input_matrix(cfg: dict, sd: dict, centre: bool, wrong: str | None = None) -> torch.Tensor:
+    """[d_model, d_vocab]: the embeddings as they enter the residual stream (Gemma: times sqrt(d_model),
+    rounded to the dtype as HF does; GPT-2 with the SAEs' centre_writing_weights: centred over d_model)."""
+    arch = cfg["model_type"]
+    if arch == "gpt2":
+        E = _get(sd, "transformer.wte.weight", "wte.weight")
+        return (E - E.mean(1, keepdim=True) if centre and wrong != "gpt2_no_centring" else E).T
+    E = sd["model.embed_tokens.weight"]
+    if arch == "gemma2":
+        E = E * torch.tensor(cfg["hidden_size"] ** 0.5, dtype=E.dtype)
+    return E.T
+
+
+def reference_reads(cfg: dict, sd: dict, D: torch.Tensor, layer: int, centre: bool,
+                    wrong: str | None = None) -> dict[str, torch.Tensor]:
+    """Query, key and value reads [n, n_heads] of directions D [n, d_model] by block `layer`'s heads, from
+    the HF tensors: d~ = norm-folded d; q_h = ||d~ Wq_h^T||, k_h = ||d~ Wk_kv(h)^T||,
+    v_h = ||(d~ Wv_kv(h)^T) Wo[:, h]^T|| (GPT-2 with centre: that output centred over d_model), kv(h) = h // rep.
+    """
+    arch = cfg["model_type"]
+    D = D.float()
+    if arch == "gpt2":
+        p = f"transformer.h.{layer}." if f"transformer.h.{layer}.ln_1.weight" in sd else f"h.{layer}."
+        d, nh = cfg["n_embd"], cfg["n_head"]
+        nkv, dh = nh, d // nh
+        Dt = D if wrong == "gpt2_no_centring" else D - D.mean(1, keepdim=True)
+        Dt = Dt * sd[p + "ln_1.weight"]
+        W = sd[p + "attn.c_attn.weight"]  # Conv1D [d, 3d]: y = x W
+        q, k, v = (Dt @ W[:, i * d:(i + 1) * d] for i in range(3))
+        Wo = sd[p + "attn.c_proj.weight"].T  # as nn.Linear [out d, in nh*dh]
+    else:
+        p = f"model.layers.{layer}."
+        nh, nkv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+        dh = cfg.get("head_dim") or cfg["hidden_size"] // nh
+        g = sd[p + "input_layernorm.weight"]
+        if arch == "gemma2" and wrong != "gemma_raw_weight":
+            g = 1.0 + g
+        Dt = D * g
+        q, k, v = (Dt @ sd[p + f"self_attn.{x}_proj.weight"].T for x in "qkv")
+        Wo = sd[p + "self_attn.o_proj.weight"]
+    rep = nh // nkv
+    q, k, v = q.view(len(D), nh, dh), k.view(len(D), nkv, dh), v.view(len(D), nkv, dh)
+    kv = [(h % nkv) if wrong == "gqa_modulo" else h // rep for h in range(nh)]
+    out = {"q": q.norm(dim=2), "k": torch.stack([k[:, kv[h]].norm(dim=1) for h in range(nh)], 1)}
+    vs = []
+    for h in range(nh):
+        o = v[:, kv[h]] @ Wo[:, h * dh:(h + 1) * dh].T
+        if arch == "gpt2" and centre and wrong != "gpt2_no_centring":
+            o = o - o.mean(1, keepdim=True)
+        vs.append(o.norm(dim=1))
+    out["v"] = torch.stack(vs, 1)
+    return out
+
+
+def applicable_wrong_folds(arch: str) -> list[str]:
+    """The deliberate mistakes that change this architecture's numbers."""
+    return {"gemma2": ["gemma_raw_weight", "gqa_modulo"], "gpt2": ["gpt2_no_centring"]}.get(arch, ["gqa_modulo"])

@@ -307,8 +307,9 @@ class HFCausalLM:
     """A `transformers` causal LM with the few `HookedTransformer` methods chapter 0 uses.
 
     `to_tokens` prepends BOS as TransformerLens does; `model(ids)` returns logits [batch, pos, d_vocab];
-    `residual_stream(ids)` the hidden states [n_layers + 1, pos, d_model] (before each block, then after
-    the last one, before the final norm), i.e. `blocks.L.hook_resid_pre` and the last `hook_resid_post`.
+    `residual_stream(ids)` the hidden states [n_layers + 1, pos, d_model] of the first sequence: entry L < n_layers
+    is the stream block L reads (`blocks.L.hook_resid_pre`); the last is the final norm's output, as
+    `transformers` returns it (`ln_final.hook_normalized` times the norm's weight).
     """
 
     def __init__(self, hf_model, tokenizer, name: str):
