@@ -131,3 +131,34 @@ def test_saes_load_one_at_a_time(standin, monkeypatch):
     first = next(it)
     assert calls == [["layer_0"]] and first.layer == 0
     assert [s.layer for s in it] == [1, 2] and len(calls) == 3
+
+
+def test_processing_flags_as_transformer_lens_applies_them(standin):
+    """apply_processing on the GPT-2 stand-in equals TransformerLens's own processing of the same weights."""
+    import transformers
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+
+    from weightscope.load.weights_model import apply_processing, load_weights_model
+
+    _, folder, _ = standin("gpt2")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
+    c = hf.config
+    tl_cfg = HookedTransformerConfig(
+        n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
+        d_mlp=4 * c.n_embd, d_vocab=c.vocab_size, act_fn="gelu_new", normalization_type="LN",
+        original_architecture="GPT2LMHeadModel", init_weights=False)
+    flags = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
+    tl = HookedTransformer(tl_cfg)
+    tl.load_and_process_state_dict(convert_gpt2_weights(hf, tl_cfg), **flags, refactor_factored_attn_matrices=False)
+    mine = apply_processing(load_weights_model(str(folder), progress=False), flags)
+    assert mine.cfg.normalization_type == tl.cfg.normalization_type == "LNPre"
+    assert mine.ln_final.w is None and mine.blocks[0].ln1.w is None
+    for name in ("W_E", "W_U"):
+        assert _close(getattr(mine, name), getattr(tl, name)), name
+    for layer in range(tl_cfg.n_layers):
+        a, b = mine.blocks[layer].attn, tl.blocks[layer].attn
+        for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_O"):
+            assert _close(getattr(a, name), getattr(b, name)), (layer, name)
+        assert _close(a._b_K, b.b_K) and _close(a._b_V, b.b_V)  # b_V folded: zeros
+    assert len(mine.processing_notes) == 4 and mine.processing == flags
