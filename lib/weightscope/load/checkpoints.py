@@ -346,7 +346,8 @@ class _Reader:
         """A progress line per block read (stderr, so that it reaches the terminal during `make book`)."""
         if self.progress:
             done = layers.index(layer) + 1
-            print(f"[weights] block {layer} read ({done}/{len(layers)})", file=sys.stderr, flush=True)
+            # "n/m [" is the shape the book runner drops from pages (as tqdm's bars): live only
+            print(f"[weights] {done}/{len(layers)} [block {layer}] read", file=sys.stderr, flush=True)
 
     def has(self, name: str) -> bool:
         return name in self.files

@@ -41,8 +41,8 @@ class SAESequence(Sequence):
             raise TypeError("SAESequence loads one SAE at a time; index it with an integer")
         sae_id = self.ids[index]
         if self.progress:
-            print(f"[saes] loading {self.source} {sae_id} ({index % len(self) + 1}/{len(self)})",
-                  file=sys.stderr, flush=True)
+            print(f"[saes] {index % len(self) + 1}/{len(self)} [{sae_id}] loading from {self.source}",
+                  file=sys.stderr, flush=True)  # "n/m [": dropped from pages like tqdm's bars, live only
         sae = load_saes(self.source, [sae_id], device=self.device, dtype=self.dtype)[0]
         if self.model is not None:
             check_fits(sae, self.model)

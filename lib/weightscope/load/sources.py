@@ -132,22 +132,22 @@ def model_folder(source: ModelSource, *, progress: bool = True) -> Path:
     if source.kind != "hub":
         raise ValueError(f"model_folder needs a local or hub source, got {source.kind!r}")
     config_path = _download(source, lambda hub: hub.hf_hub_download(source.repo_id, "config.json"), progress,
-                            what="config.json")
+                            what="config.json", step=1)
     try:
         detect_arch(json.loads(Path(config_path).read_text()))  # refuse an unsupported model before its weights
     except CheckpointError as err:
         raise type(err)(f"{source.name} ({source.repo_id}): {err}") from None
     folder = _download(source, lambda hub: hub.snapshot_download(source.repo_id, allow_patterns=ALLOW_PATTERNS),
-                       progress, what="weights and tokenizer")
+                       progress, what="weights and tokenizer", step=2)
     check_folder(Path(folder))
     return Path(folder)
 
 
-def _download(source: ModelSource, fetch, progress: bool, *, what: str):
+def _download(source: ModelSource, fetch, progress: bool, *, what: str, step: int):
     import huggingface_hub
 
-    if progress:
-        print(f"[model] {source.name}: {what} from the Hugging Face hub ({source.repo_id}) ...",
+    if progress:  # "n/m [" is the shape the book runner drops from pages (as tqdm's bars): live only
+        print(f"[model] {step}/2 [{what}] {source.name} from the Hugging Face hub ({source.repo_id}) ...",
               file=sys.stderr, flush=True)
     try:
         return fetch(huggingface_hub)
