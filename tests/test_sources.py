@@ -144,3 +144,16 @@ def test_unhonourable_processing_flag_is_refused(llama, tmp_path):
     params = standins.write_params("refactor", llama[0], saes, tmp_path / "refactor.yaml")
     with pytest.raises(ProcessingError, match="refactor_factored_attn_matrices.*model.processing"):
         open_chapter(str(params)).load_model_and_saes()
+
+
+def test_check_target_refuses_a_misfit_without_reading_weights(llama, tmp_path, monkeypatch):
+    from weightscope.chapters.context import check_target
+    from weightscope.load import checkpoints
+
+    monkeypatch.setattr(checkpoints, "load_weights", lambda *a, **k: pytest.fail("weights read"))
+    check_target(str(standins.write_params("ok", llama[0], llama[1], tmp_path / "ok.yaml")))
+    three = standins.build_saes(llama[0], tmp_path / "three", layers=[0, 1])
+    (three / "layer_1" / "cfg.json").write_text(
+        (three / "layer_1" / "cfg.json").read_text().replace("blocks.1.hook_resid_post", "blocks.1.hook_nope"))
+    with pytest.raises(SAEError, match="hook_nope"):
+        check_target(str(standins.write_params("bad", llama[0], three, tmp_path / "bad.yaml", layers=[0, 1])))

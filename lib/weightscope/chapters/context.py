@@ -142,3 +142,23 @@ def open_chapter(target: str, *, seed: int = 0) -> ChapterContext:
     torch.set_grad_enabled(False)
     torch.manual_seed(seed)
     return ChapterContext(target=params, device=device, dtype=resolve_dtype(params.dtype, device))
+
+
+def check_target(target: str) -> None:
+    """Everything about a target that can be checked without reading weights, raised as one clear error:
+    the parameters, the model name (a local folder's config.json and architecture), and, for a local model
+    with local SAE folders, every SAE's width, layer and hook against the model's config.json."""
+    from weightscope.load.sae_sequence import SAESequence
+    from weightscope.load.sources import resolve_model
+    from weightscope.load.weights_model import shape_only
+
+    params = load_target(target)
+    source = resolve_model(params.model_name, base=params.path.parent if params.path else None)
+    if source.kind != "local" or params.sae_source == "demo":
+        return  # a hub model's config arrives with its download; demo SAEs are prepared by the book runner
+    shape = shape_only(source.folder)
+    layers = params.resolve_layers(shape.cfg.n_layers)
+    ids = params.sae_ids(layers) or [f"layer_{layer}" for layer in layers]
+    saes = SAESequence(params.sae_source, ids, layers, device="cpu", dtype=None, model=shape)
+    if saes.metadata() is not None:
+        saes.check()

@@ -22,8 +22,7 @@ The processing flags an SAE was trained with (`center_writing_weights`, ...) are
 from __future__ import annotations
 
 import math
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -138,14 +137,7 @@ class WeightsModel:
     @property
     def hook_dict(self) -> dict[str, None]:
         """The TransformerLens hook names of this architecture (for `saes.check_fits`); values are None."""
-        names = ["hook_embed", "ln_final.hook_normalized"]
-        if self.cfg.positional_embedding_type == "standard":
-            names.append("hook_pos_embed")
-        for layer in range(self.cfg.n_layers):
-            names += [f"blocks.{layer}.{hook}" for hook in (
-                "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-                "attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v", "mlp.hook_pre", "mlp.hook_post")]
-        return dict.fromkeys(names)
+        return hook_names(self.cfg.n_layers, self.cfg.positional_embedding_type)
 
     def nbytes(self) -> int:
         """Bytes held by the tensors (a shared storage, such as a tied W_U, counted once)."""
@@ -160,6 +152,33 @@ class WeightsModel:
         c = self.cfg
         return (f"WeightsModel({c.model_name}, {c.original_architecture}, {c.n_layers} layers, d_model={c.d_model}, "
                 f"d_vocab={c.d_vocab}, {c.dtype} on {c.device})")
+
+
+def hook_names(n_layers: int, positional_embedding_type: str) -> dict[str, None]:
+    """{TransformerLens hook name: None} of a model of this depth: what an SAE's `hook_name` may be."""
+    names = ["hook_embed", "ln_final.hook_normalized"]
+    if positional_embedding_type == "standard":
+        names.append("hook_pos_embed")
+    for layer in range(n_layers):
+        names += [f"blocks.{layer}.{hook}" for hook in (
+            "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+            "attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v", "mlp.hook_pre", "mlp.hook_post")]
+    return dict.fromkeys(names)
+
+
+def shape_only(folder: Path):
+    """An object with `cfg` (widths and depth from config.json) and `hook_dict`, for checking SAEs against a
+    Hugging Face folder before any weights are read."""
+    import json
+
+    from weightscope.load.checkpoints import _dims, detect_arch
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    arch = detect_arch(config)
+    dims = _dims(arch, config)
+    cfg = SimpleNamespace(n_layers=dims.n_layers, d_model=dims.d_model, n_heads=dims.n_heads, d_head=dims.d_head,
+                          d_mlp=dims.d_mlp, model_name=Path(folder).name)
+    return SimpleNamespace(cfg=cfg, hook_dict=hook_names(dims.n_layers, "standard" if arch == "gpt2" else "rotary"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -344,13 +363,3 @@ def _fold_ln(model: WeightsModel) -> str:
     model.ln_final = Norm(None)
     model.cfg.normalization_type += "Pre"
     return "fold_ln: norm weights folded into W_Q/W_K/W_V and W_U; norms now weightless"
-
-
-def progress_line(message: str) -> None:
-    """One line of progress on the terminal (stderr, so that papermill relays it during `make book`)."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def describe_config(model: WeightsModel) -> dict:
-    """The model's config as plain data (for provenance)."""
-    return asdict(model.cfg)
