@@ -81,13 +81,13 @@ class ChapterContext:
         return model, saes
 
     def load_full_model(self):
-        """The model that runs forward passes (chapter 0): TransformerLens for the demo and the models it knows,
-        else `transformers`' own model (`weightscope.load.models.HFCausalLM`)."""
+        """The model that runs forward passes (chapter 0): TransformerLens for the demo and the models it
+        knows, else `transformers`' own model (`weightscope.load.models.HFCausalLM`)."""
         from weightscope.load.models import load_full_model
 
         flags = self.processing if self.processing is not None else {}
-        return load_full_model(self.target.model_name, device=self.device, dtype=self.dtype, base=self._base(),
-                               **flags)
+        return load_full_model(self.target.model_name, device=self.device, dtype=self.dtype,
+                               base=self._base(), **flags)
 
     def processing_flags(self, saes=None) -> dict[str, bool]:
         """Processing flags: explicit in the params, else those recorded with the target's SAEs."""
@@ -133,11 +133,11 @@ def sae_summary(sae) -> dict[str, Any]:
 
 
 def open_chapter(target: str, *, seed: int = 0) -> ChapterContext:
-    """Validate the target's parameters and its model name, pick device and dtype, turn gradients off, seed."""
+    """Validate the target's parameters and model name, pick device and dtype, turn gradients off, seed."""
     from weightscope.load.sources import resolve_model
 
     params = load_target(target)
-    resolve_model(params.model_name, base=params.path.parent if params.path else None)  # fails early and clearly
+    resolve_model(params.model_name, base=params.path.parent if params.path else None)  # fails early, clearly
     device = resolve_device(params.device)
     torch.set_grad_enabled(False)
     torch.manual_seed(seed)

@@ -26,9 +26,9 @@ def architecture_note(model) -> str:
         f"{_n(facts['d_model'])} residual dimensions (Gemma-2-2B {_n(gemma['d_model'])}, Llama-3.1-8B "
         f"{_n(llama['d_model'])}) and a vocabulary of {_n(facts['d_vocab'])} tokens (Gemma-2 "
         f"{_n(gemma['d_vocab'])}, Llama-3.1 {_n(llama['d_vocab'])}). Its norm is {facts['normalization']}, "
-        f"its attention has {facts['n_heads']} query heads sharing {facts['n_key_value_heads']} key/value heads, "
-        f"and it {'ties' if tied else 'does not tie'} its unembedding to its embedding ({like}), so chapter 1's "
-        f"two sides {'use the same token vectors' if tied else 'use different token vectors'}."
+        f"its attention has {facts['n_heads']} query heads sharing {facts['n_key_value_heads']} key/value "
+        f"heads, and it {'ties' if tied else 'does not tie'} its unembedding to its embedding ({like}), so "
+        f"chapter 1's two sides {'use the same token vectors' if tied else 'use different token vectors'}."
     )
 
 
@@ -37,17 +37,19 @@ def sae_source_note(target) -> str:
     source = target.sae_source
     if source == "demo":
         return (
-            "The SAEs were trained by this project with sae-lens's own training code, one per layer on the residual "
-            "stream after each block (`blocks.L.hook_resid_post`, the site of the Gemma Scope and Llama Scope "
-            "residual SAEs). Their metrics below are measured on held-out stories: *explained variance* is "
-            "$1 - \\sum\\lVert x - \\hat x\\rVert^2 / \\sum \\lVert x - \\bar x\\rVert^2$ over held-out residual "
-            "vectors $x$, *L0* is the mean number of active features per token, and *dead* is the share of "
-            "features that never fire on the held-out text."
+            "The SAEs were trained by this project with sae-lens's own training code, one per layer on the "
+            "residual stream after each block (`blocks.L.hook_resid_post`, the site of the Gemma Scope and "
+            "Llama Scope residual SAEs). Their metrics below are measured on held-out stories: *explained "
+            "variance* is "
+            "$1 - \\sum\\lVert x - \\hat x\\rVert^2 / \\sum \\lVert x - \\bar x\\rVert^2$ over held-out "
+            "residual vectors $x$, *L0* is the mean number of active features per token, and *dead* is the "
+            "share of features that never fire on the held-out text."
         )
     if Path(source).expanduser().exists():
-        return (f"The SAEs are read from the local folder `{source}` (sae-lens's saved format); their training "
-                "metrics, if any, are those recorded in its files.")
-    return f"The SAEs are the public sae-lens release `{source}`; their training metrics are documented by their authors."
+        return (f"The SAEs are read from the local folder `{source}` (sae-lens's saved format); their "
+                "training metrics, if any, are those recorded in its files.")
+    return (f"The SAEs are the public sae-lens release `{source}`; their training metrics are documented by "
+            "their authors.")
 
 
 def scale_caveats(model, demo: bool) -> str:
@@ -55,7 +57,8 @@ def scale_caveats(model, demo: bool) -> str:
     facts = describe(model)
     lines = [f"- **Width.** {_n(facts['d_model'])} residual dimensions: the narrower the stream, the less "
              "orthogonal random directions are, and the more the null baselines of the next chapters matter.",
-             f"- **Vocabulary.** {_n(facts['d_vocab'])} tokens: the lens ranks every one of them for every feature.",
+             f"- **Vocabulary.** {_n(facts['d_vocab'])} tokens: the lens ranks every one of them for every "
+             "feature.",
              f"- **Depth.** {facts['n_layers']} layers give {facts['n_layers']} points on every depth curve."]
     if demo:
         lines.append("- **A real pretrained model.** The demo's weights come from training, so its weight "
@@ -68,5 +71,5 @@ def sae_metrics_caption(target) -> str:
     """The caption of the demo SAEs' metrics figure (empty for other targets, which have no such figure)."""
     if target.sae_source != "demo":
         return ""
-    return ("*The dotted lines mark the quality bar this project set for the demo SAEs: explained variance at "
-            "least 0.8, at most 32 active features per token, at most 20% dead features.*")
+    return ("*The dotted lines mark the quality bar this project set for the demo SAEs: explained variance "
+            "at least 0.8, at most 32 active features per token, at most 20% dead features.*")

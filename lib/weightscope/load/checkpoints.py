@@ -2,7 +2,8 @@
 
 `load_weights(path)` reads the token embedding, the unembedding, the final norm and, per block, the
 pre-attention norm and the Q/K/V/O weights (the MLP and the other block norms only with `mlp=True`) of a
-Gemma-2, Llama(-2, -3.x), Mistral, Qwen2 or GPT-2 checkpoint, without building the model and without ever loading a whole file:
+Gemma-2, Llama(-2, -3.x), Mistral, Qwen2 or GPT-2 checkpoint, without building the model and without ever
+loading a whole file:
 each tensor is opened lazily with `safetensors.safe_open` and converted to the requested dtype and device on
 its own; a tensor larger than `_BLOCK_BYTES` (64 MiB, e.g. an embedding) is read in row blocks straight into
 its preallocated output, reopening the file per block so that the memory map of one block is released before
@@ -106,9 +107,9 @@ class NonFiniteWeightsError(CheckpointError):
 class LayerWeights:
     """One block's tensors, TransformerLens names and shapes (see the module docstring).
 
-    Always: ln1_w, W_Q, W_K, W_V, W_O (W_K/W_V with n_kv_heads heads, not repeated). GPT-2 (and Qwen2's q/k/v):
-    ln1_b, b_Q, b_K, b_V, b_O. With `mlp=True`: ln2_w, W_in [d_model, d_mlp], W_out [d_mlp, d_model]; gated MLPs
-    (Gemma, Llama) W_gate [d_model, d_mlp]; GPT-2 ln2_b, b_in, b_out; Gemma-2 its post-norms ln1_post_w
+    Always: ln1_w, W_Q, W_K, W_V, W_O (W_K/W_V with n_kv_heads heads, not repeated). GPT-2 (and Qwen2's
+    q/k/v): ln1_b, b_Q, b_K, b_V, b_O. With `mlp=True`: ln2_w, W_in [d_model, d_mlp], W_out [d_mlp, d_model];
+    gated MLPs (Gemma, Llama) W_gate [d_model, d_mlp]; GPT-2 ln2_b, b_in, b_out; Gemma-2 its post-norms ln1_post_w
     (after attention) and ln2_post_w (after the MLP), stored as `1 + weight` like every Gemma norm.
     Absent tensors are None.
     """
@@ -513,7 +514,8 @@ def _load_rms_model(reader: _Reader, dims: _Dims, config_ties: bool, layers: lis
         )
         for field_name, proj, n in (("b_Q", "q", nh), ("b_K", "k", nkv), ("b_V", "v", nkv)):
             if reader.has(f"{q}self_attn.{proj}_proj.bias"):
-                setattr(weights, field_name, reader.read(f"{q}self_attn.{proj}_proj.bias", (n * dh,)).view(n, dh))
+                bias = reader.read(f"{q}self_attn.{proj}_proj.bias", (n * dh,))
+                setattr(weights, field_name, bias.view(n, dh))
         if reader.has(q + "self_attn.o_proj.bias"):
             weights.b_O = reader.read(q + "self_attn.o_proj.bias", (d,))
         if mlp:

@@ -1,10 +1,10 @@
-"""Full models, for the forward passes of chapter 0: TransformerLens where it can build the model, else transformers.
+"""Full models for chapter 0's forward passes: TransformerLens where it can build the model, else transformers.
 
 `load_model("stories260K")` builds Karpathy's llama2.c tinyllamas model (260K parameters, trained on
 TinyStories) from its two `.bin` files, found under `WEIGHTSCOPE_MODELS/stories260K/`, else in the download
 cache, else downloaded from the Hugging Face hub. A TransformerLens name goes to
-`HookedTransformer.from_pretrained`. `load_full_model(name)` also takes a local folder or hub id, which it runs
-with `transformers`' own model (`HFCausalLM`: its hidden states are the residual stream).
+`HookedTransformer.from_pretrained`. `load_full_model(name)` also takes a local folder or hub id, which it
+runs with `transformers`' own model (`HFCausalLM`: its hidden states are the residual stream).
 Chapters 1–3 do not build a model: they read `weightscope.load.weights_model`.
 
 Weights are loaded *unprocessed* by default (no LayerNorm folding, no centering): the book folds norms
@@ -237,7 +237,8 @@ PAPER_MODELS = {
                        mlp="GeGLU", tied_embeddings=True, embedding_scale="sqrt(d_model) = 48",
                        soft_capping="attention 50, logits 30"),
     "Llama-3.1-8B": dict(d_model=4096, n_layers=32, n_heads=32, n_key_value_heads=8, d_head=128, d_mlp=14336,
-                         d_vocab=128256, normalization="RMSNorm", positions="rotary (rotate-half), llama3 scaling x8",
+                         d_vocab=128256, normalization="RMSNorm",
+                         positions="rotary (rotate-half), llama3 scaling x8",
                          mlp="SwiGLU", tied_embeddings=False, embedding_scale="1", soft_capping="none"),
 }
 _MLP_NAMES = {"silu": "SwiGLU", "gelu_pytorch_tanh": "GeGLU", "gelu": "GeGLU"}
@@ -246,19 +247,22 @@ _MLP_NAMES = {"silu": "SwiGLU", "gelu_pytorch_tanh": "GeGLU", "gelu": "GeGLU"}
 def describe(model) -> dict:
     """The architecture facts of `model` that weight-based reading depends on, as its checkpoint states them.
 
-    `model` is a `WeightsModel` (its config says whether the embeddings are tied and whether the norm multiplies
-    by 1 + weight) or a `HookedTransformer` (tying then judged from the tensors).
+    `model` is a `WeightsModel` (its config says whether the embeddings are tied and whether the norm
+    multiplies by 1 + weight) or a `HookedTransformer` (tying then judged from the tensors).
     """
     cfg = model.cfg
     if cfg.positional_embedding_type == "rotary":
-        positions = "rotary (" + ("adjacent pairs" if getattr(cfg, "rotary_adjacent_pairs", False) else "rotate-half")
+        pairs = "adjacent pairs" if getattr(cfg, "rotary_adjacent_pairs", False) else "rotate-half"
+        positions = "rotary (" + pairs
         if getattr(cfg, "use_NTK_by_parts_rope", False):
             positions += f"), llama3 scaling x{cfg.NTK_by_parts_factor:g}"
         else:
             positions += ")"
     else:
-        positions = "learned absolute" if cfg.positional_embedding_type == "standard" else cfg.positional_embedding_type
-    norm = {"RMS": "RMSNorm", "LN": "LayerNorm"}.get(cfg.normalization_type.removesuffix("Pre"), cfg.normalization_type)
+        kind = cfg.positional_embedding_type
+        positions = "learned absolute" if kind == "standard" else kind
+    kind = cfg.normalization_type.removesuffix("Pre")
+    norm = {"RMS": "RMSNorm", "LN": "LayerNorm"}.get(kind, kind)
     if getattr(cfg, "norm_plus_one", False):
         norm += " (1 + weight)"
     tied = getattr(cfg, "tie_word_embeddings", None)
@@ -272,7 +276,8 @@ def describe(model) -> dict:
         d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
         n_key_value_heads=cfg.n_key_value_heads or cfg.n_heads, d_head=cfg.d_head, d_mlp=cfg.d_mlp,
         d_vocab=cfg.d_vocab, normalization=norm, positions=positions,
-        mlp=_MLP_NAMES.get(cfg.act_fn, cfg.act_fn) if cfg.gated_mlp else cfg.act_fn, tied_embeddings=bool(tied),
+        mlp=_MLP_NAMES.get(cfg.act_fn, cfg.act_fn) if cfg.gated_mlp else cfg.act_fn,
+        tied_embeddings=bool(tied),
         embedding_scale="1" if scale == 1.0 else f"sqrt(d_model) = {scale:.4g}",
         soft_capping=", ".join(caps) or "none",
     )
@@ -307,9 +312,9 @@ class HFCausalLM:
     """A `transformers` causal LM with the few `HookedTransformer` methods chapter 0 uses.
 
     `to_tokens` prepends BOS as TransformerLens does; `model(ids)` returns logits [batch, pos, d_vocab];
-    `residual_stream(ids)` the hidden states [n_layers + 1, pos, d_model] of the first sequence: entry L < n_layers
-    is the stream block L reads (`blocks.L.hook_resid_pre`); the last is the final norm's output, as
-    `transformers` returns it (`ln_final.hook_normalized` times the norm's weight).
+    `residual_stream(ids)` the hidden states [n_layers + 1, pos, d_model] of the first sequence: entry
+    L < n_layers is the stream block L reads (`blocks.L.hook_resid_pre`); the last is the final norm's output,
+    as `transformers` returns it (`ln_final.hook_normalized` times the norm's weight).
     """
 
     def __init__(self, hf_model, tokenizer, name: str):
@@ -356,7 +361,9 @@ def load_full_model(name: str, *, device="cpu", dtype=torch.float32, base: Path 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = sources.model_folder(source)
-    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device)
+    # eager attention: the implementation that applies every architecture's details (Gemma-2's soft-capping)
+    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="eager")
+    hf_model = hf_model.to(device)
     model = HFCausalLM(hf_model, AutoTokenizer.from_pretrained(str(folder)), name=Path(str(name)).name)
     model.weightscope_processing = {k: bool(v) for k, v in flags.items()}
     return model

@@ -112,4 +112,5 @@ def _describe_cfg(path: Path, source: str, sae_id: str) -> LoadedSAE:
             prepend_bos=meta.get("prepend_bos"), context_size=meta.get("context_size"), metadata=meta,
         )
     except (ValueError, KeyError, TypeError) as err:
-        raise SAEError(f"{path} is not a sae-lens SAE config ({err!r}); save the SAE with `sae.save_model`.") from err
+        raise SAEError(f"{path} is not a sae-lens SAE config ({err!r}); save the SAE with `sae.save_model`.") \
+            from err

@@ -30,17 +30,20 @@ from weightscope.load.checkpoints import (
 )
 
 DEMO_MODEL = "stories260K"
-ALLOW_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
-                  "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt", "*.model", "*.tiktoken"]
+ALLOW_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors",
+                  "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt", "*.model",
+                  "*.tiktoken"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _GATED_HINT = (
-    "Gated models (Gemma-2, Llama-3.x) need the licence accepted on the model's Hugging Face page and a token: "
-    "set HF_TOKEN (or run `hf auth login`). Offline, set `model.name` to a local folder holding the model."
+    "Gated models (Gemma-2, Llama-3.x) need the licence accepted on the model's Hugging Face page and a "
+    "token: set HF_TOKEN (or run `hf auth login`). Offline, set `model.name` to a local folder holding the "
+    "model."
 )
 
 
 class ModelSourceError(CheckpointError):
-    """`model.name` names no model weightscope can find, or its download failed; the message says what to do."""
+    """`model.name` names no model weightscope can find, or its download failed; the message says what to do.
+    """
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class ModelSource:
 
 
 def transformer_lens_official_name(name: str) -> str | None:
-    """TransformerLens's official name (a hub repository id) of a name or alias, None when it does not know it."""
+    """TransformerLens's official name (a hub repository id) of a name or alias; None if it is unknown."""
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
     try:
@@ -88,8 +91,8 @@ def resolve_model(name: str, *, base: Path | None = None) -> ModelSource:
     if name.startswith(("/", ".", "~")):
         raise ModelSourceError(
             f"model.name {name!r} looks like a folder, but no folder exists there. Give the path of a folder "
-            "in Hugging Face format (config.json, *.safetensors, tokenizer files), relative to the parameters "
-            "file or absolute."
+            "in Hugging Face format (config.json, *.safetensors, tokenizer files), relative to the "
+            "parameters file or absolute."
         )
     official = transformer_lens_official_name(name)
     if official is not None:
@@ -115,8 +118,8 @@ def check_folder(folder: Path) -> str:
         )
     if not list(folder.glob("*.safetensors")):
         raise CheckpointNotFoundError(
-            f"{folder} has no .safetensors weights (only {sorted(p.name for p in folder.iterdir())}). Save the "
-            "model with `save_pretrained` (safetensors is its default), or convert its .bin files."
+            f"{folder} has no .safetensors weights (only {sorted(p.name for p in folder.iterdir())}). Save "
+            "the model with `save_pretrained` (safetensors is its default), or convert its .bin files."
         )
     try:
         config = json.loads(config_path.read_text())
@@ -134,11 +137,11 @@ def model_folder(source: ModelSource, *, progress: bool = True) -> Path:
     config_path = _download(source, lambda hub: hub.hf_hub_download(source.repo_id, "config.json"), progress,
                             what="config.json", step=1)
     try:
-        detect_arch(json.loads(Path(config_path).read_text()))  # refuse an unsupported model before its weights
+        detect_arch(json.loads(Path(config_path).read_text()))  # refused before its weights are fetched
     except CheckpointError as err:
         raise type(err)(f"{source.name} ({source.repo_id}): {err}") from None
-    folder = _download(source, lambda hub: hub.snapshot_download(source.repo_id, allow_patterns=ALLOW_PATTERNS),
-                       progress, what="weights and tokenizer", step=2)
+    snapshot = lambda hub: hub.snapshot_download(source.repo_id, allow_patterns=ALLOW_PATTERNS)  # noqa: E731
+    folder = _download(source, snapshot, progress, what="weights and tokenizer", step=2)
     check_folder(Path(folder))
     return Path(folder)
 

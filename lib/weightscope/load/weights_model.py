@@ -89,7 +89,7 @@ class Norm:
 
 @dataclass
 class Attention:
-    """One block's attention weights; `_W_K`/`_W_V` keep the checkpoint's kv heads, `W_K`/`W_V` repeat them."""
+    """One block's attention weights: `_W_K`/`_W_V` the checkpoint's kv heads, `W_K`/`W_V` them repeated."""
 
     W_Q: Tensor
     _W_K: Tensor
@@ -145,13 +145,14 @@ class WeightsModel:
         for block in self.blocks:
             a = block.attn
             tensors += [block.ln1.w, block.ln1.b, a.W_Q, a._W_K, a._W_V, a.W_O, a.b_Q, a._b_K, a._b_V, a.b_O]
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in tensors if t is not None}
         return sum(storages.values())
 
     def __repr__(self) -> str:
         c = self.cfg
-        return (f"WeightsModel({c.model_name}, {c.original_architecture}, {c.n_layers} layers, d_model={c.d_model}, "
-                f"d_vocab={c.d_vocab}, {c.dtype} on {c.device})")
+        return (f"WeightsModel({c.model_name}, {c.original_architecture}, {c.n_layers} layers, "
+                f"d_model={c.d_model}, d_vocab={c.d_vocab}, {c.dtype} on {c.device})")
 
 
 def hook_names(n_layers: int, positional_embedding_type: str) -> dict[str, None]:
@@ -176,9 +177,10 @@ def shape_only(folder: Path):
     config = json.loads((Path(folder) / "config.json").read_text())
     arch = detect_arch(config)
     dims = _dims(arch, config)
-    cfg = SimpleNamespace(n_layers=dims.n_layers, d_model=dims.d_model, n_heads=dims.n_heads, d_head=dims.d_head,
-                          d_mlp=dims.d_mlp, model_name=Path(folder).name)
-    return SimpleNamespace(cfg=cfg, hook_dict=hook_names(dims.n_layers, "standard" if arch == "gpt2" else "rotary"))
+    cfg = SimpleNamespace(n_layers=dims.n_layers, d_model=dims.d_model, n_heads=dims.n_heads,
+                          d_head=dims.d_head, d_mlp=dims.d_mlp, model_name=Path(folder).name)
+    positions = "standard" if arch == "gpt2" else "rotary"
+    return SimpleNamespace(cfg=cfg, hook_dict=hook_names(dims.n_layers, positions))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -250,9 +252,9 @@ def _hf_tokenizer(folder: Path):
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as err:
         raise CheckpointError(
-            f"Cannot load the tokenizer of {folder}: {type(err).__name__}: {err}. The folder needs its tokenizer "
-            "files (tokenizer.json or vocab.json + merges.txt, tokenizer_config.json); save them with "
-            "`tokenizer.save_pretrained(folder)`."
+            f"Cannot load the tokenizer of {folder}: {type(err).__name__}: {err}. The folder needs its "
+            "tokenizer files (tokenizer.json or vocab.json + merges.txt, tokenizer_config.json); save them "
+            "with `tokenizer.save_pretrained(folder)`."
         ) from err
 
 
@@ -271,9 +273,9 @@ def from_llama2c(*, device="cpu", dtype=torch.float32) -> WeightsModel:
                             d_mlp=c.hidden_dim)
     sd = {k: v.to(device=device, dtype=dtype) for k, v in llama2c_state_dict(ckpt, shape).items()}
     kv = "_" if gqa else ""
-    blocks = [Block(ln1=Norm(sd[f"blocks.{l}.ln1.w"]), attn=Attention(
-        W_Q=sd[f"blocks.{l}.attn.W_Q"], _W_K=sd[f"blocks.{l}.attn.{kv}W_K"], _W_V=sd[f"blocks.{l}.attn.{kv}W_V"],
-        W_O=sd[f"blocks.{l}.attn.W_O"])) for l in range(c.n_layers)]
+    blocks = [Block(ln1=Norm(sd[f"blocks.{i}.ln1.w"]), attn=Attention(
+        W_Q=sd[f"blocks.{i}.attn.W_Q"], _W_K=sd[f"blocks.{i}.attn.{kv}W_K"],
+        _W_V=sd[f"blocks.{i}.attn.{kv}W_V"], W_O=sd[f"blocks.{i}.attn.W_O"])) for i in range(c.n_layers)]
     cfg = ModelConfig(
         model_name=DEMO_MODEL if c.dim == 64 and c.n_layers == 5 else "llama2c",
         original_architecture="LlamaForCausalLM", n_layers=c.n_layers, d_model=c.dim, d_vocab=c.vocab_size,
@@ -309,8 +311,8 @@ def apply_processing(model: WeightsModel, flags: dict[str, bool]) -> WeightsMode
     if unknown:
         raise ProcessingError(
             f"The SAEs were trained on a model processed with {unknown}, which the weights-only route cannot "
-            f"apply (it applies {list(HONOURED_FLAGS)}). Set `model.processing` in the parameters file to the "
-            "flags to use, or use SAEs trained without them."
+            f"apply (it applies {list(HONOURED_FLAGS)}). Set `model.processing` in the parameters file to "
+            "the flags to use, or use SAEs trained without them."
         )
     notes = []
     if "fold_ln" in on:
