@@ -62,7 +62,8 @@ def all_bytes(m: dict, itemsize: int = 4) -> int:
 
 def _rss() -> tuple[int, int]:
     """(VmRSS, VmHWM) of this process in bytes."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    lines = Path("/proc/self/status").read_text().splitlines()
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
     return (int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024)
 
 
@@ -95,7 +96,8 @@ def build(folder: Path, n_layers: int, vocab: int) -> None:
         p = f"model.layers.{layer}."
         shapes = {"self_attn.q_proj.weight": (nh * dh, d), "self_attn.k_proj.weight": (nkv * dh, d),
                   "self_attn.v_proj.weight": (nkv * dh, d), "self_attn.o_proj.weight": (d, nh * dh),
-                  "mlp.gate_proj.weight": (dm, d), "mlp.up_proj.weight": (dm, d), "mlp.down_proj.weight": (d, dm)}
+                  "mlp.gate_proj.weight": (dm, d), "mlp.up_proj.weight": (dm, d),
+                  "mlp.down_proj.weight": (d, dm)}
         tensors = {p + k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
         for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                      "post_feedforward_layernorm"):
@@ -135,8 +137,8 @@ def load(route: str, folder: Path) -> dict:
         base, _ = _rss()
         t = time.perf_counter()
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-        model = HookedTransformer.from_pretrained_no_processing("gemma-2-2b", hf_model=hf, tokenizer=tokenizer,
-                                                                dtype=torch.float32, device="cpu")
+        model = HookedTransformer.from_pretrained_no_processing(
+            "gemma-2-2b", hf_model=hf, tokenizer=tokenizer, dtype=torch.float32, device="cpu")
         del hf
         seconds = time.perf_counter() - t
         held = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -158,10 +160,11 @@ def _child(*args: str) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=256000, help="vocabulary of the stand-in (real: 256,000)")
-    parser.add_argument("--quick", action="store_true", help="vocab 32,000: a smoke run, not for the appendix")
+    parser.add_argument("--vocab", type=int, default=256000, help="stand-in's vocabulary (real: 256,000)")
+    parser.add_argument("--quick", action="store_true", help="vocab 32,000: a smoke run, not for the book")
     parser.add_argument("--routes", nargs="*", default=["weights_only", "transformer_lens"])
     parser.add_argument("--child", nargs=2, metavar=("ROUTE_OR_BUILD", "FOLDER"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
@@ -202,8 +205,10 @@ def main() -> int:
                 "bytes": size(model), "peak_rss_gib": round(peak / 2**30, 1)}
     if "weights_only" in runs:
         w = runs["weights_only"]
-        result["weights_only_peak_over_needed"] = round(w["peak_rss"] - w["baseline_rss"], 0) / needed_bytes(standin)
-    out = args.out or REPO / "bench" / "results" / f"loading-{date.today().isoformat()}{'-quick' if args.quick else ''}.json"
+        above = w["peak_rss"] - w["baseline_rss"]
+        result["weights_only_peak_over_needed"] = round(above / needed_bytes(standin), 3)
+    name = f"loading-{date.today().isoformat()}{'-quick' if args.quick else ''}.json"
+    out = args.out or REPO / "bench" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(result, indent=2))

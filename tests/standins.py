@@ -28,7 +28,8 @@ def tokenizer():
     """The GPT-2 tokenizer (50,257 tokens) from the shared folder."""
     from transformers import GPT2TokenizerFast
 
-    return GPT2TokenizerFast(vocab=str(GPT2_TOKENIZER / "vocab.json"), merges=str(GPT2_TOKENIZER / "merges.txt"))
+    return GPT2TokenizerFast(vocab=str(GPT2_TOKENIZER / "vocab.json"),
+                             merges=str(GPT2_TOKENIZER / "merges.txt"))
 
 
 def config(arch: str, vocab_size: int, n_layers: int = N_LAYERS, **overrides):
@@ -36,8 +37,8 @@ def config(arch: str, vocab_size: int, n_layers: int = N_LAYERS, **overrides):
     import transformers as T
 
     eos = dict(bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
-    llama_like = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **eos)
+    llama_like = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **eos)
     if arch == "gemma2":  # soft-capping and post-norms are Gemma2Config's defaults
         cfg = T.Gemma2Config(**{**llama_like, "head_dim": 16, "query_pre_attn_scalar": 16,
                                 "sliding_window": 64, "pad_token_id": 0})
@@ -50,7 +51,8 @@ def config(arch: str, vocab_size: int, n_layers: int = N_LAYERS, **overrides):
     elif arch == "qwen2":  # q/k/v biases
         cfg = T.Qwen2Config(**llama_like, tie_word_embeddings=False)
     elif arch == "gpt2":
-        cfg = T.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=n_layers, n_head=4, n_positions=256, **eos)
+        cfg = T.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=n_layers, n_head=4, n_positions=256,
+                           **eos)
     else:
         raise ValueError(f"no stand-in for {arch!r}; choose one of {ARCHS}")
     for key, value in overrides.items():
@@ -96,8 +98,8 @@ def build_model(arch: str, folder: Path, *, seed: int = 0, n_layers: int = N_LAY
     return folder
 
 
-def build_saes(model_folder: Path, folder: Path, *, d_sae: int = 48, layers=None, hook: str = "hook_resid_post",
-               seed: int = 1, flags: dict | None = None) -> Path:
+def build_saes(model_folder: Path, folder: Path, *, d_sae: int = 48, layers=None,
+               hook: str = "hook_resid_post", seed: int = 1, flags: dict | None = None) -> Path:
     """One random TopK SAE per layer, in sae-lens's saved format under `folder/layer_L/`; returns `folder`.
 
     flags: the TransformerLens processing the SAEs record (`model_from_pretrained_kwargs`); default
@@ -132,8 +134,8 @@ def build_saes(model_folder: Path, folder: Path, *, d_sae: int = 48, layers=None
     return Path(folder)
 
 
-def write_params(target: str, model_folder: Path, sae_folder: Path, path: Path, *, chapters: dict | None = None,
-                 layers="all") -> Path:
+def write_params(target: str, model_folder: Path, sae_folder: Path, path: Path, *,
+                 chapters: dict | None = None, layers="all") -> Path:
     """A parameters file naming the stand-in and its SAE folder (small chapter settings by default)."""
     import yaml
 
@@ -209,7 +211,8 @@ def reference_reads(cfg: dict, sd: dict, D: torch.Tensor, layer: int, centre: bo
                     wrong: str | None = None) -> dict[str, torch.Tensor]:
     """Query, key and value reads [n, n_heads] of directions D [n, d_model] by block `layer`'s heads, from
     the HF tensors: d~ = norm-folded d; q_h = ||d~ Wq_h^T||, k_h = ||d~ Wk_kv(h)^T||,
-    v_h = ||(d~ Wv_kv(h)^T) Wo[:, h]^T|| (GPT-2 with centre: that output centred over d_model), kv(h) = h // rep.
+    v_h = ||(d~ Wv_kv(h)^T) Wo[:, h]^T|| (GPT-2 with centre: that output centred over d_model),
+    kv(h) = h // rep.
     """
     arch = cfg["model_type"]
     D = D.float()
@@ -248,4 +251,5 @@ def reference_reads(cfg: dict, sd: dict, D: torch.Tensor, layer: int, centre: bo
 
 def applicable_wrong_folds(arch: str) -> list[str]:
     """The deliberate mistakes that change this architecture's numbers."""
-    return {"gemma2": ["gemma_raw_weight", "gqa_modulo"], "gpt2": ["gpt2_no_centring"]}.get(arch, ["gqa_modulo"])
+    by_arch = {"gemma2": ["gemma_raw_weight", "gqa_modulo"], "gpt2": ["gpt2_no_centring"]}
+    return by_arch.get(arch, ["gqa_modulo"])

@@ -16,10 +16,15 @@ import pytest
 import standins
 from weightscope.chapters.context import open_chapter
 from weightscope.load import sources
-from weightscope.load.checkpoints import CheckpointError, CheckpointNotFoundError, UnsupportedArchitectureError
+from weightscope.load.checkpoints import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    UnsupportedArchitectureError,
+)
 from weightscope.load.saes import SAEError
 
-pytestmark = pytest.mark.skipif(not standins.GPT2_TOKENIZER.is_dir(), reason="needs ../shared/tokenizers/gpt2")
+pytestmark = pytest.mark.skipif(not standins.GPT2_TOKENIZER.is_dir(),
+                                reason="needs ../shared/tokenizers/gpt2")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +80,8 @@ def test_unsupported_hub_model_is_refused_before_its_weights(monkeypatch, tmp_pa
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: str(tmp_path / "config.json"))
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda *a, **k: pytest.fail("weights downloaded for an unsupported model"))
-    with pytest.raises(UnsupportedArchitectureError, match="model_type='t5'.*gemma2, llama, mistral, qwen2, gpt2"):
+    supported = "gemma2, llama, mistral, qwen2, gpt2"
+    with pytest.raises(UnsupportedArchitectureError, match=f"model_type='t5'.*{supported}"):
         sources.model_folder(sources.resolve_model("someone/t5"), progress=False)
 
 
@@ -153,7 +159,7 @@ def test_check_target_refuses_a_misfit_without_reading_weights(llama, tmp_path, 
     monkeypatch.setattr(checkpoints, "load_weights", lambda *a, **k: pytest.fail("weights read"))
     check_target(str(standins.write_params("ok", llama[0], llama[1], tmp_path / "ok.yaml")))
     three = standins.build_saes(llama[0], tmp_path / "three", layers=[0, 1])
-    (three / "layer_1" / "cfg.json").write_text(
-        (three / "layer_1" / "cfg.json").read_text().replace("blocks.1.hook_resid_post", "blocks.1.hook_nope"))
+    cfg = three / "layer_1" / "cfg.json"
+    cfg.write_text(cfg.read_text().replace("blocks.1.hook_resid_post", "blocks.1.hook_nope"))
     with pytest.raises(SAEError, match="hook_nope"):
         check_target(str(standins.write_params("bad", llama[0], three, tmp_path / "bad.yaml", layers=[0, 1])))

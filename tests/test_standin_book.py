@@ -1,5 +1,5 @@
-"""`python -m weightscope.publish.book` end to end on stand-in targets: a params file naming a local model folder
-and a local SAE folder, built here (tests/standins.py), with its results checked against plain torch.
+"""`python -m weightscope.publish.book` end to end on stand-in targets: a params file naming a local model
+folder and a local SAE folder, built here (tests/standins.py), with its results checked against plain torch.
 
 Chapter 1's top output tokens and chapter 2's query/key/value reads, read back from the result tables, must
 equal `standins.reference_*` (computed from the raw Hugging Face tensors), and must differ from the same
@@ -24,8 +24,9 @@ import standins
 from weightscope.publish.book import BOOK
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not standins.GPT2_TOKENIZER.is_dir(), reason="needs ../shared/tokenizers/gpt2")]
-DEMO_ONLY = ("stories260K", "512 tokens", "64 residual dimensions", "public release", "children's stories")
+              pytest.mark.skipif(not standins.GPT2_TOKENIZER.is_dir(),
+                                 reason="needs ../shared/tokenizers/gpt2")]
+DEMO_ONLY = ("stories260K", "512 tokens", "public release", "children's stories", "trained by this project")
 
 
 def _book(arch: str, tmp_path: Path, html: bool):
@@ -35,7 +36,8 @@ def _book(arch: str, tmp_path: Path, html: bool):
     target = f"standin-{arch}"
     params = standins.write_params(target, folder, saes, tmp_path / f"{target}.yaml")
     env = {**os.environ, "WEIGHTSCOPE_DATA": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "weightscope.publish.book", "--target", str(params)] + ([] if html else ["--no-html"])
+    cmd = [sys.executable, "-m", "weightscope.publish.book", "--target", str(params)]
+    cmd += [] if html else ["--no-html"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         pages = {p.stem: p.read_text() for p in (BOOK / target).glob("*.ipynb")}
@@ -124,7 +126,7 @@ def test_gemma2_standin_book_end_to_end(tmp_path):
 
 @pytest.fixture
 def standins_selected(request):
-    if "standins" not in (request.config.getoption("-m") or ""):
+    if "standins" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("runs with `pytest -m standins` (CI): the book for every real architecture")
 
 

@@ -1,4 +1,4 @@
-"""The weights-only route of chapters 1–3 against an independent plain-torch reading of the Hugging Face weights.
+"""The weights-only route of chapters 1–3 against an independent plain-torch reading of the HF weights.
 
 For each stand-in architecture (tests/standins.py: random Gemma-2, Llama-3.1, GPT-2, Mistral, Qwen2 with
 randomised norms and biases, and local sae-lens SAE folders), the model and SAEs come through the chapters'
@@ -18,7 +18,8 @@ from weightscope.chapters.context import open_chapter
 from weightscope.compute import attention, lens
 from weightscope.compute.token_scores import token_score_stats
 
-pytestmark = pytest.mark.skipif(not standins.GPT2_TOKENIZER.is_dir(), reason="needs ../shared/tokenizers/gpt2")
+pytestmark = pytest.mark.skipif(not standins.GPT2_TOKENIZER.is_dir(),
+                                reason="needs ../shared/tokenizers/gpt2")
 K = 10
 
 
@@ -51,7 +52,8 @@ def test_chapter_tensors_equal_the_hf_weights(standin, arch):
     cfg, sd = standins.hf_weights(folder)
     centre = bool(ctx.processing.get("center_writing_weights"))
     assert centre == (arch == "gpt2")  # recorded by the GPT-2 SAEs, as in gpt2-small-res-jb
-    assert ctx.provenance()["processing"] == ctx.processing and ctx.provenance()["model_source"]["kind"] == "local"
+    provenance = ctx.provenance()
+    assert provenance["processing"] == ctx.processing and provenance["model_source"]["kind"] == "local"
 
     M_out, _ = lens.output_matrix(model)
     assert _close(M_out, standins.reference_output_matrix(cfg, sd))
@@ -76,7 +78,8 @@ def test_chapter_tensors_equal_the_hf_weights(standin, arch):
             assert _close(mine, ref[name]), (arch, read_layer, name)
         for wrong in standins.applicable_wrong_folds(arch):
             bad = standins.reference_reads(cfg, sd, D, int(read_layer), centre, wrong)
-            assert not all(_close(torch.tensor(got[n].to_numpy()).view(-1, n_heads), bad[n]) for n in "qkv"), wrong
+            mine = {n: torch.tensor(got[n].to_numpy()).view(-1, n_heads) for n in "qkv"}
+            assert not all(_close(mine[n], bad[n]) for n in "qkv"), wrong
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "llama"])
@@ -145,12 +148,13 @@ def test_processing_flags_as_transformer_lens_applies_them(standin):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
     c = hf.config
     tl_cfg = HookedTransformerConfig(
-        n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
-        d_mlp=4 * c.n_embd, d_vocab=c.vocab_size, act_fn="gelu_new", normalization_type="LN",
+        n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, n_heads=c.n_head,
+        d_head=c.n_embd // c.n_head, d_mlp=4 * c.n_embd, d_vocab=c.vocab_size, act_fn="gelu_new", normalization_type="LN",
         original_architecture="GPT2LMHeadModel", init_weights=False)
     flags = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
     tl = HookedTransformer(tl_cfg)
-    tl.load_and_process_state_dict(convert_gpt2_weights(hf, tl_cfg), **flags, refactor_factored_attn_matrices=False)
+    tl.load_and_process_state_dict(convert_gpt2_weights(hf, tl_cfg), **flags,
+                                   refactor_factored_attn_matrices=False)
     mine = apply_processing(load_weights_model(str(folder), progress=False), flags)
     assert mine.cfg.normalization_type == tl.cfg.normalization_type == "LNPre"
     assert mine.ln_final.w is None and mine.blocks[0].ln1.w is None
