@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import standins
-from weightscope.publish.book import BOOK
+from weightscope.publish.book import BOOK, write_toc
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not standins.GPT2_TOKENIZER.is_dir(),
@@ -47,6 +47,7 @@ def _book(arch: str, tmp_path: Path, html: bool):
     finally:
         shutil.rmtree(BOOK / target, ignore_errors=True)
         shutil.rmtree(BOOK / "_build" / "html" / target, ignore_errors=True)
+        write_toc()  # the table of contents lists the book's own targets again
     return proc, target, folder, saes, tmp_path / "data", pages
 
 
