@@ -331,9 +331,11 @@ def test_non_finite_values(checkpoints, tmp_path, monkeypatch, block_bytes):
 def test_unsupported_architecture(checkpoints, tmp_path):
     folder = _copy(checkpoints["llama"][1], tmp_path)
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    config.update(model_type="falcon", architectures=["FalconForCausalLM"])
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(C.UnsupportedArchitectureError, match="mistral"):
+    # the message names the model_type and every supported one
+    supported = "gemma2, llama, mistral, qwen2, gpt2"
+    with pytest.raises(C.UnsupportedArchitectureError, match=f"model_type='falcon'.*{supported}"):
         C.load_weights(folder)
     assert C.load_weights(folder, arch="llama").arch == "llama"  # the layout is Llama's: arch overrides
     with pytest.raises(C.UnsupportedArchitectureError, match="arch must be one of"):

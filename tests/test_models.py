@@ -221,7 +221,9 @@ def test_unknown_model_name_errors_before_download(monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("must not try to download an unknown model")
 
-    monkeypatch.setattr(models.HookedTransformer, "from_pretrained", no_download)
+    from transformer_lens import HookedTransformer
+
+    monkeypatch.setattr(HookedTransformer, "from_pretrained", no_download)
     with pytest.raises(ValueError, match="OFFICIAL_MODEL_NAMES"):
         models.load_model("not-a-real-model-xyz")
 

@@ -1,14 +1,20 @@
 """The common opening of every chapter: parameters, device, model and SAEs for one target.
 
-    ctx = open_chapter(target)                  # validated params, device, dtype; gradients off
-    model, saes = ctx.load_model_and_saes()     # the model with its SAEs' processing; one checked SAE per layer
+    ctx = open_chapter(target)                  # validated params, model name resolved, device, dtype
+    model, saes = ctx.load_model_and_saes()     # weights-only model (processed as the SAEs need); SAEs lazily
+    full = ctx.load_full_model()                # chapter 0 only: the model that runs forward passes
+
+`model` is a `weightscope.load.weights_model.WeightsModel`: the tensors chapters 1–3 read, under
+TransformerLens's names, read once by the streaming loader; `saes` an `SAESequence` that loads one SAE at a
+time. The processing applied to the weights (the flags the SAEs were trained with) and the model's source are
+recorded with every result through `provenance`.
 """
 
 from __future__ import annotations
 
 import platform
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,49 +53,65 @@ class ChapterContext:
     target: Target
     device: torch.device
     dtype: torch.dtype
-    processing: dict[str, bool] | None = None  # TransformerLens flags the model was loaded with (set on load)
+    processing: dict[str, bool] | None = None  # processing flags applied to the weights (set on load)
+    processing_notes: list[str] = field(default_factory=list)  # what each flag changed
+    model_source: dict[str, Any] | None = None  # where the weights came from (set on load)
 
     def load_model_and_saes(self):
-        """The target's model (with the processing its SAEs were trained with) and one SAE per analysed layer.
+        """The target's weights-only model, processed as its SAEs were trained, and its SAEs (lazily).
 
-        Returns (model, saes): a HookedTransformer on this chapter's device, and `LoadedSAE`s checked to fit it
-        (d_model, hook, layer) and to read the residual stream.
+        Returns (model, saes): a `WeightsModel` on this chapter's device and dtype, and an `SAESequence` whose
+        items are `LoadedSAE`s, each loaded when reached and checked to fit the model and read the residual
+        stream (for local folders every SAE's config is checked here, before any work).
         """
-        from weightscope.load.models import load_model
-        from weightscope.load.saes import check_fits, require_residual
+        from weightscope.load.sae_sequence import SAESequence
+        from weightscope.load.weights_model import apply_processing, load_weights_model
 
-        flags = self.processing_flags()
-        self.processing = flags
-        model = load_model(self.target.model_name, device=self.device, dtype=self.dtype, **flags)
+        model = load_weights_model(self.target.model_name, device=self.device, dtype=self.dtype,
+                                   base=self._base())
         layers = self.target.resolve_layers(model.cfg.n_layers)
-        saes = self._load_saes(layers)
-        for sae in saes:
-            check_fits(sae, model)
-            require_residual(sae)
+        ids = self.target.sae_ids(layers) or [f"layer_{layer}" for layer in layers]
+        saes = SAESequence(self.target.sae_source, ids, layers, device=str(self.device),
+                           dtype=_dtype_name(self.dtype), model=model)
+        saes.check()
+        self.processing = self.processing_flags(saes)
+        apply_processing(model, self.processing)
+        self.processing_notes = list(model.processing_notes)
+        self.model_source = dict(model.source)
         return model, saes
 
-    def processing_flags(self) -> dict[str, bool]:
-        """TransformerLens processing flags: explicit in the params, else those recorded with the target's SAEs."""
+    def load_full_model(self):
+        """The model that runs forward passes (chapter 0): TransformerLens for the demo and the models it
+        knows, else `transformers`' own model (`weightscope.load.models.HFCausalLM`)."""
+        from weightscope.load.models import load_full_model
+
+        flags = self.processing if self.processing is not None else {}
+        return load_full_model(self.target.model_name, device=self.device, dtype=self.dtype,
+                               base=self._base(), **flags)
+
+    def processing_flags(self, saes=None) -> dict[str, bool]:
+        """Processing flags: explicit in the params, else those recorded with the target's SAEs."""
         if isinstance(self.target.processing, dict):
             return dict(self.target.processing)
         if self.target.sae_source == "demo":
             return {}  # the demo SAEs are trained on the unprocessed model
-        first = self._load_saes([0])[0]
-        recorded = first.model_from_pretrained_kwargs or {}
+        if saes is None:
+            raise ValueError("processing_flags needs the target's SAEs when `model.processing` is auto")
+        recorded = saes.recorded_processing() or {}
         return {k: bool(v) for k, v in recorded.items() if k in PROCESSING_FLAGS}
 
-    def _load_saes(self, layers: list[int]) -> list:
-        from weightscope.load.saes import load_saes
-
-        ids = self.target.sae_ids(layers) or [f"layer_{layer}" for layer in layers]
-        return load_saes(self.target.sae_source, ids, device=str(self.device), dtype=_dtype_name(self.dtype))
+    def _base(self):
+        return self.target.path.parent if self.target.path is not None else None
 
     def provenance(self, **chapter_params: Any) -> dict[str, Any]:
-        """What every result records: target parameters, chapter parameters, device, dtype and versions."""
+        """What every result records: target and chapter parameters, the model's source and processing,
+        device, dtype and versions."""
         return {
             "target": self.target.as_dict(),
             "chapter": chapter_params,
+            "model_source": self.model_source,
             "processing": self.processing,
+            "processing_notes": self.processing_notes,
             "device": str(self.device),
             "dtype": _dtype_name(self.dtype),
             "python": platform.python_version(),
@@ -111,9 +133,32 @@ def sae_summary(sae) -> dict[str, Any]:
 
 
 def open_chapter(target: str, *, seed: int = 0) -> ChapterContext:
-    """Validate the target's parameters, pick device and dtype, turn gradients off and seed torch."""
+    """Validate the target's parameters and model name, pick device and dtype, turn gradients off, seed."""
+    from weightscope.load.sources import resolve_model
+
     params = load_target(target)
+    resolve_model(params.model_name, base=params.path.parent if params.path else None)  # fails early, clearly
     device = resolve_device(params.device)
     torch.set_grad_enabled(False)
     torch.manual_seed(seed)
     return ChapterContext(target=params, device=device, dtype=resolve_dtype(params.dtype, device))
+
+
+def check_target(target: str) -> None:
+    """Everything about a target that can be checked without reading weights, raised as one clear error:
+    the parameters, the model name (a local folder's config.json and architecture), and, for a local model
+    with local SAE folders, every SAE's width, layer and hook against the model's config.json."""
+    from weightscope.load.sae_sequence import SAESequence
+    from weightscope.load.sources import resolve_model
+    from weightscope.load.weights_model import shape_only
+
+    params = load_target(target)
+    source = resolve_model(params.model_name, base=params.path.parent if params.path else None)
+    if source.kind != "local" or params.sae_source == "demo":
+        return  # a hub model's config arrives with its download; demo SAEs are prepared by the book runner
+    shape = shape_only(source.folder)
+    layers = params.resolve_layers(shape.cfg.n_layers)
+    ids = params.sae_ids(layers) or [f"layer_{layer}" for layer in layers]
+    saes = SAESequence(params.sae_source, ids, layers, device="cpu", dtype=None, model=shape)
+    if saes.metadata() is not None:
+        saes.check()

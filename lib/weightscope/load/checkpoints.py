@@ -2,7 +2,8 @@
 
 `load_weights(path)` reads the token embedding, the unembedding, the final norm and, per block, the
 pre-attention norm and the Q/K/V/O weights (the MLP and the other block norms only with `mlp=True`) of a
-Gemma-2, Llama(-3.x) or GPT-2 checkpoint, without building the model and without ever loading a whole file:
+Gemma-2, Llama(-2, -3.x), Mistral, Qwen2 or GPT-2 checkpoint, without building the model and without ever
+loading a whole file:
 each tensor is opened lazily with `safetensors.safe_open` and converted to the requested dtype and device on
 its own; a tensor larger than `_BLOCK_BYTES` (64 MiB, e.g. an embedding) is read in row blocks straight into
 its preallocated output, reopening the file per block so that the memory map of one block is released before
@@ -22,7 +23,8 @@ Tensors come back in TransformerLens conventions, shapes and values, as `HookedT
   query heads sharing them: TransformerLens's `attn._W_K` / `attn._W_V` under grouped-query attention (its
   `attn.W_K` repeats them with `repeat_interleave(n_heads // n_kv_heads)`, see
   `attention.kv_head_index`); `W_O` [n_heads, d_head, d_model]. GPT-2 adds `b_Q`, `b_K`, `b_V` [n_heads,
-  d_head] and `b_O` [d_model]; Gemma and Llama have no biases (TransformerLens's are zeros).
+  d_head] and `b_O` [d_model]; Qwen2 has `b_Q` [n_heads, d_head] and `b_K`, `b_V` [n_kv_heads, d_head];
+  Gemma, Llama and Mistral have no biases (TransformerLens's are zeros).
 * Gemma's embedding scale: Gemma multiplies the embeddings by sqrt(d_model) in its forward pass;
   TransformerLens folds that factor into `W_E` when converting (`embed_tokens.weight * sqrt(d_model)`, the
   factor rounded to the model's dtype as Hugging Face does) and applies no scale in its forward pass, while
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -59,15 +62,19 @@ __all__ = [
     "load_weights",
 ]
 
-SUPPORTED_ARCHS = ("gemma2", "llama", "gpt2")
+SUPPORTED_ARCHS = ("gemma2", "llama", "mistral", "qwen2", "gpt2")
 
 # config.json `model_type` / `architectures[0]` -> the layout read here
-_MODEL_TYPES = {"gemma2": "gemma2", "llama": "llama", "gpt2": "gpt2"}
+_MODEL_TYPES = {arch: arch for arch in SUPPORTED_ARCHS}
 _ARCHITECTURES = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma2Model": "gemma2",
     "LlamaForCausalLM": "llama",
     "LlamaModel": "llama",
+    "MistralForCausalLM": "mistral",
+    "MistralModel": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen2Model": "qwen2",
     "GPT2LMHeadModel": "gpt2",
     "GPT2Model": "gpt2",
 }
@@ -100,9 +107,9 @@ class NonFiniteWeightsError(CheckpointError):
 class LayerWeights:
     """One block's tensors, TransformerLens names and shapes (see the module docstring).
 
-    Always: ln1_w, W_Q, W_K, W_V, W_O (W_K/W_V with n_kv_heads heads, not repeated). GPT-2 only: ln1_b,
-    b_Q, b_K, b_V, b_O. With `mlp=True`: ln2_w, W_in [d_model, d_mlp], W_out [d_mlp, d_model]; gated MLPs
-    (Gemma, Llama) W_gate [d_model, d_mlp]; GPT-2 ln2_b, b_in, b_out; Gemma-2 its post-norms ln1_post_w
+    Always: ln1_w, W_Q, W_K, W_V, W_O (W_K/W_V with n_kv_heads heads, not repeated). GPT-2 (and Qwen2's
+    q/k/v): ln1_b, b_Q, b_K, b_V, b_O. With `mlp=True`: ln2_w, W_in [d_model, d_mlp], W_out [d_mlp, d_model];
+    gated MLPs (Gemma, Llama) W_gate [d_model, d_mlp]; GPT-2 ln2_b, b_in, b_out; Gemma-2 its post-norms ln1_post_w
     (after attention) and ln2_post_w (after the MLP), stored as `1 + weight` like every Gemma norm.
     Absent tensors are None.
     """
@@ -195,7 +202,7 @@ class WeightSet(_Dims):
     @property
     def gqa(self) -> bool:
         """Whether TransformerLens treats the model as grouped-query (its `_W_K`/`_W_V` names)."""
-        return self.arch == "gemma2" or (self.arch == "llama" and self.n_kv_heads != self.n_heads)
+        return self.arch == "gemma2" or (self.arch != "gpt2" and self.n_kv_heads != self.n_heads)
 
     def tensors(self) -> dict[str, Tensor]:
         """Every tensor read, by its TransformerLens state-dict name ("embed.W_E", "blocks.0.attn._W_K", ...).
@@ -317,8 +324,9 @@ def detect_arch(config: dict) -> str:
     raise UnsupportedArchitectureError(
         f"Unsupported architecture: model_type={model_type!r}, "
         f"architectures={config.get('architectures')!r}. "
-        f"load_weights reads {', '.join(SUPPORTED_ARCHS)} checkpoints (model_type gemma2, llama, gpt2); "
-        "load other models with weightscope.load.models.load_model (TransformerLens)."
+        f"weightscope reads the weights of these architectures (config.json `model_type`): "
+        f"{', '.join(SUPPORTED_ARCHS)}. Use a checkpoint of one of them, or add its layout to "
+        "weightscope.load.checkpoints."
     )
 
 
@@ -333,6 +341,14 @@ class _Reader:
     def __init__(self, files: dict[str, Path], dtype: torch.dtype, device: torch.device, check_finite: bool):
         self.files, self.dtype, self.device, self.check_finite = files, dtype, device, check_finite
         self.read_files: set[Path] = set()
+        self.progress = False
+
+    def layer_done(self, layer: int, layers: list[int]) -> None:
+        """A progress line per block read (stderr, so that it reaches the terminal during `make book`)."""
+        if self.progress:
+            done = layers.index(layer) + 1
+            # "n/m [" is the shape the book runner drops from pages (as tqdm's bars): live only
+            print(f"[weights] {done}/{len(layers)} [block {layer}] read", file=sys.stderr, flush=True)
 
     def has(self, name: str) -> bool:
         return name in self.files
@@ -439,8 +455,8 @@ def _dims(arch: str, config: dict) -> _Dims:
 
 
 def _config_ties(arch: str, config: dict) -> bool:
-    """config.json's `tie_word_embeddings`; absent, GPT-2 and Gemma-2 tie (W_U = W_E.T) and Llama does not."""
-    return bool(config.get("tie_word_embeddings", arch != "llama"))
+    """config.json's `tie_word_embeddings`; absent, GPT-2 and Gemma-2 tie (W_U = W_E.T), the others do not."""
+    return bool(config.get("tie_word_embeddings", arch in ("gemma2", "gpt2")))
 
 
 def _prefix(reader: _Reader, candidates: tuple[str, ...], probe: str) -> str:
@@ -460,7 +476,8 @@ def _split_heads(W: Tensor, n: int) -> Tensor:
 
 def _load_rms_model(reader: _Reader, dims: _Dims, config_ties: bool, layers: list[int], mlp: bool,
                     fold_embed_scale: bool) -> dict:
-    """Gemma-2 and Llama: the same tensor names; Gemma adds 1 to its norm weights and scales its embedding."""
+    """Gemma-2, Llama, Mistral, Qwen2: the same tensor names; Gemma adds 1 to its norm weights and scales its
+    embedding; q/k/v/o biases (Qwen2, Llama with `attention_bias`) are read where the checkpoint has them."""
     gemma = dims.arch == "gemma2"
     p = _prefix(reader, ("model.", ""), "embed_tokens.weight")
     d, V, nh, nkv, dh = dims.d_model, dims.d_vocab, dims.n_heads, dims.n_kv_heads, dims.d_head
@@ -495,6 +512,12 @@ def _load_rms_model(reader: _Reader, dims: _Dims, config_ties: bool, layers: lis
             W_V=_split_heads(reader.read(q + "self_attn.v_proj.weight", (nkv * dh, d)), nkv),
             W_O=reader.read(q + "self_attn.o_proj.weight", (d, nh * dh)).view(d, nh, dh).permute(1, 2, 0),
         )
+        for field_name, proj, n in (("b_Q", "q", nh), ("b_K", "k", nkv), ("b_V", "v", nkv)):
+            if reader.has(f"{q}self_attn.{proj}_proj.bias"):
+                bias = reader.read(f"{q}self_attn.{proj}_proj.bias", (n * dh,))
+                setattr(weights, field_name, bias.view(n, dh))
+        if reader.has(q + "self_attn.o_proj.bias"):
+            weights.b_O = reader.read(q + "self_attn.o_proj.bias", (d,))
         if mlp:
             if gemma:  # Gemma-2: post_attention_layernorm follows attention; the MLP has pre/post norms
                 weights.ln1_post_w = norm(q + "post_attention_layernorm.weight")
@@ -506,6 +529,7 @@ def _load_rms_model(reader: _Reader, dims: _Dims, config_ties: bool, layers: lis
             weights.W_gate = reader.read(q + "mlp.gate_proj.weight", (dims.d_mlp, d)).T
             weights.W_out = reader.read(q + "mlp.down_proj.weight", (d, dims.d_mlp)).T
         blocks[layer] = weights
+        reader.layer_done(layer, layers)
     out["layers"] = blocks
     return out
 
@@ -543,6 +567,7 @@ def _load_gpt2(reader: _Reader, dims: _Dims, config_ties: bool, layers: list[int
             weights.W_out = reader.read(q + "mlp.c_proj.weight", (dims.d_mlp, d))
             weights.b_out = reader.read(q + "mlp.c_proj.bias", (d,))
         blocks[layer] = weights
+        reader.layer_done(layer, layers)
     out["layers"] = blocks
     return out
 
@@ -569,13 +594,15 @@ def load_weights(
     layers: Iterable[int] | None = None,
     fold_embed_scale: bool = True,
     check_finite: bool = True,
+    progress: bool = False,
 ) -> WeightSet:
     """Read the book's tensors from a Hugging Face safetensors checkpoint, one tensor at a time.
 
     path_or_dir: a folder with config.json and model.safetensors or model.safetensors.index.json (sharded),
         or one of those files (config.json must sit next to it).
-    arch: "gemma2", "llama" or "gpt2"; default detected from config.json (`model_type`, then
-        `architectures`). Llama covers Llama 1/2/3.x (grouped-query attention, tied or untied embeddings).
+    arch: one of `SUPPORTED_ARCHS`; default detected from config.json (`model_type`, then `architectures`).
+        Llama covers Llama 1/2/3.x (grouped-query attention, tied or untied embeddings); Mistral and Qwen2
+        share its layout (Qwen2 adds q/k/v biases).
     device, dtype: where and in which floating dtype every returned tensor lives; each tensor is converted on
         its own (large ones block by block), so the checkpoint's dtype (e.g. bf16) is never held twice.
     mlp: also read the MLP weights and the norms around the MLP (Gemma-2: all its post-norms).
@@ -583,6 +610,7 @@ def load_weights(
     fold_embed_scale: Gemma only: multiply W_E by sqrt(d_model) as TransformerLens does (default). With
         False, W_E is the raw embedding, W_U a view of it (half the memory), `embed_scale` the model's factor.
     check_finite: raise `NonFiniteWeightsError` if a tensor holds NaN/Inf.
+    progress: print a line per block read to stderr.
 
     Never builds the model and never loads a whole file (no `safetensors.torch.load_file`): only the tensors
     named above are read. Returns a `WeightSet` (see the module docstring for every tensor's convention).
@@ -615,6 +643,7 @@ def load_weights(
             )
 
     reader = _Reader(files, dtype, device, check_finite)
+    reader.progress = progress
     parts = _load(reader, dims, _config_ties(arch, config), chosen, mlp, fold_embed_scale)
     gemma = arch == "gemma2"
     return WeightSet(

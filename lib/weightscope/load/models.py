@@ -1,8 +1,11 @@
-"""Loading models as TransformerLens `HookedTransformer`s: the offline demo model and real pretrained models.
+"""Full models for chapter 0's forward passes: TransformerLens where it can build the model, else transformers.
 
 `load_model("stories260K")` builds Karpathy's llama2.c tinyllamas model (260K parameters, trained on
 TinyStories) from its two `.bin` files, found under `WEIGHTSCOPE_MODELS/stories260K/`, else in the download
-cache, else downloaded from the Hugging Face hub. Any other name goes to `HookedTransformer.from_pretrained`.
+cache, else downloaded from the Hugging Face hub. A TransformerLens name goes to
+`HookedTransformer.from_pretrained`. `load_full_model(name)` also takes a local folder or hub id, which it
+runs with `transformers`' own model (`HFCausalLM`: its hidden states are the residual stream).
+Chapters 1–3 do not build a model: they read `weightscope.load.weights_model`.
 
 Weights are loaded *unprocessed* by default (no LayerNorm folding, no centering): the book folds norms
 explicitly where it needs to. The processing requested is recorded in `model.weightscope_processing`.
@@ -11,15 +14,18 @@ explicitly where it needs to. The processing requested is recorded in `model.wei
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from huggingface_hub import hf_hub_download
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from weightscope.config import paths
 from weightscope.config.params import PROCESSING_FLAGS  # TransformerLens processing options; all off unless asked for
 from weightscope.load.llama2c import KNOWN_SHA256, Llama2cCheckpoint, read_checkpoint
 from weightscope.load.tokenizer import Llama2cTokenizer
+
+if TYPE_CHECKING:  # TransformerLens is imported only where a full model is built
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 DEMO_MODEL = "stories260K"
 HUB_REPO = "karpathy/tinyllamas"
@@ -98,6 +104,8 @@ def stories260k_tokenizer(folder: Path | None = None, model_max_length: int = 51
 
 def llama2c_config(ckpt: Llama2cCheckpoint, *, device="cpu", dtype=torch.float32) -> HookedTransformerConfig:
     """TransformerLens config of a llama2.c model (RMSNorm, SwiGLU, GQA, rotary on adjacent pairs)."""
+    from transformer_lens import HookedTransformerConfig
+
     c = ckpt.config
     return HookedTransformerConfig(
         model_name=DEMO_MODEL if c.dim == 64 and c.n_layers == 5 else "llama2c",
@@ -171,6 +179,8 @@ def llama2c_state_dict(ckpt: Llama2cCheckpoint, cfg: HookedTransformerConfig) ->
 
 
 def _load_stories260k(*, device, dtype, processing: dict[str, bool]) -> HookedTransformer:
+    from transformer_lens import HookedTransformer
+
     folder = stories260k_dir()
     ckpt = read_checkpoint(folder / CHECKPOINT_FILE, expected_sha256=KNOWN_SHA256[CHECKPOINT_FILE])
     cfg = llama2c_config(ckpt, device=device, dtype=dtype)
@@ -210,6 +220,8 @@ def transformer_lens_name(name: str) -> str:
 
 
 def _load_transformer_lens(name, *, device, dtype, processing: dict[str, bool], **flags) -> HookedTransformer:
+    from transformer_lens import HookedTransformer
+
     official = transformer_lens_name(name)
     return HookedTransformer.from_pretrained(official, device=device, dtype=dtype, **processing, **flags)
 
@@ -222,28 +234,56 @@ def _load_transformer_lens(name, *, device, dtype, processing: dict[str, bool], 
 PAPER_MODELS = {
     "Gemma-2-2B": dict(d_model=2304, n_layers=26, n_heads=8, n_key_value_heads=4, d_head=256, d_mlp=9216,
                        d_vocab=256000, normalization="RMSNorm (1 + weight)", positions="rotary (rotate-half)",
-                       mlp="GeGLU", tied_embeddings=True),
+                       mlp="GeGLU", tied_embeddings=True, embedding_scale="sqrt(d_model) = 48",
+                       soft_capping="attention 50, logits 30"),
     "Llama-3.1-8B": dict(d_model=4096, n_layers=32, n_heads=32, n_key_value_heads=8, d_head=128, d_mlp=14336,
-                         d_vocab=128256, normalization="RMSNorm", positions="rotary (rotate-half)",
-                         mlp="SwiGLU", tied_embeddings=False),
+                         d_vocab=128256, normalization="RMSNorm",
+                         positions="rotary (rotate-half), llama3 scaling x8",
+                         mlp="SwiGLU", tied_embeddings=False, embedding_scale="1", soft_capping="none"),
 }
+_MLP_NAMES = {"silu": "SwiGLU", "gelu_pytorch_tanh": "GeGLU", "gelu": "GeGLU"}
 
 
-def describe(model: HookedTransformer) -> dict:
-    """The architecture facts of `model` that weight-based reading depends on."""
+def describe(model) -> dict:
+    """The architecture facts of `model` that weight-based reading depends on, as its checkpoint states them.
+
+    `model` is a `WeightsModel` (its config says whether the embeddings are tied and whether the norm
+    multiplies by 1 + weight) or a `HookedTransformer` (tying then judged from the tensors).
+    """
     cfg = model.cfg
-    rotary = "adjacent pairs" if getattr(cfg, "rotary_adjacent_pairs", False) else "rotate-half"
-    mlp = {"silu": "SwiGLU", "gelu_pytorch_tanh": "GeGLU"}.get(cfg.act_fn, cfg.act_fn) if cfg.gated_mlp else cfg.act_fn
+    if cfg.positional_embedding_type == "rotary":
+        pairs = "adjacent pairs" if getattr(cfg, "rotary_adjacent_pairs", False) else "rotate-half"
+        positions = "rotary (" + pairs
+        if getattr(cfg, "use_NTK_by_parts_rope", False):
+            positions += f"), llama3 scaling x{cfg.NTK_by_parts_factor:g}"
+        else:
+            positions += ")"
+    else:
+        kind = cfg.positional_embedding_type
+        positions = "learned absolute" if kind == "standard" else kind
+    kind = cfg.normalization_type.removesuffix("Pre")
+    norm = {"RMS": "RMSNorm", "LN": "LayerNorm"}.get(kind, kind)
+    if getattr(cfg, "norm_plus_one", False):
+        norm += " (1 + weight)"
+    tied = getattr(cfg, "tie_word_embeddings", None)
+    if tied is None or not hasattr(model, "processing_notes"):
+        tied = bool(torch.equal(model.W_U, model.W_E.T))
+    caps = [f"{what} {value:g}" for what, value in (("attention", getattr(cfg, "attn_scores_soft_cap", -1.0)),
+                                                     ("logits", getattr(cfg, "output_logits_soft_cap", -1.0)))
+            if value and value > 0]
+    scale = getattr(cfg, "embed_scale", 1.0)
     return dict(
         d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
         n_key_value_heads=cfg.n_key_value_heads or cfg.n_heads, d_head=cfg.d_head, d_mlp=cfg.d_mlp,
-        d_vocab=cfg.d_vocab, normalization={"RMS": "RMSNorm", "LN": "LayerNorm"}.get(cfg.normalization_type, cfg.normalization_type),
-        positions=f"rotary ({rotary})" if cfg.positional_embedding_type == "rotary" else cfg.positional_embedding_type,
-        mlp=mlp, tied_embeddings=bool(torch.equal(model.W_U, model.W_E.T)),
+        d_vocab=cfg.d_vocab, normalization=norm, positions=positions,
+        mlp=_MLP_NAMES.get(cfg.act_fn, cfg.act_fn) if cfg.gated_mlp else cfg.act_fn,
+        tied_embeddings=bool(tied),
+        embedding_scale="1" if scale == 1.0 else f"sqrt(d_model) = {scale:.4g}",
+        soft_capping=", ".join(caps) or "none",
     )
 
 
-def architecture_table(model: HookedTransformer, name: str | None = None):
+def architecture_table(model, name: str | None = None):
     """DataFrame: one row per architecture fact, one column for `model` and one per paper model."""
     import pandas as pd
 
@@ -252,7 +292,7 @@ def architecture_table(model: HookedTransformer, name: str | None = None):
     return table.rename_axis("property").reset_index()
 
 
-def greedy_generate(model: HookedTransformer, prompt: str, n_tokens: int) -> torch.Tensor:
+def greedy_generate(model, prompt: str, n_tokens: int) -> torch.Tensor:
     """Greedy continuation: [1 + len(prompt tokens) + n_tokens] ids, BOS first (stops early at BOS/EOS)."""
     ids = model.to_tokens(prompt)
     stop = {model.tokenizer.bos_token_id, model.tokenizer.eos_token_id}
@@ -262,3 +302,68 @@ def greedy_generate(model: HookedTransformer, prompt: str, n_tokens: int) -> tor
             break
         ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
     return ids[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The full model of any target (chapter 0)
+
+
+class HFCausalLM:
+    """A `transformers` causal LM with the few `HookedTransformer` methods chapter 0 uses.
+
+    `to_tokens` prepends BOS as TransformerLens does; `model(ids)` returns logits [batch, pos, d_vocab];
+    `residual_stream(ids)` the hidden states [n_layers + 1, pos, d_model] of the first sequence: entry
+    L < n_layers is the stream block L reads (`blocks.L.hook_resid_pre`); the last is the final norm's output,
+    as `transformers` returns it (`ln_final.hook_normalized` times the norm's weight).
+    """
+
+    def __init__(self, hf_model, tokenizer, name: str):
+        self.hf_model, self.tokenizer, self.name = hf_model.eval(), tokenizer, name
+        self.weightscope_processing: dict[str, bool] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    def to_tokens(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        ids = ([bos] if bos is not None else []) + list(ids)
+        return torch.tensor([ids], device=self.device)
+
+    def to_string(self, ids) -> str:
+        return self.tokenizer.decode(torch.as_tensor(ids).tolist())
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.hf_model(input_ids=ids).logits
+
+    def residual_stream(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.hf_model(input_ids=ids, output_hidden_states=True)
+        return torch.stack(out.hidden_states)[:, 0]
+
+    def eval(self) -> "HFCausalLM":
+        return self
+
+
+def load_full_model(name: str, *, device="cpu", dtype=torch.float32, base: Path | None = None, **flags):
+    """The forward-pass model of `model.name`: TransformerLens for the demo and the models it knows, else
+    `transformers`' own model of the (local or downloaded) Hugging Face folder, as an `HFCausalLM`.
+
+    `flags`: TransformerLens processing flags (ignored by `transformers`, which has none: chapter 0 reads
+    only logits and the residual stream, which `fold_ln`-style processing leaves unchanged; a flag that
+    changes the stream, `center_writing_weights`, is applied by TransformerLens only).
+    """
+    from weightscope.load import sources
+
+    source = sources.resolve_model(name, base=base)
+    if source.kind == "demo" or source.tl_name:
+        return load_model(source.tl_name or name, device=device, dtype=dtype, **flags)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = sources.model_folder(source)
+    # eager attention: the implementation that applies every architecture's details (Gemma-2's soft-capping)
+    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="eager")
+    hf_model = hf_model.to(device)
+    model = HFCausalLM(hf_model, AutoTokenizer.from_pretrained(str(folder)), name=Path(str(name)).name)
+    model.weightscope_processing = {k: bool(v) for k, v in flags.items()}
+    return model

@@ -1,0 +1,75 @@
+"""Chapter 0's sentences about the target, computed from its checkpoint so that they hold for any target.
+
+Every function returns Markdown built from the weights-only model's config (`describe`) and the parameters:
+nothing here is true of one target only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from weightscope.load.models import PAPER_MODELS, describe
+
+
+def _n(x: int) -> str:
+    return f"{x:,}"
+
+
+def architecture_note(model) -> str:
+    """How the target's architecture compares with the paper's two models (width, vocabulary, tying, norm)."""
+    facts = describe(model)
+    gemma, llama = PAPER_MODELS["Gemma-2-2B"], PAPER_MODELS["Llama-3.1-8B"]
+    tied = facts["tied_embeddings"]
+    like = "like Gemma-2 and unlike Llama-3.1-8B" if tied else "like Llama-3.1-8B and unlike Gemma-2"
+    return (
+        f"**{model.cfg.model_name}** ({model.cfg.original_architecture}, {facts['n_layers']} layers) has "
+        f"{_n(facts['d_model'])} residual dimensions (Gemma-2-2B {_n(gemma['d_model'])}, Llama-3.1-8B "
+        f"{_n(llama['d_model'])}) and a vocabulary of {_n(facts['d_vocab'])} tokens (Gemma-2 "
+        f"{_n(gemma['d_vocab'])}, Llama-3.1 {_n(llama['d_vocab'])}). Its norm is {facts['normalization']}, "
+        f"its attention has {facts['n_heads']} query heads sharing {facts['n_key_value_heads']} key/value "
+        f"heads, and it {'ties' if tied else 'does not tie'} its unembedding to its embedding ({like}), so "
+        f"chapter 1's two sides {'use the same token vectors' if tied else 'use different token vectors'}."
+    )
+
+
+def sae_source_note(target) -> str:
+    """Where the target's SAEs come from, in words."""
+    source = target.sae_source
+    if source == "demo":
+        return (
+            "The SAEs were trained by this project with sae-lens's own training code, one per layer on the "
+            "residual stream after each block (`blocks.L.hook_resid_post`, the site of the Gemma Scope and "
+            "Llama Scope residual SAEs). Their metrics below are measured on held-out stories: *explained "
+            "variance* is "
+            "$1 - \\sum\\lVert x - \\hat x\\rVert^2 / \\sum \\lVert x - \\bar x\\rVert^2$ over held-out "
+            "residual vectors $x$, *L0* is the mean number of active features per token, and *dead* is the "
+            "share of features that never fire on the held-out text."
+        )
+    if Path(source).expanduser().exists():
+        return (f"The SAEs are read from the local folder `{source}` (sae-lens's saved format); their "
+                "training metrics, if any, are those recorded in its files.")
+    return (f"The SAEs are the public sae-lens release `{source}`; their training metrics are documented by "
+            "their authors.")
+
+
+def scale_caveats(model, demo: bool) -> str:
+    """What the target's scale lets the book show, from its width, vocabulary and depth."""
+    facts = describe(model)
+    lines = [f"- **Width.** {_n(facts['d_model'])} residual dimensions: the narrower the stream, the less "
+             "orthogonal random directions are, and the more the null baselines of the next chapters matter.",
+             f"- **Vocabulary.** {_n(facts['d_vocab'])} tokens: the lens ranks every one of them for every "
+             "feature.",
+             f"- **Depth.** {facts['n_layers']} layers give {facts['n_layers']} points on every depth curve."]
+    if demo:
+        lines.append("- **A real pretrained model.** The demo's weights come from training, so its weight "
+                     "products are those of a working model, and every number can be recomputed in minutes "
+                     "on a laptop.")
+    return "\n".join(lines)
+
+
+def sae_metrics_caption(target) -> str:
+    """The caption of the demo SAEs' metrics figure (empty for other targets, which have no such figure)."""
+    if target.sae_source != "demo":
+        return ""
+    return ("*The dotted lines mark the quality bar this project set for the demo SAEs: explained variance "
+            "at least 0.8, at most 32 active features per token, at most 20% dead features.*")

@@ -1,0 +1,151 @@
+"""`python -m weightscope.publish.book` end to end on stand-in targets: a params file naming a local model
+folder and a local SAE folder, built here (tests/standins.py), with its results checked against plain torch.
+
+Chapter 1's top output tokens and chapter 2's query/key/value reads, read back from the result tables, must
+equal `standins.reference_*` (computed from the raw Hugging Face tensors), and must differ from the same
+reference with a deliberately wrong fold. The default run builds the Gemma-2 stand-in's book (HTML
+included); the test marked `standins` runs the three real architectures (`pytest -m standins`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import standins
+from weightscope.publish.book import BOOK, write_toc
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not standins.GPT2_TOKENIZER.is_dir(),
+                                 reason="needs ../shared/tokenizers/gpt2")]
+DEMO_ONLY = ("stories260K", "512 tokens", "public release", "children's stories", "trained by this project with",
+             "Demo SAEs on held-out text")
+
+
+def _book(arch: str, tmp_path: Path, html: bool):
+    """Build the stand-in, run the book for it; returns (proc, target, model folder, SAE folder, data dir)."""
+    folder = standins.build_model(arch, tmp_path / f"model-{arch}", seed=5)
+    saes = standins.build_saes(folder, tmp_path / f"saes-{arch}")
+    target = f"standin-{arch}"
+    params = standins.write_params(target, folder, saes, tmp_path / f"{target}.yaml")
+    env = {**os.environ, "WEIGHTSCOPE_DATA": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "weightscope.publish.book", "--target", str(params)]
+    cmd += [] if html else ["--no-html"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        pages = {p.stem: p.read_text() for p in (BOOK / target).glob("*.ipynb")}
+        for stem, text in pages.items():  # kept with the test's files, for inspection
+            (tmp_path / f"{stem}.ipynb").write_text(text)
+    finally:
+        shutil.rmtree(BOOK / target, ignore_errors=True)
+        shutil.rmtree(BOOK / "_build" / "html" / target, ignore_errors=True)
+        write_toc()  # the table of contents lists the book's own targets again
+    return proc, target, folder, saes, tmp_path / "data", pages
+
+
+def _table(data: Path, target: str, name: str):
+    import pandas as pd
+
+    path = data / "results" / target / f"{name}.parquet"
+    assert path.is_file(), f"missing result table {path}"
+    return pd.read_parquet(path)
+
+
+def _vocab(folder: Path) -> list[str]:
+    from transformers import AutoTokenizer
+
+    from weightscope.compute.lens import token_strings
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    return token_strings(SimpleNamespace(tokenizer=tok, cfg=SimpleNamespace(d_vocab=len(tok))))
+
+
+def _check_results(arch, target, folder, saes, data):
+    from safetensors.torch import load_file
+
+    cfg, sd = standins.hf_weights(folder)
+    centre = arch == "gpt2"  # the GPT-2 SAEs record center_writing_weights
+    vocab = _vocab(folder)
+    features = _table(data, target, "01_features")
+    for layer in sorted(features["layer"].unique()):
+        W_dec = load_file(str(saes / f"layer_{layer}" / "sae_weights.safetensors"))["W_dec"].float()
+        rows = features[features["layer"] == layer].sort_values("feature")
+        got = [list(t) for t in rows["dec_top_tokens"]]
+        k = len(got[0])
+
+        def top(wrong=None):
+            ids = (W_dec @ standins.reference_output_matrix(cfg, sd, wrong)).topk(k, dim=1).indices
+            return [[vocab[i] for i in row] for row in ids[rows["feature"].tolist()].tolist()]
+
+        assert got == top(), f"layer {layer}: chapter 1's top tokens differ from plain torch"
+        for wrong in standins.applicable_wrong_folds(arch):
+            if wrong != "gqa_modulo":  # the output side has no heads
+                assert got != top(wrong), wrong
+
+        reads = _table(data, target, f"02_attention_reads/layer_{layer:02d}_reads")
+        if reads.empty:  # the last block's hook_resid_post is read by no later attention
+            assert layer == int(cfg.get("num_hidden_layers", cfg.get("n_layer"))) - 1
+            continue
+        n_heads = int(reads["head"].max()) + 1
+        for read_layer in sorted(reads["read_layer"].unique()):
+            part = reads[reads["read_layer"] == read_layer].sort_values(["feature", "head"])
+            D = W_dec[part["feature"].unique().tolist()]
+            ref = standins.reference_reads(cfg, sd, D, int(read_layer), centre)
+            for name in "qkv":
+                mine = torch.tensor(part[name].to_numpy()).view(-1, n_heads)
+                assert torch.allclose(mine, ref[name], rtol=1e-4, atol=1e-5), (layer, read_layer, name)
+            for wrong in standins.applicable_wrong_folds(arch):
+                bad = standins.reference_reads(cfg, sd, D, int(read_layer), centre, wrong)
+                assert not all(torch.allclose(torch.tensor(part[n].to_numpy()).view(-1, n_heads), bad[n],
+                                              rtol=1e-4, atol=1e-5) for n in "qkv"), wrong
+
+
+def _check_pages(pages: dict[str, str]):
+    assert "00_demo_model" in pages and len(pages) >= 4, sorted(pages)
+    for stem, text in pages.items():
+        nb = json.loads(text)
+        for cell in nb["cells"]:
+            for out in cell.get("outputs", []):
+                assert out.get("output_type") != "error", (stem, out.get("ename"), out.get("evalue"))
+                if out.get("name") == "stderr":
+                    assert "Warning" not in "".join(out.get("text", "")), (stem, out["text"])
+    shown = []  # what the page shows: its prose and its outputs (not the code, which names the demo's branch)
+    for cell in json.loads(pages["00_demo_model"])["cells"]:
+        if cell["cell_type"] == "markdown":
+            shown.append("".join(cell["source"]))
+        for out in cell.get("outputs", []):
+            shown.append("".join(out.get("text", "")) + json.dumps(out.get("data", {})))
+    for phrase in DEMO_ONLY:
+        assert phrase not in "\n".join(shown), phrase
+
+
+def test_gemma2_standin_book_end_to_end(tmp_path):
+    proc, target, folder, saes, data, pages = _book("gemma2", tmp_path, html=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"book: target {target}:" in proc.stdout
+    assert "[weights]" not in json.dumps(pages) and "[saes]" not in json.dumps(pages)  # live progress only
+    _check_pages(pages)
+    _check_results("gemma2", target, folder, saes, data)
+
+
+@pytest.fixture
+def standins_selected(request):
+    if "standins" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("runs with `pytest -m standins` (CI): the book for every real architecture")
+
+
+@pytest.mark.standins
+@pytest.mark.parametrize("arch", standins.REAL_ARCHS)
+def test_every_real_architecture_standin_book(arch, tmp_path, standins_selected):
+    proc, target, folder, saes, data, pages = _book(arch, tmp_path, html=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _check_pages(pages)
+    _check_results(arch, target, folder, saes, data)
