@@ -285,6 +285,12 @@ def _prepare(target: Target) -> None:
 
         print("[prepare] demo SAEs (trained once with sae-lens, then cached) ...", flush=True)
         ensure_demo_saes(progress=True)
+    attn_source = (target.attn_saes or {}).get("source", "")
+    if attn_source.startswith("demo:"):  # the demo attention-output SAEs of chapter 4 (a few minutes, once)
+        from weightscope.prepare.demo_saes import ensure_demo_saes
+
+        print(f"[prepare] demo attention SAEs ({attn_source}) ...", flush=True)
+        ensure_demo_saes(attn_source.partition(":")[2], progress=True)
 
 
 def main(argv: list[str] | None = None) -> int:
