@@ -1,6 +1,7 @@
 """Attention-output (hook_z) SAEs: head attribution, DFA and recursive DFA against naive loops, exactness checks
 against the model's own forward pass and sae-lens's encoder, and loading, on tiny random models built here."""
 
+import numpy as np
 import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
@@ -113,18 +114,27 @@ def test_connected_groups_against_hand_made_graph():
     labels = ha.connected_groups(sim, 0.5)
     assert labels[0] == labels[1] == labels[2] and len({labels[0], labels[3], labels[4]}) == 3
     assert len(set(ha.connected_groups(sim, 0.7))) == 4
-    g = ha.head_groups(torch.tensor([[1.0, 0], [1, 0.01], [0, 1]]), [0.5, 1.01])
-    assert g["n_groups"].tolist() == [2, 3] and g["largest_group_frac"].tolist() == pytest.approx([2 / 3, 1 / 3])
+    sim3 = ha.cosine_matrix(torch.tensor([[1.0, 0], [1, 0.01], [0, 1]]))
+    assert ha.group_stats(sim3, 0.5) == (2, pytest.approx(2 / 3)) and ha.group_stats(sim3, 1.01) == (3, 1 / 3)
 
 
-def test_polysemantic_heads_table_shape():
+def test_head_similarities_and_polysemantic_table():
     model = tiny_model()
     sae = attn_sae()
-    M = model.W_U.detach()
-    out = ha.polysemantic_heads(sae.W_dec.detach(), model.blocks[1].attn.W_O.detach(), M, layer=1, k=5,
-                                taus=[0.2, 0.5], n_null=3, seed=0)
-    assert len(out) == N_HEADS * 2 * (1 + 3)
-    assert set(out["kind"]) == {"features", "null"}
+    W_O, M = model.blocks[1].attn.W_O.detach(), model.W_U.detach()
+    sims = ha.head_similarities(sae.W_dec.detach(), W_O, M, k=5, n_null=3, seed=0)
+    assert len(sims) == N_HEADS * (1 + 3)
+    # the features' matrix equals a naive recomputation from the head's top-5 decoder rows
+    top = ha.head_shares(sae.W_dec.detach(), N_HEADS, D_HEAD)[:, 2].topk(5).indices
+    writes = torch.stack([sum(sae.W_dec[f, h * D_HEAD:(h + 1) * D_HEAD] @ W_O[h] for h in range(N_HEADS))
+                          for f in top.tolist()])
+    logits = writes @ M
+    head2 = [s for h, kind, _, s in sims if h == 2 and kind == "features"][0]
+    assert torch.allclose(head2, ha.cosine_matrix(logits - logits.mean(-1, keepdim=True)), atol=1e-5)
+    tau = ha.null_link_threshold(sims, 0.95)
+    assert -1 <= tau <= 1
+    out = ha.polysemantic_heads(sims, layer=1, taus=[0.2, tau])
+    assert len(out) == N_HEADS * 2 * (1 + 3) and set(out["kind"]) == {"features", "null"}
     assert (out["n_groups"] >= 1).all() and (out["n_groups"] <= 5).all()
 
 
@@ -260,3 +270,41 @@ def test_params_attn_saes_entry():
         parse_target({**base, "attn_saes": {"source": "x", "ids": "y"}})
     with pytest.raises(ParamsError, match="no attention-output SAEs"):
         parse_target(base).attn_sae_ids([0])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The chapter's steps, end to end on a tiny random model with release-style SAEs (hook_z reshaping, resid_pre)
+
+
+def test_chapter_steps_on_a_tiny_model(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from weightscope.chapters import attention_saes as ch
+
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path))
+    model = tiny_model("LN", None)
+    attn = [saes._describe(attn_sae("standard", layer=layer, reshape="hook_z", seed=layer), "tiny", None, None,
+                           folded=False) for layer in (0, 1)]
+    resid = {layer: saes._describe(resid_sae(layer, "hook_resid_pre", seed=10 + layer), "tiny", None, None,
+                                   folded=False) for layer in (0, 1)}
+    target = SimpleNamespace(target="tiny", attn_saes={"source": "tiny"})
+    ctx = SimpleNamespace(target=target, provenance=lambda **kw: {"chapter": kw})
+    cfg = ch.AttnConfig(top_k=4, n_null=3, text_rows=3, dfa_features=3, n_examples=4, min_fires=1,
+                        induction_len=8, induction_rows=3)
+    shares = ch.head_attribution(ctx, model, attn, cfg)
+    assert len(shares["shares"]) == 2 * 48 * N_HEADS and len(shares["top"]) == 2 * N_HEADS * 4
+    poly = ch.polysemantic_heads(ctx, model, attn, cfg)
+    assert len(poly["heads"]) == 2 * N_HEADS and 0 <= poly["tau"]["tau"][0] <= 1
+    writes = ch.feature_writes(ctx, model, attn, resid, cfg)
+    assert writes.loc[writes["layer"] == 0, "resid_hook"].eq("blocks.1.hook_resid_pre").all()
+    assert writes.loc[writes["layer"] == 1, "resid_hook"].isna().all()  # no residual SAE after the last block
+    toks = tokens(model)
+    ex = ch.dfa_examples(ctx, model, attn, toks, cfg)
+    assert (ex["examples"]["abs_error"] < 1e-5).all() and len(ex["examples"]) == 6
+    fam = ch.families(ctx, model, attn, toks, cfg)
+    assert set(fam["features"]["family"]) <= set(ch.FAMILIES)
+    assert fam["features"][["short", "null_short"]].le(1 + 1e-6).all().all()
+    rd = ch.recursive_dfa(ctx, model, attn, resid, toks, ex["examples"], cfg)
+    sums = rd.groupby(["layer", "feature"]).agg(part=("part", "first"), total=("contribution", "sum"))
+    assert np.allclose(sums["part"], sums["total"], atol=1e-5)  # the pieces sum to each DFA part
+    assert set(rd["layer"]) == {0, 1}  # resid_pre of each layer is the stream its attention reads

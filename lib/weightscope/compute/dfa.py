@@ -49,6 +49,7 @@ def encoder_affine(sae) -> tuple[Tensor, Tensor]:
     return W_enc, b
 
 
+@torch.no_grad()
 def dfa(pattern: Tensor, v: Tensor, W_enc: Tensor, batch: Tensor, dest: Tensor, feature: Tensor) -> Tensor:
     """DFA parts [n, n_heads, src] for n (sequence, destination, feature) triples.
 
@@ -63,6 +64,7 @@ def dfa(pattern: Tensor, v: Tensor, W_enc: Tensor, batch: Tensor, dest: Tensor, 
     return A * torch.einsum("nshk,nhk->nhs", vv, w)
 
 
+@torch.no_grad()
 def value_decomposition(x: Tensor, res_sae, scale: Tensor, ln_w: Tensor, ln_b: Tensor | None, W_V: Tensor,
                         b_V: Tensor, *, center: bool) -> dict[str, Tensor]:
     """Split the value vectors at one source position over a residual SAE's decomposition of the stream there.
@@ -95,6 +97,7 @@ def value_decomposition(x: Tensor, res_sae, scale: Tensor, ln_w: Tensor, ln_b: T
             "error_part": through_value(error), "bias_part": bias}
 
 
+@torch.no_grad()
 def rdfa(parts: dict[str, Tensor], attn: float, w_enc_head: Tensor, kv: int) -> dict[str, Tensor]:
     """Contributions to one DFA part A[h, d, s] v[s, kv] . w from each piece of `value_decomposition`.
 

@@ -110,36 +110,48 @@ def cosine_matrix(profiles: Tensor) -> Tensor:
     return unit @ unit.T
 
 
-def head_groups(profiles: Tensor, taus: list[float]) -> pd.DataFrame:
-    """For one head's top features' profiles [k, d_vocab]: at each tau, the number of groups and the share of the
-    features in the largest group. One row per tau."""
-    sim = cosine_matrix(profiles)
-    rows = []
-    for tau in taus:
-        labels = connected_groups(sim, tau)
-        sizes = np.bincount(np.unique(labels, return_inverse=True)[1])
-        rows.append({"tau": tau, "n_groups": len(sizes), "largest_group_frac": sizes.max() / len(labels)})
-    return pd.DataFrame(rows)
+def group_stats(similarity: Tensor, tau: float) -> tuple[int, float]:
+    """(number of groups, share of the features in the largest group) at link threshold tau."""
+    labels = connected_groups(similarity, tau)
+    sizes = np.bincount(np.unique(labels, return_inverse=True)[1])
+    return len(sizes), float(sizes.max() / len(labels))
 
 
-def polysemantic_heads(W_dec: Tensor, W_O: Tensor, M_out: Tensor, *, layer: int, k: int, taus: list[float],
-                       n_null: int, seed: int) -> pd.DataFrame:
-    """Per head and tau: groups among its top-k features by share, for the real features and for `n_null` draws of
-    same-share null features. W_dec [d_sae, H * d_head], W_O [H, d_head, d_model], M_out [d_model, d_vocab].
-
-    Columns: layer, head, tau, kind ("features" | "null"), draw, n_groups, largest_group_frac.
-    """
+def head_similarities(W_dec: Tensor, W_O: Tensor, M_out: Tensor, *, k: int, n_null: int,
+                      seed: int) -> list[tuple[int, str, int, Tensor]]:
+    """Per head: the profile cosine matrix [k, k] of its top-k features by share, and of `n_null` same-share null
+    draws of them. W_dec [d_sae, H * d_head], W_O [H, d_head, d_model], M_out [d_model, d_vocab].
+    Returns [(head, "features" | "null", draw, similarity)]."""
     n_heads, d_head, _ = W_O.shape
-    shares = head_shares(W_dec, n_heads, d_head)
-    _, top = top_features(shares, k)
+    _, top = top_features(head_shares(W_dec, n_heads, d_head), k)
     gen = torch.Generator().manual_seed(seed)
-    frames = []
+    out = []
     for head in range(n_heads):
         rows = W_dec[top[head]].float()
-        draws = [("features", 0, rows)] + [("null", i, same_share_null(rows, n_heads, d_head, gen))
-                                           for i in range(n_null)]
-        for kind, draw, r in draws:
-            g = head_groups(token_profiles(residual_writes(r, W_O.float()), M_out), taus)
-            frames.append(g.assign(layer=layer, head=head, kind=kind, draw=draw))
-    cols = ["layer", "head", "tau", "kind", "draw", "n_groups", "largest_group_frac"]
-    return pd.concat(frames, ignore_index=True)[cols]
+        stack = torch.cat([rows] + [same_share_null(rows, n_heads, d_head, gen) for _ in range(n_null)])
+        unit = token_profiles(residual_writes(stack, W_O.float()), M_out)  # one product for every draw
+        unit = (unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)).reshape(1 + n_null, len(rows), -1)
+        sims = unit @ unit.transpose(1, 2)
+        out += [(head, "features" if i == 0 else "null", max(0, i - 1), sims[i]) for i in range(1 + n_null)]
+    return out
+
+
+def null_link_threshold(similarities: list[tuple[int, str, int, Tensor]], q: float) -> float:
+    """The q-quantile of the pairwise profile cosines among the null draws of `head_similarities`: linking two
+    features at this tau means their profiles agree more than a fraction q of content-free pairs do."""
+    pairs = [sim[torch.triu_indices(len(sim), len(sim), 1).unbind()] for _, kind, _, sim in similarities
+             if kind == "null"]
+    return float(torch.quantile(torch.cat(pairs), q))
+
+
+def polysemantic_heads(similarities: list[tuple[int, str, int, Tensor]], *, layer: int,
+                       taus: list[float]) -> pd.DataFrame:
+    """Groups among each head's top features at each tau, for the features and the null draws of
+    `head_similarities`. Columns: layer, head, tau, kind, draw, n_groups, largest_group_frac."""
+    rows = []
+    for head, kind, draw, sim in similarities:
+        for tau in taus:
+            n_groups, largest = group_stats(sim, tau)
+            rows.append({"layer": layer, "head": head, "tau": tau, "kind": kind, "draw": draw,
+                         "n_groups": n_groups, "largest_group_frac": largest})
+    return pd.DataFrame(rows)

@@ -406,6 +406,16 @@ def _split_holdout(cfg: DemoSAEConfig, lower: list[str], cased: list[str]) -> tu
     return cased_train + lower_train, cased_eval + lower[-n_lower_eval:]
 
 
+def held_out_stories(config: DemoSAEConfig | str = DEFAULT) -> list[str]:
+    """The stories no demo SAE is trained on (held-out cased stories, then held-out lowercased ones): the text on
+    which the chapters measure activations. Every config with the same corpus and `holdout_fraction` holds out
+    the same stories."""
+    cfg = _resolve_config(config)
+    texts = {name: p.read_text(encoding="utf-8") for name, p in zip(cfg.corpus_files, _corpus_paths(cfg))}
+    lower, cased = split_stories(texts[LOWER_FILE], texts[CASED_FILE])
+    return _split_holdout(cfg, lower, cased)[1]
+
+
 def _pack(stories: Sequence[str], encode: Callable[[str], list[int]], context_size: int) -> np.ndarray:
     """Encode each story (BOS first), concatenate, and cut into rows: int64 [n_rows, context_size]."""
     ids = np.fromiter((t for s in stories for t in encode(s)), dtype=np.int64)
