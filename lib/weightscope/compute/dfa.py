@@ -57,11 +57,15 @@ def dfa(pattern: Tensor, v: Tensor, W_enc: Tensor, batch: Tensor, dest: Tensor, 
     value vectors, `hook_v`); W_enc [n_heads * d_head, d_sae] (effective encoder, `encoder_affine`); batch, dest,
     feature: LongTensors [n]. parts[i, h, s] = pattern[b, h, d, s] * v[b, s, kv(h)] . W_enc[h, :, f].
     """
-    n_heads, n_kv, d_head = pattern.shape[1], v.shape[2], v.shape[3]
-    vv = v[batch].repeat_interleave(n_heads // n_kv, dim=2)  # [n, src, n_heads, d_head]
-    w = W_enc[:, feature].T.reshape(-1, n_heads, d_head).to(v.dtype)  # [n, n_heads, d_head]
-    A = pattern[batch, :, dest, :]  # [n, n_heads, src]
-    return A * torch.einsum("nshk,nhk->nhs", vv, w)
+    n, (n_heads, src), (n_kv, d_head) = len(batch), pattern.shape[1::2], v.shape[2:]
+    # query head h = j * group + g reads value head j (TransformerLens's repeat_interleave)
+    w = W_enc[:, feature].T.reshape(n, n_kv, n_heads // n_kv, d_head).to(v.dtype)  # [n, n_kv, group, d_head]
+    out = torch.empty(n, n_heads, src, dtype=v.dtype, device=v.device)
+    for row in batch.unique().tolist():  # one sequence at a time: its value vectors are shared, never copied
+        idx = torch.nonzero(batch == row).flatten()
+        vw = torch.einsum("sjk,njgk->njgs", v[row], w[idx]).reshape(len(idx), n_heads, src)
+        out[idx] = pattern[row][:, dest[idx], :].transpose(0, 1) * vw
+    return out
 
 
 @torch.no_grad()
