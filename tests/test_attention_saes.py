@@ -298,6 +298,8 @@ def test_chapter_steps_on_a_tiny_model(tmp_path, monkeypatch):
     writes = ch.feature_writes(ctx, model, attn, resid, cfg)
     assert writes.loc[writes["layer"] == 0, "resid_hook"].eq("blocks.1.hook_resid_pre").all()
     assert writes.loc[writes["layer"] == 1, "resid_hook"].isna().all()  # no residual SAE after the last block
+    tab = ch.top_features_table(shares, writes, n=3)
+    assert len(tab) == 2 * N_HEADS and tab["features"].str.count(",").eq(2).all()
     toks = tokens(model)
     ex = ch.dfa_examples(ctx, model, attn, toks, cfg)
     assert (ex["examples"]["abs_error"] < 1e-5).all() and len(ex["examples"]) == 6

@@ -99,6 +99,7 @@ def sae_quality(ctx) -> pd.DataFrame:
     cols = ["layer", "explained_variance", "mean_l0", "dead_fraction", "meets_bar", "tokens_seen",
             "training_time_s"]
     df = pd.DataFrame(manifest["per_layer"].values())[cols]
+    df["tokens_seen"] = df["tokens_seen"].map("{:,}".format)
     df.attrs.update(bar=TARGET_BAR, d_sae=manifest["width"], k=manifest["k"],
                     distinct_tokens=manifest["distinct_training_tokens"], eval_tokens=manifest["n_eval_tokens"])
     return df
@@ -160,6 +161,19 @@ def head_attribution(ctx, model, saes, cfg: AttnConfig) -> dict[str, pd.DataFram
     heads["kv_head"] = kv.numpy()[heads["head"].to_numpy()]
     out["heads"] = _save(ctx, heads, "04_heads", cfg)
     return out
+
+
+def top_features_table(shares: dict[str, pd.DataFrame], writes: pd.DataFrame, n: int = 5) -> pd.DataFrame:
+    """One row per head: its value head, its n top features by share ("f (share)"), and the output tokens of the
+    first of them (from `feature_writes`)."""
+    top = shares["top"][shares["top"]["rank"] < n].merge(writes[["layer", "feature", "top_tokens"]],
+                                                         on=["layer", "feature"])
+    top["item"] = top["feature"].astype(str) + " (" + top["share"].map("{:.2f}".format) + ")"
+    out = top.sort_values("rank").groupby(["layer", "head"]).agg(
+        features=("item", ", ".join), first_feature_tokens=("top_tokens", "first")).reset_index()
+    out = out.merge(shares["heads"][["layer", "head", "kv_head"]], on=["layer", "head"])
+    out.insert(0, "head_name", out["layer"].astype(str) + "." + out["head"].astype(str))
+    return out[["head_name", "kv_head", "features", "first_feature_tokens"]]
 
 
 @torch.no_grad()
