@@ -310,3 +310,39 @@ def test_chapter_steps_on_a_tiny_model(tmp_path, monkeypatch):
     sums = rd.groupby(["layer", "feature"]).agg(part=("part", "first"), total=("contribution", "sum"))
     assert np.allclose(sums["part"], sums["total"], atol=1e-5)  # the pieces sum to each DFA part
     assert set(rd["layer"]) == {0, 1}  # resid_pre of each layer is the stream its attention reads
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The demo attention SAEs: sae-lens's runner on flattened hook_z, through the prepare stage's machinery
+
+
+def test_tiny_attention_training_on_hook_z(tmp_path, monkeypatch):
+    import dataclasses
+
+    from weightscope.prepare import demo_saes
+
+    folder = tmp_path / "corpora" / "tinystories"
+    folder.mkdir(parents=True)
+    stories = [f"Once upon a time, Lily had {i} red balls. She played in the park with Tom." for i in range(60)]
+    (folder / "tinystories_lowercase.txt").write_text("\n".join(s.lower() for s in stories) + "\n")
+    (folder / "tinystories_cased.txt").write_text("\n\n".join(stories[:20]) + "\n")
+    monkeypatch.setenv("WEIGHTSCOPE_CORPORA", str(tmp_path / "corpora"))
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path / "data"))
+    cfg = HookedTransformerConfig(n_layers=2, d_model=D_MODEL, n_ctx=64, d_head=D_HEAD, n_heads=N_HEADS,
+                                  n_key_value_heads=2, d_mlp=64, d_vocab=512, act_fn="silu", normalization_type="RMS",
+                                  positional_embedding_type="rotary", seed=0)
+    model = HookedTransformer(cfg).eval()
+    test_cfg = dataclasses.replace(demo_saes.ATTN_TINY, name="attn-test", d_sae=48, k=4, train_rows=48,
+                                   training_tokens=3072, max_eval_tokens=512)
+    encode = lambda text: [demo_saes.BOS_ID] + [3 + b for b in text.encode()]  # noqa: E731
+    root = demo_saes.ensure_demo_saes(test_cfg, model=model, encode=encode, progress=False)
+    manifest = demo_saes.read_manifest(root)
+    assert manifest["complete"] and manifest["hook_template"] == "blocks.{layer}.attn.hook_z"
+    assert all(m["explained_variance"] < 1 and m["mean_l0"] <= 4 for m in manifest["per_layer"].values())
+    loaded = saes.load_saes("demo:attn-test", model=model)  # through the pointer the prepare stage wrote
+    assert [(s.hook_name, s.d_in) for s in loaded] == [("blocks.0.attn.hook_z", N_HEADS * D_HEAD),
+                                                       ("blocks.1.attn.hook_z", N_HEADS * D_HEAD)]
+    assert saes.require_attention_z(loaded[1], model.cfg) is loaded[1]
+    held = demo_saes.held_out_stories(test_cfg)
+    assert held and all(isinstance(s, str) for s in held)
+    assert not set(held) & set(stories[:18])  # held-out cased stories are the last ones
