@@ -4,8 +4,10 @@
     .venv/bin/python bench/dfa.py [--device cpu|cuda] [--repeats 5]
 
 - `dfa`: `compute.dfa.dfa` for every destination token of a batch of rows and its `l0` active features (the
-  chapter's use: one split per active (token, feature)), reported as destination tokens per second; beside it the
-  encoder product alone, z @ W_enc for the same tokens (what finding the active features costs), in the same run.
+  chapter's use: one split per active (token, feature)), reported as destination tokens per second; beside it
+  the
+  encoder product alone, z @ W_enc for the same tokens (what finding the active features costs), in the same
+  run.
 - `rdfa`: `value_decomposition` + `rdfa` of one (head, source) part over a residual SAE of the model's width,
   reported as examples per second.
 
@@ -30,8 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 from weightscope.compute import dfa as dfa_k  # noqa: E402
 
 SHAPES = {  # n_heads, n_kv_heads, d_head, d_model, d_sae (attention SAE), d_sae_res, l0, ctx, rows
-    "demo (stories260K)": dict(H=8, H_kv=4, d_head=8, d_model=64, d_sae=512, d_sae_res=512, l0=16, ctx=128, rows=16),
-    "gpt2-small": dict(H=12, H_kv=12, d_head=64, d_model=768, d_sae=24576, d_sae_res=24576, l0=20, ctx=128, rows=4),
+    "demo (stories260K)": dict(
+        H=8, H_kv=4, d_head=8, d_model=64, d_sae=512, d_sae_res=512, l0=16, ctx=128, rows=16
+    ),
+    "gpt2-small": dict(
+        H=12, H_kv=12, d_head=64, d_model=768, d_sae=24576, d_sae_res=24576, l0=20, ctx=128, rows=4
+    ),
 }
 
 
@@ -71,7 +77,7 @@ def bench_shape(name: str, s: dict, device: str, repeats: int) -> dict:
 
     def run_dfa():
         for i in range(0, len(b), chunk):
-            dfa_k.dfa(pattern, v, W_enc, b[i:i + chunk], d[i:i + chunk], f[i:i + chunk])
+            dfa_k.dfa(pattern, v, W_enc, b[i : i + chunk], d[i : i + chunk], f[i : i + chunk])
 
     t_dfa = median_time(run_dfa, repeats, device)
     t_enc = median_time(lambda: z @ W_enc, repeats, device)
@@ -86,14 +92,21 @@ def bench_shape(name: str, s: dict, device: str, repeats: int) -> dict:
 
     def run_rdfa():
         for _ in range(n_ex):
-            parts = dfa_k.value_decomposition(x, res, torch.tensor(1.3, device=device), ln_w, None, W_V, b_V,
-                                              center=False)
+            parts = dfa_k.value_decomposition(
+                x, res, torch.tensor(1.3, device=device), ln_w, None, W_V, b_V, center=False
+            )
             dfa_k.rdfa(parts, 0.5, w_head, 0)
 
     t_rdfa = median_time(run_rdfa, repeats, device)
-    return {"shape": name, **s, "dfa_tokens_per_s": n / t_dfa, "dfa_pairs_per_s": len(b) / t_dfa,
-            "encoder_tokens_per_s": n / t_enc, "dfa_over_encoder_time": t_dfa / t_enc,
-            "rdfa_examples_per_s": n_ex / t_rdfa}
+    return {
+        "shape": name,
+        **s,
+        "dfa_tokens_per_s": n / t_dfa,
+        "dfa_pairs_per_s": len(b) / t_dfa,
+        "encoder_tokens_per_s": n / t_enc,
+        "dfa_over_encoder_time": t_dfa / t_enc,
+        "rdfa_examples_per_s": n_ex / t_rdfa,
+    }
 
 
 def main(argv=None) -> int:
@@ -103,16 +116,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     results = [bench_shape(name, s, args.device, args.repeats) for name, s in SHAPES.items()]
-    out = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "date": dt.date.today().isoformat(), "results": results}
+    out = {
+        "device": args.device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": dt.date.today().isoformat(),
+        "results": results,
+    }
     path = Path(__file__).parent / "results" / f"dfa-{args.device}-{out['date']}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=2))
     tmp.replace(path)
     for r in results:
-        print(f"{r['shape']:>20}: DFA {r['dfa_tokens_per_s']:,.0f} tokens/s ({r['l0']} features each; "
-              f"{r['dfa_over_encoder_time']:.1f}x the encoder product's time), "
-              f"RDFA {r['rdfa_examples_per_s']:,.0f} examples/s")
+        print(
+            f"{r['shape']:>20}: DFA {r['dfa_tokens_per_s']:,.0f} tokens/s ({r['l0']} features each; "
+            f"{r['dfa_over_encoder_time']:.1f}x the encoder product's time), "
+            f"RDFA {r['rdfa_examples_per_s']:,.0f} examples/s"
+        )
     print(path)
     return 0
 

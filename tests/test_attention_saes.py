@@ -1,4 +1,5 @@
-"""Attention-output (hook_z) SAEs: head attribution, DFA and recursive DFA against naive loops, exactness checks
+"""Attention-output (hook_z) SAEs: head attribution, DFA and recursive DFA against naive loops, exactness
+checks
 against the model's own forward pass and sae-lens's encoder, and loading, on tiny random models built here."""
 
 import numpy as np
@@ -21,8 +22,18 @@ def tiny_model(norm: str = "RMS", n_kv: int | None = 2, seed: int = 0) -> Hooked
     """A tiny random model; RMS + rotary + GQA (Llama-like) or LN + learned positions (GPT-2-like)."""
     pos = "rotary" if norm == "RMS" else "standard"
     cfg = HookedTransformerConfig(
-        n_layers=2, d_model=D_MODEL, n_ctx=24, d_head=D_HEAD, n_heads=N_HEADS, n_key_value_heads=n_kv, d_mlp=64,
-        d_vocab=60, act_fn="silu", normalization_type=norm, positional_embedding_type=pos, seed=seed,
+        n_layers=2,
+        d_model=D_MODEL,
+        n_ctx=24,
+        d_head=D_HEAD,
+        n_heads=N_HEADS,
+        n_key_value_heads=n_kv,
+        d_mlp=64,
+        d_vocab=60,
+        act_fn="silu",
+        normalization_type=norm,
+        positional_embedding_type=pos,
+        seed=seed,
     )
     model = HookedTransformer(cfg).eval()
     gen = torch.Generator().manual_seed(seed + 1)
@@ -41,10 +52,20 @@ def attn_sae(arch: str = "topk", *, layer: int = 1, d_sae: int = 48, reshape: st
     meta = SAEMetadata(hook_name=f"blocks.{layer}.attn.hook_z", model_name="tiny")
     d_in = N_HEADS * D_HEAD
     if arch == "topk":
-        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=6, rescale_acts_by_decoder_norm=True,
-                                    reshape_activations=reshape, metadata=meta))
+        sae = TopKSAE(
+            TopKSAEConfig(
+                d_in=d_in,
+                d_sae=d_sae,
+                k=6,
+                rescale_acts_by_decoder_norm=True,
+                reshape_activations=reshape,
+                metadata=meta,
+            )
+        )
     else:
-        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, reshape_activations=reshape, metadata=meta))
+        sae = StandardSAE(
+            StandardSAEConfig(d_in=d_in, d_sae=d_sae, reshape_activations=reshape, metadata=meta)
+        )
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -55,7 +76,9 @@ def attn_sae(arch: str = "topk", *, layer: int = 1, d_sae: int = 48, reshape: st
 def resid_sae(layer: int, hook: str = "hook_resid_post", seed: int = 1):
     torch.manual_seed(seed)
     meta = SAEMetadata(hook_name=f"blocks.{layer}.{hook}", model_name="tiny")
-    sae = TopKSAE(TopKSAEConfig(d_in=D_MODEL, d_sae=64, k=5, rescale_acts_by_decoder_norm=True, metadata=meta))
+    sae = TopKSAE(
+        TopKSAEConfig(d_in=D_MODEL, d_sae=64, k=5, rescale_acts_by_decoder_norm=True, metadata=meta)
+    )
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -63,7 +86,9 @@ def resid_sae(layer: int, hook: str = "hook_resid_post", seed: int = 1):
 
 
 def tokens(model, batch=3, seed=0):
-    return torch.randint(0, model.cfg.d_vocab, (batch, model.cfg.n_ctx), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, model.cfg.d_vocab, (batch, model.cfg.n_ctx), generator=torch.Generator().manual_seed(seed)
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -96,14 +121,18 @@ def test_residual_writes_match_the_attention_output():
     W_O = model.blocks[1].attn.W_O.detach()
     W = torch.randn(5, N_HEADS * D_HEAD)
     got = ha.residual_writes(W, W_O)
-    naive = torch.stack([sum(W[f, h * D_HEAD:(h + 1) * D_HEAD] @ W_O[h] for h in range(N_HEADS)) for f in range(5)])
+    naive = torch.stack(
+        [sum(W[f, h * D_HEAD : (h + 1) * D_HEAD] @ W_O[h] for h in range(N_HEADS)) for f in range(5)]
+    )
     assert torch.allclose(got, naive, atol=1e-5)
 
 
 def test_same_share_null_keeps_shares_and_changes_directions():
     W = torch.randn(6, N_HEADS * D_HEAD)
     null = ha.same_share_null(W, N_HEADS, D_HEAD, torch.Generator().manual_seed(0))
-    assert torch.allclose(ha.head_shares(null, N_HEADS, D_HEAD), ha.head_shares(W, N_HEADS, D_HEAD), atol=1e-5)
+    assert torch.allclose(
+        ha.head_shares(null, N_HEADS, D_HEAD), ha.head_shares(W, N_HEADS, D_HEAD), atol=1e-5
+    )
     assert (torch.nn.functional.cosine_similarity(null, W, dim=-1).abs() < 0.9).all()
 
 
@@ -126,8 +155,12 @@ def test_head_similarities_and_polysemantic_table():
     assert len(sims) == N_HEADS * (1 + 3)
     # the features' matrix equals a naive recomputation from the head's top-5 decoder rows
     top = ha.head_shares(sae.W_dec.detach(), N_HEADS, D_HEAD)[:, 2].topk(5).indices
-    writes = torch.stack([sum(sae.W_dec[f, h * D_HEAD:(h + 1) * D_HEAD] @ W_O[h] for h in range(N_HEADS))
-                          for f in top.tolist()])
+    writes = torch.stack(
+        [
+            sum(sae.W_dec[f, h * D_HEAD : (h + 1) * D_HEAD] @ W_O[h] for h in range(N_HEADS))
+            for f in top.tolist()
+        ]
+    )
     logits = writes @ M
     head2 = [s for h, kind, _, s in sims if h == 2 and kind == "features"][0]
     assert torch.allclose(head2, ha.cosine_matrix(logits - logits.mean(-1, keepdim=True)), atol=1e-5)
@@ -142,7 +175,9 @@ def test_head_similarities_and_polysemantic_table():
 # DFA
 
 
-@pytest.mark.parametrize("norm,n_kv,arch", [("RMS", 2, "topk"), ("LN", None, "standard"), ("RMS", 4, "standard")])
+@pytest.mark.parametrize(
+    "norm,n_kv,arch", [("RMS", 2, "topk"), ("LN", None, "standard"), ("RMS", 4, "standard")]
+)
 def test_dfa_is_exact_and_matches_a_naive_loop(norm, n_kv, arch):
     model = tiny_model(norm, n_kv)
     sae = attn_sae(arch)
@@ -169,11 +204,15 @@ def test_dfa_is_exact_and_matches_a_naive_loop(norm, n_kv, arch):
     for i in range(4):
         for h in range(N_HEADS):
             for s in range(model.cfg.n_ctx):
-                want = sum(c["pattern"][b[i], h, d[i], s].item() * c["v"][b[i], s, h // group, k].item()
-                           * W_eff[h * D_HEAD + k, f[i]].item() for k in range(D_HEAD))
+                want = sum(
+                    c["pattern"][b[i], h, d[i], s].item()
+                    * c["v"][b[i], s, h // group, k].item()
+                    * W_eff[h * D_HEAD + k, f[i]].item()
+                    for k in range(D_HEAD)
+                )
                 assert parts[i, h, s].item() == pytest.approx(want, abs=1e-5)
     for i in range(4):  # causal: nothing from sources after the destination
-        assert (parts[i, :, int(d[i]) + 1:] == 0).all()
+        assert (parts[i, :, int(d[i]) + 1 :] == 0).all()
 
 
 def test_dfa_with_reshaping_sae_reads_unflattened_hook_z():
@@ -192,6 +231,7 @@ def test_encoder_affine_refuses_gated_like_architectures():
             @staticmethod
             def architecture():
                 return "gated"
+
     with pytest.raises(dfa_mod.DFAError, match="affine"):
         dfa_mod.encoder_affine(Fake())
 
@@ -211,8 +251,16 @@ def test_rdfa_parts_sum_to_the_value_vector_and_the_dfa_part(norm, n_kv):
     b_V = (attn._b_V if n_kv else attn.b_V).detach()
     ln = model.blocks[1].ln1
     bi, s, d, f = 1, 4, 9, 7
-    parts = dfa_mod.value_decomposition(c["resid_pre"][bi, s], res, c["scale"][bi, s], ln.w.detach(),
-                                        getattr(ln, "b", None), W_V, b_V, center=norm == "LN")
+    parts = dfa_mod.value_decomposition(
+        c["resid_pre"][bi, s],
+        res,
+        c["scale"][bi, s],
+        ln.w.detach(),
+        getattr(ln, "b", None),
+        W_V,
+        b_V,
+        center=norm == "LN",
+    )
     total = parts["feature_parts"].sum(0) + parts["b_dec_part"] + parts["error_part"] + parts["bias_part"]
     assert torch.allclose(total, c["v"][bi, s], atol=1e-5)
     assert len(parts["features"]) == 5  # TopK k=5 active features
@@ -220,19 +268,24 @@ def test_rdfa_parts_sum_to_the_value_vector_and_the_dfa_part(norm, n_kv):
     h = 3
     kv = int(ha.kv_heads(N_HEADS, n_kv)[h])
     A = c["pattern"][bi, h, d, s].item()
-    contrib = dfa_mod.rdfa(parts, A, W_eff[h * D_HEAD:(h + 1) * D_HEAD, f], kv)
-    part = dfa_mod.dfa(c["pattern"], c["v"], W_eff, torch.tensor([bi]), torch.tensor([d]), torch.tensor([f]))[0, h, s]
+    contrib = dfa_mod.rdfa(parts, A, W_eff[h * D_HEAD : (h + 1) * D_HEAD, f], kv)
+    part = dfa_mod.dfa(c["pattern"], c["v"], W_eff, torch.tensor([bi]), torch.tensor([d]), torch.tensor([f]))[
+        0, h, s
+    ]
     got = contrib["feature"].sum() + contrib["b_dec"] + contrib["error"] + contrib["bias"]
     assert got.item() == pytest.approx(part.item(), abs=1e-5)
     # each feature's contribution equals a naive recomputation from its decoder write
     g = int(parts["features"][0])
     a_g = res.encode(c["resid_pre"][bi, s][None])[0, g]
-    write = a_g * res.W_dec[g] / res.W_dec[g].norm()  # rescale_acts_by_decoder_norm: unit decoder per activation
+    write = (
+        a_g * res.W_dec[g] / res.W_dec[g].norm()
+    )  # rescale_acts_by_decoder_norm: unit decoder per activation
     if norm == "LN":
         write = write - write.mean()
     v_part = (write / c["scale"][bi, s] * ln.w) @ W_V[kv]
-    assert contrib["feature"][0].item() == pytest.approx(A * (v_part @ W_eff[h * D_HEAD:(h + 1) * D_HEAD, f]).item(),
-                                                         abs=1e-5)
+    assert contrib["feature"][0].item() == pytest.approx(
+        A * (v_part @ W_eff[h * D_HEAD : (h + 1) * D_HEAD, f]).item(), abs=1e-5
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -245,7 +298,9 @@ def test_require_attention_z_accepts_hook_z_and_refuses_others(tmp_path):
     sae.save_model(tmp_path / "layer_1")
     [loaded] = saes.load_saes(tmp_path, [1], model=model)
     assert saes.require_attention_z(loaded, model.cfg) is loaded
-    assert saes.is_attention_z_hook("blocks.3.attn.hook_z") and not saes.is_attention_z_hook("blocks.3.hook_z")
+    assert saes.is_attention_z_hook("blocks.3.attn.hook_z") and not saes.is_attention_z_hook(
+        "blocks.3.hook_z"
+    )
     with pytest.raises(SAEError, match="no per-head slices"):
         saes.require_attention_z(saes._describe(resid_sae(0, "hook_attn_out"), "x", None, None, folded=False))
     with pytest.raises(SAEError, match="hook_z"):
@@ -264,7 +319,9 @@ def test_demo_colon_config_names_a_prepared_config(tmp_path, monkeypatch):
 
 def test_params_attn_saes_entry():
     base = {"target": "t", "model": {"name": "gpt2-small"}, "saes": {"source": "gpt2-small-res-jb"}}
-    t = parse_target({**base, "attn_saes": {"source": "gpt2-small-hook-z-kk", "id_template": "blocks.{layer}.hook_z"}})
+    t = parse_target(
+        {**base, "attn_saes": {"source": "gpt2-small-hook-z-kk", "id_template": "blocks.{layer}.hook_z"}}
+    )
     assert t.attn_sae_ids([0, 5]) == ["blocks.0.hook_z", "blocks.5.hook_z"]
     with pytest.raises(ParamsError, match="unknown key"):
         parse_target({**base, "attn_saes": {"source": "x", "ids": "y"}})
@@ -283,14 +340,30 @@ def test_chapter_steps_on_a_tiny_model(tmp_path, monkeypatch):
 
     monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path))
     model = tiny_model("LN", None)
-    attn = [saes._describe(attn_sae("standard", layer=layer, reshape="hook_z", seed=layer), "tiny", None, None,
-                           folded=False) for layer in (0, 1)]
-    resid = {layer: saes._describe(resid_sae(layer, "hook_resid_pre", seed=10 + layer), "tiny", None, None,
-                                   folded=False) for layer in (0, 1)}
+    attn = [
+        saes._describe(
+            attn_sae("standard", layer=layer, reshape="hook_z", seed=layer), "tiny", None, None, folded=False
+        )
+        for layer in (0, 1)
+    ]
+    resid = {
+        layer: saes._describe(
+            resid_sae(layer, "hook_resid_pre", seed=10 + layer), "tiny", None, None, folded=False
+        )
+        for layer in (0, 1)
+    }
     target = SimpleNamespace(target="tiny", attn_saes={"source": "tiny"})
     ctx = SimpleNamespace(target=target, provenance=lambda **kw: {"chapter": kw})
-    cfg = ch.AttnConfig(top_k=4, n_null=3, text_rows=3, dfa_features=3, n_examples=4, min_fires=1,
-                        induction_len=8, induction_rows=3)
+    cfg = ch.AttnConfig(
+        top_k=4,
+        n_null=3,
+        text_rows=3,
+        dfa_features=3,
+        n_examples=4,
+        min_fires=1,
+        induction_len=8,
+        induction_rows=3,
+    )
     shares = ch.head_attribution(ctx, model, attn, cfg)
     assert len(shares["shares"]) == 2 * 48 * N_HEADS and len(shares["top"]) == 2 * N_HEADS * 4
     poly = ch.polysemantic_heads(ctx, model, attn, cfg)
@@ -323,25 +396,47 @@ def test_tiny_attention_training_on_hook_z(tmp_path, monkeypatch):
 
     folder = tmp_path / "corpora" / "tinystories"
     folder.mkdir(parents=True)
-    stories = [f"Once upon a time, Lily had {i} red balls. She played in the park with Tom." for i in range(60)]
+    stories = [
+        f"Once upon a time, Lily had {i} red balls. She played in the park with Tom." for i in range(60)
+    ]
     (folder / "tinystories_lowercase.txt").write_text("\n".join(s.lower() for s in stories) + "\n")
     (folder / "tinystories_cased.txt").write_text("\n\n".join(stories[:20]) + "\n")
     monkeypatch.setenv("WEIGHTSCOPE_CORPORA", str(tmp_path / "corpora"))
     monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path / "data"))
-    cfg = HookedTransformerConfig(n_layers=2, d_model=D_MODEL, n_ctx=64, d_head=D_HEAD, n_heads=N_HEADS,
-                                  n_key_value_heads=2, d_mlp=64, d_vocab=512, act_fn="silu", normalization_type="RMS",
-                                  positional_embedding_type="rotary", seed=0)
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=D_MODEL,
+        n_ctx=64,
+        d_head=D_HEAD,
+        n_heads=N_HEADS,
+        n_key_value_heads=2,
+        d_mlp=64,
+        d_vocab=512,
+        act_fn="silu",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        seed=0,
+    )
     model = HookedTransformer(cfg).eval()
-    test_cfg = dataclasses.replace(demo_saes.ATTN_TINY, name="attn-test", d_sae=48, k=4, train_rows=48,
-                                   training_tokens=3072, max_eval_tokens=512)
+    test_cfg = dataclasses.replace(
+        demo_saes.ATTN_TINY,
+        name="attn-test",
+        d_sae=48,
+        k=4,
+        train_rows=48,
+        training_tokens=3072,
+        max_eval_tokens=512,
+    )
     encode = lambda text: [demo_saes.BOS_ID] + [3 + b for b in text.encode()]  # noqa: E731
     root = demo_saes.ensure_demo_saes(test_cfg, model=model, encode=encode, progress=False)
     manifest = demo_saes.read_manifest(root)
     assert manifest["complete"] and manifest["hook_template"] == "blocks.{layer}.attn.hook_z"
     assert all(m["explained_variance"] < 1 and m["mean_l0"] <= 4 for m in manifest["per_layer"].values())
     loaded = saes.load_saes("demo:attn-test", model=model)  # through the pointer the prepare stage wrote
-    assert [(s.hook_name, s.d_in) for s in loaded] == [("blocks.0.attn.hook_z", N_HEADS * D_HEAD),
-                                                       ("blocks.1.attn.hook_z", N_HEADS * D_HEAD)]
+    assert [(s.hook_name, s.d_in) for s in loaded] == [
+        ("blocks.0.attn.hook_z", N_HEADS * D_HEAD),
+        ("blocks.1.attn.hook_z", N_HEADS * D_HEAD),
+    ]
     assert saes.require_attention_z(loaded[1], model.cfg) is loaded[1]
     held = demo_saes.held_out_stories(test_cfg)
     assert held and all(isinstance(s, str) for s in held)

@@ -1,12 +1,15 @@
-"""Weights-only reading of attention-output (hook_z) SAE features: which heads they belong to, what they write.
+"""Weights-only reading of attention-output (hook_z) SAE features: which heads they belong to, what they
+write.
 
 An SAE on `blocks.L.attn.hook_z` reads the heads' outputs before `W_O`, concatenated head-major:
-x = [z_0, z_1, ..., z_{H-1}], each z_h of width d_head. A decoder row W_dec[f] : [H * d_head] therefore splits into
+x = [z_0, z_1, ..., z_{H-1}], each z_h of width d_head. A decoder row W_dec[f] : [H * d_head] therefore splits
+into
 per-head slices W_dec[f, h] : [d_head] (`head_slices`).
 
 - Head attribution (Kissane et al. 2024, their code): share_h(f) = |W_dec[f, h]|_2 / sum_h' |W_dec[f, h']|_2
   (plain L2 norms, not squared), `head_shares`.
-- With grouped-query attention, query head h reads the value head `kv_heads(H, H_kv)[h]` (TransformerLens repeats
+- With grouped-query attention, query head h reads the value head `kv_heads(H, H_kv)[h]` (TransformerLens
+  repeats
   each key/value head over consecutive query heads, `repeat_interleave`).
 - What a feature writes into the residual stream: sum_h W_dec[f, h] @ W_O[h] : [d_model] (`residual_writes`).
 - How many heads are polysemantic (`head_groups`, `polysemantic_heads`): a head's top features by share are
@@ -34,7 +37,8 @@ def head_slices(W_dec: Tensor, n_heads: int, d_head: int) -> Tensor:
 
 
 def head_shares(W_dec: Tensor, n_heads: int, d_head: int) -> Tensor:
-    """Head attribution [d_sae, n_heads]: each slice's L2 norm over the sum of the slices' norms (rows sum to 1)."""
+    """Head attribution [d_sae, n_heads]: each slice's L2 norm over the sum of the slices' norms (rows sum
+    to 1)."""
     norms = head_slices(W_dec.float(), n_heads, d_head).norm(dim=-1)
     return norms / norms.sum(-1, keepdim=True).clamp_min(1e-12)
 
@@ -50,13 +54,15 @@ def kv_heads(n_heads: int, n_kv_heads: int | None) -> Tensor:
 def shares_table(shares: Tensor, layer: int, kv: Tensor) -> pd.DataFrame:
     """Long table, one row per (feature, head): layer, feature, head, kv_head, share."""
     d_sae, n_heads = shares.shape
-    return pd.DataFrame({
-        "layer": layer,
-        "feature": np.repeat(np.arange(d_sae), n_heads),
-        "head": np.tile(np.arange(n_heads), d_sae),
-        "kv_head": np.tile(kv.numpy(), d_sae),
-        "share": shares.reshape(-1).cpu().numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "layer": layer,
+            "feature": np.repeat(np.arange(d_sae), n_heads),
+            "head": np.tile(np.arange(n_heads), d_sae),
+            "kv_head": np.tile(kv.numpy(), d_sae),
+            "share": shares.reshape(-1).cpu().numpy(),
+        }
+    )
 
 
 def top_features(shares: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -65,7 +71,8 @@ def top_features(shares: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def residual_writes(W_dec: Tensor, W_O: Tensor) -> Tensor:
-    """[n, d_model]: what each decoder row writes through the output maps. W_dec [n, H * d_head], W_O [H, d_head,
+    """[n, d_model]: what each decoder row writes through the output maps. W_dec [n, H * d_head], W_O [H,
+    d_head,
     d_model]."""
     n_heads, d_head, _ = W_O.shape
     return torch.einsum("fhk,hkm->fm", head_slices(W_dec.to(W_O.dtype), n_heads, d_head), W_O)
@@ -79,7 +86,8 @@ def token_profiles(writes: Tensor, M_out: Tensor) -> Tensor:
 
 
 def same_share_null(rows: Tensor, n_heads: int, d_head: int, generator: torch.Generator) -> Tensor:
-    """Null decoder rows [n, H * d_head]: every head slice of `rows` replaced by a random direction of the same
+    """Null decoder rows [n, H * d_head]: every head slice of `rows` replaced by a random direction of the
+    same
     norm, so the null features have exactly the real ones' head shares."""
     slices = head_slices(rows.float(), n_heads, d_head)
     noise = torch.randn(slices.shape, generator=generator)
@@ -88,7 +96,7 @@ def same_share_null(rows: Tensor, n_heads: int, d_head: int, generator: torch.Ge
 
 
 def connected_groups(similarity: Tensor, tau: float) -> np.ndarray:
-    """Group labels [n] of the connected components of the graph linking i and j when similarity[i, j] >= tau."""
+    """Group labels [n]: connected components of the graph linking i and j when similarity[i, j] >= tau."""
     n = similarity.shape[0]
     linked = (similarity >= tau).cpu().numpy() | np.eye(n, dtype=bool)
     labels = -np.ones(n, dtype=int)
@@ -117,9 +125,11 @@ def group_stats(similarity: Tensor, tau: float) -> tuple[int, float]:
     return len(sizes), float(sizes.max() / len(labels))
 
 
-def head_similarities(W_dec: Tensor, W_O: Tensor, M_out: Tensor, *, k: int, n_null: int,
-                      seed: int) -> list[tuple[int, str, int, Tensor]]:
-    """Per head: the profile cosine matrix [k, k] of its top-k features by share, and of `n_null` same-share null
+def head_similarities(
+    W_dec: Tensor, W_O: Tensor, M_out: Tensor, *, k: int, n_null: int, seed: int
+) -> list[tuple[int, str, int, Tensor]]:
+    """Per head: the profile cosine matrix [k, k] of its top-k features by share, and of `n_null` same-share
+    null
     draws of them. W_dec [d_sae, H * d_head], W_O [H, d_head, d_model], M_out [d_model, d_vocab].
     Returns [(head, "features" | "null", draw, similarity)]."""
     n_heads, d_head, _ = W_O.shape
@@ -139,19 +149,32 @@ def head_similarities(W_dec: Tensor, W_O: Tensor, M_out: Tensor, *, k: int, n_nu
 def null_link_threshold(similarities: list[tuple[int, str, int, Tensor]], q: float) -> float:
     """The q-quantile of the pairwise profile cosines among the null draws of `head_similarities`: linking two
     features at this tau means their profiles agree more than a fraction q of content-free pairs do."""
-    pairs = [sim[torch.triu_indices(len(sim), len(sim), 1).unbind()] for _, kind, _, sim in similarities
-             if kind == "null"]
+    pairs = [
+        sim[torch.triu_indices(len(sim), len(sim), 1).unbind()]
+        for _, kind, _, sim in similarities
+        if kind == "null"
+    ]
     return float(torch.quantile(torch.cat(pairs), q))
 
 
-def polysemantic_heads(similarities: list[tuple[int, str, int, Tensor]], *, layer: int,
-                       taus: list[float]) -> pd.DataFrame:
+def polysemantic_heads(
+    similarities: list[tuple[int, str, int, Tensor]], *, layer: int, taus: list[float]
+) -> pd.DataFrame:
     """Groups among each head's top features at each tau, for the features and the null draws of
     `head_similarities`. Columns: layer, head, tau, kind, draw, n_groups, largest_group_frac."""
     rows = []
     for head, kind, draw, sim in similarities:
         for tau in taus:
             n_groups, largest = group_stats(sim, tau)
-            rows.append({"layer": layer, "head": head, "tau": tau, "kind": kind, "draw": draw,
-                         "n_groups": n_groups, "largest_group_frac": largest})
+            rows.append(
+                {
+                    "layer": layer,
+                    "head": head,
+                    "tau": tau,
+                    "kind": kind,
+                    "draw": draw,
+                    "n_groups": n_groups,
+                    "largest_group_frac": largest,
+                }
+            )
     return pd.DataFrame(rows)

@@ -425,29 +425,30 @@ def is_attention_z_hook(hook_name: str) -> bool:
 
 def require_attention_z(sae, model_cfg=None) -> LoadedSAE:
     """Return the SAE as a `LoadedSAE` if it reads `blocks.{L}.attn.hook_z` (flattened to n_heads * d_head,
-    head-major, as sae-lens's `reshape_activations: hook_z` and its activation store both flatten it); refuse it
-    otherwise. With `model_cfg`, also check that d_in = n_heads * d_head and that the SAE adds no run-time input
-    normalisation the chapter's exact decompositions would miss."""
+    head-major, as sae-lens's `reshape_activations: hook_z` and its activation store both flatten it);
+    refuse it otherwise. With `model_cfg`, also check that d_in = n_heads * d_head and that the SAE adds no
+    run-time input normalisation the chapter's exact decompositions would miss."""
     s = _as_loaded(sae)
     name = s.sae_id or s.source
     if not is_attention_z_hook(s.hook_name):
-        why = (" It reads the attention output after W_O, where the heads are already summed, so a decoder row "
-               "has no per-head slices." if s.hook_name.endswith("hook_attn_out") else "")
+        why = (" It reads the attention output after W_O, where the heads are already summed, so a decoder "
+               "row has no per-head slices." if s.hook_name.endswith("hook_attn_out") else "")
         raise SAEError(
             f"this chapter needs attention-output SAEs on blocks.L.attn.hook_z, but SAE {name} reads "
-            f"{s.hook_name}.{why} Use a hook_z release (gpt2-small-hook-z-kk, gemma-scope-2b-pt-att-canonical, "
-            "or the demo attention SAEs: `attn_saes: {source: 'demo:attn'}`)."
+            f"{s.hook_name}.{why} Use a hook_z release (gpt2-small-hook-z-kk, "
+            "gemma-scope-2b-pt-att-canonical, or the demo attention SAEs: "
+            "`attn_saes: {source: 'demo:attn'}`)."
         )
     if s.normalize_activations not in ("none", None):
         raise SAEError(
             f"SAE {name} normalises its input at run time ({s.normalize_activations!r}); the chapter's "
-            "decompositions assume a linear encoder. Load it through a release that folds the scaling "
-            "(sae-lens does for published norm factors)."
+            "decompositions assume a linear encoder. Load it through a release that folds the "
+            "scaling (sae-lens does for published norm factors)."
         )
     if model_cfg is not None and s.d_in != model_cfg.n_heads * model_cfg.d_head:
         raise SAEError(
             f"SAE {name} has d_in={s.d_in}, but hook_z of this model is n_heads * d_head = "
-            f"{model_cfg.n_heads} * {model_cfg.d_head} = {model_cfg.n_heads * model_cfg.d_head}. Use attention "
-            "SAEs made for this model."
+            f"{model_cfg.n_heads} * {model_cfg.d_head} = {model_cfg.n_heads * model_cfg.d_head}. Use "
+            "attention SAEs made for this model."
         )
     return s
