@@ -3,17 +3,15 @@
 
     .venv/bin/python bench/dfa.py [--device cpu|cuda] [--repeats 5]
 
-- `dfa`: `compute.dfa.dfa` for every destination token of a batch of rows and its `l0` active features (the
+- - `dfa`: `compute.dfa.dfa` for every destination token of a batch of rows and its `l0` active features (the
   chapter's use: one split per active (token, feature)), reported as destination tokens per second; beside it
-  the
-  encoder product alone, z @ W_enc for the same tokens (what finding the active features costs), in the same
-  run.
-- `rdfa`: `value_decomposition` + `rdfa` of one (head, source) part over a residual SAE of the model's width,
-  reported as examples per second.
+  the encoder product alone, z @ W_enc for the same tokens (what finding the active features costs), in the
+  same run.
+- - `rdfa`: `value_decomposition` + `rdfa` of one (head, source) part over a residual SAE of the model's
+  width, reported as examples per second.
 
 Random tensors of the real shapes (patterns are causal softmaxes); timings are medians after one warm-up.
-Results go to bench/results/dfa-<device>-<date>.json.
-"""
+Results go to bench/results/dfa-<device>-<date>.json."""
 
 from __future__ import annotations
 

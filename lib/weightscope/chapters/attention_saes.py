@@ -1,13 +1,11 @@
 """Chapter 4: attention-output SAEs (Kissane et al. 2024): head attribution, what features write, DFA and
-recursive
-DFA. One function per step of `notebooks/04_attention_saes.md`; each returns tidy tables and saves them under
-`data/results/<target>/04_*`.
+recursive DFA. One function per step of `notebooks/04_attention_saes.md`; each returns tidy tables and saves
+them under `data/results/<target>/04_*`.
 
     model, attn, resid = load(ctx)                        # full TransformerLens model (forward passes needed)
     shares = head_attribution(ctx, model, attn, cfg)      # weights only
     poly = polysemantic_heads(ctx, model, attn, cfg)      # weights only, with a same-share null
-    writes = feature_writes(ctx, model, attn, resid, cfg) # weights only: token lens and next residual
-    features
+    writes = feature_writes(ctx, model, attn, resid, cfg) # weights only: token lens, next residual features
     text = held_out_text(ctx, model, cfg)                 # held-out TinyStories rows
     ex = dfa_examples(ctx, model, attn, text, cfg)        # activations: DFA of top-activating features
     fam = families(ctx, model, attn, text, cfg)           # activations: distance profiles and induction
@@ -73,10 +71,9 @@ def _save(ctx, df: pd.DataFrame, name: str, cfg: AttnConfig) -> pd.DataFrame:
 
 def load(ctx):
     """(model, attention SAEs, residual SAEs by layer): the full TransformerLens model (the DFA steps need
-    forward
-    passes) with the processing the target's residual SAEs were trained with, one checked hook_z SAE per
-    analysed
-    layer, and the target's residual SAEs ({layer: LoadedSAE}) for the steps that join the two."""
+    forward passes) with the processing the target's residual SAEs were trained with, one checked hook_z SAE
+    per analysed layer, and the target's residual SAEs ({layer: LoadedSAE}) for the steps that join the two.
+    """
     from weightscope.load.models import load_model
     from weightscope.load.saes import check_fits, load_saes, require_attention_z
 
@@ -98,8 +95,7 @@ def load(ctx):
 
 def sae_quality(ctx) -> pd.DataFrame:
     """The demo attention SAEs' held-out metrics per layer (from their manifest), with the bar; an empty table
-    for
-    public releases, whose metrics their authors document."""
+    for public releases, whose metrics their authors document."""
     source = ctx.target.attn_saes["source"]
     if not source.startswith("demo"):
         return pd.DataFrame()
@@ -130,8 +126,7 @@ def sae_quality(ctx) -> pd.DataFrame:
 
 def residual_sae_after(resid: dict, layer: int):
     """The residual SAE reading the stream right after block `layer`'s attention writes (resid_mid or
-    resid_post
-    of that block, or resid_pre of the next), else None."""
+    resid_post of that block, or resid_pre of the next), else None."""
     for sae in resid.values():
         if sae.hook_name in (
             f"blocks.{layer}.hook_resid_mid",
@@ -167,9 +162,8 @@ def _attn_weights(model, layer: int):
 
 @torch.no_grad()
 def head_attribution(ctx, model, saes, cfg: AttnConfig) -> dict[str, pd.DataFrame]:
-    """{"shares": one row per (layer, feature, head), "top": each head's top_k features by share,
-    "heads": per head: kv_head, mean share of its top features, number of features whose largest share it
-    holds}."""
+    """{"shares": one row per (layer, feature, head), "top": each head's top_k features by share, "heads": per
+    head: kv_head, mean share of its top features, number of features whose largest share it holds}."""
     kv = ha.kv_heads(model.cfg.n_heads, model.cfg.n_key_value_heads)
 
     def compute(sae):
@@ -207,8 +201,7 @@ def head_attribution(ctx, model, saes, cfg: AttnConfig) -> dict[str, pd.DataFram
 
 def top_features_table(shares: dict[str, pd.DataFrame], writes: pd.DataFrame, n: int = 5) -> pd.DataFrame:
     """One row per head: its value head, its n top features by share ("f (share)"), and the output tokens of
-    the
-    first of them (from `feature_writes`)."""
+    the first of them (from `feature_writes`)."""
     top = shares["top"][shares["top"]["rank"] < n].merge(
         writes[["layer", "feature", "top_tokens"]], on=["layer", "feature"]
     )
@@ -269,8 +262,7 @@ def feature_writes(
     """One row per attention feature: its main head and share, the top output tokens of its write through W_O
     and the folded unembedding (the Neuronpedia view), and its strongest residual-SAE features just after the
     attention layer by weights (W_dec_attn W_O W_enc_res), with the null's 99% quantile of that connection
-    (the
-    same computation for same-share null rows)."""
+    (the same computation for same-share null rows)."""
     M_out, _ = output_matrix(model)
     vocab_ = vocab(model)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -354,8 +346,8 @@ def _chunked_dfa(c, W_eff, b, d, f, chunk: int = 128) -> torch.Tensor:
 def dfa_examples(ctx, model, saes, tokens: torch.Tensor, cfg: AttnConfig) -> dict[str, pd.DataFrame]:
     """DFA for the `dfa_features` features per layer with the highest activation on the held-out text, each at
     its top-activating position. {"examples": one row per (layer, feature): position, activation,
-    pre-activation, bias, sum of parts and the exactness error; "parts": one row per (example, head,
-    source)}."""
+    pre-activation, bias, sum of parts and the exactness error; "parts": one row per (example, head, source)}.
+    """
     vocab_ = vocab(model)
     ex_rows, part_rows = [], []
     for sae in saes:
@@ -419,8 +411,8 @@ def repeated_tokens(model, cfg: AttnConfig) -> torch.Tensor:
 
 def _top_positions(acts: torch.Tensor, n: int, min_fires: int, allowed: torch.Tensor | None = None):
     """For every feature with at least `min_fires` active positions (within `allowed` [b, pos] if given): its
-    top-n positions. Returns LongTensors (feature, row, dest) and the number of active positions per
-    feature."""
+    top-n positions. Returns LongTensors (feature, row, dest) and the number of active positions per feature.
+    """
     a = acts if allowed is None else acts * allowed[..., None]
     flat = a.flatten(0, 1)  # [b * pos, d_sae]
     fires = (flat > 0).sum(0)
@@ -436,12 +428,11 @@ def _top_positions(acts: torch.Tensor, n: int, min_fires: int, allowed: torch.Te
 def families(ctx, model, saes, tokens: torch.Tensor, cfg: AttnConfig) -> dict[str, pd.DataFrame]:
     """Each feature's DFA profile on its top activations: share of |DFA| within `short_window` tokens (and the
     share uniform attention over the same prefix would give: the null), and on repeated random sequences the
-    share
-    on the token after the earlier copy (null: 1 / (dest + 1)). The rule, in order: induction when that share
-    reaches `induction_min` (with `min_fires` activations in the repeated half), short-range context when the
-    short-window share reaches `short_mass_min`, else long-range context; features with fewer than `min_fires`
-    activations on the held-out text stay unclassified. {"features": one row per classified feature,
-    "summary": counts per layer and family}."""
+    share on the token after the earlier copy (null: 1 / (dest + 1)). The rule, in order: induction when that
+    share reaches `induction_min` (with `min_fires` activations in the repeated half), short-range context
+    when the short-window share reaches `short_mass_min`, else long-range context; features with fewer than
+    `min_fires` activations on the held-out text stay unclassified. {"features": one row per classified
+    feature, "summary": counts per layer and family}."""
     rep = repeated_tokens(model, cfg).to(tokens.device)
     T = cfg.induction_len
     second = torch.zeros(rep.shape, dtype=rep.dtype, device=rep.device)
@@ -518,12 +509,11 @@ def recursive_dfa(
     n_top: int = 5,
 ) -> pd.DataFrame:
     """One step up: for each DFA example, its largest (head, source) part is split over the residual SAE on
-    the
-    stream the attention layer reads (its active features, its b_dec, its error) plus the value bias, with the
-    norm's scale frozen. One row per piece: layer, feature, head, src, part (the DFA part), piece,
-    resid_feature
-    (-1 for the non-feature pieces), contribution; the `n_top` features by |contribution| are kept, and a row
-    "other features" holds the rest, so that the contributions of an example sum to its part."""
+    the stream the attention layer reads (its active features, its b_dec, its error) plus the value bias, with
+    the norm's scale frozen. One row per piece: layer, feature, head, src, part (the DFA part), piece,
+    resid_feature (-1 for the non-feature pieces), contribution; the `n_top` features by |contribution| are
+    kept, and a row "other features" holds the rest, so that the contributions of an example sum to its part.
+    """
     rows = []
     by_layer = {sae.layer: sae for sae in saes}
     norm = model.cfg.normalization_type

@@ -2,29 +2,22 @@
 stream.
 
 With the attention pattern A frozen, head h's output at destination d is z[d, h] = sum_s A[h, d, s] v[s,
-kv(h)],
-so an hook_z SAE feature's pre-activation is linear in the value vectors:
+kv(h)], so an hook_z SAE feature's pre-activation is linear in the value vectors:
 
-    pre_f(d) = scale_f * ( sum_{h, s} A[h, d, s] v[s, kv(h)] . W_enc[h, :, f]  +  b_enc[f] - b_dec' . W_enc[:,
-    f] )
+    pre_f(d) = scale_f * (sum_{h,s} A[h, d, s] v[s, kv(h)] . W_enc[h, :, f] + b_enc[f] - b_dec' . W_enc[:, f])
 
 where W_enc[h, :, f] is head h's slice of the encoder column, b_dec' = b_dec when the SAE subtracts it from
-its
-input (`apply_b_dec_to_input`), and scale_f = |W_dec[f]| for TopK SAEs that rescale by the decoder norm, else
-1.
-`dfa` returns the (h, s) parts; `encoder_affine` the effective W_enc and bias, so that parts + bias equal the
-pre-activation exactly (Kissane et al.'s DFA leaves the bias terms out; here they are returned separately).
+its input (`apply_b_dec_to_input`), and scale_f = |W_dec[f]| for TopK SAEs that rescale by the decoder norm,
+else 1. `dfa` returns the (h, s) parts; `encoder_affine` the effective W_enc and bias, so that parts + bias
+equal the pre-activation exactly (Kissane et al.'s DFA leaves the bias terms out; here they are returned
+separately).
 
 Recursive DFA (`value_decomposition`, `rdfa`): the value vector at a source position, v = LN(x) W_V + b_V, is
-linear
-in the residual stream x once the norm's scale is frozen, and x = sum_g a_g W_dec_res[g] + b_dec_res + error
-by a
-residual SAE reading that stream. So each part A[h, d, s] v[s] . W_enc[h, :, f] splits further over the
-residual
-SAE's active features, its bias, its error term and the value bias.
+linear in the residual stream x once the norm's scale is frozen, and x = sum_g a_g W_dec_res[g] + b_dec_res +
+error by a residual SAE reading that stream. So each part A[h, d, s] v[s] . W_enc[h, :, f] splits further over
+the residual SAE's active features, its bias, its error term and the value bias.
 
-Introduced in chapter 4 (`notebooks/04_attention_saes.md`).
-"""
+Introduced in chapter 4 (`notebooks/04_attention_saes.md`)."""
 
 from __future__ import annotations
 
@@ -40,10 +33,8 @@ def encoder_affine(sae) -> tuple[Tensor, Tensor]:
     """(W_eff [d_in, d_sae], b_eff [d_sae]) with pre-activation = x @ W_eff + b_eff for input x [.., d_in].
 
     `sae` is a `LoadedSAE` (or a sae-lens SAE). The pre-activation is what the activation function (ReLU,
-    TopK,
-    JumpReLU) receives, so a feature is active where it is positive (ReLU, TopK) or above its threshold
-    (JumpReLU).
-    """
+    TopK, JumpReLU) receives, so a feature is active where it is positive (ReLU, TopK) or above its threshold
+    (JumpReLU)."""
     inner = getattr(sae, "sae", sae)
     cfg = inner.cfg
     arch = cfg.architecture()
@@ -66,11 +57,9 @@ def dfa(pattern: Tensor, v: Tensor, W_enc: Tensor, batch: Tensor, dest: Tensor, 
     """DFA parts [n, n_heads, src] for n (sequence, destination, feature) triples.
 
     pattern [batch, n_heads, dest, src] (the attention pattern, frozen); v [batch, src, n_kv_heads, d_head]
-    (the
-    value vectors, `hook_v`); W_enc [n_heads * d_head, d_sae] (effective encoder, `encoder_affine`); batch,
-    dest,
-    feature: LongTensors [n]. parts[i, h, s] = pattern[b, h, d, s] * v[b, s, kv(h)] . W_enc[h, :, f].
-    """
+    (the value vectors, `hook_v`); W_enc [n_heads * d_head, d_sae] (effective encoder, `encoder_affine`);
+    batch, dest, feature: LongTensors [n]. parts[i, h, s] = pattern[b, h, d, s] * v[b, s, kv(h)] . W_enc[h, :,
+    f]."""
     n, (n_heads, src), (n_kv, d_head) = len(batch), pattern.shape[1::2], v.shape[2:]
     # query head h = j * group + g reads value head j (TransformerLens's repeat_interleave)
     w = W_enc[:, feature].T.reshape(n, n_kv, n_heads // n_kv, d_head).to(v.dtype)  # [n, n_kv, group, d_head]
@@ -97,18 +86,13 @@ def value_decomposition(
     """Split the value vectors at one source position over a residual SAE's decomposition of the stream there.
 
     x [d_model]: the residual stream the attention layer reads (its `hook_resid_pre`); res_sae: a LoadedSAE
-    (or
-    sae-lens SAE) on that stream; scale: the pre-attention norm's frozen scale at that position
-    (`ln1.hook_scale`,
-    a scalar); ln_w [d_model], ln_b [d_model] or None: the norm's weight and bias; W_V [n_kv, d_model,
-    d_head],
-    b_V [n_kv, d_head]; center: LayerNorm (True) or RMSNorm (False).
+    (or sae-lens SAE) on that stream; scale: the pre-attention norm's frozen scale at that position
+    (`ln1.hook_scale`, a scalar); ln_w [d_model], ln_b [d_model] or None: the norm's weight and bias; W_V
+    [n_kv, d_model, d_head], b_V [n_kv, d_head]; center: LayerNorm (True) or RMSNorm (False).
 
     Returns {"features": LongTensor [m] (the residual SAE's active features), "feature_parts": [m, n_kv,
-    d_head],
-    "b_dec_part", "error_part", "bias_part": [n_kv, d_head]}; all parts sum to the value vector
-    LN(x) W_V + b_V with the scale frozen.
-    """
+    d_head], "b_dec_part", "error_part", "bias_part": [n_kv, d_head]}; all parts sum to the value vector LN(x)
+    W_V + b_V with the scale frozen."""
     inner = getattr(res_sae, "sae", res_sae)
     acts = inner.encode(x[None].to(inner.W_dec.dtype))[0]
     active = torch.nonzero(acts).flatten()
@@ -140,10 +124,8 @@ def rdfa(parts: dict[str, Tensor], attn: float, w_enc_head: Tensor, kv: int) -> 
     """Contributions to one DFA part A[h, d, s] v[s, kv] . w from each piece of `value_decomposition`.
 
     attn: the frozen pattern weight A[h, d, s]; w_enc_head [d_head]: the effective encoder slice W_enc[h, :,
-    f];
-    kv: the value head query head h reads. Returns {"features": [m], "feature": [m], "b_dec", "error", "bias":
-    scalars}; they sum to the DFA part.
-    """
+    f]; kv: the value head query head h reads. Returns {"features": [m], "feature": [m], "b_dec", "error",
+    "bias": scalars}; they sum to the DFA part."""
 
     def dot(t: Tensor) -> Tensor:
         return attn * (t[..., kv, :] @ w_enc_head)
@@ -163,8 +145,7 @@ LAYER_HOOKS = ("attn.hook_pattern", "attn.hook_v", "attn.hook_z", "hook_resid_pr
 @torch.no_grad()
 def attention_cache(model, tokens: Tensor, layer: int) -> dict[str, Tensor]:
     """One forward pass up to block `layer`: {"pattern" [b, H, d, s], "v" [b, s, H_kv, d_head], "z" [b, pos,
-    H,
-    d_head], "resid_pre" [b, pos, d_model], "scale" [b, pos]} of that block (float32)."""
+    H, d_head], "resid_pre" [b, pos, d_model], "scale" [b, pos]} of that block (float32)."""
     names = [f"blocks.{layer}.{h}" for h in LAYER_HOOKS]
     _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=layer + 1)
     out = {

@@ -1,25 +1,23 @@
 """Weights-only reading of attention-output (hook_z) SAE features: which heads they belong to, what they
 write.
 
-An SAE on `blocks.L.attn.hook_z` reads the heads' outputs before `W_O`, concatenated head-major:
-x = [z_0, z_1, ..., z_{H-1}], each z_h of width d_head. A decoder row W_dec[f] : [H * d_head] therefore splits
-into
+An SAE on `blocks.L.attn.hook_z` reads the heads' outputs before `W_O`, concatenated head-major: x = [z_0,
+z_1, ..., z_{H-1}], each z_h of width d_head. A decoder row W_dec[f] : [H * d_head] therefore splits into
 per-head slices W_dec[f, h] : [d_head] (`head_slices`).
 
-- Head attribution (Kissane et al. 2024, their code): share_h(f) = |W_dec[f, h]|_2 / sum_h' |W_dec[f, h']|_2
+- - Head attribution (Kissane et al. 2024, their code): share_h(f) = |W_dec[f, h]|_2 / sum_h' |W_dec[f, h']|_2
   (plain L2 norms, not squared), `head_shares`.
-- With grouped-query attention, query head h reads the value head `kv_heads(H, H_kv)[h]` (TransformerLens
-  repeats
-  each key/value head over consecutive query heads, `repeat_interleave`).
-- What a feature writes into the residual stream: sum_h W_dec[f, h] @ W_O[h] : [d_model] (`residual_writes`).
-- How many heads are polysemantic (`head_groups`, `polysemantic_heads`): a head's top features by share are
+- - With grouped-query attention, query head h reads the value head `kv_heads(H, H_kv)[h]` (TransformerLens
+  repeats each key/value head over consecutive query heads, `repeat_interleave`).
+- - What a feature writes into the residual stream: sum_h W_dec[f, h] @ W_O[h] : [d_model]
+  (`residual_writes`).
+- - How many heads are polysemantic (`head_groups`, `polysemantic_heads`): a head's top features by share are
   grouped by their output-side token profiles (residual write through the folded unembedding, centred over the
   vocabulary): two features are linked when their profiles' cosine reaches `tau`; groups are the connected
   components. The null (`same_share_null`) replaces every slice of those features by a random direction of the
   same norm, so each null feature has exactly the real feature's shares but no content.
 
-Introduced in chapter 4 (`notebooks/04_attention_saes.md`).
-"""
+Introduced in chapter 4 (`notebooks/04_attention_saes.md`)."""
 
 from __future__ import annotations
 
@@ -37,8 +35,8 @@ def head_slices(W_dec: Tensor, n_heads: int, d_head: int) -> Tensor:
 
 
 def head_shares(W_dec: Tensor, n_heads: int, d_head: int) -> Tensor:
-    """Head attribution [d_sae, n_heads]: each slice's L2 norm over the sum of the slices' norms (rows sum
-    to 1)."""
+    """Head attribution [d_sae, n_heads]: each slice's L2 norm over the sum of the slices' norms (rows sum to
+    1)."""
     norms = head_slices(W_dec.float(), n_heads, d_head).norm(dim=-1)
     return norms / norms.sum(-1, keepdim=True).clamp_min(1e-12)
 
@@ -72,8 +70,7 @@ def top_features(shares: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def residual_writes(W_dec: Tensor, W_O: Tensor) -> Tensor:
     """[n, d_model]: what each decoder row writes through the output maps. W_dec [n, H * d_head], W_O [H,
-    d_head,
-    d_model]."""
+    d_head, d_model]."""
     n_heads, d_head, _ = W_O.shape
     return torch.einsum("fhk,hkm->fm", head_slices(W_dec.to(W_O.dtype), n_heads, d_head), W_O)
 
@@ -87,8 +84,7 @@ def token_profiles(writes: Tensor, M_out: Tensor) -> Tensor:
 
 def same_share_null(rows: Tensor, n_heads: int, d_head: int, generator: torch.Generator) -> Tensor:
     """Null decoder rows [n, H * d_head]: every head slice of `rows` replaced by a random direction of the
-    same
-    norm, so the null features have exactly the real ones' head shares."""
+    same norm, so the null features have exactly the real ones' head shares."""
     slices = head_slices(rows.float(), n_heads, d_head)
     noise = torch.randn(slices.shape, generator=generator)
     noise = noise / noise.norm(dim=-1, keepdim=True) * slices.norm(dim=-1, keepdim=True)
@@ -129,9 +125,8 @@ def head_similarities(
     W_dec: Tensor, W_O: Tensor, M_out: Tensor, *, k: int, n_null: int, seed: int
 ) -> list[tuple[int, str, int, Tensor]]:
     """Per head: the profile cosine matrix [k, k] of its top-k features by share, and of `n_null` same-share
-    null
-    draws of them. W_dec [d_sae, H * d_head], W_O [H, d_head, d_model], M_out [d_model, d_vocab].
-    Returns [(head, "features" | "null", draw, similarity)]."""
+    null draws of them. W_dec [d_sae, H * d_head], W_O [H, d_head, d_model], M_out [d_model, d_vocab]. Returns
+    [(head, "features" | "null", draw, similarity)]."""
     n_heads, d_head, _ = W_O.shape
     _, top = top_features(head_shares(W_dec, n_heads, d_head), k)
     gen = torch.Generator().manual_seed(seed)

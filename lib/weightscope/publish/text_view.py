@@ -1,6 +1,5 @@
 """Text with per-token colours, as self-contained HTML (no network): DFA's view of which source tokens a
-feature
-read. Introduced in chapter 4 (`notebooks/04_attention_saes.md`)."""
+feature read. Introduced in chapter 4 (`notebooks/04_attention_saes.md`)."""
 
 from __future__ import annotations
 
