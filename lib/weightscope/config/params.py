@@ -18,7 +18,7 @@ from weightscope.config.paths import REPO_ROOT
 PARAMS_DIR = REPO_ROOT / "params"
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-_TOP_KEYS = {"target", "title", "model", "saes", "layers", "device", "dtype", "chapters"}
+_TOP_KEYS = {"target", "title", "model", "saes", "attn_saes", "layers", "device", "dtype", "chapters"}
 _MODEL_KEYS = {"name", "processing"}
 _SAE_KEYS = {"source", "id_template", "neuronpedia"}
 PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
@@ -45,6 +45,7 @@ class Target:
     dtype: str
     chapters: dict[str, dict[str, Any]] = field(default_factory=dict)
     path: Path | None = None
+    attn_saes: dict[str, str | None] | None = None  # attention-output SAEs: {source, id_template, neuronpedia}
 
     def as_dict(self) -> dict[str, Any]:
         """Plain-data view, stored next to every result."""
@@ -73,6 +74,14 @@ class Target:
         if self.sae_id_template is None:
             return None
         return [self.sae_id_template.format(layer=layer) for layer in layers]
+
+    def attn_sae_ids(self, layers: list[int]) -> list[str] | None:
+        """sae-lens ids of the attention-output SAEs for the given layers (None: folder layout `layer_L`)."""
+        if self.attn_saes is None:
+            raise ParamsError(f"{self._where('attn_saes')}: this target names no attention-output SAEs; add "
+                              "`attn_saes: {source: ..., id_template: ...}` (see params/gpt2-small.yaml).")
+        template = self.attn_saes.get("id_template")
+        return None if template is None else [template.format(layer=layer) for layer in layers]
 
     def _where(self, key: str) -> str:
         return f"{self.path or self.target}: `{key}`"
@@ -134,7 +143,18 @@ def parse_target(raw: Any, *, path: Path | None = None) -> Target:
         dtype=_choice(raw.get("dtype", "float32"), DTYPES, where, "dtype"),
         chapters=_chapters(raw.get("chapters") or {}, where),
         path=path,
+        attn_saes=_attn_saes(raw.get("attn_saes"), where),
     )
+
+
+def _attn_saes(value: Any, where: str) -> dict[str, str | None] | None:
+    if value is None:
+        return None
+    _require_mapping(value, where, "attn_saes")
+    _no_unknown(value, _SAE_KEYS, where, "attn_saes")
+    return {"source": _string(value.get("source"), where, "attn_saes.source"),
+            "id_template": _template(value.get("id_template"), where, "attn_saes.id_template"),
+            "neuronpedia": _template(value.get("neuronpedia"), where, "attn_saes.neuronpedia")}
 
 
 def _require_mapping(value: Any, where: str, what: str) -> None:

@@ -136,13 +136,15 @@ def load_saes(
       such folders; then `sae_ids` name subfolders (an int L means "layer_L"), None loads them all.
     - "demo": the project's demo SAEs, prepared beforehand by `weightscope.prepare.demo_saes` (`make book` does
       it); ids as for a folder. Loading never trains: missing demo SAEs are a clear `SAEError`.
+      "demo:<config>" loads another prepared config, e.g. "demo:attn" (the attention-output SAEs).
 
     With `model`, every SAE is checked with `check_fits`. `dtype` (e.g. "float32") overrides the stored one.
     """
     ids = [sae_ids] if isinstance(sae_ids, (str, int)) else (list(sae_ids) if sae_ids is not None else None)
     dtype_str = _dtype_str(dtype)
-    if str(source) == "demo":
-        loaded = _load_folder(demo_sae_folder(), ids, device, dtype_str, label="demo")
+    if str(source) == "demo" or str(source).startswith("demo:"):  # "demo:attn": the prepared config "attn"
+        config = str(source).partition(":")[2] or "default"
+        loaded = _load_folder(demo_sae_folder(config), ids, device, dtype_str, label=str(source))
     elif _looks_like_path(source):
         loaded = _load_folder(Path(source).expanduser(), ids, device, dtype_str, label=str(source))
     else:
@@ -405,5 +407,48 @@ def require_residual(sae) -> LoadedSAE:
             f"this chapter needs residual-stream SAEs (blocks.L.hook_resid_pre/mid/post), but SAE "
             f"{s.sae_id or s.source} reads {s.hook_name}. Use a residual release (e.g. "
             "gemma-scope-2b-pt-res-canonical, gpt2-small-res-jb, llama_scope_lxr_8x, or the demo SAEs)."
+        )
+    return s
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Attention-output SAEs (chapter 4)
+
+ATTENTION_Z_HOOK = "attn.hook_z"  # the heads' outputs before W_O: [batch, pos, n_heads, d_head]
+
+
+def is_attention_z_hook(hook_name: str) -> bool:
+    """Whether the hook is `blocks.{L}.attn.hook_z`, the concatenated heads' outputs before `W_O`."""
+    match = _BLOCK_HOOK.match(hook_name)
+    return bool(match) and match.group(2) == ATTENTION_Z_HOOK
+
+
+def require_attention_z(sae, model_cfg=None) -> LoadedSAE:
+    """Return the SAE as a `LoadedSAE` if it reads `blocks.{L}.attn.hook_z` (flattened to n_heads * d_head,
+    head-major, as sae-lens's `reshape_activations: hook_z` and its activation store both flatten it);
+    refuse it otherwise. With `model_cfg`, also check that d_in = n_heads * d_head and that the SAE adds no
+    run-time input normalisation the chapter's exact decompositions would miss."""
+    s = _as_loaded(sae)
+    name = s.sae_id or s.source
+    if not is_attention_z_hook(s.hook_name):
+        why = (" It reads the attention output after W_O, where the heads are already summed, so a decoder "
+               "row has no per-head slices." if s.hook_name.endswith("hook_attn_out") else "")
+        raise SAEError(
+            f"this chapter needs attention-output SAEs on blocks.L.attn.hook_z, but SAE {name} reads "
+            f"{s.hook_name}.{why} Use a hook_z release (gpt2-small-hook-z-kk, "
+            "gemma-scope-2b-pt-att-canonical, or the demo attention SAEs: "
+            "`attn_saes: {source: 'demo:attn'}`)."
+        )
+    if s.normalize_activations not in ("none", None):
+        raise SAEError(
+            f"SAE {name} normalises its input at run time ({s.normalize_activations!r}); the chapter's "
+            "decompositions assume a linear encoder. Load it through a release that folds the "
+            "scaling (sae-lens does for published norm factors)."
+        )
+    if model_cfg is not None and s.d_in != model_cfg.n_heads * model_cfg.d_head:
+        raise SAEError(
+            f"SAE {name} has d_in={s.d_in}, but hook_z of this model is n_heads * d_head = "
+            f"{model_cfg.n_heads} * {model_cfg.d_head} = {model_cfg.n_heads * model_cfg.d_head}. Use "
+            "attention SAEs made for this model."
         )
     return s

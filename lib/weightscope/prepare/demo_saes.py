@@ -131,7 +131,13 @@ TINY = DemoSAEConfig(
     feature_sampling_window=8,
     max_eval_tokens=1024,
 )
-CONFIGS = {"default": DEFAULT, "tiny": TINY}
+# Attention-output SAEs (chapter 4): one per block on hook_z, the heads' outputs before W_O, which sae-lens's
+# activation store flattens to [n_heads * d_head] (64 for stories260K). Fewer tokens than the residual SAEs: the
+# demo's training budget for them is a few minutes on a CPU.
+ATTN = dataclasses.replace(DEFAULT, name="attn", hook_template="blocks.{layer}.attn.hook_z", train_rows=2000,
+                           training_tokens=1_000_000)
+ATTN_TINY = dataclasses.replace(TINY, name="attn-tiny", hook_template="blocks.{layer}.attn.hook_z")
+CONFIGS = {"default": DEFAULT, "tiny": TINY, "attn": ATTN, "attn-tiny": ATTN_TINY}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -456,6 +462,16 @@ def _split_holdout(cfg: DemoSAEConfig, lower: list[str], cased: list[str]) -> tu
     return cased_train + lower_train, cased_eval + lower[-n_lower_eval:]
 
 
+def held_out_stories(config: DemoSAEConfig | str = DEFAULT) -> list[str]:
+    """The stories no demo SAE is trained on (held-out cased stories, then held-out lowercased ones): the text on
+    which the chapters measure activations. Every config with the same corpus and `holdout_fraction` holds out
+    the same stories."""
+    cfg = _resolve_config(config)
+    texts = {name: p.read_text(encoding="utf-8") for name, p in zip(cfg.corpus_files, _corpus_paths(cfg))}
+    lower, cased = split_stories(texts[LOWER_FILE], texts[CASED_FILE])
+    return _split_holdout(cfg, lower, cased)[1]
+
+
 def _pack(stories: Sequence[str], encode: Callable[[str], list[int]], context_size: int) -> np.ndarray:
     """Encode each story (BOS first), concatenate, and cut into rows: int64 [n_rows, context_size]."""
     ids = np.fromiter((t for s in stories for t in encode(s)), dtype=np.int64)
@@ -507,7 +523,13 @@ def _forward_hooks(model, rows: torch.Tensor, hooks: list[str]) -> dict[str, tor
     """Activations at `hooks` for token rows [batch, ctx]: {hook: float32 [batch, ctx, d]}, in one pass."""
     stop = max(_stop_at_layer(h) or model.cfg.n_layers for h in hooks)
     _, cache = model.run_with_cache(rows, names_filter=hooks, stop_at_layer=stop)
-    return {h: cache[h].float() for h in hooks}
+    # hook_z is [batch, ctx, n_heads, d_head]: flattened over heads, as sae-lens's activation store does
+    return {h: cache[h].float().flatten(2) for h in hooks}
+
+
+def hook_width(model, hook_name: str) -> int:
+    """Width of the (flattened) activations at a hook: n_heads * d_head for `attn.hook_z`, else d_model."""
+    return model.cfg.n_heads * model.cfg.d_head if hook_name.endswith("attn.hook_z") else model.cfg.d_model
 
 
 def cache_activations(model, rows: np.ndarray, hooks: list[str], path: Path, say, batch_rows: int = 16,
@@ -524,8 +546,8 @@ def cache_activations(model, rows: np.ndarray, hooks: list[str], path: Path, say
     if (path / "dataset_info.json").is_file():
         say(f"demo SAEs: reusing cached activations in {path}")
         return path, None
-    ctx, d = rows.shape[1], model.cfg.d_model
-    features = Features({**{h: Array2D(shape=(ctx, d), dtype="float32") for h in hooks},
+    ctx = rows.shape[1]
+    features = Features({**{h: Array2D(shape=(ctx, hook_width(model, h)), dtype="float32") for h in hooks},
                          "token_ids": Sequence(Value("int32"), length=ctx)})
     say(f"demo SAEs: caching activations of {rows.size:,} tokens at {len(hooks)} hooks (one forward pass)")
     start, shards = time.perf_counter(), []
@@ -587,7 +609,7 @@ def runner_config(cfg: DemoSAEConfig, hook_name: str, model, acts_dir: Path, out
 
     steps = cfg.training_tokens // cfg.train_batch_size_tokens
     sae_cfg = TopKTrainingSAEConfig(
-        d_in=model.cfg.d_model,
+        d_in=hook_width(model, hook_name),
         d_sae=cfg.d_sae,
         k=cfg.k,
         aux_loss_coefficient=cfg.aux_loss_coefficient,

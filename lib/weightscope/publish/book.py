@@ -483,6 +483,12 @@ def _prepare(target: Target) -> None:
 
         print("[prepare] demo SAEs (trained once with sae-lens, then cached) ...", flush=True)
         ensure_demo_saes(progress=True)
+    attn_source = (target.attn_saes or {}).get("source", "")
+    if attn_source.startswith("demo:"):  # the demo attention-output SAEs of chapter 4 (a few minutes, once)
+        from weightscope.prepare.demo_saes import ensure_demo_saes
+
+        print(f"[prepare] demo attention SAEs ({attn_source}) ...", flush=True)
+        ensure_demo_saes(attn_source.partition(":")[2], progress=True)
 
 
 EXIT_CODES = {0: "done", 2: "bad parameters or inputs", 3: "a chapter failed", 4: "jupyter-book failed",

@@ -1,0 +1,443 @@
+"""Attention-output (hook_z) SAEs: head attribution, DFA and recursive DFA against naive loops, exactness
+checks
+against the model's own forward pass and sae-lens's encoder, and loading, on tiny random models built here."""
+
+import numpy as np
+import pytest
+import torch
+from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from weightscope.compute import dfa as dfa_mod
+from weightscope.compute import head_attribution as ha
+from weightscope.config.params import ParamsError, parse_target
+from weightscope.load import saes
+from weightscope.load.saes import SAEError
+
+N_HEADS, D_HEAD, D_MODEL = 4, 8, 32
+
+
+def tiny_model(norm: str = "RMS", n_kv: int | None = 2, seed: int = 0) -> HookedTransformer:
+    """A tiny random model; RMS + rotary + GQA (Llama-like) or LN + learned positions (GPT-2-like)."""
+    pos = "rotary" if norm == "RMS" else "standard"
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=D_MODEL,
+        n_ctx=24,
+        d_head=D_HEAD,
+        n_heads=N_HEADS,
+        n_key_value_heads=n_kv,
+        d_mlp=64,
+        d_vocab=60,
+        act_fn="silu",
+        normalization_type=norm,
+        positional_embedding_type=pos,
+        seed=seed,
+    )
+    model = HookedTransformer(cfg).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # non-trivial norm weights and value biases, so that folding them matters
+        for block in model.blocks:
+            block.ln1.w.copy_(1.0 + 0.5 * torch.randn(D_MODEL, generator=gen))
+            if norm == "LN":
+                block.ln1.b.copy_(0.3 * torch.randn(D_MODEL, generator=gen))
+            b_v = block.attn._b_V if n_kv else block.attn.b_V
+            b_v.copy_(0.2 * torch.randn(b_v.shape, generator=gen))
+    return model
+
+
+def attn_sae(arch: str = "topk", *, layer: int = 1, d_sae: int = 48, reshape: str = "none", seed: int = 0):
+    torch.manual_seed(seed)
+    meta = SAEMetadata(hook_name=f"blocks.{layer}.attn.hook_z", model_name="tiny")
+    d_in = N_HEADS * D_HEAD
+    if arch == "topk":
+        sae = TopKSAE(
+            TopKSAEConfig(
+                d_in=d_in,
+                d_sae=d_sae,
+                k=6,
+                rescale_acts_by_decoder_norm=True,
+                reshape_activations=reshape,
+                metadata=meta,
+            )
+        )
+    else:
+        sae = StandardSAE(
+            StandardSAEConfig(d_in=d_in, d_sae=d_sae, reshape_activations=reshape, metadata=meta)
+        )
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        sae.W_dec.mul_(torch.rand(d_sae, 1) + 0.5)  # decoder norms differ from 1, so the rescaling matters
+    return sae
+
+
+def resid_sae(layer: int, hook: str = "hook_resid_post", seed: int = 1):
+    torch.manual_seed(seed)
+    meta = SAEMetadata(hook_name=f"blocks.{layer}.{hook}", model_name="tiny")
+    sae = TopKSAE(
+        TopKSAEConfig(d_in=D_MODEL, d_sae=64, k=5, rescale_acts_by_decoder_norm=True, metadata=meta)
+    )
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return sae
+
+
+def tokens(model, batch=3, seed=0):
+    return torch.randint(
+        0, model.cfg.d_vocab, (batch, model.cfg.n_ctx), generator=torch.Generator().manual_seed(seed)
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Head attribution
+
+
+def test_head_shares_match_a_naive_loop():
+    W = torch.randn(10, N_HEADS * D_HEAD)
+    got = ha.head_shares(W, N_HEADS, D_HEAD)
+    for f in range(10):
+        norms = [sum(W[f, h * D_HEAD + k].item() ** 2 for k in range(D_HEAD)) ** 0.5 for h in range(N_HEADS)]
+        for h in range(N_HEADS):
+            assert got[f, h].item() == pytest.approx(norms[h] / sum(norms), rel=1e-5)
+    assert torch.allclose(got.sum(-1), torch.ones(10))
+
+
+def test_kv_heads_follow_transformer_lens_grouping():
+    model = tiny_model(n_kv=2)
+    kv = ha.kv_heads(N_HEADS, 2)
+    W_V, _W_V = model.blocks[0].attn.W_V, model.blocks[0].attn._W_V  # W_V repeats _W_V per query head
+    for h in range(N_HEADS):
+        assert torch.equal(W_V[h], _W_V[kv[h]])
+    with pytest.raises(ValueError, match="multiple"):
+        ha.kv_heads(4, 3)
+
+
+def test_residual_writes_match_the_attention_output():
+    """A decoder row read as a hook_z vector and pushed through W_O equals the loop over heads."""
+    model = tiny_model()
+    W_O = model.blocks[1].attn.W_O.detach()
+    W = torch.randn(5, N_HEADS * D_HEAD)
+    got = ha.residual_writes(W, W_O)
+    naive = torch.stack(
+        [sum(W[f, h * D_HEAD : (h + 1) * D_HEAD] @ W_O[h] for h in range(N_HEADS)) for f in range(5)]
+    )
+    assert torch.allclose(got, naive, atol=1e-5)
+
+
+def test_same_share_null_keeps_shares_and_changes_directions():
+    W = torch.randn(6, N_HEADS * D_HEAD)
+    null = ha.same_share_null(W, N_HEADS, D_HEAD, torch.Generator().manual_seed(0))
+    assert torch.allclose(
+        ha.head_shares(null, N_HEADS, D_HEAD), ha.head_shares(W, N_HEADS, D_HEAD), atol=1e-5
+    )
+    assert (torch.nn.functional.cosine_similarity(null, W, dim=-1).abs() < 0.9).all()
+
+
+def test_connected_groups_against_hand_made_graph():
+    sim = torch.eye(5)
+    sim[0, 1] = sim[1, 0] = 0.8  # 0-1 linked, 1-2 linked (chain), 3 alone, 4 alone
+    sim[1, 2] = sim[2, 1] = 0.6
+    labels = ha.connected_groups(sim, 0.5)
+    assert labels[0] == labels[1] == labels[2] and len({labels[0], labels[3], labels[4]}) == 3
+    assert len(set(ha.connected_groups(sim, 0.7))) == 4
+    sim3 = ha.cosine_matrix(torch.tensor([[1.0, 0], [1, 0.01], [0, 1]]))
+    assert ha.group_stats(sim3, 0.5) == (2, pytest.approx(2 / 3)) and ha.group_stats(sim3, 1.01) == (3, 1 / 3)
+
+
+def test_head_similarities_and_polysemantic_table():
+    model = tiny_model()
+    sae = attn_sae()
+    W_O, M = model.blocks[1].attn.W_O.detach(), model.W_U.detach()
+    sims = ha.head_similarities(sae.W_dec.detach(), W_O, M, k=5, n_null=3, seed=0)
+    assert len(sims) == N_HEADS * (1 + 3)
+    # the features' matrix equals a naive recomputation from the head's top-5 decoder rows
+    top = ha.head_shares(sae.W_dec.detach(), N_HEADS, D_HEAD)[:, 2].topk(5).indices
+    writes = torch.stack(
+        [
+            sum(sae.W_dec[f, h * D_HEAD : (h + 1) * D_HEAD] @ W_O[h] for h in range(N_HEADS))
+            for f in top.tolist()
+        ]
+    )
+    logits = writes @ M
+    head2 = [s for h, kind, _, s in sims if h == 2 and kind == "features"][0]
+    assert torch.allclose(head2, ha.cosine_matrix(logits - logits.mean(-1, keepdim=True)), atol=1e-5)
+    tau = ha.null_link_threshold(sims, 0.95)
+    assert -1 <= tau <= 1
+    out = ha.polysemantic_heads(sims, layer=1, taus=[0.2, tau])
+    assert len(out) == N_HEADS * 2 * (1 + 3) and set(out["kind"]) == {"features", "null"}
+    assert (out["n_groups"] >= 1).all() and (out["n_groups"] <= 5).all()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DFA
+
+
+@pytest.mark.parametrize(
+    "norm,n_kv,arch", [("RMS", 2, "topk"), ("LN", None, "standard"), ("RMS", 4, "standard")]
+)
+def test_dfa_is_exact_and_matches_a_naive_loop(norm, n_kv, arch):
+    model = tiny_model(norm, n_kv)
+    sae = attn_sae(arch)
+    toks = tokens(model)
+    c = dfa_mod.attention_cache(model, toks, 1)
+    W_eff, b_eff = dfa_mod.encoder_affine(sae)
+    z = c["z"].flatten(2)  # [b, pos, H * d_head], head-major as sae-lens flattens it
+    pre = z @ W_eff + b_eff  # [b, pos, d_sae]
+    # the effective encoder reproduces sae-lens's own encoding
+    acts = sae.encode(z)
+    if arch == "topk":
+        top = pre.topk(6, dim=-1)
+        expect = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    else:
+        expect = pre.relu()
+    assert torch.allclose(acts, expect, atol=1e-5)
+    b, d, f = torch.tensor([0, 1, 2, 2]), torch.tensor([0, 5, 23, 11]), torch.tensor([3, 0, 47, 20])
+    parts = dfa_mod.dfa(c["pattern"], c["v"], W_eff, b, d, f)
+    assert parts.shape == (4, N_HEADS, model.cfg.n_ctx)
+    # exact: parts plus the bias equal the pre-activation (fp32, 1e-5)
+    assert torch.allclose(parts.sum((1, 2)) + b_eff[f], pre[b, d, f], atol=1e-5)
+    # and equal a naive loop over heads, sources and head dimensions
+    group = N_HEADS // (n_kv or N_HEADS)
+    for i in range(4):
+        for h in range(N_HEADS):
+            for s in range(model.cfg.n_ctx):
+                want = sum(
+                    c["pattern"][b[i], h, d[i], s].item()
+                    * c["v"][b[i], s, h // group, k].item()
+                    * W_eff[h * D_HEAD + k, f[i]].item()
+                    for k in range(D_HEAD)
+                )
+                assert parts[i, h, s].item() == pytest.approx(want, abs=1e-5)
+    for i in range(4):  # causal: nothing from sources after the destination
+        assert (parts[i, :, int(d[i]) + 1 :] == 0).all()
+
+
+def test_dfa_with_reshaping_sae_reads_unflattened_hook_z():
+    """A release-style SAE (`reshape_activations: hook_z`) encodes [.., n_heads, d_head]; the same effective
+    encoder applies to the flattened input."""
+    model = tiny_model()
+    sae = attn_sae("standard", reshape="hook_z")
+    c = dfa_mod.attention_cache(model, tokens(model), 1)
+    W_eff, b_eff = dfa_mod.encoder_affine(sae)
+    assert torch.allclose(sae.encode(c["z"]), (c["z"].flatten(2) @ W_eff + b_eff).relu(), atol=1e-5)
+
+
+def test_encoder_affine_refuses_gated_like_architectures():
+    class Fake:
+        class cfg:
+            @staticmethod
+            def architecture():
+                return "gated"
+
+    with pytest.raises(dfa_mod.DFAError, match="affine"):
+        dfa_mod.encoder_affine(Fake())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Recursive DFA
+
+
+@pytest.mark.parametrize("norm,n_kv", [("RMS", 2), ("LN", None)])
+def test_rdfa_parts_sum_to_the_value_vector_and_the_dfa_part(norm, n_kv):
+    model = tiny_model(norm, n_kv)
+    sae, res = attn_sae("topk"), resid_sae(0)
+    toks = tokens(model)
+    c = dfa_mod.attention_cache(model, toks, 1)
+    attn = model.blocks[1].attn
+    W_V = (attn._W_V if n_kv else attn.W_V).detach()
+    b_V = (attn._b_V if n_kv else attn.b_V).detach()
+    ln = model.blocks[1].ln1
+    bi, s, d, f = 1, 4, 9, 7
+    parts = dfa_mod.value_decomposition(
+        c["resid_pre"][bi, s],
+        res,
+        c["scale"][bi, s],
+        ln.w.detach(),
+        getattr(ln, "b", None),
+        W_V,
+        b_V,
+        center=norm == "LN",
+    )
+    total = parts["feature_parts"].sum(0) + parts["b_dec_part"] + parts["error_part"] + parts["bias_part"]
+    assert torch.allclose(total, c["v"][bi, s], atol=1e-5)
+    assert len(parts["features"]) == 5  # TopK k=5 active features
+    W_eff, _ = dfa_mod.encoder_affine(sae)
+    h = 3
+    kv = int(ha.kv_heads(N_HEADS, n_kv)[h])
+    A = c["pattern"][bi, h, d, s].item()
+    contrib = dfa_mod.rdfa(parts, A, W_eff[h * D_HEAD : (h + 1) * D_HEAD, f], kv)
+    part = dfa_mod.dfa(c["pattern"], c["v"], W_eff, torch.tensor([bi]), torch.tensor([d]), torch.tensor([f]))[
+        0, h, s
+    ]
+    got = contrib["feature"].sum() + contrib["b_dec"] + contrib["error"] + contrib["bias"]
+    assert got.item() == pytest.approx(part.item(), abs=1e-5)
+    # each feature's contribution equals a naive recomputation from its decoder write
+    g = int(parts["features"][0])
+    a_g = res.encode(c["resid_pre"][bi, s][None])[0, g]
+    write = (
+        a_g * res.W_dec[g] / res.W_dec[g].norm()
+    )  # rescale_acts_by_decoder_norm: unit decoder per activation
+    if norm == "LN":
+        write = write - write.mean()
+    v_part = (write / c["scale"][bi, s] * ln.w) @ W_V[kv]
+    assert contrib["feature"][0].item() == pytest.approx(
+        A * (v_part @ W_eff[h * D_HEAD : (h + 1) * D_HEAD, f]).item(), abs=1e-5
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Loading and parameters
+
+
+def test_require_attention_z_accepts_hook_z_and_refuses_others(tmp_path):
+    model = tiny_model()
+    sae = attn_sae()
+    sae.save_model(tmp_path / "layer_1")
+    [loaded] = saes.load_saes(tmp_path, [1], model=model)
+    assert saes.require_attention_z(loaded, model.cfg) is loaded
+    assert saes.is_attention_z_hook("blocks.3.attn.hook_z") and not saes.is_attention_z_hook(
+        "blocks.3.hook_z"
+    )
+    with pytest.raises(SAEError, match="no per-head slices"):
+        saes.require_attention_z(saes._describe(resid_sae(0, "hook_attn_out"), "x", None, None, folded=False))
+    with pytest.raises(SAEError, match="hook_z"):
+        saes.require_attention_z(saes._describe(resid_sae(0), "x", None, None, folded=False))
+    other = tiny_model(n_kv=None)
+    other.cfg.d_head = 4  # a model whose hook_z is narrower than the SAE
+    with pytest.raises(SAEError, match="n_heads \\* d_head"):
+        saes.require_attention_z(loaded, other.cfg)
+
+
+def test_demo_colon_config_names_a_prepared_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path))
+    with pytest.raises(SAEError, match="'attn'"):
+        saes.load_saes("demo:attn", [0])
+
+
+def test_params_attn_saes_entry():
+    base = {"target": "t", "model": {"name": "gpt2-small"}, "saes": {"source": "gpt2-small-res-jb"}}
+    t = parse_target(
+        {**base, "attn_saes": {"source": "gpt2-small-hook-z-kk", "id_template": "blocks.{layer}.hook_z"}}
+    )
+    assert t.attn_sae_ids([0, 5]) == ["blocks.0.hook_z", "blocks.5.hook_z"]
+    with pytest.raises(ParamsError, match="unknown key"):
+        parse_target({**base, "attn_saes": {"source": "x", "ids": "y"}})
+    with pytest.raises(ParamsError, match="no attention-output SAEs"):
+        parse_target(base).attn_sae_ids([0])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The chapter's steps, end to end on a tiny random model with release-style SAEs (hook_z reshaping, resid_pre)
+
+
+def test_chapter_steps_on_a_tiny_model(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from weightscope.chapters import attention_saes as ch
+
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path))
+    model = tiny_model("LN", None)
+    attn = [
+        saes._describe(
+            attn_sae("standard", layer=layer, reshape="hook_z", seed=layer), "tiny", None, None, folded=False
+        )
+        for layer in (0, 1)
+    ]
+    resid = {
+        layer: saes._describe(
+            resid_sae(layer, "hook_resid_pre", seed=10 + layer), "tiny", None, None, folded=False
+        )
+        for layer in (0, 1)
+    }
+    target = SimpleNamespace(target="tiny", attn_saes={"source": "tiny"})
+    ctx = SimpleNamespace(target=target, provenance=lambda **kw: {"chapter": kw})
+    cfg = ch.AttnConfig(
+        top_k=4,
+        n_null=3,
+        text_rows=3,
+        dfa_features=3,
+        n_examples=4,
+        min_fires=1,
+        induction_len=8,
+        induction_rows=3,
+    )
+    shares = ch.head_attribution(ctx, model, attn, cfg)
+    assert len(shares["shares"]) == 2 * 48 * N_HEADS and len(shares["top"]) == 2 * N_HEADS * 4
+    poly = ch.polysemantic_heads(ctx, model, attn, cfg)
+    assert len(poly["heads"]) == 2 * N_HEADS and 0 <= poly["tau"]["tau"][0] <= 1
+    writes = ch.feature_writes(ctx, model, attn, resid, cfg)
+    assert writes.loc[writes["layer"] == 0, "resid_hook"].eq("blocks.1.hook_resid_pre").all()
+    assert writes.loc[writes["layer"] == 1, "resid_hook"].isna().all()  # no residual SAE after the last block
+    tab = ch.top_features_table(shares, writes, n=3)
+    assert len(tab) == 2 * N_HEADS and tab["features"].str.count(",").eq(2).all()
+    toks = tokens(model)
+    ex = ch.dfa_examples(ctx, model, attn, toks, cfg)
+    assert (ex["examples"]["abs_error"] < 1e-5).all() and len(ex["examples"]) == 6
+    fam = ch.families(ctx, model, attn, toks, cfg)
+    assert set(fam["features"]["family"]) <= set(ch.FAMILIES)
+    assert fam["features"][["short", "null_short"]].le(1 + 1e-6).all().all()
+    rd = ch.recursive_dfa(ctx, model, attn, resid, toks, ex["examples"], cfg)
+    sums = rd.groupby(["layer", "feature"]).agg(part=("part", "first"), total=("contribution", "sum"))
+    assert np.allclose(sums["part"], sums["total"], atol=1e-5)  # the pieces sum to each DFA part
+    assert set(rd["layer"]) == {0, 1}  # resid_pre of each layer is the stream its attention reads
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The demo attention SAEs: sae-lens's runner on flattened hook_z, through the prepare stage's machinery
+
+
+def test_tiny_attention_training_on_hook_z(tmp_path, monkeypatch):
+    import dataclasses
+
+    from weightscope.prepare import demo_saes
+
+    folder = tmp_path / "corpora" / "tinystories"
+    folder.mkdir(parents=True)
+    stories = [
+        f"Once upon a time, Lily had {i} red balls. She played in the park with Tom." for i in range(60)
+    ]
+    (folder / "tinystories_lowercase.txt").write_text("\n".join(s.lower() for s in stories) + "\n")
+    (folder / "tinystories_cased.txt").write_text("\n\n".join(stories[:20]) + "\n")
+    monkeypatch.setenv("WEIGHTSCOPE_CORPORA", str(tmp_path / "corpora"))
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path / "data"))
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=D_MODEL,
+        n_ctx=64,
+        d_head=D_HEAD,
+        n_heads=N_HEADS,
+        n_key_value_heads=2,
+        d_mlp=64,
+        d_vocab=512,
+        act_fn="silu",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        seed=0,
+    )
+    model = HookedTransformer(cfg).eval()
+    test_cfg = dataclasses.replace(
+        demo_saes.ATTN_TINY,
+        name="attn-test",
+        d_sae=48,
+        k=4,
+        train_rows=48,
+        training_tokens=3072,
+        max_eval_tokens=512,
+    )
+    encode = lambda text: [demo_saes.BOS_ID] + [3 + b for b in text.encode()]  # noqa: E731
+    root = demo_saes.ensure_demo_saes(test_cfg, model=model, encode=encode, progress=False)
+    manifest = demo_saes.read_manifest(root)
+    assert manifest["complete"] and manifest["hook_template"] == "blocks.{layer}.attn.hook_z"
+    assert all(m["explained_variance"] < 1 and m["mean_l0"] <= 4 for m in manifest["per_layer"].values())
+    loaded = saes.load_saes("demo:attn-test", model=model)  # through the pointer the prepare stage wrote
+    assert [(s.hook_name, s.d_in) for s in loaded] == [
+        ("blocks.0.attn.hook_z", N_HEADS * D_HEAD),
+        ("blocks.1.attn.hook_z", N_HEADS * D_HEAD),
+    ]
+    assert saes.require_attention_z(loaded[1], model.cfg) is loaded[1]
+    held = demo_saes.held_out_stories(test_cfg)
+    assert held and all(isinstance(s, str) for s in held)
+    assert not set(held) & set(stories[:18])  # held-out cased stories are the last ones
