@@ -33,7 +33,7 @@ def standin(tmp_path_factory):
             root = tmp_path_factory.mktemp(arch)
             folder = standins.build_model(arch, root / arch, seed=3)
             saes = standins.build_saes(folder, root / "saes")
-            built[arch] = (standins.write_params(f"standin-{arch}", folder, saes, root / f"{arch}.yaml"),
+            built[arch] = (standins.write_params(f"standin-{arch}", folder, saes, root / f"standin-{arch}.yaml"),
                            folder, saes)
         return built[arch]
 
