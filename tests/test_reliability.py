@@ -620,7 +620,7 @@ def test_killed_html_build_is_rebuilt_with_a_complete_search_index(tmp_path):
     process group) while it runs, and the next build must list every page in its search index."""
     bookdir = tmp_path / "book"
     bookdir.mkdir()
-    for name in ("_config.yml", "intro.md", "_ext"):
+    for name in ("_config.yml", "intro.md", "_ext", "_css"):
         src = REPO / "book" / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, bookdir / name)
     (bookdir / "appendix").mkdir()
@@ -657,3 +657,33 @@ def test_killed_html_build_is_rebuilt_with_a_complete_search_index(tmp_path):
     assert "book/_build was left by an interrupted or failed build" in out
     assert docnames() == {"intro", *(f"appendix/{p}" for p in pages + ["delta"])}
     assert "index will be incomplete" not in out and "couldn't be loaded" not in out
+
+
+def test_progress_lines_reach_the_terminal_while_a_chapter_runs(capsys):
+    from weightscope.publish.book import _ProgressRelay
+
+    relay = _ProgressRelay("01_output_tokens")
+    relay.write("[weights] 1/5 [block 0] re")  # a line may arrive in pieces
+    relay.write("ad\n01_token_lens: layer 3 (512 features) ...\noutput side: 2.4% of features\n")
+    relay.write(" 40%|####      | 2/5 [00:01<00:01]\r100%|##########| 5/5 [00:02<00:00]\n")
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["  01_output_tokens | [weights] 1/5 [block 0] read",
+                   "  01_output_tokens | 01_token_lens: layer 3 (512 features) ..."]
+
+
+def test_preflight_refuses_an_unsupported_architecture_before_any_work(tmp_path):
+    import json
+
+    from weightscope.config.params import load_target
+
+    folder = tmp_path / "falcon"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "falcon", "num_hidden_layers": 2,
+                                                    "hidden_size": 8, "vocab_size": 16,
+                                                    "num_attention_heads": 2}))
+    (folder / "model.safetensors").write_bytes(b"")
+    params = tmp_path / "falcon-test.yaml"
+    params.write_text(f"target: falcon-test\nmodel: {{name: {folder}}}\nsaes: {{source: {tmp_path}}}\n"
+                      "layers: [0]\n")
+    problems = pf.preflight(load_target(params), [], {})
+    assert any("falcon" in p and "gemma2" in p for p in problems), problems

@@ -166,3 +166,21 @@ def test_processing_flags_as_transformer_lens_applies_them(standin):
             assert _close(getattr(a, name), getattr(b, name)), (layer, name)
         assert _close(a._b_K, b.b_K) and _close(a._b_V, b.b_V)  # b_V folded: zeros
     assert len(mine.processing_notes) == 4 and mine.processing == flags
+
+
+def test_mlp_weights_on_request_equal_transformer_lens(tmp_path):
+    """The FF-KV chapter reads the feed-forward weights through the weights-only model (`mlp=True`)."""
+    import torch
+
+    from weightscope.load.models import load_model
+    from weightscope.load.weights_model import load_weights_model
+
+    plain = load_weights_model("stories260K")
+    assert plain.blocks[0].mlp is None  # chapters 1-3 read no MLP
+    model = load_weights_model("stories260K", mlp=True)
+    tl = load_model("stories260K")
+    for layer in range(model.cfg.n_layers):
+        block, ref = model.blocks[layer], tl.blocks[layer]
+        for name in ("W_in", "W_gate", "W_out"):
+            assert torch.equal(getattr(block.mlp, name), getattr(ref.mlp, name).detach()), (layer, name)
+        assert torch.equal(block.ln2.w, ref.ln2.w.detach())

@@ -57,8 +57,10 @@ class ChapterContext:
     processing_notes: list[str] = field(default_factory=list)  # what each flag changed
     model_source: dict[str, Any] | None = None  # where the weights came from (set on load)
 
-    def load_model_and_saes(self):
+    def load_model_and_saes(self, *, mlp: bool = False):
         """The target's weights-only model, processed as its SAEs were trained, and its SAEs (lazily).
+
+        mlp: also read the feed-forward weights (the FF-KV baseline of chapter 6); chapters 1–3 do not.
 
         Returns (model, saes): a `WeightsModel` on this chapter's device and dtype, and an `SAESequence` whose
         items are `LoadedSAE`s, each loaded when reached and checked to fit the model and read the residual
@@ -68,7 +70,7 @@ class ChapterContext:
         from weightscope.load.weights_model import apply_processing, load_weights_model
 
         model = load_weights_model(self.target.model_name, device=self.device, dtype=self.dtype,
-                                   base=self._base())
+                                   base=self._base(), mlp=mlp)
         layers = self.target.resolve_layers(model.cfg.n_layers)
         ids = self.target.sae_ids(layers) or [f"layer_{layer}" for layer in layers]
         saes = SAESequence(self.target.sae_source, ids, layers, device=str(self.device),

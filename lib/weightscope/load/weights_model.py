@@ -115,9 +115,24 @@ class Attention:
 
 
 @dataclass
+class MLP:
+    """One block's feed-forward weights (read only with `mlp=True`): W_in, W_gate [d_model, d_mlp] (gated MLPs
+    compute act(x W_gate) * (x W_in)), W_out [d_mlp, d_model], GPT-2's biases b_in, b_out."""
+
+    W_in: Tensor
+    W_out: Tensor
+    W_gate: Tensor | None = None
+    b_in: Tensor | None = None
+    b_out: Tensor | None = None
+
+
+@dataclass
 class Block:
     ln1: Norm
     attn: Attention
+    ln2: Norm | None = None  # the pre-MLP norm (with `mlp=True`)
+    ln2_post: Norm | None = None  # Gemma-2's post-feed-forward norm (with `mlp=True`)
+    mlp: MLP | None = None
 
 
 @dataclass(eq=False)
@@ -188,13 +203,16 @@ def shape_only(folder: Path):
 
 
 def load_weights_model(name: str, *, device="cpu", dtype=torch.float32, base: Path | None = None,
-                       progress: bool = True) -> WeightsModel:
-    """The weights-only model of `model.name` (demo, local folder, TransformerLens name or hub id)."""
+                       progress: bool = True, mlp: bool = False) -> WeightsModel:
+    """The weights-only model of `model.name` (demo, local folder, TransformerLens name or hub id).
+
+    mlp: also read every block's feed-forward weights and the norms around them (the FF-KV baseline).
+    """
     source = sources.resolve_model(name, base=base)
     if source.kind == "demo":
-        return from_llama2c(device=device, dtype=dtype)
+        return from_llama2c(device=device, dtype=dtype, mlp=mlp)
     folder = sources.model_folder(source, progress=progress)
-    weights = load_weights(folder, device=device, dtype=dtype, progress=progress)
+    weights = load_weights(folder, device=device, dtype=dtype, progress=progress, mlp=mlp)
     model = from_weight_set(weights, _hf_tokenizer(folder), name=source.tl_name or Path(str(name)).name)
     model.source = {**source.as_dict(), "folder": str(folder)}
     return model
@@ -210,7 +228,12 @@ def from_weight_set(ws: WeightSet, tokenizer, *, name: str) -> WeightsModel:
         w = ws[layer]
         attn = Attention(W_Q=w.W_Q, _W_K=w.W_K, _W_V=w.W_V, W_O=w.W_O, b_Q=w.b_Q, _b_K=w.b_K, _b_V=w.b_V,
                          b_O=w.b_O)
-        blocks.append(Block(ln1=Norm(w.ln1_w, w.ln1_b), attn=attn))
+        block = Block(ln1=Norm(w.ln1_w, w.ln1_b), attn=attn)
+        if w.W_out is not None:
+            block.ln2, block.mlp = Norm(w.ln2_w, w.ln2_b), MLP(W_in=w.W_in, W_out=w.W_out, W_gate=w.W_gate,
+                                                               b_in=w.b_in, b_out=w.b_out)
+            block.ln2_post = Norm(w.ln2_post_w) if w.ln2_post_w is not None else None
+        blocks.append(block)
     return WeightsModel(cfg=cfg, W_E=ws.W_E, W_U=ws.W_U, ln_final=Norm(ws.ln_final_w, ws.ln_final_b),
                         blocks=blocks, tokenizer=tokenizer)
 
@@ -258,7 +281,7 @@ def _hf_tokenizer(folder: Path):
         ) from err
 
 
-def from_llama2c(*, device="cpu", dtype=torch.float32) -> WeightsModel:
+def from_llama2c(*, device="cpu", dtype=torch.float32, mlp: bool = False) -> WeightsModel:
     """The demo model (stories260K) from its llama2.c checkpoint, with its tokenizer."""
     from weightscope.load.llama2c import KNOWN_SHA256, read_checkpoint
     from weightscope.load.models import CHECKPOINT_FILE, DEMO_MODEL, llama2c_state_dict, stories260k_dir
@@ -276,6 +299,11 @@ def from_llama2c(*, device="cpu", dtype=torch.float32) -> WeightsModel:
     blocks = [Block(ln1=Norm(sd[f"blocks.{i}.ln1.w"]), attn=Attention(
         W_Q=sd[f"blocks.{i}.attn.W_Q"], _W_K=sd[f"blocks.{i}.attn.{kv}W_K"],
         _W_V=sd[f"blocks.{i}.attn.{kv}W_V"], W_O=sd[f"blocks.{i}.attn.W_O"])) for i in range(c.n_layers)]
+    if mlp:  # SwiGLU: silu(x W_gate) * (x W_in), no biases
+        for i, block in enumerate(blocks):
+            block.ln2 = Norm(sd[f"blocks.{i}.ln2.w"])
+            block.mlp = MLP(W_in=sd[f"blocks.{i}.mlp.W_in"], W_out=sd[f"blocks.{i}.mlp.W_out"],
+                            W_gate=sd[f"blocks.{i}.mlp.W_gate"])
     cfg = ModelConfig(
         model_name=DEMO_MODEL if c.dim == 64 and c.n_layers == 5 else "llama2c",
         original_architecture="LlamaForCausalLM", n_layers=c.n_layers, d_model=c.dim, d_vocab=c.vocab_size,
@@ -324,7 +352,11 @@ def apply_processing(model: WeightsModel, flags: dict[str, bool]) -> WeightsMode
             a.W_O = a.W_O - a.W_O.mean(-1, keepdim=True)
             if a.b_O is not None:
                 a.b_O = a.b_O - a.b_O.mean()
-        notes.append("center_writing_weights: W_E and every W_O, b_O centred over d_model")
+            if block.mlp is not None:  # the MLP writes to the residual stream too
+                block.mlp.W_out = block.mlp.W_out - block.mlp.W_out.mean(-1, keepdim=True)
+                if block.mlp.b_out is not None:
+                    block.mlp.b_out = block.mlp.b_out - block.mlp.b_out.mean()
+        notes.append("center_writing_weights: W_E and every W_O, b_O (and W_out, b_out) centred over d_model")
     if "center_unembed" in on:
         model.W_U = model.W_U - model.W_U.mean(-1, keepdim=True)
         notes.append("center_unembed: W_U centred over the vocabulary")

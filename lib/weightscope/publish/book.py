@@ -172,6 +172,7 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
                 str(src_nb), str(done), parameters=params, cwd=str(NOTEBOOKS), progress_bar=False,
                 kernel_name="python3", log_output=False, extra_arguments=[f"--config={kernel_config}"],
                 kernel_manager_class=_kernel_manager_class(kernel_log),
+                stdout_file=_ProgressRelay(source.stem), stderr_file=_ProgressRelay(source.stem),
             )
         except papermill.PapermillExecutionError as err:
             kept = _keep_failed(done, target, source)
@@ -205,6 +206,30 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
                                       "artifacts": artifacts}
         atomic_write_bytes(out, nbformat.writes(nb).encode())
     return "executed"
+
+
+# What of a chapter's output reaches the terminal while it runs: the library's progress lines ("[weights] 3/26
+# [block 2] read", "[saes] ...", "01_token_lens: layer 3 (16384 features) ...", waits and warnings)
+_RELAYED = re.compile(r"^(\[(weights|saes|model)\] |\S+: layer \d+ \(|waiting: |warning: )")
+
+
+class _ProgressRelay:
+    """A stream papermill writes a chapter's stdout or stderr to as it runs: prints the progress lines of
+    `_RELAYED`, prefixed with the chapter, so a long chapter is not silent until it ends; the rest stays in the
+    notebook (progress bars are dropped from the page later)."""
+
+    def __init__(self, stem: str):
+        self.stem, self.pending = stem, ""
+
+    def write(self, text: str) -> None:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            line = line.rsplit("\r", 1)[-1]
+            if _RELAYED.match(line):
+                print(f"  {self.stem} | {line}", flush=True)
+
+    def flush(self) -> None:
+        pass
 
 
 def _kernel_manager_class(log: Path):

@@ -62,6 +62,8 @@ def preflight(target: Target, sources: list[Path], defaults: dict[str, dict[str,
     problems += _device_problems(target.device)
     layers = _layer_problems(target, dims, problems)
     problems += sae_problems(target, dims, layers)
+    if not problems:  # the loader's own checks: architecture supported, each local SAE against config.json
+        problems += _loader_problems(target)
     problems += check_chapter_names(target, sorted(defaults))
     for source in sources:
         problems += chapter_problems(target, source.stem, defaults[source.stem], dims, extra)
@@ -122,10 +124,17 @@ def _folder_dims(folder: Path) -> tuple[ModelDims | None, list[str]]:
     if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_FILES):
         return None, [f"model.name: {folder} holds config.json but no weights ({', '.join(WEIGHT_FILES)}). "
                       f"Save the model with `model.save_pretrained(folder)`."]
+    from weightscope.load.checkpoints import UnsupportedArchitectureError, detect_arch
+
     try:
-        return _hf_dims(json.loads(config.read_text())), []
+        raw = json.loads(config.read_text())
     except ValueError as err:
         return None, [f"model.name: {config} is not valid JSON ({err}). Save the model again."]
+    try:
+        detect_arch(raw)
+    except UnsupportedArchitectureError as err:
+        return None, [f"model.name: {err}"]
+    return _hf_dims(raw), []
 
 
 def _cached_hub_dims(repo_id: str) -> ModelDims | None:
@@ -151,6 +160,17 @@ def _hf_dims(cfg: dict[str, Any]) -> ModelDims:
                      d_model=first("hidden_size", "n_embd", "d_model"), d_vocab=first("vocab_size"),
                      n_heads=first("num_attention_heads", "n_head"),
                      n_ctx=first("max_position_embeddings", "n_positions", "n_ctx"))
+
+
+def _loader_problems(target: Target) -> list[str]:
+    """What `chapters.context.check_target` refuses (it reads config.json and cfg.json files, no weights)."""
+    from weightscope.chapters.context import check_target
+
+    try:
+        check_target(str(target.path) if target.path else target.target)
+    except ValueError as err:  # ParamsError, CheckpointError, SAEError: each says what to do
+        return [str(err)]
+    return []
 
 
 def _device_problems(device: str) -> list[str]:
