@@ -39,9 +39,14 @@ def demo_sae_fingerprint() -> str:
     from weightscope.load.saes import demo_sae_folder
 
     digest = hashlib.sha256()
-    for path in sorted(demo_sae_folder().glob("layer_*/*.safetensors")):
-        digest.update(path.relative_to(path.parents[1]).as_posix().encode())
-        digest.update(path.read_bytes())
+    for config in ("default", "attn"):  # the residual SAEs (chapters 0-3, 6) and the attention SAEs (chapter 4)
+        try:
+            folder = demo_sae_folder(config)
+        except ValueError:  # not prepared: the chapters that need them cannot have run either
+            continue
+        for path in sorted(folder.glob("layer_*/*.safetensors")):
+            digest.update(f"{config}/{path.relative_to(path.parents[1]).as_posix()}".encode())
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 

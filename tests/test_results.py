@@ -83,3 +83,26 @@ def test_layer_tables_resume_at_first_missing_layer():
     pd.testing.assert_frame_equal(again["a"], first["a"])
     io.layer_tables("t", "ch", saes, {"p": 2}, compute)  # new parameters: everything recomputed
     assert calls == [0, 1, 2, 1, 0, 1, 2]
+
+
+def test_layer_tables_never_load_the_sae_of_a_cached_layer():
+    from types import SimpleNamespace
+
+    class Lazy:
+        """Like load.sae_sequence.SAESequence: ids and layers known, each SAE loaded when indexed."""
+
+        ids, layers, loaded = ["layer_0", "layer_1"], [0, 1], []
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            self.loaded.append(index)
+            return SimpleNamespace(sae_id=self.ids[index], layer=self.layers[index], d_sae=4)
+
+    compute = lambda sae: {"features": pd.DataFrame({"layer": [sae.layer], "x": [1.0]})}  # noqa: E731
+    first = io.layer_tables("t", "lazy", Lazy(), {"p": 1}, compute)
+    assert Lazy.loaded == [0, 1]
+    again = io.layer_tables("t", "lazy", Lazy(), {"p": 1}, compute)
+    assert Lazy.loaded == [0, 1]  # both layers cached: no SAE loaded the second time
+    pd.testing.assert_frame_equal(first["features"], again["features"])

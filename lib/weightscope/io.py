@@ -285,17 +285,21 @@ def layer_tables(target: str, name: str, saes, provenance: dict[str, Any], compu
     """Per-SAE result tables, each cached under `<name>/layer_LL_<part>`: a rerun resumes at the first layer
     without a complete result, and a change of parameters, SAE or versions recomputes.
 
+    saes: a sequence of `LoadedSAE`s; a lazy one with `ids` and `layers` (`load.sae_sequence.SAESequence`) is
+    only indexed for the layers that must be computed, so a cached layer never loads its SAE.
     compute(sae) -> {part: DataFrame}. Returns {part: the parts of every layer, concatenated}.
     """
     out: dict[str, list[pd.DataFrame]] = {}
-    for sae in saes:
-        key = cache_key(provenance=provenance, sae=sae.sae_id, layer=sae.layer)
-        stem = f"{name}/layer_{sae.layer:02d}"
+    for index in range(len(saes)):
+        sae_id, layer = _sae_key(saes, index)
+        key = cache_key(provenance=provenance, sae=sae_id, layer=layer)
+        stem = f"{name}/layer_{layer:02d}"
         marker = load_table(target, stem + "_parts", key=key)
         parts = marker["part"].tolist() if marker is not None else None
         frames = {p: load_table(target, f"{stem}_{p}", key=key) for p in parts} if parts else None
         if not frames or any(f is None for f in frames.values()):
-            print(f"{name}: layer {sae.layer} ({sae.d_sae} features) ...", flush=True)
+            sae = saes[index]
+            print(f"{name}: layer {layer} ({sae.d_sae} features) ...", flush=True)
             frames = compute(sae)
             for part, frame in frames.items():
                 save_table(frame, target, f"{stem}_{part}", key=key, params=provenance)
@@ -304,3 +308,11 @@ def layer_tables(target: str, name: str, saes, provenance: dict[str, Any], compu
         for part, frame in frames.items():
             out.setdefault(part, []).append(frame)
     return {part: pd.concat(frames, ignore_index=True) for part, frames in out.items()}
+
+
+def _sae_key(saes, index: int) -> tuple[str, int]:
+    """(sae id, layer) of SAE `index`, without loading it when `saes` knows them (a lazy sequence)."""
+    if hasattr(saes, "ids") and hasattr(saes, "layers"):
+        return str(saes.ids[index]), int(saes.layers[index])
+    sae = saes[index]
+    return sae.sae_id, sae.layer
