@@ -140,7 +140,7 @@ def write_params(target: str, model_folder: Path, sae_folder: Path, path: Path, 
     import yaml
 
     chapters = chapters if chapters is not None else {
-        "01_output_tokens": {"n_null": 64, "max_features": 0},
+        "01_output_tokens": {"n_null": 128, "max_features": 0},
         "02_attention": {"n_null": 128, "top_pairs": 5, "n_pair_heads": 1},
     }
     raw = {"target": target, "title": f"stand-in {target}", "model": {"name": str(model_folder)},

@@ -28,7 +28,7 @@ def test_half_precision_falls_back_to_float32_on_cpu():
 
 @pytest.mark.slow
 def test_failing_chapter_exits_nonzero_and_leaves_no_partial_notebook(tmp_path):
-    """An impossible chapter parameter (k larger than the vocabulary) fails inside the notebook."""
+    """An impossible chapter parameter (k larger than the vocabulary) is refused before any work (exit 2)."""
     params = tmp_path / "broken-demo.yaml"
     text = (REPO_ROOT / "params" / "demo.yaml").read_text()
     params.write_text(text.replace("target: demo", "target: broken-demo")
@@ -37,8 +37,9 @@ def test_failing_chapter_exits_nonzero_and_leaves_no_partial_notebook(tmp_path):
     try:
         proc = subprocess.run([sys.executable, "-m", "weightscope.publish.book", "--target", str(params), "--chapters", "01",
                                "--no-html"], capture_output=True, text=True)
-        assert proc.returncode == 3, proc.stderr[-2000:]
-        assert "chapter 01_output_tokens failed for target broken-demo: ParamsError: need 1 <= k <= d_vocab" in proc.stderr
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "chapters.01_output_tokens: need 1 <= k <= d_vocab (512); got k=100000" in proc.stderr
+        assert "nothing was run" in proc.stderr
         assert not (out / "01_output_tokens.ipynb").exists()
         assert "without encryption" not in proc.stderr  # ipykernel's TCP notice is filtered in the kernel
     finally:

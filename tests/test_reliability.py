@@ -687,3 +687,18 @@ def test_preflight_refuses_an_unsupported_architecture_before_any_work(tmp_path)
                       "layers: [0]\n")
     problems = pf.preflight(load_target(params), [], {})
     assert any("falcon" in p and "gemma2" in p for p in problems), problems
+
+
+def test_progress_lines_are_dropped_from_pages():
+    import nbformat
+
+    from weightscope.publish.book import _drop_progress_bars
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("run()")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text="[saes] 1/5 [layer_0] loading from demo\n"),
+                    nbformat.v4.new_output("stream", name="stdout",
+                                           text="01_token_lens: layer 0 (512 features) ...\n2.4% of features\n")]
+    nb.cells.append(cell)
+    _drop_progress_bars(nb)
+    assert [(o["name"], o["text"]) for o in nb.cells[0].outputs] == [("stdout", "2.4% of features\n")]

@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from weightscope.config.paths import results_dir
+from weightscope.config.paths import progress_enabled, results_dir
 
 _PACKAGES = ("weightscope", "torch", "transformer-lens", "sae-lens", "pandas")
 ARTIFACT_LOG = "WEIGHTSCOPE_ARTIFACT_LOG"  # env var: the file noting reads and writes of cached artefacts
@@ -299,7 +299,8 @@ def layer_tables(target: str, name: str, saes, provenance: dict[str, Any], compu
         frames = {p: load_table(target, f"{stem}_{p}", key=key) for p in parts} if parts else None
         if not frames or any(f is None for f in frames.values()):
             sae = saes[index]
-            print(f"{name}: layer {layer} ({sae.d_sae} features) ...", flush=True)
+            if progress_enabled():
+                print(f"{name}: layer {layer} ({sae.d_sae} features) ...", flush=True)
             frames = compute(sae)
             for part, frame in frames.items():
                 save_table(frame, target, f"{stem}_{part}", key=key, params=provenance)

@@ -23,6 +23,7 @@ from weightscope import io
 from weightscope.compute import context_neurons as cn
 from weightscope.compute import positional_kernels as pk
 from weightscope.config.params import ParamsError
+from weightscope.config.paths import progress_enabled
 from weightscope.load import corpora
 
 # Gibson's GPT-2 small layer-0 figures (reported, not seen; PAPERS.md)
@@ -227,7 +228,8 @@ class Study:
         key = io.cache_key(provenance=self.provenance, table=names)
         found = {n: io.load_table(self.ctx.target.target, n, key=key) for n in names} if self.save else {}
         if not self.save or any(t is None for t in found.values()):
-            print(f"05_context_neurons: computing {', '.join(names)} ...", flush=True)
+            if progress_enabled():
+                print(f"05_context_neurons: computing {', '.join(names)} ...", flush=True)
             found = compute()
             if self.save:
                 for n in names:

@@ -18,6 +18,12 @@ def _env_dir(name: str) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def progress_enabled() -> bool:
+    """Whether the library prints progress lines (`WEIGHTSCOPE_PROGRESS=0` turns them off, e.g. under nbval,
+    which compares a chapter's printed output and would see lines that appear only when work is not cached)."""
+    return os.environ.get("WEIGHTSCOPE_PROGRESS", "1") != "0"
+
+
 def models_dir() -> Path | None:
     """Folder holding offline model checkpoints such as `stories260K/` (`WEIGHTSCOPE_MODELS`), or None."""
     return _env_dir("WEIGHTSCOPE_MODELS")

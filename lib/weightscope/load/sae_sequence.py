@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from weightscope.config.paths import progress_enabled
 from weightscope.load.saes import LoadedSAE, SAEError, check_fits, hook_layer, load_saes, require_residual
 
 
@@ -40,7 +41,7 @@ class SAESequence(Sequence):
         if isinstance(index, slice):
             raise TypeError("SAESequence loads one SAE at a time; index it with an integer")
         sae_id = self.ids[index]
-        if self.progress:
+        if self.progress and progress_enabled():
             print(f"[saes] {index % len(self) + 1}/{len(self)} [{sae_id}] loading from {self.source}",
                   file=sys.stderr, flush=True)  # "n/m [": dropped from pages like tqdm's bars, live only
         sae = load_saes(self.source, [sae_id], device=self.device, dtype=self.dtype)[0]

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from weightscope.config.paths import progress_enabled
 from weightscope.load import sources
 from weightscope.load.checkpoints import CheckpointError, WeightSet, load_weights
 
@@ -208,6 +209,7 @@ def load_weights_model(name: str, *, device="cpu", dtype=torch.float32, base: Pa
 
     mlp: also read every block's feed-forward weights and the norms around them (the FF-KV baseline).
     """
+    progress = progress and progress_enabled()
     source = sources.resolve_model(name, base=base)
     if source.kind == "demo":
         return from_llama2c(device=device, dtype=dtype, mlp=mlp)

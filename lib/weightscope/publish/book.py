@@ -210,7 +210,8 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
 
 # What of a chapter's output reaches the terminal while it runs: the library's progress lines ("[weights] 3/26
 # [block 2] read", "[saes] ...", "01_token_lens: layer 3 (16384 features) ...", waits and warnings)
-_RELAYED = re.compile(r"^(\[(weights|saes|model)\] |\S+: layer \d+ \(|waiting: |warning: )")
+_RELAYED = re.compile(r"^(\[(weights|saes|model)\] |\S+: layer \d+ \(|\S+: computing |waiting: |warning: )")
+_PROGRESS_LINE = re.compile(r"^(\[(weights|saes|model)\] |\S+: layer \d+ \(|\S+: computing ).*\n?", re.M)
 
 
 class _ProgressRelay:
@@ -328,8 +329,13 @@ def _drop_progress_bars(nb) -> None:
         return "application/vnd.jupyter.widget-view+json" in o.get("data", {})
 
     for cell in nb.cells:
-        if cell.get("cell_type") == "code":
-            cell.outputs = [o for o in cell.outputs if not is_progress(o)]
+        if cell.get("cell_type") != "code":
+            continue
+        for o in cell.outputs:  # the library's progress lines were relayed to the terminal live
+            if o.get("output_type") == "stream":
+                o["text"] = _PROGRESS_LINE.sub("", "".join(o.get("text", "")))
+        cell.outputs = [o for o in cell.outputs if not is_progress(o)
+                        and not (o.get("output_type") == "stream" and not o["text"])]
     nb.metadata.pop("widgets", None)
 
 
