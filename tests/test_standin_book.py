@@ -37,7 +37,10 @@ def _book(arch: str, tmp_path: Path, html: bool):
     target = f"standin-{arch}"
     params = standins.write_params(target, folder, saes, tmp_path / f"{target}.yaml")
     env = {**os.environ, "WEIGHTSCOPE_DATA": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "weightscope.publish.book", "--target", str(params)]
+    # chapters 0-3: the weights-only route this test checks. Chapters 4-6 build a TransformerLens model for
+    # their forward passes, which TransformerLens cannot do for a local stand-in folder (not supported yet)
+    cmd = [sys.executable, "-m", "weightscope.publish.book", "--target", str(params),
+           "--chapters", "00", "01", "02", "03"]
     cmd += [] if html else ["--no-html"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
