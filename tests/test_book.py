@@ -29,7 +29,7 @@ def built():
 
 def test_summary_line(built):
     last = built.stdout.strip().splitlines()[-1]
-    assert re.match(r"book: target demo: \d+ chapter\(s\) executed, \d+ reused, in \d+ s; HTML: book/_build/html", last)
+    assert re.match(r"book: target demo: \d+ chapter\(s\) executed, \d+ reused, \d+ skipped, in \d+ s; HTML: book/_build/html", last)
 
 
 def test_every_chapter_executed_without_errors(built):

@@ -122,6 +122,7 @@ def _expected_names(arch: str, n_layers: int, mlp: bool) -> set[str]:
         layer |= {"ln2.w", "mlp.W_in", "mlp.W_out"}
         layer |= {"ln2.b", "mlp.b_in", "mlp.b_out"} if arch == "gpt2" else {"mlp.W_gate"}
         layer |= {"ln1_post.w", "ln2_post.w"} if arch == "gemma2" else set()
+        names |= {"pos_embed.W_pos"} if arch == "gpt2" else set()  # the whole model: its learned positions
     return names | {f"blocks.{i}.{name}" for i in range(n_layers) for name in layer}
 
 

@@ -174,6 +174,22 @@ def test_registered_config_errors_and_unregistered_chapters(tmp_path, fake_regis
     assert len(bad) == 1 and "should be int" in bad[0]
 
 
+def test_chapters_that_do_not_apply_are_skipped_with_their_reason(tmp_path, tiny_model):
+    stems = [Path(f"{s}.md") for s in ("01_output_tokens", "04_attention_saes", "05_context_neurons")]
+    plain = load_target(_params(tmp_path, "plain", str(tiny_model), "saes"))
+    assert list(pf.skipped_chapters(plain, stems)) == ["04_attention_saes"]
+    assert "names no attention-output SAEs" in pf.skipped_chapters(plain, stems)["04_attention_saes"]
+    gemma = tmp_path / "gemma"  # what the pre-flight reads: config.json and that weights exist
+    gemma.mkdir()
+    (gemma / "config.json").write_text(json.dumps({"model_type": "gemma2", "num_hidden_layers": 2}))
+    (gemma / "model.safetensors").write_bytes(b"")
+    attn = {"source": "some/attn-saes", "id_template": "layer_{layer}"}
+    target = load_target(_params(tmp_path, "gemma", str(gemma), "saes", attn_saes=attn))
+    skipped = pf.skipped_chapters(target, stems)
+    assert list(skipped) == ["05_context_neurons"] and "post-attention" in skipped["05_context_neurons"]
+    assert pf.skipped_chapters(load_target("demo"), stems) == {}
+
+
 @pytest.mark.parametrize("name, fragment", [
     ("gpt2-smal", "Unknown model 'gpt2-smal'"),
     ("/no/such/folder", "is not a model folder"),
@@ -646,10 +662,10 @@ def test_killed_html_build_is_rebuilt_with_a_complete_search_index(tmp_path):
     killed = build()
     deadline = time.time() + 300
     while (bookdir / "_build" / book.BUILD_STAMP).is_file() and time.time() < deadline:
-        time.sleep(0.1)  # the build removes the stamp first
-    time.sleep(2)
+        time.sleep(0.05)  # the build removes the stamp first and writes it last: kill it in between
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
+    assert not (bookdir / "_build" / book.BUILD_STAMP).is_file(), "the build finished before it was killed"
     (bookdir / "_build" / "html" / "searchindex.js").write_text("Search.setIndex({")  # as a kill can leave it
     again = build()
     out = again.communicate(timeout=600)[0]

@@ -103,21 +103,23 @@ def test_model_config_says_what_the_checkpoint_says(standin, arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_full_model_for_chapter_0(standin, arch):
-    """A folder TransformerLens cannot build runs with transformers' own model: logits from its last hidden
-    state through the weights-only W_U."""
-    from weightscope.load.models import HFCausalLM, greedy_generate
+def test_full_model_of_a_local_folder(standin, arch):
+    """A folder TransformerLens cannot build by name becomes a HookedTransformer of the same tensors, processed
+    as the weights-only model (the GPT-2 stand-in's SAEs record center_writing_weights)."""
+    from transformer_lens import HookedTransformer
+
+    from weightscope.load.models import greedy_generate
 
     params, _, _ = standin(arch)
     ctx = open_chapter(str(params))
     model, _ = ctx.load_model_and_saes()
     full = ctx.load_full_model()
-    assert isinstance(full, HFCausalLM)
+    assert isinstance(full, HookedTransformer)
+    assert full.weightscope_processing["center_writing_weights"] == (arch == "gpt2")
+    assert _close(full.W_E, model.W_E) and _close(full.W_U, model.W_U)
+    assert _close(full.blocks[1].attn.W_Q, model.blocks[1].attn.W_Q)
     ids = full.to_tokens("Once upon a time")
     assert ids[0, 0] == full.tokenizer.bos_token_id
-    hidden = full.residual_stream(ids)
-    assert hidden.shape == (model.cfg.n_layers + 1, ids.shape[1], model.cfg.d_model)
-    assert _close(full(ids)[0], hidden[-1] @ model.W_U)  # these SAEs' processing leaves W_U as it is
     assert len(greedy_generate(full, "Once upon a time", 5)) <= ids.shape[1] + 5
 
 

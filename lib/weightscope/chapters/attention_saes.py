@@ -55,6 +55,14 @@ class AttnConfig:
     seed: int = 0
 
 
+def skip_reason(target, dims) -> str | None:
+    """Why this chapter does not apply to `target`, or None: it needs attention-output SAEs."""
+    if target.attn_saes is None:
+        return ("the target names no attention-output SAEs; add `attn_saes: {source: ..., id_template: ...}` "
+                "to its parameters file to run it (see params/gpt2-small.yaml).")
+    return None
+
+
 def _provenance(ctx, cfg: AttnConfig, **extra):
     return ctx.provenance(**asdict(cfg), attn_saes=ctx.target.attn_saes, **extra)
 
@@ -74,13 +82,12 @@ def load(ctx):
     forward passes) with the processing the target's residual SAEs were trained with, one checked hook_z SAE
     per analysed layer, and the target's residual SAEs ({layer: LoadedSAE}) for the steps that join the two.
     """
-    from weightscope.load.models import load_model
     from weightscope.load.saes import check_fits, load_saes, require_attention_z
 
     t = ctx.target
     flags = ctx.processing_flags()
     ctx.processing = flags
-    model = load_model(t.model_name, device=ctx.device, dtype=ctx.dtype, **flags)
+    model = ctx.load_full_model()
     layers = t.resolve_layers(model.cfg.n_layers)
     dtype = str(ctx.dtype).removeprefix("torch.")
     attn_ids = t.attn_sae_ids(layers) or [f"layer_{layer}" for layer in layers]

@@ -2,7 +2,7 @@
 
     ctx = open_chapter(target)                  # validated params, model name resolved, device, dtype
     model, saes = ctx.load_model_and_saes()     # weights-only model (processed as the SAEs need); SAEs lazily
-    full = ctx.load_full_model()                # chapter 0 only: the model that runs forward passes
+    full = ctx.load_full_model()                # chapters 0, 4-6: a HookedTransformer for forward passes
 
 `model` is a `weightscope.load.weights_model.WeightsModel`: the tensors chapters 1–3 read, under
 TransformerLens's names, read once by the streaming loader; `saes` an `SAESequence` that loads one SAE at a
@@ -83,8 +83,9 @@ class ChapterContext:
         return model, saes
 
     def load_full_model(self):
-        """The model that runs forward passes (chapter 0): TransformerLens for the demo and the models it
-        knows, else `transformers`' own model (`weightscope.load.models.HFCausalLM`)."""
+        """The `HookedTransformer` that runs forward passes (chapters 0, 4, 5, 6), processed as this
+        context's flags say: TransformerLens's own for the demo and the models it knows, else built from the
+        checkpoint's tensors (`weightscope.load.hooked`)."""
         from weightscope.load.models import load_full_model
 
         flags = self.processing if self.processing is not None else {}

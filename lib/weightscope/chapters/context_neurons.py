@@ -72,6 +72,16 @@ class Config:
             raise ParamsError("chapter 05_context_neurons: fix " + "; ".join(problems) + ".")
 
 
+POST_NORM_REASON = ("its linear summary adds each head's output to the residual stream as it is, and this "
+                    "model (Gemma-2) normalises the attention output before adding it (a post-attention "
+                    "RMSNorm); the chapter does not cover that architecture yet.")
+
+
+def skip_reason(target, dims) -> str | None:
+    """Why this chapter does not apply to `target` (its model's pre-flight `ModelDims`), or None."""
+    return POST_NORM_REASON if getattr(dims, "model_type", None) == "gemma2" else None
+
+
 @dataclass
 class LayerPass:
     """What one forward pass up to the chosen block leaves behind, for a batch of windows [b, n]."""
@@ -114,6 +124,8 @@ class Study:
     def __init__(self, ctx, config: Config, model, *, save: bool = True):
         self.ctx, self.config, self.model, self.save = ctx, config, model, save
         self.tokenizer = model.tokenizer
+        if getattr(model.cfg, "use_normalization_before_and_after", False):
+            raise ParamsError(f"chapter 05_context_neurons: {POST_NORM_REASON}")
         config.check(model.cfg.n_layers, model.cfg.n_ctx)
         self.centred = model.cfg.normalization_type.startswith("LN")
         self.learned_positions = model.cfg.positional_embedding_type == "standard"
@@ -239,11 +251,9 @@ class Study:
 
 
 def open_study(ctx, config: Config, *, model=None, save: bool = True) -> Study:
-    """The model (loaded with TransformerLens for the forward passes unless given) and the inputs."""
+    """The model (the target's full `HookedTransformer`, for the forward passes, unless given) and the inputs."""
     if model is None:
-        from weightscope.load.models import load_model
-
-        model = load_model(ctx.target.model_name, device=ctx.device, dtype=ctx.dtype)
+        model = ctx.load_full_model()
     return Study(ctx, config, model, save=save)
 
 

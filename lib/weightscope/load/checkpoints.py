@@ -192,6 +192,7 @@ class WeightSet(_Dims):
     device: torch.device
     config: dict = field(repr=False)
     files: list[Path] = field(repr=False)
+    W_pos: Tensor | None = None  # [n_ctx, d_model] GPT-2's learned positions (read with mlp=True only)
 
     def __getitem__(self, layer: int) -> LayerWeights:
         try:
@@ -213,6 +214,8 @@ class WeightSet(_Dims):
         out = {"embed.W_E": self.W_E, "unembed.W_U": self.W_U, "ln_final.w": self.ln_final_w}
         if self.ln_final_b is not None:
             out["ln_final.b"] = self.ln_final_b
+        if self.W_pos is not None:
+            out["pos_embed.W_pos"] = self.W_pos
         kv = "_" if self.gqa else ""
         for layer, weights in sorted(self.layers.items()):
             for name, tl_name in _TL_LAYER_NAMES.items():
@@ -545,7 +548,8 @@ def _load_gpt2(reader: _Reader, dims: _Dims, config_ties: bool, layers: list[int
         W_U, tied = reader.read("lm_head.weight", (V, d)).T, False
     out: dict = dict(W_E=W_E, W_U=W_U, tied=tied, embed_scale=1.0,
                      ln_final_w=reader.read(p + "ln_f.weight", (d,)),
-                     ln_final_b=reader.read(p + "ln_f.bias", (d,)))
+                     ln_final_b=reader.read(p + "ln_f.bias", (d,)),
+                     W_pos=reader.read(p + "wpe.weight") if mlp else None)  # the full model's positions
     blocks = {}
     for layer in layers:
         q = f"{p}h.{layer}."
@@ -605,7 +609,8 @@ def load_weights(
         share its layout (Qwen2 adds q/k/v biases).
     device, dtype: where and in which floating dtype every returned tensor lives; each tensor is converted on
         its own (large ones block by block), so the checkpoint's dtype (e.g. bf16) is never held twice.
-    mlp: also read the MLP weights and the norms around the MLP (Gemma-2: all its post-norms).
+    mlp: also read the MLP weights and the norms around the MLP (Gemma-2: all its post-norms), and GPT-2's
+        position embedding: with them the tensors are a whole model (`weightscope.load.hooked`).
     layers: block indices to read (default all); other blocks are not touched.
     fold_embed_scale: Gemma only: multiply W_E by sqrt(d_model) as TransformerLens does (default). With
         False, W_E is the raw embedding, W_U a view of it (half the memory), `embed_scale` the model's factor.
@@ -651,5 +656,5 @@ def load_weights(
         W_E=parts["W_E"], W_U=parts["W_U"], ln_final_w=parts["ln_final_w"], ln_final_b=parts["ln_final_b"],
         layers=parts["layers"], embed_scale=parts["embed_scale"],
         embed_scale_folded=bool(fold_embed_scale or not gemma), tied_embeddings=parts["tied"],
-        dtype=dtype, device=device, config=config, files=sorted(reader.read_files),
+        dtype=dtype, device=device, config=config, files=sorted(reader.read_files), W_pos=parts.get("W_pos"),
     )

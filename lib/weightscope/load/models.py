@@ -1,10 +1,10 @@
-"""Full models for chapter 0's forward passes: TransformerLens where it can build the model, else transformers.
+"""Full models for the forward passes (chapters 0, 4, 5, 6), as TransformerLens `HookedTransformer`s.
 
 `load_model("stories260K")` builds Karpathy's llama2.c tinyllamas model (260K parameters, trained on
 TinyStories) from its two `.bin` files, found under `WEIGHTSCOPE_MODELS/stories260K/`, else in the download
 cache, else downloaded from the Hugging Face hub. A TransformerLens name goes to
 `HookedTransformer.from_pretrained`. `load_full_model(name)` also takes a local folder or hub id, which it
-runs with `transformers`' own model (`HFCausalLM`: its hidden states are the residual stream).
+builds as a `HookedTransformer` from the folder's tensors (`weightscope.load.hooked`).
 Chapters 1–3 do not build a model: they read `weightscope.load.weights_model`.
 
 Weights are loaded *unprocessed* by default (no LayerNorm folding, no centering): the book folds norms
@@ -305,65 +305,23 @@ def greedy_generate(model, prompt: str, n_tokens: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The full model of any target (chapter 0)
-
-
-class HFCausalLM:
-    """A `transformers` causal LM with the few `HookedTransformer` methods chapter 0 uses.
-
-    `to_tokens` prepends BOS as TransformerLens does; `model(ids)` returns logits [batch, pos, d_vocab];
-    `residual_stream(ids)` the hidden states [n_layers + 1, pos, d_model] of the first sequence: entry
-    L < n_layers is the stream block L reads (`blocks.L.hook_resid_pre`); the last is the final norm's output,
-    as `transformers` returns it (`ln_final.hook_normalized` times the norm's weight).
-    """
-
-    def __init__(self, hf_model, tokenizer, name: str):
-        self.hf_model, self.tokenizer, self.name = hf_model.eval(), tokenizer, name
-        self.weightscope_processing: dict[str, bool] = {}
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
-
-    def to_tokens(self, text: str) -> torch.Tensor:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        bos = self.tokenizer.bos_token_id
-        ids = ([bos] if bos is not None else []) + list(ids)
-        return torch.tensor([ids], device=self.device)
-
-    def to_string(self, ids) -> str:
-        return self.tokenizer.decode(torch.as_tensor(ids).tolist())
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.hf_model(input_ids=ids).logits
-
-    def residual_stream(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.hf_model(input_ids=ids, output_hidden_states=True)
-        return torch.stack(out.hidden_states)[:, 0]
-
-    def eval(self) -> "HFCausalLM":
-        return self
+# The full model of any target (the chapters that run forward passes)
 
 
 def load_full_model(name: str, *, device="cpu", dtype=torch.float32, base: Path | None = None, **flags):
-    """The forward-pass model of `model.name`: TransformerLens for the demo and the models it knows, else
-    `transformers`' own model of the (local or downloaded) Hugging Face folder, as an `HFCausalLM`.
+    """The forward-pass `HookedTransformer` of `model.name`: built by TransformerLens for the demo and the
+    models it knows, else from the (local or downloaded) Hugging Face folder's own tensors and config.json
+    (`weightscope.load.hooked`), so that every hook exists for every target.
 
-    `flags`: TransformerLens processing flags (ignored by `transformers`, which has none: chapter 0 reads
-    only logits and the residual stream, which `fold_ln`-style processing leaves unchanged; a flag that
-    changes the stream, `center_writing_weights`, is applied by TransformerLens only).
+    `flags`: TransformerLens processing flags (`PROCESSING_FLAGS`), applied either way.
     """
+    from weightscope.config.paths import progress_enabled
     from weightscope.load import sources
+    from weightscope.load.hooked import hooked_from_folder
 
     source = sources.resolve_model(name, base=base)
     if source.kind == "demo" or source.tl_name:
         return load_model(source.tl_name or name, device=device, dtype=dtype, **flags)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = sources.model_folder(source)
-    # eager attention: the implementation that applies every architecture's details (Gemma-2's soft-capping)
-    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="eager")
-    hf_model = hf_model.to(device)
-    model = HFCausalLM(hf_model, AutoTokenizer.from_pretrained(str(folder)), name=Path(str(name)).name)
-    model.weightscope_processing = {k: bool(v) for k, v in flags.items()}
-    return model
+    folder = sources.model_folder(source, progress=progress_enabled())
+    return hooked_from_folder(folder, name=Path(str(name)).name, device=device, dtype=dtype,
+                              progress=progress_enabled(), **flags)

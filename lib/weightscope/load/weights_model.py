@@ -215,7 +215,7 @@ def load_weights_model(name: str, *, device="cpu", dtype=torch.float32, base: Pa
         return from_llama2c(device=device, dtype=dtype, mlp=mlp)
     folder = sources.model_folder(source, progress=progress)
     weights = load_weights(folder, device=device, dtype=dtype, progress=progress, mlp=mlp)
-    model = from_weight_set(weights, _hf_tokenizer(folder), name=source.tl_name or Path(str(name)).name)
+    model = from_weight_set(weights, hf_tokenizer(folder), name=source.tl_name or Path(str(name)).name)
     model.source = {**source.as_dict(), "folder": str(folder)}
     return model
 
@@ -270,7 +270,7 @@ def config_from_hf(ws: WeightSet, name: str) -> ModelConfig:
     )
 
 
-def _hf_tokenizer(folder: Path):
+def hf_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     try:

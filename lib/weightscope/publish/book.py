@@ -42,7 +42,7 @@ from weightscope.config.paths import REPO_ROOT, cache_dir, corpora_dir, data_dir
 from weightscope.io import (ARTIFACT_LOG, Busy, CacheError, StorageError, atomic_write_bytes,
                             atomic_write_json, code_fingerprint, file_lock, file_sha256, read_artifact_log,
                             stale_artifacts, versions)
-from weightscope.publish.preflight import PreflightError, preflight
+from weightscope.publish.preflight import PreflightError, preflight, skipped_chapters
 
 NOTEBOOKS = Path(os.environ.get("WEIGHTSCOPE_NOTEBOOKS") or REPO_ROOT / "notebooks")
 BOOK = Path(os.environ.get("WEIGHTSCOPE_BOOK") or REPO_ROOT / "book")
@@ -466,6 +466,11 @@ def run(target_name: str, *, chapters: list[str] | None = None, extra: dict[str,
                              + "\n".join(f"  - {p}" for p in problems))
     lock = cache_dir() / "locks" / f"target-{target.target}.lock"
     with file_lock(lock, what=f"target {target.target}", wait=False):
+        skipped = skipped_chapters(target, sources)
+        for stem, reason in skipped.items():
+            print(f"[book] {target.target}: {stem} skipped: {reason}", flush=True)
+            sources = [s for s in sources if s.stem != stem]
+            (BOOK / target.target / f"{stem}.ipynb").unlink(missing_ok=True)  # from an earlier setting
         counts = _run_chapters(target, sources, extra, force)
     write_toc()
     where = "not built (--no-html)"
@@ -474,7 +479,7 @@ def run(target_name: str, *, chapters: list[str] | None = None, extra: dict[str,
         where = _display_path(str(build_html())).removeprefix("<repo>/")
     print(
         f"book: target {target.target}: {counts['executed']} chapter(s) executed, {counts['reused']} reused, "
-        f"in {time.time() - t0:.0f} s; HTML: {where}",
+        f"{len(skipped)} skipped, in {time.time() - t0:.0f} s; HTML: {where}",
         flush=True,
     )
 

@@ -48,6 +48,7 @@ class ModelDims:
     d_vocab: int | None = None
     n_heads: int | None = None
     n_ctx: int | None = None
+    model_type: str | None = None  # config.json's model_type ("llama" for the demo)
 
 
 def preflight(target: Target, sources: list[Path], defaults: dict[str, dict[str, Any]],
@@ -113,7 +114,7 @@ def _stories260k_dims() -> tuple[ModelDims | None, list[str]]:
     except Llama2cFileError as err:
         return None, [f"model.name: {err}"]
     return ModelDims(n_layers=cfg.n_layers, d_model=cfg.dim, d_vocab=cfg.vocab_size, n_heads=cfg.n_heads,
-                     n_ctx=cfg.seq_len), []
+                     n_ctx=cfg.seq_len, model_type="llama"), []
 
 
 def _folder_dims(folder: Path) -> tuple[ModelDims | None, list[str]]:
@@ -159,7 +160,8 @@ def _hf_dims(cfg: dict[str, Any]) -> ModelDims:
     return ModelDims(n_layers=first("num_hidden_layers", "n_layer", "num_layers"),
                      d_model=first("hidden_size", "n_embd", "d_model"), d_vocab=first("vocab_size"),
                      n_heads=first("num_attention_heads", "n_head"),
-                     n_ctx=first("max_position_embeddings", "n_positions", "n_ctx"))
+                     n_ctx=first("max_position_embeddings", "n_positions", "n_ctx"),
+                     model_type=cfg.get("model_type"))
 
 
 def _loader_problems(target: Target) -> list[str]:
@@ -275,6 +277,20 @@ def chapter_problems(target: Target, stem: str, defaults: dict[str, Any], dims: 
     if dims is not None and hasattr(config, "problems"):
         return [f"{where}: {p}" for p in config.problems(dims)]
     return []
+
+
+def skipped_chapters(target: Target, sources: list[Path]) -> dict[str, str]:
+    """{chapter stem: why it does not apply to `target`} for the chapters in `sources` that do not."""
+    import weightscope.chapters as chapters
+
+    dims, _ = model_dims(target.model_name)
+    out = {}
+    for source in sources:
+        module = chapters.SKIPPABLE.get(source.stem)
+        reason = module and importlib.import_module(module).skip_reason(target, dims)
+        if reason:
+            out[source.stem] = reason
+    return out
 
 
 def _registered_config(stem: str):

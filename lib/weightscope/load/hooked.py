@@ -1,0 +1,113 @@
+"""A `HookedTransformer` from any supported Hugging Face folder, built from the streaming loader's tensors.
+
+TransformerLens's own `from_pretrained` knows only official checkpoints (it hard-codes their shapes and
+reads the architecture from the name), so a local folder or an unofficial hub id of a known architecture
+cannot be built with it. Here the configuration comes from the folder's config.json and the weights from
+`checkpoints.load_weights(mlp=True)`, which already returns TransformerLens's names, shapes and values
+(tested equal to TransformerLens's own conversion). Every hook (`hook_z`, `hook_pattern`, `ln2.hook_scale`,
+...) then exists, so the chapters that need forward passes (0, 4, 5, 6) run on every target.
+
+    model = hooked_from_folder(folder, device="cpu", dtype=torch.float32, fold_ln=False)
+
+What config.json says and where it goes (TransformerLens's `HookedTransformerConfig` names):
+* Gemma-2: `attn_logit_softcapping` / `final_logit_softcapping` -> soft caps; `query_pre_attn_scalar` ->
+  `attn_scale` = its square root; `layer_types` (sliding / full) -> `attn_types` (local / global) with
+  `window_size` = `sliding_window`; pre- and post-norms around both sublayers.
+* Llama: `rope_parameters` (or transformers 4's `rope_scaling`) with `rope_type: llama3` -> NTK-by-parts
+  rotary scaling; grouped-query attention when there are fewer kv heads.
+* Mistral: a sliding window on every layer when `sliding_window` is set; Qwen2: q/k/v biases.
+* GPT-2: learned positions, LayerNorm, `scale_attn_by_inverse_layer_idx`.
+The context length is capped at `max_ctx` (TransformerLens allocates an [n_ctx, n_ctx] mask per layer; the
+chapters read a few hundred tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from weightscope.config.params import PROCESSING_FLAGS
+from weightscope.load.checkpoints import CheckpointError, WeightSet, load_weights
+from weightscope.load.weights_model import config_from_hf
+
+MAX_CTX = 2048
+
+
+def tl_config(ws: WeightSet, name: str, *, max_ctx: int = MAX_CTX):
+    """The `HookedTransformerConfig` of the checkpoint `ws` was read from (see the module docstring)."""
+    from transformer_lens import HookedTransformerConfig
+
+    c, base = ws.config, asdict(config_from_hf(ws, name))
+    for key in ("tie_word_embeddings", "norm_plus_one", "embed_scale"):  # weightscope's own facts
+        base.pop(key)
+    base["n_ctx"] = min(base["n_ctx"], max_ctx)
+    base["n_key_value_heads"] = ws.n_kv_heads if ws.gqa else None
+    base["use_attn_scale"] = bool(c.get("scale_attn_weights", True))
+    if ws.arch == "gpt2":
+        base["scale_attn_by_inverse_layer_idx"] = bool(c.get("scale_attn_by_inverse_layer_idx", False))
+    else:
+        base["final_rms"] = True
+    if ws.arch == "gemma2":
+        base["use_normalization_before_and_after"] = True
+    window, types = _local_attention(ws.arch, c, ws.n_layers)
+    if window is not None:
+        base.update(use_local_attn=True, window_size=int(window), attn_types=types)
+    base["dtype"] = ws.dtype
+    return HookedTransformerConfig(**base, default_prepend_bos=True)
+
+
+def _local_attention(arch: str, c: dict, n_layers: int) -> tuple[int | None, list[str] | None]:
+    """(window, per-layer "local" | "global") of sliding-window attention, or (None, None) without it."""
+    window = c.get("sliding_window")
+    if arch == "gemma2" and window:
+        kinds = c.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                         for i in range(n_layers)]  # transformers 4: even layers slide
+        return window, ["local" if k == "sliding_attention" else "global" for k in kinds]
+    if arch == "mistral" and window:
+        return window, ["local"] * n_layers
+    if arch == "qwen2" and window and c.get("use_sliding_window"):
+        cut = int(c.get("max_window_layers", n_layers))  # Qwen2 slides from layer max_window_layers on
+        return window, ["global" if i < cut else "local" for i in range(n_layers)]
+    return None, None
+
+
+def hooked_from_weights(ws: WeightSet, tokenizer, name: str, *, max_ctx: int = MAX_CTX, **processing):
+    """A `HookedTransformer` holding exactly `ws`'s tensors (read with `mlp=True`), processed as asked.
+
+    Biases the architecture lacks are zeros (as TransformerLens's conversions make them); any other
+    parameter the tensors do not supply is an error, not a random initialisation.
+    """
+    from transformer_lens import HookedTransformer
+
+    cfg = tl_config(ws, name, max_ctx=max_ctx)
+    cfg.device = str(ws.device)
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
+    state = {k: v.contiguous() for k, v in ws.tensors().items()}
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(state))
+    lacking = [k for k in missing if not k.rsplit(".", 1)[-1].lstrip("_").startswith("b_")]
+    unexpected = sorted(set(state) - set(params))
+    if lacking or unexpected:
+        raise CheckpointError(f"{name}: the tensors read do not make a whole TransformerLens model (missing "
+                              f"{lacking[:6]}, unexpected {unexpected[:6]}); was it read with mlp=True?")
+    for key in missing:
+        state[key] = torch.zeros_like(params[key], dtype=ws.dtype)
+    unknown = sorted(set(processing) - set(PROCESSING_FLAGS))
+    if unknown:
+        raise ValueError(f"unknown processing flags {unknown}; use any of {list(PROCESSING_FLAGS)}.")
+    # every flag explicit: TransformerLens's own defaults fold and centre (unprocessed is the book's default)
+    model.load_and_process_state_dict(state, **{f: bool(processing.get(f, False)) for f in PROCESSING_FLAGS})
+    model.weightscope_processing = {f: bool(processing.get(f, False)) for f in PROCESSING_FLAGS}
+    return model.to(ws.device, print_details=False).eval()
+
+
+def hooked_from_folder(folder: str | Path, *, name: str | None = None, device="cpu", dtype=torch.float32,
+                       progress: bool = False, max_ctx: int = MAX_CTX, **processing):
+    """`hooked_from_weights` of a Hugging Face folder (config.json, safetensors, tokenizer files)."""
+    from weightscope.load.weights_model import hf_tokenizer
+
+    ws = load_weights(folder, device=device, dtype=dtype, mlp=True, progress=progress)
+    return hooked_from_weights(ws, hf_tokenizer(Path(folder)), name or Path(folder).name, max_ctx=max_ctx,
+                               **processing)

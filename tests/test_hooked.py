@@ -1,0 +1,102 @@
+"""`load.hooked`: a HookedTransformer built from a Hugging Face folder's own tensors and config.json.
+
+The reference is `transformers`' own model of the same folder (eager attention, fp32): logits and every
+block's residual stream must agree, on sequences longer than the stand-ins' sliding window (64) and past
+the llama3 rope scaling's original context, for the five supported architectures. Dropping a detail of the
+configuration (Gemma-2's soft caps or sliding window, Llama-3.1's rope scaling) must break the agreement.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import standins
+from weightscope.load.checkpoints import CheckpointError, load_weights
+from weightscope.load.hooked import hooked_from_folder, hooked_from_weights, tl_config
+from weightscope.load.weights_model import hf_tokenizer
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(not standins.GPT2_TOKENIZER.is_dir(), reason="needs ../shared/tokenizers/gpt2")
+N_POS = 100  # > the stand-ins' sliding window (64) and the llama3 scaling's original context (64)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hooked")
+    return {arch: standins.build_model(arch, root / arch, seed=11) for arch in standins.ARCHS}
+
+
+def _ids(batch: int = 2) -> torch.Tensor:
+    return torch.randint(0, 50_000, (batch, N_POS), generator=torch.Generator().manual_seed(0))
+
+
+def _hf_outputs(folder):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = hf(input_ids=_ids(), output_hidden_states=True)
+    return out.logits, out.hidden_states
+
+
+@pytest.mark.parametrize("arch", standins.ARCHS)
+def test_equals_transformers_forward_pass(folders, arch):
+    model = hooked_from_folder(folders[arch])
+    logits_ref, hidden = _hf_outputs(folders[arch])
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(_ids())
+    scale = logits_ref.abs().max()
+    assert (logits - logits_ref).abs().max() <= 1e-5 * scale + 1e-4, arch
+    for layer in range(model.cfg.n_layers):  # hidden_states[L] is the stream block L reads
+        got, ref = cache[f"blocks.{layer}.hook_resid_pre"], hidden[layer]
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4), (arch, layer, (got - ref).abs().max())
+
+
+@pytest.mark.parametrize("arch, field, value", [
+    ("gemma2", "attn_scores_soft_cap", -1.0),
+    ("gemma2", "use_local_attn", False),
+    ("llama", "use_NTK_by_parts_rope", False),
+    ("gpt2", "use_attn_scale", False),
+])
+def test_a_dropped_config_detail_breaks_the_agreement(folders, arch, field, value, monkeypatch):
+    import weightscope.load.hooked as hooked
+
+    real = hooked.tl_config
+
+    def wrong(*args, **kw):
+        cfg = real(*args, **kw)
+        setattr(cfg, field, value)
+        return cfg
+
+    monkeypatch.setattr(hooked, "tl_config", wrong)
+    model = hooked.hooked_from_folder(folders[arch])
+    logits_ref, _ = _hf_outputs(folders[arch])
+    with torch.no_grad():
+        logits = model(_ids())
+    assert (logits - logits_ref).abs().max() > 1e-3 * logits_ref.abs().max(), field
+
+
+def test_processing_flags_keep_the_next_token_distribution(folders):
+    folder = folders["gpt2"]
+    plain = hooked_from_folder(folder)
+    processed = hooked_from_folder(folder, fold_ln=True, center_writing_weights=True, center_unembed=True)
+    assert processed.weightscope_processing["center_writing_weights"]
+    assert not torch.allclose(plain.W_E, processed.W_E)  # the weights did change
+    with torch.no_grad():
+        a, b = plain(_ids()).log_softmax(-1), processed(_ids()).log_softmax(-1)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_config_fields(folders):
+    ws = load_weights(folders["gemma2"], mlp=True)
+    cfg = tl_config(ws, "g", max_ctx=128)
+    assert cfg.n_ctx == 128 and cfg.attn_types == ["local", "global", "local"] and cfg.window_size == 64
+    assert cfg.attn_scale == pytest.approx(4.0)  # sqrt(query_pre_attn_scalar = 16)
+    assert cfg.n_key_value_heads == 2 and cfg.use_normalization_before_and_after
+
+
+def test_needs_the_whole_model(folders):
+    ws = load_weights(folders["llama"])  # attention only, as chapters 1-3 read it
+    with pytest.raises(CheckpointError, match="mlp=True"):
+        hooked_from_weights(ws, hf_tokenizer(folders["llama"]), "llama")
+    with pytest.raises(ValueError, match="unknown processing flags"):
+        hooked_from_folder(folders["llama"], fold_everything=True)
