@@ -630,17 +630,14 @@ def test_every_row_of_the_fault_table_names_an_existing_test():
 # --- a killed HTML build is repaired by the next one ---
 
 
-@pytest.mark.slow
-def test_killed_html_build_is_rebuilt_with_a_complete_search_index(tmp_path):
-    """A tiny book (intro and three appendix pages) is built, a second build is killed (SIGKILL to its whole
-    process group) while it runs, and the next build must list every page in its search index."""
+def _tiny_book(tmp_path, pages):
+    """(book folder, build): a book of an intro and appendix `pages`; build() starts one HTML build."""
     bookdir = tmp_path / "book"
     bookdir.mkdir()
     for name in ("_config.yml", "intro.md", "_ext", "_css"):
         src = REPO / "book" / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, bookdir / name)
     (bookdir / "appendix").mkdir()
-    pages = ["alpha", "beta", "gamma"]
     for page in pages:
         (bookdir / "appendix" / f"{page}.md").write_text(f"# Page {page}\n\nThe word {page}word is here.\n")
     env = {**os.environ, "WEIGHTSCOPE_BOOK": str(bookdir), "WEIGHTSCOPE_DATA": str(tmp_path / "data"),
@@ -650,6 +647,30 @@ def test_killed_html_build_is_rebuilt_with_a_complete_search_index(tmp_path):
     def build(**kw):
         return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+    return bookdir, build
+
+
+@pytest.mark.slow
+def test_a_page_left_out_of_the_toc_is_linked_from_no_page(tmp_path):
+    """Sphinx rebuilds only changed pages, but every page's navigation lists the table of contents."""
+    bookdir, build = _tiny_book(tmp_path, ["alpha", "beta"])
+    for _ in range(2):  # the second build: gone from the toc, so every page is rebuilt without it
+        proc = build()
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, out
+        (bookdir / "appendix" / "beta.md").unlink(missing_ok=True)
+    assert "the table of contents changed: rebuilding every page" in out
+    for page in ("intro.html", "appendix/alpha.html"):
+        assert "beta.html" not in (bookdir / "_build" / "html" / page).read_text(), page
+
+
+@pytest.mark.slow
+def test_killed_html_build_is_rebuilt_with_a_complete_search_index(tmp_path):
+    """A tiny book (intro and three appendix pages) is built, a second build is killed (SIGKILL to its whole
+    process group) while it runs, and the next build must list every page in its search index."""
+    pages = ["alpha", "beta", "gamma"]
+    bookdir, build = _tiny_book(tmp_path, pages)
 
     def docnames() -> set[str]:
         text = (bookdir / "_build" / "html" / "searchindex.js").read_text()

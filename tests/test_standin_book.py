@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import standins
-from weightscope.publish.book import BOOK, write_toc
+from weightscope.publish.book import BOOK
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not standins.GPT2_TOKENIZER.is_dir(),
@@ -37,20 +37,18 @@ def _book(arch: str, tmp_path: Path, html: bool):
     saes = standins.build_saes(folder, tmp_path / f"saes-{arch}")
     target = f"standin-{arch}"
     params = standins.write_params(target, folder, saes, tmp_path / f"{target}.yaml")
-    env = {**os.environ, "WEIGHTSCOPE_DATA": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
+    book = tmp_path / "book"  # a book of its own: the checkout's HTML never links to the stand-in's pages
+    book.mkdir()
+    for name in ("_config.yml", "intro.md", "_ext", "_css", "appendix"):
+        (shutil.copytree if (BOOK / name).is_dir() else shutil.copy)(BOOK / name, book / name)
+    env = {**os.environ, "WEIGHTSCOPE_DATA": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1",
+           "WEIGHTSCOPE_BOOK": str(book)}
     # every chapter: those with forward passes build the stand-in as a HookedTransformer (load.hooked);
     # 04 is skipped (the stand-ins name no attention-output SAEs), 05 on Gemma-2 (its post-attention norm)
     cmd = [sys.executable, "-m", "weightscope.publish.book", "--target", str(params)]
     cmd += [] if html else ["--no-html"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        pages = {p.stem: p.read_text() for p in (BOOK / target).glob("*.ipynb")}
-        for stem, text in pages.items():  # kept with the test's files, for inspection
-            (tmp_path / f"{stem}.ipynb").write_text(text)
-    finally:
-        shutil.rmtree(BOOK / target, ignore_errors=True)
-        shutil.rmtree(BOOK / "_build" / "html" / target, ignore_errors=True)
-        write_toc()  # the table of contents lists the book's own targets again
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    pages = {p.stem: p.read_text() for p in (book / target).glob("*.ipynb")}
     return proc, target, folder, saes, tmp_path / "data", pages
 
 

@@ -386,6 +386,24 @@ def _cos_rows(direction: str, layer: int, max_cos: torch.Tensor) -> pd.DataFrame
 # Activation checks (a forward pass: the demo)
 
 
+def held_out_tokens(ctx, full, n_tokens: int, *, row_len: int = 128) -> tuple[torch.Tensor, int | None]:
+    """([rows, ctx] token ids of about n_tokens held-out stories, BOS id): for the demo the rows its SAEs were
+    evaluated on; for another target the same held-out stories, tokenised by its tokenizer in rows of
+    `row_len` (each story starting with BOS)."""
+    if ctx.target.sae_source == "demo":
+        return demo_held_out_tokens(n_tokens, full.cfg.d_vocab), 1
+    from weightscope.prepare.demo_saes import held_out_stories
+
+    ids: list[int] = []
+    for story in held_out_stories():
+        ids.extend(full.to_tokens(story, prepend_bos=True)[0].tolist())
+        if len(ids) >= n_tokens:
+            break
+    row_len = min(row_len, full.cfg.n_ctx)
+    n = max(1, len(ids) // row_len)
+    return torch.tensor(ids[: n * row_len]).reshape(n, row_len), full.tokenizer.bos_token_id
+
+
 def demo_held_out_tokens(n_tokens: int, d_vocab: int) -> torch.Tensor:
     """[rows, ctx] token ids of the held-out stories the demo SAEs were evaluated on (about n_tokens)."""
     from weightscope.load.llama2c import load_encoder

@@ -445,11 +445,15 @@ def build_html() -> Path:
             print("[book] book/_build was left by an interrupted or failed build (or is of unknown origin): "
                   "cleared, building from scratch", flush=True)
             shutil.rmtree(build)
+        toc = hashlib.sha256((BOOK / "_toc.yml").read_bytes()).hexdigest()
+        rebuild_all = stamp.is_file() and json.loads(stamp.read_text()).get("toc") != toc
+        if rebuild_all:  # Sphinx rebuilds only changed pages; every page's navigation lists the toc
+            print("[book] the table of contents changed: rebuilding every page", flush=True)
         stamp.unlink(missing_ok=True)
         exe = Path(sys.executable).parent / "jupyter-book"
         cmd = [str(exe), "build", str(BOOK), "-W", "-n", "--keep-going", "--quiet"]
-        subprocess.run(cmd, check=True)
-        atomic_write_json(stamp, {"built_by": "weightscope.publish.book", "versions": versions()})
+        subprocess.run(cmd + (["--all"] if rebuild_all else []), check=True)
+        atomic_write_json(stamp, {"built_by": "weightscope.publish.book", "versions": versions(), "toc": toc})
     return build / "html" / "index.html"
 
 
