@@ -20,7 +20,7 @@ from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from weightscope.prepare import demo_saes
-from weightscope.load import saes
+from weightscope.load import corpora, saes
 from weightscope.load.saes import SAEError
 
 D_MODEL, N_LAYERS = 16, 2
@@ -217,7 +217,7 @@ TEST_CFG = dataclasses.replace(demo_saes.TINY, name="test", d_sae=32, k=4, conte
 
 def test_split_stories_carries_boundaries_to_the_cased_text():
     stories = [_story(i) for i in range(6)]
-    lower, cased = demo_saes.split_stories("\n".join(s.lower() for s in stories), "\n\n".join(stories[:4]))
+    lower, cased = corpora.split_stories("\n".join(s.lower() for s in stories), "\n\n".join(stories[:4]))
     assert lower == [s.lower() for s in stories] and cased == stories[:4]
 
 

@@ -281,9 +281,33 @@ def file_lock(path: Path, *, what: str, wait: bool, poll_s: float = 2.0) -> Iter
         handle.close()  # closing drops the lock
 
 
+def cached_tables(target: str, names: list[str] | None, provenance: dict[str, Any], compute, *,
+                  label: str | None = None) -> dict[str, pd.DataFrame]:
+    """Tables made by one computation, cached together: the one caching helper every chapter uses.
+
+    Returns {name: DataFrame} read back from `data/results/<target>/<name>.parquet` when each of `names`
+    verifies and carries this run's key (the provenance, code and package versions); otherwise (or when
+    `names` is None: not known before computing) compute() -> {name: DataFrame} runs and every table it
+    returns is saved. A run killed between two writes leaves a set whose keys do not all match, so the next
+    run recomputes it. `label` is printed as a progress line before the work.
+    """
+    key = cache_key(provenance=provenance)
+    if names:
+        found = {n: load_table(target, n, key=key) for n in names}
+        if all(frame is not None for frame in found.values()):
+            return found
+    if label and progress_enabled():
+        print(f"{label} ...", flush=True)
+    found = compute()
+    for name, frame in found.items():
+        save_table(frame, target, name, key=key, params=provenance)
+    return found
+
+
 def layer_tables(target: str, name: str, saes, provenance: dict[str, Any], compute) -> dict[str, pd.DataFrame]:
-    """Per-SAE result tables, each cached under `<name>/layer_LL_<part>`: a rerun resumes at the first layer
-    without a complete result, and a change of parameters, SAE or versions recomputes.
+    """Per-SAE result tables, each cached under `<name>/layer_LL_<part>` through `cached_tables`: a rerun
+    resumes at the first layer without a complete result, and a change of parameters, SAE or versions
+    recomputes.
 
     saes: a sequence of `LoadedSAE`s; a lazy one with `ids` and `layers` (`load.sae_sequence.SAESequence`) is
     only indexed for the layers that must be computed, so a cached layer never loads its SAE.
@@ -292,22 +316,20 @@ def layer_tables(target: str, name: str, saes, provenance: dict[str, Any], compu
     out: dict[str, list[pd.DataFrame]] = {}
     for index in range(len(saes)):
         sae_id, layer = _sae_key(saes, index)
-        key = cache_key(provenance=provenance, sae=sae_id, layer=layer)
         stem = f"{name}/layer_{layer:02d}"
-        marker = load_table(target, stem + "_parts", key=key)
-        parts = marker["part"].tolist() if marker is not None else None
-        frames = {p: load_table(target, f"{stem}_{p}", key=key) for p in parts} if parts else None
-        if not frames or any(f is None for f in frames.values()):
+        marker = load_table(target, f"{stem}_parts")  # written last: lists the layer's parts
+        names = [f"{stem}_{p}" for p in marker["part"]] + [f"{stem}_parts"] if marker is not None else None
+
+        def compute_layer(index=index, stem=stem):
             sae = saes[index]
-            if progress_enabled():
-                print(f"{name}: layer {layer} ({sae.d_sae} features) ...", flush=True)
-            frames = compute(sae)
-            for part, frame in frames.items():
-                save_table(frame, target, f"{stem}_{part}", key=key, params=provenance)
-            # written last: marks the layer complete
-            save_table(pd.DataFrame({"part": list(frames)}), target, stem + "_parts", key=key, params=provenance)
-        for part, frame in frames.items():
-            out.setdefault(part, []).append(frame)
+            frames = {f"{stem}_{part}": frame for part, frame in compute(sae).items()}
+            return {**frames, f"{stem}_parts": pd.DataFrame({"part": [n[len(stem) + 1:] for n in frames]})}
+
+        tables = cached_tables(target, names, {**provenance, "sae": sae_id, "layer": layer}, compute_layer,
+                               label=f"{name}: layer {layer}")
+        for table, frame in tables.items():
+            if table != f"{stem}_parts":
+                out.setdefault(table[len(stem) + 1:], []).append(frame)
     return {part: pd.concat(frames, ignore_index=True) for part, frames in out.items()}
 
 

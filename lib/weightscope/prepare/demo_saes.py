@@ -40,7 +40,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -57,12 +56,12 @@ import numpy as np
 import torch
 
 from weightscope.config.paths import cache_dir, corpora_dir, models_dir
+from weightscope.load import corpora
 from weightscope.load.saes import demo_sae_pointer
 from weightscope.io import atomic_write_json, file_lock, file_sha256, versions
 
 BOS_ID = 1  # llama2.c vocabularies: 0 <unk>, 1 <s> (BOS), 2 </s>
-CASED_FILE = "tinystories/tinystories_cased.txt"
-LOWER_FILE = "tinystories/tinystories_lowercase.txt"
+CASED_FILE, LOWER_FILE = corpora.STORIES_CASED, corpora.STORIES_LOWER
 LAYER_FILES = ("cfg.json", "sae_weights.safetensors", "metrics.json")
 CHECKED_FILES = ("cfg.json", "sae_weights.safetensors")  # their sha256 is recorded in metrics.json
 ACTS_DIR = "activations"  # cached training activations, deleted when every layer is done
@@ -104,7 +103,7 @@ class DemoSAEConfig:
     dead_feature_window: int = 50  # steps without firing before the aux loss treats a feature as dead
     feature_sampling_window: int = 100
     exclude_bos: bool = True
-    holdout_fraction: float = 0.05
+    holdout_fraction: float = corpora.HOLDOUT_FRACTION
     seed: int = 0
     corpus_files: tuple[str, ...] = (CASED_FILE, LOWER_FILE)
     max_eval_tokens: int = 64_000
@@ -427,56 +426,9 @@ def _check_config(cfg: DemoSAEConfig, model, layers: list[int]) -> None:
 # Data: stories -> token rows
 
 
-def split_stories(lower_text: str, cased_text: str) -> tuple[list[str], list[str]]:
-    """(lowercased stories, cased stories): `cased[i]` is the cased text of `lower[i]`.
-
-    In the lowercased file stories are separated by a single newline and paragraphs by a blank line. The cased
-    file is a prefix of it (up to whitespace), so its story boundaries are carried over by counting
-    non-whitespace characters. A single newline inside a story splits it in two (rare in TinyStories).
-    """
-    lower = [s.strip() for s in re.split(r"(?<!\n)\n(?!\n)", lower_text) if s.strip()]
-    nonspace = [m.start() for m in re.finditer(r"\S", cased_text)]
-    starts, count = [], 0
-    for story in lower:
-        if count >= len(nonspace):
-            break
-        starts.append(nonspace[count])
-        count += len(re.sub(r"\s", "", story))
-    cased = [cased_text[a:b].strip() for a, b in zip(starts, starts[1:] + [len(cased_text)])]
-    for i, story in enumerate(cased[:-1]):  # the last cased story may be cut short
-        if story.lower().split() != lower[i].split():
-            raise DemoSAEError(
-                f"the cased corpus is not the cased prefix of the lowercased one (story {i} differs); "
-                "the demo corpus files look changed."
-            )
-    return lower, cased
-
-
-def _split_holdout(cfg: DemoSAEConfig, lower: list[str], cased: list[str]) -> tuple[list[str], list[str]]:
-    """(train stories, held-out stories): the last `holdout_fraction` of each file is held out."""
-    n_lower_eval = max(1, math.ceil(cfg.holdout_fraction * len(lower)))
-    n_cased_eval = max(1, math.ceil(cfg.holdout_fraction * len(cased)))
-    cased_train, cased_eval = cased[:-n_cased_eval], cased[-n_cased_eval:]
-    # lowercased twins of the held-out cased stories stay out of training
-    lower_train = [s for i, s in enumerate(lower[:-n_lower_eval]) if not len(cased_train) <= i < len(cased)]
-    return cased_train + lower_train, cased_eval + lower[-n_lower_eval:]
-
-
 def held_out_stories(config: DemoSAEConfig | str = DEFAULT) -> list[str]:
-    """The stories no demo SAE is trained on (held-out cased stories, then held-out lowercased ones): the text on
-    which the chapters measure activations. Every config with the same corpus and `holdout_fraction` holds out
-    the same stories."""
-    cfg = _resolve_config(config)
-    texts = {name: p.read_text(encoding="utf-8") for name, p in zip(cfg.corpus_files, _corpus_paths(cfg))}
-    lower, cased = split_stories(texts[LOWER_FILE], texts[CASED_FILE])
-    return _split_holdout(cfg, lower, cased)[1]
-
-
-def _pack(stories: Sequence[str], encode: Callable[[str], list[int]], context_size: int) -> np.ndarray:
-    """Encode each story (BOS first), concatenate, and cut into rows: int64 [n_rows, context_size]."""
-    ids = np.fromiter((t for s in stories for t in encode(s)), dtype=np.int64)
-    n_rows = len(ids) // context_size
-    return ids[: n_rows * context_size].reshape(n_rows, context_size)
+    """The stories no SAE of `config` is trained on (`load.corpora.held_out_stories` at its holdout fraction)."""
+    return corpora.held_out_stories(_resolve_config(config).holdout_fraction)
 
 
 def build_datasets(cfg: DemoSAEConfig, encode: Callable[[str], list[int]], d_vocab: int) -> dict[str, Any]:
@@ -488,15 +440,14 @@ def build_datasets(cfg: DemoSAEConfig, encode: Callable[[str], list[int]], d_voc
     """
     import datasets
 
-    texts = {name: p.read_text(encoding="utf-8") for name, p in zip(cfg.corpus_files, _corpus_paths(cfg))}
-    lower, cased = split_stories(texts[LOWER_FILE], texts[CASED_FILE])
-    train_stories, eval_stories = _split_holdout(cfg, lower, cased)
+    _corpus_paths(cfg)
+    train_stories, eval_stories = corpora.story_split(cfg.holdout_fraction)
     rng = np.random.default_rng(cfg.seed)
     rng.shuffle(train_stories)  # spread the cased stories through the stream
-    train = _pack(train_stories, encode, cfg.context_size)
+    train = corpora.pack_rows(train_stories, encode, cfg.context_size)
     rng.shuffle(train)  # rows in random order: sae-lens reads its data sequentially
     train = train[: cfg.train_rows]
-    held_out = _pack(eval_stories, encode, cfg.context_size)
+    held_out = corpora.pack_rows(eval_stories, encode, cfg.context_size)
     held_out = held_out[: max(1, cfg.max_eval_tokens // cfg.context_size)]
     if len(train) == 0 or len(held_out) == 0:
         raise DemoSAEError("the corpus is too small for one row of context_size tokens; lower context_size.")
