@@ -106,3 +106,20 @@ def test_layer_tables_never_load_the_sae_of_a_cached_layer():
     again = io.layer_tables("t", "lazy", Lazy(), {"p": 1}, compute)
     assert Lazy.loaded == [0, 1]  # both layers cached: no SAE loaded the second time
     pd.testing.assert_frame_equal(first["features"], again["features"])
+
+
+def test_cached_tables_recompute_a_set_left_half_written():
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"a": pd.DataFrame({"x": [len(calls)]}), "b": pd.DataFrame({"y": [len(calls)]})}
+
+    first = io.cached_tables("t", ["a", "b"], {"p": 1}, compute)
+    again = io.cached_tables("t", ["a", "b"], {"p": 1}, compute)
+    assert len(calls) == 1 and again["a"].equals(first["a"])
+    io.table_path("t", "b").unlink()  # a run killed between the two writes
+    third = io.cached_tables("t", ["a", "b"], {"p": 1}, compute)
+    assert len(calls) == 2 and third["b"]["y"].tolist() == [2]
+    io.cached_tables("t", ["a", "b"], {"p": 2}, compute)  # other provenance: recomputed
+    assert len(calls) == 3
