@@ -326,7 +326,7 @@ def layer_tables(target: str, name: str, saes, provenance: dict[str, Any], compu
             return {**frames, f"{stem}_parts": pd.DataFrame({"part": [n[len(stem) + 1:] for n in frames]})}
 
         tables = cached_tables(target, names, {**provenance, "sae": sae_id, "layer": layer}, compute_layer,
-                               label=f"{name}: layer {layer}")
+                               label=f"{name}: layer {layer} (SAE {sae_id})")
         for table, frame in tables.items():
             if table != f"{stem}_parts":
                 out.setdefault(table[len(stem) + 1:], []).append(frame)
