@@ -234,8 +234,8 @@ def test_missing_model_without_network(monkeypatch, tmp_path):
 
     monkeypatch.setenv("WEIGHTSCOPE_MODELS", str(tmp_path / "empty"))
     monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path / "data"))
-    monkeypatch.setattr(models, "hf_hub_download", offline)
-    with pytest.raises(models.ModelUnavailableError, match="WEIGHTSCOPE_MODELS.*internet"):
+    monkeypatch.setattr(llama2c, "hf_hub_download", offline)
+    with pytest.raises(llama2c.ModelUnavailableError, match="WEIGHTSCOPE_MODELS.*internet"):
         models.load_model("stories260K")
 
 
