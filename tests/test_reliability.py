@@ -151,8 +151,8 @@ def test_preflight_lists_every_problem_at_once(tmp_path, tiny_model, fake_regist
                      chapters={"01_fake": {"k": 1000}, "01_fkae": {"k": 2}})
     target = load_target(params)
     stems = ["00_fake", "01_fake"]
-    defaults = {s: {"target": "x", "k": 10} for s in stems}
-    problems = pf.preflight(target, [Path(f"{s}.md") for s in stems], defaults)
+    defaults = {s: {"params_file": "x", "k": 10} for s in stems}
+    problems = pf.preflight(pf.resolve_target(target), [Path(f"{s}.md") for s in stems], defaults)
     text = "\n".join(problems)
     assert "layer(s) [5] out of range; the model has 2 layers" in text
     assert "d_in=17, but the model's residual stream has d_model=16" in text
@@ -176,7 +176,7 @@ def test_registered_config_errors_and_unregistered_chapters(tmp_path, fake_regis
 
 def test_chapters_that_do_not_apply_are_skipped_with_their_reason(tmp_path, tiny_model):
     stems = [Path(f"{s}.md") for s in ("01_output_tokens", "04_attention_saes", "05_context_neurons")]
-    plain = load_target(_params(tmp_path, "plain", str(tiny_model), "saes"))
+    plain = pf.resolve_target(load_target(_params(tmp_path, "plain", str(tiny_model), "saes")))
     assert list(pf.skipped_chapters(plain, stems)) == ["04_attention_saes"]
     assert "names no attention-output SAEs" in pf.skipped_chapters(plain, stems)["04_attention_saes"]
     gemma = tmp_path / "gemma"  # what the pre-flight reads: config.json and that weights exist
@@ -184,15 +184,15 @@ def test_chapters_that_do_not_apply_are_skipped_with_their_reason(tmp_path, tiny
     (gemma / "config.json").write_text(json.dumps({"model_type": "gemma2", "num_hidden_layers": 2}))
     (gemma / "model.safetensors").write_bytes(b"")
     attn = {"source": "some/attn-saes", "id_template": "layer_{layer}"}
-    target = load_target(_params(tmp_path, "gemma", str(gemma), "saes", attn_saes=attn))
+    target = pf.resolve_target(load_target(_params(tmp_path, "gemma", str(gemma), "saes", attn_saes=attn)))
     skipped = pf.skipped_chapters(target, stems)
     assert list(skipped) == ["05_context_neurons"] and "post-attention" in skipped["05_context_neurons"]
-    assert pf.skipped_chapters(load_target("demo"), stems) == {}
+    assert pf.skipped_chapters(pf.resolve_target(load_target("demo")), stems) == {}
 
 
 @pytest.mark.parametrize("name, fragment", [
     ("gpt2-smal", "Unknown model 'gpt2-smal'"),
-    ("/no/such/folder", "is not a model folder"),
+    ("/no/such/folder", "looks like a folder, but no folder exists there"),
 ])
 def test_model_name_problems(name, fragment):
     dims, problems = pf.model_dims(name)
@@ -207,7 +207,7 @@ def test_model_dims_without_loading(tiny_model, tmp_path):
     weightless = tmp_path / "weightless"
     weightless.mkdir()
     shutil.copy(tiny_model / "config.json", weightless)
-    assert "holds config.json but no weights" in pf.model_dims(str(weightless))[1][0]
+    assert "has no .safetensors weights" in pf.model_dims(str(weightless))[1][0]
 
 
 @pytest.mark.parametrize("file, damage, fragment", [
@@ -722,7 +722,7 @@ def test_preflight_refuses_an_unsupported_architecture_before_any_work(tmp_path)
     params = tmp_path / "falcon-test.yaml"
     params.write_text(f"target: falcon-test\nmodel: {{name: {folder}}}\nsaes: {{source: {tmp_path}}}\n"
                       "layers: [0]\n")
-    problems = pf.preflight(load_target(params), [], {})
+    problems = pf.preflight(pf.resolve_target(load_target(params)), [], {})
     assert any("falcon" in p and "gemma2" in p for p in problems), problems
 
 

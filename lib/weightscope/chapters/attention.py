@@ -90,7 +90,7 @@ def run(ctx, config: Config, *, model=None, saes=None) -> Tables:
     problems = config.problems(model.cfg)
     if problems:
         raise ParamsError("; ".join(problems) + ".")
-    target = ctx.target.target
+    target = ctx.params.target
     labels = io.require_table(target, "01_features", produced_by="01_output_tokens")
     provenance = ctx.provenance(**dataclasses.asdict(config))
     rotary = attention.rotary_inverse_frequencies(model.cfg) is not None
