@@ -190,6 +190,71 @@ def test_chapters_that_do_not_apply_are_skipped_with_their_reason(tmp_path, tiny
     assert pf.skipped_chapters(pf.resolve_target(load_target("demo")), stems) == {}
 
 
+@pytest.fixture
+def input_registry(tmp_path, monkeypatch):
+    """Two registered chapters: 01_fake reads a corpus and 02_fake reads 01_fake's table; 03_skip never
+    applies, and its model-dependent check must then not run."""
+    (tmp_path / "input_chapters.py").write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        from weightscope.chapters.context import CorpusInput, TableInput
+
+        @dataclass(frozen=True)
+        class Reads:
+            corpus: str = "tinystories/stories.txt"
+            def problems(self, dims):
+                return []
+            def inputs(self):
+                return [CorpusInput(self.corpus)]
+
+        @dataclass(frozen=True)
+        class Follows:
+            def problems(self, dims):
+                return []
+            def inputs(self):
+                return [TableInput("01_features", produced_by="01_fake")]
+
+        @dataclass(frozen=True)
+        class Config:
+            def problems(self, dims):
+                return ["the model-dependent check of a skipped chapter ran"]
+
+        def skip_reason(target, dims):
+            return "it never applies"
+    '''))
+    for stem, cls in (("01_fake", "Reads"), ("02_fake", "Follows")):
+        (tmp_path / f"mod_{stem}.py").write_text(f"from input_chapters import {cls} as Config\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import weightscope.chapters as chapters
+
+    monkeypatch.setattr(chapters, "CHAPTERS", {"01_fake": "mod_01_fake", "02_fake": "mod_02_fake",
+                                               "03_skip": "input_chapters"})
+    corpora = tmp_path / "corpora"
+    (corpora / "tinystories").mkdir(parents=True)
+    (corpora / "tinystories" / "stories.txt").write_text("Once upon a time.")
+    monkeypatch.setenv("WEIGHTSCOPE_CORPORA", str(corpora))
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path / "data"))
+
+
+def test_inputs_a_chapter_reads_are_checked_before_any_work(tmp_path, input_registry, monkeypatch):
+    target = load_target(_params(tmp_path, "t", "stories260K", "demo"))
+    resolved = pf.resolve_target(target)
+    defaults = {s: {"params_file": "x"} for s in ("01_fake", "02_fake", "03_skip")}
+    defaults["01_fake"]["corpus"] = "tinystories/stories.txt"
+
+    def problems(*stems, **overrides):
+        sources = [Path(f"{s}.md") for s in stems]
+        return pf.preflight(resolved, sources, defaults, extra=overrides or None)
+
+    assert problems("01_fake", "02_fake", "03_skip") == []  # 02 runs after 01, 03 is skipped
+    alone = problems("02_fake")
+    assert len(alone) == 1 and "01_features" in alone[0] and "run the chapter 01_fake first" in alone[0]
+    missing = problems("01_fake", corpus="tinystories/nope.txt")
+    assert len(missing) == 1 and "no corpus file 'tinystories/nope.txt'" in missing[0]
+    monkeypatch.delenv("WEIGHTSCOPE_CORPORA")
+    unset = problems("01_fake")
+    assert len(unset) == 1 and "WEIGHTSCOPE_CORPORA is not set" in unset[0]
+
+
 @pytest.mark.parametrize("name, fragment", [
     ("gpt2-smal", "Unknown model 'gpt2-smal'"),
     ("/no/such/folder", "looks like a folder, but no folder exists there"),
