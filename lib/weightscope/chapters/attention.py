@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from weightscope import io
+from weightscope.chapters.context import TableInput
 from weightscope.chapters.findings import binomial_tolerance, curve_shape, number, percent, shape_words
 from weightscope.compute import attention
 from weightscope.config.params import ParamsError
@@ -66,6 +67,10 @@ class Config:
         if n_ctx is not None and self.qk_max_offset >= n_ctx:
             return [f"qk_max_offset = {self.qk_max_offset} must be below the context length n_ctx = {n_ctx}"]
         return []
+
+    def inputs(self) -> list:
+        """What `run` reads besides the model and SAEs (checked by the pre-flight): chapter 1's features."""
+        return [TableInput("01_features", produced_by="01_output_tokens")]
 
 
 @dataclass

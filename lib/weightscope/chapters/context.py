@@ -130,7 +130,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-# --- the inputs a chapter reads besides the model and its SAEs (`Config.inputs()`, checked by the pre-flight)
+# --- the inputs a chapter reads besides the model and its SAEs: `Config.inputs()` lists them, and the
+# pre-flight calls each one's `problem(params, earlier)` (None: it is there; `earlier`: the chapters this
+# run executes before this one). Another kind of input needs only such a `problem` method.
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ class CorpusInput:
 
     name: str  # e.g. "tinystories/tinystories_cased.txt"
 
-    def problem(self, target: str, earlier: set[str]) -> str | None:
+    def problem(self, params: Target, earlier: set[str]) -> str | None:
         try:
             corpus_path(self.name)
         except CorpusError as err:
@@ -154,13 +156,13 @@ class TableInput:
     name: str  # e.g. "01_features"
     produced_by: str  # the notebook stem that writes it, e.g. "01_output_tokens"
 
-    def problem(self, target: str, earlier: set[str]) -> str | None:
+    def problem(self, params: Target, earlier: set[str]) -> str | None:
         """None when the producing chapter runs earlier in this run, or its table is stored and verifies."""
         if self.produced_by in earlier:
             return None
-        found = table_problem(target, self.name)
-        return found and (f"{found}; run the chapter {self.produced_by} first (make book TARGET={target} "
-                          "runs every chapter in order)")
+        found = table_problem(params.target, self.name)
+        return found and (f"{found}; run the chapter {self.produced_by} first (make book "
+                          f"TARGET={params.target} runs every chapter in order)")
 
 
 def sae_summary(sae) -> dict[str, Any]:

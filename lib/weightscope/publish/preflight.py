@@ -286,7 +286,7 @@ def chapter_problems(target: Target, stem: str, defaults: dict[str, Any], dims: 
     checked = dims is not None and hasattr(config, "problems")
     out = [f"{where}: {p}" for p in config.problems(dims)] if checked else []
     inputs = config.inputs() if hasattr(config, "inputs") else []
-    found = [item.problem(target.target, earlier or set()) for item in inputs]
+    found = [item.problem(target, earlier or set()) for item in inputs]
     return out + [f"{where}: {p}" for p in found if p]
 
 
