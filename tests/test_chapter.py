@@ -1,6 +1,7 @@
 """Chapter opening: device and dtype choices, a chapter that fails leaves the book as it was, and every chapter
 follows the chapter contract (a registered module with a frozen `Config`, `run` and `findings`)."""
 
+import ast
 import dataclasses
 import importlib
 import inspect
@@ -8,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +131,29 @@ def test_the_contract_check_can_fail(tmp_path, monkeypatch):
     assert contract_problems("02_good", {"params_file": "demo", "k": 1}, registry) == []
     assert contract_problems("02_good", {"k": 1, "q": 0.5}, registry) == [
         "02_good's parameters ['q'] are not fields of its Config (the pre-flight cannot check them)"]
+
+
+def skip_reason_callers(root: Path) -> list[str]:
+    """Files under `root` whose code calls a chapter's skip rule `skip_reason(...)` (library modules, and the
+    code cells of notebooks)."""
+    out = []
+    for path in sorted(root.rglob("*.py")) + sorted(root.rglob("*.md")):
+        text = path.read_text(encoding="utf-8")
+        cells = [block.split("\n", 1)[-1].split("```", 1)[0] for block in text.split("```{code-cell}")[1:]]
+        code = text if path.suffix == ".py" else "\n".join(
+            line for cell in cells for line in cell.splitlines() if not line.startswith((":", "%", "!")))
+        calls = [node for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call)
+                 and getattr(node.func, "attr", getattr(node.func, "id", None)) == "skip_reason"]
+        if calls:
+            out.append(path.relative_to(root).as_posix())
+    return out
+
+
+def test_the_skip_rule_is_consulted_in_one_place(tmp_path):
+    found = skip_reason_callers(REPO_ROOT / "lib") + skip_reason_callers(REPO_ROOT / "notebooks")
+    assert found == ["weightscope/publish/preflight.py"], found
+    (tmp_path / "nb.md").write_text("Prose on `skip_reason(target, dims)`.\n\n```{code-cell} ipython3\n"
+                                    "if chapter.skip_reason(params, dims):\n    pass\n```\n")
+    (tmp_path / "doc.md").write_text("Prose on `skip_reason(target, dims)` only.\n")
+    (tmp_path / "mod.py").write_text("def skip_reason(target, dims):\n    return None\n")
+    assert skip_reason_callers(tmp_path) == ["nb.md"]
