@@ -804,3 +804,20 @@ def test_progress_lines_are_dropped_from_pages():
     nb.cells.append(cell)
     _drop_progress_bars(nb)
     assert [(o["name"], o["text"]) for o in nb.cells[0].outputs] == [("stdout", "2.4% of features\n")]
+
+
+def test_held_out_text_inputs_name_the_files_the_reader_opens(monkeypatch, tmp_path):
+    from weightscope.chapters.context import HELD_OUT_TEXT
+    from weightscope.load import corpora
+
+    opened = []
+
+    def record(name):
+        opened.append(name)
+        path = tmp_path / name.replace("/", "_")
+        path.write_text("Once upon a time there was a cat.\n\nThe end.\n")
+        return path
+
+    monkeypatch.setattr(corpora, "corpus_path", record)
+    corpora.story_split()
+    assert sorted(opened) == sorted(item.name for item in HELD_OUT_TEXT)

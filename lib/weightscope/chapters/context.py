@@ -21,7 +21,7 @@ import torch
 
 from weightscope.config.params import PROCESSING_FLAGS, Target, load_target
 from weightscope.io import table_problem, versions
-from weightscope.load.corpora import CorpusError, corpus_path
+from weightscope.load.corpora import STORIES_CASED, STORIES_LOWER, CorpusError, corpus_path
 from weightscope.load.models import load_full_model
 from weightscope.load.sae_sequence import SAESequence
 from weightscope.load.sources import ModelSource, resolve_model
@@ -147,6 +147,11 @@ class CorpusInput:
         except CorpusError as err:
             return str(err)
         return None
+
+
+# the files `load.corpora.held_out_windows` reads: a chapter that measures on held-out text returns these
+# from `Config.inputs()`
+HELD_OUT_TEXT = (CorpusInput(STORIES_LOWER), CorpusInput(STORIES_CASED))
 
 
 @dataclass(frozen=True)
