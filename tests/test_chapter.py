@@ -157,3 +157,23 @@ def test_the_skip_rule_is_consulted_in_one_place(tmp_path):
     (tmp_path / "doc.md").write_text("Prose on `skip_reason(target, dims)` only.\n")
     (tmp_path / "mod.py").write_text("def skip_reason(target, dims):\n    return None\n")
     assert skip_reason_callers(tmp_path) == ["nb.md"]
+
+
+def _notebook(path: Path, parameters: str) -> Path:
+    path.write_text("# Title\n\n## Setup\n\n```{code-cell} ipython3\n:tags: [parameters]\n\n"
+                    f"{parameters}\n```\n", encoding="utf-8")
+    return path
+
+
+def test_the_params_file_is_injected_under_the_name_the_notebook_declares(tmp_path):
+    from weightscope.config.params import load_target
+    from weightscope.publish.book import chapter_parameters
+
+    demo = load_target("demo")
+    new = _notebook(tmp_path / "01_new.md", 'params_file = "demo"\nk = 10')
+    old = _notebook(tmp_path / "04_old.md", 'target = "demo"\nk = 10')  # until chapters 4-6 are renamed
+    assert chapter_parameters(demo, new) == {"params_file": "demo", "k": 10}
+    assert chapter_parameters(demo, old) == {"target": "demo", "k": 10}
+    copied = tmp_path / "copy.yaml"  # a parameters file outside params/ is passed by its path
+    copied.write_text((REPO_ROOT / "params" / "demo.yaml").read_text().replace("target: demo", "target: copy"))
+    assert chapter_parameters(load_target(copied), new, extra={"k": 3}) == {"params_file": str(copied), "k": 3}
