@@ -43,6 +43,9 @@ from weightscope.config.paths import REPO_ROOT, cache_dir, corpora_dir, data_dir
 from weightscope.io import (ARTIFACT_LOG, Busy, CacheError, StorageError, atomic_write_bytes,
                             atomic_write_json, code_fingerprint, file_lock, file_sha256, read_artifact_log,
                             stale_artifacts, versions)
+from weightscope.load.llama2c import Llama2cFileError
+from weightscope.load.saes import SAEError, demo_sae_folder
+from weightscope.prepare.demo_saes import DemoSAEError, ensure_demo_saes
 from weightscope.publish.preflight import PreflightError, preflight, resolve_target, skipped_chapters
 
 NOTEBOOKS = Path(os.environ.get("WEIGHTSCOPE_NOTEBOOKS") or REPO_ROOT / "notebooks")
@@ -263,8 +266,6 @@ def _demo_sae_artifacts(target: Target) -> dict[str, str]:
     """{file: sha256} of the demo SAEs that a demo target's chapters read (checked when one is reused)."""
     if target.sae_source != "demo":
         return {}
-    from weightscope.load.saes import SAEError, demo_sae_folder
-
     try:
         folder = demo_sae_folder()
     except SAEError:
@@ -529,14 +530,10 @@ def _run_chapters(target: Target, sources: list[Path], extra: dict[str, Any] | N
 def _prepare(target: Target) -> None:
     """Make sure the inputs exist before any notebook runs (the demo SAEs are trained here, once)."""
     if target.sae_source == "demo":
-        from weightscope.prepare.demo_saes import ensure_demo_saes
-
         print("[prepare] demo SAEs (trained once with sae-lens, then cached) ...", flush=True)
         ensure_demo_saes(progress=True)
     attn_source = (target.attn_saes or {}).get("source", "")
     if attn_source.startswith("demo:"):  # the demo attention-output SAEs of chapter 4 (a few minutes, once)
-        from weightscope.prepare.demo_saes import ensure_demo_saes
-
         print(f"[prepare] demo attention SAEs ({attn_source}) ...", flush=True)
         ensure_demo_saes(attn_source.partition(":")[2], progress=True)
 
@@ -556,10 +553,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> tuple[int, str | None]:
-    from weightscope.load.llama2c import Llama2cFileError
-    from weightscope.load.saes import SAEError
-    from weightscope.prepare.demo_saes import DemoSAEError
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="demo", help="parameters file name in params/ (default: demo)")
     parser.add_argument("--chapters", nargs="*", help="only these chapters (numbers like 00 01, or stems)")
