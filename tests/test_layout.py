@@ -162,3 +162,36 @@ def test_the_cycle_and_privacy_checks_can_fail(tmp_path):
     assert find_cycle({"x": {"y"}, "y": set()}) is None
     assert private_imports(modules) == ["weightscope.load.c: a._hidden (weightscope.load.a)",
                                         "weightscope.load.d: from weightscope.load.a import _helper"]
+
+
+def unresolved_imports(modules: list[tuple[Path, str]]) -> list[str]:
+    """`from weightscope.x import name` (at the top or inside a function) where module x has no `name`:
+    an import that fails only when that function runs, e.g. after a name moved to another module."""
+    import importlib.util
+
+    out = []
+    for path, name in modules:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                    and node.module.startswith("weightscope")):
+                continue
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                is_package = hasattr(module, "__path__")
+                if not hasattr(module, alias.name) and not (
+                        is_package and importlib.util.find_spec(f"{node.module}.{alias.name}")):
+                    out.append(f"{name}:{node.lineno}: from {node.module} import {alias.name}")
+    return out
+
+
+def test_every_library_import_names_something_that_exists():
+    found = unresolved_imports(list(_modules()))
+    assert not found, "imports of names that do not exist:\n" + "\n".join(found)
+
+
+def test_the_unresolved_import_check_can_fail(tmp_path):
+    fake = tmp_path / "m.py"
+    fake.write_text("def f():\n    from weightscope.config.paths import no_such_name, data_dir\n"
+                    "    from weightscope.config import params\n")
+    assert unresolved_imports([(fake, "weightscope.m")]) == [
+        "weightscope.m:2: from weightscope.config.paths import no_such_name"]
