@@ -234,8 +234,8 @@ def test_missing_model_without_network(monkeypatch, tmp_path):
 
     monkeypatch.setenv("WEIGHTSCOPE_MODELS", str(tmp_path / "empty"))
     monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path / "data"))
-    monkeypatch.setattr(models, "hf_hub_download", offline)
-    with pytest.raises(models.ModelUnavailableError, match="WEIGHTSCOPE_MODELS.*internet"):
+    monkeypatch.setattr(llama2c, "hf_hub_download", offline)
+    with pytest.raises(llama2c.ModelUnavailableError, match="WEIGHTSCOPE_MODELS.*internet"):
         models.load_model("stories260K")
 
 
@@ -285,3 +285,23 @@ def test_nan_weights(tmp_path):
     checkpoint.write_bytes(bytes(data))
     with pytest.raises(Llama2cFileError, match="NaN or Inf.*tok_embeddings"):
         read_checkpoint(checkpoint)
+
+
+def test_demo_sae_metrics_table_and_figure():
+    from weightscope.chapters import model_intro
+
+    row = {"layer": 0, "explained_variance": 0.9, "mean_l0": 20.0, "dead_fraction": 0.05, "mse": 0.1,
+           "tokens_seen": 1000, "training_time_s": 3.0, "extra": "dropped"}
+    manifest = {"per_layer": {"0": row, "1": {**row, "layer": 1, "explained_variance": 0.7}},
+                "distinct_training_tokens": 12345, "epochs_over_distinct_tokens": 4,
+                "n_eval_tokens": 678, "n_eval_stories": 9}
+    line, metrics = model_intro.sae_metrics(manifest)
+    assert line == ("trained on 12,345 distinct tokens (4 passes); evaluated on 678 held-out tokens of "
+                    "9 stories")
+    assert list(metrics["explained_variance"]) == [0.9, 0.7] and "extra" not in metrics
+    fig = model_intro.sae_metrics_figure(metrics)
+    assert [list(t.y) for t in fig.data] == [[0.9, 0.7], [20.0, 20.0], [0.05, 0.05]]
+    bars = sorted(s.y0 for s in fig.layout.shapes)
+    assert bars == sorted(model_intro.QUALITY_BAR.values())
+    assert [fig.layout[f"yaxis{i}"].title.text for i in ("", 2, 3)] == [
+        "fraction of variance", "active features per token", "fraction of features"]

@@ -151,8 +151,8 @@ def test_preflight_lists_every_problem_at_once(tmp_path, tiny_model, fake_regist
                      chapters={"01_fake": {"k": 1000}, "01_fkae": {"k": 2}})
     target = load_target(params)
     stems = ["00_fake", "01_fake"]
-    defaults = {s: {"target": "x", "k": 10} for s in stems}
-    problems = pf.preflight(target, [Path(f"{s}.md") for s in stems], defaults)
+    defaults = {s: {"params_file": "x", "k": 10} for s in stems}
+    problems = pf.preflight(pf.resolve_target(target), [Path(f"{s}.md") for s in stems], defaults)
     text = "\n".join(problems)
     assert "layer(s) [5] out of range; the model has 2 layers" in text
     assert "d_in=17, but the model's residual stream has d_model=16" in text
@@ -176,7 +176,7 @@ def test_registered_config_errors_and_unregistered_chapters(tmp_path, fake_regis
 
 def test_chapters_that_do_not_apply_are_skipped_with_their_reason(tmp_path, tiny_model):
     stems = [Path(f"{s}.md") for s in ("01_output_tokens", "04_attention_saes", "05_context_neurons")]
-    plain = load_target(_params(tmp_path, "plain", str(tiny_model), "saes"))
+    plain = pf.resolve_target(load_target(_params(tmp_path, "plain", str(tiny_model), "saes")))
     assert list(pf.skipped_chapters(plain, stems)) == ["04_attention_saes"]
     assert "names no attention-output SAEs" in pf.skipped_chapters(plain, stems)["04_attention_saes"]
     gemma = tmp_path / "gemma"  # what the pre-flight reads: config.json and that weights exist
@@ -184,15 +184,80 @@ def test_chapters_that_do_not_apply_are_skipped_with_their_reason(tmp_path, tiny
     (gemma / "config.json").write_text(json.dumps({"model_type": "gemma2", "num_hidden_layers": 2}))
     (gemma / "model.safetensors").write_bytes(b"")
     attn = {"source": "some/attn-saes", "id_template": "layer_{layer}"}
-    target = load_target(_params(tmp_path, "gemma", str(gemma), "saes", attn_saes=attn))
+    target = pf.resolve_target(load_target(_params(tmp_path, "gemma", str(gemma), "saes", attn_saes=attn)))
     skipped = pf.skipped_chapters(target, stems)
     assert list(skipped) == ["05_context_neurons"] and "post-attention" in skipped["05_context_neurons"]
-    assert pf.skipped_chapters(load_target("demo"), stems) == {}
+    assert pf.skipped_chapters(pf.resolve_target(load_target("demo")), stems) == {}
+
+
+@pytest.fixture
+def input_registry(tmp_path, monkeypatch):
+    """Two registered chapters: 01_fake reads a corpus and 02_fake reads 01_fake's table; 03_skip never
+    applies, and its model-dependent check must then not run."""
+    (tmp_path / "input_chapters.py").write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        from weightscope.chapters.context import CorpusInput, TableInput
+
+        @dataclass(frozen=True)
+        class Reads:
+            corpus: str = "tinystories/stories.txt"
+            def problems(self, dims):
+                return []
+            def inputs(self):
+                return [CorpusInput(self.corpus)]
+
+        @dataclass(frozen=True)
+        class Follows:
+            def problems(self, dims):
+                return []
+            def inputs(self):
+                return [TableInput("01_features", produced_by="01_fake")]
+
+        @dataclass(frozen=True)
+        class Config:
+            def problems(self, dims):
+                return ["the model-dependent check of a skipped chapter ran"]
+
+        def skip_reason(target, dims):
+            return "it never applies"
+    '''))
+    for stem, cls in (("01_fake", "Reads"), ("02_fake", "Follows")):
+        (tmp_path / f"mod_{stem}.py").write_text(f"from input_chapters import {cls} as Config\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import weightscope.chapters as chapters
+
+    monkeypatch.setattr(chapters, "CHAPTERS", {"01_fake": "mod_01_fake", "02_fake": "mod_02_fake",
+                                               "03_skip": "input_chapters"})
+    corpora = tmp_path / "corpora"
+    (corpora / "tinystories").mkdir(parents=True)
+    (corpora / "tinystories" / "stories.txt").write_text("Once upon a time.")
+    monkeypatch.setenv("WEIGHTSCOPE_CORPORA", str(corpora))
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path / "data"))
+
+
+def test_inputs_a_chapter_reads_are_checked_before_any_work(tmp_path, input_registry, monkeypatch):
+    target = load_target(_params(tmp_path, "t", "stories260K", "demo"))
+    resolved = pf.resolve_target(target)
+    defaults = {s: {"params_file": "x"} for s in ("01_fake", "02_fake", "03_skip")}
+    defaults["01_fake"]["corpus"] = "tinystories/stories.txt"
+
+    def problems(*stems, **overrides):
+        sources = [Path(f"{s}.md") for s in stems]
+        return pf.preflight(resolved, sources, defaults, extra=overrides or None)
+
+    assert problems("01_fake", "02_fake", "03_skip") == []  # 02 runs after 01, 03 is skipped
+    alone = problems("02_fake")
+    assert len(alone) == 1 and "01_features" in alone[0] and "run the chapter 01_fake first" in alone[0]
+    missing = problems("01_fake", corpus="tinystories/nope.txt")
+    assert len(missing) == 1 and "no corpus file 'tinystories/nope.txt'" in missing[0]
+    monkeypatch.delenv("WEIGHTSCOPE_CORPORA")
+    unset = problems("01_fake")
+    assert len(unset) == 1 and "WEIGHTSCOPE_CORPORA is not set" in unset[0]
 
 
 @pytest.mark.parametrize("name, fragment", [
     ("gpt2-smal", "Unknown model 'gpt2-smal'"),
-    ("/no/such/folder", "is not a model folder"),
+    ("/no/such/folder", "looks like a folder, but no folder exists there"),
 ])
 def test_model_name_problems(name, fragment):
     dims, problems = pf.model_dims(name)
@@ -207,7 +272,7 @@ def test_model_dims_without_loading(tiny_model, tmp_path):
     weightless = tmp_path / "weightless"
     weightless.mkdir()
     shutil.copy(tiny_model / "config.json", weightless)
-    assert "holds config.json but no weights" in pf.model_dims(str(weightless))[1][0]
+    assert "has no .safetensors weights" in pf.model_dims(str(weightless))[1][0]
 
 
 @pytest.mark.parametrize("file, damage, fragment", [
@@ -722,7 +787,7 @@ def test_preflight_refuses_an_unsupported_architecture_before_any_work(tmp_path)
     params = tmp_path / "falcon-test.yaml"
     params.write_text(f"target: falcon-test\nmodel: {{name: {folder}}}\nsaes: {{source: {tmp_path}}}\n"
                       "layers: [0]\n")
-    problems = pf.preflight(load_target(params), [], {})
+    problems = pf.preflight(pf.resolve_target(load_target(params)), [], {})
     assert any("falcon" in p and "gemma2" in p for p in problems), problems
 
 
@@ -739,3 +804,20 @@ def test_progress_lines_are_dropped_from_pages():
     nb.cells.append(cell)
     _drop_progress_bars(nb)
     assert [(o["name"], o["text"]) for o in nb.cells[0].outputs] == [("stdout", "2.4% of features\n")]
+
+
+def test_held_out_text_inputs_name_the_files_the_reader_opens(monkeypatch, tmp_path):
+    from weightscope.chapters.context import HELD_OUT_TEXT
+    from weightscope.load import corpora
+
+    opened = []
+
+    def record(name):
+        opened.append(name)
+        path = tmp_path / name.replace("/", "_")
+        path.write_text("Once upon a time there was a cat.\n\nThe end.\n")
+        return path
+
+    monkeypatch.setattr(corpora, "corpus_path", record)
+    corpora.story_split()
+    assert sorted(opened) == sorted(item.name for item in HELD_OUT_TEXT)

@@ -154,12 +154,19 @@ def test_unhonourable_processing_flag_is_refused(llama, tmp_path):
 
 def test_check_target_refuses_a_misfit_without_reading_weights(llama, tmp_path, monkeypatch):
     from weightscope.chapters.context import check_target
-    from weightscope.load import checkpoints
+    from weightscope.config.params import load_target
+    from weightscope.load import checkpoints, hooked, weights_model
+    from weightscope.load.sources import resolve_model
 
-    monkeypatch.setattr(checkpoints, "load_weights", lambda *a, **k: pytest.fail("weights read"))
-    check_target(str(standins.write_params("ok", llama[0], llama[1], tmp_path / "ok.yaml")))
+    def check(path):  # the parsed file and its resolved model, as the pre-flight hands them over
+        params = load_target(path)
+        check_target(params, resolve_model(params.model_name, base=params.path.parent))
+
+    for module in (checkpoints, weights_model, hooked):
+        monkeypatch.setattr(module, "load_weights", lambda *a, **k: pytest.fail("weights read"))
+    check(standins.write_params("ok", llama[0], llama[1], tmp_path / "ok.yaml"))
     three = standins.build_saes(llama[0], tmp_path / "three", layers=[0, 1])
     cfg = three / "layer_1" / "cfg.json"
     cfg.write_text(cfg.read_text().replace("blocks.1.hook_resid_post", "blocks.1.hook_nope"))
     with pytest.raises(SAEError, match="hook_nope"):
-        check_target(str(standins.write_params("bad", llama[0], three, tmp_path / "bad.yaml", layers=[0, 1])))
+        check(standins.write_params("bad", llama[0], three, tmp_path / "bad.yaml", layers=[0, 1]))

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from weightscope import io
+from weightscope.chapters.context import TableInput
 from weightscope.chapters.findings import binomial_tolerance, curve_shape, number, percent, shape_words
 from weightscope.compute import attention
 from weightscope.config.params import ParamsError
@@ -67,6 +68,10 @@ class Config:
             return [f"qk_max_offset = {self.qk_max_offset} must be below the context length n_ctx = {n_ctx}"]
         return []
 
+    def inputs(self) -> list:
+        """What `run` reads besides the model and SAEs (checked by the pre-flight): chapter 1's features."""
+        return [TableInput("01_features", produced_by="01_output_tokens")]
+
 
 @dataclass
 class Tables:
@@ -90,7 +95,7 @@ def run(ctx, config: Config, *, model=None, saes=None) -> Tables:
     problems = config.problems(model.cfg)
     if problems:
         raise ParamsError("; ".join(problems) + ".")
-    target = ctx.target.target
+    target = ctx.params.target
     labels = io.require_table(target, "01_features", produced_by="01_output_tokens")
     provenance = ctx.provenance(**dataclasses.asdict(config))
     rotary = attention.rotary_inverse_frequencies(model.cfg) is not None

@@ -1,6 +1,6 @@
 """The common opening of every chapter: parameters, device, model and SAEs for one target.
 
-    ctx = open_chapter(target)                  # validated params, model name resolved, device, dtype
+    ctx = open_chapter(params_file)             # validated params (`ctx.params`), model resolved, device, dtype
     model, saes = ctx.load_model_and_saes()     # weights-only model (processed as the SAEs need); SAEs lazily
     full = ctx.load_full_model()                # chapters 0, 4-6: a HookedTransformer for forward passes
 
@@ -20,7 +20,12 @@ from typing import Any
 import torch
 
 from weightscope.config.params import PROCESSING_FLAGS, Target, load_target
-from weightscope.io import versions
+from weightscope.io import table_problem, versions
+from weightscope.load.corpora import STORIES_CASED, STORIES_LOWER, CorpusError, corpus_path
+from weightscope.load.models import load_full_model
+from weightscope.load.sae_sequence import SAESequence
+from weightscope.load.sources import ModelSource, resolve_model
+from weightscope.load.weights_model import apply_processing, load_weights_model, shape_only
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,14 +53,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 @dataclass
 class ChapterContext:
-    """Everything a chapter needs to know about its target."""
+    """Everything a chapter needs to know about its target: `params` is the parsed parameters file (its name
+    is `params.target`), `source` where its model comes from."""
 
-    target: Target
+    params: Target
     device: torch.device
     dtype: torch.dtype
     processing: dict[str, bool] | None = None  # processing flags applied to the weights (set on load)
     processing_notes: list[str] = field(default_factory=list)  # what each flag changed
     model_source: dict[str, Any] | None = None  # where the weights came from (set on load)
+    source: ModelSource | None = None  # `model.name` resolved (set by `open_chapter`)
+
+    @property
+    def target(self) -> Target:
+        """The old name of `params`, kept until every chapter reads `ctx.params`."""
+        return self.params
 
     def load_model_and_saes(self, *, mlp: bool = False):
         """The target's weights-only model, processed as its SAEs were trained, and its SAEs (lazily).
@@ -66,14 +78,11 @@ class ChapterContext:
         items are `LoadedSAE`s, each loaded when reached and checked to fit the model and read the residual
         stream (for local folders every SAE's config is checked here, before any work).
         """
-        from weightscope.load.sae_sequence import SAESequence
-        from weightscope.load.weights_model import apply_processing, load_weights_model
-
-        model = load_weights_model(self.target.model_name, device=self.device, dtype=self.dtype,
-                                   base=self._base(), mlp=mlp)
-        layers = self.target.resolve_layers(model.cfg.n_layers)
-        ids = self.target.sae_ids(layers) or [f"layer_{layer}" for layer in layers]
-        saes = SAESequence(self.target.sae_source, ids, layers, device=str(self.device),
+        model = load_weights_model(self.params.model_name, device=self.device, dtype=self.dtype,
+                                   base=_params_dir(self.params), mlp=mlp)
+        layers = self.params.resolve_layers(model.cfg.n_layers)
+        ids = self.params.sae_ids(layers) or [f"layer_{layer}" for layer in layers]
+        saes = SAESequence(self.params.sae_source, ids, layers, device=str(self.device),
                            dtype=_dtype_name(self.dtype), model=model)
         saes.check()
         self.processing = self.processing_flags(saes)
@@ -86,31 +95,26 @@ class ChapterContext:
         """The `HookedTransformer` that runs forward passes (chapters 0, 4, 5, 6), processed as this
         context's flags say: TransformerLens's own for the demo and the models it knows, else built from the
         checkpoint's tensors (`weightscope.load.hooked`)."""
-        from weightscope.load.models import load_full_model
-
         flags = self.processing if self.processing is not None else {}
-        return load_full_model(self.target.model_name, device=self.device, dtype=self.dtype,
-                               base=self._base(), **flags)
+        return load_full_model(self.params.model_name, device=self.device, dtype=self.dtype,
+                               base=_params_dir(self.params), **flags)
 
     def processing_flags(self, saes=None) -> dict[str, bool]:
         """Processing flags: explicit in the params, else those recorded with the target's SAEs."""
-        if isinstance(self.target.processing, dict):
-            return dict(self.target.processing)
-        if self.target.sae_source == "demo":
+        if isinstance(self.params.processing, dict):
+            return dict(self.params.processing)
+        if self.params.sae_source == "demo":
             return {}  # the demo SAEs are trained on the unprocessed model
         if saes is None:
             raise ValueError("processing_flags needs the target's SAEs when `model.processing` is auto")
         recorded = saes.recorded_processing() or {}
         return {k: bool(v) for k, v in recorded.items() if k in PROCESSING_FLAGS}
 
-    def _base(self):
-        return self.target.path.parent if self.target.path is not None else None
-
     def provenance(self, **chapter_params: Any) -> dict[str, Any]:
         """What every result records: target and chapter parameters, the model's source and processing,
         device, dtype and versions."""
         return {
-            "target": self.target.as_dict(),
+            "target": self.params.as_dict(),
             "chapter": chapter_params,
             "model_source": self.model_source,
             "processing": self.processing,
@@ -126,6 +130,46 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# --- the inputs a chapter reads besides the model and its SAEs: `Config.inputs()` lists them, and the
+# pre-flight calls each one's `problem(params, earlier)` (None: it is there; `earlier`: the chapters this
+# run executes before this one). Another kind of input needs only such a `problem` method.
+
+
+@dataclass(frozen=True)
+class CorpusInput:
+    """A text file the chapter reads from the corpora folder: `WEIGHTSCOPE_CORPORA/<name>`."""
+
+    name: str  # e.g. "tinystories/tinystories_cased.txt"
+
+    def problem(self, params: Target, earlier: set[str]) -> str | None:
+        try:
+            corpus_path(self.name)
+        except CorpusError as err:
+            return str(err)
+        return None
+
+
+# the files `load.corpora.held_out_windows` reads: a chapter that measures on held-out text returns these
+# from `Config.inputs()`
+HELD_OUT_TEXT = (CorpusInput(STORIES_LOWER), CorpusInput(STORIES_CASED))
+
+
+@dataclass(frozen=True)
+class TableInput:
+    """A result table an earlier chapter writes (`io.require_table`)."""
+
+    name: str  # e.g. "01_features"
+    produced_by: str  # the notebook stem that writes it, e.g. "01_output_tokens"
+
+    def problem(self, params: Target, earlier: set[str]) -> str | None:
+        """None when the producing chapter runs earlier in this run, or its table is stored and verifies."""
+        if self.produced_by in earlier:
+            return None
+        found = table_problem(params.target, self.name)
+        return found and (f"{found}; run the chapter {self.produced_by} first (make book "
+                          f"TARGET={params.target} runs every chapter in order)")
+
+
 def sae_summary(sae) -> dict[str, Any]:
     """One row describing a loaded SAE (chapter 0's table)."""
     return {
@@ -135,28 +179,22 @@ def sae_summary(sae) -> dict[str, Any]:
     }
 
 
-def open_chapter(target: str, *, seed: int = 0) -> ChapterContext:
-    """Validate the target's parameters and model name, pick device and dtype, turn gradients off, seed."""
-    from weightscope.load.sources import resolve_model
-
-    params = load_target(target)
-    resolve_model(params.model_name, base=params.path.parent if params.path else None)  # fails early, clearly
+def open_chapter(params_file: str, *, seed: int = 0) -> ChapterContext:
+    """Parse the parameters file (a name in params/ or a path) and resolve its model name, once; pick device
+    and dtype, turn gradients off, seed."""
+    params = load_target(params_file)
+    source = resolve_model(params.model_name, base=_params_dir(params))  # fails early, clearly
     device = resolve_device(params.device)
     torch.set_grad_enabled(False)
     torch.manual_seed(seed)
-    return ChapterContext(target=params, device=device, dtype=resolve_dtype(params.dtype, device))
+    return ChapterContext(params=params, device=device, dtype=resolve_dtype(params.dtype, device),
+                          source=source)
 
 
-def check_target(target: str) -> None:
-    """Everything about a target that can be checked without reading weights, raised as one clear error:
-    the parameters, the model name (a local folder's config.json and architecture), and, for a local model
-    with local SAE folders, every SAE's width, layer and hook against the model's config.json."""
-    from weightscope.load.sae_sequence import SAESequence
-    from weightscope.load.sources import resolve_model
-    from weightscope.load.weights_model import shape_only
-
-    params = load_target(target)
-    source = resolve_model(params.model_name, base=params.path.parent if params.path else None)
+def check_target(params: Target, source: ModelSource) -> None:
+    """Everything about a parsed target that can be checked without reading weights, raised as one clear
+    error: for a local model with local SAE folders, every SAE's width, layer and hook against the model's
+    config.json. `source` is `params.model_name` resolved (the pre-flight resolves it once)."""
     if source.kind != "local" or params.sae_source == "demo":
         return  # a hub model's config arrives with its download; demo SAEs are prepared by the book runner
     shape = shape_only(source.folder)
@@ -165,3 +203,8 @@ def check_target(target: str) -> None:
     saes = SAESequence(params.sae_source, ids, layers, device="cpu", dtype=None, model=shape)
     if saes.metadata() is not None:
         saes.check()
+
+
+def _params_dir(params: Target):
+    """Where a relative model folder in the parameters file is looked up first."""
+    return params.path.parent if params.path is not None else None

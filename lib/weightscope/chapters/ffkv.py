@@ -407,7 +407,7 @@ def held_out_tokens(ctx, full, n_tokens: int, *, row_len: int = 128) -> tuple[to
 def demo_held_out_tokens(n_tokens: int, d_vocab: int) -> torch.Tensor:
     """[rows, ctx] token ids of the held-out stories the demo SAEs were evaluated on (about n_tokens)."""
     from weightscope.load.llama2c import load_encoder
-    from weightscope.load.models import TOKENIZER_FILE, stories260k_dir
+    from weightscope.load.llama2c import TOKENIZER_FILE, stories260k_dir
     from weightscope.prepare.demo_saes import DEFAULT, build_datasets
 
     encoder = load_encoder(stories260k_dir() / TOKENIZER_FILE)

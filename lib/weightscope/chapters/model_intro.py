@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
 from weightscope.load.models import PAPER_MODELS, describe
 
 
@@ -73,3 +77,36 @@ def sae_metrics_caption(target) -> str:
         return ""
     return ("*The dotted lines mark the quality bar this project set for the demo SAEs: explained variance "
             "at least 0.8, at most 32 active features per token, at most 20% dead features.*")
+
+
+# --- the demo SAEs' training metrics (chapter 0's figure) ---
+
+QUALITY_BAR = {"explained_variance": 0.8, "mean_l0": 32, "dead_fraction": 0.2}  # the caption's bar
+_METRIC_COLUMNS = ["layer", "explained_variance", "mean_l0", "dead_fraction", "mse", "tokens_seen",
+                   "training_time_s"]
+_AXIS_TITLES = {"explained_variance": "fraction of variance", "mean_l0": "active features per token",
+                "dead_fraction": "fraction of features"}
+
+
+def sae_metrics(manifest: dict) -> tuple[str, pd.DataFrame]:
+    """(one line on what the demo SAEs were trained and evaluated on, one row of metrics per layer) from the
+    demo SAEs' manifest."""
+    metrics = pd.DataFrame(manifest["per_layer"].values())[_METRIC_COLUMNS]
+    line = (f"trained on {manifest['distinct_training_tokens']:,} distinct tokens "
+            f"({manifest['epochs_over_distinct_tokens']} passes); evaluated on "
+            f"{manifest['n_eval_tokens']:,} held-out tokens of {manifest['n_eval_stories']} stories")
+    return line, metrics
+
+
+def sae_metrics_figure(metrics: pd.DataFrame) -> go.Figure:
+    """Explained variance, mean L0 and dead fraction per layer, each beside its quality bar (dotted)."""
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("explained variance", "mean L0", "dead fraction"))
+    for col, (key, bar) in enumerate(QUALITY_BAR.items(), 1):
+        fig.add_trace(go.Bar(x=metrics["layer"], y=metrics[key], name=key,
+                             hovertemplate="layer %{x}<br>" + key + " %{y:.3f}<extra></extra>"),
+                      row=1, col=col)
+        fig.add_hline(y=bar, line_dash="dot", annotation_text=f"bar {bar}", row=1, col=col)
+        fig.update_xaxes(title_text="layer", dtick=1, row=1, col=col)
+        fig.update_yaxes(title_text=_AXIS_TITLES[key], row=1, col=col)
+    fig.update_layout(showlegend=False, height=340, title="Demo SAEs on held-out text")
+    return fig

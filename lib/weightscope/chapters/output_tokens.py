@@ -117,14 +117,14 @@ def run(ctx, config: Config, *, model=None, saes=None) -> Tables:
     keep = lens.content_ids(model, config.exclude_tokens)
     vocab = lens.token_strings(model)
     _, fold_note = lens.output_matrix(model)
-    target = ctx.target.target
+    target = ctx.params.target
     provenance = ctx.provenance(**dataclasses.asdict(config), fold=fold_note)
     cfg = config.lens_config()
     tabs = io.layer_tables(target, "01_token_lens", saes, provenance, lambda sae: lens.analyse_sae(
         sae, model, cfg, vocab=vocab, n_null=config.n_null, max_features=config.max_features,
         seed=config.seed + 100 * sae.layer, dtype=ctx.dtype, keep=keep))
     features, nulls = tabs["features"], tabs["nulls"]
-    features["neuronpedia"] = [lens.neuronpedia_url(ctx.target.neuronpedia, layer, f)
+    features["neuronpedia"] = [lens.neuronpedia_url(ctx.params.neuronpedia, layer, f)
                                for layer, f in zip(features["layer"], features["feature"])]
     io.save_table(features, target, "01_features", key=io.cache_key(provenance=provenance), params=provenance)
     return Tables(features=features, nulls=nulls, token_kinds=token_kinds, rates=rates(features, nulls),

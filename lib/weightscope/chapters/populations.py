@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from weightscope import io
+from weightscope.chapters.context import TableInput
 from weightscope.chapters.findings import number
 from weightscope.compute import populations
 from weightscope.config.params import ParamsError
@@ -55,6 +56,11 @@ class Config:
             return []
         return [] if self.m <= d_vocab else [f"m = {self.m} exceeds d_vocab ({d_vocab})"]
 
+    def inputs(self) -> list:
+        """What `run` reads (checked by the pre-flight): the feature tables of chapters 1 and 2."""
+        return [TableInput("01_features", produced_by="01_output_tokens"),
+                TableInput("02_features", produced_by="02_attention")]
+
     def label_params(self) -> dict:
         return {"m": self.m, "min_word_share": self.min_word_share, "min_nonword_share": self.min_nonword_share}
 
@@ -76,7 +82,7 @@ class Tables:
 
 def run(ctx, config: Config) -> Tables:
     """Chapter 3 for ctx's target, from the tables chapters 1 and 2 wrote."""
-    target = ctx.target.target
+    target = ctx.params.target
     tokens = io.require_table(target, "01_features", produced_by="01_output_tokens")
     reads = io.require_table(target, "02_features", produced_by="02_attention")
     labelled = populations.label_features(tokens, **config.label_params())

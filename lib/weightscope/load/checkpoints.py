@@ -36,6 +36,10 @@ Tensors may be non-contiguous views (`W_U` of a tied embedding, `W_Q` of the che
 d_model] matrix, ...); their values and shapes are TransformerLens's. Call `.contiguous()` where a layout
 matters. A non-finite value (NaN/Inf) in any tensor read raises `NonFiniteWeightsError` unless
 `check_finite=False`.
+
+`config_dims(arch, config)` reads the dimensions from config.json alone (no weights); `config_from_hf(ws,
+name)` states a checkpoint's facts under TransformerLens's names (`ModelConfig`), for the weights-only model
+and the `HookedTransformer` built from the same tensors.
 """
 
 from __future__ import annotations
@@ -151,7 +155,7 @@ _TL_LAYER_NAMES = {
 
 
 @dataclass
-class _Dims:
+class Dims:
     """The model's shape and norm settings from config.json: the first fields of `WeightSet`."""
 
     arch: str
@@ -167,7 +171,7 @@ class _Dims:
 
 
 @dataclass
-class WeightSet(_Dims):
+class WeightSet(Dims):
     """The tensors `load_weights` read, in TransformerLens conventions, and the model's dimensions.
 
     Dimensions (from config.json): arch, d_model, d_vocab, n_layers, n_heads, n_kv_heads (key/value heads,
@@ -436,7 +440,7 @@ def _source_itemsize(safetensors_dtype: str) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _dims(arch: str, config: dict) -> _Dims:
+def config_dims(arch: str, config: dict) -> Dims:
     """The dimensions of an `arch` model from its config.json (GPT-2's keys, or Gemma-2's and Llama's)."""
     def need(key: str):
         if key not in config:
@@ -445,12 +449,12 @@ def _dims(arch: str, config: dict) -> _Dims:
 
     if arch == "gpt2":
         d_model, n_heads = int(need("n_embd")), int(need("n_head"))
-        return _Dims(arch, d_model, int(need("vocab_size")), int(need("n_layer")), n_heads, n_heads,
+        return Dims(arch, d_model, int(need("vocab_size")), int(need("n_layer")), n_heads, n_heads,
                      d_model // n_heads, int(config.get("n_inner") or 4 * d_model), "LN",
                      float(config.get("layer_norm_epsilon", 1e-5)))
     d_model, n_heads = int(need("hidden_size")), int(need("num_attention_heads"))
     default_head = 256 if arch == "gemma2" else d_model // n_heads  # Gemma2Config's default head_dim is 256
-    return _Dims(
+    return Dims(
         arch, d_model, int(need("vocab_size")), int(need("num_hidden_layers")), n_heads,
         int(config.get("num_key_value_heads") or n_heads), int(config.get("head_dim") or default_head),
         int(need("intermediate_size")), "RMS", float(config.get("rms_norm_eps", 1e-6)),
@@ -477,7 +481,7 @@ def _split_heads(W: Tensor, n: int) -> Tensor:
     return W.view(n, -1, W.shape[1]).transpose(1, 2)
 
 
-def _load_rms_model(reader: _Reader, dims: _Dims, config_ties: bool, layers: list[int], mlp: bool,
+def _load_rms_model(reader: _Reader, dims: Dims, config_ties: bool, layers: list[int], mlp: bool,
                     fold_embed_scale: bool) -> dict:
     """Gemma-2, Llama, Mistral, Qwen2: the same tensor names; Gemma adds 1 to its norm weights and scales its
     embedding; q/k/v/o biases (Qwen2, Llama with `attention_bias`) are read where the checkpoint has them."""
@@ -537,7 +541,7 @@ def _load_rms_model(reader: _Reader, dims: _Dims, config_ties: bool, layers: lis
     return out
 
 
-def _load_gpt2(reader: _Reader, dims: _Dims, config_ties: bool, layers: list[int], mlp: bool) -> dict:
+def _load_gpt2(reader: _Reader, dims: Dims, config_ties: bool, layers: list[int], mlp: bool) -> dict:
     """GPT-2: Conv1D weights stored [in, out]; fused c_attn [d_model, 3 * d_model] = Q | K | V."""
     p = _prefix(reader, ("transformer.", ""), "wte.weight")  # the hub's gpt2 checkpoints have no prefix
     d, V, nh, dh = dims.d_model, dims.d_vocab, dims.n_heads, dims.d_head
@@ -576,7 +580,7 @@ def _load_gpt2(reader: _Reader, dims: _Dims, config_ties: bool, layers: list[int
     return out
 
 
-def _load(reader: _Reader, dims: _Dims, config_ties: bool, layers: list[int], mlp: bool, fold: bool) -> dict:
+def _load(reader: _Reader, dims: Dims, config_ties: bool, layers: list[int], mlp: bool, fold: bool) -> dict:
     """The tensors of `dims.arch`'s layout; `config_ties`: whether config.json ties the embeddings."""
     if dims.arch == "gpt2":
         return _load_gpt2(reader, dims, config_ties, layers, mlp)
@@ -633,7 +637,7 @@ def load_weights(
         arch = detect_arch(config)
     elif arch not in SUPPORTED_ARCHS:
         raise UnsupportedArchitectureError(f"arch must be one of {SUPPORTED_ARCHS}; got {arch!r}.")
-    dims = _dims(arch, config)
+    dims = config_dims(arch, config)
     if dims.n_kv_heads < 1 or dims.n_heads % dims.n_kv_heads:
         raise CheckpointError(f"num_attention_heads={dims.n_heads} is not a multiple of "
                               f"num_key_value_heads={dims.n_kv_heads} in config.json.")
@@ -657,4 +661,80 @@ def load_weights(
         layers=parts["layers"], embed_scale=parts["embed_scale"],
         embed_scale_folded=bool(fold_embed_scale or not gemma), tied_embeddings=parts["tied"],
         dtype=dtype, device=device, config=config, files=sorted(reader.read_files), W_pos=parts.get("W_pos"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model's facts under TransformerLens's names
+
+_ARCH_NAMES = {"gemma2": "Gemma2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+
+
+@dataclass
+class ModelConfig:
+    """The model's facts, under `HookedTransformerConfig`'s names (those the book reads)."""
+
+    model_name: str
+    original_architecture: str
+    n_layers: int
+    d_model: int
+    d_vocab: int
+    n_heads: int
+    n_key_value_heads: int | None  # None without grouped-query attention, as TransformerLens
+    d_head: int
+    d_mlp: int
+    act_fn: str
+    gated_mlp: bool
+    normalization_type: str  # "RMS" | "LN" (or "RMSPre" | "LNPre" once fold_ln moved the weights)
+    eps: float
+    positional_embedding_type: str  # "rotary" | "standard"
+    rotary_base: float = 10000.0
+    rotary_dim: int | None = None
+    rotary_adjacent_pairs: bool = False
+    use_NTK_by_parts_rope: bool = False
+    NTK_by_parts_factor: float = 8.0
+    NTK_by_parts_low_freq_factor: float = 1.0
+    NTK_by_parts_high_freq_factor: float = 4.0
+    NTK_original_ctx_len: int = 8192
+    n_ctx: int = 2048
+    attn_scale: float = 1.0
+    attn_scores_soft_cap: float = -1.0
+    output_logits_soft_cap: float = -1.0
+    tie_word_embeddings: bool = False
+    norm_plus_one: bool = False  # Gemma: the checkpoint stores w, the norm multiplies by 1 + w
+    embed_scale: float = 1.0  # Gemma: embeddings times sqrt(d_model) (folded into W_E)
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+
+
+def config_from_hf(ws: WeightSet, name: str) -> ModelConfig:
+    """`ModelConfig` from a `WeightSet`'s dimensions and its config.json (rope, soft-capping, context)."""
+    c = ws.config
+    gpt2, gemma = ws.arch == "gpt2", ws.arch == "gemma2"
+    rope = {**(c.get("rope_scaling") or {}), **(c.get("rope_parameters") or {})}  # transformers 4 | 5 keys
+    llama3 = rope.get("rope_type", rope.get("type")) == "llama3"
+    scalar = c.get("query_pre_attn_scalar") if gemma else None
+    act = c.get("hidden_activation") or c.get("hidden_act") or c.get("activation_function") or "gelu_new"
+    return ModelConfig(
+        model_name=name, original_architecture=_ARCH_NAMES[ws.arch], n_layers=ws.n_layers, d_model=ws.d_model,
+        d_vocab=ws.d_vocab, n_heads=ws.n_heads, n_key_value_heads=ws.n_kv_heads if ws.gqa else None,
+        d_head=ws.d_head, d_mlp=ws.d_mlp, act_fn=act, gated_mlp=not gpt2,
+        normalization_type=ws.normalization_type, eps=ws.eps,
+        positional_embedding_type="standard" if gpt2 else "rotary",
+        rotary_base=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+        rotary_dim=None if gpt2 else int(ws.d_head * c.get("partial_rotary_factor", 1.0)),
+        use_NTK_by_parts_rope=llama3,
+        NTK_by_parts_factor=float(rope.get("factor", 8.0)),
+        NTK_by_parts_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        NTK_by_parts_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        NTK_original_ctx_len=int(rope.get("original_max_position_embeddings", 8192)),
+        n_ctx=int(c.get("n_positions") or c.get("max_position_embeddings") or 2048),
+        attn_scale=math.sqrt(scalar) if scalar else math.sqrt(ws.d_head),
+        attn_scores_soft_cap=float(c.get("attn_logit_softcapping") or -1.0) if gemma else -1.0,
+        output_logits_soft_cap=float(c.get("final_logit_softcapping") or -1.0) if gemma else -1.0,
+        tie_word_embeddings=ws.tied_embeddings, norm_plus_one=gemma, embed_scale=ws.embed_scale,
+        device=str(ws.device), dtype=str(ws.dtype).removeprefix("torch."),
     )

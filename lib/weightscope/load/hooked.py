@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from weightscope.config.params import PROCESSING_FLAGS
-from weightscope.load.checkpoints import CheckpointError, WeightSet, load_weights
-from weightscope.load.weights_model import config_from_hf
+from weightscope.load.checkpoints import CheckpointError, WeightSet, config_from_hf, load_weights
+from weightscope.load.tokenizer import hf_tokenizer
 
 MAX_CTX = 2048
 
@@ -106,8 +106,6 @@ def hooked_from_weights(ws: WeightSet, tokenizer, name: str, *, max_ctx: int = M
 def hooked_from_folder(folder: str | Path, *, name: str | None = None, device="cpu", dtype=torch.float32,
                        progress: bool = False, max_ctx: int = MAX_CTX, **processing):
     """`hooked_from_weights` of a Hugging Face folder (config.json, safetensors, tokenizer files)."""
-    from weightscope.load.weights_model import hf_tokenizer
-
     ws = load_weights(folder, device=device, dtype=dtype, mlp=True, progress=progress)
     return hooked_from_weights(ws, hf_tokenizer(Path(folder)), name or Path(folder).name, max_ctx=max_ctx,
                                **processing)

@@ -17,24 +17,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from huggingface_hub import hf_hub_download
 
-from weightscope.config import paths
 from weightscope.config.params import PROCESSING_FLAGS  # TransformerLens processing options; all off unless asked for
-from weightscope.load.llama2c import KNOWN_SHA256, Llama2cCheckpoint, read_checkpoint
-from weightscope.load.tokenizer import Llama2cTokenizer
+from weightscope.config.paths import progress_enabled
+from weightscope.load import sources
+from weightscope.load.hooked import hooked_from_folder
+from weightscope.load.llama2c import (CHECKPOINT_FILE, DEMO_MODEL, KNOWN_SHA256, Llama2cCheckpoint,
+                                      llama2c_state_dict, read_checkpoint, stories260k_dir)
+from weightscope.load.tokenizer import stories260k_tokenizer
 
 if TYPE_CHECKING:  # TransformerLens is imported only where a full model is built
     from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-DEMO_MODEL = "stories260K"
-HUB_REPO = "karpathy/tinyllamas"
-CHECKPOINT_FILE, TOKENIZER_FILE = "stories260K.bin", "tok512.bin"
-
-
-
-class ModelUnavailableError(FileNotFoundError):
-    """The demo model's files are neither on disk nor downloadable."""
 
 
 def load_model(
@@ -64,42 +57,6 @@ def load_model(
 
 # ----------------------------------------------------------------------------------------------------
 # stories260K
-
-
-def stories260k_dir() -> Path:
-    """Folder holding `stories260K.bin` and `tok512.bin`: `WEIGHTSCOPE_MODELS/stories260K`, else the download
-    cache (downloading there from the hub if needed). Raises `ModelUnavailableError` when neither works."""
-    candidates = []
-    if paths.models_dir() is not None:
-        candidates.append(paths.models_dir() / DEMO_MODEL)
-    cache = paths.cache_dir() / "models" / DEMO_MODEL
-    candidates.append(cache)
-    for folder in candidates:
-        if (folder / CHECKPOINT_FILE).is_file() and (folder / TOKENIZER_FILE).is_file():
-            return folder
-    try:
-        for filename in (CHECKPOINT_FILE, TOKENIZER_FILE):
-            hf_hub_download(HUB_REPO, f"{DEMO_MODEL}/{filename}", local_dir=cache.parent)
-    except Exception as err:  # offline, hub unreachable, HF_HUB_OFFLINE=1, ...: all mean "not available"
-        looked = ", ".join(str(folder) for folder in candidates)
-        raise ModelUnavailableError(
-            f"The {DEMO_MODEL} model files ({CHECKPOINT_FILE}, {TOKENIZER_FILE}) are not on disk (looked in "
-            f"{looked}) and downloading them from the Hugging Face hub ({HUB_REPO}) failed: "
-            f"{type(err).__name__}: {err}. Set WEIGHTSCOPE_MODELS to a folder containing {DEMO_MODEL}/, or "
-            "connect to the internet."
-        ) from err
-    return cache
-
-
-def stories260k_tokenizer(folder: Path | None = None, model_max_length: int = 512) -> Llama2cTokenizer:
-    """The demo model's tokenizer (sha256-checked)."""
-    folder = folder or stories260k_dir()
-    return Llama2cTokenizer(
-        folder / TOKENIZER_FILE,
-        vocab_size=512,
-        expected_sha256=KNOWN_SHA256[TOKENIZER_FILE],
-        model_max_length=model_max_length,
-    )
 
 
 def llama2c_config(ckpt: Llama2cCheckpoint, *, device="cpu", dtype=torch.float32) -> HookedTransformerConfig:
@@ -134,48 +91,6 @@ def llama2c_config(ckpt: Llama2cCheckpoint, *, device="cpu", dtype=torch.float32
         device=str(device),
         dtype=dtype,
     )
-
-
-def llama2c_state_dict(ckpt: Llama2cCheckpoint, cfg: HookedTransformerConfig) -> dict[str, torch.Tensor]:
-    """HookedTransformer state dict (unprocessed) of a llama2.c checkpoint.
-
-    Shapes: embed.W_E [d_vocab, d_model]; W_Q [n_heads, d_model, d_head]; _W_K, _W_V [n_kv_heads, d_model,
-    d_head] (W_K, W_V without the underscore when there is no GQA); W_O [n_heads, d_head, d_model]; ln1.w,
-    ln2.w, ln_final.w [d_model]; mlp.W_gate = w1^T and mlp.W_in = w3^T [d_model, d_mlp] (TransformerLens
-    computes silu(x W_gate) * (x W_in)); mlp.W_out = w2^T [d_mlp, d_model]; unembed.W_U = W_E^T
-    [d_model, d_vocab] when tied; all biases zero.
-    """
-    w = ckpt.weights
-    n_heads, d_head, d_model = cfg.n_heads, cfg.d_head, cfg.d_model
-    n_kv = cfg.n_key_value_heads or n_heads
-    kv = "_" if cfg.n_key_value_heads else ""
-
-    def heads_in(weight: torch.Tensor, n: int) -> torch.Tensor:
-        """[n * d_head, d_model] (y = W x, head-major rows) -> [n, d_model, d_head]."""
-        return weight.reshape(n, d_head, d_model).transpose(1, 2)
-
-    sd = {"embed.W_E": w["tok_embeddings"], "ln_final.w": w["norm"]}
-    sd["unembed.W_U"] = w["output"].T
-    sd["unembed.b_U"] = torch.zeros(cfg.d_vocab_out)
-    for layer in range(cfg.n_layers):
-        p = f"blocks.{layer}."
-        sd[p + "ln1.w"] = w["attention_norm"][layer]
-        sd[p + "ln2.w"] = w["ffn_norm"][layer]
-        sd[p + "attn.W_Q"] = heads_in(w["wq"][layer], n_heads)
-        sd[p + f"attn.{kv}W_K"] = heads_in(w["wk"][layer], n_kv)
-        sd[p + f"attn.{kv}W_V"] = heads_in(w["wv"][layer], n_kv)
-        # wo: [d_model, n_heads * d_head] -> W_O [n_heads, d_head, d_model]
-        sd[p + "attn.W_O"] = w["wo"][layer].T.reshape(n_heads, d_head, d_model)
-        sd[p + "attn.b_Q"] = torch.zeros(n_heads, d_head)
-        sd[p + f"attn.{kv}b_K"] = torch.zeros(n_kv, d_head)
-        sd[p + f"attn.{kv}b_V"] = torch.zeros(n_kv, d_head)
-        sd[p + "attn.b_O"] = torch.zeros(d_model)
-        sd[p + "mlp.W_gate"] = w["w1"][layer].T
-        sd[p + "mlp.W_in"] = w["w3"][layer].T
-        sd[p + "mlp.W_out"] = w["w2"][layer].T
-        sd[p + "mlp.b_in"] = torch.zeros(cfg.d_mlp)
-        sd[p + "mlp.b_out"] = torch.zeros(d_model)
-    return {name: tensor.contiguous().clone() for name, tensor in sd.items()}
 
 
 def _load_stories260k(*, device, dtype, processing: dict[str, bool]) -> HookedTransformer:
@@ -315,10 +230,6 @@ def load_full_model(name: str, *, device="cpu", dtype=torch.float32, base: Path 
 
     `flags`: TransformerLens processing flags (`PROCESSING_FLAGS`), applied either way.
     """
-    from weightscope.config.paths import progress_enabled
-    from weightscope.load import sources
-    from weightscope.load.hooked import hooked_from_folder
-
     source = sources.resolve_model(name, base=base)
     if source.kind == "demo" or source.tl_name:
         return load_model(source.tl_name or name, device=device, dtype=dtype, **flags)

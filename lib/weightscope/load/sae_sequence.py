@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from weightscope.config.paths import progress_enabled
-from weightscope.load.saes import LoadedSAE, SAEError, check_fits, hook_layer, load_saes, require_residual
+from weightscope.load.saes import (LoadedSAE, SAEError, check_fits, demo_sae_folder, hook_layer, load_saes,
+                                   require_residual)
 
 
 class SAESequence(Sequence):
@@ -86,8 +87,6 @@ class SAESequence(Sequence):
 
 def _folder_of(source: str) -> Path | None:
     if source == "demo":
-        from weightscope.load.saes import demo_sae_folder
-
         return demo_sae_folder()
     path = Path(source).expanduser()
     return path if path.is_dir() else None

@@ -28,8 +28,8 @@ from weightscope.load.checkpoints import (
     CheckpointNotFoundError,
     detect_arch,
 )
+from weightscope.load.llama2c import DEMO_MODEL
 
-DEMO_MODEL = "stories260K"
 ALLOW_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors",
                   "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt", "*.model",
                   "*.tiktoken"]

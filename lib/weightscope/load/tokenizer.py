@@ -23,7 +23,9 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizer
 
-from weightscope.load.llama2c import BOS_ID, EOS_ID, UNK_ID, Llama2cEncoder, read_tokenizer
+from weightscope.load.checkpoints import CheckpointError
+from weightscope.load.llama2c import (BOS_ID, EOS_ID, KNOWN_SHA256, TOKENIZER_FILE, UNK_ID, Llama2cEncoder,
+                                      read_tokenizer, stories260k_dir)
 
 SPECIAL_NAMES = {UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
 
@@ -145,3 +147,28 @@ class Llama2cTokenizer(PreTrainedTokenizer):
         if Path(self.vocab_file).resolve() != target.resolve():
             shutil.copyfile(self.vocab_file, target)
         return (str(target),)
+
+
+def stories260k_tokenizer(folder: Path | None = None, model_max_length: int = 512) -> Llama2cTokenizer:
+    """The demo model's tokenizer (sha256-checked)."""
+    folder = folder or stories260k_dir()
+    return Llama2cTokenizer(
+        folder / TOKENIZER_FILE,
+        vocab_size=512,
+        expected_sha256=KNOWN_SHA256[TOKENIZER_FILE],
+        model_max_length=model_max_length,
+    )
+
+
+def hf_tokenizer(folder: Path):
+    """The Hugging Face tokenizer saved in a model folder; a clear error when its files are missing."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as err:
+        raise CheckpointError(
+            f"Cannot load the tokenizer of {folder}: {type(err).__name__}: {err}. The folder needs its "
+            "tokenizer files (tokenizer.json or vocab.json + merges.txt, tokenizer_config.json); save them "
+            "with `tokenizer.save_pretrained(folder)`."
+        ) from err

@@ -21,6 +21,7 @@ The processing flags an SAE was trained with (`center_writing_weights`, ...) are
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,52 +33,17 @@ from torch import Tensor
 
 from weightscope.config.paths import progress_enabled
 from weightscope.load import sources
-from weightscope.load.checkpoints import CheckpointError, WeightSet, load_weights
+from weightscope.load.checkpoints import (CheckpointError, ModelConfig, WeightSet, config_dims, config_from_hf,
+                                          detect_arch, load_weights)
+from weightscope.load.llama2c import (CHECKPOINT_FILE, DEMO_MODEL, KNOWN_SHA256, llama2c_state_dict,
+                                      read_checkpoint, stories260k_dir)
+from weightscope.load.tokenizer import hf_tokenizer, stories260k_tokenizer
 
-_ARCH_NAMES = {"gemma2": "Gemma2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-               "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 HONOURED_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 
 
 class ProcessingError(CheckpointError):
     """A processing flag the weights-only route cannot apply."""
-
-
-@dataclass
-class ModelConfig:
-    """The model's facts, under `HookedTransformerConfig`'s names (those the book reads)."""
-
-    model_name: str
-    original_architecture: str
-    n_layers: int
-    d_model: int
-    d_vocab: int
-    n_heads: int
-    n_key_value_heads: int | None  # None without grouped-query attention, as TransformerLens
-    d_head: int
-    d_mlp: int
-    act_fn: str
-    gated_mlp: bool
-    normalization_type: str  # "RMS" | "LN" (or "RMSPre" | "LNPre" once fold_ln moved the weights)
-    eps: float
-    positional_embedding_type: str  # "rotary" | "standard"
-    rotary_base: float = 10000.0
-    rotary_dim: int | None = None
-    rotary_adjacent_pairs: bool = False
-    use_NTK_by_parts_rope: bool = False
-    NTK_by_parts_factor: float = 8.0
-    NTK_by_parts_low_freq_factor: float = 1.0
-    NTK_by_parts_high_freq_factor: float = 4.0
-    NTK_original_ctx_len: int = 8192
-    n_ctx: int = 2048
-    attn_scale: float = 1.0
-    attn_scores_soft_cap: float = -1.0
-    output_logits_soft_cap: float = -1.0
-    tie_word_embeddings: bool = False
-    norm_plus_one: bool = False  # Gemma: the checkpoint stores w, the norm multiplies by 1 + w
-    embed_scale: float = 1.0  # Gemma: embeddings times sqrt(d_model) (folded into W_E)
-    device: str = "cpu"
-    dtype: str = "float32"
 
 
 @dataclass
@@ -186,13 +152,9 @@ def hook_names(n_layers: int, positional_embedding_type: str) -> dict[str, None]
 def shape_only(folder: Path):
     """An object with `cfg` (widths and depth from config.json) and `hook_dict`, for checking SAEs against a
     Hugging Face folder before any weights are read."""
-    import json
-
-    from weightscope.load.checkpoints import _dims, detect_arch
-
     config = json.loads((Path(folder) / "config.json").read_text())
     arch = detect_arch(config)
-    dims = _dims(arch, config)
+    dims = config_dims(arch, config)
     cfg = SimpleNamespace(n_layers=dims.n_layers, d_model=dims.d_model, n_heads=dims.n_heads,
                           d_head=dims.d_head, d_mlp=dims.d_mlp, model_name=Path(folder).name)
     positions = "standard" if arch == "gpt2" else "rotary"
@@ -240,55 +202,8 @@ def from_weight_set(ws: WeightSet, tokenizer, *, name: str) -> WeightsModel:
                         blocks=blocks, tokenizer=tokenizer)
 
 
-def config_from_hf(ws: WeightSet, name: str) -> ModelConfig:
-    """`ModelConfig` from a `WeightSet`'s dimensions and its config.json (rope, soft-capping, context)."""
-    c = ws.config
-    gpt2, gemma = ws.arch == "gpt2", ws.arch == "gemma2"
-    rope = {**(c.get("rope_scaling") or {}), **(c.get("rope_parameters") or {})}  # transformers 4 | 5 keys
-    llama3 = rope.get("rope_type", rope.get("type")) == "llama3"
-    scalar = c.get("query_pre_attn_scalar") if gemma else None
-    act = c.get("hidden_activation") or c.get("hidden_act") or c.get("activation_function") or "gelu_new"
-    return ModelConfig(
-        model_name=name, original_architecture=_ARCH_NAMES[ws.arch], n_layers=ws.n_layers, d_model=ws.d_model,
-        d_vocab=ws.d_vocab, n_heads=ws.n_heads, n_key_value_heads=ws.n_kv_heads if ws.gqa else None,
-        d_head=ws.d_head, d_mlp=ws.d_mlp, act_fn=act, gated_mlp=not gpt2,
-        normalization_type=ws.normalization_type, eps=ws.eps,
-        positional_embedding_type="standard" if gpt2 else "rotary",
-        rotary_base=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
-        rotary_dim=None if gpt2 else int(ws.d_head * c.get("partial_rotary_factor", 1.0)),
-        use_NTK_by_parts_rope=llama3,
-        NTK_by_parts_factor=float(rope.get("factor", 8.0)),
-        NTK_by_parts_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-        NTK_by_parts_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-        NTK_original_ctx_len=int(rope.get("original_max_position_embeddings", 8192)),
-        n_ctx=int(c.get("n_positions") or c.get("max_position_embeddings") or 2048),
-        attn_scale=math.sqrt(scalar) if scalar else math.sqrt(ws.d_head),
-        attn_scores_soft_cap=float(c.get("attn_logit_softcapping") or -1.0) if gemma else -1.0,
-        output_logits_soft_cap=float(c.get("final_logit_softcapping") or -1.0) if gemma else -1.0,
-        tie_word_embeddings=ws.tied_embeddings, norm_plus_one=gemma, embed_scale=ws.embed_scale,
-        device=str(ws.device), dtype=str(ws.dtype).removeprefix("torch."),
-    )
-
-
-def hf_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except Exception as err:
-        raise CheckpointError(
-            f"Cannot load the tokenizer of {folder}: {type(err).__name__}: {err}. The folder needs its "
-            "tokenizer files (tokenizer.json or vocab.json + merges.txt, tokenizer_config.json); save them "
-            "with `tokenizer.save_pretrained(folder)`."
-        ) from err
-
-
 def from_llama2c(*, device="cpu", dtype=torch.float32, mlp: bool = False) -> WeightsModel:
     """The demo model (stories260K) from its llama2.c checkpoint, with its tokenizer."""
-    from weightscope.load.llama2c import KNOWN_SHA256, read_checkpoint
-    from weightscope.load.models import CHECKPOINT_FILE, DEMO_MODEL, llama2c_state_dict, stories260k_dir
-    from weightscope.load.models import stories260k_tokenizer
-
     folder = stories260k_dir()
     ckpt = read_checkpoint(folder / CHECKPOINT_FILE, expected_sha256=KNOWN_SHA256[CHECKPOINT_FILE])
     c = ckpt.config

@@ -37,12 +37,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from weightscope.config.params import ParamsError, Target, check_overrides, load_target
+from weightscope.config.params import (NOTEBOOK_PARAMETERS, PARAMS_DIR, PARAMS_FILE, ParamsError, Target,
+                                       check_overrides, load_target)
 from weightscope.config.paths import REPO_ROOT, cache_dir, corpora_dir, data_dir, models_dir
 from weightscope.io import (ARTIFACT_LOG, Busy, CacheError, StorageError, atomic_write_bytes,
                             atomic_write_json, code_fingerprint, file_lock, file_sha256, read_artifact_log,
                             stale_artifacts, versions)
-from weightscope.publish.preflight import PreflightError, preflight, skipped_chapters
+from weightscope.load.llama2c import Llama2cFileError
+from weightscope.load.saes import SAEError, demo_sae_folder
+from weightscope.prepare.demo_saes import DemoSAEError, ensure_demo_saes
+from weightscope.publish.preflight import PreflightError, preflight, resolve_target, skipped_chapters
 
 NOTEBOOKS = Path(os.environ.get("WEIGHTSCOPE_NOTEBOOKS") or REPO_ROOT / "notebooks")
 BOOK = Path(os.environ.get("WEIGHTSCOPE_BOOK") or REPO_ROOT / "book")
@@ -103,15 +107,20 @@ def _literal_assignments(code: str, *, where: str) -> dict[str, Any]:
     return out
 
 
-def chapter_parameters(target: Target, source: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Parameters injected into one chapter: the target name plus validated overrides."""
+def chapter_parameters(params: Target, source: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Parameters injected into one chapter: the parameters file (`params_file`) plus validated overrides."""
     defaults = notebook_defaults(source)
-    overrides = {**target.chapter_params(source.stem), **(extra or {})}
-    defaults.pop("target", None)  # injected below, never overridden
-    merged = check_overrides(defaults, overrides, where=f"{target.path}: chapters.{source.stem}")
+    overrides = {**params.chapter_params(source.stem), **(extra or {})}
+    # the parameters file is injected below, never overridden; a chapter not yet moved to the name
+    # `params_file` still declares it as `target`, and gets it under that name
+    name = next((n for n in NOTEBOOK_PARAMETERS if n in defaults), PARAMS_FILE)
+    for n in NOTEBOOK_PARAMETERS:
+        defaults.pop(n, None)
+    merged = check_overrides(defaults, overrides, where=f"{params.path}: chapters.{source.stem}")
     # a params file outside params/ is passed by path; the notebooks resolve it to the target's name
-    shipped = target.path is not None and target.path.resolve() == (REPO_ROOT / "params" / f"{target.target}.yaml").resolve()
-    merged["target"] = target.target if shipped or target.path is None else str(target.path)
+    shipped_file = (PARAMS_DIR / f"{params.target}.yaml").resolve()
+    shipped = params.path is not None and params.path.resolve() == shipped_file
+    merged[name] = params.target if shipped or params.path is None else str(params.path)
     return merged
 
 
@@ -257,8 +266,6 @@ def _demo_sae_artifacts(target: Target) -> dict[str, str]:
     """{file: sha256} of the demo SAEs that a demo target's chapters read (checked when one is reused)."""
     if target.sae_source != "demo":
         return {}
-    from weightscope.load.saes import SAEError, demo_sae_folder
-
     try:
         folder = demo_sae_folder()
     except SAEError:
@@ -457,20 +464,24 @@ def build_html() -> Path:
     return build / "html" / "index.html"
 
 
-def run(target_name: str, *, chapters: list[str] | None = None, extra: dict[str, Any] | None = None,
+def run(params_file: str, *, chapters: list[str] | None = None, extra: dict[str, Any] | None = None,
         html: bool = True, force: bool = False) -> None:
-    """Validate, prepare, execute the chapters in order and build the book, printing progress."""
+    """Validate, prepare, execute the chapters in order and build the book, printing progress.
+
+    `params_file`: a parameters file name in params/ or a path; parsed and its model resolved once here,
+    for the pre-flight and the skip rules (each chapter's kernel opens it itself: `open_chapter`)."""
     t0 = time.time()
-    target = load_target(target_name)
+    resolved = resolve_target(load_target(params_file))
+    target = resolved.params
     sources = select_chapters(chapters)
     defaults = {source.stem: notebook_defaults(source) for source in chapter_sources()}
-    problems = preflight(target, sources, defaults, extra=extra, book_dir=BOOK / target.target)
+    problems = preflight(resolved, sources, defaults, extra=extra, book_dir=BOOK / target.target)
     if problems:  # every problem at once, before any work
         raise PreflightError(f"{len(problems)} problem(s) with target {target.target}; nothing was run:\n"
                              + "\n".join(f"  - {p}" for p in problems))
     lock = cache_dir() / "locks" / f"target-{target.target}.lock"
     with file_lock(lock, what=f"target {target.target}", wait=False):
-        skipped = skipped_chapters(target, sources)
+        skipped = skipped_chapters(resolved, sources)
         for stem, reason in skipped.items():
             print(f"[book] {target.target}: {stem} skipped: {reason}", flush=True)
             sources = [s for s in sources if s.stem != stem]
@@ -519,14 +530,10 @@ def _run_chapters(target: Target, sources: list[Path], extra: dict[str, Any] | N
 def _prepare(target: Target) -> None:
     """Make sure the inputs exist before any notebook runs (the demo SAEs are trained here, once)."""
     if target.sae_source == "demo":
-        from weightscope.prepare.demo_saes import ensure_demo_saes
-
         print("[prepare] demo SAEs (trained once with sae-lens, then cached) ...", flush=True)
         ensure_demo_saes(progress=True)
     attn_source = (target.attn_saes or {}).get("source", "")
     if attn_source.startswith("demo:"):  # the demo attention-output SAEs of chapter 4 (a few minutes, once)
-        from weightscope.prepare.demo_saes import ensure_demo_saes
-
         print(f"[prepare] demo attention SAEs ({attn_source}) ...", flush=True)
         ensure_demo_saes(attn_source.partition(":")[2], progress=True)
 
@@ -546,10 +553,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> tuple[int, str | None]:
-    from weightscope.load.llama2c import Llama2cFileError
-    from weightscope.load.saes import SAEError
-    from weightscope.prepare.demo_saes import DemoSAEError
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="demo", help="parameters file name in params/ (default: demo)")
     parser.add_argument("--chapters", nargs="*", help="only these chapters (numbers like 00 01, or stems)")

@@ -1,6 +1,8 @@
 """Pre-flight: every check that needs no model weights, run before any work, reporting every problem at once.
 
-    problems = preflight(target, sources)   # [] when the run may start; else one line per problem
+    resolved = resolve_target(load_target(params_file))  # parsed and model resolved, once
+    problems = preflight(resolved, sources, defaults)    # [] when the run may start; else one line each
+    skipped = skipped_chapters(resolved, sources)        # {chapter: why it does not apply}
 
 What is checked, without loading weights or touching the network:
 - the model name: `stories260K` (its checkpoint and tokenizer are read and sha256-checked, 1 MB), a local
@@ -12,7 +14,8 @@ What is checked, without loading weights or touching the network:
 - the SAEs: a sae-lens release and its ids (offline directory), or a local folder (its `cfg.json`: d_in
   against d_model, the hook's layer against the depth); the demo SAEs once they are prepared;
 - chapter overrides: names of chapters and parameters, types, and (for chapters registered in
-  `weightscope.chapters.CHAPTERS` with a `Config`) the chapter's own checks, model-dependent ones included;
+  `weightscope.chapters.CHAPTERS` with a `Config`) the chapter's own checks, model-dependent ones included,
+  and the files its `Config.inputs()` names (corpora, earlier chapters' tables);
 - that the data and book folders can be written.
 """
 
@@ -22,17 +25,21 @@ import dataclasses
 import importlib
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from weightscope.config.params import ParamsError, Target, check_chapter_names, check_overrides
+import weightscope.chapters as chapters
+from weightscope.chapters.context import check_target
+from weightscope.config.params import (NOTEBOOK_PARAMETERS, ParamsError, Target, check_chapter_names,
+                                       check_overrides)
 from weightscope.config.paths import cache_dir, data_dir, models_dir
-
-WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.safetensors.index.json")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+from weightscope.load.checkpoints import CheckpointError
+from weightscope.load.llama2c import (CHECKPOINT_FILE, DEMO_MODEL, KNOWN_SHA256, TOKENIZER_FILE,
+                                      Llama2cFileError, read_checkpoint, read_tokenizer)
+from weightscope.load.saes import SAEError, demo_sae_folder, hook_layer, is_residual_hook, validate_release
+from weightscope.load.sources import ModelSource, resolve_model
 
 
 class PreflightError(ParamsError):
@@ -51,23 +58,51 @@ class ModelDims:
     model_type: str | None = None  # config.json's model_type ("llama" for the demo)
 
 
-def preflight(target: Target, sources: list[Path], defaults: dict[str, dict[str, Any]],
+@dataclass(frozen=True)
+class ResolvedTarget:
+    """A parsed parameters file with its model name resolved, once, for the pre-flight and the runner.
+
+    source: where the model comes from (None when `model.name` names nothing; `problems` says why);
+    dims: what is known of its shape without loading it (None when not known before loading).
+    """
+
+    params: Target
+    source: ModelSource | None
+    dims: ModelDims | None
+    problems: tuple[str, ...] = ()
+
+
+def resolve_target(params: Target) -> ResolvedTarget:
+    """Resolve `params.model_name` (a relative folder from the parameters file's folder) and read its dims
+    from small files only (no weights, no network)."""
+    base = params.path.parent if params.path is not None else None
+    try:
+        source = resolve_model(params.model_name, base=base)
+    except CheckpointError as err:  # unknown name, a folder that is not a model, an unsupported architecture
+        return ResolvedTarget(params, None, None, (f"model.name: {err}",))
+    dims, problems = source_dims(source)
+    return ResolvedTarget(params, source, dims, tuple(problems))
+
+
+def preflight(resolved: ResolvedTarget, sources: list[Path], defaults: dict[str, dict[str, Any]],
               *, extra: dict[str, Any] | None = None, book_dir: Path | None = None) -> list[str]:
-    """Every problem that stops `target` from running the chapters `sources`, as one line each.
+    """Every problem that stops `resolved` from running the chapters `sources`, as one line each.
 
     `defaults`: {chapter stem: its declared parameters}, for every chapter of the book (not only those run).
     """
-    problems: list[str] = []
-    dims, model_problems = model_dims(target.model_name)
-    problems += model_problems
+    target, dims = resolved.params, resolved.dims
+    problems: list[str] = list(resolved.problems)
     problems += _device_problems(target.device)
     layers = _layer_problems(target, dims, problems)
     problems += sae_problems(target, dims, layers)
     if not problems:  # the loader's own checks: architecture supported, each local SAE against config.json
-        problems += _loader_problems(target)
+        problems += _loader_problems(resolved)
     problems += check_chapter_names(target, sorted(defaults))
-    for source in sources:
-        problems += chapter_problems(target, source.stem, defaults[source.stem], dims, extra)
+    skipped = skipped_chapters(resolved, sources) if resolved.source is not None else {}
+    for i, source in enumerate(sources):
+        problems += chapter_problems(target, source.stem, defaults[source.stem],
+                                     None if source.stem in skipped else dims, extra,
+                                     earlier={s.stem for s in sources[:i]} - set(skipped))
     for folder in (data_dir(), book_dir):
         if folder is not None:
             problems += _writable_problems(folder)
@@ -77,28 +112,26 @@ def preflight(target: Target, sources: list[Path], defaults: dict[str, dict[str,
 # --- the model ---
 
 
-def model_dims(name: str) -> tuple[ModelDims | None, list[str]]:
+def model_dims(name: str, *, base: Path | None = None) -> tuple[ModelDims | None, list[str]]:
     """(dims or None, problems) for a model name, reading only small files."""
-    if name.lower() == "stories260k":
-        return _stories260k_dims()
-    folder = Path(name).expanduser()
-    if folder.exists() or name.startswith((".", "/", "~")):
-        return _folder_dims(folder)
-    from weightscope.load.models import transformer_lens_name
-
     try:
-        official = transformer_lens_name(name)
-    except ValueError as err:
-        if _HUB_ID.match(name):  # not a TransformerLens name, but shaped like a hub id: checked when loading
-            return _cached_hub_dims(name), []
+        source = resolve_model(name, base=base)
+    except CheckpointError as err:
         return None, [f"model.name: {err}"]
-    return _cached_hub_dims(official), []
+    return source_dims(source)
+
+
+def source_dims(source: ModelSource) -> tuple[ModelDims | None, list[str]]:
+    """(dims or None, problems) of a resolved model: the llama2.c header, config.json, or the Hugging Face
+    cache's config.json when it already holds one."""
+    if source.kind == "demo":
+        return _stories260k_dims()
+    if source.kind == "local":
+        return _hf_dims(json.loads((source.folder / "config.json").read_text())), []
+    return _cached_hub_dims(source.repo_id), []
 
 
 def _stories260k_dims() -> tuple[ModelDims | None, list[str]]:
-    from weightscope.load.llama2c import KNOWN_SHA256, Llama2cFileError, read_checkpoint, read_tokenizer
-    from weightscope.load.models import CHECKPOINT_FILE, DEMO_MODEL, TOKENIZER_FILE
-
     candidates = ([models_dir() / DEMO_MODEL] if models_dir() else []) + [cache_dir() / "models" / DEMO_MODEL]
     folder = next((f for f in candidates if (f / CHECKPOINT_FILE).is_file()), None)
     if folder is None:
@@ -115,27 +148,6 @@ def _stories260k_dims() -> tuple[ModelDims | None, list[str]]:
         return None, [f"model.name: {err}"]
     return ModelDims(n_layers=cfg.n_layers, d_model=cfg.dim, d_vocab=cfg.vocab_size, n_heads=cfg.n_heads,
                      n_ctx=cfg.seq_len, model_type="llama"), []
-
-
-def _folder_dims(folder: Path) -> tuple[ModelDims | None, list[str]]:
-    config = folder / "config.json"
-    if not folder.is_dir() or not config.is_file():
-        return None, [f"model.name: {folder} is not a model folder (it must hold config.json and the "
-                      f"weights). Check the path, or name a TransformerLens model such as 'gpt2-small'."]
-    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_FILES):
-        return None, [f"model.name: {folder} holds config.json but no weights ({', '.join(WEIGHT_FILES)}). "
-                      f"Save the model with `model.save_pretrained(folder)`."]
-    from weightscope.load.checkpoints import UnsupportedArchitectureError, detect_arch
-
-    try:
-        raw = json.loads(config.read_text())
-    except ValueError as err:
-        return None, [f"model.name: {config} is not valid JSON ({err}). Save the model again."]
-    try:
-        detect_arch(raw)
-    except UnsupportedArchitectureError as err:
-        return None, [f"model.name: {err}"]
-    return _hf_dims(raw), []
 
 
 def _cached_hub_dims(repo_id: str) -> ModelDims | None:
@@ -164,12 +176,10 @@ def _hf_dims(cfg: dict[str, Any]) -> ModelDims:
                      model_type=cfg.get("model_type"))
 
 
-def _loader_problems(target: Target) -> list[str]:
+def _loader_problems(resolved: ResolvedTarget) -> list[str]:
     """What `chapters.context.check_target` refuses (it reads config.json and cfg.json files, no weights)."""
-    from weightscope.chapters.context import check_target
-
     try:
-        check_target(str(target.path) if target.path else target.target)
+        check_target(resolved.params, resolved.source)
     except ValueError as err:  # ParamsError, CheckpointError, SAEError: each says what to do
         return [str(err)]
     return []
@@ -200,8 +210,6 @@ def _layer_problems(target: Target, dims: ModelDims | None, problems: list[str])
 
 def sae_problems(target: Target, dims: ModelDims | None, layers: list[int] | None) -> list[str]:
     """Problems with the target's SAEs, read from their configs only (no weights, no network)."""
-    from weightscope.load.saes import SAEError, demo_sae_folder, validate_release
-
     source = target.sae_source
     if source == "demo":
         try:
@@ -231,8 +239,6 @@ def sae_problems(target: Target, dims: ModelDims | None, layers: list[int] | Non
 
 
 def _sae_config_problems(folder: Path, dims: ModelDims | None) -> list[str]:
-    from weightscope.load.saes import hook_layer, is_residual_hook
-
     cfg_file = folder / "cfg.json"
     if not cfg_file.is_file():
         return [f"saes: {folder} holds no SAE (no cfg.json). Check `saes.source` and `saes.id_template`."]
@@ -257,11 +263,14 @@ def _sae_config_problems(folder: Path, dims: ModelDims | None) -> list[str]:
 
 
 def chapter_problems(target: Target, stem: str, defaults: dict[str, Any], dims: ModelDims | None,
-                     extra: dict[str, Any] | None = None) -> list[str]:
-    """Problems with one chapter's overrides: names and types, then its registered `Config`'s own checks."""
+                     extra: dict[str, Any] | None = None, *, earlier: set[str] | None = None) -> list[str]:
+    """Problems with one chapter's overrides: names and types, then its registered `Config`'s own checks:
+    `Config(**overrides)`, `Config.problems(dims)` (when `dims` is known and the chapter applies) and the
+    files `Config.inputs()` names (`chapters.context.CorpusInput`, `TableInput`: each `problem(target,
+    earlier)` is None when it is there; `earlier`: the chapters this run executes before this one)."""
     where = f"{target.path or target.target}: chapters.{stem}"
     overrides = {**target.chapter_params(stem), **(extra or {})}
-    declared = {k: v for k, v in defaults.items() if k != "target"}
+    declared = {k: v for k, v in defaults.items() if k not in NOTEBOOK_PARAMETERS}
     try:
         merged = check_overrides(declared, overrides, where=where)
     except ParamsError as err:
@@ -274,33 +283,37 @@ def chapter_problems(target: Target, stem: str, defaults: dict[str, Any], dims: 
         config = config_cls(**{k: v for k, v in merged.items() if k in fields})
     except (ParamsError, TypeError, ValueError) as err:
         return [f"{where}: {line}" for line in str(err).splitlines() if line.strip()]
-    if dims is not None and hasattr(config, "problems"):
-        return [f"{where}: {p}" for p in config.problems(dims)]
-    return []
+    checked = dims is not None and hasattr(config, "problems")
+    out = [f"{where}: {p}" for p in config.problems(dims)] if checked else []
+    inputs = config.inputs() if hasattr(config, "inputs") else []
+    found = [item.problem(target, earlier or set()) for item in inputs]
+    return out + [f"{where}: {p}" for p in found if p]
 
 
-def skipped_chapters(target: Target, sources: list[Path]) -> dict[str, str]:
-    """{chapter stem: why it does not apply to `target`} for the chapters in `sources` that do not."""
-    import weightscope.chapters as chapters
-
-    dims, _ = model_dims(target.model_name)
+def skipped_chapters(resolved: ResolvedTarget, sources: list[Path]) -> dict[str, str]:
+    """{chapter stem: why it does not apply to the target} for the chapters in `sources` that do not."""
+    target, dims = resolved.params, resolved.dims
     out = {}
     for source in sources:
-        module = chapters.SKIPPABLE.get(source.stem)
-        reason = module and importlib.import_module(module).skip_reason(target, dims)
+        skip_reason = getattr(chapter_module(source.stem), "skip_reason", None)
+        reason = skip_reason and skip_reason(target, dims)
         if reason:
             out[source.stem] = reason
     return out
 
 
+def chapter_module(stem: str):
+    """The module of a chapter registered in `weightscope.chapters.CHAPTERS` (or, until every chapter is
+    registered there, in `SKIPPABLE`), imported; None for a chapter without one."""
+    name = {**getattr(chapters, "SKIPPABLE", {}), **getattr(chapters, "CHAPTERS", {})}.get(stem)
+    return importlib.import_module(name) if name else None
+
+
 def _registered_config(stem: str):
     """The `Config` dataclass of a chapter registered in `weightscope.chapters.CHAPTERS`, or None."""
-    import weightscope.chapters as chapters
-
-    module_name = getattr(chapters, "CHAPTERS", {}).get(stem)
-    if module_name is None:
+    if stem not in getattr(chapters, "CHAPTERS", {}):
         return None
-    config_cls = getattr(importlib.import_module(module_name), "Config", None)
+    config_cls = getattr(chapter_module(stem), "Config", None)
     return config_cls if dataclasses.is_dataclass(config_cls) else None
 
 
