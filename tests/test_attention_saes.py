@@ -2,16 +2,21 @@
 checks
 against the model's own forward pass and sae-lens's encoder, and loading, on tiny random models built here."""
 
+import dataclasses
+import json
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+import yaml
 from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from weightscope.compute import dfa as dfa_mod
 from weightscope.compute import head_attribution as ha
-from weightscope.config.params import ParamsError, parse_target
+from weightscope.config.params import ParamsError, load_target, parse_target
 from weightscope.load import saes
 from weightscope.load.saes import SAEError
 
@@ -333,56 +338,125 @@ def test_params_attn_saes_entry():
 # The chapter's steps, end to end on a tiny random model with release-style SAEs (hook_z reshaping, resid_pre)
 
 
-def test_chapter_steps_on_a_tiny_model(tmp_path, monkeypatch):
+def _tiny_run(tmp_path, monkeypatch, **overrides):
     from types import SimpleNamespace
 
     from weightscope.chapters import attention_saes as ch
 
     monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path))
     model = tiny_model("LN", None)
-    attn = [
-        saes._describe(
-            attn_sae("standard", layer=layer, reshape="hook_z", seed=layer), "tiny", None, None, folded=False
-        )
-        for layer in (0, 1)
-    ]
-    resid = {
-        layer: saes._describe(
-            resid_sae(layer, "hook_resid_pre", seed=10 + layer), "tiny", None, None, folded=False
-        )
-        for layer in (0, 1)
-    }
+    attn = [saes._describe(attn_sae("standard", layer=layer, reshape="hook_z", seed=layer), "tiny", None, None,
+                           folded=False) for layer in (0, 1)]
+    resid = {layer: saes._describe(resid_sae(layer, "hook_resid_pre", seed=10 + layer), "tiny", None, None,
+                                   folded=False) for layer in (0, 1)}
     target = SimpleNamespace(target="tiny", attn_saes={"source": "tiny"})
-    ctx = SimpleNamespace(target=target, provenance=lambda **kw: {"chapter": kw})
-    cfg = ch.AttnConfig(
-        top_k=4,
-        n_null=3,
-        text_rows=3,
-        dfa_features=3,
-        n_examples=4,
-        min_fires=1,
-        induction_len=8,
-        induction_rows=3,
-    )
-    shares = ch.head_attribution(ctx, model, attn, cfg)
-    assert len(shares["shares"]) == 2 * 48 * N_HEADS and len(shares["top"]) == 2 * N_HEADS * 4
-    poly = ch.polysemantic_heads(ctx, model, attn, cfg)
-    assert len(poly["heads"]) == 2 * N_HEADS and 0 <= poly["tau"]["tau"][0] <= 1
-    writes = ch.feature_writes(ctx, model, attn, resid, cfg)
-    assert writes.loc[writes["layer"] == 0, "resid_hook"].eq("blocks.1.hook_resid_pre").all()
-    assert writes.loc[writes["layer"] == 1, "resid_hook"].isna().all()  # no residual SAE after the last block
-    tab = ch.top_features_table(shares, writes, n=3)
+    ctx = SimpleNamespace(target=target, provenance=lambda **kw: {"chapter": kw}, device="cpu")
+    cfg = ch.Config(**{**dict(top_k=4, n_null=3, text_rows=3, text_ctx=24, dfa_features=3, n_examples=4,
+                              min_fires=1, induction_len=8, induction_rows=3), **overrides})
+    return ch, ch.run(ctx, cfg, model=model, attn=attn, resid=resid, text=tokens(model)), model
+
+
+def test_chapter_run_on_a_tiny_model(tmp_path, monkeypatch):
+    ch, t, model = _tiny_run(tmp_path, monkeypatch)
+    assert len(t.shares) == 2 * 48 * N_HEADS and len(t.top) == 2 * N_HEADS * 4
+    assert len(t.poly_heads) == 2 * N_HEADS and 0 <= t.tau["tau"][0] <= 1
+    assert t.writes.loc[t.writes["layer"] == 0, "resid_hook"].eq("blocks.1.hook_resid_pre").all()
+    assert t.writes.loc[t.writes["layer"] == 1, "resid_hook"].isna().all()  # no residual SAE after the last
+    tab = ch.top_features_table(t, n=3)
     assert len(tab) == 2 * N_HEADS and tab["features"].str.count(",").eq(2).all()
-    toks = tokens(model)
-    ex = ch.dfa_examples(ctx, model, attn, toks, cfg)
-    assert (ex["examples"]["abs_error"] < 1e-5).all() and len(ex["examples"]) == 6
-    fam = ch.families(ctx, model, attn, toks, cfg)
-    assert set(fam["features"]["family"]) <= set(ch.FAMILIES)
-    assert fam["features"][["short", "null_short"]].le(1 + 1e-6).all().all()
-    rd = ch.recursive_dfa(ctx, model, attn, resid, toks, ex["examples"], cfg)
-    sums = rd.groupby(["layer", "feature"]).agg(part=("part", "first"), total=("contribution", "sum"))
+    ex = t.examples
+    assert (ex["abs_error"] < 1e-5).all() and len(ex) == 6
+    active = ex["activation"] > 0  # sae-lens's own encode: equal to parts + bias where the feature is active
+    assert active.any() and (ex.loc[active, "error_vs_sae_lens"] < 1e-5).all()
+    assert (ex["dest"] >= t.config.min_sources - 1).all()
+    assert set(t.families["family"]) <= set(ch.FAMILIES)
+    assert t.families[["short", "null_short"]].le(1 + 1e-6).all().all()
+    sums = t.rdfa.groupby(["layer", "feature"]).agg(part=("part", "first"), total=("contribution", "sum"))
     assert np.allclose(sums["part"], sums["total"], atol=1e-5)  # the pieces sum to each DFA part
-    assert set(rd["layer"]) == {0, 1}  # resid_pre of each layer is the stream its attention reads
+    assert set(t.rdfa["layer"]) == {0, 1}  # resid_pre of each layer is the stream its attention reads
+    found = ch.findings(t)
+    assert set(found) == {"saes", "shares", "poly", "writes", "dfa", "families", "rdfa"}
+    assert all(isinstance(line, str) and line for lines in found.values() for line in lines)
+    assert "rows of 24 tokens" in found["dfa"][0]
+    # derived tables against plain recomputations
+    best = t.shares.groupby(["layer", "feature"])["share"].max()
+    assert ch.share_summary(t)["half"] == pytest.approx(float((best >= 0.5).mean()))
+    owned = t.heads.groupby("layer")["features_owned"].sum()
+    assert (owned == 48).all()  # every feature's largest share is held by exactly one head
+    gap = ch.poly_gap(t)
+    assert np.allclose(gap["gap"], gap["null"] - gap["features"])
+
+
+def test_min_sources_moves_the_dfa_examples(tmp_path, monkeypatch):
+    _, t, _ = _tiny_run(tmp_path, monkeypatch, min_sources=20)
+    assert (t.examples["dest"] >= 19).all() and (t.examples["sources"] >= 20).all()
+
+
+def test_chunked_topk_equals_the_whole_product():
+    from weightscope.chapters.attention_saes import chunked_topk
+
+    gen = torch.Generator().manual_seed(0)
+    rows, M = torch.randn(37, 8, generator=gen), torch.randn(8, 50, generator=gen)
+    keep = torch.tensor([0, 3, 4, 9, 20, 21, 33, 49])
+    whole = (rows @ M).topk(5, dim=-1)
+    sub = (rows @ M[:, keep]).topk(5, dim=-1)
+    for chunk in (1, 50, 51, 10_000):  # a chunk of one row, exactly one row, several rows, everything
+        vals, idx = chunked_topk(rows, M, 5, chunk_elements=chunk)
+        assert torch.equal(idx, whole.indices) and torch.allclose(vals, whole.values)
+        vals, idx = chunked_topk(rows, M, 5, keep=keep, chunk_elements=chunk)
+        assert torch.equal(idx, keep[sub.indices]) and torch.allclose(vals, sub.values)
+
+
+def test_config_lists_every_problem_at_once():
+    from weightscope.chapters.attention_saes import Config
+
+    with pytest.raises(ParamsError) as err:
+        Config(q_link=7, top_k=0, min_sources=500, short_window=-1)
+    text = str(err.value)
+    for fragment in ("q_link = 7", "top_k = 0", "min_sources = 500 exceeds text_ctx", "short_window = -1"):
+        assert fragment in text
+    assert Config(text_ctx=512).problems(SimpleNamespace(n_ctx=256)) == [
+        "text_ctx: rows of 512 tokens exceed the model's context (256)"]
+    assert Config().problems(SimpleNamespace(n_ctx=None)) == []
+
+
+def _attn_params(tmp_path, attn_source: str, chapters=None):
+    model = tmp_path / "tiny"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2,
+                                                   "hidden_size": 32, "num_attention_heads": 4,
+                                                   "vocab_size": 60, "max_position_embeddings": 64}))
+    (model / "model.safetensors").write_bytes(b"")
+    path = tmp_path / "tiny-attn.yaml"
+    path.write_text(yaml.safe_dump({"target": "tiny-attn", "model": {"name": str(model)},
+                                    "saes": {"source": str(tmp_path / "res")}, "layers": [0, 1],
+                                    "attn_saes": {"source": attn_source},
+                                    "chapters": chapters or {}}))
+    return load_target(path)
+
+
+def test_preflight_checks_the_overrides_and_the_attention_saes(tmp_path):
+    from weightscope.publish import preflight as pf
+
+    dims = pf.ModelDims(n_layers=2, d_model=32, d_vocab=60, n_heads=4, n_ctx=256)
+    defaults = {"target": "x", **{f.name: f.default for f in dataclasses.fields(
+        __import__("weightscope.chapters.attention_saes", fromlist=["Config"]).Config)}}
+    missing = _attn_params(tmp_path, str(tmp_path / "no-such-folder"), {"04_attention_saes": {"q_link": 7}})
+    problems = pf.chapter_problems(missing, "04_attention_saes", defaults, dims)
+    assert len(problems) == 1 and "q_link = 7 is a share" in problems[0]
+    ok = _attn_params(tmp_path, str(tmp_path / "no-such-folder"))
+    problems = pf.chapter_problems(ok, "04_attention_saes", defaults, dims)
+    assert len(problems) == 1 and "no-such-folder does not exist" in problems[0]
+    # a folder holding residual SAEs where hook_z SAEs belong
+    for layer in (0, 1):
+        resid_sae(layer, "hook_resid_post").save_model(tmp_path / "resid-as-attn" / f"layer_{layer}")
+    wrong = _attn_params(tmp_path, str(tmp_path / "resid-as-attn"))
+    problems = pf.chapter_problems(wrong, "04_attention_saes", defaults, dims)
+    assert len(problems) == 2 and all("not blocks.L.attn.hook_z" in p for p in problems)
+    for layer in (0, 1):
+        attn_sae(layer=layer).save_model(tmp_path / "attn" / f"layer_{layer}")
+    right = _attn_params(tmp_path, str(tmp_path / "attn"))
+    assert pf.chapter_problems(right, "04_attention_saes", defaults, dims) == []
 
 
 # ------------------------------------------------------------------------------------------------------------

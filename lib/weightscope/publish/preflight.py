@@ -274,9 +274,9 @@ def chapter_problems(target: Target, stem: str, defaults: dict[str, Any], dims: 
         config = config_cls(**{k: v for k, v in merged.items() if k in fields})
     except (ParamsError, TypeError, ValueError) as err:
         return [f"{where}: {line}" for line in str(err).splitlines() if line.strip()]
-    if dims is not None and hasattr(config, "problems"):
-        return [f"{where}: {p}" for p in config.problems(dims)]
-    return []
+    problems = [f"{where}: {p}" for p in config.problems(dims)] if dims and hasattr(config, "problems") else []
+    inputs = getattr(importlib.import_module(config_cls.__module__), "target_problems", None)  # its own inputs
+    return problems + (inputs(target, dims) if inputs else [])
 
 
 def skipped_chapters(target: Target, sources: list[Path]) -> dict[str, str]:
