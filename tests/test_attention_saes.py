@@ -4,6 +4,7 @@ against the model's own forward pass and sae-lens's encoder, and loading, on tin
 
 import dataclasses
 import json
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -515,3 +516,67 @@ def test_tiny_attention_training_on_hook_z(tmp_path, monkeypatch):
     held = demo_saes.held_out_stories(test_cfg)
     assert held and all(isinstance(s, str) for s in held)
     assert not set(held) & set(stories[:18])  # held-out cased stories are the last ones
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A Gemma-2 stand-in with hook_z SAEs, named in a params file with `processing: auto`, through the chapter
+
+
+@pytest.fixture(scope="module")
+def gemma_chapter(tmp_path_factory):
+    import standins
+
+    from weightscope.chapters import attention_saes as ch
+    from weightscope.chapters.context import open_chapter
+
+    tmp = tmp_path_factory.mktemp("gemma-attn")
+    before = os.environ.get("WEIGHTSCOPE_DATA")
+    os.environ["WEIGHTSCOPE_DATA"] = str(tmp / "data")
+    folder = standins.build_model("gemma2", tmp / "gemma2", n_layers=2)
+    resid = standins.build_saes(folder, tmp / "res")
+    attn = standins.build_attn_saes(folder, tmp / "attn")
+    params = standins.write_params("standin-gemma2-attn", folder, resid, tmp / "standin-gemma2-attn.yaml")
+    raw = yaml.safe_load(params.read_text())
+    assert "processing" not in raw["model"]  # processing: auto, the setting of the shipped real targets
+    params.write_text(yaml.safe_dump({**raw, "attn_saes": {"source": str(attn)}}, sort_keys=False))
+    config = ch.Config(top_k=4, n_null=2, text_rows=2, text_ctx=32, dfa_features=2, n_examples=2,
+                       min_fires=1, induction_len=6, induction_rows=2)
+    try:
+        yield ch, ch.run(open_chapter(str(params)), config), folder, attn
+    finally:
+        if before is None:
+            os.environ.pop("WEIGHTSCOPE_DATA", None)
+        else:
+            os.environ["WEIGHTSCOPE_DATA"] = before
+
+
+def test_processing_auto_with_attention_saes_runs_the_chapter(gemma_chapter):
+    ch, t, _, _ = gemma_chapter
+    assert t.info["post_attention_norm"] and len(t.writes) == 2 * 48 and len(t.examples) == 4
+    assert any("normalises the attention output" in line for line in ch.findings(t)["saes"])
+
+
+def test_gemma2_writes_equal_plain_torch_with_the_post_attention_norm(gemma_chapter):
+    import standins
+    from safetensors.torch import load_file
+
+    from weightscope.compute.lens import token_strings
+    from weightscope.compute.token_scores import content_token_ids, token_categories
+
+    _, t, folder, attn = gemma_chapter
+    cfg, sd = standins.hf_weights(folder)
+    M = standins.reference_output_matrix(cfg, sd)
+    tok, d_vocab = standins.tokenizer(), cfg["vocab_size"]
+    ids = content_token_ids(token_categories(tok, d_vocab), ("byte", "special"))
+    assert t.info["content_tokens"] == len(ids) < d_vocab  # chapter 1's filter: byte pieces, specials out
+    vocab = token_strings(SimpleNamespace(tokenizer=tok, cfg=SimpleNamespace(d_vocab=d_vocab)))
+    for layer in (0, 1):
+        W_dec = load_file(str(attn / f"layer_{layer}" / "sae_weights.safetensors"))["W_dec"].float()
+        book = t.writes[t.writes["layer"] == layer].sort_values("feature")["top_tokens"].tolist()
+
+        def top(post_norm):
+            scores = standins.reference_attn_writes(cfg, sd, W_dec, layer, post_norm=post_norm) @ M[:, ids]
+            return [" | ".join(vocab[int(ids[j])] for j in row) for row in scores.topk(6, dim=-1).indices]
+
+        assert book == top(True)  # equal to plain torch with the norm's weight folded in
+        assert sum(a != b for a, b in zip(book, top(False))) > len(book) // 2  # and unlike it without
