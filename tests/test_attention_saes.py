@@ -388,6 +388,64 @@ def test_chapter_run_on_a_tiny_model(tmp_path, monkeypatch):
     assert np.allclose(gap["gap"], gap["null"] - gap["features"])
 
 
+def test_head_level_tables_on_a_tiny_model(tmp_path, monkeypatch):
+    ch, t, _ = _tiny_run(tmp_path, monkeypatch, own_share_min=0.3)
+    sh = t.slice_heads
+    assert len(sh) == 2 * N_HEADS and 0 <= t.slice_tau["tau"][0] <= 1
+    assert sh["qualifies"].equals(sh["top_share_mean"] >= 0.3)
+    sentence = ch.head_level_sentence(t)
+    assert sentence.startswith(f"{int(sh['qualifies'].sum())} of {2 * N_HEADS} heads qualify")
+    hp = t.head_profiles
+    assert len(hp) == 2 * N_HEADS and hp[["locality", "induction_score"]].le(1 + 1e-6).all().all()
+    assert (t.families["null_short_heads"].between(0, 1 + 1e-6)).all()
+    short = t.families["family"] == ch.FAMILIES[1]
+    assert (t.families.loc[short, "short"] > t.families.loc[short, "null_short_heads"]).all()
+
+
+def test_head_profiles_find_a_planted_induction_head_and_a_local_head():
+    from weightscope.chapters.attention_saes import Config, head_profiles
+
+    config = Config(short_window=1, induction_len=5)
+    T, n = 5, 11  # BOS, a sequence of 5, the same 5 again
+    text = torch.zeros(1, 3, n, n)
+    text[0, 0] = torch.eye(n)  # head 0 attends to itself: all its mass within the window
+    text[0, 1] = torch.tril(torch.ones(n, n)) / torch.arange(1, n + 1)[:, None]  # uniform
+    text[0, 2, :, 0] = 1.0  # attends to BOS only
+    rep = text.clone()
+    d = torch.arange(T + 1, n)
+    rep[0, 2] = 0
+    rep[0, 2, d, d - T + 1] = 1.0  # head 2 on the repeats: the token after the earlier copy
+    rep[0, 2, : T + 1, 0] = 1.0
+    hp = head_profiles({"pattern": text}, {"pattern": rep}, 0, config)
+    assert hp["locality"].tolist()[0] == pytest.approx(1.0)
+    assert hp["locality"].tolist()[1] == pytest.approx(hp["locality_uniform"].iloc[0])
+    assert hp["locality"].tolist()[2] == pytest.approx(0.0)
+    assert hp["induction_score"].tolist()[2] == pytest.approx(1.0)
+    assert hp["induction_score"].tolist()[1] == pytest.approx(hp["induction_uniform"].iloc[0])
+    assert hp["induction_score"].tolist()[0] == pytest.approx(0.0)
+
+
+def test_head_slice_similarities_match_a_naive_loop():
+    gen = torch.Generator().manual_seed(3)
+    W_dec = torch.randn(30, N_HEADS * D_HEAD, generator=gen)
+    W_O = torch.randn(N_HEADS, D_HEAD, D_MODEL, generator=gen)
+    M = torch.randn(D_MODEL, 40, generator=gen)
+    sims = ha.head_slice_similarities(W_dec, W_O, M, k=5, n_null=2, seed=0)
+    shares = ha.head_shares(W_dec, N_HEADS, D_HEAD)
+    for head, kind, draw, sim in sims:
+        if kind != "features":
+            assert sim.shape == (5, 5)
+            continue
+        top = shares[:, head].topk(5).indices
+        prof = torch.stack([W_dec[f, head * D_HEAD:(head + 1) * D_HEAD] @ W_O[head] @ M for f in top.tolist()])
+        prof = prof - prof.mean(-1, keepdim=True)
+        naive = torch.nn.functional.cosine_similarity(prof[:, None], prof[None], dim=-1)
+        assert torch.allclose(sim, naive, atol=1e-5)
+        other = W_dec[top].reshape(5, N_HEADS, D_HEAD)[:, (head + 1) % N_HEADS]
+        assert not torch.allclose(sim, torch.nn.functional.cosine_similarity(
+            (other @ W_O[head] @ M)[:, None], (other @ W_O[head] @ M)[None], dim=-1), atol=1e-3)
+
+
 def test_min_sources_moves_the_dfa_examples(tmp_path, monkeypatch):
     _, t, _ = _tiny_run(tmp_path, monkeypatch, min_sources=20)
     assert (t.examples["dest"] >= 19).all() and (t.examples["sources"] >= 20).all()

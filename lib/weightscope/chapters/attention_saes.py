@@ -36,7 +36,7 @@ from weightscope.config.params import ParamsError
 
 FAMILIES = ("induction", "short-range context", "long-range context")
 CHUNK_ELEMENTS = 1 << 24  # at most this many scores (64 MB in fp32) in one chunk of a row-wise product
-_QUANTILES = ("q_link", "mono_frac", "short_mass_min", "induction_min")
+_QUANTILES = ("q_link", "mono_frac", "own_share_min", "short_mass_min", "induction_min")
 _POSITIVE = ("top_k", "n_null", "text_rows", "text_ctx", "dfa_features", "n_examples", "min_fires",
              "induction_len", "induction_rows", "min_sources")
 
@@ -48,6 +48,7 @@ class Config:
     top_k: int = 10  # features per head by share (the authors' dashboards show 10)
     q_link: float = 0.95  # features link when their profiles agree above this quantile of null pairs
     mono_frac: float = 0.6  # monosemantic head: one group holds at least this share of its top features
+    own_share_min: float = 0.5  # a head's features are its own: its top features' mean share reaches this
     n_null: int = 10  # same-share null draws per head
     text_rows: int = 48  # held-out rows of `text_ctx` tokens for the activation steps
     text_ctx: int = 128  # tokens per held-out row (stories are concatenated and cut at this length)
@@ -99,11 +100,14 @@ class Tables:
     poly_heads: pd.DataFrame  # the verdict per head at the chosen tau, with the null's rate
     curve: pd.DataFrame  # tau, kind, polysemantic: fraction of heads polysemantic, features and null
     tau: pd.DataFrame  # one row: the chosen tau and q_link
+    slice_heads: pd.DataFrame  # per head, profiles from its own slice: verdict, null rate, qualifies
+    slice_tau: pd.DataFrame  # one row: tau of the slice profiles' null, and q_link
     writes: pd.DataFrame  # one row per feature: main head, write's top tokens, residual connections
     examples: pd.DataFrame  # DFA examples: one row per (layer, feature)
     parts: pd.DataFrame  # DFA parts: one row per (example, head, source)
     families: pd.DataFrame  # one row per classified feature: DFA profile shares and family
     family_counts: pd.DataFrame  # per layer: features per family, classified, of_features
+    head_profiles: pd.DataFrame  # per head: locality of its own attention, induction score, uniform nulls
     rdfa: pd.DataFrame  # recursive DFA pieces
     info: dict = field(default_factory=dict)  # n_heads, n_kv_heads, d_head, d_sae, text tokens, notes
     config: Config = field(repr=False, default_factory=Config)
@@ -202,19 +206,25 @@ def run(ctx, config: Config, *, model=None, attn=None, resid=None, text=None) ->
     prov = ctx.provenance(**dataclasses.asdict(config), attn_saes=ctx.target.attn_saes, **notes)
 
     def cached(names, compute, label):
-        return io.cached_tables(target, names, prov, compute, label=f"chapter 4: {label}")
+        return io.cached_tables(target, names, prov, compute, label=f"04_attention_saes: computing {label}")
 
     sh = io.layer_tables(target, "04_head_shares", attn, prov, lambda sae: head_attribution(model, sae, config))
     poly = cached(["04_head_groups", "04_poly_heads", "04_poly_curve", "04_tau"],
                   lambda: polysemantic_heads(model, attn, maps, keep, config), "polysemantic heads")
+    own = cached(["04_slice_heads", "04_slice_tau"],
+                 lambda: polysemantic_heads(model, attn, maps, keep, config, own_slice=True),
+                 "polysemantic heads, from each head's own slice")
+    heads = heads_table(sh["shares"], sh["top"], model.cfg)
+    slice_heads = own["04_slice_heads"].merge(heads[["layer", "head", "top_share_mean"]], on=["layer", "head"])
+    slice_heads["qualifies"] = slice_heads["top_share_mean"] >= config.own_share_min
     writes = cached(["04_feature_writes"], lambda: {"04_feature_writes": feature_writes(
         model, attn, maps, resid, keep, config)}, "what features write")["04_feature_writes"]
     if text is None:
         text = held_out_text(model, config).to(ctx.device)
     ex = cached(["04_dfa_examples", "04_dfa_parts"], lambda: dfa_examples(model, attn, text, config),
                 "DFA examples")
-    fam = cached(["04_families", "04_family_counts"], lambda: families(model, attn, text, config),
-                 "feature families")
+    fam = cached(["04_families", "04_family_counts", "04_head_profiles"],
+                 lambda: families(model, attn, text, config, keep), "feature families")
     rd = cached(["04_rdfa"], lambda: {"04_rdfa": recursive_dfa(model, attn, resid, text,
                                                                ex["04_dfa_examples"])}, "recursive DFA")
     info = {"n_heads": model.cfg.n_heads, "n_kv_heads": model.cfg.n_key_value_heads or model.cfg.n_heads,
@@ -223,10 +233,12 @@ def run(ctx, config: Config, *, model=None, attn=None, resid=None, text=None) ->
             "text_ctx": int(text.shape[1]), "source": ctx.target.attn_saes["source"],
             "resid_hook": resid[min(resid)].hook_name if resid else None, **notes}
     return Tables(quality=sae_quality(ctx), shares=sh["shares"], top=sh["top"],
-                  heads=heads_table(sh["shares"], sh["top"], model.cfg), groups=poly["04_head_groups"],
-                  poly_heads=poly["04_poly_heads"], curve=poly["04_poly_curve"], tau=poly["04_tau"],
+                  heads=heads, groups=poly["04_head_groups"], poly_heads=poly["04_poly_heads"],
+                  curve=poly["04_poly_curve"], tau=poly["04_tau"], slice_heads=slice_heads,
+                  slice_tau=own["04_slice_tau"],
                   writes=writes, examples=ex["04_dfa_examples"], parts=ex["04_dfa_parts"],
-                  families=fam["04_families"], family_counts=fam["04_family_counts"], rdfa=rd["04_rdfa"],
+                  families=fam["04_families"], family_counts=fam["04_family_counts"],
+                  head_profiles=fam["04_head_profiles"], rdfa=rd["04_rdfa"],
                   info=info, config=config)
 
 
@@ -413,16 +425,20 @@ def top_features_table(t: Tables, n: int = 5) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def polysemantic_heads(model, saes, maps: dict, keep, config: Config) -> dict[str, pd.DataFrame]:
+def polysemantic_heads(model, saes, maps: dict, keep, config: Config, *,
+                       own_slice: bool = False) -> dict[str, pd.DataFrame]:
     """{"04_head_groups": per (layer, head, tau, kind, draw) the groups among the head's top features,
     "04_poly_heads": the verdict per head at the chosen tau, "04_poly_curve": fraction of heads polysemantic
     against tau, real and null, "04_tau": the chosen tau (the null's q_link quantile of pairwise profile
-    cosines), one row}. Profiles are over the content tokens `keep` (None: all)."""
+    cosines), one row}. Profiles are over the content tokens `keep` (None: all): each feature's whole write
+    through every head, or with `own_slice` what head h itself writes for it (then {"04_slice_heads",
+    "04_slice_tau"} only)."""
     M_out = output_matrix(model)[0].float().cpu()
     if keep is not None:
         M_out = M_out[:, keep]
-    sims = {sae.layer: ha.head_similarities(sae.W_dec.float().cpu(), maps[sae.layer].cpu(), M_out,
-                                            k=config.top_k, n_null=config.n_null, seed=config.seed + sae.layer)
+    similarities = ha.head_slice_similarities if own_slice else ha.head_similarities
+    sims = {sae.layer: similarities(sae.W_dec.float().cpu(), maps[sae.layer].cpu(), M_out, k=config.top_k,
+                                    n_null=config.n_null, seed=config.seed + sae.layer)
             for sae in saes}
     tau = ha.null_link_threshold([s for layer_sims in sims.values() for s in layer_sims], config.q_link)
     taus = sorted(set(round(t, 2) for t in np.linspace(0.05, 0.95, 19)) | {tau})
@@ -434,8 +450,27 @@ def polysemantic_heads(model, saes, maps: dict, keep, config: Config) -> dict[st
     heads = at[at["kind"] == "features"][["layer", "head", "n_groups", "largest_group_frac", "polysemantic"]]
     null_rate = at[at["kind"] == "null"].groupby(["layer", "head"])["polysemantic"].mean().rename("null_poly_rate")
     heads = heads.join(null_rate, on=["layer", "head"]).reset_index(drop=True)
+    tau_table = pd.DataFrame({"tau": [float(tau)], "q_link": [config.q_link]})
+    if own_slice:
+        return {"04_slice_heads": heads, "04_slice_tau": tau_table}
     return {"04_head_groups": groups, "04_poly_heads": heads, "04_poly_curve": curve,
             "04_tau": pd.DataFrame({"tau": [float(tau)], "q_link": [config.q_link]})}
+
+
+def head_level_sentence(t: Tables) -> str:
+    """The head-level verdict (profiles from each head's own slice), stated only for the heads whose top
+    features are their own (mean share >= own_share_min); says how many heads qualify."""
+    sh, c = t.slice_heads, t.config
+    q = sh[sh["qualifies"]]
+    rule = (f"{len(q)} of {len(sh)} heads qualify for a head-level statement (their top {c.top_k} features hold on "
+            f"average at least {c.own_share_min:.0%} of their decoder norm in that head; the highest mean share "
+            f"is {sh['top_share_mean'].max():.2f})")
+    if not len(q):
+        return rule + ": no verdict about heads is made; the whole-write verdict above is about features."
+    tau = float(t.slice_tau["tau"].iloc[0])
+    return (rule + f". Of these, {int(q['polysemantic'].sum())} ({percent(q['polysemantic'].mean(), 0)}) are "
+            f"polysemantic by what the head itself writes (tau = {tau:.2f}, the same-share null's "
+            f"{c.q_link:.0%} quantile), against {percent(q['null_poly_rate'].mean(), 0)} for null slices.")
 
 
 def poly_gap(t: Tables) -> pd.DataFrame:
@@ -562,12 +597,15 @@ def head_parts(t: Tables) -> pd.DataFrame:
     return hb
 
 
-def repeated_tokens(model, config: Config) -> torch.Tensor:
-    """[induction_rows, 1 + 2 * induction_len]: BOS, then a random token sequence twice (tokens drawn from the
-    vocabulary above the special tokens)."""
+def repeated_tokens(model, config: Config, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """[induction_rows, 1 + 2 * induction_len]: BOS, then a random token sequence twice, drawn from the
+    content tokens `keep` (None: the vocabulary above the first three ids)."""
     gen = torch.Generator().manual_seed(config.seed)
-    low = 3 if model.cfg.d_vocab > 3 else 0
-    seq = torch.randint(low, model.cfg.d_vocab, (config.induction_rows, config.induction_len), generator=gen)
+    shape = (config.induction_rows, config.induction_len)
+    if keep is not None:
+        seq = keep.cpu()[torch.randint(0, len(keep), shape, generator=gen)]
+    else:
+        seq = torch.randint(3 if model.cfg.d_vocab > 3 else 0, model.cfg.d_vocab, shape, generator=gen)
     tok = model.tokenizer
     bos = tok.bos_token_id if tok is not None and tok.bos_token_id is not None else 1
     return torch.cat([torch.full((config.induction_rows, 1), bos), seq, seq], dim=1)
@@ -588,32 +626,76 @@ def _top_positions(acts: torch.Tensor, n: int, min_fires: int, allowed: torch.Te
     return f[ok], pos // acts.shape[1], pos % acts.shape[1], fires
 
 
+def _dfa_profiles(c, W_eff, b, d, f, window: int, chunk: int = 128):
+    """(mass [n, src]: |DFA| per source summed over heads; heads_null [n]: the share within `window` tokens
+    that the feature's heads' own attention gives, each head weighted by its |DFA|), in chunks of n."""
+    mass, null = [], []
+    for i in range(0, len(b), chunk):
+        bi, di = b[i:i + chunk], d[i:i + chunk]
+        parts = dfa_k.dfa(c["pattern"], c["v"], W_eff, bi, di, f[i:i + chunk]).abs()  # [m, H, src]
+        pattern = c["pattern"][bi, :, di, :]  # [m, H, src]
+        dist = di[:, None] - torch.arange(pattern.shape[-1], device=pattern.device)[None]
+        local = (pattern * ((dist >= 0) & (dist <= window))[:, None]).sum(-1)  # [m, H]
+        weight = parts.sum(-1)
+        mass.append(parts.sum(1))
+        null.append((weight * local).sum(1) / weight.sum(1).clamp_min(1e-12))
+    if not mass:
+        return torch.zeros(0, c["pattern"].shape[-1]), torch.zeros(0)
+    return torch.cat(mass), torch.cat(null)
+
+
+def head_profiles(c_text, c_rep, layer: int, config: Config) -> pd.DataFrame:
+    """Per head: its own attention's locality on the held-out text (mean mass within `short_window` tokens
+    over destinations with more sources than the window, beside uniform attention's) and its induction
+    score on repeated random sequences (mean attention from the second copy to the token after the earlier
+    copy of the current token, beside uniform attention's 1 / (dest + 1))."""
+    pat = c_text["pattern"]  # [b, H, dest, src]
+    n = pat.shape[-1]
+    dest = torch.arange(n, device=pat.device)
+    dist = dest[:, None] - dest[None]
+    window = (dist >= 0) & (dist <= config.short_window)
+    rows = dest > config.short_window
+    locality = (pat * window).sum(-1)[:, :, rows].mean((0, 2))
+    uniform = ((config.short_window + 1) / (dest[rows] + 1).float()).mean()
+    T = config.induction_len
+    rp = c_rep["pattern"]
+    second = torch.arange(T + 1, rp.shape[-1], device=rp.device)
+    induction = rp[:, :, second, second - T + 1].mean((0, 2))
+    return pd.DataFrame({"layer": layer, "head": np.arange(pat.shape[1]), "locality": locality.cpu().numpy(),
+                         "locality_uniform": float(uniform), "induction_score": induction.cpu().numpy(),
+                         "induction_uniform": float((1.0 / (second + 1).float()).mean())})
+
+
 @torch.no_grad()
-def families(model, saes, tokens: torch.Tensor, config: Config) -> dict[str, pd.DataFrame]:
-    """Each feature's DFA profile on its top activations: share of |DFA| within `short_window` tokens (and the
-    share uniform attention over the same prefix would give: the null), and on repeated random sequences the
-    share on the token after the earlier copy (null: 1 / (dest + 1)). The rule, in order: induction when that
-    share reaches `induction_min` (with `min_fires` activations in the repeated half), short-range context
-    when the short-window share reaches `short_mass_min`, else long-range context; features with fewer than
-    `min_fires` activations on the held-out text stay unclassified. {"04_families": one row per classified
-    feature, "04_family_counts": counts per layer and family}."""
-    rep = repeated_tokens(model, config).to(tokens.device)
+def families(model, saes, tokens: torch.Tensor, config: Config, keep=None) -> dict[str, pd.DataFrame]:
+    """Each feature's DFA profile on its top activations: share of |DFA| within `short_window` tokens, beside
+    two nulls: uniform attention over the same prefix, and the share its own heads' attention puts there
+    (each head weighted by its |DFA|); and on repeated random content-token sequences the share on the token
+    after the earlier copy (null: 1 / (dest + 1)). The rule, in order: induction when that share reaches
+    `induction_min` (with `min_fires` activations in the repeated half); short-range context when the
+    short-window share reaches `short_mass_min` and exceeds its heads' own attention's; else long-range
+    context; features with fewer than `min_fires` activations on the held-out text stay unclassified.
+    {"04_families": one row per classified feature, "04_family_counts": counts per layer and family,
+    "04_head_profiles": per head, its locality and induction score (`head_profiles`)}."""
+    rep = repeated_tokens(model, config, keep).to(tokens.device)
     T = config.induction_len
     second = torch.zeros(rep.shape, dtype=rep.dtype, device=rep.device)
     second[:, T + 1:] = 1
-    frames = []
+    frames, profiles = [], []
     for sae in saes:
         c, W_eff, _, _, acts = _layer_pass(model, sae, tokens)
         f, b, d, _ = _top_positions(acts, config.n_examples, config.min_fires)
-        mass = _chunked_dfa(c, W_eff, b, d, f).abs().sum(1)  # [n, src]
+        mass, heads_null = _dfa_profiles(c, W_eff, b, d, f, config.short_window)
         dist = d[:, None] - torch.arange(mass.shape[1], device=mass.device)[None]
         total = mass.sum(1).clamp_min(1e-12)
         short = (mass * ((dist >= 0) & (dist <= config.short_window))).sum(1) / total
         null_short = (torch.clamp(d, max=config.short_window) + 1).float() / (d + 1).float()
         text = pd.DataFrame({"feature": f.cpu(), "short": short.cpu(), "null_short": null_short.cpu(),
+                             "null_short_heads": heads_null.cpu(),
                              "mean_distance": ((mass * dist.clamp_min(0)).sum(1) / total).cpu()})
         text = text.groupby("feature").mean()
         cr, W_eff, _, _, acts_r = _layer_pass(model, sae, rep)
+        profiles.append(head_profiles(c, cr, sae.layer, config))
         fr, br, dr, fires_r = _top_positions(acts_r, config.n_examples, config.min_fires, allowed=second)
         mass_r = _chunked_dfa(cr, W_eff, br, dr, fr).abs().sum(1)
         induct = mass_r[torch.arange(len(dr)), dr - T + 1] / mass_r.sum(1).clamp_min(1e-12)
@@ -621,8 +703,9 @@ def families(model, saes, tokens: torch.Tensor, config: Config) -> dict[str, pd.
                             "null_induction": (1.0 / (dr + 1).float()).cpu()}).groupby("feature").mean()
         df = text.join(ind, how="left").reset_index()
         df["fires_repeated"] = fires_r.cpu().numpy()[df["feature"].to_numpy()]
+        short_range = (df["short"] >= config.short_mass_min) & (df["short"] > df["null_short_heads"])
         df["family"] = np.where(df["induction"].fillna(0) >= config.induction_min, FAMILIES[0],
-                                np.where(df["short"] >= config.short_mass_min, FAMILIES[1], FAMILIES[2]))
+                                np.where(short_range, FAMILIES[1], FAMILIES[2]))
         df.insert(0, "layer", sae.layer)
         frames.append(df)
     feats = pd.concat(frames, ignore_index=True)
@@ -631,7 +714,25 @@ def families(model, saes, tokens: torch.Tensor, config: Config) -> dict[str, pd.
     summary.columns.name = None
     summary["classified"] = summary.sum(1)
     summary["of_features"] = summary.index.map({sae.layer: sae.d_sae for sae in saes})
-    return {"04_families": feats, "04_family_counts": summary.reset_index()}
+    return {"04_families": feats, "04_family_counts": summary.reset_index(),
+            "04_head_profiles": pd.concat(profiles, ignore_index=True)}
+
+
+def head_profile_sentence(t: Tables) -> str:
+    """Whether the model has induction heads (score >= induction_min), and the heads' own locality."""
+    hp, c = t.head_profiles, t.config
+    by_layer = hp.groupby("layer")["locality"].mean()
+    best = hp.loc[hp["induction_score"].idxmax()]
+    n_ind = int((hp["induction_score"] >= c.induction_min).sum())
+    verdict = (f"{n_ind} of {len(hp)} heads reach the induction threshold {c.induction_min:g}"
+               + ("" if n_ind else ": the model shows no induction attention, so a count of induction "
+                  "features says nothing about the SAEs"))
+    return (f"The heads' own attention puts {by_layer.min():.2f} to {by_layer.max():.2f} of its mass (mean "
+            f"per layer) within {c.short_window} tokens, against {hp['locality_uniform'].iloc[0]:.2f} for "
+            f"uniform attention. Induction score per head (attention to the token after the earlier copy on "
+            f"repeated random sequences): highest {best['induction_score']:.2f} at head "
+            f"{int(best['layer'])}.{int(best['head'])}, against {hp['induction_uniform'].iloc[0]:.2f} for "
+            f"uniform attention; {verdict}.")
 
 
 def family_examples(t: Tables, n: int = 3) -> pd.DataFrame:
@@ -737,14 +838,16 @@ def findings(t: Tables) -> dict[str, list[str]]:
     ph, tau = t.poly_heads, float(t.tau["tau"].iloc[0])
     gap = poly_gap(t)
     at_tau = float(gap.loc[gap.index[np.isclose(gap.index, tau)], "gap"].iloc[0])
-    out["poly"].append(f"tau = {tau:.2f} (the null's {c.q_link:.0%} quantile of profile cosines). "
-                       f"{percent(ph['polysemantic'].mean(), 0)} of the {len(ph)} heads are polysemantic "
+    out["poly"].append(f"tau = {tau:.2f} (the null's {c.q_link:.0%} quantile of profile cosines). By their top "
+                       f"features' whole writes (through every head), {percent(ph['polysemantic'].mean(), 0)} "
+                       f"of the {len(ph)} heads are polysemantic "
                        f"({int(ph['polysemantic'].sum())} heads); same-share null features would make "
                        f"{percent(ph['null_poly_rate'].mean(), 0)} polysemantic. The paper reports at least "
                        "90% for GPT-2 small.")
     out["poly"].append(f"Over the tau grid the SAE features are less polysemantic than the null by at most "
                        f"{percent(gap['gap'].max(), 0)} (at tau = {gap['gap'].idxmax():.2f}); at the chosen "
                        f"tau by {percent(at_tau, 0)}.")
+    out["poly"].append(head_level_sentence(t))
     per = connections_per_layer(t)
     if len(per):
         out["writes"].append("Share of attention features whose strongest residual connection exceeds the "
@@ -756,12 +859,16 @@ def findings(t: Tables) -> dict[str, list[str]]:
                       f"destination with at least {c.min_sources} sources; largest |parts + bias - "
                       f"pre-activation| = {e['abs_error'].max():.1e}, largest |parts + bias - sae-lens's "
                       f"activation| = {e['error_vs_sae_lens'].max():.1e} (fp32).")
+    out["families"].append(head_profile_sentence(t))
     f = t.families
     counts = f["family"].value_counts(normalize=True)
     out["families"].append(f"{len(f):,} features classified (at least {c.min_fires} activations): "
                            + ", ".join(f"{percent(counts.get(k, 0), 0)} {k}" for k in FAMILIES)
                            + f". Mean short-window share {f['short'].mean():.2f} against "
-                           f"{f['null_short'].mean():.2f} under uniform attention; mean induction share "
+                           f"{f['null_short'].mean():.2f} under uniform attention and "
+                           f"{f['null_short_heads'].mean():.2f} under the features' own heads' attention; "
+                           f"{percent((f['short'] > f['null_short_heads']).mean(), 0)} of features exceed "
+                           f"the latter. Mean induction share "
                            f"{f['induction'].mean():.2f} against {f['null_induction'].mean():.2f}.")
     r = rdfa_check(t)
     if r["examples"]:

@@ -173,3 +173,26 @@ def polysemantic_heads(
                 }
             )
     return pd.DataFrame(rows)
+
+
+def head_slice_similarities(
+    W_dec: Tensor, W_O: Tensor, M_out: Tensor, *, k: int, n_null: int, seed: int
+) -> list[tuple[int, str, int, Tensor]]:
+    """Per head h: the profile cosine matrix [k, k] of its top-k features by share, each profiled from head
+    h's own slice only (what head h writes for feature f: W_dec[f, h] @ W_O[h], through M_out), and of
+    `n_null` null draws (each slice replaced by a random direction of the same norm in head h's space, so the
+    null has the same shares). Same return shape as `head_similarities`."""
+    n_heads, d_head, _ = W_O.shape
+    _, top = top_features(head_shares(W_dec, n_heads, d_head), k)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for head in range(n_heads):
+        own = head_slices(W_dec[top[head]].float(), n_heads, d_head)[:, head]  # [k, d_head]
+        noise = torch.randn((n_null,) + own.shape, generator=gen)
+        noise = noise / noise.norm(dim=-1, keepdim=True) * own.norm(dim=-1, keepdim=True)
+        stack = torch.cat([own[None], noise]).reshape(-1, d_head)  # [(1 + n_null) k, d_head]
+        prof = token_profiles(stack @ W_O[head].float(), M_out)
+        unit = (prof / prof.norm(dim=-1, keepdim=True).clamp_min(1e-12)).reshape(1 + n_null, len(own), -1)
+        sims = unit @ unit.transpose(1, 2)
+        out += [(head, "features" if i == 0 else "null", max(0, i - 1), sims[i]) for i in range(1 + n_null)]
+    return out
