@@ -501,8 +501,9 @@ def test_preflight_checks_the_overrides_and_the_attention_saes(tmp_path):
     defaults = {"target": "x", **{f.name: f.default for f in dataclasses.fields(
         __import__("weightscope.chapters.attention_saes", fromlist=["Config"]).Config)}}
     missing = _attn_params(tmp_path, str(tmp_path / "no-such-folder"), {"04_attention_saes": {"q_link": 7}})
-    problems = pf.chapter_problems(missing, "04_attention_saes", defaults, dims)
-    assert len(problems) == 1 and "q_link = 7 is a share" in problems[0]
+    problems = pf.chapter_problems(missing, "04_attention_saes", defaults, dims)  # every problem at once
+    assert len(problems) == 2 and "q_link = 7 is a share" in problems[0]
+    assert "no-such-folder does not exist" in problems[1]
     ok = _attn_params(tmp_path, str(tmp_path / "no-such-folder"))
     problems = pf.chapter_problems(ok, "04_attention_saes", defaults, dims)
     assert len(problems) == 1 and "no-such-folder does not exist" in problems[0]
@@ -638,3 +639,25 @@ def test_gemma2_writes_equal_plain_torch_with_the_post_attention_norm(gemma_chap
 
         assert book == top(True)  # equal to plain torch with the norm's weight folded in
         assert sum(a != b for a, b in zip(book, top(False))) > len(book) // 2  # and unlike it without
+
+
+def test_bad_chapter4_inputs_exit_2_before_any_chapter_runs(tmp_path):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((repo / "params" / "demo.yaml").read_text())
+    raw.update(target="bad-attn", attn_saes={"source": str(tmp_path / "no-such-attn")},
+               chapters={"04_attention_saes": {"q_link": 7}})
+    params = tmp_path / "bad-attn.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "WEIGHTSCOPE_DATA": str(tmp_path / "data"), "PYTHONPATH": str(repo / "lib")}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "weightscope.publish.book", "--target", str(params),
+                           "--no-html"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "q_link = 7 is a share" in proc.stderr and "no-such-attn does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr and "[book" not in proc.stdout  # nothing was run
+    print(f"pre-flight refusal in {time.monotonic() - start:.0f} s")

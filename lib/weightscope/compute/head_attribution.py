@@ -16,6 +16,8 @@ per-head slices W_dec[f, h] : [d_head] (`head_slices`).
   vocabulary): two features are linked when their profiles' cosine reaches `tau`; groups are the connected
   components. The null (`same_share_null`) replaces every slice of those features by a random direction of the
   same norm, so each null feature has exactly the real feature's shares but no content.
+- - The head-level variant (`head_slice_similarities`) profiles each of head h's top features from head h's
+  own slice only (W_dec[f, h] @ W_O[h]), against null slices of the same norm in head h's space.
 
 Introduced in chapter 4 (`notebooks/04_attention_saes.md`)."""
 

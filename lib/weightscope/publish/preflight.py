@@ -270,13 +270,15 @@ def chapter_problems(target: Target, stem: str, defaults: dict[str, Any], dims: 
     if config_cls is None:
         return []
     fields = {f.name for f in dataclasses.fields(config_cls)}
+    inputs = getattr(importlib.import_module(config_cls.__module__), "target_problems", None)  # its own inputs
+    inputs = inputs(target, dims) if inputs else []
     try:
         config = config_cls(**{k: v for k, v in merged.items() if k in fields})
     except (ParamsError, TypeError, ValueError) as err:
-        return [f"{where}: {line}" for line in str(err).splitlines() if line.strip()]
-    problems = [f"{where}: {p}" for p in config.problems(dims)] if dims and hasattr(config, "problems") else []
-    inputs = getattr(importlib.import_module(config_cls.__module__), "target_problems", None)  # its own inputs
-    return problems + (inputs(target, dims) if inputs else [])
+        return [f"{where}: {line}" for line in str(err).splitlines() if line.strip()] + inputs
+    if dims is not None and hasattr(config, "problems"):
+        return [f"{where}: {p}" for p in config.problems(dims)] + inputs
+    return inputs
 
 
 def skipped_chapters(target: Target, sources: list[Path]) -> dict[str, str]:
