@@ -294,8 +294,8 @@ def build_attn_saes(model_folder: Path, folder: Path, *, d_sae: int = 48, layers
 def reference_attn_writes(cfg: dict, sd: dict, W_dec: torch.Tensor, layer: int, *,
                           post_norm: bool = True) -> torch.Tensor:
     """[d_sae, d_model]: what hook_z decoder rows W_dec [d_sae, n_heads * head_dim] write into the residual
-    stream of a Llama-like stand-in, read from the Hugging Face tensors: through `o_proj` and, for Gemma-2, the
-    post-attention RMSNorm's multiplier 1 + weight (its per-position scale left out)."""
+    stream of a Llama-like stand-in, read from the Hugging Face tensors: through `o_proj` and, for Gemma-2,
+    the post-attention RMSNorm's multiplier 1 + weight (its per-position scale left out)."""
     writes = W_dec @ sd[f"model.layers.{layer}.self_attn.o_proj.weight"].T
     if cfg["model_type"] == "gemma2" and post_norm:
         writes = writes * (1.0 + sd[f"model.layers.{layer}.post_attention_layernorm.weight"])

@@ -346,8 +346,8 @@ def _tiny_run(tmp_path, monkeypatch, **overrides):
 
     monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path))
     model = tiny_model("LN", None)
-    attn = [saes._describe(attn_sae("standard", layer=layer, reshape="hook_z", seed=layer), "tiny", None, None,
-                           folded=False) for layer in (0, 1)]
+    attn = [saes._describe(attn_sae("standard", layer=layer, reshape="hook_z", seed=layer), "tiny", None,
+                           None, folded=False) for layer in (0, 1)]
     resid = {layer: saes._describe(resid_sae(layer, "hook_resid_pre", seed=10 + layer), "tiny", None, None,
                                    folded=False) for layer in (0, 1)}
     target = SimpleNamespace(target="tiny", attn_saes={"source": "tiny"})
@@ -437,7 +437,8 @@ def test_head_slice_similarities_match_a_naive_loop():
             assert sim.shape == (5, 5)
             continue
         top = shares[:, head].topk(5).indices
-        prof = torch.stack([W_dec[f, head * D_HEAD:(head + 1) * D_HEAD] @ W_O[head] @ M for f in top.tolist()])
+        own = W_dec[top].reshape(5, N_HEADS, D_HEAD)[:, head]
+        prof = torch.stack([own[i] @ W_O[head] @ M for i in range(5)])
         prof = prof - prof.mean(-1, keepdim=True)
         naive = torch.nn.functional.cosine_similarity(prof[:, None], prof[None], dim=-1)
         assert torch.allclose(sim, naive, atol=1e-5)
@@ -653,7 +654,8 @@ def test_bad_chapter4_inputs_exit_2_before_any_chapter_runs(tmp_path):
                chapters={"04_attention_saes": {"q_link": 7}})
     params = tmp_path / "bad-attn.yaml"
     params.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "WEIGHTSCOPE_DATA": str(tmp_path / "data"), "PYTHONPATH": str(repo / "lib")}
+    env = {**os.environ, "WEIGHTSCOPE_DATA": str(tmp_path / "data"),
+           "WEIGHTSCOPE_BOOK": str(tmp_path / "book"), "PYTHONPATH": str(repo / "lib")}
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "weightscope.publish.book", "--target", str(params),
                            "--no-html"], env=env, capture_output=True, text=True, timeout=300)

@@ -6,8 +6,9 @@ DFA and recursive DFA, each with its null.
 
 `run` owns the loading (the processing the residual SAEs record, `processing: auto` included), the caching
 (per layer for the head shares, per step otherwise), the provenance and the derived tables the page plots;
-`findings(tables)` returns the page's result sentences, computed from those tables. `skip_reason` says when the
-chapter does not apply, `target_problems` what the pre-flight checks of the attention SAEs before any work.
+`findings(tables)` returns the page's result sentences, computed from those tables. `skip_reason` says when
+the chapter does not apply, `target_problems` what the pre-flight checks of the attention SAEs before any
+work.
 
 What a feature writes goes through each head's output map, and on models with a post-attention norm
 (Gemma-2) through that norm's weight too (`output_maps`); the norm's division by the output's scale is a
@@ -208,14 +209,16 @@ def run(ctx, config: Config, *, model=None, attn=None, resid=None, text=None) ->
     def cached(names, compute, label):
         return io.cached_tables(target, names, prov, compute, label=f"04_attention_saes: computing {label}")
 
-    sh = io.layer_tables(target, "04_head_shares", attn, prov, lambda sae: head_attribution(model, sae, config))
+    sh = io.layer_tables(target, "04_head_shares", attn, prov,
+                         lambda sae: head_attribution(model, sae, config))
     poly = cached(["04_head_groups", "04_poly_heads", "04_poly_curve", "04_tau"],
                   lambda: polysemantic_heads(model, attn, maps, keep, config), "polysemantic heads")
     own = cached(["04_slice_heads", "04_slice_tau"],
                  lambda: polysemantic_heads(model, attn, maps, keep, config, own_slice=True),
                  "polysemantic heads, from each head's own slice")
     heads = heads_table(sh["shares"], sh["top"], model.cfg)
-    slice_heads = own["04_slice_heads"].merge(heads[["layer", "head", "top_share_mean"]], on=["layer", "head"])
+    slice_heads = own["04_slice_heads"].merge(heads[["layer", "head", "top_share_mean"]],
+                                              on=["layer", "head"])
     slice_heads["qualifies"] = slice_heads["top_share_mean"] >= config.own_share_min
     writes = cached(["04_feature_writes"], lambda: {"04_feature_writes": feature_writes(
         model, attn, maps, resid, keep, config)}, "what features write")["04_feature_writes"]
@@ -299,7 +302,8 @@ def sae_quality(ctx) -> pd.DataFrame:
         ("dead fraction", r.dead_fraction > TARGET_BAR["dead_fraction_max"])) if bad)
         for r in df.itertuples()]
     df.attrs.update(bar=TARGET_BAR, d_sae=manifest["width"], k=manifest["k"],
-                    distinct_tokens=manifest["distinct_training_tokens"], eval_tokens=manifest["n_eval_tokens"])
+                    distinct_tokens=manifest["distinct_training_tokens"],
+                    eval_tokens=manifest["n_eval_tokens"])
     return df
 
 
@@ -409,13 +413,15 @@ def share_summary(t: Tables) -> dict[str, float]:
     """A feature's largest head share: its median, the even spread 1/H, the share of features with at least
     half their decoder norm in one head."""
     best = t.shares.groupby(["layer", "feature"])["share"].max()
-    return {"median": float(best.median()), "even": 1 / t.info["n_heads"], "half": float((best >= 0.5).mean())}
+    return {"median": float(best.median()), "even": 1 / t.info["n_heads"],
+            "half": float((best >= 0.5).mean())}
 
 
 def top_features_table(t: Tables, n: int = 5) -> pd.DataFrame:
     """One row per head: its value head, its n top features by share ("f (share)"), and the output tokens of
     the first of them."""
-    top = t.top[t.top["rank"] < n].merge(t.writes[["layer", "feature", "top_tokens"]], on=["layer", "feature"])
+    top = t.top[t.top["rank"] < n].merge(t.writes[["layer", "feature", "top_tokens"]],
+                                         on=["layer", "feature"])
     top["item"] = top["feature"].astype(str) + " (" + top["share"].map("{:.2f}".format) + ")"
     out = (top.sort_values("rank").groupby(["layer", "head"])
            .agg(features=("item", ", ".join), first_feature_tokens=("top_tokens", "first")).reset_index())
@@ -448,7 +454,8 @@ def polysemantic_heads(model, saes, maps: dict, keep, config: Config, *,
     curve = groups.groupby(["tau", "kind"], as_index=False)["polysemantic"].mean()
     at = groups[np.isclose(groups["tau"], tau)]
     heads = at[at["kind"] == "features"][["layer", "head", "n_groups", "largest_group_frac", "polysemantic"]]
-    null_rate = at[at["kind"] == "null"].groupby(["layer", "head"])["polysemantic"].mean().rename("null_poly_rate")
+    null_rate = (at[at["kind"] == "null"].groupby(["layer", "head"])["polysemantic"].mean()
+                 .rename("null_poly_rate"))
     heads = heads.join(null_rate, on=["layer", "head"]).reset_index(drop=True)
     tau_table = pd.DataFrame({"tau": [float(tau)], "q_link": [config.q_link]})
     if own_slice:
@@ -462,9 +469,9 @@ def head_level_sentence(t: Tables) -> str:
     features are their own (mean share >= own_share_min); says how many heads qualify."""
     sh, c = t.slice_heads, t.config
     q = sh[sh["qualifies"]]
-    rule = (f"{len(q)} of {len(sh)} heads qualify for a head-level statement (their top {c.top_k} features hold on "
-            f"average at least {c.own_share_min:.0%} of their decoder norm in that head; the highest mean share "
-            f"is {sh['top_share_mean'].max():.2f})")
+    rule = (f"{len(q)} of {len(sh)} heads qualify for a head-level statement (their top {c.top_k} features "
+            f"hold on average at least {c.own_share_min:.0%} of their decoder norm in that head; the highest "
+            f"mean share is {sh['top_share_mean'].max():.2f})")
     if not len(q):
         return rule + ": no verdict about heads is made; the whole-write verdict above is about features."
     tau = float(t.slice_tau["tau"].iloc[0])
@@ -499,13 +506,16 @@ def feature_writes(model, saes, maps: dict, resid: dict, keep, config: Config, *
         writes = ha.residual_writes(W_dec, W_O.to(W_dec.device))
         _, top_tok = chunked_topk(writes, M_out, n_tokens, keep=keep)
         frame = pd.DataFrame({"layer": sae.layer, "feature": np.arange(sae.d_sae),
-                              "top_head": shares.argmax(-1).numpy(), "top_share": shares.max(-1).values.numpy(),
+                              "top_head": shares.argmax(-1).numpy(),
+                              "top_share": shares.max(-1).values.numpy(),
                               "write_norm": writes.norm(dim=-1).cpu().numpy(),
-                              "top_tokens": [" | ".join(vocab_[t] for t in r) for r in top_tok.cpu().tolist()]})
+                              "top_tokens": [" | ".join(vocab_[t] for t in r)
+                                             for r in top_tok.cpu().tolist()]})
         res = residual_sae_after(resid, sae.layer)
         if res is not None:
             vals, idx = chunked_topk(writes, res.W_enc.float(), n_resid)
-            null = ha.residual_writes(ha.same_share_null(W_dec.cpu(), n_heads, d_head, gen).to(W_O.device), W_O)
+            null_rows = ha.same_share_null(W_dec.cpu(), n_heads, d_head, gen).to(W_O.device)
+            null = ha.residual_writes(null_rows, W_O)
             null_top, _ = chunked_topk(null, res.W_enc.float(), 1)
             q99 = float(torch.quantile(null_top[:, 0].cpu(), 0.99))
             frame["resid_hook"] = res.hook_name
@@ -584,8 +594,9 @@ def dfa_examples(model, saes, tokens: torch.Tensor, config: Config) -> dict[str,
                             "error_vs_sae_lens": abs(total - float(acts[bi, di, f]))})
             p = parts[i, :, :di + 1].cpu()
             h, s = np.meshgrid(np.arange(p.shape[0]), np.arange(p.shape[1]), indexing="ij")
-            part_rows.append(pd.DataFrame({"layer": sae.layer, "feature": f, "head": h.ravel(), "src": s.ravel(),
-                                           "distance": di - s.ravel(), "part": p.numpy().ravel(),
+            part_rows.append(pd.DataFrame({"layer": sae.layer, "feature": f, "head": h.ravel(),
+                                           "src": s.ravel(), "distance": di - s.ravel(),
+                                           "part": p.numpy().ravel(),
                                            "src_token": [vocab_[int(t)] for t in tokens[bi, s.ravel()]]}))
     return {"04_dfa_examples": pd.DataFrame(ex_rows), "04_dfa_parts": pd.concat(part_rows, ignore_index=True)}
 
@@ -778,16 +789,19 @@ def recursive_dfa(model, saes, resid: dict, tokens: torch.Tensor, examples: pd.D
                                                center=norm in ("LN", "LNPre"))
             contrib = dfa_k.rdfa(pieces, float(c["pattern"][bi, h, di, s]),
                                  W_eff[h * d_head:(h + 1) * d_head, f], int(kv[h]))
-            base = {"layer": int(layer), "feature": f, "head": h, "src": s, "dest": di, "part": float(part[h, s])}
+            base = {"layer": int(layer), "feature": f, "head": h, "src": s, "dest": di,
+                    "part": float(part[h, s])}
             order = contrib["feature"].abs().argsort(descending=True)
             for j in order[:n_top].tolist():
-                rows.append({**base, "piece": "residual feature", "resid_feature": int(contrib["features"][j]),
+                rows.append({**base, "piece": "residual feature",
+                             "resid_feature": int(contrib["features"][j]),
                              "contribution": float(contrib["feature"][j])})
             rest = float(contrib["feature"][order[n_top:]].sum()) if len(order) > n_top else 0.0
             rows.append({**base, "piece": "other features", "resid_feature": -1, "contribution": rest})
             for key, label in (("b_dec", "residual SAE b_dec"), ("error", "residual SAE error"),
                                ("bias", "value bias")):
-                rows.append({**base, "piece": label, "resid_feature": -1, "contribution": float(contrib[key])})
+                rows.append({**base, "piece": label, "resid_feature": -1,
+                             "contribution": float(contrib[key])})
     return pd.DataFrame(rows)
 
 
@@ -809,7 +823,8 @@ def rdfa_check(t: Tables) -> dict[str, float]:
 def findings(t: Tables) -> dict[str, list[str]]:
     """The chapter's result sentences, computed from the tables. Keys: "saes", "shares", "poly", "writes",
     "dfa", "families", "rdfa"."""
-    out: dict[str, list[str]] = {k: [] for k in ("saes", "shares", "poly", "writes", "dfa", "families", "rdfa")}
+    keys = ("saes", "shares", "poly", "writes", "dfa", "families", "rdfa")
+    out: dict[str, list[str]] = {k: [] for k in keys}
     i, c = t.info, t.config
     out["saes"].append(f"{i['n_attn_saes']} attention SAEs on hook_z (d_in = {i['n_heads']} heads x "
                        f"{i['d_head']} = {i['d_in']}, {i['d_sae']:,} features each); {i['n_resid_saes']} "
@@ -819,8 +834,10 @@ def findings(t: Tables) -> dict[str, list[str]]:
         missing = {int(r.layer): r.misses for r in q.itertuples() if r.misses}
         out["saes"].append(
             f"{int(q['meets_bar'].sum())} of {len(q)} layers meet the bar (explained variance >= "
-            f"{bar['explained_variance_min']}, L0 <= {bar['mean_l0_max']}, dead <= {bar['dead_fraction_max']:.0%}); "
-            f"explained variance ranges {q['explained_variance'].min():.2f} to {q['explained_variance'].max():.2f}"
+            f"{bar['explained_variance_min']}, L0 <= {bar['mean_l0_max']}, dead <= "
+            f"{bar['dead_fraction_max']:.0%}); explained variance ranges "
+            f"{q['explained_variance'].min():.2f} to "
+            f"{q['explained_variance'].max():.2f}"
             + (f"; missing: {'; '.join(f'layer {k}: {v}' for k, v in missing.items())}." if missing else "."))
     else:
         out["saes"].append(f"Public release {i['source']}; its metrics are documented by its authors.")
@@ -838,9 +855,9 @@ def findings(t: Tables) -> dict[str, list[str]]:
     ph, tau = t.poly_heads, float(t.tau["tau"].iloc[0])
     gap = poly_gap(t)
     at_tau = float(gap.loc[gap.index[np.isclose(gap.index, tau)], "gap"].iloc[0])
-    out["poly"].append(f"tau = {tau:.2f} (the null's {c.q_link:.0%} quantile of profile cosines). By their top "
-                       f"features' whole writes (through every head), {percent(ph['polysemantic'].mean(), 0)} "
-                       f"of the {len(ph)} heads are polysemantic "
+    out["poly"].append(f"tau = {tau:.2f} (the null's {c.q_link:.0%} quantile of profile cosines). By their "
+                       f"top features' whole writes (through every head), "
+                       f"{percent(ph['polysemantic'].mean(), 0)} of the {len(ph)} heads are polysemantic "
                        f"({int(ph['polysemantic'].sum())} heads); same-share null features would make "
                        f"{percent(ph['null_poly_rate'].mean(), 0)} polysemantic. The paper reports at least "
                        "90% for GPT-2 small.")
@@ -854,8 +871,10 @@ def findings(t: Tables) -> dict[str, list[str]]:
                              "null's 99% quantile: " + ", ".join(f"layer {k}: {percent(v, 0)}"
                                                                  for k, v in per.items()) + ".")
     e = t.examples
-    out["dfa"].append(f"{len(e)} examples on {i['text_rows'] * i['text_ctx']:,} held-out tokens ({i['text_rows']} "
-                      f"rows of {i['text_ctx']} tokens: stories concatenated and cut at that length), each at a "
+    out["dfa"].append(f"{len(e)} examples on {i['text_rows'] * i['text_ctx']:,} held-out tokens "
+                      f"({i['text_rows']} rows of {i['text_ctx']} tokens: stories concatenated and cut at "
+                      f"that "
+                      f"length), each at a "
                       f"destination with at least {c.min_sources} sources; largest |parts + bias - "
                       f"pre-activation| = {e['abs_error'].max():.1e}, largest |parts + bias - sae-lens's "
                       f"activation| = {e['error_vs_sae_lens'].max():.1e} (fp32).")

@@ -270,7 +270,7 @@ def chapter_problems(target: Target, stem: str, defaults: dict[str, Any], dims: 
     if config_cls is None:
         return []
     fields = {f.name for f in dataclasses.fields(config_cls)}
-    inputs = getattr(importlib.import_module(config_cls.__module__), "target_problems", None)  # its own inputs
+    inputs = getattr(importlib.import_module(config_cls.__module__), "target_problems", None)  # own inputs
     inputs = inputs(target, dims) if inputs else []
     try:
         config = config_cls(**{k: v for k, v in merged.items() if k in fields})
