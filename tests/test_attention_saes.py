@@ -663,3 +663,12 @@ def test_bad_chapter4_inputs_exit_2_before_any_chapter_runs(tmp_path):
     assert "q_link = 7 is a share" in proc.stderr and "no-such-attn does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr and "[book" not in proc.stdout  # nothing was run
     print(f"pre-flight refusal in {time.monotonic() - start:.0f} s")
+
+
+def test_processing_mismatch_between_attention_and_residual_saes_is_named():
+    from weightscope.chapters.attention_saes import processing_mismatch
+
+    sae = SimpleNamespace(model_from_pretrained_kwargs={"center_writing_weights": True})
+    assert processing_mismatch({"center_writing_weights": True}, sae) == {}
+    assert processing_mismatch({}, sae) == {"center_writing_weights": (True, False)}
+    assert processing_mismatch({}, SimpleNamespace(model_from_pretrained_kwargs=None)) == {}

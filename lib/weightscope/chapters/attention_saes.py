@@ -234,7 +234,8 @@ def run(ctx, config: Config, *, model=None, attn=None, resid=None, text=None) ->
             "d_head": model.cfg.d_head, "d_sae": attn[0].d_sae, "d_in": attn[0].d_in,
             "n_attn_saes": len(attn), "n_resid_saes": len(resid), "text_rows": int(text.shape[0]),
             "text_ctx": int(text.shape[1]), "source": ctx.target.attn_saes["source"],
-            "resid_hook": resid[min(resid)].hook_name if resid else None, **notes}
+            "resid_hook": resid[min(resid)].hook_name if resid else None,
+            "processing_mismatch": processing_mismatch(getattr(ctx, "processing", None), attn[0]), **notes}
     return Tables(quality=sae_quality(ctx), shares=sh["shares"], top=sh["top"],
                   heads=heads, groups=poly["04_head_groups"], poly_heads=poly["04_poly_heads"],
                   curve=poly["04_poly_curve"], tau=poly["04_tau"], slice_heads=slice_heads,
@@ -341,6 +342,19 @@ def chapter1_content_ids(target, model) -> torch.Tensor | None:
     override = target.chapter_params("01_output_tokens") if hasattr(target, "chapter_params") else {}
     exclude = override.get("exclude_tokens", Chapter1Config().exclude_tokens)
     return content_ids(model, tuple(exclude))
+
+
+def processing_mismatch(used: dict | None, attn_sae) -> dict[str, tuple[bool, bool]]:
+    """{flag: (recorded by the attention SAEs, used for the model)} for the processing flags on which the
+    attention SAEs' record differs from the flags the model runs with (the residual SAEs'); {} when they agree
+    or the attention SAEs record none."""
+    from weightscope.config.params import PROCESSING_FLAGS
+
+    recorded = getattr(attn_sae, "model_from_pretrained_kwargs", None) or {}
+    if used is None or not recorded:
+        return {}
+    return {f: (bool(recorded.get(f, False)), bool(used.get(f, False))) for f in PROCESSING_FLAGS
+            if bool(recorded.get(f, False)) != bool(used.get(f, False))}
 
 
 def has_post_attention_norm(model) -> bool:
@@ -841,6 +855,11 @@ def findings(t: Tables) -> dict[str, list[str]]:
             + (f"; missing: {'; '.join(f'layer {k}: {v}' for k, v in missing.items())}." if missing else "."))
     else:
         out["saes"].append(f"Public release {i['source']}; its metrics are documented by its authors.")
+    if i.get("processing_mismatch"):
+        out["saes"].append("The attention SAEs were trained with other processing than the model runs with "
+                           "(the residual SAEs'): " + ", ".join(f"{k} {a} (here {b})" for k, (a, b)
+                                                                in i["processing_mismatch"].items())
+                           + "; their activations here may differ from those they were trained on.")
     if i.get("post_attention_norm"):
         out["saes"].append("The model normalises the attention output before it joins the residual stream: "
                            "every write below includes that norm's weight (its per-position scale is a "
