@@ -378,15 +378,15 @@ def output_maps(model, layer: int) -> torch.Tensor:
 def chunked_topk(rows: torch.Tensor, M: torch.Tensor, n: int, *, keep: torch.Tensor | None = None,
                  chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) [n_rows, n] of the largest entries of rows [n_rows, d] @ M [d, m] (restricted to the
-    columns `keep`, indices in M's numbering), computed in row chunks of at most `chunk_elements` scores."""
-    if keep is not None:
-        M = M[:, keep.to(M.device)]
-    M = M.float()
-    n = min(n, M.shape[1])
+    columns `keep`, indices in M's numbering), computed in row chunks of at most `chunk_elements` scores; M
+    is neither copied nor cut (the columns are picked from each chunk's scores)."""
+    cols = None if keep is None else keep.to(M.device)
+    n = min(n, M.shape[1] if keep is None else len(keep))
     step = max(1, chunk_elements // max(1, M.shape[1]))
     vals, idx = [], []
     for i in range(0, len(rows), step):
-        v, j = (rows[i:i + step].float().to(M.device) @ M).topk(n, dim=-1)
+        scores = rows[i:i + step].to(M.device, M.dtype) @ M
+        v, j = (scores if cols is None else scores[:, cols]).float().topk(n, dim=-1)
         vals.append(v)
         idx.append(j)
     vals = torch.cat(vals) if vals else torch.zeros(0, n)
@@ -454,11 +454,9 @@ def polysemantic_heads(model, saes, maps: dict, keep, config: Config, *,
     through every head, or with `own_slice` what head h itself writes for it (then {"04_slice_heads",
     "04_slice_tau"} only)."""
     M_out = output_matrix(model)[0].float().cpu()
-    if keep is not None:
-        M_out = M_out[:, keep]
     similarities = ha.head_slice_similarities if own_slice else ha.head_similarities
     sims = {sae.layer: similarities(sae.W_dec.float().cpu(), maps[sae.layer].cpu(), M_out, k=config.top_k,
-                                    n_null=config.n_null, seed=config.seed + sae.layer)
+                                    n_null=config.n_null, seed=config.seed + sae.layer, keep=keep)
             for sae in saes}
     tau = ha.null_link_threshold([s for layer_sims in sims.values() for s in layer_sims], config.q_link)
     taus = sorted(set(round(t, 2) for t in np.linspace(0.05, 0.95, 19)) | {tau})
