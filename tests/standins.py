@@ -253,3 +253,50 @@ def applicable_wrong_folds(arch: str) -> list[str]:
     """The deliberate mistakes that change this architecture's numbers."""
     by_arch = {"gemma2": ["gemma_raw_weight", "gqa_modulo"], "gpt2": ["gpt2_no_centring"]}
     return by_arch.get(arch, ["gqa_modulo"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Attention-output (hook_z) SAEs for chapter 4, and the plain-torch reading of what their features write
+
+
+def build_attn_saes(model_folder: Path, folder: Path, *, d_sae: int = 48, layers=None, seed: int = 2,
+                    flags: dict | None = None) -> Path:
+    """One random TopK SAE per layer on `blocks.L.attn.hook_z` (d_in = n_heads * head_dim, head-major), in
+    sae-lens's saved format under `folder/layer_L/`; returns `folder`."""
+    import json
+    import warnings
+
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+    hf = json.loads((Path(model_folder) / "config.json").read_text())
+    gpt2 = hf["model_type"] == "gpt2"
+    n_heads = hf["n_head"] if gpt2 else hf["num_attention_heads"]
+    d_model = hf["n_embd"] if gpt2 else hf["hidden_size"]
+    d_in = n_heads * (hf.get("head_dim") or d_model // n_heads)
+    n_layers = hf["n_layer"] if gpt2 else hf["num_hidden_layers"]
+    gen = torch.Generator().manual_seed(seed)
+    for layer in range(n_layers) if layers is None else layers:
+        meta = SAEMetadata(hook_name=f"blocks.{layer}.attn.hook_z", model_name=Path(model_folder).name,
+                           model_from_pretrained_kwargs=dict(flags or {}), prepend_bos=True, context_size=128)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=8, metadata=meta))
+        with torch.no_grad():
+            W_dec = torch.randn(d_sae, d_in, generator=gen)
+            sae.W_dec.copy_(W_dec / W_dec.norm(dim=1, keepdim=True))
+            sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=gen) / d_in**0.5)
+            sae.b_enc.copy_(torch.randn(d_sae, generator=gen) * 0.1)
+        sae.save_model(Path(folder) / f"layer_{layer}")
+    return Path(folder)
+
+
+def reference_attn_writes(cfg: dict, sd: dict, W_dec: torch.Tensor, layer: int, *,
+                          post_norm: bool = True) -> torch.Tensor:
+    """[d_sae, d_model]: what hook_z decoder rows W_dec [d_sae, n_heads * head_dim] write into the residual
+    stream of a Llama-like stand-in, read from the Hugging Face tensors: through `o_proj` and, for Gemma-2,
+    the post-attention RMSNorm's multiplier 1 + weight (its per-position scale left out)."""
+    writes = W_dec @ sd[f"model.layers.{layer}.self_attn.o_proj.weight"].T
+    if cfg["model_type"] == "gemma2" and post_norm:
+        writes = writes * (1.0 + sd[f"model.layers.{layer}.post_attention_layernorm.weight"])
+    return writes

@@ -2,16 +2,22 @@
 checks
 against the model's own forward pass and sae-lens's encoder, and loading, on tiny random models built here."""
 
+import dataclasses
+import json
+import os
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+import yaml
 from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from weightscope.compute import dfa as dfa_mod
 from weightscope.compute import head_attribution as ha
-from weightscope.config.params import ParamsError, parse_target
+from weightscope.config.params import ParamsError, load_target, parse_target
 from weightscope.load import saes
 from weightscope.load.saes import SAEError
 
@@ -333,56 +339,185 @@ def test_params_attn_saes_entry():
 # The chapter's steps, end to end on a tiny random model with release-style SAEs (hook_z reshaping, resid_pre)
 
 
-def test_chapter_steps_on_a_tiny_model(tmp_path, monkeypatch):
+def _tiny_run(tmp_path, monkeypatch, **overrides):
     from types import SimpleNamespace
 
     from weightscope.chapters import attention_saes as ch
 
     monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path))
     model = tiny_model("LN", None)
-    attn = [
-        saes._describe(
-            attn_sae("standard", layer=layer, reshape="hook_z", seed=layer), "tiny", None, None, folded=False
-        )
-        for layer in (0, 1)
-    ]
-    resid = {
-        layer: saes._describe(
-            resid_sae(layer, "hook_resid_pre", seed=10 + layer), "tiny", None, None, folded=False
-        )
-        for layer in (0, 1)
-    }
+    attn = [saes._describe(attn_sae("standard", layer=layer, reshape="hook_z", seed=layer), "tiny", None,
+                           None, folded=False) for layer in (0, 1)]
+    resid = {layer: saes._describe(resid_sae(layer, "hook_resid_pre", seed=10 + layer), "tiny", None, None,
+                                   folded=False) for layer in (0, 1)}
     target = SimpleNamespace(target="tiny", attn_saes={"source": "tiny"})
-    ctx = SimpleNamespace(target=target, provenance=lambda **kw: {"chapter": kw})
-    cfg = ch.AttnConfig(
-        top_k=4,
-        n_null=3,
-        text_rows=3,
-        dfa_features=3,
-        n_examples=4,
-        min_fires=1,
-        induction_len=8,
-        induction_rows=3,
-    )
-    shares = ch.head_attribution(ctx, model, attn, cfg)
-    assert len(shares["shares"]) == 2 * 48 * N_HEADS and len(shares["top"]) == 2 * N_HEADS * 4
-    poly = ch.polysemantic_heads(ctx, model, attn, cfg)
-    assert len(poly["heads"]) == 2 * N_HEADS and 0 <= poly["tau"]["tau"][0] <= 1
-    writes = ch.feature_writes(ctx, model, attn, resid, cfg)
-    assert writes.loc[writes["layer"] == 0, "resid_hook"].eq("blocks.1.hook_resid_pre").all()
-    assert writes.loc[writes["layer"] == 1, "resid_hook"].isna().all()  # no residual SAE after the last block
-    tab = ch.top_features_table(shares, writes, n=3)
+    ctx = SimpleNamespace(target=target, provenance=lambda **kw: {"chapter": kw}, device="cpu")
+    cfg = ch.Config(**{**dict(top_k=4, n_null=3, text_rows=3, text_ctx=24, dfa_features=3, n_examples=4,
+                              min_fires=1, induction_len=8, induction_rows=3), **overrides})
+    return ch, ch.run(ctx, cfg, model=model, attn=attn, resid=resid, text=tokens(model)), model
+
+
+def test_chapter_run_on_a_tiny_model(tmp_path, monkeypatch):
+    ch, t, model = _tiny_run(tmp_path, monkeypatch)
+    assert len(t.shares) == 2 * 48 * N_HEADS and len(t.top) == 2 * N_HEADS * 4
+    assert len(t.poly_heads) == 2 * N_HEADS and 0 <= t.tau["tau"][0] <= 1
+    assert t.writes.loc[t.writes["layer"] == 0, "resid_hook"].eq("blocks.1.hook_resid_pre").all()
+    assert t.writes.loc[t.writes["layer"] == 1, "resid_hook"].isna().all()  # no residual SAE after the last
+    tab = ch.top_features_table(t, n=3)
     assert len(tab) == 2 * N_HEADS and tab["features"].str.count(",").eq(2).all()
-    toks = tokens(model)
-    ex = ch.dfa_examples(ctx, model, attn, toks, cfg)
-    assert (ex["examples"]["abs_error"] < 1e-5).all() and len(ex["examples"]) == 6
-    fam = ch.families(ctx, model, attn, toks, cfg)
-    assert set(fam["features"]["family"]) <= set(ch.FAMILIES)
-    assert fam["features"][["short", "null_short"]].le(1 + 1e-6).all().all()
-    rd = ch.recursive_dfa(ctx, model, attn, resid, toks, ex["examples"], cfg)
-    sums = rd.groupby(["layer", "feature"]).agg(part=("part", "first"), total=("contribution", "sum"))
+    ex = t.examples
+    assert (ex["abs_error"] < 1e-5).all() and len(ex) == 6
+    active = ex["activation"] > 0  # sae-lens's own encode: equal to parts + bias where the feature is active
+    assert active.any() and (ex.loc[active, "error_vs_sae_lens"] < 1e-5).all()
+    assert (ex["dest"] >= t.config.min_sources - 1).all()
+    assert set(t.families["family"]) <= set(ch.FAMILIES)
+    assert t.families[["short", "null_short"]].le(1 + 1e-6).all().all()
+    sums = t.rdfa.groupby(["layer", "feature"]).agg(part=("part", "first"), total=("contribution", "sum"))
     assert np.allclose(sums["part"], sums["total"], atol=1e-5)  # the pieces sum to each DFA part
-    assert set(rd["layer"]) == {0, 1}  # resid_pre of each layer is the stream its attention reads
+    assert set(t.rdfa["layer"]) == {0, 1}  # resid_pre of each layer is the stream its attention reads
+    found = ch.findings(t)
+    assert set(found) == {"saes", "shares", "poly", "writes", "dfa", "families", "rdfa"}
+    assert all(isinstance(line, str) and line for lines in found.values() for line in lines)
+    assert "rows of 24 tokens" in found["dfa"][0]
+    # derived tables against plain recomputations
+    best = t.shares.groupby(["layer", "feature"])["share"].max()
+    assert ch.share_summary(t)["half"] == pytest.approx(float((best >= 0.5).mean()))
+    owned = t.heads.groupby("layer")["features_owned"].sum()
+    assert (owned == 48).all()  # every feature's largest share is held by exactly one head
+    gap = ch.poly_gap(t)
+    assert np.allclose(gap["gap"], gap["null"] - gap["features"])
+
+
+def test_head_level_tables_on_a_tiny_model(tmp_path, monkeypatch):
+    ch, t, _ = _tiny_run(tmp_path, monkeypatch, own_share_min=0.3)
+    sh = t.slice_heads
+    assert len(sh) == 2 * N_HEADS and 0 <= t.slice_tau["tau"][0] <= 1
+    assert sh["qualifies"].equals(sh["top_share_mean"] >= 0.3)
+    sentence = ch.head_level_sentence(t)
+    assert sentence.startswith(f"{int(sh['qualifies'].sum())} of {2 * N_HEADS} heads qualify")
+    hp = t.head_profiles
+    assert len(hp) == 2 * N_HEADS and hp[["locality", "induction_score"]].le(1 + 1e-6).all().all()
+    assert (t.families["null_short_heads"].between(0, 1 + 1e-6)).all()
+    short = t.families["family"] == ch.FAMILIES[1]
+    assert (t.families.loc[short, "short"] > t.families.loc[short, "null_short_heads"]).all()
+
+
+def test_head_profiles_find_a_planted_induction_head_and_a_local_head():
+    from weightscope.chapters.attention_saes import Config, head_profiles
+
+    config = Config(short_window=1, induction_len=5)
+    T, n = 5, 11  # BOS, a sequence of 5, the same 5 again
+    text = torch.zeros(1, 3, n, n)
+    text[0, 0] = torch.eye(n)  # head 0 attends to itself: all its mass within the window
+    text[0, 1] = torch.tril(torch.ones(n, n)) / torch.arange(1, n + 1)[:, None]  # uniform
+    text[0, 2, :, 0] = 1.0  # attends to BOS only
+    rep = text.clone()
+    d = torch.arange(T + 1, n)
+    rep[0, 2] = 0
+    rep[0, 2, d, d - T + 1] = 1.0  # head 2 on the repeats: the token after the earlier copy
+    rep[0, 2, : T + 1, 0] = 1.0
+    hp = head_profiles({"pattern": text}, {"pattern": rep}, 0, config)
+    assert hp["locality"].tolist()[0] == pytest.approx(1.0)
+    assert hp["locality"].tolist()[1] == pytest.approx(hp["locality_uniform"].iloc[0])
+    assert hp["locality"].tolist()[2] == pytest.approx(0.0)
+    assert hp["induction_score"].tolist()[2] == pytest.approx(1.0)
+    assert hp["induction_score"].tolist()[1] == pytest.approx(hp["induction_uniform"].iloc[0])
+    assert hp["induction_score"].tolist()[0] == pytest.approx(0.0)
+
+
+def test_head_slice_similarities_match_a_naive_loop():
+    gen = torch.Generator().manual_seed(3)
+    W_dec = torch.randn(30, N_HEADS * D_HEAD, generator=gen)
+    W_O = torch.randn(N_HEADS, D_HEAD, D_MODEL, generator=gen)
+    M = torch.randn(D_MODEL, 40, generator=gen)
+    sims = ha.head_slice_similarities(W_dec, W_O, M, k=5, n_null=2, seed=0)
+    shares = ha.head_shares(W_dec, N_HEADS, D_HEAD)
+    for head, kind, draw, sim in sims:
+        if kind != "features":
+            assert sim.shape == (5, 5)
+            continue
+        top = shares[:, head].topk(5).indices
+        own = W_dec[top].reshape(5, N_HEADS, D_HEAD)[:, head]
+        prof = torch.stack([own[i] @ W_O[head] @ M for i in range(5)])
+        prof = prof - prof.mean(-1, keepdim=True)
+        naive = torch.nn.functional.cosine_similarity(prof[:, None], prof[None], dim=-1)
+        assert torch.allclose(sim, naive, atol=1e-5)
+        other = W_dec[top].reshape(5, N_HEADS, D_HEAD)[:, (head + 1) % N_HEADS]
+        assert not torch.allclose(sim, torch.nn.functional.cosine_similarity(
+            (other @ W_O[head] @ M)[:, None], (other @ W_O[head] @ M)[None], dim=-1), atol=1e-3)
+
+
+def test_min_sources_moves_the_dfa_examples(tmp_path, monkeypatch):
+    _, t, _ = _tiny_run(tmp_path, monkeypatch, min_sources=20)
+    assert (t.examples["dest"] >= 19).all() and (t.examples["sources"] >= 20).all()
+
+
+def test_chunked_topk_equals_the_whole_product():
+    from weightscope.chapters.attention_saes import chunked_topk
+
+    gen = torch.Generator().manual_seed(0)
+    rows, M = torch.randn(37, 8, generator=gen), torch.randn(8, 50, generator=gen)
+    keep = torch.tensor([0, 3, 4, 9, 20, 21, 33, 49])
+    whole = (rows @ M).topk(5, dim=-1)
+    sub = (rows @ M[:, keep]).topk(5, dim=-1)
+    for chunk in (1, 50, 51, 10_000):  # a chunk of one row, exactly one row, several rows, everything
+        vals, idx = chunked_topk(rows, M, 5, chunk_elements=chunk)
+        assert torch.equal(idx, whole.indices) and torch.allclose(vals, whole.values)
+        vals, idx = chunked_topk(rows, M, 5, keep=keep, chunk_elements=chunk)
+        assert torch.equal(idx, keep[sub.indices]) and torch.allclose(vals, sub.values)
+
+
+def test_config_lists_every_problem_at_once():
+    from weightscope.chapters.attention_saes import Config
+
+    with pytest.raises(ParamsError) as err:
+        Config(q_link=7, top_k=0, min_sources=500, short_window=-1)
+    text = str(err.value)
+    for fragment in ("q_link = 7", "top_k = 0", "min_sources = 500 exceeds text_ctx", "short_window = -1"):
+        assert fragment in text
+    assert Config(text_ctx=512).problems(SimpleNamespace(n_ctx=256)) == [
+        "text_ctx: rows of 512 tokens exceed the model's context (256)"]
+    assert Config().problems(SimpleNamespace(n_ctx=None)) == []
+
+
+def _attn_params(tmp_path, attn_source: str, chapters=None):
+    model = tmp_path / "tiny"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2,
+                                                   "hidden_size": 32, "num_attention_heads": 4,
+                                                   "vocab_size": 60, "max_position_embeddings": 64}))
+    (model / "model.safetensors").write_bytes(b"")
+    path = tmp_path / "tiny-attn.yaml"
+    path.write_text(yaml.safe_dump({"target": "tiny-attn", "model": {"name": str(model)},
+                                    "saes": {"source": str(tmp_path / "res")}, "layers": [0, 1],
+                                    "attn_saes": {"source": attn_source},
+                                    "chapters": chapters or {}}))
+    return load_target(path)
+
+
+def test_preflight_checks_the_overrides_and_the_attention_saes(tmp_path):
+    from weightscope.publish import preflight as pf
+
+    dims = pf.ModelDims(n_layers=2, d_model=32, d_vocab=60, n_heads=4, n_ctx=256)
+    defaults = {"target": "x", **{f.name: f.default for f in dataclasses.fields(
+        __import__("weightscope.chapters.attention_saes", fromlist=["Config"]).Config)}}
+    missing = _attn_params(tmp_path, str(tmp_path / "no-such-folder"), {"04_attention_saes": {"q_link": 7}})
+    problems = pf.chapter_problems(missing, "04_attention_saes", defaults, dims)  # every problem at once
+    assert len(problems) == 2 and "q_link = 7 is a share" in problems[0]
+    assert "no-such-folder does not exist" in problems[1]
+    ok = _attn_params(tmp_path, str(tmp_path / "no-such-folder"))
+    problems = pf.chapter_problems(ok, "04_attention_saes", defaults, dims)
+    assert len(problems) == 1 and "no-such-folder does not exist" in problems[0]
+    # a folder holding residual SAEs where hook_z SAEs belong
+    for layer in (0, 1):
+        resid_sae(layer, "hook_resid_post").save_model(tmp_path / "resid-as-attn" / f"layer_{layer}")
+    wrong = _attn_params(tmp_path, str(tmp_path / "resid-as-attn"))
+    problems = pf.chapter_problems(wrong, "04_attention_saes", defaults, dims)
+    assert len(problems) == 2 and all("not blocks.L.attn.hook_z" in p for p in problems)
+    for layer in (0, 1):
+        attn_sae(layer=layer).save_model(tmp_path / "attn" / f"layer_{layer}")
+    right = _attn_params(tmp_path, str(tmp_path / "attn"))
+    assert pf.chapter_problems(right, "04_attention_saes", defaults, dims) == []
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -441,3 +576,99 @@ def test_tiny_attention_training_on_hook_z(tmp_path, monkeypatch):
     held = demo_saes.held_out_stories(test_cfg)
     assert held and all(isinstance(s, str) for s in held)
     assert not set(held) & set(stories[:18])  # held-out cased stories are the last ones
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A Gemma-2 stand-in with hook_z SAEs, named in a params file with `processing: auto`, through the chapter
+
+
+@pytest.fixture(scope="module")
+def gemma_chapter(tmp_path_factory):
+    import standins
+
+    from weightscope.chapters import attention_saes as ch
+    from weightscope.chapters.context import open_chapter
+
+    tmp = tmp_path_factory.mktemp("gemma-attn")
+    before = os.environ.get("WEIGHTSCOPE_DATA")
+    os.environ["WEIGHTSCOPE_DATA"] = str(tmp / "data")
+    folder = standins.build_model("gemma2", tmp / "gemma2", n_layers=2)
+    resid = standins.build_saes(folder, tmp / "res")
+    attn = standins.build_attn_saes(folder, tmp / "attn")
+    params = standins.write_params("standin-gemma2-attn", folder, resid, tmp / "standin-gemma2-attn.yaml")
+    raw = yaml.safe_load(params.read_text())
+    assert "processing" not in raw["model"]  # processing: auto, the setting of the shipped real targets
+    params.write_text(yaml.safe_dump({**raw, "attn_saes": {"source": str(attn)}}, sort_keys=False))
+    config = ch.Config(top_k=4, n_null=2, text_rows=2, text_ctx=32, dfa_features=2, n_examples=2,
+                       min_fires=1, induction_len=6, induction_rows=2)
+    try:
+        yield ch, ch.run(open_chapter(str(params)), config), folder, attn
+    finally:
+        if before is None:
+            os.environ.pop("WEIGHTSCOPE_DATA", None)
+        else:
+            os.environ["WEIGHTSCOPE_DATA"] = before
+
+
+def test_processing_auto_with_attention_saes_runs_the_chapter(gemma_chapter):
+    ch, t, _, _ = gemma_chapter
+    assert t.info["post_attention_norm"] and len(t.writes) == 2 * 48 and len(t.examples) == 4
+    assert any("normalises the attention output" in line for line in ch.findings(t)["saes"])
+
+
+def test_gemma2_writes_equal_plain_torch_with_the_post_attention_norm(gemma_chapter):
+    import standins
+    from safetensors.torch import load_file
+
+    from weightscope.compute.lens import token_strings
+    from weightscope.compute.token_scores import content_token_ids, token_categories
+
+    _, t, folder, attn = gemma_chapter
+    cfg, sd = standins.hf_weights(folder)
+    M = standins.reference_output_matrix(cfg, sd)
+    tok, d_vocab = standins.tokenizer(), cfg["vocab_size"]
+    ids = content_token_ids(token_categories(tok, d_vocab), ("byte", "special"))
+    assert t.info["content_tokens"] == len(ids) < d_vocab  # chapter 1's filter: byte pieces, specials out
+    vocab = token_strings(SimpleNamespace(tokenizer=tok, cfg=SimpleNamespace(d_vocab=d_vocab)))
+    for layer in (0, 1):
+        W_dec = load_file(str(attn / f"layer_{layer}" / "sae_weights.safetensors"))["W_dec"].float()
+        book = t.writes[t.writes["layer"] == layer].sort_values("feature")["top_tokens"].tolist()
+
+        def top(post_norm):
+            scores = standins.reference_attn_writes(cfg, sd, W_dec, layer, post_norm=post_norm) @ M[:, ids]
+            return [" | ".join(vocab[int(ids[j])] for j in row) for row in scores.topk(6, dim=-1).indices]
+
+        assert book == top(True)  # equal to plain torch with the norm's weight folded in
+        assert sum(a != b for a, b in zip(book, top(False))) > len(book) // 2  # and unlike it without
+
+
+def test_bad_chapter4_inputs_exit_2_before_any_chapter_runs(tmp_path):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((repo / "params" / "demo.yaml").read_text())
+    raw.update(target="bad-attn", attn_saes={"source": str(tmp_path / "no-such-attn")},
+               chapters={"04_attention_saes": {"q_link": 7}})
+    params = tmp_path / "bad-attn.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "WEIGHTSCOPE_DATA": str(tmp_path / "data"),
+           "WEIGHTSCOPE_BOOK": str(tmp_path / "book"), "PYTHONPATH": str(repo / "lib")}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "weightscope.publish.book", "--target", str(params),
+                           "--no-html"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "q_link = 7 is a share" in proc.stderr and "no-such-attn does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr and "[book" not in proc.stdout  # nothing was run
+    print(f"pre-flight refusal in {time.monotonic() - start:.0f} s")
+
+
+def test_processing_mismatch_between_attention_and_residual_saes_is_named():
+    from weightscope.chapters.attention_saes import processing_mismatch
+
+    sae = SimpleNamespace(model_from_pretrained_kwargs={"center_writing_weights": True})
+    assert processing_mismatch({"center_writing_weights": True}, sae) == {}
+    assert processing_mismatch({}, sae) == {"center_writing_weights": (True, False)}
+    assert processing_mismatch({}, SimpleNamespace(model_from_pretrained_kwargs=None)) == {}

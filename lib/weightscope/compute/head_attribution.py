@@ -16,6 +16,8 @@ per-head slices W_dec[f, h] : [d_head] (`head_slices`).
   vocabulary): two features are linked when their profiles' cosine reaches `tau`; groups are the connected
   components. The null (`same_share_null`) replaces every slice of those features by a random direction of the
   same norm, so each null feature has exactly the real feature's shares but no content.
+- - The head-level variant (`head_slice_similarities`) profiles each of head h's top features from head h's
+  own slice only (W_dec[f, h] @ W_O[h]), against null slices of the same norm in head h's space.
 
 Introduced in chapter 4 (`notebooks/04_attention_saes.md`)."""
 
@@ -75,10 +77,12 @@ def residual_writes(W_dec: Tensor, W_O: Tensor) -> Tensor:
     return torch.einsum("fhk,hkm->fm", head_slices(W_dec.to(W_O.dtype), n_heads, d_head), W_O)
 
 
-def token_profiles(writes: Tensor, M_out: Tensor) -> Tensor:
-    """[n, d_vocab]: output-side token profiles, the writes through the folded unembedding M_out [d_model,
-    d_vocab], centred over the vocabulary (a constant shift of every logit changes no prediction)."""
-    logits = writes.float() @ M_out.float()
+def token_profiles(writes: Tensor, M_out: Tensor, keep: Tensor | None = None) -> Tensor:
+    """[n, d_vocab] (or [n, len(keep)]): output-side token profiles, the writes through the folded unembedding
+    M_out [d_model, d_vocab], over the tokens `keep` (None: all), centred over them (a constant shift of every
+    logit changes no prediction)."""
+    logits = writes.to(M_out.dtype) @ M_out
+    logits = (logits if keep is None else logits[:, keep]).float()
     return logits - logits.mean(-1, keepdim=True)
 
 
@@ -122,7 +126,7 @@ def group_stats(similarity: Tensor, tau: float) -> tuple[int, float]:
 
 
 def head_similarities(
-    W_dec: Tensor, W_O: Tensor, M_out: Tensor, *, k: int, n_null: int, seed: int
+    W_dec: Tensor, W_O: Tensor, M_out: Tensor, *, k: int, n_null: int, seed: int, keep: Tensor | None = None
 ) -> list[tuple[int, str, int, Tensor]]:
     """Per head: the profile cosine matrix [k, k] of its top-k features by share, and of `n_null` same-share
     null draws of them. W_dec [d_sae, H * d_head], W_O [H, d_head, d_model], M_out [d_model, d_vocab]. Returns
@@ -134,7 +138,7 @@ def head_similarities(
     for head in range(n_heads):
         rows = W_dec[top[head]].float()
         stack = torch.cat([rows] + [same_share_null(rows, n_heads, d_head, gen) for _ in range(n_null)])
-        unit = token_profiles(residual_writes(stack, W_O.float()), M_out)  # one product for every draw
+        unit = token_profiles(residual_writes(stack, W_O.float()), M_out, keep)  # one product for every draw
         unit = (unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)).reshape(1 + n_null, len(rows), -1)
         sims = unit @ unit.transpose(1, 2)
         out += [(head, "features" if i == 0 else "null", max(0, i - 1), sims[i]) for i in range(1 + n_null)]
@@ -173,3 +177,27 @@ def polysemantic_heads(
                 }
             )
     return pd.DataFrame(rows)
+
+
+def head_slice_similarities(
+    W_dec: Tensor, W_O: Tensor, M_out: Tensor, *, k: int, n_null: int, seed: int, keep: Tensor | None = None
+) -> list[tuple[int, str, int, Tensor]]:
+    """Per head h: the profile cosine matrix [k, k] of its top-k features by share, each profiled from head
+    h's own slice only (what head h writes for feature f: W_dec[f, h] @ W_O[h], through M_out), and of
+    `n_null` null draws (each slice replaced by a random direction of the same norm in head h's space, so the
+    null has the same shares). Profiles over the tokens `keep` (None: all). Same return shape as
+    `head_similarities`."""
+    n_heads, d_head, _ = W_O.shape
+    _, top = top_features(head_shares(W_dec, n_heads, d_head), k)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for head in range(n_heads):
+        own = head_slices(W_dec[top[head]].float(), n_heads, d_head)[:, head]  # [k, d_head]
+        noise = torch.randn((n_null,) + own.shape, generator=gen)
+        noise = noise / noise.norm(dim=-1, keepdim=True) * own.norm(dim=-1, keepdim=True)
+        stack = torch.cat([own[None], noise]).reshape(-1, d_head)  # [(1 + n_null) k, d_head]
+        prof = token_profiles(stack @ W_O[head].float(), M_out, keep)
+        unit = (prof / prof.norm(dim=-1, keepdim=True).clamp_min(1e-12)).reshape(1 + n_null, len(own), -1)
+        sims = unit @ unit.transpose(1, 2)
+        out += [(head, "features" if i == 0 else "null", max(0, i - 1), sims[i]) for i in range(1 + n_null)]
+    return out

@@ -279,15 +279,17 @@ def chapter_problems(target: Target, stem: str, defaults: dict[str, Any], dims: 
     if config_cls is None:
         return []
     fields = {f.name for f in dataclasses.fields(config_cls)}
+    own = getattr(importlib.import_module(config_cls.__module__), "target_problems", None)  # e.g. attn_saes
+    own = own(target, dims) if own else []
     try:
         config = config_cls(**{k: v for k, v in merged.items() if k in fields})
     except (ParamsError, TypeError, ValueError) as err:
-        return [f"{where}: {line}" for line in str(err).splitlines() if line.strip()]
+        return [f"{where}: {line}" for line in str(err).splitlines() if line.strip()] + own
     checked = dims is not None and hasattr(config, "problems")
     out = [f"{where}: {p}" for p in config.problems(dims)] if checked else []
     inputs = config.inputs() if hasattr(config, "inputs") else []
     found = [item.problem(target, earlier or set()) for item in inputs]
-    return out + [f"{where}: {p}" for p in found if p]
+    return out + [f"{where}: {p}" for p in found if p] + own
 
 
 def skipped_chapters(resolved: ResolvedTarget, sources: list[Path]) -> dict[str, str]:
