@@ -224,6 +224,7 @@ class Measured:
     heldout: dict[str, LayerPass]
     kernel: torch.Tensor  # [n_heads, n, n]: the mean calibration pattern
     frequency: torch.Tensor  # [d_vocab]: token counts in the calibration windows (BOS included)
+    tokenizer: object = None  # decodes the pushing tokens (the model's own by default)
 
 
 def measure(model, config: Config, cal_tokens: torch.Tensor, held_tokens: dict[str, torch.Tensor]) -> Measured:
@@ -231,7 +232,7 @@ def measure(model, config: Config, cal_tokens: torch.Tensor, held_tokens: dict[s
     cal = layer_pass(model, cal_tokens, config.layer, batch=config.batch)
     held = {g: layer_pass(model, t, config.layer, batch=config.batch) for g, t in held_tokens.items()}
     freq = torch.bincount(cal.tokens.flatten(), minlength=model.cfg.d_vocab).float()
-    return Measured(model, cal, held, cal.pattern.double().mean(0).float(), freq)
+    return Measured(model, cal, held, cal.pattern.double().mean(0).float(), freq, model.tokenizer)
 
 
 # --- the linear summary -----------------------------------------------------------------------------------
@@ -453,13 +454,13 @@ def neuron_tables(m: Measured, config: Config, heads: list[int]) -> dict[str, pd
 
 def pushes(m: Measured, config: Config, ext, w, k, table: pd.DataFrame) -> pd.DataFrame:
     """The tokens whose presence throughout the context moves each top neuron most, up and down."""
-    tok = m.model.tokenizer
+    tok = m.tokenizer
     special = {tok.bos_token_id, tok.eos_token_id, tok.unk_token_id, tok.pad_token_id} - {None}
     keep = torch.ones(m.model.cfg.d_vocab, dtype=torch.bool)
     keep[list(special)] = False
     u, _ = reads(m, config)
     top = table.head(config.n_top)
-    C = ext.scores(u[:, torch.as_tensor(top["neuron"].to_numpy())])  # [h, d_vocab, n_top]
+    C = ext.scores(u[:, torch.tensor(top["neuron"].tolist())])  # [h, d_vocab, n_top]
     if w is not None:
         C = C * w[..., None]
     rows = []

@@ -274,8 +274,8 @@ def chapter_problems(target: Target, stem: str, defaults: dict[str, Any], dims: 
         config = config_cls(**{k: v for k, v in merged.items() if k in fields})
     except (ParamsError, TypeError, ValueError) as err:
         return [f"{where}: {line}" for line in str(err).splitlines() if line.strip()]
-    if dims is not None and hasattr(config, "problems"):
-        return [f"{where}: {p}" for p in config.problems(dims)]
+    if hasattr(config, "problems"):  # unknown dims are None; checks of other inputs (corpora) still run
+        return [f"{where}: {p}" for p in config.problems(dims or ModelDims())]
     return []
 
 
