@@ -21,7 +21,7 @@ N, VOCAB = 12, 40
 
 @pytest.fixture(autouse=True)
 def _no_grad():
-    """Weights-only computations, as in the chapter; scoped to each test (a module-level switch would leak)."""
+    """Weights-only computations, as in the chapter; scoped to each test (a module-level switch leaks)."""
     with torch.no_grad():
         yield
 
@@ -371,8 +371,13 @@ def test_kernel_noise_and_translation_null_against_loops():
         assert float(noise[h]) == pytest.approx(ref, abs=1e-6)
     same = pat[:1].expand(6, -1, -1, -1)  # identical windows: no sampling noise at all
     assert float(pk.split_half_tv(same).max()) < 1e-6
-    assert float(pk.split_half_translation_tv(same).max()) == pytest.approx(
-        float(pk.translation_tv(pat[0]).max()), abs=1e-6)
+    assert float(pk.split_half_translation_tv(same).max()) < 1e-6
+    m = N // 2
+    ref = np.mean([0.5 * float((a[0, i, i - np.arange(min(i, m) + 1)] / a[0, i, i - np.arange(min(i, m) + 1)]
+                                .sum() - b[0, i, i - np.arange(min(i, m) + 1)]
+                                / b[0, i, i - np.arange(min(i, m) + 1)].sum()).abs().sum())
+                   for i in range(1, N)])
+    assert float(pk.split_half_translation_tv(pat)[0]) == pytest.approx(ref, abs=1e-6)
 
 
 def test_relative_log_denominators_ignore_row_shifts():
@@ -385,7 +390,7 @@ def test_relative_log_denominators_ignore_row_shifts():
     assert float(rel[b, h, i]) == pytest.approx(float(torch.logsumexp(s, 0) - s.mean()), rel=1e-5)
 
 
-# --- parameters, pre-flight and corpora -----------------------------------------------------------------------
+# --- parameters, pre-flight and corpora ------------------------------------------------------------
 
 def test_bad_parameters_raise_one_clear_message():
     with pytest.raises(ParamsError, match="norm_scale.*\n?.*auc_rule|norm_scale") as err:
@@ -441,3 +446,51 @@ def test_corpus_text_and_windows(tmp_path, monkeypatch):
         corpora.token_windows(CharTokenizer(), "abc", n=3, length=5, bos=1)
     with pytest.raises(corpora.CorpusError, match="Known files"):
         corpora.corpus_path("missing.txt")
+
+
+# --- the known answer: a GPT-2 with planted context heads ----------------------------------------
+
+COMMON = ("the a man went to town and saw her dog it was big small red blue day night ran walked "
+          "home tree house river field old new good bad happy sad said looked").split()
+
+
+def _corpus(rng: np.random.Generator, words: list[str], n_paragraphs: int = 60) -> str:
+    return "\n\n".join(" ".join(rng.choice(words, 60)) for _ in range(n_paragraphs))
+
+
+def test_known_answer_planted_context_heads(tmp_path, monkeypatch):
+    """On a GPT-2 whose heads 0 and 2 read only the learned positions in their queries and keys (the kernel is
+    exact) and whose neuron 7 reads their bag of five planted tokens, the chapter must find exactly those
+    heads, approximate their summed output with r >= 0.99, rank neuron 7 first with the planted tokens among
+    its top pushing tokens, and find that it separates the genre that holds them."""
+    import standins
+
+    from weightscope.chapters.context import open_chapter
+
+    planted = standins.build_context_heads_gpt2(tmp_path / "planted")
+    rng = np.random.default_rng(0)
+    corpora_dir = tmp_path / "corpora"
+    corpora_dir.mkdir()
+    (corpora_dir / "plain.txt").write_text(_corpus(rng, COMMON))
+    bag_words = [w.strip() for w in standins.BAG_WORDS]
+    (corpora_dir / "fantasy.txt").write_text(_corpus(rng, COMMON + bag_words * 4))
+    monkeypatch.setenv("WEIGHTSCOPE_CORPORA", str(corpora_dir))
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path / "data"))
+    saes = standins.build_saes(planted["folder"], tmp_path / "saes", layers=[0])
+    params = standins.write_params("planted", planted["folder"], saes, tmp_path / "planted.yaml")
+    config = C.Config(calibration="plain.txt", heldout={"plain": "plain.txt", "fantasy": "fantasy.txt"},
+                      window=32, n_calibration=8, n_heldout=8, n_top=5, k_tokens=8, n_permutations=200)
+    t = C.run(open_chapter(str(params)), config)
+
+    assert t.applies and t.heads.loc[t.heads["stable"], "head"].tolist() == planted["heads"]
+    assert (t.heads.loc[planted["heads"], "content_tv"] < 1e-4).all()  # the kernel is exact
+    q = t.quality[t.quality["configured"]]
+    assert (q["median_r"] >= 0.99).all() and (q["fvu"] < 0.02).all()
+    assert (q["median_r position-only"] < q["median_r"] - 0.2).all()  # the tokens carry it, not positions
+    top = t.neurons.iloc[0]
+    assert int(top["neuron"]) == planted["neuron"] and top["context_share"] > 0.99
+    up = t.pushes[(t.pushes["neuron"] == planted["neuron"]) & (t.pushes["side"] == "up")]
+    assert set(planted["bag"]) <= set(up["token_id"])
+    row = t.check[t.check["neuron"] == planted["neuron"]].iloc[0]
+    assert row["auc fantasy vs plain"] == 1.0 and row["r_pred"] > 0.9
+    assert "does not apply" not in " ".join(C.findings(t)["applies"])

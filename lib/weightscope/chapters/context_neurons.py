@@ -32,6 +32,7 @@ NORM_SCALES = ("auto", "measured", "token")
 STORIES = "tinystories/tinystories_cased.txt"
 LABEL_SHUFFLES = 20  # genre-label shuffles giving the AUC rule's rate without genre signal
 AUC_GRID = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
+TV_MARGIN = 0.01  # a TV exceeds its split-half noise only by more than this (float noise is not signal)
 NAMES = ["05_heads", "05_kernels", "05_denominators", "05_sensitivity", "05_scales", "05_quality",
          "05_neurons", "05_pushes", "05_check", "05_genres", "05_firing", "05_summary"]
 
@@ -128,7 +129,7 @@ def skip_reason(target, dims) -> str | None:
 
 @dataclass
 class Tables:
-    """What chapter 5 produces; every frame tidy. The neuron tables are empty when the method does not apply."""
+    """What chapter 5 produces, tidy frames; the neuron tables are empty where the method does not apply."""
 
     heads: pd.DataFrame  # per head: spread, content TV (per genre), split-half noise, translation TV, stable
     kernels: pd.DataFrame  # head, distance, attention: the long-context relative kernels
@@ -227,7 +228,8 @@ class Measured:
     tokenizer: object = None  # decodes the pushing tokens (the model's own by default)
 
 
-def measure(model, config: Config, cal_tokens: torch.Tensor, held_tokens: dict[str, torch.Tensor]) -> Measured:
+def measure(model, config: Config, cal_tokens: torch.Tensor,
+            held_tokens: dict[str, torch.Tensor]) -> Measured:
     """Forward passes of the calibration windows [n_cal, n] and every genre's held-out windows."""
     cal = layer_pass(model, cal_tokens, config.layer, batch=config.batch)
     held = {g: layer_pass(model, t, config.layer, batch=config.batch) for g, t in held_tokens.items()}
@@ -379,8 +381,8 @@ def head_tables(m: Measured, config: Config) -> dict[str, pd.DataFrame]:
     kern = pd.DataFrame({"head": np.repeat(np.arange(k.shape[0]), k.shape[1]),
                          "distance": np.tile(np.arange(k.shape[1]), k.shape[0]),
                          "attention": k.flatten().numpy()})
-    grid = [(s, t) for s in sorted({1.0, 2.0, config.min_spread, 2 * config.min_spread, 4 * config.min_spread})
-            for t in np.round(np.linspace(0.05, 1.0, 20), 2)]
+    spreads = sorted({1.0, 2.0, config.min_spread, 2 * config.min_spread, 4 * config.min_spread})
+    grid = [(s, t) for s in spreads for t in np.round(np.linspace(0.05, 1.0, 20), 2)]
     sens = pd.DataFrame([{"min_spread": s, "max_tv": t,
                           "stable_heads": int(((heads["spread"] >= s) & (heads["content_tv"] <= t)).sum())}
                          for s, t in grid])
@@ -563,15 +565,15 @@ def findings(t: Tables) -> dict[str, list[str]]:
     c, h, s = t.config, t.heads, t.summary.iloc[0]
     n = len(h)
     out: dict[str, list[str]] = {}
-    above = int((h["content_tv"] > h["kernel_noise_tv"]).sum())
+    above = int((h["content_tv"] > h["kernel_noise_tv"] + TV_MARGIN).sum())
     out["heads"] = [
         f"{int(h['stable'].sum())} of {n} heads of layer {c.layer} are stable (spread >= {c.min_spread:g} "
         f"tokens, content TV <= {c.max_tv:g}); content TV {h['content_tv'].min():.2f}-"
         f"{h['content_tv'].max():.2f}, spread {h['spread'].min():.1f}-{h['spread'].max():.1f}.",
-        f"The kernels' own sampling noise (TV between the kernels of two halves of the calibration windows) is "
-        f"{h['kernel_noise_tv'].min():.3f}-{h['kernel_noise_tv'].max():.3f}; content TV exceeds it for "
-        f"{above} of {n} heads, and the rule can call a head stable only where the noise is below max_tv "
-        f"({int((h['kernel_noise_tv'] < c.max_tv).sum())} of {n} heads).",
+        f"The kernels' own sampling noise (TV between the kernels of two halves of the calibration "
+        f"windows) is {h['kernel_noise_tv'].min():.3f}-{h['kernel_noise_tv'].max():.3f}; content TV exceeds "
+        f"it by more than {TV_MARGIN:g} for {above} of {n} heads, and the rule can call a head stable only "
+        f"where the noise is below max_tv ({int((h['kernel_noise_tv'] < c.max_tv).sum())} of {n} heads).",
         "Paper (reported, GPT-2 small layer 0): six stable heads about 0.05 TV from their kernel."]
     d = t.denominators
     out["denominators"] = [
@@ -581,16 +583,16 @@ def findings(t: Tables) -> dict[str, list[str]]:
         f"is variation the summary cannot follow)."]
     q = t.quality[t.quality["configured"]]
     out["summary"] = [
-        f"{r['genre']}: median r {r['median_r']:.2f} (position-only floor {r['median_r position-only']:.2f}), "
-        f"FVU {r['fvu']:.2f} (floor {r['fvu position-only']:.2f}); paper (reported) {PAPER['median_r']:.2f}, "
-        f"{PAPER['fvu']:.2f}." for _, r in q.iterrows()]
+        f"{r['genre']}: median r {r['median_r']:.2f} (position-only floor "
+        f"{r['median_r position-only']:.2f}), FVU {r['fvu']:.2f} (floor {r['fvu position-only']:.2f}); "
+        f"paper (reported) {PAPER['median_r']:.2f}, {PAPER['fvu']:.2f}." for _, r in q.iterrows()]
     out["summary"].append(f"Summarised: heads {s['heads']} ({s['chosen']}); norm scale {s['norm_scale']}.")
-    noisy = int((h["translation_tv"] > h["translation_noise_tv"]).sum())
+    noisy = int((h["translation_tv"] > h["translation_noise_tv"] + TV_MARGIN).sum())
     out["positions"] = [
         f"Positions are {s['positions']}; translation TV {h['translation_tv'].min():.3f}-"
         f"{h['translation_tv'].max():.3f} against its split-half null {h['translation_noise_tv'].min():.3f}-"
         f"{h['translation_noise_tv'].max():.3f}: {noisy} of {n} heads depend on absolute position beyond "
-        f"the kernel's sampling noise."]
+        f"the kernel's sampling noise (by more than {TV_MARGIN:g})."]
     if not t.applies:
         out["applies"] = [f"The method does not apply to this model at layer {c.layer}: {s['reason']}. No "
                           f"context neurons are ranked; the measurements above show why."]

@@ -91,8 +91,8 @@ class Extended:
         return torch.einsum("he,hem->hm", v, self.W_O)
 
 
-def normed_rows(X: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor | None, scale: torch.Tensor | float, *,
-                centred: bool, bias: bool = True) -> torch.Tensor:
+def normed_rows(X: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor | None,
+                scale: torch.Tensor | float, *, centred: bool, bias: bool = True) -> torch.Tensor:
     """[rows, d_model]: rows of X through the linearised norm, centre(x) / scale * w (+ b); `scale` a number
     or [rows]."""
     x = centre(X) if centred else X
@@ -236,7 +236,7 @@ def genre_aucs(means: list[np.ndarray]) -> np.ndarray:
 
 
 def shuffled_aucs(means: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    """`genre_aucs` after shuffling the windows between each genre and the reference (no genre signal left)."""
+    """`genre_aucs` after shuffling the windows between each genre and the reference (no genre signal)."""
     out = []
     for g in means[1:]:
         both = np.concatenate([g, means[0]])[rng.permutation(len(g) + len(means[0]))]

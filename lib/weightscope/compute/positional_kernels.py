@@ -61,17 +61,16 @@ def _distance_profile(K: torch.Tensor, m: int) -> torch.Tensor:
     return torch.stack(_cut_rows(K, m)[m - 1:]).mean(0)
 
 
-def translation_tv(K: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+def translation_tv(K: torch.Tensor) -> torch.Tensor:
     """[n_heads]: how far K is from depending on the distance i - j alone.
 
-    Reference: the rows i >= m = n // 2, each cut to the distances 0..m and renormalised, averaged (f[h, d]);
-    of `reference` [n_heads, n, n] when given (the other half's kernel, for the split-half null). Every row i,
-    cut to the distances 0..min(i, m) and renormalised, is compared with f cut the same way; the mean
-    total-variation distance is returned. It is 0 for any K[h, i, j] proportional to a function of i - j
+    Reference: the rows i >= m = n // 2, each cut to the distances 0..m and renormalised, averaged (f[h, d]).
+    Every row i, cut to the distances 0..min(i, m) and renormalised, is compared with f cut the same way; the
+    mean total-variation distance is returned. It is 0 for any K[h, i, j] proportional to a function of i - j
     (rows renormalised over j <= i), and grows as absolute positions matter.
     """
     m = K.shape[-1] // 2
-    f = _distance_profile(K if reference is None else reference, m)
+    f = _distance_profile(K, m)
     tvs = []
     for row in _cut_rows(K, m):
         ref = f[:, : row.shape[-1]] / f[:, : row.shape[-1]].sum(-1, keepdim=True).clamp_min(1e-12)
@@ -85,19 +84,21 @@ def halves(pattern: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def split_half_tv(pattern: torch.Tensor, *, min_query: int = 1) -> torch.Tensor:
-    """[n_heads]: the kernel's sampling noise, the mean TV between the rows of the kernels of two halves of the
-    windows (queries i >= min_query). A content TV or a translation TV at or below it cannot be told from the
-    kernel's own noise. `pattern`: [batch >= 2, n_heads, n, n]."""
+    """[n_heads]: the kernel's sampling noise, the mean TV between the rows of the kernels of two halves of
+    the windows (queries i >= min_query). A content TV at or below it cannot be told from the kernel's own
+    noise. `pattern`: [batch >= 2, n_heads, n, n]."""
     a, b = halves(pattern)
     return (0.5 * (a - b).abs().sum(-1))[:, min_query:].mean(-1)
 
 
 def split_half_translation_tv(pattern: torch.Tensor) -> torch.Tensor:
-    """[n_heads]: `translation_tv` of each half's kernel against the other half's distance profile, averaged:
-    the part of the translation TV that sampling alone gives (same cuts, same renormalisation). A head's
-    translation TV says that absolute positions matter only where it exceeds this null."""
+    """[n_heads]: the translation check's sampling noise in its own metric: the mean TV between the two
+    halves' kernels row by row, each row cut to the distances 0..min(i, n // 2) and renormalised as
+    `translation_tv` cuts them. A translation TV at or below it cannot be told from the kernel's noise."""
     a, b = halves(pattern)
-    return 0.5 * (translation_tv(a, reference=b) + translation_tv(b, reference=a))
+    m = a.shape[-1] // 2
+    tvs = [0.5 * (ra - rb).abs().sum(-1) for ra, rb in zip(_cut_rows(a, m), _cut_rows(b, m))]
+    return torch.stack(tvs, -1).mean(-1)
 
 
 def effective_tokens(pattern: torch.Tensor, *, min_query: int = 1) -> torch.Tensor:
@@ -124,9 +125,9 @@ def log_denominators(scores: torch.Tensor) -> torch.Tensor:
 
 
 def relative_log_denominators(scores: torch.Tensor) -> torch.Tensor:
-    """[batch, n_heads, n]: log sum_j exp(s_ij) - mean_{j <= i} s_ij, the log denominator relative to the row's
-    mean score. Adding a constant to a row of scores (which leaves the pattern unchanged) leaves it unchanged,
-    so it can be compared with the same quantity of any other pattern's scores (`log_kernel_scores`)."""
+    """[batch, n_heads, n]: log sum_j exp(s_ij) - mean_{j <= i} s_ij, the log denominator relative to the
+    row's mean score. A constant added to a row of scores leaves the pattern and this quantity unchanged, so
+    it can be compared with the same quantity of any other pattern's scores (`log_kernel_scores`)."""
     s = scores.float()
     keep = torch.isfinite(s)
     mean = torch.where(keep, s, 0.0).sum(-1) / keep.sum(-1).clamp_min(1)
