@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import standins
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -458,13 +459,12 @@ def _corpus(rng: np.random.Generator, words: list[str], n_paragraphs: int = 60) 
     return "\n\n".join(" ".join(rng.choice(words, 60)) for _ in range(n_paragraphs))
 
 
+@pytest.mark.skipif(not standins.GPT2_TOKENIZER.is_dir(), reason="needs ../shared/tokenizers/gpt2")
 def test_known_answer_planted_context_heads(tmp_path, monkeypatch):
     """On a GPT-2 whose heads 0 and 2 read only the learned positions in their queries and keys (the kernel is
     exact) and whose neuron 7 reads their bag of five planted tokens, the chapter must find exactly those
     heads, approximate their summed output with r >= 0.99, rank neuron 7 first with the planted tokens among
     its top pushing tokens, and find that it separates the genre that holds them."""
-    import standins
-
     from weightscope.chapters.context import open_chapter
 
     planted = standins.build_context_heads_gpt2(tmp_path / "planted")
