@@ -195,7 +195,7 @@ def test_summary_is_exact_for_a_positional_head(kind):
     for weighted in (False, True):
         parts = C.summary_parts(m, config, [0], weighted=weighted)
         lp = m.heldout["a"]
-        assert torch.allclose(cn.linear_summary(lp.tokens, *parts), lp.head_out[:, :, 0], atol=1e-5)
+        assert torch.allclose(cn.linear_summary(lp.tokens, *parts), lp.heads_output([0]), atol=1e-5)
     quality = C.summary_tables(m, config, [0], "listed")["05_quality"]
     assert (quality["fvu"] < 1e-8).all() and (quality["median_r"] > 0.99999).all()
 
@@ -264,7 +264,7 @@ def test_composition_against_a_forward_pass_with_the_heads_replaced(kind):
     s2 = float(m.calibration.scale2[:, 1:].mean())
 
     def swap_heads(out, hook):
-        return out - lp.head_out[:, :, heads].sum(2) + summary
+        return out - lp.heads_output(heads) + summary
 
     hooks = [("blocks.0.hook_attn_out", swap_heads),
              ("blocks.0.ln2.hook_scale", lambda s, hook: torch.full_like(s, s2))]

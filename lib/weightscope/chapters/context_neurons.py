@@ -188,11 +188,16 @@ class LayerPass:
     tokens: torch.Tensor  # [b, n]
     pattern: torch.Tensor  # [b, n_heads, n, n]
     rel_log_z: torch.Tensor  # [b, n_heads, n]: log softmax denominators relative to the row's mean score
-    head_out: torch.Tensor  # [b, n, n_heads, d_model]: each head's z W_O
+    z: torch.Tensor  # [b, n, n_heads, d_head]: each head's mixed values (its output is z W_O)
+    W_O: torch.Tensor  # [n_heads, d_head, d_model]
     rest: torch.Tensor  # [b, n, d_model]: the MLP's residual input (block input + attention output)
     scale1: torch.Tensor  # [b, n]: the attention norm's scale
     scale2: torch.Tensor  # [b, n]: the MLP norm's scale
     pre: torch.Tensor  # [b, n, d_mlp]: MLP pre-activations (the gate's for a gated MLP)
+
+    def heads_output(self, heads: list[int]) -> torch.Tensor:
+        """[b, n, d_model]: the combined output of `heads` (before b_O), sum_h z[h] W_O[h]."""
+        return torch.einsum("bnhe,hem->bnm", self.z[:, :, heads], self.W_O[heads])
 
 
 def layer_pass(model, tokens: torch.Tensor, layer: int, *, batch: int = 16) -> LayerPass:
@@ -200,7 +205,7 @@ def layer_pass(model, tokens: torch.Tensor, layer: int, *, batch: int = 16) -> L
     p = f"blocks.{layer}."
     names = {p + k for k in ("attn.hook_pattern", "attn.hook_attn_scores", "attn.hook_z", "hook_resid_mid",
                              "ln1.hook_scale", "ln2.hook_scale", "mlp.hook_pre")}
-    W_O = model.blocks[layer].attn.W_O  # [n_heads, d_head, d_model]
+    W_O = model.blocks[layer].attn.W_O.float().cpu()  # [n_heads, d_head, d_model]
     parts = []
     for lo in range(0, len(tokens), batch):
         _, c = model.run_with_cache(tokens[lo:lo + batch].to(model.cfg.device), stop_at_layer=layer + 1,
@@ -208,12 +213,13 @@ def layer_pass(model, tokens: torch.Tensor, layer: int, *, batch: int = 16) -> L
         parts.append(LayerPass(
             tokens=tokens[lo:lo + batch], pattern=c[p + "attn.hook_pattern"].float().cpu(),
             rel_log_z=pk.relative_log_denominators(c[p + "attn.hook_attn_scores"]).cpu(),
-            head_out=torch.einsum("bnhe,hem->bnhm", c[p + "attn.hook_z"], W_O).float().cpu(),
+            z=c[p + "attn.hook_z"].float().cpu(), W_O=W_O,
             rest=c[p + "hook_resid_mid"].float().cpu(),
             scale1=c[p + "ln1.hook_scale"][..., 0].float().cpu(),
             scale2=c[p + "ln2.hook_scale"][..., 0].float().cpu(),
             pre=c[p + "mlp.hook_pre"].float().cpu()))
-    return LayerPass(*(torch.cat([getattr(x, f) for x in parts]) for f in LayerPass.__dataclass_fields__))
+    return LayerPass(*(W_O if f == "W_O" else torch.cat([getattr(x, f) for x in parts])
+                       for f in LayerPass.__dataclass_fields__))
 
 
 @dataclass
@@ -319,7 +325,7 @@ def predict(m: Measured, config: Config, lp: LayerPass, heads: list[int], parts,
     linearised; everything else (the block's input, the other heads, b_O) as in the forward pass.
     `context=False` drops the summary (the baseline: what the prediction knows without the context bag)."""
     u, c = reads(m, config)
-    rest = lp.rest - lp.head_out[:, :, heads].sum(2)
+    rest = lp.rest - lp.heads_output(heads)
     summary = cn.linear_summary(lp.tokens, *parts) if context else torch.zeros_like(rest)
     return cn.predicted_preactivations(rest, summary, u, c)
 
@@ -422,7 +428,7 @@ def summary_tables(m: Measured, config: Config, heads: list[int], how: str) -> d
         for weighted in (False, True):
             parts = summary_parts(m, config, heads, scale=scale, weighted=weighted)
             for genre, lp in m.heldout.items():
-                y = lp.head_out[:, :, heads].sum(2)[:, 1:]
+                y = lp.heads_output(heads)[:, 1:]
                 r, fvu = cn.summary_quality(y, cn.linear_summary(lp.tokens, *parts)[:, 1:])
                 r0, fvu0 = cn.summary_quality(y, position_only(lp.tokens, parts, m.frequency)[:, 1:])
                 rows.append({"norm_scale": mode, "token_weights": weighted, "genre": genre,
