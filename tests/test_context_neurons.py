@@ -397,6 +397,9 @@ def test_bad_parameters_raise_one_clear_message():
     with pytest.raises(ParamsError, match="norm_scale.*\n?.*auc_rule|norm_scale") as err:
         C.Config(norm_scale="both", auc_rule=2.0)
     assert "auc_rule" in str(err.value)  # every problem at once
+    assert C.Config(heads="2,0").heads == (2, 0) and C.Config(heads=[1]).heads == (1,)
+    with pytest.raises(ParamsError, match="heads"):
+        C.Config(heads="stabel")
     dims = SimpleNamespace(n_layers=1, n_ctx=N, n_heads=4, model_type="gpt2")
     problems = C.Config(layer=3, window=2 * N, heads=[7], norm_scale="token").problems(dims)
     assert len(problems) >= 4 and any("layer = 3" in p for p in problems)

@@ -50,7 +50,7 @@ class Config:
     n_heldout: int = 32  # held-out windows per genre (the calibration file's from its second half)
     min_spread: float = 4.0  # a stable head attends to at least this many tokens (exp entropy)
     max_tv: float = 0.3  # ... and its held-out patterns are within this TV of the kernel
-    heads: str | tuple = "stable"  # "stable" (none: the method does not apply), "all", or head indices
+    heads: str | tuple = "stable"  # "stable" (none: the method does not apply), "all", or indices ("0,2")
     norm_scale: str = "auto"  # "token": each token's own scale; "measured": one; "auto": token where exact
     content_weights: bool = True  # weight tokens by the attention they draw (else kernel alone)
     fire_threshold: float = 0.0  # a neuron fires when its pre-activation exceeds this
@@ -62,7 +62,14 @@ class Config:
     batch: int = 16  # windows per forward pass
 
     def __post_init__(self):
-        heads = self.heads if isinstance(self.heads, str) else tuple(int(h) for h in self.heads)
+        heads = self.heads
+        if isinstance(heads, str) and heads not in ("stable", "all"):  # "0,2": a params file's list
+            try:
+                heads = tuple(int(h) for h in heads.split(","))
+            except ValueError:
+                pass  # reported below
+        if not isinstance(heads, str):
+            heads = tuple(int(h) for h in heads)
         object.__setattr__(self, "heads", heads)
         object.__setattr__(self, "heldout", dict(self.heldout))
         problems = []
@@ -74,7 +81,7 @@ class Config:
         if self.norm_scale not in NORM_SCALES:
             problems.append(f"norm_scale = {self.norm_scale!r}: use one of {', '.join(NORM_SCALES)}")
         if isinstance(heads, str) and heads not in ("stable", "all") or heads == ():
-            problems.append(f"heads = {self.heads!r}: use 'stable', 'all' or a list of head indices")
+            problems.append(f"heads = {self.heads!r}: use 'stable', 'all' or head indices such as '0,2'")
         if not self.heldout:
             problems.append("heldout needs at least one genre")
         if self.min_spread < 1 or not 0 < self.max_tv <= 1:
