@@ -300,3 +300,78 @@ def reference_attn_writes(cfg: dict, sd: dict, W_dec: torch.Tensor, layer: int, 
     if cfg["model_type"] == "gemma2" and post_norm:
         writes = writes * (1.0 + sd[f"model.layers.{layer}.post_attention_layernorm.weight"])
     return writes
+# A GPT-2 with planted layer-0 context heads (the known answer of chapter 5)
+
+PLANTED_HEADS = (0, 2)
+PLANTED_NEURON = 7
+BAG_WORDS = (" dragon", " castle", " knight", " sword", " wizard")
+
+
+def build_context_heads_gpt2(folder: Path, *, seed: int = 0, n_positions: int = 64) -> dict:
+    """A 1-layer GPT-2 (64 dims, 4 heads, 256 neurons, the GPT-2 vocabulary) whose heads 0 and 2 are context
+    heads by construction; returns {"folder", "heads", "neuron", "bag"} (the bag's token ids).
+
+    The residual stream is split into orthogonal subspaces, all orthogonal to the all-ones vector (so
+    LayerNorm's centring leaves them alone): tokens (40 dims; every embedding has norm 4), positions (12 dims;
+    norm 2) and the planted heads' output (11 dims). Every input thus has the same LayerNorm scale, so the
+    norm is exactly linear. The planted heads' queries and keys read only the positions (their patterns are
+    the same in every window: the kernel is exact), their values read the tokens and they write only into the
+    output subspace. Heads 1 and 3 read tokens with large query and key weights (sharp, content-dependent
+    patterns). Neuron 7 reads only the output subspace, along the direction the planted heads give the bag
+    tokens, whose embeddings share one direction g; every other neuron reads a random direction.
+    """
+    import transformers
+
+    tok = tokenizer()
+    gen = torch.Generator().manual_seed(seed)
+    d, n_heads, d_head, d_mlp = 64, 4, 16, 256
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=d, n_layer=1, n_head=n_heads,
+                                  n_positions=n_positions, n_inner=d_mlp, bos_token_id=len(tok) - 1,
+                                  eos_token_id=len(tok) - 1)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    basis = torch.linalg.qr(torch.cat([torch.ones(d, 1), torch.randn(d, d - 1, generator=gen)], 1))[0]
+    Q_tok, Q_pos, Q_out = basis[:, 1:41], basis[:, 41:53], basis[:, 53:64]
+
+    def unit(x):
+        return x / x.norm(dim=-1, keepdim=True)
+
+    bag = [tok.encode(w)[0] for w in BAG_WORDS if len(tok.encode(w)) == 1]
+    V = {h: torch.randn(40, d_head, generator=gen) / 40 ** 0.5 for h in PLANTED_HEADS}
+    V2 = {h: torch.randn(d_head, 11, generator=gen) / d_head ** 0.5 for h in PLANTED_HEADS}
+    M = sum(V[h] @ V2[h] for h in PLANTED_HEADS)  # [40, 11]: token coordinates -> output coordinates
+    g = unit(M @ torch.randn(11, generator=gen))  # the bag's shared direction, one the heads carry
+    z = unit(torch.randn(len(tok), 40, generator=gen))
+    z[bag] = unit(g + 0.3 * unit(torch.randn(len(bag), 40, generator=gen)) / 40 ** 0.5)
+    W_q, W_k, W_v, W_o = (torch.zeros(d, d) for _ in range(4))
+    for h in range(n_heads):
+        cols = slice(h * d_head, (h + 1) * d_head)
+        if h in PLANTED_HEADS:  # positions only, moderate scores: a spread-out positional kernel
+            W_q[:, cols] = Q_pos @ torch.randn(12, d_head, generator=gen) * 0.15
+            W_k[:, cols] = Q_pos @ torch.randn(12, d_head, generator=gen) * 0.15
+            W_v[:, cols] = Q_tok @ V[h]
+            W_o[cols] = V2[h] @ Q_out.T
+        else:  # content heads: large token-reading queries and keys; they write back into the tokens
+            W_q[:, cols] = Q_tok @ torch.randn(40, d_head, generator=gen) * 3
+            W_k[:, cols] = Q_tok @ torch.randn(40, d_head, generator=gen) * 3
+            W_v[:, cols] = Q_tok @ torch.randn(40, d_head, generator=gen) / 40 ** 0.5
+            W_o[cols] = torch.randn(d_head, 40, generator=gen) / d_head ** 0.5 @ Q_tok.T
+    W_in = torch.randn(d, d_mlp, generator=gen) / d ** 0.5
+    W_in[:, PLANTED_NEURON] = Q_out @ torch.linalg.pinv(M) @ g
+    state = {"transformer.wte.weight": 4 * z @ Q_tok.T,
+             "transformer.wpe.weight": 2 * unit(torch.randn(n_positions, 12, generator=gen)) @ Q_pos.T,
+             "transformer.h.0.attn.c_attn.weight": torch.cat([W_q, W_k, W_v], 1),
+             "transformer.h.0.attn.c_proj.weight": W_o, "transformer.h.0.mlp.c_fc.weight": W_in,
+             "transformer.h.0.mlp.c_proj.weight": torch.randn(d_mlp, d, generator=gen) / d_mlp ** 0.5}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in state:
+                param.copy_(state[name])
+            elif name.endswith("bias"):
+                param.zero_()
+            elif "ln" in name:
+                param.fill_(1.0)
+    model.tie_weights()
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return {"folder": folder, "heads": list(PLANTED_HEADS), "neuron": PLANTED_NEURON, "bag": bag}

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import standins
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -21,7 +22,7 @@ N, VOCAB = 12, 40
 
 @pytest.fixture(autouse=True)
 def _no_grad():
-    """Weights-only computations, as in the chapter; scoped to each test (a module-level switch would leak)."""
+    """Weights-only computations, as in the chapter; scoped to each test (a module-level switch leaks)."""
     with torch.no_grad():
         yield
 
@@ -55,19 +56,18 @@ def tiny_model(kind: str, seed: int = 0) -> HookedTransformer:
     return model
 
 
-def fake_ctx():
-    return SimpleNamespace(provenance=lambda **k: k, target=SimpleNamespace(target="test"))
+class FakeTokenizer:
+    bos_token_id, eos_token_id, unk_token_id, pad_token_id = 0, None, None, None
+
+    def decode(self, ids):
+        return f"<{ids[0]}>"
 
 
-def study_on(model, config, cal_tokens, held_tokens):
-    """A Study whose calibration and held-out passes are the given windows (no corpus, nothing saved)."""
-    study = C.Study(fake_ctx(), config, model, save=False)
-    study.tokenizer = SimpleNamespace(bos_token_id=0, eos_token_id=None, unk_token_id=None, pad_token_id=None,
-                                      decode=lambda ids: f"<{ids[0]}>")
-    study.__dict__["calibration"] = C.layer_pass(model, cal_tokens, config.layer, batch=4)
-    study.__dict__["heldout"] = {g: C.layer_pass(model, t, config.layer, batch=4)
-                                 for g, t in held_tokens.items()}
-    return study
+def measured(model, config, cal_tokens, held_tokens):
+    """The chapter's forward passes of the given windows (no corpus, nothing saved)."""
+    m = C.measure(model, config, cal_tokens, held_tokens)
+    m.tokenizer = FakeTokenizer()
+    return m
 
 
 def windows(b, seed, bos=0):
@@ -98,7 +98,7 @@ def test_kernel_of_a_model_against_attention_computed_by_hand():
     with q and k computed from the weights position by position (LayerNorm, learned positions)."""
     model = tiny_model("gpt2", seed=3)
     tokens = windows(3, 8)
-    study = study_on(model, C.Config(window=N, n_calibration=3, n_heldout=2), tokens, {"a": windows(2, 9)})
+    m = measured(model, C.Config(window=N, n_calibration=4, n_heldout=2), tokens, {"a": windows(2, 9)})
     attn, ln = model.blocks[0].attn, model.blocks[0].ln1
     eps = model.cfg.eps
     K = torch.zeros(4, N, N)
@@ -113,7 +113,7 @@ def test_kernel_of_a_model_against_attention_computed_by_hand():
                 scores = torch.stack([(q @ (normed(j) @ attn.W_K[h] + attn.b_K[h])) / 2.0
                                       for j in range(i + 1)])  # sqrt(d_head = 4)
                 K[h, i, : i + 1] += scores.softmax(0) / 3
-    assert torch.allclose(study.kernel, K, atol=1e-5)
+    assert torch.allclose(m.kernel, K, atol=1e-5)
 
 
 def test_spread_content_tv_and_denominators_against_loops():
@@ -189,15 +189,14 @@ def test_summary_is_exact_for_a_positional_head(kind):
     if kind == "gpt2":
         model.pos_embed.W_pos.zero_()  # positions would change the scale
     config = C.Config(heads=[0], window=N, n_calibration=6, n_heldout=4, norm_scale="measured")
-    study = study_on(model, config, windows(6, 1), {"a": windows(4, 2)})
+    m = measured(model, config, windows(6, 1), {"a": windows(4, 2)})
     uniform = torch.ones(N, N).tril() / torch.arange(1, N + 1)[:, None]
-    assert torch.allclose(study.kernel[0], uniform, atol=1e-6)
+    assert torch.allclose(m.kernel[0], uniform, atol=1e-6)
     for weighted in (False, True):
-        K, e_tok, e_pos, w = study.summary_parts([0], weighted=weighted)
-        lp = study.heldout["a"]
-        y_hat = cn.linear_summary(lp.tokens, K, e_tok, e_pos, w)
-        assert torch.allclose(y_hat, lp.head_out[:, :, 0], atol=1e-5)
-    quality = C.linear_summary(study)["05_quality"]
+        parts = C.summary_parts(m, config, [0], weighted=weighted)
+        lp = m.heldout["a"]
+        assert torch.allclose(cn.linear_summary(lp.tokens, *parts), lp.heads_output([0]), atol=1e-5)
+    quality = C.summary_tables(m, config, [0], "listed")["05_quality"]
     assert (quality["fvu"] < 1e-8).all() and (quality["median_r"] > 0.99999).all()
 
 
@@ -207,8 +206,45 @@ def test_summary_is_not_exact_for_a_content_head():
     model.blocks[0].attn.W_Q.mul_(30)
     config = C.Config(heads=[0], window=N, n_calibration=6, n_heldout=4, norm_scale="token",
                       content_weights=False)
-    study = study_on(model, config, windows(6, 1), {"a": windows(4, 2)})
-    assert float(C.linear_summary(study)["05_quality"]["fvu"].min()) > 1e-3
+    m = measured(model, config, windows(6, 1), {"a": windows(4, 2)})
+    assert float(C.summary_tables(m, config, [0], "listed")["05_quality"]["fvu"].min()) > 1e-3
+
+
+def test_extended_on_demand_equals_the_full_tensor():
+    """`Extended` (normed rows once, heads' maps) gives what `extended_embeddings` gives for every token, its
+    scores equal e . u, and its weighted mean equals the mean of the full tensor."""
+    h, d, dh = 3, 8, 4
+    X, W_V = torch.randn(VOCAB, d, generator=gen(20)), torch.randn(h, d, dh, generator=gen(21))
+    b_V, W_O = torch.randn(h, dh, generator=gen(22)), torch.randn(h, dh, d, generator=gen(23))
+    ln_w, ln_b = torch.rand(d, generator=gen(24)) + 0.5, torch.randn(d, generator=gen(25))
+    scale = torch.rand(VOCAB, generator=gen(26)) + 0.5
+    full = cn.extended_embeddings(X, ln_w, ln_b, W_V, b_V, W_O, scale, centred=True)
+    ext = cn.Extended(cn.normed_rows(X, ln_w, ln_b, scale, centred=True), W_V, b_V, W_O)
+    assert torch.allclose(ext.full(), full, atol=1e-5)
+    ids = torch.randint(0, VOCAB, (2, 5), generator=gen(27))
+    assert torch.allclose(ext.at(ids), full[:, ids], atol=1e-5)
+    u = torch.randn(d, 6, generator=gen(28))
+    assert torch.allclose(ext.scores(u), torch.einsum("htd,dn->htn", full, u), atol=1e-4)
+    q = torch.rand(h, VOCAB, generator=gen(29))
+    ref = torch.einsum("ht,htd->hd", q / q.sum(-1, keepdim=True), full)
+    assert torch.allclose(ext.mean(q), ref, atol=1e-5)
+
+
+def test_position_only_floor_keeps_positions_and_drops_tokens():
+    """The floor is the summary of a window of average tokens: equal to the summary of any window whose
+    tokens all have the average extended embedding, and the same for every window."""
+    model = tiny_model("gpt2", seed=4)
+    config = C.Config(heads=[0, 1], window=N, n_calibration=6, n_heldout=4)
+    m = measured(model, config, windows(6, 1), {"a": windows(4, 2)})
+    parts = C.summary_parts(m, config, [0, 1])
+    K, ext, e_pos, w = parts
+    floor = C.position_only(m.heldout["a"].tokens, parts, m.frequency)
+    assert torch.allclose(floor[0], floor[1], atol=1e-6)  # no token identity left
+    q = m.frequency[None] * w
+    e_bar = torch.einsum("ht,htd->hd", q / q.sum(-1, keepdim=True), ext.full())
+    w_bar = q.sum(-1) / m.frequency.sum()
+    ref = torch.einsum("hij,hjd->id", K, (e_bar[:, None] + e_pos) * w_bar[:, None, None])
+    assert torch.allclose(floor[0], ref, atol=1e-5)
 
 
 # --- neurons ------------------------------------------------------------------------------------------------
@@ -220,23 +256,24 @@ def test_composition_against_a_forward_pass_with_the_heads_replaced(kind):
     model = tiny_model(kind, seed=2)
     heads = [0, 2]
     config = C.Config(heads=heads, window=N, n_calibration=6, n_heldout=4)
-    study = study_on(model, config, windows(6, 3), {"a": windows(4, 4)})
-    lp = study.heldout["a"]
-    K, e_tok, e_pos, w = study.summary_parts(heads)
-    summary = cn.linear_summary(lp.tokens, K, e_tok, e_pos, w)
-    s2 = float(study.calibration.scale2[:, 1:].mean())
+    m = measured(model, config, windows(6, 3), {"a": windows(4, 4)})
+    lp = m.heldout["a"]
+    parts = C.summary_parts(m, config, heads)
+    K, ext, e_pos, w = parts
+    summary = cn.linear_summary(lp.tokens, *parts)
+    s2 = float(m.calibration.scale2[:, 1:].mean())
 
     def swap_heads(out, hook):
-        return out - lp.head_out[:, :, heads].sum(2) + summary
+        return out - lp.heads_output(heads) + summary
 
     hooks = [("blocks.0.hook_attn_out", swap_heads),
              ("blocks.0.ln2.hook_scale", lambda s, hook: torch.full_like(s, s2))]
     with model.hooks(fwd_hooks=hooks):
         _, cache = model.run_with_cache(lp.tokens, names_filter="blocks.0.mlp.hook_pre")
-    assert torch.allclose(C.predict(study, lp, heads), cache["blocks.0.mlp.hook_pre"], atol=1e-4)
+    assert torch.allclose(C.predict(m, config, lp, heads, parts), cache["blocks.0.mlp.hook_pre"], atol=1e-4)
     # the per-token context scores C[h, t, n] = (w e)(t) . u_n compose to the same context term
-    u, _ = study.reads()
-    Cs = torch.einsum("htd,dn->htn", e_tok * w[..., None], u)
+    u, _ = C.reads(m, config)
+    Cs = ext.scores(u) * w[..., None]
     if e_pos is None:
         ctx = torch.einsum("hij,hbjn->bin", K, Cs[:, lp.tokens])
         assert torch.allclose(ctx, summary @ u, atol=1e-4)
@@ -246,11 +283,11 @@ def test_context_stats_and_pushes_against_loops():
     h, d, m = 2, 6, 5
     e_tok, x_tok = torch.randn(h, VOCAB, d, generator=gen(12)), torch.randn(VOCAB, d, generator=gen(13))
     u, k = torch.randn(d, m, generator=gen(14)), torch.rand(h, 7, generator=gen(15))
-    p = torch.rand(VOCAB, generator=gen(16))
-    stats = cn.context_stats(e_tok, x_tok, u, p, k, chunk=2)
+    p, w = torch.rand(VOCAB, generator=gen(16)), torch.rand(h, VOCAB, generator=gen(17)) + 0.5
+    stats = cn.context_stats(e_tok, x_tok, u, p, k, weights=w, chunk=2)
     q = (p / p.sum()).double()
     for n in range(m):
-        C = (e_tok.double() @ u[:, n].double())  # [h, V]
+        C = (e_tok.double() @ u[:, n].double()) * w.double()  # [h, V]
         var_ctx = 0.0
         for dist in range(k.shape[1]):
             g = (k[:, dist].double()[:, None] * C).sum(0)  # one context slot: sum_h k[h, d] C[h, t]
@@ -259,10 +296,17 @@ def test_context_stats_and_pushes_against_loops():
         var_cur = float((q * (cur - (q * cur).sum()) ** 2).sum())
         assert stats.loc[n, "context_std"] == pytest.approx(np.sqrt(var_ctx), rel=1e-4)
         assert stats.loc[n, "current_std"] == pytest.approx(np.sqrt(var_cur), rel=1e-4)
-        push = cn.token_pushes(e_tok, u[:, n], p, k.sum(1))
+        push = cn.token_pushes(C.float(), p, k.sum(1))
         t = 3
         ref = sum(float(k[hh].sum()) * (float(C[hh, t]) - float((q * C[hh]).sum())) for hh in range(h))
         assert float(push[t]) == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    # an Extended gives the same table, streamed in chunks sized from the memory budget
+    X = torch.randn(VOCAB, d, generator=gen(18))
+    W_V, W_O = torch.randn(h, d, 3, generator=gen(19)), torch.randn(h, 3, d, generator=gen(20))
+    ext = cn.Extended(X, W_V, None, W_O)
+    a = cn.context_stats(ext, x_tok, u, p, k, weights=w, budget_bytes=3 * 4 * h * VOCAB * 2)
+    b = cn.context_stats(ext.full(), x_tok, u, p, k, weights=w)
+    assert np.allclose(a["context_std"], b["context_std"], rtol=1e-4)
 
 
 def test_auc_against_pair_counting():
@@ -274,30 +318,119 @@ def test_auc_against_pair_counting():
         assert got[col] == pytest.approx(wins / 35)
 
 
-def test_chapter_steps_on_a_tiny_gpt2():
-    """All four steps run on the GPT-2 path (learned positions, LayerNorm, GELU) and give tidy tables."""
+def test_genre_nulls_against_hand_counts():
+    """Separation, the label-shuffled AUCs and the permutation p-value, against direct computations."""
+    aucs = np.array([[0.9, 0.5, 0.2, 0.7], [0.5, 0.5, 0.5, 0.8]])
+    assert cn.separated(aucs, 0.75).tolist() == [True, False, True, True]
+    rng = np.random.default_rng(1)
+    means = [rng.normal(size=(6, 4)), rng.normal(size=(5, 4)) + np.array([5, 0, 0, 0])]
+    assert cn.genre_aucs(means)[0, 0] == 1.0  # a shift of 5 separates perfectly
+    shuffled = np.mean([cn.shuffled_aucs(means, rng)[0, 0] for _ in range(200)])
+    assert abs(shuffled - 0.5) < 0.1  # shuffling the labels removes the separation
+    hits = np.array([1, 1, 0, 0, 0, 0, 0, 0], dtype=bool)
+    p_top = cn.set_count_pvalue(hits, np.array([0, 1]), 2000, np.random.default_rng(0))
+    assert p_top == pytest.approx(1 / 28, abs=0.01)  # both hits in a random pair of 8: 1 / C(8, 2)
+    assert cn.set_count_pvalue(hits, np.array([2, 3]), 200, np.random.default_rng(0)) == 1.0
+
+
+def test_chapter_tables_on_a_tiny_gpt2():
+    """Every table on the GPT-2 path (learned positions, LayerNorm, GELU), tidy, with heads forced."""
     model = tiny_model("gpt2", seed=5)
-    config = C.Config(window=N, n_calibration=6, n_heldout=4, n_top=3, k_tokens=2, min_spread=1.0, max_tv=1.0)
-    study = study_on(model, config, windows(6, 5), {"a": windows(4, 6), "b": windows(4, 7)})
-    heads = C.kernels(study)["05_heads"]
-    assert heads["stable"].all() and len(heads) == 4
-    assert set(C.linear_summary(study)["05_quality"]["norm_scale"]) == {"measured"}  # no per-token scale here
-    neurons = C.context_neurons(study)
-    assert len(neurons["05_neurons"]) == 24 and neurons["05_neurons"]["context_share"].between(0, 1).all()
-    assert len(neurons["05_pushes"]) == 3 * 2 * 2
-    check = C.check_on_text(study)["05_check"]
-    assert "auc b vs a" in check and check["r_pred"].notna().all()
+    config = C.Config(window=N, n_calibration=6, n_heldout=4, n_top=3, k_tokens=2, heads="all",
+                      n_permutations=100)
+    m = measured(model, config, windows(6, 5), {"a": windows(4, 6), "b": windows(4, 7)})
+    t = C.compute_tables(model, config, m)
+    assert len(t["05_heads"]) == 4 and bool(t["05_summary"]["applies"].iloc[0])
+    assert set(t["05_quality"]["norm_scale"]) == {"measured"}  # no per-token scale with learned positions
+    assert len(t["05_neurons"]) == 24 and t["05_neurons"]["context_share"].between(0, 1).all()
+    assert len(t["05_pushes"]) == 3 * 2 * 2
+    assert "auc b vs a" in t["05_check"] and t["05_check"]["r_pred"].notna().all()
+    assert set(t["05_genres"]["population"]) == {"top by context share", "lowest context share",
+                                                 "all neurons (base rate)", "genre labels shuffled"}
 
 
-# --- parameters and corpora ---------------------------------------------------------------------------------
+def test_no_stable_head_ranks_no_neuron():
+    """With heads="stable" and no head passing, the measurements are made but no neuron is ranked, and the
+    findings say the method does not apply."""
+    model = tiny_model("llama", seed=6)
+    model.blocks[0].attn.W_Q.mul_(30)  # content-dependent heads
+    config = C.Config(window=N, n_calibration=6, n_heldout=4, max_tv=0.01)
+    m = measured(model, config, windows(6, 5), {"a": windows(4, 6)})
+    raw = C.compute_tables(model, config, m)
+    t = C.Tables(*(raw[n] for n in C.NAMES), config=config)
+    assert not t.applies and t.neurons.empty and t.check.empty and len(t.quality)
+    found = C.findings(t)
+    assert "does not apply" in found["applies"][0] and "neurons" not in found
+
+
+def test_kernel_noise_and_translation_null_against_loops():
+    pat, _ = random_patterns(b=6, seed=8)
+    a, b = pat[0::2].mean(0), pat[1::2].mean(0)
+    noise = pk.split_half_tv(pat)
+    for h in range(3):
+        ref = np.mean([0.5 * float((a[h, i] - b[h, i]).abs().sum()) for i in range(1, N)])
+        assert float(noise[h]) == pytest.approx(ref, abs=1e-6)
+    same = pat[:1].expand(6, -1, -1, -1)  # identical windows: no sampling noise at all
+    assert float(pk.split_half_tv(same).max()) < 1e-6
+    assert float(pk.split_half_translation_tv(same).max()) < 1e-6
+    m = N // 2
+    ref = np.mean([0.5 * float((a[0, i, i - np.arange(min(i, m) + 1)] / a[0, i, i - np.arange(min(i, m) + 1)]
+                                .sum() - b[0, i, i - np.arange(min(i, m) + 1)]
+                                / b[0, i, i - np.arange(min(i, m) + 1)].sum()).abs().sum())
+                   for i in range(1, N)])
+    assert float(pk.split_half_translation_tv(pat)[0]) == pytest.approx(ref, abs=1e-6)
+
+
+def test_relative_log_denominators_ignore_row_shifts():
+    _, scores = random_patterns(seed=9)
+    rel = pk.relative_log_denominators(scores)
+    shifted = pk.relative_log_denominators(scores + torch.randn(5, 3, N, 1, generator=gen(30)))
+    assert torch.allclose(rel, shifted, atol=1e-4)
+    b, h, i = 1, 2, 5
+    s = scores[b, h, i, : i + 1].double()
+    assert float(rel[b, h, i]) == pytest.approx(float(torch.logsumexp(s, 0) - s.mean()), rel=1e-5)
+
+
+# --- parameters, pre-flight and corpora ------------------------------------------------------------
 
 def test_bad_parameters_raise_one_clear_message():
-    with pytest.raises(ParamsError, match="layer=3"):
-        C.Config(layer=3).check(n_layers=1, n_ctx=N)
-    with pytest.raises(ParamsError, match="norm_scale"):
-        C.Config(norm_scale="both", window=N).check(n_layers=1, n_ctx=N)
-    with pytest.raises(ParamsError, match="learned position"):
-        C.Study(fake_ctx(), C.Config(window=N, norm_scale="token"), tiny_model("gpt2"), save=False)
+    with pytest.raises(ParamsError, match="norm_scale.*\n?.*auc_rule|norm_scale") as err:
+        C.Config(norm_scale="both", auc_rule=2.0)
+    assert "auc_rule" in str(err.value)  # every problem at once
+    assert C.Config(heads="2,0").heads == (2, 0) and C.Config(heads=[1]).heads == (1,)
+    with pytest.raises(ParamsError, match="heads"):
+        C.Config(heads="stabel")
+    dims = SimpleNamespace(n_layers=1, n_ctx=N, n_heads=4, model_type="gpt2")
+    problems = C.Config(layer=3, window=2 * N, heads=[7], norm_scale="token").problems(dims)
+    assert len(problems) >= 4 and any("layer = 3" in p for p in problems)
+
+
+def test_missing_corpora_are_a_problem(monkeypatch, tmp_path):
+    monkeypatch.setenv("WEIGHTSCOPE_CORPORA", str(tmp_path))
+    def found():
+        return [item.problem(None, set()) for item in C.Config().inputs()]
+
+    assert found() and all("no corpus file" in p for p in found())
+    monkeypatch.delenv("WEIGHTSCOPE_CORPORA")
+    assert "WEIGHTSCOPE_CORPORA is not set" in found()[0]
+
+
+def test_preflight_refuses_a_bad_override_before_any_chapter(tmp_path):
+    """A chapter-5 override out of range (layer 9 of the 5-layer demo) ends in exit 2 before any chapter."""
+    import subprocess
+    import sys
+
+    from weightscope.publish.book import REPO_ROOT
+
+    params = tmp_path / "broken5.yaml"
+    text = (REPO_ROOT / "params" / "demo.yaml").read_text()
+    params.write_text(text.replace("target: demo", "target: broken5")
+                      .replace("chapters: {}", "chapters: {05_context_neurons: {layer: 9}}"))
+    proc = subprocess.run([sys.executable, "-m", "weightscope.publish.book", "--target", str(params),
+                           "--chapters", "01", "05", "--no-html"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "05_context_neurons: layer = 9" in proc.stderr and "nothing was run" in proc.stderr
 
 
 class CharTokenizer:
@@ -319,3 +452,50 @@ def test_corpus_text_and_windows(tmp_path, monkeypatch):
         corpora.token_windows(CharTokenizer(), "abc", n=3, length=5, bos=1)
     with pytest.raises(corpora.CorpusError, match="Known files"):
         corpora.corpus_path("missing.txt")
+
+
+# --- the known answer: a GPT-2 with planted context heads ----------------------------------------
+
+COMMON = ("the a man went to town and saw her dog it was big small red blue day night ran walked "
+          "home tree house river field old new good bad happy sad said looked").split()
+
+
+def _corpus(rng: np.random.Generator, words: list[str], n_paragraphs: int = 60) -> str:
+    return "\n\n".join(" ".join(rng.choice(words, 60)) for _ in range(n_paragraphs))
+
+
+@pytest.mark.skipif(not standins.GPT2_TOKENIZER.is_dir(), reason="needs ../shared/tokenizers/gpt2")
+def test_known_answer_planted_context_heads(tmp_path, monkeypatch):
+    """On a GPT-2 whose heads 0 and 2 read only the learned positions in their queries and keys (the kernel is
+    exact) and whose neuron 7 reads their bag of five planted tokens, the chapter must find exactly those
+    heads, approximate their summed output with r >= 0.99, rank neuron 7 first with the planted tokens among
+    its top pushing tokens, and find that it separates the genre that holds them."""
+    from weightscope.chapters.context import open_chapter
+
+    planted = standins.build_context_heads_gpt2(tmp_path / "planted")
+    rng = np.random.default_rng(0)
+    corpora_dir = tmp_path / "corpora"
+    corpora_dir.mkdir()
+    (corpora_dir / "plain.txt").write_text(_corpus(rng, COMMON))
+    bag_words = [w.strip() for w in standins.BAG_WORDS]
+    (corpora_dir / "fantasy.txt").write_text(_corpus(rng, COMMON + bag_words * 4))
+    monkeypatch.setenv("WEIGHTSCOPE_CORPORA", str(corpora_dir))
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path / "data"))
+    saes = standins.build_saes(planted["folder"], tmp_path / "saes", layers=[0])
+    params = standins.write_params("planted", planted["folder"], saes, tmp_path / "planted.yaml")
+    config = C.Config(calibration="plain.txt", heldout={"plain": "plain.txt", "fantasy": "fantasy.txt"},
+                      window=32, n_calibration=8, n_heldout=8, n_top=5, k_tokens=8, n_permutations=200)
+    t = C.run(open_chapter(str(params)), config)
+
+    assert t.applies and t.heads.loc[t.heads["stable"], "head"].tolist() == planted["heads"]
+    assert (t.heads.loc[planted["heads"], "content_tv"] < 1e-4).all()  # the kernel is exact
+    q = t.quality[t.quality["configured"]]
+    assert (q["median_r"] >= 0.99).all() and (q["fvu"] < 0.02).all()
+    assert (q["median_r position-only"] < q["median_r"] - 0.2).all()  # the tokens carry it, not positions
+    top = t.neurons.iloc[0]
+    assert int(top["neuron"]) == planted["neuron"] and top["context_share"] > 0.99
+    up = t.pushes[(t.pushes["neuron"] == planted["neuron"]) & (t.pushes["side"] == "up")]
+    assert set(planted["bag"]) <= set(up["token_id"])
+    row = t.check[t.check["neuron"] == planted["neuron"]].iloc[0]
+    assert row["auc fantasy vs plain"] == 1.0 and row["r_pred"] > 0.9
+    assert "does not apply" not in " ".join(C.findings(t)["applies"])

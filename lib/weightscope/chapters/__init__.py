@@ -15,6 +15,7 @@ CHAPTERS = {
     "02_attention": "weightscope.chapters.attention",
     "03_semantic_populations": "weightscope.chapters.populations",
     "04_attention_saes": "weightscope.chapters.attention_saes",
+    "05_context_neurons": "weightscope.chapters.context_neurons",
 }
 
 SKIPPABLE = {

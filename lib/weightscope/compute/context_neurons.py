@@ -10,6 +10,10 @@ text (or, with no position embedding, each token's own scale, exact at layer 0).
 through the (linearised) next norm, so its pre-activation is linear in that bag: per token t and head h, the
 context score C[h, t, n] = e_h(t) . u_n, with u_n the neuron's folded input row.
 
+The extended embeddings of every token are never held per head ([n_heads, d_vocab, d_model] is 1.9 GB at
+GPT-2 small's width): `Extended` keeps the layer's normed token embeddings once ([d_vocab, d_model]) and the
+heads' value and output maps, and forms e_h(t) for the tokens asked for, or the scores e_h(t) . u in chunks.
+
 Shapes: tokens [batch, n]; K [n_heads_S, n, n]; W_E [d_vocab, d_model]; W_V [n_heads, d_model, d_head];
 W_O [n_heads, d_head, d_model]; e [n_heads_S, d_vocab, d_model]; U (MLP input) [d_model, d_mlp].
 """
@@ -41,15 +45,60 @@ def extended_embeddings(X: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor 
     `scale`: a number or [rows]. `biases=False` drops the norm's and W_V's biases (for the position part of a
     GPT-2 input, whose biases are already counted once with the token part). W_V, b_V, W_O: the chosen heads.
     """
-    x = centre(X) if centred else X
-    s = scale if isinstance(scale, float) else torch.as_tensor(scale, dtype=X.dtype).reshape(-1, 1)
-    normed = x / s * ln_w
-    if biases and ln_b is not None:
-        normed = normed + ln_b
+    normed = normed_rows(X, ln_w, ln_b, scale, centred=centred, bias=biases)
     v = torch.einsum("rd,hde->hre", normed, W_V)  # [n_heads, rows, d_head]
     if biases and b_V is not None:
         v = v + b_V[:, None, :]
     return torch.einsum("hre,hem->hrm", v, W_O)
+
+
+class Extended:
+    """Extended embeddings e_h(t) = (normed(x_t) W_V[h] + b_V[h]) W_O[h] of chosen heads, formed on demand.
+
+    normed: [d_vocab, d_model] the token embeddings through the linearised norm (its bias included);
+    W_V [h, d_model, d_head], b_V [h, d_head] or None, W_O [h, d_head, d_model].
+    """
+
+    def __init__(self, normed: torch.Tensor, W_V: torch.Tensor, b_V: torch.Tensor | None, W_O: torch.Tensor):
+        self.normed, self.W_V, self.b_V, self.W_O = normed, W_V, b_V, W_O
+        self.n_heads, self.d_vocab = W_V.shape[0], normed.shape[0]
+
+    def at(self, ids: torch.Tensor) -> torch.Tensor:
+        """[h, *ids.shape, d_model]: the extended embeddings of the token ids `ids`."""
+        v = torch.einsum("...d,hde->h...e", self.normed[ids], self.W_V)
+        if self.b_V is not None:
+            v = v + self.b_V.view(self.n_heads, *([1] * ids.dim()), -1)
+        return torch.einsum("h...e,hem->h...m", v, self.W_O)
+
+    def full(self) -> torch.Tensor:
+        """[h, d_vocab, d_model]: every token's extended embedding (small models and tests only)."""
+        return self.at(torch.arange(self.d_vocab))
+
+    def scores(self, u: torch.Tensor) -> torch.Tensor:
+        """[h, d_vocab, m]: e_h(t) . u[:, n] for the columns of u [d_model, m], without forming e."""
+        read = torch.einsum("hem,mn->hen", self.W_O, u)  # [h, d_head, m]
+        out = torch.einsum("vd,hdn->hvn", self.normed, torch.einsum("hde,hen->hdn", self.W_V, read))
+        if self.b_V is not None:
+            out = out + torch.einsum("he,hen->hn", self.b_V, read)[:, None]
+        return out
+
+    def mean(self, q: torch.Tensor) -> torch.Tensor:
+        """[h, d_model]: the q-weighted mean extended embedding per head; q [h, d_vocab] (rows normalised)."""
+        q = (q / q.sum(-1, keepdim=True)).to(self.normed.dtype)
+        v = torch.einsum("hv,vd,hde->he", q, self.normed, self.W_V)
+        if self.b_V is not None:
+            v = v + self.b_V
+        return torch.einsum("he,hem->hm", v, self.W_O)
+
+
+def normed_rows(X: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor | None,
+                scale: torch.Tensor | float, *, centred: bool, bias: bool = True) -> torch.Tensor:
+    """[rows, d_model]: rows of X through the linearised norm, centre(x) / scale * w (+ b); `scale` a number
+    or [rows]."""
+    x = centre(X) if centred else X
+    s = scale if isinstance(scale, float) else torch.as_tensor(scale, dtype=X.dtype).reshape(-1, 1)
+    out = x / s * ln_w
+    return out + ln_b if bias and ln_b is not None else out
 
 
 def token_weights(tokens: torch.Tensor, pattern: torch.Tensor, K: torch.Tensor, d_vocab: int, *,
@@ -76,9 +125,10 @@ def kernel_denominators(tokens: torch.Tensor, K: torch.Tensor, weights: torch.Te
 def linear_summary(tokens: torch.Tensor, K: torch.Tensor, e_tok: torch.Tensor,
                    e_pos: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """[batch, n, d_model]: sum_h sum_j K[h, i, j] w[h, t_j] (e_tok[h, t_j] + e_pos[h, j]) for every window
-    and position; `weights` w [n_heads, d_vocab] (token weights; None = all 1)."""
+    and position; `weights` w [n_heads, d_vocab] (token weights; None = all 1). `e_tok`: [n_heads, d_vocab,
+    d_model] or an `Extended`."""
     n = tokens.shape[1]
-    E = e_tok[:, tokens]  # [n_heads, batch, n, d_model]
+    E = e_tok.at(tokens) if isinstance(e_tok, Extended) else e_tok[:, tokens]  # [n_heads, batch, n, d_model]
     if e_pos is not None:
         E = E + e_pos[:, None, :n]
     if weights is not None:
@@ -119,39 +169,49 @@ def predicted_preactivations(rest: torch.Tensor, summary: torch.Tensor, u: torch
     return (rest + summary) @ u + c
 
 
-def context_stats(e_tok: torch.Tensor, x_tok: torch.Tensor, u: torch.Tensor, p: torch.Tensor,
-                  k: torch.Tensor, *, chunk: int = 256) -> pd.DataFrame:
+def context_stats(e_tok, x_tok: torch.Tensor, u: torch.Tensor, p: torch.Tensor, k: torch.Tensor, *,
+                  weights: torch.Tensor | None = None, chunk: int | None = None,
+                  budget_bytes: int = 2 ** 28) -> pd.DataFrame:
     """Per neuron: how much its pre-activation varies with the bag of context tokens versus the current token.
 
     Tokens are drawn independently from the distribution p [d_vocab] (the calibration text's token
     frequencies); the context term at a long-context query is sum_h sum_d k[h, d] C[h, t_d, n], with k
-    [n_heads, D] the relative kernels. Its variance is sum_d k_d^T Cov_p(C[:, t, n]) k_d; the current token's
-    is Var_p(x_t . u_n), x_tok [d_vocab, d_model] the block's direct input per token. Streams over neurons.
+    [n_heads, D] the relative kernels and C[h, t, n] = w[h, t] e_h(t) . u_n (`weights` w [h, d_vocab], None =
+    1). Its variance is sum_d k_d^T Cov_p(C[:, t, n]) k_d; the current token's is Var_p(x_t . u_n), x_tok
+    [d_vocab, d_model] the block's direct input per token. `e_tok`: an `Extended` or [h, d_vocab, d_model].
+    Streams over neurons in chunks whose [h, d_vocab, chunk] scores fit `budget_bytes` (unless `chunk`).
     """
-    p = (p / p.sum()).to(e_tok.dtype)
-    KK = k.to(e_tok.dtype) @ k.to(e_tok.dtype).T  # [h, h]: sum_d k[h, d] k[g, d]
+    n_heads, d_vocab = (e_tok.n_heads, e_tok.d_vocab) if isinstance(e_tok, Extended) else e_tok.shape[:2]
+    if chunk is None:
+        chunk = max(1, min(u.shape[1], budget_bytes // (3 * 4 * n_heads * d_vocab)))
+    p = (p / p.sum()).to(u.dtype)
+    KK = k.to(u.dtype) @ k.to(u.dtype).T  # [h, h]: sum_d k[h, d] k[g, d]
     rows = []
     for lo in range(0, u.shape[1], chunk):
         uc = u[:, lo:lo + chunk]
-        C = (e_tok.reshape(-1, e_tok.shape[-1]) @ uc).view(e_tok.shape[0], -1, uc.shape[1])  # [h, V, chunk]
+        C = e_tok.scores(uc) if isinstance(e_tok, Extended) else torch.einsum("htd,dn->htn", e_tok, uc)
+        if weights is not None:
+            C = C * weights.to(C.dtype)[..., None]
         Cc = C - torch.einsum("htn,t->hn", C, p)[:, None]
         # sum_{h,g} KK[h, g] Cov_p(C[h], C[g]) = sum_t p_t sum_h Cc[h] (KK Cc)[h]: no [n, h, h] products
         var_ctx = torch.einsum("htn,htn,t->n", Cc, torch.einsum("hg,gtn->htn", KK, Cc), p)
+        del C, Cc
         D = x_tok @ uc  # [V, chunk]
         var_cur = ((D - p @ D) ** 2 * p[:, None]).sum(0)
         rows.append(pd.DataFrame({"neuron": np.arange(lo, lo + uc.shape[1]),
-                                  "context_std": var_ctx.sqrt().numpy(),
+                                  "context_std": var_ctx.clamp_min(0).sqrt().numpy(),
                                   "current_std": var_cur.sqrt().numpy()}))
     out = pd.concat(rows, ignore_index=True)
-    out["context_share"] = out["context_std"] ** 2 / (out["context_std"] ** 2 + out["current_std"] ** 2)
+    total = (out["context_std"] ** 2 + out["current_std"] ** 2).clip(lower=1e-30)
+    out["context_share"] = out["context_std"] ** 2 / total
     return out
 
 
-def token_pushes(e_tok: torch.Tensor, u_n: torch.Tensor, p: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+def token_pushes(C: torch.Tensor, p: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     """[d_vocab]: how much filling the context with token t moves one neuron's pre-activation, relative to the
-    calibration average: sum_h mass[h] (C[h, t] - E_p C[h, .]). u_n: [d_model]; mass: [n_heads] kernel mass.
+    calibration average: sum_h mass[h] (C[h, t] - E_p C[h, .]). C: [h, d_vocab] the neuron's context scores
+    (w e_h(t) . u_n, see `context_stats`); mass: [n_heads] kernel mass.
     """
-    C = torch.einsum("htd,d->ht", e_tok, u_n)  # [h, V]
     p = (p / p.sum()).to(C.dtype)
     return mass.to(C.dtype) @ (C - (C @ p)[:, None])
 
@@ -162,3 +222,31 @@ def auc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     n_a, n_b = len(a), len(b)
     ranks = rankdata(np.concatenate([a, b]), axis=0)
     return (ranks[:n_a].sum(0) - n_a * (n_a + 1) / 2) / (n_a * n_b)
+
+
+def separated(aucs: np.ndarray, rule: float) -> np.ndarray:
+    """[m] bool: a column separates some genre from the reference, AUC >= rule or <= 1 - rule in any row of
+    aucs [genres, m]."""
+    return ((aucs >= rule) | (aucs <= 1 - rule)).any(0)
+
+
+def genre_aucs(means: list[np.ndarray]) -> np.ndarray:
+    """[genres - 1, m]: AUC of each genre's window means [windows, m] against the first genre's."""
+    return np.stack([auc(g, means[0]) for g in means[1:]])
+
+
+def shuffled_aucs(means: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """`genre_aucs` after shuffling the windows between each genre and the reference (no genre signal)."""
+    out = []
+    for g in means[1:]:
+        both = np.concatenate([g, means[0]])[rng.permutation(len(g) + len(means[0]))]
+        out.append(auc(both[: len(g)], both[len(g):]))
+    return np.stack(out)
+
+
+def set_count_pvalue(hits: np.ndarray, chosen: np.ndarray, n_draws: int, rng: np.random.Generator) -> float:
+    """P(a random set of len(chosen) columns holds at least as many hits as `chosen` does): a permutation
+    test of a ranking's top set against sets drawn without regard to the ranking (add-one estimate)."""
+    observed = int(hits[chosen].sum())
+    draws = np.array([hits[rng.choice(len(hits), len(chosen), replace=False)].sum() for _ in range(n_draws)])
+    return float((1 + (draws >= observed).sum()) / (1 + n_draws))

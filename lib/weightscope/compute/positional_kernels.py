@@ -8,6 +8,7 @@ patterns, so it holds for learned absolute positions (GPT-2) and for rotary quer
     K = acc.kernel()                        # [n_heads, n, n], rows sum to 1 below the diagonal
     relative_kernel(K)                      # [n_heads, n]: mean attention at distance d = i - j
     effective_tokens(pattern), content_tv(pattern, K), log_denominators(scores)
+    split_half_tv(pattern)                  # [n_heads]: the kernel's own sampling noise (a null for the TVs)
 """
 
 from __future__ import annotations
@@ -45,6 +46,21 @@ def relative_kernel(K: torch.Tensor, *, min_query: int = 0) -> torch.Tensor:
     return out
 
 
+def _cut_rows(K: torch.Tensor, m: int) -> list[torch.Tensor]:
+    """Rows i = 1..n-1 of K [n_heads, n, n], each cut to the distances 0..min(i, m) and renormalised."""
+    dist = torch.arange(m + 1)
+    rows = []
+    for i in range(1, K.shape[-1]):
+        row = K[:, i, i - dist[: min(i, m) + 1]]
+        rows.append(row / row.sum(-1, keepdim=True).clamp_min(1e-12))
+    return rows
+
+
+def _distance_profile(K: torch.Tensor, m: int) -> torch.Tensor:
+    """[n_heads, m + 1]: the rows i >= m cut to the distances 0..m, renormalised, averaged."""
+    return torch.stack(_cut_rows(K, m)[m - 1:]).mean(0)
+
+
 def translation_tv(K: torch.Tensor) -> torch.Tensor:
     """[n_heads]: how far K is from depending on the distance i - j alone.
 
@@ -53,20 +69,35 @@ def translation_tv(K: torch.Tensor) -> torch.Tensor:
     mean total-variation distance is returned. It is 0 for any K[h, i, j] proportional to a function of i - j
     (rows renormalised over j <= i), and grows as absolute positions matter.
     """
-    n = K.shape[-1]
-    m = n // 2
-    dist = torch.arange(m + 1)
-
-    def cut(i: int, width: int) -> torch.Tensor:  # [n_heads, width + 1]: row i at distances 0..width
-        row = K[:, i, i - dist[: width + 1]]
-        return row / row.sum(-1, keepdim=True).clamp_min(1e-12)
-
-    f = torch.stack([cut(i, m) for i in range(m, n)]).mean(0)  # [n_heads, m + 1]
+    m = K.shape[-1] // 2
+    f = _distance_profile(K, m)
     tvs = []
-    for i in range(1, n):
-        width = min(i, m)
-        ref = f[:, : width + 1] / f[:, : width + 1].sum(-1, keepdim=True).clamp_min(1e-12)
-        tvs.append(0.5 * (cut(i, width) - ref).abs().sum(-1))
+    for row in _cut_rows(K, m):
+        ref = f[:, : row.shape[-1]] / f[:, : row.shape[-1]].sum(-1, keepdim=True).clamp_min(1e-12)
+        tvs.append(0.5 * (row - ref).abs().sum(-1))
+    return torch.stack(tvs, -1).mean(-1)
+
+
+def halves(pattern: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels [n_heads, n, n] of the even and the odd windows of `pattern` [batch, n_heads, n, n]."""
+    return pattern[0::2].double().mean(0).float(), pattern[1::2].double().mean(0).float()
+
+
+def split_half_tv(pattern: torch.Tensor, *, min_query: int = 1) -> torch.Tensor:
+    """[n_heads]: the kernel's sampling noise, the mean TV between the rows of the kernels of two halves of
+    the windows (queries i >= min_query). A content TV at or below it cannot be told from the kernel's own
+    noise. `pattern`: [batch >= 2, n_heads, n, n]."""
+    a, b = halves(pattern)
+    return (0.5 * (a - b).abs().sum(-1))[:, min_query:].mean(-1)
+
+
+def split_half_translation_tv(pattern: torch.Tensor) -> torch.Tensor:
+    """[n_heads]: the translation check's sampling noise in its own metric: the mean TV between the two
+    halves' kernels row by row, each row cut to the distances 0..min(i, n // 2) and renormalised as
+    `translation_tv` cuts them. A translation TV at or below it cannot be told from the kernel's noise."""
+    a, b = halves(pattern)
+    m = a.shape[-1] // 2
+    tvs = [0.5 * (ra - rb).abs().sum(-1) for ra, rb in zip(_cut_rows(a, m), _cut_rows(b, m))]
     return torch.stack(tvs, -1).mean(-1)
 
 
@@ -91,3 +122,21 @@ def log_denominators(scores: torch.Tensor) -> torch.Tensor:
     `scores`: [batch, n_heads, n, n] pre-softmax attention scores with the causal mask as -inf
     (TransformerLens `hook_attn_scores`)."""
     return torch.logsumexp(scores.float(), dim=-1)
+
+
+def relative_log_denominators(scores: torch.Tensor) -> torch.Tensor:
+    """[batch, n_heads, n]: log sum_j exp(s_ij) - mean_{j <= i} s_ij, the log denominator relative to the
+    row's mean score. A constant added to a row of scores leaves the pattern and this quantity unchanged, so
+    it can be compared with the same quantity of any other pattern's scores (`log_kernel_scores`)."""
+    s = scores.float()
+    keep = torch.isfinite(s)
+    mean = torch.where(keep, s, 0.0).sum(-1) / keep.sum(-1).clamp_min(1)
+    return torch.logsumexp(s, dim=-1) - mean
+
+
+def log_kernel_scores(K: torch.Tensor, weights_at: torch.Tensor) -> torch.Tensor:
+    """[batch, n_heads, n, n]: the scores implied by the summary's pattern, log(K[h, i, j] w[h, t_j]), -inf
+    above the diagonal. weights_at: [batch, n_heads, n], each key's token weight."""
+    n = K.shape[-1]
+    s = torch.log((K[None] * weights_at[:, :, None, :]).clamp_min(1e-30))
+    return s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
