@@ -316,3 +316,14 @@ def test_run_holds_one_copy_of_the_model(ctx, monkeypatch):
     found = ch.findings(t)
     assert len(found["lens"]) == 2 and "pass chapter 1's rule" in found["lens"][0]
     assert found["summary"][0].startswith(f"Of {len(t.summary)} measures")
+
+
+def test_page_tables_for_the_plots():
+    reads = pd.DataFrame({"dictionary": ["features"] * 3, "distance": [1, 1, 2], "q_part_frac": [0.1, 0.3, 0.5],
+                          "k_part_frac": 0.0, "v_part_frac": 1.0})
+    long = ch.reads_by_distance(reads).set_index(["distance", "read"])["share"]
+    assert long[(1, "query")] == pytest.approx(0.2) and long[(2, "value (OV)")] == 1.0
+    checks = pd.DataFrame({"dictionary": ["features"], "layer": [0], "explained_variance": [0.9],
+                           "explained_variance (null)": [0.4]})
+    shown = ch.checks_long(checks).set_index("code")["explained variance"]
+    assert shown["features"] == 0.9 and shown["features: random dictionary"] == 0.4

@@ -375,6 +375,14 @@ def per_row_reads(reads: pd.DataFrame) -> pd.DataFrame:
     return reads.groupby(["dictionary", "layer", "row"], as_index=False)[value_cols].mean()
 
 
+def reads_by_distance(reads: pd.DataFrame) -> pd.DataFrame:
+    """Share of heads beating the null by distance from the MLP: dictionary, distance, read, share."""
+    by = reads.groupby(["dictionary", "distance"])[[f"{r}_part_frac" for r in READS]].mean().reset_index()
+    long = by.melt(id_vars=["dictionary", "distance"], var_name="read", value_name="share")
+    long["read"] = long["read"].map({"q_part_frac": "query", "k_part_frac": "key", "v_part_frac": "value (OV)"})
+    return long
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Chapter 3: populations
 
@@ -586,6 +594,15 @@ def hook_activations(model, tokens: torch.Tensor, hooks: list[str], *, bos_id: i
         for h in hooks:
             out[h].append(cache[h].reshape(-1, cache[h].shape[-1])[keep].float())
     return {h: torch.cat(parts) for h, parts in out.items()}
+
+
+def checks_long(checks: pd.DataFrame) -> pd.DataFrame:
+    """Each code's explained variance and its random dictionary's, one row each: layer, code, explained
+    variance, and the row's other columns (for hover text)."""
+    real = checks.assign(code=checks["dictionary"], **{"explained variance": checks["explained_variance"]})
+    null = checks.assign(code=checks["dictionary"] + ": random dictionary",
+                         **{"explained variance": checks["explained_variance (null)"]})
+    return pd.concat([real, null], ignore_index=True)
 
 
 def _check_row(dictionary, layer, mlp_layer, what, y, y_hat, z, cfg: Config) -> dict:
