@@ -3,6 +3,7 @@ against its null, held-out checks against a random dictionary, the summary, and 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 from dataclasses import replace
@@ -98,7 +99,7 @@ def test_notebook_parameters_are_the_config_fields():
     from weightscope.publish.book import notebook_defaults
 
     declared = set(notebook_defaults(NOTEBOOK)) - {"target"}
-    assert declared == {f.name for f in ch.dataclasses.fields(ch.Config)}
+    assert declared == {f.name for f in dataclasses.fields(ch.Config)}
 
 
 def test_a_bad_override_is_a_preflight_problem(tmp_path):
