@@ -1,8 +1,13 @@
-"""Chapter 6's steps on a tiny random model with stand-in SAEs: pairing, rule, reads, alignment, checks."""
+"""Chapter 6 on a tiny random model with stand-in SAEs: contract, chapter 1's rule called, reads, alignment
+against its null, held-out checks against a random dictionary, the summary, and one copy of the model."""
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import weakref
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,9 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from weightscope.chapters import ffkv as ch
-from weightscope.compute import ffkv
+from weightscope.chapters import output_tokens
+from weightscope.compute import ffkv, lens
+from weightscope.config.params import ParamsError
 
 from test_ffkv import tiny_model
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "06_ffkv_baseline.md"
 
 
 class StandInSAE(torch.nn.Module):
@@ -37,15 +46,37 @@ class StandInSAE(torch.nn.Module):
         return f @ self.W_dec
 
 
+WORDS = ("<s> the a cat dog sat ran big small red blue one two three four five six seven eight nine ten house "
+         "tree car road sun moon star sky sea fish bird cow pig hen fox owl bee ant bat rat elk yak emu ape "
+         "hat cup pen box cap").split()
+
+
+def word_tokenizer():
+    """A word-level tokenizer of 50 words (BOS first), built in memory: chapter 1 reads a tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<s>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
+
+
+def lens_model(arch: str = "swiglu"):
+    """The tiny model with a 50-word vocabulary (chapter 1's lens reads the tokenizer)."""
+    model = tiny_model(arch)
+    model.tokenizer = word_tokenizer()
+    return model
+
+
 @pytest.fixture
 def ctx(tmp_path, monkeypatch):
     monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path))
-    return SimpleNamespace(target=SimpleNamespace(target="test-ffkv"), dtype=torch.float32,
-                           device=torch.device("cpu"), provenance=lambda **kw: {"chapter": kw})
+    return SimpleNamespace(target=SimpleNamespace(target="test-ffkv", neuronpedia=None, sae_source="local"),
+                           dtype=torch.float32, device=torch.device("cpu"),
+                           provenance=lambda **kw: {"chapter": kw})
 
 
-VOCAB = [f"tok{i}" if i % 3 else f" word{i}" for i in range(50)]
-CFG = ch.FFKVConfig(n_null=300, m_coherence=3, k=5)
+CFG = ch.Config(n_null=300, m_coherence=3, k=5)
 
 
 def test_pairing_follows_the_site():
@@ -54,41 +85,72 @@ def test_pairing_follows_the_site():
     assert ch.mlp_layer_for(StandInSAE(0, hook="hook_resid_pre")) is None
 
 
-def test_config_errors_say_what_to_fix():
-    with pytest.raises(ValueError, match="concentration_stat must be kurtosis or top_z"):
-        replace(CFG, concentration_stat="neg_entropy").check(50)
-    with pytest.raises(ValueError, match="key must be one of"):
-        replace(CFG, key="down").check(50)
+def test_config_lists_every_problem_at_once():
+    with pytest.raises(ParamsError) as err:
+        ch.Config(topk=-3, concentration_stat="neg_entropy", key="down", m_coherence=20)
+    text = str(err.value)
+    for part in ("topk = -3", "concentration_stat 'neg_entropy'", "key 'down'", "m_coherence <= k"):
+        assert part in text
+    assert ch.Config(k=60).problems(SimpleNamespace(d_vocab=50))  # k beyond the vocabulary: chapter 1's check
+    assert ch.Config().problems(SimpleNamespace(d_vocab=50)) == []
 
 
-def test_rule_thresholds_are_null_quantiles():
-    rng = np.random.default_rng(0)
-    df = pd.DataFrame({"dec_kurtosis": rng.normal(size=50), "dec_string_sim": rng.random(50),
-                       "dec_emb_cos": rng.random(50)})
-    null = pd.DataFrame({c: rng.normal(size=400) for c in df.columns})
-    out = ch._rule(df, null, CFG, "dec")
-    t = {c: np.quantile(null[f"dec_{c}"], 0.95) for c in ("kurtosis", "string_sim", "emb_cos")}
-    for i, row in df.iterrows():  # naive, row by row
-        concentrated = row["dec_kurtosis"] > t["kurtosis"]
-        coherent = row["dec_string_sim"] > t["string_sim"] or row["dec_emb_cos"] > t["emb_cos"]
-        assert out.loc[i, "dec_predicts"] == (concentrated and coherent)
-    assert out["dec_thr_stat"].iloc[0] == pytest.approx(t["kurtosis"])
+def test_notebook_parameters_are_the_config_fields():
+    from weightscope.publish.book import notebook_defaults
+
+    declared = set(notebook_defaults(NOTEBOOK)) - {"target"}
+    assert declared == {f.name for f in dataclasses.fields(ch.Config)}
 
 
-def test_token_lens_rows_and_chance_level(ctx):
-    model = tiny_model("swiglu")
+def test_a_bad_override_is_a_preflight_problem(tmp_path):
+    from weightscope.config.params import load_target
+    from weightscope.publish import preflight as pf
+    from weightscope.publish.book import notebook_defaults
+
+    params = tmp_path / "t.yaml"
+    params.write_text("target: t\nmodel:\n  name: stories260K\nsaes:\n  source: demo\n"
+                      "chapters: {06_ffkv_baseline: {topk: -3}}\n")
+    target = load_target(params)
+    dims = pf.ModelDims(n_layers=5, d_model=64, d_vocab=512)
+    problems = pf.chapter_problems(target, "06_ffkv_baseline", notebook_defaults(NOTEBOOK), dims)
+    assert len(problems) == 1 and "chapters.06_ffkv_baseline" in problems[0] and "topk = -3" in problems[0]
+
+
+def test_sae_feature_rates_equal_chapter_ones(ctx):
+    model = lens_model()
     saes = [StandInSAE(0), StandInSAE(1)]
-    rows = ch.token_lens(ctx, model, saes, CFG, VOCAB)
+    rows = ch.token_lens(ctx, CFG, model, saes)
+    one = output_tokens.run(ctx, CFG.lens_config(), model=model, saes=saes)
+    for side in lens.SIDES:
+        mine = rows[rows["dictionary"] == "features"].groupby("layer")[f"{side}_predicts"].mean()
+        theirs = one.features.groupby("layer")[f"{side}_predicts"].mean()
+        pd.testing.assert_series_equal(mine, theirs)
+        null = rows[rows["dictionary"] == "null"].groupby("layer")[f"{side}_predicts"].mean()
+        ones_null = one.nulls[one.nulls["population"] == "null: random"].groupby("layer")[f"{side}_predicts"]
+        pd.testing.assert_series_equal(null, ones_null.mean())
     counts = rows.groupby(["layer", "dictionary"]).size()
     assert counts[(0, "features")] == 40 and counts[(0, "neurons")] == 24 and counts[(0, "null")] == 300
-    null = rows[rows["dictionary"] == "null"]
-    # an independent null sample passes the concentration test at about its quantile's rate
-    assert abs(null["dec_concentrated"].mean() - 0.05) < 0.03
-    again = ch.token_lens(ctx, model, saes, CFG, VOCAB)  # read back from the per-layer cache
-    pd.testing.assert_frame_equal(rows, again)
 
 
-def test_reads_of_null_directions_beat_the_null_at_chance(ctx):
+def test_neurons_are_judged_by_chapter_ones_thresholds_over_content_tokens(ctx):
+    model = lens_model()
+    sae = StandInSAE(1)
+    rows = ch.token_lens(ctx, CFG, model, [sae])
+    neurons = rows[rows["dictionary"] == "neurons"].reset_index(drop=True)
+    feats = rows[rows["dictionary"] == "features"]
+    keep = lens.content_ids(model, CFG.exclude_tokens)
+    M = lens.output_matrix(model)[0][:, keep]
+    V = ffkv.value_vectors(ffkv.ff_block(model, 1))
+    for i in range(len(neurons)):  # naive, row by row: the top token over the content tokens
+        s = V[i] @ M
+        assert neurons.loc[i, "dec_top_tokens"][0] == lens.token_strings(model)[int(keep[s.argmax()])]
+        t = {c: feats[f"dec_thr_{c}"].iloc[0] for c in ("concentration", "string_sim", "emb_cos")}
+        expected = neurons.loc[i, "dec_kurtosis"] > t["concentration"] and (
+            neurons.loc[i, "dec_string_sim"] > t["string_sim"] or neurons.loc[i, "dec_emb_cos"] > t["emb_cos"])
+        assert neurons.loc[i, "dec_predicts"] == expected
+
+
+def test_reads_of_null_directions_beat_the_null_at_chance():
     model = tiny_model("gpt2")
     cfg = replace(CFG, n_null=4000, q_null=0.9)
     reads = ch.reads_layer(model, StandInSAE(0), cfg)
@@ -102,7 +164,7 @@ def test_reads_of_null_directions_beat_the_null_at_chance(ctx):
     assert all(pd.api.types.is_numeric_dtype(both[c]) for c in both.columns if c != "dictionary")
 
 
-def test_reads_do_not_depend_on_a_directions_norm(ctx):
+def test_reads_do_not_depend_on_a_directions_norm():
     model = tiny_model("swiglu")
     sae = StandInSAE(0)
     base = ch.reads_layer(model, sae, CFG)
@@ -111,25 +173,60 @@ def test_reads_do_not_depend_on_a_directions_norm(ctx):
     pd.testing.assert_frame_equal(base, scaled, rtol=1e-4, atol=1e-4)
 
 
-def test_alignment_against_the_brute_force_cosine_matrix(ctx):
+def cos(A, B):
+    return torch.tensor([[float(F.cosine_similarity(a, b, dim=0)) for b in B] for a in A])
+
+
+def test_alignment_against_the_brute_force_cosine_matrix():
     model = tiny_model("gemma2")
     saes = [StandInSAE(0), StandInSAE(1)]
-    out = ch.alignment(ctx, model, saes, CFG)
+    rows = ch.alignment_rows(model, saes, CFG)
     values = {L: ffkv.value_vectors(ffkv.ff_block(model, L)) for L in (0, 1)}
-
-    def cos(A, B):
-        return torch.tensor([[float(F.cosine_similarity(a, b, dim=0)) for b in B] for a in A])
-
-    rows = out["rows"]
-    got = rows[(rows["direction"] == "SAE features vs value vectors") & (rows["layer"] == 1)]["max_cos"]
+    real = rows[rows["population"] == "real"]
+    got = real[(real["direction"] == ch.FEATURES_SIDE) & (real["layer"] == 1)]
     expected = cos(saes[1].W_dec, torch.cat([values[0], values[1]])).max(1).values  # same and earlier blocks
-    np.testing.assert_allclose(got.to_numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
-    got = rows[(rows["direction"] == "value vectors vs SAE features") & (rows["layer"] == 0)]["max_cos"]
+    np.testing.assert_allclose(got["max_cos"].to_numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert (got["set_size"] == 48).all()
+    got = real[(real["direction"] == ch.NEURONS_SIDE) & (real["layer"] == 0)]["max_cos"]
     expected = cos(values[0], torch.cat([saes[0].W_dec, saes[1].W_dec])).max(1).values  # SAEs that see it
     np.testing.assert_allclose(got.to_numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
-    share = out["shares"].set_index(["direction", "layer"]).loc[("value vectors vs SAE features", 0)]
-    assert share["unaligned"] == pytest.approx(float((expected < 0.3).float().mean()))
-    assert share["aligned"] == pytest.approx(float((expected >= 0.9).float().mean()))
+    shares = ch.alignment_shares(rows, CFG).set_index(["direction", "layer"]).loc[(ch.NEURONS_SIDE, 0)]
+    assert shares["unaligned"] == pytest.approx(float((expected < 0.3).float().mean()))
+    null = rows[(rows["population"] == "null") & (rows["direction"] == ch.NEURONS_SIDE) & (rows["layer"] == 0)]
+    assert shares["median (null)"] == pytest.approx(float(torch.tensor(null["max_cos"].to_numpy()).median()))
+    assert shares["median excess"] == pytest.approx(shares["median"] - shares["median (null)"])
+
+
+def test_alignment_excess_finds_planted_copies_and_not_chance():
+    model = tiny_model("swiglu")
+    sae = StandInSAE(1)
+    plain = ch.alignment_shares(ch.alignment_rows(model, [sae], CFG), CFG).set_index("direction")
+    assert abs(plain.loc[ch.FEATURES_SIDE, "aligned excess"]) < 0.05  # random rows: no excess over the null
+    V = ffkv.value_vectors(ffkv.ff_block(model, 1))
+    sae.W_dec = torch.cat([F.normalize(V[:20], dim=1), sae.W_dec[20:]])  # half the features copy a neuron
+    planted = ch.alignment_shares(ch.alignment_rows(model, [sae], CFG), CFG).set_index("direction")
+    assert planted.loc[ch.FEATURES_SIDE, "aligned excess"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_random_dictionary_code_reconstructs_what_it_spans_and_matches_least_squares():
+    atoms = ffkv.random_atoms(30, 8, seed=3)
+    g = torch.Generator().manual_seed(0)
+    planted = torch.zeros(50, 30)
+    planted[:, :2] = torch.randn(50, 2, generator=g) * 3  # two atoms per token: a known answer
+    y = planted @ atoms
+    y_hat, uses = ffkv.random_dictionary_code(y - y.mean(0) + y.mean(0), atoms, k=8)
+    assert ffkv.explained_variance(y, y_hat) == pytest.approx(1.0, abs=1e-4)  # k = d: anything is spanned
+    y = torch.randn(40, 8, generator=g)
+    y_hat, uses = ffkv.random_dictionary_code(y, atoms, k=3)
+    mu = y.mean(0)
+    for i in range(len(y)):  # naive reference: pick the 3 atoms of largest |cos|, least squares on them
+        x = y[i] - mu
+        idx = (atoms @ x).abs().topk(3).indices
+        A = atoms[idx].T
+        coef = torch.linalg.pinv(A) @ x
+        torch.testing.assert_close(y_hat[i], A @ coef + mu, rtol=1e-4, atol=1e-4)
+    assert int(uses.sum()) == 40 * 3
+    assert ffkv.alive_share(uses, 40, 0.1) == float((uses >= 4).float().mean())
 
 
 def test_activation_checks_are_exact_when_every_neuron_is_kept():
@@ -140,40 +237,94 @@ def test_activation_checks_are_exact_when_every_neuron_is_kept():
     np.testing.assert_allclose(neurons["explained_variance"], 1.0, atol=1e-5)
     few = ch.activation_checks(model, [StandInSAE(1)], tokens, replace(CFG, topk=3), bos_id=int(tokens[0, 0]))
     row = few[few["dictionary"] == "neurons"].iloc[0]
-    assert row["explained_variance"] < 1.0 and row["mean_l0"] == 3.0
+    assert row["explained_variance"] < 1.0 and row["mean_l0"] == 3.0 and row["null k"] == 3
     assert row["tokens"] == int((tokens != tokens[0, 0]).sum())  # BOS-like positions left out
+    assert row["explained_variance (null)"] < 1.0 and 0 <= row["active (null)"] <= 1
     sae_row = few[few["dictionary"] == "features"].iloc[0]
-    assert sae_row["mean_l0"] <= 4.0 and 0 < sae_row["alive"] <= 1
+    assert sae_row["mean_l0"] <= 4.0 and 0 < sae_row["active"] <= 1
 
 
-def test_summary_names_the_higher_dictionary_only_when_the_test_is_clear():
-    n = 400
-    lens_rows = pd.DataFrame({"dictionary": ["features"] * n + ["neurons"] * n + ["null"] * n,
-                              "layer": 0, "row": list(range(n)) * 3,
-                              "dec_predicts": [True] * 200 + [False] * 200 + [False] * 390 + [True] * 10
-                              + [False] * n,
-                              "enc_predicts": ([True] * 40 + [False] * 360) * 2 + [False] * n})
+def test_activity_threshold_can_fail():
+    # a latent in the code on too few tokens is not active, whatever its other values
+    uses = torch.tensor([0, 1, 5, 100])
+    assert ffkv.alive_share(uses, 1000, 0.001) == 0.75
+    assert ffkv.alive_share(uses, 1000, 0.01) == 0.25
+
+
+def _weights(n: int, dec_f, dec_n, dec_null):
+    lens_rows = pd.DataFrame({"dictionary": ["features"] * n + ["neurons"] * n + ["null"] * n, "layer": 0,
+                              "row": list(range(n)) * 3, "dec_predicts": dec_f + dec_n + dec_null,
+                              "enc_predicts": [False] * (3 * n), "dec_top_tokens": [[" a", " b"]] * (3 * n),
+                              "dec_coherent": False})
     reads = lens_rows[["dictionary", "layer", "row"]].assign(
         **{f"{r}_{s}": 0.0 for r in "qkv" for s in ("z_mean", "part_frac")})
-    labels = lens_rows.assign(dec_label="non-semantic")
-    directions = ["SAE features vs value vectors", "value vectors vs SAE features", "null vs value vectors"]
-    align = {"rows": pd.DataFrame({"direction": directions, "max_cos": [0.5, 0.5, 0.5]})}
-    out = ch.summary(lens_rows, reads, {"labels": labels}, align, None, CFG).set_index("measure")
-    dec = out.loc["token lens, output side (decoder-unembedding): passes the rule"]
+    align = pd.DataFrame({"direction": [ch.FEATURES_SIDE] * 2 * n + [ch.NEURONS_SIDE] * 2 * n,
+                          "population": (["real"] * n + ["null"] * n) * 2,
+                          "max_cos": [0.95] * (n // 2) + [0.5] * (n // 2) + [0.5] * n  # features: half aligned
+                          + [0.95] * (n // 2) + [0.5] * (n // 2) + [0.95] * (n // 2) + [0.5] * (n // 2)})
+    return {"lens_rows": lens_rows, "reads": reads, "alignment": align}
+
+
+def test_summary_compares_each_dictionary_against_its_own_null():
+    n = 400
+    w = _weights(n, [True] * 200 + [False] * 200, [False] * 390 + [True] * 10, [False] * n)
+    out = ch.summary(w, None, CFG).set_index("measure")
+    dec = out.loc["token lens, output side (decoder-unembedding): passes chapter 1's rule"]
     assert dec["features"] == 0.5 and dec["neurons"] == 10 / n and dec["verdict"] == "features higher"
-    enc = out.loc["token lens, input side (encoder-embedding): passes the rule"]
-    assert enc["p"] > 0.5 and enc["verdict"] == "no clear difference"
+    assert dec["features null"] == 0.0 and dec["neurons excess"] == 10 / n
+    enc = out.loc["token lens, input side (encoder-embedding): passes chapter 1's rule"]
+    assert enc["p"] == 1.0 and enc["verdict"] == "no clear difference"
+    # neurons reach 50% aligned, but so do random directions against the same set: no excess
+    al = out.loc[f"alignment: max cosine to the other dictionary >= {CFG.aligned}"]
+    assert al["neurons"] == 0.5 and al["neurons excess"] == 0.0 and al["features excess"] == 0.5
+    assert al["verdict"] == "features higher"
 
 
 def test_layer_measures_name_a_dictionary_only_when_every_layer_agrees():
-    checks = pd.DataFrame({"dictionary": ["features", "neurons", "neurons (other TopK)"] * 3,
-                           "layer": [0, 0, 0, 1, 1, 1, 2, 2, 2],
-                           "explained_variance": [0.9, 0.5, 0.99, 0.8, 0.6, 0.99, 0.7, 0.4, 0.99],
-                           "alive": [0.9, 1.0, 1.0, 1.0, 0.9, 1.0, 0.9, 1.0, 1.0]})
+    checks = pd.DataFrame({"dictionary": ["features", "neurons"] * 3, "layer": [0, 0, 1, 1, 2, 2],
+                           "explained_variance": [0.9, 0.5, 0.8, 0.6, 0.7, 0.4],
+                           "explained_variance (null)": [0.3, 0.3, 0.3, 0.3, 0.3, 0.3],
+                           "active": [0.9, 1.0, 1.0, 0.9, 0.9, 1.0],
+                           "active (null)": [0.9, 0.5, 0.9, 0.5, 0.9, 0.5]})
     ev = ch._layer_row("ev", checks, "explained_variance")
     assert ev["verdict"] == "features higher in every layer" and ev["neurons"] == pytest.approx(0.5)
-    assert ch._layer_row("alive", checks, "alive")["verdict"] == "mixed across layers"
-    shown = ch.for_people(pd.DataFrame([{**ev, "unit": "mean over layers"},
-                                        {"measure": "m", "unit": "share of rows", "features": 0.0123,
-                                         "neurons": 0.5, "null": np.nan, "p": 0.000123, "verdict": "x"}]))
-    assert shown["features"].tolist() == ["0.80", "1.2%"] and shown["p"].tolist() == ["", "0.00012"]
+    assert ev["features excess"] == pytest.approx(0.5)
+    active = ch._layer_row("active", checks, "active")  # neurons are higher only against their own null
+    assert active["verdict"] == "neurons higher in every layer"
+    shown = ch.for_people(pd.DataFrame([{**ev, "unit": "mean over layers"}]))
+    assert shown["features"].tolist() == ["0.80"] and shown["features excess"].tolist() == ["+0.50"]
+
+
+def test_run_holds_one_copy_of_the_model(ctx, monkeypatch):
+    """The weights-only model is released before the full model is loaded for the held-out checks."""
+    saes = [StandInSAE(1)]
+    held = {}
+
+    def load_model_and_saes(mlp):
+        model = lens_model()
+        held["ref"] = weakref.ref(model)
+        return model, saes
+
+    def load_full_model():
+        gc.collect()
+        held["alive when the full model loads"] = held["ref"]() is not None
+        return tiny_model("swiglu")
+
+    ctx.load_model_and_saes, ctx.load_full_model = load_model_and_saes, load_full_model
+    monkeypatch.setattr(ch, "held_out_rows", lambda ctx, full, n: (torch.randint(0, 50, (2, 8)), None))
+    t = ch.run(ctx, CFG)
+    assert held["alive when the full model loads"] is False
+    found = ch.findings(t)
+    assert len(found["lens"]) == 2 and "pass chapter 1's rule" in found["lens"][0]
+    assert found["summary"][0].startswith(f"Of {len(t.summary)} measures")
+
+
+def test_page_tables_for_the_plots():
+    reads = pd.DataFrame({"dictionary": ["features"] * 3, "distance": [1, 1, 2], "q_part_frac": [0.1, 0.3, 0.5],
+                          "k_part_frac": 0.0, "v_part_frac": 1.0})
+    long = ch.reads_by_distance(reads).set_index(["distance", "read"])["share"]
+    assert long[(1, "query")] == pytest.approx(0.2) and long[(2, "value (OV)")] == 1.0
+    checks = pd.DataFrame({"dictionary": ["features"], "layer": [0], "explained_variance": [0.9],
+                           "explained_variance (null)": [0.4]})
+    shown = ch.checks_long(checks).set_index("code")["explained variance"]
+    assert shown["features"] == 0.9 and shown["features: random dictionary"] == 0.4

@@ -16,6 +16,7 @@ CHAPTERS = {
     "03_semantic_populations": "weightscope.chapters.populations",
     "04_attention_saes": "weightscope.chapters.attention_saes",
     "05_context_neurons": "weightscope.chapters.context_neurons",
+    "06_ffkv_baseline": "weightscope.chapters.ffkv",
 }
 
 SKIPPABLE = {

@@ -1,94 +1,180 @@
-"""Chapter 6: MLP neurons (FF-KV) as a baseline dictionary beside the SAE features and the null directions.
+"""Chapter 6 in one call: MLP neurons (FF-KV) as a baseline dictionary beside the SAE features.
 
-Each step is one call that returns tidy tables with a `dictionary` column ("features", "neurons", "null"):
+    config = ffkv.Config(topk=10, ...)        # chapter 1's rule parameters and this chapter's, all checked at once
+    tables = ffkv.run(ctx, config)            # loads the weights, then (alone) the full model for held-out text
 
-    blocks(model, saes, cfg)                       -> how each SAE is paired with an MLP, and its FF-KV shape
-    token_lens(ctx, model, saes, cfg)              -> chapter 1's token lens and rule, both sides, per row
-    attention_reads(ctx, model, saes, cfg)         -> chapter 2's head reads, z-scored against one null
-    key_choice(model, saes, cfg, vocab, lens_rows) -> the input side with the gate or the up projection as key
-    populations(lens_rows, read_rows, cfg)         -> chapter 3's labels and semantic / non-semantic contrast
-    alignment(ctx, model, saes, cfg)               -> max cosine of SAE decoder rows against value vectors
-    activation_checks(model, saes, tokens, cfg)    -> TopK-FF and SAE explained variance, alive rates (demo)
-    summary(lens_rows, reads, pops, align, checks, cfg) -> one table: each measure, features against neurons
-    for_people(summary), save_tables(ctx, cfg, tables)  -> the summary as text; tables written to results
+Every measure is taken for three dictionaries, a `dictionary` column naming them: "features" (each SAE's rows),
+"neurons" (the paired MLP block's value and key vectors) and "null" (random directions). `run` owns the caching
+(per layer through `io.layer_tables`, whole tables through `io.cached_tables`), the provenance and the derived
+tables; `findings(tables)` writes the page's result sentences from them.
+
+* Token lens: chapter 1's rule, called (`output_tokens.lens_tables`): the features' rows, thresholds and null are
+  chapter 1's own, so the SAE-feature rates equal chapter 1's; the neurons are judged by the same thresholds over
+  the same content tokens.
+* Attention reads: chapter 2's kernels (`head_reads`, `null_zscores`) on unit directions, one null for all.
+* Populations: chapter 3's labels and its semantic / non-semantic contrast.
+* Alignment: max cosine of SAE rows against value vectors and back, each beside random directions compared with
+  the same sets (same set sizes, same dimension), reported as excess over them.
+* Held-out text (`load.corpora.held_out_windows`): explained variance and active latents of the TopK-FF code of
+  each MLP output and of each SAE's code of its site, each beside a random dictionary of the same size coding the
+  same activations with the same k.
 
 Pairing: an MLP at layer L writes into the residual stream after block L, where a residual SAE at
 `blocks.L.hook_resid_post` reads it, so that SAE is paired with block L's MLP (an SAE at resid_pre or
-resid_mid of L with block L - 1's). Only the lowest-level kernels are called (`token_score_stats`,
-`head_reads`, `null_zscores`, `random_directions_like`, `fold_*`, and chapter 3's `label_side` and rank
-statistics).
+resid_mid of L with block L - 1's).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import dataclasses
+import gc
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy import stats
 
 from weightscope import io
-from weightscope.compute import ffkv, populations as pops
+from weightscope.chapters import output_tokens
+from weightscope.chapters.findings import percent
+from weightscope.compute import ffkv, lens, populations as pops
 from weightscope.compute.attention import head_reads, null_zscores
-from weightscope.compute.folding import fold_final_norm, fold_pre_attention_norm
-from weightscope.compute.token_scores import (
-    mean_pairwise_cosine,
-    mean_pairwise_string_similarity,
-    random_directions_like,
-    token_score_stats,
-)
+from weightscope.compute.folding import fold_pre_attention_norm
+from weightscope.compute.token_scores import random_directions_like
+from weightscope.config.params import ParamsError
+from weightscope.load import corpora
 
 DICTIONARIES = ("features", "neurons", "null")
 SIDES = {"dec": "output side (decoder-unembedding)", "enc": "input side (encoder-embedding)"}
 READS = ("q", "k", "v")
+SCALE_FREE = ("kurtosis", "top_z")  # statistics that do not change when a row is scaled
+LENS_FIELDS = ("k", "m_coherence", "concentration_stat", "q_concentration", "q_coherence", "n_null",
+               "max_features", "seed", "exclude_tokens")  # chapter 1's parameters, with chapter 1's defaults
 
 
 @dataclass(frozen=True)
-class FFKVConfig:
-    """The chapter's parameters (each a notebook parameter with the same name)."""
+class Config:
+    """Chapter 6's parameters (each a notebook parameter of the same name)."""
 
-    k: int = 10  # tokens kept at each end of a row's score distribution
-    m_coherence: int = 5  # top tokens whose mutual similarity measures coherence
-    concentration_stat: str = "kurtosis"  # kurtosis | top_z: scale-free, so one null serves every dictionary
-    q_concentration: float = 0.95  # concentrated: above this quantile of the null
-    q_coherence: float = 0.95  # coherent: string similarity or embedding cosine above this null quantile
-    n_null: int = 1024  # null directions per layer (each for thresholds and for the reported null)
+    k: int = 10  # chapter 1: tokens kept at each end of a row's score distribution
+    m_coherence: int = 5  # chapter 1: top tokens whose mutual similarity measures coherence
+    concentration_stat: str = "kurtosis"  # chapter 1's statistic; kurtosis | top_z (scale-free)
+    q_concentration: float = 0.95  # chapter 1: concentrated above this quantile of the null
+    q_coherence: float = 0.95  # chapter 1: coherent above this null quantile
+    n_null: int = 2048  # null directions per layer (chapter 1's, the reads' and the alignment's)
+    max_features: int = 0  # first N SAE features per layer (0: all)
+    seed: int = 0  # seed of the null directions and the bootstrap
+    exclude_tokens: tuple[str, ...] = ("byte", "special")  # chapter 1's token filter
     q_null: float = 0.99  # a row takes part in a head when its read exceeds this null quantile
     key: str = "gate"  # gated MLPs: the encoder (key) direction, gate or up projection
-    max_features: int = 0  # first N SAE features per layer (0: all)
     max_neurons: int = 0  # first N neurons per layer (0: all)
     topk: int = 10  # TopK-FF: neurons kept per token (the paper's k = 10)
     topk_of: str = "normalized"  # TopK over plain or value-normalised latents
     aligned: float = 0.9  # max cosine at or above: aligned (the paper's cut-off)
     unaligned: float = 0.3  # max cosine below: unaligned
     signed: bool = True  # max of the signed cosine (False: of |cos|)
-    n_eval_tokens: int = 8192  # held-out tokens for the activation checks (demo)
-    alpha: float = 0.01  # the summary names the higher dictionary when its rank test gives p below this
-    seed: int = 0
+    n_eval_tokens: int = 8192  # held-out tokens for the activation checks
+    alive_share: float = 0.001  # a latent is active when in the code on at least this share of tokens
+    alpha: float = 0.01  # the summary names the higher dictionary when its test gives p below this
 
-    def check(self, d_vocab: int) -> None:
-        """Raise one clear message for a parameter a user set wrongly."""
+    def __post_init__(self):
+        object.__setattr__(self, "exclude_tokens", tuple(self.exclude_tokens))
         problems = []
-        if not (1 <= self.k <= d_vocab and 2 <= self.m_coherence <= self.k):
-            problems.append(f"need 1 <= k <= d_vocab ({d_vocab}) and 2 <= m_coherence <= k")
-        if self.concentration_stat not in ("kurtosis", "top_z"):
-            problems.append("concentration_stat must be kurtosis or top_z (scale-free statistics)")
+        try:
+            self.lens_config()
+        except ParamsError as err:
+            problems.append(str(err).rstrip("."))
+        if self.concentration_stat not in SCALE_FREE:
+            problems.append(f"concentration_stat {self.concentration_stat!r}: use one of {', '.join(SCALE_FREE)} "
+                            "(value vectors and SAE rows differ in norm; only a scale-free statistic is fair)")
         if self.key not in ffkv.KEYS:
-            problems.append(f"key must be one of {ffkv.KEYS}")
+            problems.append(f"key {self.key!r}: use one of {', '.join(ffkv.KEYS)}")
         if self.topk_of not in ("plain", "normalized"):
-            problems.append("topk_of must be plain or normalized")
-        if self.n_null < 100:
-            problems.append("n_null must be at least 100")
+            problems.append(f"topk_of {self.topk_of!r}: use plain or normalized")
+        if self.topk < 1:
+            problems.append(f"topk = {self.topk}: use a positive number of neurons per token")
+        if not 0 < self.q_null < 1:
+            problems.append(f"q_null = {self.q_null} is a quantile level: use a value in (0, 1)")
         if not 0 < self.alpha < 1:
-            problems.append("alpha is a p-value level strictly between 0 and 1")
+            problems.append(f"alpha = {self.alpha} is a p-value level: use a value in (0, 1)")
         if not 0 <= self.unaligned <= self.aligned <= 1:
-            problems.append("need 0 <= unaligned <= aligned <= 1")
-        for name in ("q_concentration", "q_coherence", "q_null"):
-            if not 0 < getattr(self, name) < 1:
-                problems.append(f"{name} is a quantile strictly between 0 and 1")
+            problems.append(f"need 0 <= unaligned <= aligned <= 1; got {self.unaligned}, {self.aligned}")
+        if not 0 < self.alive_share < 1:
+            problems.append(f"alive_share = {self.alive_share}: use a share of tokens in (0, 1)")
+        if self.max_neurons < 0 or self.n_eval_tokens < 1:
+            problems.append(f"need max_neurons >= 0 and n_eval_tokens >= 1; got {self.max_neurons}, "
+                            f"{self.n_eval_tokens}")
         if problems:
-            raise ValueError("chapter 6 parameters: " + "; ".join(problems) + f". Got {asdict(self)}.")
+            raise ParamsError("chapter 6: " + "; ".join(problems) + ".")
+
+    def lens_config(self) -> output_tokens.Config:
+        """Chapter 1's `Config` with these values (the rule, its nulls and its token filter)."""
+        return output_tokens.Config(**{name: getattr(self, name) for name in LENS_FIELDS})
+
+    def problems(self, dims) -> list[str]:
+        """Checks that need the model's sizes; `dims`: `model.cfg`, or the pre-flight's `ModelDims`."""
+        return self.lens_config().problems(dims)
+
+
+@dataclass
+class Tables:
+    """What chapter 6 produces; tidy frames with a `dictionary` column where three dictionaries are compared."""
+
+    pairing: pd.DataFrame  # one row per SAE: its site, paired MLP block and that block's dictionary
+    lens_rows: pd.DataFrame  # one row per (dictionary, layer, row): chapter 1's statistics and verdicts
+    lens_rates: pd.DataFrame  # dictionary, layer, side, test, share
+    key_choice: pd.DataFrame  # layer, key, shares passing each test (input side, neurons)
+    reads: pd.DataFrame  # one row per (dictionary, row, read layer): mean z and share of heads beyond the null
+    labels: pd.DataFrame  # label shares per dictionary (chapter 3)
+    contrast: pd.DataFrame  # semantic against non-semantic reads per dictionary (chapter 3)
+    alignment: pd.DataFrame  # one row per (direction, population, layer, row): max cosine
+    alignment_shares: pd.DataFrame  # direction, layer: aligned / unaligned / median beside the null's, excess
+    checks: pd.DataFrame  # dictionary, layer: explained variance and active share beside a random dictionary's
+    summary: pd.DataFrame  # one row per measure: each dictionary beside its null, excess, test, verdict
+    d_model: int = 0
+    config: Config = field(repr=False, default_factory=Config)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The chapter in one call
+
+
+def run(ctx, config: Config, *, model=None, saes=None, full=None) -> Tables:
+    """Chapter 6 for ctx's target. Weights first (the weights-only model), then the held-out checks with the
+    full model, loaded only after the weights-only one is released (one copy of the model at a time).
+
+    model, saes: pass them to reuse loaded ones (the caller then holds the model); full: a HookedTransformer
+    for the held-out checks (else `ctx.load_full_model()`, only when the checks are not cached).
+    """
+    if model is None:
+        model, saes = ctx.load_model_and_saes(mlp=True)
+    problems = config.problems(model.cfg)
+    if problems:
+        raise ParamsError("chapter 6: " + "; ".join(problems) + ".")
+    weights = weight_tables(ctx, config, model, saes)
+    d_model = int(model.cfg.d_model)
+    if getattr(saes, "model", None) is model:
+        saes.model = None  # checked on load already; dropping it lets the weights be freed
+    del model
+    gc.collect()
+    checks = held_out_checks(ctx, config, saes, full=full)
+    provenance = ctx.provenance(**dataclasses.asdict(config), step="summary")
+    answer = io.cached_tables(ctx.params.target, None, provenance, lambda: {"06_summary": summary(
+        weights, checks, config)})["06_summary"]
+    return Tables(**weights, checks=checks, summary=answer, d_model=d_model, config=config)
+
+
+def weight_tables(ctx, config: Config, model, saes) -> dict[str, pd.DataFrame]:
+    """Every weights-only table of the chapter (see `Tables`), each step cached."""
+    lens_rows = token_lens(ctx, config, model, saes)
+    reads = attention_reads(ctx, config, model, saes)
+    pop = populations(lens_rows, reads, config)
+    align = alignment(ctx, config, model, saes)
+    return {"pairing": blocks(model, saes, config), "lens_rows": lens_rows, "lens_rates": lens_rates(lens_rows),
+            "key_choice": key_choice(model, saes, config, lens_rows), "reads": reads, "labels": pop["shares"],
+            "contrast": pop["contrast"], "alignment": align, "alignment_shares": alignment_shares(align, config)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -111,7 +197,7 @@ def _first(n: int, limit: int) -> int:
     return n if limit <= 0 else min(limit, n)
 
 
-def blocks(model, saes, cfg: FFKVConfig) -> pd.DataFrame:
+def blocks(model, saes, cfg: Config) -> pd.DataFrame:
     """One row per SAE: its site, the MLP block paired with it and that block's FF-KV dictionary (gated or
     not, activation, which input rows are the keys, whether a post-norm applies on decode, and the median
     norms of the value vectors and of the SAE's decoder rows)."""
@@ -132,109 +218,92 @@ def blocks(model, saes, cfg: FFKVConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _directions(model, sae, cfg: FFKVConfig, offset: int) -> dict[str, dict[str, torch.Tensor]]:
-    """{dictionary: {"dec": [n, d_model], "enc": [n, d_model]}} for one SAE and its paired MLP block."""
+def _directions(model, sae, cfg: Config, offset: int) -> dict[str, torch.Tensor]:
+    """{dictionary: [n, d_model] decoder (write) directions} for one SAE and its paired MLP block."""
     b = ffkv.ff_block(model, mlp_layer_for(sae))
     n, m = _first(sae.d_sae, cfg.max_features), _first(b.d_mlp, cfg.max_neurons)
     rows = torch.arange(cfg.n_null) % sae.d_sae  # null rows take the norms of SAE rows, as in chapter 1
-    seed = cfg.seed + 1000 * sae.layer + offset
-    return {
-        "features": {"dec": sae.W_dec[:n], "enc": sae.W_enc[:, :n].T},
-        "neurons": {"dec": ffkv.value_vectors(b)[:m], "enc": ffkv.key_vectors(b, cfg.key)[:m]},
-        "null": {"dec": random_directions_like(sae.W_dec[rows], seed=seed),
-                 "enc": random_directions_like(sae.W_enc.T[rows], seed=seed + 1)},
-    }
+    return {"features": sae.W_dec[:n], "neurons": ffkv.value_vectors(b)[:m],
+            "null": random_directions_like(sae.W_dec[rows], seed=cfg.seed + 1000 * sae.layer + offset)}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Chapter 1: the token lens
+# Chapter 1: the token lens, called
 
 
-def _lens_matrices(model) -> dict[str, torch.Tensor]:
-    ln = getattr(model.ln_final, "w", None)
-    norm = model.cfg.normalization_type
-    W_U = fold_final_norm(model.W_U.detach(), None if ln is None else ln.detach(), norm)
-    return {"dec": W_U, "enc": model.W_E.detach().T}
+def token_lens(ctx, config: Config, model, saes) -> pd.DataFrame:
+    """Chapter 1's rule on the three dictionaries: one row per (dictionary, layer, row), `dec_*`, `enc_*`.
 
-
-def _side(D, M, E, vocab, cfg: FFKVConfig, side: str, dtype) -> pd.DataFrame:
-    """Statistics, coherence and top tokens of the rows D [n, d_model] against M [d_model, d_vocab]."""
-    stats = token_score_stats(D, M, k=cfg.k, dtype=dtype, progress=False)
-    top = stats.top_ids[:, : cfg.m_coherence]
-    return pd.DataFrame({
-        f"{side}_{cfg.concentration_stat}": getattr(stats, cfg.concentration_stat).numpy(),
-        f"{side}_string_sim": [mean_pairwise_string_similarity([vocab[i] for i in r]) for r in top.tolist()],
-        f"{side}_emb_cos": mean_pairwise_cosine(top, E).numpy(),
-        f"{side}_top_tokens": [[vocab[i] for i in r] for r in stats.top_ids.tolist()],
-    })
-
-
-def _rule(df: pd.DataFrame, thr: pd.DataFrame, cfg: FFKVConfig, side: str) -> pd.DataFrame:
-    """Chapter 1's rule: concentrated (stat above the null quantile) and coherent (either similarity)."""
-    q = {"stat": cfg.q_concentration, "string_sim": cfg.q_coherence, "emb_cos": cfg.q_coherence}
-    cols = {"stat": f"{side}_{cfg.concentration_stat}", "string_sim": f"{side}_string_sim",
-            "emb_cos": f"{side}_emb_cos"}
-    t = {name: float(np.nanquantile(thr[col], q[name])) for name, col in cols.items()}
-    out = df.assign(**{f"{side}_concentrated": df[cols["stat"]] > t["stat"],
-                       f"{side}_coherent": (df[cols["string_sim"]] > t["string_sim"])
-                       | (df[cols["emb_cos"]] > t["emb_cos"])})
-    out[f"{side}_predicts"] = out[f"{side}_concentrated"] & out[f"{side}_coherent"]
-    return out.assign(**{f"{side}_thr_{name}": value for name, value in t.items()})
-
-
-def lens_layer(model, sae, cfg: FFKVConfig, vocab: list[str], dtype=None) -> pd.DataFrame:
-    """Both sides for one SAE layer's features, its paired neurons and a null sample: one row per direction.
-
-    Thresholds come from a second, independent null sample (as in chapter 1); the reported null is scored
-    against them, so its pass rate is the rule's chance level.
+    features and null: chapter 1's own rows (`output_tokens.lens_tables`; its "null: random" sample, scored by
+    the rule, is the chance level); neurons: their value (output side) and key (input side) vectors over the same
+    content tokens, judged by the same per-layer thresholds (chapter 1's `thr` null sample).
     """
-    M, E = _lens_matrices(model), model.W_E.detach()
-    thr_dirs = _directions(model, sae, cfg, offset=10)["null"]
-    thr = {s: _side(thr_dirs[s], M[s], E, vocab, cfg, s, dtype) for s in SIDES}
-    frames = []
-    for name, dirs in _directions(model, sae, cfg, offset=0).items():
-        parts = [_rule(_side(dirs[s], M[s], E, vocab, cfg, s, dtype), thr[s], cfg, s) for s in SIDES]
-        frame = pd.concat(parts, axis=1)
-        frame.insert(0, "row", np.arange(len(frame)))
-        frames.append(frame.assign(dictionary=name, layer=sae.layer, mlp_layer=mlp_layer_for(sae)))
-    return pd.concat(frames, ignore_index=True)
+    ch1 = config.lens_config()
+    tabs, _ = output_tokens.lens_tables(ctx, ch1, model, saes)
+    keep, vocab = lens.content_ids(model, ch1.exclude_tokens), lens.token_strings(model)
+    provenance = ctx.provenance(**dataclasses.asdict(config), step="token_lens")
+    neurons = io.layer_tables(ctx.params.target, "06_token_lens", _paired(saes), provenance, lambda sae: {
+        "rows": neuron_lens(model, sae, config, tabs["features"], vocab=vocab, keep=keep, dtype=ctx.dtype)})
+    feats = tabs["features"].rename(columns={"feature": "row"}).assign(dictionary="features")
+    null = tabs["nulls"][tabs["nulls"]["population"] == "null: random"]
+    null = null.assign(row=null.groupby("layer").cumcount(), dictionary="null")
+    rows = pd.concat([feats, neurons.get("rows"), null], ignore_index=True)
+    rows = rows[rows["layer"].isin([s.layer for s in _paired(saes)])]
+    return rows.drop(columns=["population", "neuronpedia"], errors="ignore").reset_index(drop=True)
 
 
-def key_choice(model, saes, cfg: FFKVConfig, vocab: list[str], lens_rows: pd.DataFrame) -> pd.DataFrame:
-    """The neurons' input side with each of a gated MLP's two input rows as the key, judged by the thresholds
-    `token_lens` stored (same null, same rule). One row per (layer, key): the shares passing each test."""
-    M, E, rows = _lens_matrices(model)["enc"], model.W_E.detach(), []
-    for sae in _paired(saes):
-        b = ffkv.ff_block(model, mlp_layer_for(sae))
-        done = lens_rows[(lens_rows["layer"] == sae.layer) & (lens_rows["dictionary"] == "neurons")]
-        thr = {n: float(done[f"enc_thr_{n}"].iloc[0]) for n in ("stat", "string_sim", "emb_cos")}
-        for key in ffkv.KEYS if b.gated else ("up",):
-            K = ffkv.key_vectors(b, key)[: _first(b.d_mlp, cfg.max_neurons)]
-            df = _side(K, M, E, vocab, cfg, "enc", None)
-            concentrated = df[f"enc_{cfg.concentration_stat}"] > thr["stat"]
-            coherent = (df["enc_string_sim"] > thr["string_sim"]) | (df["enc_emb_cos"] > thr["emb_cos"])
-            chosen = key == cfg.key or not b.gated
-            rows.append({"layer": sae.layer, "key": key + (" (chosen)" if chosen else ""),
-                         "concentrated": concentrated.mean(), "coherent": coherent.mean(),
-                         "passes the rule": (concentrated & coherent).mean()})
-    return pd.DataFrame(rows)
+def _thresholds(features: pd.DataFrame, layer: int, side: str) -> dict[str, float]:
+    """Chapter 1's thresholds of one layer and side, as stored with its features."""
+    row = features[features["layer"] == layer].iloc[0]
+    return {name: float(row[f"{side}_thr_{name}"]) for name in ("concentration", "string_sim", "emb_cos")}
 
 
-def token_lens(ctx, model, saes, cfg: FFKVConfig, vocab: list[str]) -> pd.DataFrame:
-    """`lens_layer` for every paired SAE, cached per layer under `06_token_lens`."""
-    provenance = ctx.provenance(**asdict(cfg), step="token_lens")
-    return io.layer_tables(ctx.target.target, "06_token_lens", _paired(saes), provenance, lambda sae: {
-        "rows": lens_layer(model, sae, cfg, vocab, dtype=ctx.dtype)})["rows"]
+def neuron_lens(model, sae, config: Config, features: pd.DataFrame, *, vocab, keep, dtype=None,
+                key: str | None = None) -> pd.DataFrame:
+    """Both sides of the neurons paired with one SAE, judged by chapter 1's thresholds for that SAE's layer.
+
+    Output side: value vectors against the folded unembedding; input side: key vectors (`key`, default the
+    config's) against the embeddings. One row per neuron, chapter 1's columns.
+    """
+    b = ffkv.ff_block(model, mlp_layer_for(sae))
+    m = _first(b.d_mlp, config.max_neurons)
+    V, K = ffkv.value_vectors(b)[:m], ffkv.key_vectors(b, key or config.key)[:m]
+    cfg = config.lens_config().lens_config()
+    df = lens.sae_sides(K.T, V, model, cfg, vocab=vocab, dtype=dtype, keep=keep, progress=False)
+    for side in SIDES:
+        df = lens.apply_rule(df, _thresholds(features, sae.layer, side), cfg, side)
+    return df.rename(columns={"feature": "row"}).assign(dictionary="neurons", layer=sae.layer)
 
 
 def lens_rates(rows: pd.DataFrame) -> pd.DataFrame:
-    """Share of each dictionary passing each test, per layer and side: tidy rows."""
-    cols = [f"{s}_{t}" for s in SIDES for t in ("concentrated", "coherent", "predicts")]
+    """Share of each dictionary passing each test, per layer and side: dictionary, layer, side, test, share."""
+    tests = ("concentrated", "coherent", "predicts")
+    cols = [f"{s}_{t}" for s in SIDES for t in tests]
     long = rows.groupby(["dictionary", "layer"])[cols].mean().reset_index().melt(
         id_vars=["dictionary", "layer"], var_name="test", value_name="share")
     long["side"] = long["test"].str[:3].map(SIDES)
     long["test"] = long["test"].str[4:]
     return long
+
+
+def key_choice(model, saes, config: Config, lens_rows: pd.DataFrame) -> pd.DataFrame:
+    """The neurons' input side with each of a gated MLP's two input rows as the key, by chapter 1's
+    thresholds: one row per (layer, key), the shares passing each test."""
+    keep, vocab = lens.content_ids(model, config.exclude_tokens), lens.token_strings(model)
+    feats = lens_rows[lens_rows["dictionary"] == "features"]
+    rows = []
+    for sae in _paired(saes):
+        b = ffkv.ff_block(model, mlp_layer_for(sae))
+        for key in ffkv.KEYS if b.gated else ("up",):
+            if key == config.key or not b.gated:  # the chosen key: already in lens_rows
+                df = lens_rows[(lens_rows["dictionary"] == "neurons") & (lens_rows["layer"] == sae.layer)]
+            else:
+                df = neuron_lens(model, sae, config, feats, vocab=vocab, keep=keep, key=key)
+            chosen = key == config.key or not b.gated
+            rows.append({"layer": sae.layer, "key": key + (" (chosen)" if chosen else ""),
+                         "concentrated": df["enc_concentrated"].mean(), "coherent": df["enc_coherent"].mean(),
+                         "passes the rule": df["enc_predicts"].mean()})
+    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -254,7 +323,7 @@ def _folded(model, D: torch.Tensor, layer: int) -> torch.Tensor:
     return fold_pre_attention_norm(D, None if g is None else g.detach(), center=center)
 
 
-def reads_layer(model, sae, cfg: FFKVConfig, dtype=None, device=None) -> pd.DataFrame:
+def reads_layer(model, sae, cfg: Config, dtype=None, device=None) -> pd.DataFrame:
     """Head reads of unit-norm feature, neuron and null directions by every later attention layer.
 
     One row per (dictionary, row, read_layer): mean z-score over that layer's heads and the share of heads
@@ -263,8 +332,8 @@ def reads_layer(model, sae, cfg: FFKVConfig, dtype=None, device=None) -> pd.Data
     its direction.
     """
     L = mlp_layer_for(sae)
-    dirs = {name: d["dec"] for name, d in _directions(model, sae, cfg, offset=20).items()}
-    thr = _directions(model, sae, cfg, offset=30)["null"]["dec"]
+    dirs = _directions(model, sae, cfg, offset=20)
+    thr = _directions(model, sae, cfg, offset=30)["null"]
     names = [*dirs, "thr"]
     sizes = [len(dirs[n]) for n in dirs] + [len(thr)]
     stack = F.normalize(torch.cat([*dirs.values(), thr]).float(), dim=1).to(thr.dtype)
@@ -281,19 +350,23 @@ def reads_layer(model, sae, cfg: FFKVConfig, dtype=None, device=None) -> pd.Data
                 cols[f"{r}_z_mean"] = z.mean(1).numpy()
                 cols[f"{r}_part_frac"] = part.float().mean(1).numpy()
             frames.append(pd.DataFrame(cols))
-    if not frames:  # the last block: no later attention; typed, so that concatenation keeps numeric columns
-        ints = ("row", "layer", "mlp_layer", "read_layer", "distance")
-        dtypes = {"dictionary": object, **dict.fromkeys(ints, np.int64),
-                  **{f"{r}_{s}": np.float32 for r in READS for s in ("z_mean", "part_frac")}}
-        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()})
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True) if frames else reads_layer_empty()
 
 
-def attention_reads(ctx, model, saes, cfg: FFKVConfig) -> pd.DataFrame:
+def reads_layer_empty() -> pd.DataFrame:
+    """The reads of the last block (no later attention), typed so that concatenation keeps numeric columns."""
+    ints = ("row", "layer", "mlp_layer", "read_layer", "distance")
+    dtypes = {"dictionary": object, **dict.fromkeys(ints, np.int64),
+              **{f"{r}_{s}": np.float32 for r in READS for s in ("z_mean", "part_frac")}}
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()})
+
+
+def attention_reads(ctx, cfg: Config, model, saes) -> pd.DataFrame:
     """`reads_layer` for every paired SAE, cached per layer under `06_attention_reads`."""
-    provenance = ctx.provenance(**asdict(cfg), step="attention_reads")
-    return io.layer_tables(ctx.target.target, "06_attention_reads", _paired(saes), provenance, lambda sae: {
-        "rows": reads_layer(model, sae, cfg, dtype=ctx.dtype, device=ctx.device)})["rows"]
+    provenance = ctx.provenance(**dataclasses.asdict(cfg), step="attention_reads")
+    tabs = io.layer_tables(ctx.params.target, "06_attention_reads", _paired(saes), provenance, lambda sae: {
+        "rows": reads_layer(model, sae, cfg, dtype=ctx.dtype, device=ctx.device)})
+    return tabs["rows"] if tabs else reads_layer_empty()
 
 
 def per_row_reads(reads: pd.DataFrame) -> pd.DataFrame:
@@ -302,11 +375,19 @@ def per_row_reads(reads: pd.DataFrame) -> pd.DataFrame:
     return reads.groupby(["dictionary", "layer", "row"], as_index=False)[value_cols].mean()
 
 
+def reads_by_distance(reads: pd.DataFrame) -> pd.DataFrame:
+    """Share of heads beating the null by distance from the MLP: dictionary, distance, read, share."""
+    by = reads.groupby(["dictionary", "distance"])[[f"{r}_part_frac" for r in READS]].mean().reset_index()
+    long = by.melt(id_vars=["dictionary", "distance"], var_name="read", value_name="share")
+    long["read"] = long["read"].map({"q_part_frac": "query", "k_part_frac": "key", "v_part_frac": "value (OV)"})
+    return long
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Chapter 3: populations
 
 
-def populations(lens_rows: pd.DataFrame, reads: pd.DataFrame, cfg: FFKVConfig, *, n_boot: int = 1000,
+def populations(lens_rows: pd.DataFrame, reads: pd.DataFrame, cfg: Config, *, n_boot: int = 1000,
                 **label_params) -> dict[str, pd.DataFrame]:
     """Chapter 3 on every dictionary: output-side labels, then semantic against non-semantic reads.
 
@@ -332,40 +413,77 @@ def populations(lens_rows: pd.DataFrame, reads: pd.DataFrame, cfg: FFKVConfig, *
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Alignment from weights
+# Chapter 3: populations
 
 
-def alignment(ctx, model, saes, cfg: FFKVConfig) -> dict[str, pd.DataFrame]:
-    """Max cosine of SAE decoder rows against the value vectors of their paired and earlier MLP blocks, and
-    the reverse (each value vector against the SAEs that see its write), with null directions for chance.
+def populations(lens_rows: pd.DataFrame, reads: pd.DataFrame, cfg: Config, *, n_boot: int = 1000,
+                **label_params) -> dict[str, pd.DataFrame]:
+    """Chapter 3 on every dictionary: output-side labels, then semantic against non-semantic reads.
 
-    Returns {"rows": one row per direction (`direction`, `layer`, `max_cos`), "shares": aligned / unaligned
-    shares per direction and layer}.
+    Returns {"labels": rows with `dec_label`, "shares": label shares per dictionary, "contrast": per
+    dictionary and read column, Cliff's delta (semantic minus non-semantic) with a bootstrap interval and the
+    Mann-Whitney p-value}. label_params: chapter 3's labelling parameters (`populations.label_side`).
+    """
+    labels = lens_rows.assign(dec_label=pops.label_side(lens_rows, "dec", **label_params))
+    shares = (labels.groupby("dictionary")["dec_label"].value_counts(normalize=True)
+              .rename("share").reset_index())
+    merged = labels[["dictionary", "layer", "row", "dec_label"]].merge(per_row_reads(reads),
+                                                                       on=["dictionary", "layer", "row"])
+    rows = []
+    for (name, col) in [(n, c) for n in DICTIONARIES for c in ("q_z_mean", "k_z_mean", "v_z_mean")]:
+        part = merged[merged["dictionary"] == name]
+        x = part.loc[part["dec_label"] == "semantic", col]
+        y = part.loc[part["dec_label"] == "non-semantic", col]
+        delta, lo, hi = pops.bootstrap_ci(x, y, "cliffs_delta", n_boot=n_boot, seed=cfg.seed)
+        _, p, _ = pops.mann_whitney(x, y)
+        rows.append({"dictionary": name, "read": col, "n semantic": len(x), "n non-semantic": len(y),
+                     "cliffs_delta": delta, "ci_lo": lo, "ci_hi": hi, "p_value": p})
+    return {"labels": labels, "shares": shares, "contrast": pd.DataFrame(rows)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Alignment from weights, against a null of the same set sizes
+
+
+FEATURES_SIDE, NEURONS_SIDE = "SAE features vs value vectors", "value vectors vs SAE features"
+
+
+def alignment(ctx, cfg: Config, model, saes) -> pd.DataFrame:
+    """`alignment_rows`, cached under `06_alignment`."""
+    provenance = ctx.provenance(**dataclasses.asdict(cfg), step="alignment")
+    return io.cached_tables(ctx.params.target, ["06_alignment"], provenance, lambda: {
+        "06_alignment": alignment_rows(model, saes, cfg, device=ctx.device)}, label="06: alignment")["06_alignment"]
+
+
+def alignment_rows(model, saes, cfg: Config, *, device=None) -> pd.DataFrame:
+    """Max cosine of SAE decoder rows against the value vectors of their paired and earlier MLP blocks, and of
+    each value vector against the SAEs that see its write; beside each, random directions (as many as the rows,
+    at least n_null) compared with the very same set, so set size and dimension are the null's too.
+
+    One row per compared direction: direction, population ("real" / "null"), layer, row, set_size, max_cos.
     """
     paired = _paired(saes)
     layers = sorted({mlp_layer_for(s) for s in paired})
     values = {L: ffkv.value_vectors(ffkv.ff_block(model, L)) for L in layers}
     values = {L: V[: _first(len(V), cfg.max_neurons)] for L, V in values.items()}
-    opts = dict(signed=cfg.signed, device=ctx.device)
     decoders = {s.layer: s.W_dec[: _first(s.d_sae, cfg.max_features)] for s in paired}
+    opts = dict(signed=cfg.signed, device=device)
     rows = []
     for sae in paired:
-        W = decoders[sae.layer]
-        earlier = [V for L, V in values.items() if L <= mlp_layer_for(sae)]
-        null = random_directions_like(W[torch.arange(cfg.n_null) % len(W)], seed=cfg.seed + sae.layer)
-        for name, A in (("SAE features", W), ("null", null)):
-            rows.append(_cos_rows(f"{name} vs value vectors", sae.layer, _max_over(A, earlier, opts)))
+        others = [V for L, V in values.items() if L <= mlp_layer_for(sae)]
+        rows += _compared(FEATURES_SIDE, sae.layer, decoders[sae.layer], others, cfg, opts, sae.layer)
     for L, V in values.items():
-        later = [decoders[s.layer] for s in paired if mlp_layer_for(s) >= L]
-        null = random_directions_like(V[torch.arange(cfg.n_null) % len(V)], seed=cfg.seed + 500 + L)
-        for name, A in (("value vectors", V), ("null", null)):
-            rows.append(_cos_rows(f"{name} vs SAE features", L, _max_over(A, later, opts)))
-    table = pd.concat(rows, ignore_index=True)
-    cuts = dict(aligned=cfg.aligned, unaligned=cfg.unaligned)
-    shares = pd.DataFrame([{"direction": d, "layer": layer,
-                            **ffkv.alignment_shares(torch.tensor(part["max_cos"].to_numpy()), **cuts)}
-                           for (d, layer), part in table.groupby(["direction", "layer"])])
-    return {"rows": table, "shares": shares}
+        others = [decoders[s.layer] for s in paired if mlp_layer_for(s) >= L]
+        rows += _compared(NEURONS_SIDE, L, V, others, cfg, opts, 500 + L)
+    return pd.concat(rows, ignore_index=True)
+
+
+def _compared(direction, layer, A, others, cfg, opts, seed) -> list[pd.DataFrame]:
+    null = random_directions_like(A[torch.arange(max(cfg.n_null, len(A))) % len(A)], seed=cfg.seed + seed)
+    size = sum(len(B) for B in others)
+    return [pd.DataFrame({"direction": direction, "population": pop, "layer": layer, "row": np.arange(len(X)),
+                          "set_size": size, "max_cos": _max_over(X, others, opts).numpy()})
+            for pop, X in (("real", A), ("null", null))]
 
 
 def _max_over(A: torch.Tensor, Bs: list[torch.Tensor], opts: dict) -> torch.Tensor:
@@ -377,56 +495,71 @@ def _max_over(A: torch.Tensor, Bs: list[torch.Tensor], opts: dict) -> torch.Tens
     return best
 
 
-def _cos_rows(direction: str, layer: int, max_cos: torch.Tensor) -> pd.DataFrame:
-    return pd.DataFrame({"direction": direction, "layer": layer, "row": np.arange(len(max_cos)),
-                         "max_cos": max_cos.numpy()})
+def alignment_shares(rows: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """Per direction and layer: aligned / unaligned shares and the median max cosine of the real rows, the same
+    of the null rows (same set, same dimension), and the excess of each over its null."""
+    out = []
+    for (direction, layer), part in rows.groupby(["direction", "layer"]):
+        row = {"direction": direction, "layer": layer, "rows": int((part["population"] == "real").sum()),
+               "set_size": int(part["set_size"].iloc[0])}
+        for pop, suffix in (("real", ""), ("null", " (null)")):
+            cos = torch.tensor(part.loc[part["population"] == pop, "max_cos"].to_numpy())
+            shares = ffkv.alignment_shares(cos, aligned=cfg.aligned, unaligned=cfg.unaligned)
+            row.update({f"{name}{suffix}": value for name, value in shares.items()})
+        for name in ("aligned", "unaligned", "median"):
+            row[f"{name} excess"] = row[name] - row[f"{name} (null)"]
+        out.append(row)
+    return pd.DataFrame(out)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Activation checks (a forward pass: the demo)
+# Held-out text: each dictionary's code beside a random dictionary of the same size and k
 
 
-def held_out_tokens(ctx, full, n_tokens: int, *, row_len: int = 128) -> tuple[torch.Tensor, int | None]:
-    """([rows, ctx] token ids of about n_tokens held-out stories, BOS id): for the demo the rows its SAEs were
-    evaluated on; for another target the same held-out stories, tokenised by its tokenizer in rows of
-    `row_len` (each story starting with BOS)."""
+def held_out_checks(ctx, cfg: Config, saes, *, full=None) -> pd.DataFrame:
+    """`activation_checks` on held-out stories, cached under `06_activation_checks`; the full model is loaded
+    only when the table must be computed."""
+    provenance = ctx.provenance(**dataclasses.asdict(cfg), step="held_out_checks")
+
+    def compute():
+        model = full if full is not None else ctx.load_full_model()
+        tokens, bos = held_out_rows(ctx, model, cfg.n_eval_tokens)
+        return {"06_activation_checks": activation_checks(model, saes, tokens, cfg, bos_id=bos)}
+
+    return io.cached_tables(ctx.params.target, ["06_activation_checks"], provenance, compute,
+                            label="06: held-out checks")["06_activation_checks"]
+
+
+def held_out_rows(ctx, full, n_tokens: int, *, row_len: int = 128) -> tuple[torch.Tensor, int | None]:
+    """([rows, row_len] held-out story tokens, BOS id) through `corpora.held_out_windows`. For the demo: its
+    SAEs' tokenizer and row length, so the rows are the first of those its SAEs were evaluated on; else the
+    target's tokenizer (BOS first in every story) and rows of min(row_len, n_ctx)."""
     if ctx.target.sae_source == "demo":
-        return demo_held_out_tokens(n_tokens, full.cfg.d_vocab), 1
-    from weightscope.prepare.demo_saes import held_out_stories
+        from weightscope.load.llama2c import TOKENIZER_FILE, load_encoder, stories260k_dir
+        from weightscope.prepare.demo_saes import DEFAULT
 
-    ids: list[int] = []
-    for story in held_out_stories():
-        ids.extend(full.to_tokens(story, prepend_bos=True)[0].tolist())
-        if len(ids) >= n_tokens:
-            break
-    row_len = min(row_len, full.cfg.n_ctx)
-    n = max(1, len(ids) // row_len)
-    return torch.tensor(ids[: n * row_len]).reshape(n, row_len), full.tokenizer.bos_token_id
-
-
-def demo_held_out_tokens(n_tokens: int, d_vocab: int) -> torch.Tensor:
-    """[rows, ctx] token ids of the held-out stories the demo SAEs were evaluated on (about n_tokens)."""
-    from weightscope.load.llama2c import load_encoder
-    from weightscope.load.llama2c import TOKENIZER_FILE, stories260k_dir
-    from weightscope.prepare.demo_saes import DEFAULT, build_datasets
-
-    encoder = load_encoder(stories260k_dir() / TOKENIZER_FILE)
-    rows = build_datasets(DEFAULT, lambda text: encoder.encode(text, bos=True), d_vocab)["eval"]
-    return rows[: max(1, n_tokens // rows.shape[1])]
+        encoder = load_encoder(stories260k_dir() / TOKENIZER_FILE)
+        rows = corpora.held_out_windows(lambda text: encoder.encode(text, bos=True), n_tokens=n_tokens,
+                                        row_len=DEFAULT.context_size)
+        return rows, 1
+    rows = corpora.held_out_windows(lambda text: full.to_tokens(text, prepend_bos=True)[0].tolist(),
+                                    n_tokens=n_tokens, row_len=min(row_len, full.cfg.n_ctx))
+    return rows, full.tokenizer.bos_token_id
 
 
 @torch.no_grad()
-def activation_checks(model, saes, tokens: torch.Tensor, cfg: FFKVConfig, *, bos_id: int | None = None,
+def activation_checks(model, saes, tokens: torch.Tensor, cfg: Config, *, bos_id: int | None = None,
                       batch_rows: int = 64) -> pd.DataFrame:
-    """Explained variance and alive rate of the TopK-FF dictionary and of each SAE on held-out tokens.
+    """Explained variance and active latents of each dictionary's code on held-out tokens, each beside a random
+    dictionary of the same size coding the same activations with the same k (`ffkv.random_dictionary_code`).
 
-    model: a HookedTransformer (a forward pass is needed); tokens: [rows, ctx] held-out token ids. Per paired
-    SAE: the TopK-FF reconstruction (k = cfg.topk over cfg.topk_of latents) of block L's MLP output
-    (`hook_mlp_out`), and the SAE's reconstruction of its own site; EV = 1 - sum|y - y_hat|^2 / sum|y -
-    mean|^2, alive = share of latents active on at least one token, L0 = active latents per token. BOS
+    model: a HookedTransformer; tokens: [rows, ctx]. Per paired SAE: the TopK-FF code (k = cfg.topk over
+    cfg.topk_of latents; "neurons (other TopK)" the other choice) of block L's MLP output, and the SAE's code of
+    its own site (the null's k: the SAE's mean L0, rounded). explained_variance = 1 - sum|y - y_hat|^2 /
+    sum|y - mean|^2; active = share of latents in the code on at least cfg.alive_share of the tokens. BOS
     positions (bos_id) are left out, as in the SAEs' own evaluation.
     """
-    variant = "topk" if cfg.topk_of == "plain" else "topk_normalized"  # the summary's TopK-FF
+    chosen = "topk" if cfg.topk_of == "plain" else "topk_normalized"
     paired = _paired(saes)
     hooks = {h for s in paired for h in (f"blocks.{mlp_layer_for(s)}.hook_resid_mid",
                                          f"blocks.{mlp_layer_for(s)}.hook_mlp_out", s.hook_name)}
@@ -436,15 +569,16 @@ def activation_checks(model, saes, tokens: torch.Tensor, cfg: FFKVConfig, *, bos
         L = mlp_layer_for(sae)
         b = ffkv.ff_block(model, L)
         x, y, site = acts[f"blocks.{L}.hook_resid_mid"], acts[f"blocks.{L}.hook_mlp_out"], acts[sae.hook_name]
-        a = ffkv.latents(b, model.blocks[L].ln2(x))
-        for v in ("topk", "topk_normalized"):  # both TopK choices; the summary uses cfg.topk_of's
-            z = ffkv.encode(b, a, v, k=cfg.topk)
+        a = ffkv.latents(b, model.blocks[L].ln2(x.to(b.W_out.dtype)))
+        for v in ("topk", "topk_normalized"):
+            z = ffkv.encode(b, a, v, k=min(cfg.topk, b.d_mlp))
             of = "plain" if v == "topk" else "normalised"
-            rows.append(_check_row("neurons" if v == variant else "neurons (other TopK)", sae.layer, L,
-                                   f"MLP output, TopK of {of} latents", y, ffkv.decode(b, z, v), z))
+            rows.append(_check_row("neurons" if v == chosen else "neurons (other TopK)", sae.layer, L,
+                                   f"MLP output, TopK of {of} latents", y, ffkv.decode(b, z, v).float(), z,
+                                   cfg))
         f = sae.sae.encode(site.to(sae.W_dec.dtype))
         rows.append(_check_row("features", sae.layer, L, f"SAE site ({sae.hook_name.rsplit('.', 1)[-1]})",
-                               site, sae.sae.decode(f).float(), f))
+                               site, sae.sae.decode(f).float(), f, cfg))
     return pd.DataFrame(rows)
 
 
@@ -461,87 +595,178 @@ def hook_activations(model, tokens: torch.Tensor, hooks: list[str], *, bos_id: i
     return {h: torch.cat(parts) for h, parts in out.items()}
 
 
-def _check_row(dictionary, layer, mlp_layer, what, y, y_hat, z) -> dict:
+def checks_long(checks: pd.DataFrame) -> pd.DataFrame:
+    """Each code's explained variance and its random dictionary's, one row each: layer, code, explained
+    variance, and the row's other columns (for hover text)."""
+    real = checks.assign(code=checks["dictionary"], **{"explained variance": checks["explained_variance"]})
+    null = checks.assign(code=checks["dictionary"] + ": random dictionary",
+                         **{"explained variance": checks["explained_variance (null)"]})
+    return pd.concat([real, null], ignore_index=True)
+
+
+def _check_row(dictionary, layer, mlp_layer, what, y, y_hat, z, cfg: Config) -> dict:
+    """One dictionary's measures on y [n, d] beside a random dictionary with as many atoms and the same k."""
+    n, m = len(y), z.shape[1]
     active = z != 0
+    l0 = float(active.sum(1).float().mean())
+    k = max(1, min(m, round(l0)))
+    atoms = ffkv.random_atoms(m, y.shape[1], seed=cfg.seed + 7000 + layer)
+    y_null, uses = ffkv.random_dictionary_code(y, atoms, k)
     return {"dictionary": dictionary, "layer": layer, "mlp_layer": mlp_layer, "reconstructs": what,
-            "tokens": len(y), "latents": z.shape[1], "explained_variance": ffkv.explained_variance(y, y_hat),
-            "alive": float(active.any(0).float().mean()), "mean_l0": float(active.sum(1).float().mean())}
+            "tokens": n, "latents": m, "mean_l0": l0, "null k": k,
+            "explained_variance": ffkv.explained_variance(y, y_hat),
+            "explained_variance (null)": ffkv.explained_variance(y, y_null),
+            "active": ffkv.alive_share(active.sum(0), n, cfg.alive_share),
+            "active (null)": ffkv.alive_share(uses, n, cfg.alive_share)}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The one-table answer
+# The one-table answer: each dictionary beside its own null
 
 
-def summary(lens_rows, reads, pops_tables, align, checks, cfg: FFKVConfig) -> pd.DataFrame:
-    """One row per measure: its mean for SAE features, MLP neurons and the null, and which of the first two
-    is higher.
+def summary(w: dict[str, pd.DataFrame], checks: pd.DataFrame | None, cfg: Config) -> pd.DataFrame:
+    """One row per measure: the mean for SAE features and for MLP neurons, each beside its null, the excess
+    over it, a test of the two dictionaries and the verdict.
 
-    Row measures (one value per direction): `p` is the two-sided Mann-Whitney p-value of features against
-    neurons (for 0/1 values, a test of two proportions); `verdict` names the higher dictionary when
-    p < cfg.alpha, else "no clear difference". Layer measures (the held-out checks, one value per layer, too
-    few for a rank test): `verdict` names the higher dictionary when it is higher in every layer, else
-    "mixed across layers"; `p` is NaN.
+    Only measures defined alike for both dictionaries are counted. Token lens, reads and labels: one null
+    (random directions judged by the same rule) for both, so the Mann-Whitney test of features against neurons
+    (for 0/1 values a test of two proportions) compares their excesses. Alignment: each direction against random
+    directions compared with the same set; the two excesses are compared by a z-test of the difference of two
+    differences of proportions. Held-out checks (one value per layer): each code against a random dictionary of
+    its size and k; the verdict names a dictionary only when its excess is higher in every layer. `verdict`
+    names the higher dictionary when p < cfg.alpha, else "no clear difference".
     """
-    per_row, labels, arows = per_row_reads(reads), pops_tables["labels"], align["rows"]
-
-    def by_dict(df, values):
-        return {d: values[df["dictionary"] == d].to_numpy(dtype=float) for d in DICTIONARIES}
-
-    measures = [(f"token lens, {name}: passes the rule", "share of rows",
-                 by_dict(lens_rows, lens_rows[f"{side}_predicts"])) for side, name in SIDES.items()]
-    measures += [(f"attention: later heads whose {name} read beats the null", "share of heads",
-                  by_dict(per_row, per_row[f"{r}_part_frac"]))
-                 for r, name in (("q", "query"), ("k", "key"), ("v", "value (OV)"))]
-    measures.append(("populations: labelled semantic (output side)", "share of rows",
-                     by_dict(labels, labels["dec_label"] == "semantic")))
-    pick = {"features": "SAE features vs value vectors", "neurons": "value vectors vs SAE features",
-            "null": "null vs value vectors"}
-    cuts = ((f">= {cfg.aligned}", lambda c: c >= cfg.aligned),
-            (f"< {cfg.unaligned}", lambda c: c < cfg.unaligned))
-    for cut, test in cuts:
-        measures.append((f"alignment: max cosine to the other dictionary {cut}", "share of rows",
-                         {d: test(arows.loc[arows["direction"] == pick[d], "max_cos"].to_numpy())
-                          .astype(float) for d in DICTIONARIES}))
-    out = [_measure_row(m, unit, values, cfg.alpha) for m, unit, values in measures]
+    lens_rows, per_row = w["lens_rows"], per_row_reads(w["reads"])
+    labels = lens_rows.assign(dec_label=pops.label_side(lens_rows, "dec"))
+    out = []
+    for side, name in SIDES.items():
+        out.append(_shared_null_row(f"token lens, {name}: passes chapter 1's rule", "share of rows",
+                                    _by_dict(lens_rows, lens_rows[f"{side}_predicts"]), cfg.alpha))
+    for r, name in (("q", "query"), ("k", "key"), ("v", "value (OV)")):
+        out.append(_shared_null_row(f"attention: later heads whose {name} read beats the null",
+                                    "share of heads", _by_dict(per_row, per_row[f"{r}_part_frac"]), cfg.alpha))
+    out.append(_shared_null_row("populations: labelled semantic (output side)", "share of rows",
+                                _by_dict(labels, labels["dec_label"] == "semantic"), cfg.alpha))
+    rows = w["alignment"]
+    for cut, test in ((f">= {cfg.aligned}", lambda c: c >= cfg.aligned),
+                      (f"< {cfg.unaligned}", lambda c: c < cfg.unaligned)):
+        values = {(d, pop): test(rows.loc[(rows["direction"] == side) & (rows["population"] == pop),
+                                          "max_cos"].to_numpy()).astype(float)
+                  for d, side in (("features", FEATURES_SIDE), ("neurons", NEURONS_SIDE))
+                  for pop in ("real", "null")}
+        out.append(_own_null_row(f"alignment: max cosine to the other dictionary {cut}", values, cfg.alpha))
     if checks is not None and len(checks):
-        for col in ("explained_variance", "alive"):
-            out.append(_layer_row(f"held-out text: {col.replace('_', ' ')}", checks, col))
+        out.append(_layer_row("held-out text: explained variance", checks, "explained_variance"))
+        out.append(_layer_row(f"held-out text: latents active on >= {cfg.alive_share:g} of tokens", checks,
+                              "active"))
     return pd.DataFrame(out)
 
 
-def _measure_row(measure: str, unit: str, values: dict, alpha: float) -> dict:
-    means = {d: float(v.mean()) if len(v) else np.nan for d, v in values.items()}
+def _by_dict(df: pd.DataFrame, values: pd.Series) -> dict[str, np.ndarray]:
+    return {d: values[df["dictionary"] == d].to_numpy(dtype=float) for d in DICTIONARIES}
+
+
+def _mean(v) -> float:
+    return float(np.mean(v)) if len(v) else np.nan
+
+
+def _verdict(p: float, higher: bool, alpha: float) -> str:
+    if np.isnan(p):
+        return "n/a"
+    return ("features higher" if higher else "neurons higher") if p < alpha else "no clear difference"
+
+
+def _shared_null_row(measure: str, unit: str, values: dict, alpha: float) -> dict:
+    f, n, null = (_mean(values[d]) for d in DICTIONARIES)
     _, p, _ = pops.mann_whitney(values["features"], values["neurons"])
-    higher = "features higher" if means["features"] > means["neurons"] else "neurons higher"
-    verdict = "n/a" if np.isnan(p) else (higher if p < alpha else "no clear difference")
-    return {"measure": measure, "unit": unit, **means, "p": p, "verdict": verdict}
+    return {"measure": measure, "unit": unit, "features": f, "features null": null, "neurons": n,
+            "neurons null": null, "features excess": f - null, "neurons excess": n - null, "p": p,
+            "verdict": _verdict(p, f > n, alpha)}
+
+
+def _own_null_row(measure: str, values: dict, alpha: float) -> dict:
+    """Shares of two dictionaries, each against its own null: z-test of (f - f0) - (n - n0)."""
+    m = {key: _mean(v) for key, v in values.items()}
+    ex_f, ex_n = m[("features", "real")] - m[("features", "null")], m[("neurons", "real")] - m[("neurons", "null")]
+    var = sum(m[key] * (1 - m[key]) / len(v) for key, v in values.items() if len(v))
+    diff = ex_f - ex_n
+    p = (1.0 if diff == 0 else 0.0) if var == 0 else float(2 * stats.norm.sf(abs(diff) / np.sqrt(var)))
+    return {"measure": measure, "unit": "share of rows", "features": m[("features", "real")],
+            "features null": m[("features", "null")], "neurons": m[("neurons", "real")],
+            "neurons null": m[("neurons", "null")], "features excess": ex_f, "neurons excess": ex_n, "p": p,
+            "verdict": _verdict(p, diff > 0, alpha)}
 
 
 def _layer_row(measure: str, checks: pd.DataFrame, col: str) -> dict:
-    mine = checks[checks["dictionary"].isin(DICTIONARIES)]
-    wide = mine.pivot(index="layer", columns="dictionary", values=col)
-    diff = wide["features"] - wide["neurons"]
+    """Mean over layers of a held-out measure and of its null, for features and neurons; a verdict only when
+    one dictionary's excess over its null is higher in every layer."""
+    mine = checks[checks["dictionary"].isin(("features", "neurons"))]
+    real = mine.pivot(index="layer", columns="dictionary", values=col)
+    null = mine.pivot(index="layer", columns="dictionary", values=f"{col} (null)")
+    excess = real - null
+    diff = excess["features"] - excess["neurons"]
     verdict = ("features higher in every layer" if (diff > 0).all() else
                "neurons higher in every layer" if (diff < 0).all() else "mixed across layers")
-    means = {d: float(wide[d].mean()) if d in wide else np.nan for d in DICTIONARIES}
-    return {"measure": measure, "unit": "mean over layers", **means, "p": np.nan, "verdict": verdict}
+    return {"measure": measure, "unit": "mean over layers", "features": float(real["features"].mean()),
+            "features null": float(null["features"].mean()), "neurons": float(real["neurons"].mean()),
+            "neurons null": float(null["neurons"].mean()), "features excess": float(excess["features"].mean()),
+            "neurons excess": float(excess["neurons"].mean()), "p": np.nan, "verdict": verdict}
+
+
+VALUE_COLUMNS = ("features", "features null", "neurons", "neurons null", "features excess", "neurons excess")
 
 
 def for_people(answer: pd.DataFrame) -> pd.DataFrame:
-    """The summary with its numbers as text: shares as percentages, other means to two decimals, p to two
-    significant digits (the stored table keeps the numbers)."""
+    """The summary with its numbers as text: shares as percentages (excesses signed), other means to two
+    decimals, p to two significant digits (the stored table keeps the numbers)."""
     out = answer.copy()
-    for d in DICTIONARIES:
-        out[d] = [("" if np.isnan(v) else f"{v:.1%}" if u.startswith("share") else f"{v:.2f}")
-                  for v, u in zip(answer[d], answer["unit"])]
+    for col in VALUE_COLUMNS:
+        signed = "+" if col.endswith("excess") else ""
+        out[col] = [("" if np.isnan(v) else f"{v:{signed}.1%}" if u.startswith("share") else f"{v:{signed}.2f}")
+                    for v, u in zip(answer[col], answer["unit"])]
     out["p"] = ["" if np.isnan(p) else f"{p:.2g}" for p in answer["p"]]
     return out
 
 
-def save_tables(ctx, cfg: FFKVConfig, tables: dict[str, pd.DataFrame]) -> None:
-    """Write each table to `data/results/<target>/06_<name>.parquet` with this run's parameters."""
-    provenance = ctx.provenance(**asdict(cfg))
-    key = io.cache_key(provenance=provenance)
-    for name, df in tables.items():
-        if df is not None:
-            io.save_table(df, ctx.target.target, f"06_{name}", key=key, params=provenance)
+# ----------------------------------------------------------------------------------------------------------
+# Findings: every result sentence of the page
+
+
+def findings(t: Tables) -> dict[str, list[str]]:
+    """The chapter's result sentences, computed from the tables.
+
+    Keys: "lens" (chapter 1's rule per side), "reads" (chapter 2), "alignment" (each direction beside its
+    null), "held_out" (each code beside a random dictionary), "summary" (the tally of verdicts).
+    """
+    out: dict[str, list[str]] = {"lens": [], "reads": [], "alignment": [], "held_out": [], "summary": []}
+    rates = t.lens_rates[t.lens_rates["test"] == "predicts"].groupby(["side", "dictionary"])["share"].mean()
+    n = t.lens_rows.groupby("dictionary").size()
+    for side in SIDES.values():
+        r = rates.loc[side]
+        out["lens"].append(f"{side}: {percent(r['features'])} of {n['features']:,} SAE features and "
+                           f"{percent(r['neurons'])} of {n['neurons']:,} MLP neurons pass chapter 1's rule, "
+                           f"against {percent(r['null'])} of {n['null']:,} random directions.")
+    s = t.summary.set_index("measure")
+    for measure, row in s.iterrows():
+        if measure.startswith("attention"):
+            out["reads"].append(f"{measure}: features {percent(row['features'])}, neurons "
+                                f"{percent(row['neurons'])}, random directions {percent(row['features null'])} "
+                                f"(chance {percent(1 - t.config.q_null)}); {row['verdict']}.")
+    for direction, part in t.alignment_shares.groupby("direction"):
+        m = part[["aligned", "aligned (null)", "median", "median (null)", "set_size"]].mean()
+        out["alignment"].append(
+            f"{direction}: {percent(m['aligned'])} at cosine >= {t.config.aligned:g}, against "
+            f"{percent(m['aligned (null)'])} for random directions compared with the same "
+            f"{m['set_size']:,.0f} rows on average; median max cosine {m['median']:.2f} against "
+            f"{m['median (null)']:.2f} (excess {m['median'] - m['median (null)']:+.2f}).")
+    checks = t.checks[t.checks["dictionary"].isin(("features", "neurons"))]
+    for name, part in checks.groupby("dictionary"):
+        m = part.mean(numeric_only=True)
+        out["held_out"].append(
+            f"{name}: explained variance {m['explained_variance']:.2f} against {m['explained_variance (null)']:.2f}"
+            f" for a random dictionary of the same size and k; {percent(m['active'])} of latents active "
+            f"(null {percent(m['active (null)'])}), {m['mean_l0']:.1f} per token on average.")
+    tally = t.summary["verdict"].value_counts()
+    out["summary"].append(f"Of {len(t.summary)} measures, each taken against its null: "
+                          + "; ".join(f"{v}: {c}" for v, c in tally.items()) + ".")
+    return out

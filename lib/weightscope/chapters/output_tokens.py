@@ -114,15 +114,8 @@ def run(ctx, config: Config, *, model=None, saes=None) -> Tables:
           f"({', '.join(f'{r.tokens:,} {r.kind}' for r in token_kinds.itertuples() if r.excluded) or 'none'}); "
           f"statistics over {n_kept:,} tokens", flush=True)
 
-    keep = lens.content_ids(model, config.exclude_tokens)
-    vocab = lens.token_strings(model)
-    _, fold_note = lens.output_matrix(model)
-    target = ctx.params.target
-    provenance = ctx.provenance(**dataclasses.asdict(config), fold=fold_note)
-    cfg = config.lens_config()
-    tabs = io.layer_tables(target, "01_token_lens", saes, provenance, lambda sae: lens.analyse_sae(
-        sae, model, cfg, vocab=vocab, n_null=config.n_null, max_features=config.max_features,
-        seed=config.seed + 100 * sae.layer, dtype=ctx.dtype, keep=keep))
+    tabs, provenance = lens_tables(ctx, config, model, saes)
+    fold_note, target, cfg = provenance["chapter"]["fold"], ctx.params.target, config.lens_config()
     features, nulls = tabs["features"], tabs["nulls"]
     features["neuronpedia"] = [lens.neuronpedia_url(ctx.params.neuronpedia, layer, f)
                                for layer, f in zip(features["layer"], features["feature"])]
@@ -130,6 +123,22 @@ def run(ctx, config: Config, *, model=None, saes=None) -> Tables:
     return Tables(features=features, nulls=nulls, token_kinds=token_kinds, rates=rates(features, nulls),
                   tests=per_test_rates(features, nulls), readings=readings(features, nulls, cfg),
                   sweeps=sweeps(features, nulls, cfg), fold_note=fold_note, config=config)
+
+
+def lens_tables(ctx, config: Config, model, saes) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Chapter 1's per-layer lens tables, cached under `01_token_lens`: ({"features", "nulls"}, provenance).
+
+    Chapter 6 calls this for the same features, nulls and thresholds (a shared cache: no second computation).
+    """
+    keep = lens.content_ids(model, config.exclude_tokens)
+    vocab = lens.token_strings(model)
+    _, fold_note = lens.output_matrix(model)
+    provenance = ctx.provenance(**dataclasses.asdict(config), fold=fold_note)
+    cfg = config.lens_config()
+    tabs = io.layer_tables(ctx.params.target, "01_token_lens", saes, provenance, lambda sae: lens.analyse_sae(
+        sae, model, cfg, vocab=vocab, n_null=config.n_null, max_features=config.max_features,
+        seed=config.seed + 100 * sae.layer, dtype=ctx.dtype, keep=keep))
+    return tabs, provenance
 
 
 def rates(features: pd.DataFrame, nulls: pd.DataFrame) -> pd.DataFrame:

@@ -283,3 +283,42 @@ def alignment_shares(max_cos: Tensor, *, aligned: float = 0.9, unaligned: float 
     return {"aligned": float((max_cos >= aligned).sum()) / n,
             "unaligned": float((max_cos < unaligned).sum()) / n,
             "median": float(max_cos.median()) if max_cos.numel() else math.nan}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A null for the activation checks: a random dictionary of the same size, coding with the same k
+
+
+def random_atoms(n_atoms: int, d: int, *, seed: int = 0) -> Tensor:
+    """[n_atoms, d] Gaussian directions of unit norm (fp32, CPU): the null dictionary."""
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n_atoms, d, generator=g), dim=1)
+
+
+@torch.no_grad()
+def random_dictionary_code(y: Tensor, atoms: Tensor, k: int, *, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """A k-sparse reconstruction of activations y [n, d] in the dictionary `atoms` [m, d] (`random_atoms`).
+
+    Per token the centred activation picks the k atoms of largest |cosine| with it, and takes its
+    coefficients on them by least squares; the mean of y is added back (the null's bias). With optimal
+    coefficients this null is generous: a dictionary that beats it codes better than chance directions can.
+    Returns (y_hat [n, d] fp32, uses [m] int64: on how many tokens each atom is in the code).
+    """
+    if not 1 <= k <= atoms.shape[0]:
+        raise ValueError(f"k must be between 1 and {atoms.shape[0]} (the number of atoms); got k={k}.")
+    y = y.float()
+    mu = y.mean(0)
+    out, uses = torch.empty_like(y), torch.zeros(atoms.shape[0], dtype=torch.long)
+    for start in range(0, len(y), chunk):
+        x = y[start : start + chunk] - mu
+        idx = (x @ atoms.T).abs().topk(k, dim=1).indices  # [c, k]
+        A = atoms[idx].transpose(1, 2)  # [c, d, k]
+        coef = torch.linalg.lstsq(A, x.unsqueeze(-1)).solution  # [c, k, 1]
+        out[start : start + chunk] = (A @ coef).squeeze(-1) + mu
+        uses += torch.bincount(idx.reshape(-1), minlength=atoms.shape[0])
+    return out, uses
+
+
+def alive_share(uses: Tensor, n_tokens: int, min_share: float) -> float:
+    """Share of latents in the code on at least `min_share` of n_tokens tokens (uses: [m] token counts)."""
+    return float((uses >= max(1.0, min_share * n_tokens)).float().mean())
