@@ -13,6 +13,7 @@ CHAPTERS = {
     "01_output_tokens": "weightscope.chapters.output_tokens",
     "02_attention": "weightscope.chapters.attention",
     "03_semantic_populations": "weightscope.chapters.populations",
+    "07_in_context": "weightscope.chapters.in_context",
 }
 
 SKIPPABLE = {

@@ -399,7 +399,7 @@ def summarise(output, inp, effects, pairs, words, config: Config) -> pd.DataFram
     median = ic.bootstrap_mean(share, n_boot=b, seed=s, stat=np.median)
     add("output: the direct path (decoder x unembedding) carries most of a feature's effect on its top tokens "
         "(median direct share of the ablation effect)", 1.0, median[0], config.direct_majority,
-        median, len(share), above=config.direct_majority)
+        tuple(v - config.direct_majority for v in median), len(share))
     top, rnd = (pairs[(pairs["kind"] == k) & pairs["in context"].notna()] for k in ("chapter 2's top", "random"))
     add("attention: chapter 2's top pairs contribute more to the score in context than random pairs (|term|)",
         float(top["weights-only"].abs().mean()) if len(top) else np.nan,
