@@ -174,7 +174,7 @@ def _ids(feats: pd.DataFrame, layer: int, side: str, k: int, d_sae: int) -> tupl
     f = feats[feats["layer"] == layer]
     ids = torch.zeros(d_sae, k, dtype=torch.long)
     mask = torch.zeros(d_sae, dtype=torch.bool)
-    idx = torch.as_tensor(f["feature"].to_numpy(), dtype=torch.long)
+    idx = torch.tensor(f["feature"].to_numpy(), dtype=torch.long)
     ids[idx] = torch.as_tensor(np.stack([np.asarray(r[:k]) for r in f[f"{side}_top_ids"]]), dtype=torch.long)
     mask[idx] = True
     return ids, mask
