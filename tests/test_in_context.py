@@ -295,4 +295,16 @@ def test_agreement_rule_and_summary_findings():
                                                               "firings kept per feature": 4}]))
     found = ch.findings(t)
     assert "8 hold in context, 1 do not" in found["tally"][0]
-    assert len(found["claims"]) == len(summary)
+    assert len(found["claims"]) == len(summary) + 1  # and what the direct share means
+    assert ch.direct_sentence(2.0).startswith("The direct path overstates")
+    assert ch.direct_sentence(0.5).startswith("The direct path understates")
+    assert ch.direct_sentence(1.05).startswith("The direct path is about the whole")
+
+
+def test_head_correlations_per_head_and_overall():
+    x = np.arange(12.0)
+    pairs = pd.DataFrame({"head": ["1.0"] * 6 + ["1.1"] * 6, "kind": (["chapter 2's top"] * 3 + ["random"] * 3) * 2,
+                          "weights-only": x, "in context": np.r_[x[:6], -x[6:]]})
+    out = ch.head_correlations(pairs, ch.Config(n_boot=200)).set_index("head")
+    assert out.loc["1.0", "rho"] == pytest.approx(1.0) and out.loc["1.1", "rho"] == pytest.approx(-1.0)
+    assert out.loc["all heads", "pairs"] == 12 and out.loc["1.0", "top pairs"] == 3

@@ -29,6 +29,7 @@ from weightscope.config.params import ParamsError
 from weightscope.config.paths import progress_enabled
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
+DIRECT_CLAIM = "output: the direct path (decoder x unembedding) carries most of a feature's effect on its top tokens"
 SENSITIVITY_GRID = (4, 8, 16, 32, 64, 128)  # strongest firings per feature used, for the sensitivity table
 
 
@@ -122,6 +123,24 @@ def run(ctx, config: Config, *, model=None, saes=None, full=None) -> Tables:
         full, [saes[i] for i in range(len(saes))], feats, pairs, labels, config, ctx.target.sae_source,
         settings))), label="07_in_context: measuring on held-out text")
     return Tables(*(tabs[n] for n in names), config=config)
+
+
+def head_correlations(pairs: pd.DataFrame, config: Config) -> pd.DataFrame:
+    """Per head, and over all heads: Spearman's rho between weights-only scores and in-context terms, over
+    all measured pairs and over chapter 2's top pairs alone, with the shuffled-pairs 95% range of the former.
+    Columns head, pairs, rho, null_lo, null_hi, top pairs, rho (top only)."""
+    rows = []
+    measured = pairs[pairs["in context"].notna()]
+    groups = [(h, g) for h, g in measured.groupby("head")] + [("all heads", measured)]
+    for head, g in groups:
+        top = g[g["kind"] == "chapter 2's top"]
+        lo, hi = ic.shuffled_spearman(g["weights-only"].to_numpy(), g["in context"].to_numpy(),
+                                      n_perm=config.n_boot, seed=config.seed)
+        rows.append({"head": head, "pairs": len(g), "rho": ic.spearman(g["weights-only"], g["in context"]),
+                     "null_lo": lo, "null_hi": hi, "top pairs": len(top),
+                     "rho (top only)": ic.spearman(top["weights-only"], top["in context"])})
+    return pd.DataFrame(rows, columns=["head", "pairs", "rho", "null_lo", "null_hi", "top pairs",
+                                       "rho (top only)"])
 
 
 def held_out_rows(full, config: Config, demo: bool) -> tuple[torch.Tensor, int | None]:
@@ -397,8 +416,7 @@ def summarise(output, inp, effects, pairs, words, config: Config) -> pd.DataFram
             len(ok))
     share = effects["direct share"].dropna().to_numpy()
     median = ic.bootstrap_mean(share, n_boot=b, seed=s, stat=np.median)
-    add("output: the direct path (decoder x unembedding) carries most of a feature's effect on its top tokens "
-        "(median direct share of the ablation effect)", 1.0, median[0], config.direct_majority,
+    add(f"{DIRECT_CLAIM} (median direct share of the ablation effect)", 1.0, median[0], config.direct_majority,
         tuple(v - config.direct_majority for v in median), len(share))
     top, rnd = (pairs[(pairs["kind"] == k) & pairs["in context"].notna()] for k in ("chapter 2's top", "random"))
     add("attention: chapter 2's top pairs contribute more to the score in context than random pairs (|term|)",
@@ -441,9 +459,24 @@ def findings(t: Tables) -> dict[str, list[str]]:
             out["claims"].append(f"{r['claim']}: {number(r['in context'], 3)} in context against "
                                  f"{number(r['base'], 3)} (difference {number(r['difference'], 3)}, 95% interval "
                                  f"{interval}, n = {r['n']}): {r['agreement']}.")
+        if r["claim"].startswith(DIRECT_CLAIM) and not np.isnan(r["in context"]):
+            out["claims"].append(direct_sentence(float(r["in context"])))
     counts = t.summary["agreement"].value_counts()
+    unsure = counts.get(UNSURE, 0)
     out["tally"].append(f"Of {len(t.summary)} claims, {counts.get(HOLDS, 0)} hold in context, "
-                        f"{counts.get(FAILS, 0)} do not and {counts.get(UNSURE, 0)} are inconclusive "
-                        f"(a claim holds when its 95% interval lies above the base rate or null).")
+                        f"{counts.get(FAILS, 0)} do not and {unsure} {'is' if unsure == 1 else 'are'} "
+                        f"inconclusive (a claim holds when its 95% interval lies above the base rate or null).")
     return out
+
+
+def direct_sentence(share: float) -> str:
+    """What a median direct share means: above 1 later layers cancel part of the direct effect, below 1 they
+    add to it (a share within 10% of 1 counts as the direct path alone)."""
+    if share > 1.1:
+        return (f"The direct path overstates the effect: its median is {number(share, 2)} times the total "
+                f"effect measured by ablation, so later layers cancel part of what the lens reads.")
+    if share < 0.9:
+        return (f"The direct path understates the effect: its median is {number(share, 2)} of the total "
+                f"effect measured by ablation, so later layers add to what the lens reads.")
+    return f"The direct path is about the whole effect (median share {number(share, 2)}, within 10% of 1)."
 
