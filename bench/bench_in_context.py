@@ -11,7 +11,8 @@ learned positions/LayerNorm/GELU, 12 layers, for GPT-2 small) and one random ReL
     forward        the model's forward pass alone over the rows (the cost the chapter cannot avoid)
     firing_pass    the chapter's pass: forward, every SAE encoded, each feature's strongest firings merged
 
---quick reads fewer tokens. Results: bench/results/in-context-<device>-<date>[-quick].json, written atomically.
+--quick reads fewer tokens. Results: bench/results/in-context-<device>-<date>[-quick].json, written
+atomically.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class RandomSAE(torch.nn.Module):
         self.W_enc = (torch.randn(d_in, d_sae, generator=gen) / d_in ** 0.5).to(device)
         self.b_enc = torch.full((d_sae,), -1.5, device=device)  # about 7% of features active per token
         self.W_dec = torch.randn(d_sae, d_in, generator=gen).to(device)
-        self.hook_name, self.layer, self.d_in, self.d_sae = f"blocks.{layer}.hook_resid_post", layer, d_in, d_sae
+        self.hook_name, self.layer = f"blocks.{layer}.hook_resid_post", layer
+        self.d_in, self.d_sae = d_in, d_sae
         self.sae = self
 
     def encode(self, x):
@@ -128,8 +130,8 @@ def main() -> None:
                         memory_mb=args.memory_mb)
         print(f"{name}: {r['tokens']:,} tokens, forward {r['forward_tokens_per_s']:,.0f} tok/s, "
               f"firing pass {r['firing_pass_tokens_per_s']:,.0f} tok/s ({r['pass_over_forward']:.1f}x the "
-              f"forward's time; {r['kept_per_feature']} firings kept per feature, batches of {r['batch_rows']} "
-              f"rows)", flush=True)
+              f"forward's time; {r['kept_per_feature']} firings kept per feature, batches of "
+              f"{r['batch_rows']} rows)", flush=True)
         results.append(r)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     report = {"benchmark": "in_context", "device": args.device, "device_name": device_name,

@@ -23,8 +23,8 @@ from weightscope.config.params import ParamsError
 
 
 def tiny_model(norm="RMS", pos="rotary", n_kv=None, seed=0, d_vocab=24):
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, n_key_value_heads=n_kv, n_ctx=32,
-                                  d_vocab=d_vocab, d_mlp=64, act_fn="gelu", normalization_type=norm,
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, n_key_value_heads=n_kv,
+                                  n_ctx=32, d_vocab=d_vocab, d_mlp=64, act_fn="gelu", normalization_type=norm,
                                   positional_embedding_type=pos, seed=seed, device="cpu")
     model = HookedTransformer(cfg)
     with torch.no_grad():  # non-trivial norm weights, so that a missed fold changes the numbers
@@ -141,7 +141,8 @@ def test_a_feature_firing_regardless_of_the_next_token_scores_the_unigram_rate()
     everywhere = torch.nonzero(evaluated.reshape(-1)).squeeze(1)  # fires at every position
     top = [3, 5, 5, 11]  # a repeated id counts once
     feats = pd.DataFrame({"layer": 0, "feature": [0], "dec_predicts": [False], "dec_top_ids": [top]})
-    res = _pass(tokens, torch.zeros(len(everywhere), dtype=torch.long), everywhere, torch.ones(len(everywhere)), 1)
+    n = len(everywhere)
+    res = _pass(tokens, torch.zeros(n, dtype=torch.long), everywhere, torch.ones(n), 1)
     out = ch.side_table(res, feats, "dec", nxt, 4, 24)
     ev_next = nxt[evaluated.reshape(-1)].tolist()
     naive = sum(tok in {3, 5, 11} for tok in ev_next) / len(ev_next)
@@ -186,7 +187,8 @@ def test_direct_effect_equals_the_logit_change_at_the_final_residual(norm):
     assert float(got) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
 
 
-@pytest.mark.parametrize("norm,pos,n_kv", [("RMS", "rotary", None), ("RMS", "rotary", 2), ("LN", "standard", None)])
+@pytest.mark.parametrize("norm,pos,n_kv", [("RMS", "rotary", None), ("RMS", "rotary", 2),
+                                          ("LN", "standard", None)])
 def test_pair_term_equals_the_hooked_attention_score_double_difference(norm, pos, n_kv):
     model = tiny_model(norm=norm, pos=pos, n_kv=n_kv, seed=1)
     layer, head, i, j = 1, 2, 9, 3
@@ -204,7 +206,8 @@ def test_pair_term_equals_the_hooked_attention_score_double_difference(norm, pos
             resid[0, j] += ak * dk * with_k
             return resid
 
-        hooks = [(f"blocks.{layer}.hook_resid_pre", add), (f"blocks.{layer}.ln1.hook_scale", lambda s, hook: scale)]
+        hooks = [(f"blocks.{layer}.hook_resid_pre", add),
+                 (f"blocks.{layer}.ln1.hook_scale", lambda s, hook: scale)]
         with model.hooks(fwd_hooks=hooks):
             _, c = model.run_with_cache(tokens, names_filter=f"blocks.{layer}.attn.hook_attn_scores")
         return c[f"blocks.{layer}.attn.hook_attn_scores"][0, head, i, j]
@@ -303,7 +306,8 @@ def test_agreement_rule_and_summary_findings():
 
 def test_head_correlations_per_head_and_overall():
     x = np.arange(12.0)
-    pairs = pd.DataFrame({"head": ["1.0"] * 6 + ["1.1"] * 6, "kind": (["chapter 2's top"] * 3 + ["random"] * 3) * 2,
+    kinds = (["chapter 2's top"] * 3 + ["random"] * 3) * 2
+    pairs = pd.DataFrame({"head": ["1.0"] * 6 + ["1.1"] * 6, "kind": kinds,
                           "weights-only": x, "in context": np.r_[x[:6], -x[6:]]})
     out = ch.head_correlations(pairs, ch.Config(n_boot=200)).set_index("head")
     assert out.loc["1.0", "rho"] == pytest.approx(1.0) and out.loc["1.1", "rho"] == pytest.approx(-1.0)

@@ -29,7 +29,8 @@ from weightscope.config.params import ParamsError
 from weightscope.config.paths import progress_enabled
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
-DIRECT_CLAIM = "output: the direct path (decoder x unembedding) carries most of a feature's effect on its top tokens"
+DIRECT_CLAIM = ("output: the direct path (decoder x unembedding) carries most of a feature's effect on "
+                "its top tokens")
 SENSITIVITY_GRID = (4, 8, 16, 32, 64, 128)  # strongest firings per feature used, for the sensitivity table
 
 
@@ -114,7 +115,8 @@ def run(ctx, config: Config, *, model=None, saes=None, full=None) -> Tables:
                         f"{config.m_in}")
     if problems:
         raise ParamsError("; ".join(problems) + ".")
-    inputs = {n: (io.table_meta(target, n) or {}).get("key") for n in ("01_features", "02_qk_pairs", "03_labels")}
+    inputs = {n: (io.table_meta(target, n) or {}).get("key")
+              for n in ("01_features", "02_qk_pairs", "03_labels")}
     provenance = ctx.provenance(**dataclasses.asdict(config), inputs=inputs)
     names = ["07_output", "07_input", "07_effects", "07_pairs", "07_words", "07_sensitivity", "07_summary",
              "07_text"]
@@ -155,8 +157,8 @@ def held_out_rows(full, config: Config, demo: bool) -> tuple[torch.Tensor, int |
         return held_out_windows(lambda s: encoder.encode(s, bos=True), n_tokens=config.n_tokens,
                                 row_len=config.row_len), 1
     bos = full.tokenizer.bos_token_id
-    return held_out_windows(lambda s: full.to_tokens(s, prepend_bos=True)[0].tolist(), n_tokens=config.n_tokens,
-                            row_len=config.row_len), bos
+    encode = lambda s: full.to_tokens(s, prepend_bos=True)[0].tolist()  # noqa: E731
+    return held_out_windows(encode, n_tokens=config.n_tokens, row_len=config.row_len), bos
 
 
 def measure(full, saes: list, feats: pd.DataFrame, pairs: pd.DataFrame | None, labels: pd.DataFrame,
@@ -182,8 +184,9 @@ def measure(full, saes: list, feats: pd.DataFrame, pairs: pd.DataFrame | None, l
     words = word_table(full, res, labels, config)
     sens = sensitivity(res, feats, nxt, full.cfg.d_vocab, config)
     summary = summarise(output, inp, effects, pair_rows, words, config)
-    text = pd.DataFrame([{"tokens": int(flat.numel()), "rows": int(tokens.shape[0]), "row_len": config.row_len,
-                          "evaluated positions": int(res.evaluated.sum()), "firings kept per feature": n_keep,
+    text = pd.DataFrame([{"tokens": int(flat.numel()), "rows": int(tokens.shape[0]),
+                          "row_len": config.row_len, "evaluated positions": int(res.evaluated.sum()),
+                          "firings kept per feature": n_keep,
                           "batch rows": batch_rows}])
     return [output, inp, effects, pair_rows, words, sens, summary, text]
 
@@ -203,7 +206,8 @@ def side_table(res: ic.PassResult, feats: pd.DataFrame, side: str, token: torch.
                n_strongest: int | None = None) -> pd.DataFrame:
     """Per analysed feature: firings (its kept strongest, or the first `n_strongest` of them), hits (the
     `token` at the firing is among its top-k `side` ids), hit rate, and the base rate of its top set among the
-    tokens at all evaluated positions. Columns layer, feature, verdict, n_active, firings, hits, rate, base."""
+    tokens at all evaluated positions. Columns layer, feature, verdict, n_active, firings, hits, rate,
+    base."""
     verdict = "predicts" if side == "dec" else "reads"
     ev_tokens = token[res.evaluated]
     parts = []
@@ -273,7 +277,7 @@ def ablation_table(full, saes, res: ic.PassResult, feats: pd.DataFrame, output: 
             direct = ic.direct_effects(act, res.final_scale[pos], centred.expand(len(pos)))
             rows.append({"layer": sae.layer, "feature": int(r.feature), "predicts": bool(r.predicts),
                          "positions": len(pos), "direct": float(direct.mean()), "total": float(total.mean()),
-                         "direct share": float(direct.sum() / total.sum()) if float(total.sum()) != 0 else np.nan})
+                         "direct share": float(direct.sum() / total.sum()) if float(total.sum()) else np.nan})
     return pd.DataFrame(rows, columns=["layer", "feature", "predicts", "positions", "direct", "total",
                                        "direct share"])
 
@@ -299,7 +303,8 @@ def pair_table(full, saes, res: ic.PassResult, pairs: pd.DataFrame | None, heads
     rng = np.random.default_rng(config.seed)
     row_len = res.tokens.shape[1]
     rows = []
-    for (layer, head), part in pairs.groupby(pairs["head"].map(lambda h: tuple(int(x) for x in h.split(".")))):
+    head_of = pairs["head"].map(lambda h: tuple(int(x) for x in h.split(".")))
+    for (layer, head), part in pairs.groupby(head_of):
         sae = by_layer.get(int(part["SAE layer"].iloc[0]))
         if sae is None:
             continue
@@ -334,7 +339,7 @@ def pair_table(full, saes, res: ic.PassResult, pairs: pd.DataFrame | None, heads
 
 
 def pair_settings(chapter2: dict | None) -> dict:
-    """Chapter 2's QK-pair settings (offset range, summary) from its recorded parameters, else its defaults."""
+    """Chapter 2's QK-pair settings (offset range, summary): its recorded parameters, else its defaults."""
     from weightscope.chapters.attention import Config as AttnConfig
 
     meta = chapter2 or {}
@@ -386,7 +391,7 @@ def output_claims(out: pd.DataFrame, config: Config) -> dict[str, tuple[float, f
 
 
 def agreement(lo: float, hi: float, *, above: float = 0.0) -> str:
-    """holds when the interval lies above `above`, does not hold when it lies at or below, else inconclusive."""
+    """holds when the interval lies above `above`, does not hold when at or below it, else inconclusive."""
     if np.isnan(lo) or np.isnan(hi):
         return UNSURE
     return HOLDS if lo > above else FAILS if hi <= above else UNSURE
@@ -400,25 +405,28 @@ def summarise(output, inp, effects, pairs, words, config: Config) -> pd.DataFram
     def add(claim, weights, context, base, diff, n, *, above=0.0):
         d, lo, hi = diff
         rows.append({"claim": claim, "weights-only": weights, "in context": context, "base": base,
-                     "difference": d, "lo": lo, "hi": hi, "agreement": agreement(lo, hi, above=above), "n": n})
+                     "difference": d, "lo": lo, "hi": hi, "agreement": agreement(lo, hi, above=above),
+                     "n": n})
 
     for side, frame, verdict, what in (("output", output, "predicts", "next token"),
                                        ("input", inp, "reads", "current token")):
         ok = frame[frame["firings"] >= config.min_firings]
         yes, no = ok[ok[verdict]], ok[~ok[verdict]]
         ex_yes, ex_no = (yes["rate"] - yes["base"]).to_numpy(), (no["rate"] - no["base"]).to_numpy()
-        add(f"{side}: where a '{verdict}' feature fires, its {what} is a top token more often than its base rate",
-            float(ok[verdict].mean()) if len(ok) else np.nan, float(yes["rate"].mean()), float(yes["base"].mean()),
+        share = float(ok[verdict].mean()) if len(ok) else np.nan
+        add(f"{side}: where a '{verdict}' feature fires, its {what} is a top token more often than its base "
+            f"rate", share, float(yes["rate"].mean()), float(yes["base"].mean()),
             ic.bootstrap_mean(ex_yes, n_boot=b, seed=s), len(yes))
         add(f"{side}: '{verdict}' features beat the other features (excess over base rate)",
-            float(ok[verdict].mean()) if len(ok) else np.nan, float(ex_yes.mean()) if len(yes) else np.nan,
-            float(ex_no.mean()) if len(no) else np.nan, ic.bootstrap_mean_diff(ex_yes, ex_no, n_boot=b, seed=s),
-            len(ok))
+            share, float(ex_yes.mean()) if len(yes) else np.nan, float(ex_no.mean()) if len(no) else np.nan,
+            ic.bootstrap_mean_diff(ex_yes, ex_no, n_boot=b, seed=s), len(ok))
     share = effects["direct share"].dropna().to_numpy()
     median = ic.bootstrap_mean(share, n_boot=b, seed=s, stat=np.median)
-    add(f"{DIRECT_CLAIM} (median direct share of the ablation effect)", 1.0, median[0], config.direct_majority,
+    add(f"{DIRECT_CLAIM} (median direct share of the ablation effect)", 1.0, median[0],
+        config.direct_majority,
         tuple(v - config.direct_majority for v in median), len(share))
-    top, rnd = (pairs[(pairs["kind"] == k) & pairs["in context"].notna()] for k in ("chapter 2's top", "random"))
+    measured = pairs[pairs["in context"].notna()]
+    top, rnd = (measured[measured["kind"] == k] for k in ("chapter 2's top", "random"))
     add("attention: chapter 2's top pairs contribute more to the score in context than random pairs (|term|)",
         float(top["weights-only"].abs().mean()) if len(top) else np.nan,
         float(top["in context"].abs().mean()) if len(top) else np.nan,
@@ -426,7 +434,8 @@ def summarise(output, inp, effects, pairs, words, config: Config) -> pd.DataFram
         ic.bootstrap_mean_diff(top["in context"].abs(), rnd["in context"].abs(), n_boot=b, seed=s), len(top))
     both = pairs[pairs["in context"].notna()]
     r = ic.spearman(both["weights-only"], both["in context"])
-    lo, hi = ic.shuffled_spearman(both["weights-only"].to_numpy(), both["in context"].to_numpy(), n_perm=b, seed=s)
+    lo, hi = ic.shuffled_spearman(both["weights-only"].to_numpy(), both["in context"].to_numpy(), n_perm=b,
+                                  seed=s)
     rows.append({"claim": "attention: weights-only pair scores rank the in-context contributions (Spearman)",
                  "weights-only": np.nan, "in context": r, "base": 0.0, "difference": r, "lo": lo, "hi": hi,
                  "agreement": UNSURE if np.isnan(r) or np.isnan(hi) else HOLDS if r > hi else FAILS,
@@ -434,7 +443,8 @@ def summarise(output, inp, effects, pairs, words, config: Config) -> pd.DataFram
     for phase, col in (("output", "dec_label"), ("input", "enc_label")):
         ok = words[words["firings"] >= config.min_firings]
         sem, non = (ok.loc[ok[col] == lab, "word share"].to_numpy() for lab in ("semantic", "non-semantic"))
-        add(f"populations ({phase} labels): semantic features fire on word tokens more than non-semantic ones",
+        add(f"populations ({phase} labels): semantic features fire on word tokens more than non-semantic "
+            "ones",
             float((ok[col] == "semantic").mean()) if len(ok) else np.nan,
             float(sem.mean()) if len(sem) else np.nan, float(non.mean()) if len(non) else np.nan,
             ic.bootstrap_mean_diff(sem, non, n_boot=b, seed=s), len(sem) + len(non))
@@ -457,15 +467,16 @@ def findings(t: Tables) -> dict[str, list[str]]:
                                  f"shuffled pairs give {interval} (95%): {r['agreement']}.")
         else:
             out["claims"].append(f"{r['claim']}: {number(r['in context'], 3)} in context against "
-                                 f"{number(r['base'], 3)} (difference {number(r['difference'], 3)}, 95% interval "
-                                 f"{interval}, n = {r['n']}): {r['agreement']}.")
+                                 f"{number(r['base'], 3)} (difference {number(r['difference'], 3)}, 95% "
+                                 f"interval {interval}, n = {r['n']}): {r['agreement']}.")
         if r["claim"].startswith(DIRECT_CLAIM) and not np.isnan(r["in context"]):
             out["claims"].append(direct_sentence(float(r["in context"])))
     counts = t.summary["agreement"].value_counts()
     unsure = counts.get(UNSURE, 0)
     out["tally"].append(f"Of {len(t.summary)} claims, {counts.get(HOLDS, 0)} hold in context, "
                         f"{counts.get(FAILS, 0)} do not and {unsure} {'is' if unsure == 1 else 'are'} "
-                        f"inconclusive (a claim holds when its 95% interval lies above the base rate or null).")
+                        f"inconclusive (a claim holds when its 95% interval lies above the base rate or "
+                        f"null).")
     return out
 
 

@@ -140,8 +140,9 @@ def firing_pass(model, saes: list, tokens: Tensor, *, n_keep: int, batch_rows: i
                 pos, feat = torch.nonzero(acts > 0, as_tuple=True)
                 n_active[sae.layer] += torch.bincount(feat.cpu(), minlength=sae.d_sae)
                 f0, p0, a0 = kept[sae.layer]
-                kept[sae.layer] = merge_top_firings(torch.cat([f0, feat.cpu()]), torch.cat([p0, pos.cpu() + first]),
-                                                    torch.cat([a0, acts[pos, feat].cpu()]), n_keep)
+                kept[sae.layer] = merge_top_firings(
+                    torch.cat([f0, feat.cpu()]), torch.cat([p0, pos.cpu() + first]),
+                    torch.cat([a0, acts[pos, feat].cpu()]), n_keep)
             bar.update(batch.numel())
     finally:
         bar.close()
@@ -252,8 +253,9 @@ def co_firings(pos_q: Tensor, pos_k: Tensor, row_len: int, max_offset: int) -> t
     return iq, ik
 
 
-def bootstrap_mean_diff(a: np.ndarray, b: np.ndarray, *, n_boot: int, seed: int) -> tuple[float, float, float]:
-    """(mean(a) - mean(b), 2.5% and 97.5% bootstrap quantiles), resampling each group; NaN when one is empty."""
+def bootstrap_mean_diff(a: np.ndarray, b: np.ndarray, *, n_boot: int,
+                        seed: int) -> tuple[float, float, float]:
+    """(mean(a) - mean(b), 2.5% and 97.5% bootstrap quantiles), resampling each group; NaN if one is empty."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) == 0 or len(b) == 0:
         return float("nan"), float("nan"), float("nan")
@@ -273,7 +275,7 @@ def bootstrap_mean(a: np.ndarray, *, n_boot: int, seed: int, stat=np.mean) -> tu
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rank correlation (average ranks for ties); NaN with fewer than 3 points or a constant side."""
+    """Spearman's rank correlation (average ranks for ties); NaN with under 3 points or a constant side."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     if len(x) < 3:
         return float("nan")
