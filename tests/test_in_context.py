@@ -278,6 +278,7 @@ def test_agreement_rule_and_summary_findings():
     assert ch.agreement(-0.3, 0.0) == ch.FAILS
     assert ch.agreement(-0.1, 0.2) == ch.UNSURE
     assert ch.agreement(float("nan"), 1.0) == ch.UNSURE
+    assert ch.agreement(0.0, 0.0, n=1) == ch.UNSURE  # one feature: no verdict
     rng = np.random.default_rng(0)
     n = 40
     output = pd.DataFrame({"layer": 0, "feature": range(n), "predicts": [i < 10 for i in range(n)],
@@ -297,7 +298,7 @@ def test_agreement_rule_and_summary_findings():
     t = SimpleNamespace(summary=summary, text=pd.DataFrame([{"tokens": 100, "row_len": 10,
                                                               "firings kept per feature": 4}]))
     found = ch.findings(t)
-    assert "8 hold in context, 1 do not" in found["tally"][0]
+    assert "8 hold in context, 1 does not" in found["tally"][0]
     assert len(found["claims"]) == len(summary) + 1  # and what the direct share means
     assert ch.direct_sentence(2.0).startswith("The direct path overstates")
     assert ch.direct_sentence(0.5).startswith("The direct path understates")

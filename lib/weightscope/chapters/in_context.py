@@ -29,6 +29,7 @@ from weightscope.config.params import ParamsError
 from weightscope.config.paths import progress_enabled
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
+MIN_ITEMS = 5  # a claim resting on fewer features (or pairs) is inconclusive, whatever its interval
 DIRECT_CLAIM = ("output: the direct path (decoder x unembedding) carries most of a feature's effect on "
                 "its top tokens")
 SENSITIVITY_GRID = (4, 8, 16, 32, 64, 128)  # strongest firings per feature used, for the sensitivity table
@@ -360,7 +361,7 @@ def word_table(full, res: ic.PassResult, labels: pd.DataFrame, config: Config) -
         n = torch.bincount(fir.feature, minlength=d_sae)
         w = torch.bincount(fir.feature, weights=is_word[flat[fir.position]].double(), minlength=d_sae)
         lab = labels[labels["layer"] == layer]
-        idx = lab["feature"].to_numpy()
+        idx = np.array(lab["feature"].to_numpy())
         parts.append(pd.DataFrame({"layer": layer, "feature": idx, "dec_label": lab["dec_label"].astype(str),
                                    "enc_label": lab["enc_label"].astype(str), "firings": n[idx].numpy(),
                                    "word share": (w / n.clamp(min=1))[idx].numpy(), "base": base}))
@@ -390,9 +391,10 @@ def output_claims(out: pd.DataFrame, config: Config) -> dict[str, tuple[float, f
                                                                      n_boot=config.n_boot, seed=config.seed)}
 
 
-def agreement(lo: float, hi: float, *, above: float = 0.0) -> str:
-    """holds when the interval lies above `above`, does not hold when at or below it, else inconclusive."""
-    if np.isnan(lo) or np.isnan(hi):
+def agreement(lo: float, hi: float, *, above: float = 0.0, n: int = MIN_ITEMS) -> str:
+    """holds when the interval lies above `above`, does not hold when at or below it, else inconclusive
+    (also when it rests on fewer than `MIN_ITEMS` features or pairs)."""
+    if np.isnan(lo) or np.isnan(hi) or n < MIN_ITEMS:
         return UNSURE
     return HOLDS if lo > above else FAILS if hi <= above else UNSURE
 
@@ -405,7 +407,7 @@ def summarise(output, inp, effects, pairs, words, config: Config) -> pd.DataFram
     def add(claim, weights, context, base, diff, n, *, above=0.0):
         d, lo, hi = diff
         rows.append({"claim": claim, "weights-only": weights, "in context": context, "base": base,
-                     "difference": d, "lo": lo, "hi": hi, "agreement": agreement(lo, hi, above=above),
+                     "difference": d, "lo": lo, "hi": hi, "agreement": agreement(lo, hi, above=above, n=n),
                      "n": n})
 
     for side, frame, verdict, what in (("output", output, "predicts", "next token"),
@@ -438,7 +440,8 @@ def summarise(output, inp, effects, pairs, words, config: Config) -> pd.DataFram
                                   seed=s)
     rows.append({"claim": "attention: weights-only pair scores rank the in-context contributions (Spearman)",
                  "weights-only": np.nan, "in context": r, "base": 0.0, "difference": r, "lo": lo, "hi": hi,
-                 "agreement": UNSURE if np.isnan(r) or np.isnan(hi) else HOLDS if r > hi else FAILS,
+                 "agreement": UNSURE if np.isnan(r) or np.isnan(hi) or len(both) < MIN_ITEMS
+                 else HOLDS if r > hi else FAILS,
                  "n": len(both)})
     for phase, col in (("output", "dec_label"), ("input", "enc_label")):
         ok = words[words["firings"] >= config.min_firings]
@@ -472,11 +475,13 @@ def findings(t: Tables) -> dict[str, list[str]]:
         if r["claim"].startswith(DIRECT_CLAIM) and not np.isnan(r["in context"]):
             out["claims"].append(direct_sentence(float(r["in context"])))
     counts = t.summary["agreement"].value_counts()
-    unsure = counts.get(UNSURE, 0)
-    out["tally"].append(f"Of {len(t.summary)} claims, {counts.get(HOLDS, 0)} hold in context, "
-                        f"{counts.get(FAILS, 0)} do not and {unsure} {'is' if unsure == 1 else 'are'} "
-                        f"inconclusive (a claim holds when its 95% interval lies above the base rate or "
-                        f"null).")
+    holds, fails, unsure = (counts.get(v, 0) for v in (HOLDS, FAILS, UNSURE))
+    verb = "holds" if holds == 1 else "hold"
+    out["tally"].append(f"Of {len(t.summary)} claims, {holds} {verb} in context, "
+                        f"{fails} {'does' if fails == 1 else 'do'} not and {unsure} "
+                        f"{'is' if unsure == 1 else 'are'} inconclusive (a claim holds when its 95% interval "
+                        f"lies above the base rate or null and rests on at least {MIN_ITEMS} features or "
+                        f"pairs).")
     return out
 
 
