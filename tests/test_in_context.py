@@ -284,7 +284,8 @@ def test_agreement_rule_and_summary_findings():
     output = pd.DataFrame({"layer": 0, "feature": range(n), "predicts": [i < 10 for i in range(n)],
                            "firings": 20, "rate": [0.5] * 10 + [0.05] * 30, "base": 0.05})
     inp = output.rename(columns={"predicts": "reads"})
-    effects = pd.DataFrame({"direct share": rng.uniform(0.8, 1.2, 12)})
+    effects = pd.DataFrame({"layer": [0] * 6 + [3] * 6,
+                            "direct share": np.r_[rng.uniform(2, 4, 6), rng.uniform(0.9, 1.1, 6)]})
     pairs = pd.DataFrame({"kind": ["chapter 2's top"] * 10 + ["random"] * 10,
                           "weights-only": np.r_[np.linspace(1, 2, 10), np.linspace(-0.1, 0.1, 10)],
                           "in context": np.r_[np.linspace(1, 2, 10), np.linspace(-0.1, 0.1, 10)]})
@@ -293,12 +294,12 @@ def test_agreement_rule_and_summary_findings():
                           "word share": [0.9] * 20 + [0.2] * 20, "base": 0.5})
     summary = ch.summarise(output, inp, effects, pairs, words, ch.Config(n_boot=200))
     verdict = dict(zip(summary["claim"].str[:40], summary["agreement"]))
-    assert list(summary["agreement"]).count(ch.HOLDS) == 8  # 9 claims: all but the reversed input-label claim
+    assert list(summary["agreement"]).count(ch.HOLDS) == 9  # 10 claims: all but the reversed input-label claim
     assert [v for k, v in verdict.items() if k.startswith("populations (input")] == [ch.FAILS]
     t = SimpleNamespace(summary=summary, text=pd.DataFrame([{"tokens": 100, "row_len": 10,
                                                               "firings kept per feature": 4}]))
     found = ch.findings(t)
-    assert "8 hold in context, 1 does not" in found["tally"][0]
+    assert "9 hold in context, 1 does not" in found["tally"][0]
     assert len(found["claims"]) == len(summary) + 1  # and what the direct share means
     assert ch.direct_sentence(2.0).startswith("The direct path overstates")
     assert ch.direct_sentence(0.5).startswith("The direct path understates")

@@ -391,6 +391,20 @@ def output_claims(out: pd.DataFrame, config: Config) -> dict[str, tuple[float, f
                                                                      n_boot=config.n_boot, seed=config.seed)}
 
 
+def early_layer_claim(effects: pd.DataFrame, config: Config) -> tuple:
+    """Query Lens's reading: the lens misses more of the effect in early layers. The miss of one feature is
+    |1 - direct share|; the claim compares its mean in the first and the last ablated SAE layer."""
+    claim = ("output (Query Lens): the direct path misses more of the effect in the first SAE layer than in "
+             "the last (mean |1 - direct share|)")
+    e = effects.dropna(subset=["direct share"])
+    if len(e) == 0 or e["layer"].nunique() < 2:
+        return claim, np.nan, np.nan, np.nan, (np.nan,) * 3, len(e)
+    miss = (1 - e["direct share"]).abs()
+    first, last = (miss[e["layer"] == lay].to_numpy() for lay in (e["layer"].min(), e["layer"].max()))
+    diff = ic.bootstrap_mean_diff(first, last, n_boot=config.n_boot, seed=config.seed)
+    return claim, np.nan, float(first.mean()), float(last.mean()), diff, min(len(first), len(last))
+
+
 def agreement(lo: float, hi: float, *, above: float = 0.0, n: int = MIN_ITEMS) -> str:
     """holds when the interval lies above `above`, does not hold when at or below it, else inconclusive
     (also when it rests on fewer than `MIN_ITEMS` features or pairs)."""
@@ -427,6 +441,7 @@ def summarise(output, inp, effects, pairs, words, config: Config) -> pd.DataFram
     add(f"{DIRECT_CLAIM} (median direct share of the ablation effect)", 1.0, median[0],
         config.direct_majority,
         tuple(v - config.direct_majority for v in median), len(share))
+    add(*early_layer_claim(effects, config))
     measured = pairs[pairs["in context"].notna()]
     top, rnd = (measured[measured["kind"] == k] for k in ("chapter 2's top", "random"))
     add("attention: chapter 2's top pairs contribute more to the score in context than random pairs (|term|)",
