@@ -173,6 +173,8 @@ def measure(full, saes: list, feats: pd.DataFrame, pairs: pd.DataFrame | None, l
     n_keep = ic.keep_per_feature(budget // 2, len(saes), d_sae, config.n_keep)
     batch_rows = ic.batch_rows_for(budget // 2, config.row_len, d_sae, len(saes))
     heads = pair_heads(pairs)
+    say(f"activation pass: {tokens.numel():,} tokens in batches of {batch_rows} rows, {n_keep} firings kept "
+        f"per feature")
     res = ic.firing_pass(full, saes, tokens, n_keep=n_keep, batch_rows=batch_rows, bos_id=bos,
                          attn_layers=sorted({h[0] for h in heads}), progress=progress_enabled())
     flat = res.tokens.reshape(-1)
@@ -180,6 +182,7 @@ def measure(full, saes: list, feats: pd.DataFrame, pairs: pd.DataFrame | None, l
     output = side_table(res, feats, "dec", nxt, config.k_out, full.cfg.d_vocab)
     inp = side_table(res, feats, "enc", flat, config.m_in, full.cfg.d_vocab)
     output = output.merge(direct_table(full, saes, res, feats, config), on=["layer", "feature"], how="left")
+    say(f"ablations: up to {config.n_ablate} features per SAE; query-key pairs of {len(heads)} heads")
     effects = ablation_table(full, saes, res, feats, output, config)
     pair_rows = pair_table(full, saes, res, pairs, heads, config, settings or pair_settings(None))
     words = word_table(full, res, labels, config)
@@ -190,6 +193,12 @@ def measure(full, saes: list, feats: pd.DataFrame, pairs: pd.DataFrame | None, l
                           "firings kept per feature": n_keep,
                           "batch rows": batch_rows}])
     return [output, inp, effects, pair_rows, words, sens, summary, text]
+
+
+def say(line: str) -> None:
+    """A progress line (silenced by WEIGHTSCOPE_PROGRESS=0)."""
+    if progress_enabled():
+        print(line, flush=True)
 
 
 def _ids(feats: pd.DataFrame, layer: int, side: str, k: int, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +252,8 @@ def direct_table(full, saes, res: ic.PassResult, feats: pd.DataFrame, config: Co
         ids, mask = _ids(feats, sae.layer, "dec", config.k_out, sae.d_sae)
         idx = torch.nonzero(mask).squeeze(1)
         centred = torch.zeros(sae.d_sae)
-        for chunk in idx.split(1024):
+        rows = max(1, config.memory_mb * 2**20 // (8 * M_out.shape[1]))  # [rows, d_vocab] scores, twice
+        for chunk in idx.split(rows):
             centred[chunk] = ic.centred_scores(sae.W_dec[chunk].cpu(), M_out.cpu(), ids[chunk]).cpu()
         eff = ic.direct_effects(fir.act, res.final_scale[fir.position], centred[fir.feature])
         total = torch.bincount(fir.feature, weights=eff.double(), minlength=sae.d_sae)

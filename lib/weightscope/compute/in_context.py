@@ -168,15 +168,10 @@ def set_base_rates(tokens: Tensor, top_ids: Tensor, d_vocab: int) -> Tensor:
     """fp64 [d_sae]: the share of `tokens` [n] (the text's next or current tokens at evaluated positions) that
     fall in each feature's top-token set `top_ids` [d_sae, k] (duplicates in a set counted once)."""
     freq = torch.bincount(tokens, minlength=d_vocab).double() / max(1, len(tokens))
-    in_set = torch.zeros(top_ids.shape[0], d_vocab, dtype=torch.bool) if d_vocab * top_ids.shape[0] < 2**27 \
-        else None
-    if in_set is not None:
-        in_set.scatter_(1, top_ids, True)
-        return (in_set.double() * freq).sum(1)
-    out = torch.empty(top_ids.shape[0], dtype=torch.float64)
-    for i, ids in enumerate(top_ids):
-        out[i] = freq[torch.unique(ids)].sum()
-    return out
+    ids = top_ids.sort(1).values
+    vals = freq[ids]  # [d_sae, k]
+    vals[:, 1:][ids[:, 1:] == ids[:, :-1]] = 0  # a repeated id counts once
+    return vals.sum(1)
 
 
 def centred_scores(W_dec: Tensor, M_out: Tensor, top_ids: Tensor) -> Tensor:
