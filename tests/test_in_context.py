@@ -315,3 +315,19 @@ def test_head_correlations_per_head_and_overall():
     out = ch.head_correlations(pairs, ch.Config(n_boot=200)).set_index("head")
     assert out.loc["1.0", "rho"] == pytest.approx(1.0) and out.loc["1.1", "rho"] == pytest.approx(-1.0)
     assert out.loc["all heads", "pairs"] == 12 and out.loc["1.0", "top pairs"] == 3
+
+
+@pytest.mark.parametrize("summary", ["mean", "max_abs"])
+def test_random_pairs_are_scored_as_chapter_2_scores_its_top_pairs(summary):
+    from weightscope.compute import attention
+
+    model = tiny_model(seed=2)
+    D = torch.randn(12, 32, generator=torch.Generator().manual_seed(11))
+    layer, head, offsets = 1, 3, list(range(6))
+    Df = attention.read_by_layer(model, D, layer)
+    scores, qi, ki = attention.qk_pairs(Df, Df, model.blocks[layer].attn.W_Q[head].detach(),
+                                        model.blocks[layer].attn.W_K[head].detach(), top=5, offsets=offsets,
+                                        cfg=model.cfg, summary=summary)
+    Q, K = ic.folded_projections(model, layer, head, D)
+    for s, a, b in zip(scores.tolist(), qi.tolist(), ki.tolist()):
+        assert ic.pair_weight_score(Q[a], K[b], offsets, model.cfg, summary) == pytest.approx(s, rel=1e-4)
