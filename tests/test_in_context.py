@@ -280,13 +280,16 @@ def test_agreement_rule_and_summary_findings():
     assert ch.agreement(-0.1, 0.2) == ch.UNSURE
     assert ch.agreement(float("nan"), 1.0) == ch.UNSURE
     assert ch.agreement(0.0, 0.0, n=1) == ch.UNSURE  # one feature: no verdict
+    assert ch.within(0.8, 1.5, 0.5, 2.0, 10) == ch.HOLDS
+    assert ch.within(2.1, 3.0, 0.5, 2.0, 10) == ch.FAILS
+    assert ch.within(1.4, 2.9, 0.5, 2.0, 10) == ch.UNSURE
     rng = np.random.default_rng(0)
     n = 40
     output = pd.DataFrame({"layer": 0, "feature": range(n), "predicts": [i < 10 for i in range(n)],
                            "firings": 20, "rate": [0.5] * 10 + [0.05] * 30, "base": 0.05})
     inp = output.rename(columns={"predicts": "reads"})
     effects = pd.DataFrame({"layer": [0] * 6 + [3] * 6,
-                            "direct share": np.r_[rng.uniform(2, 4, 6), rng.uniform(0.9, 1.1, 6)]})
+                            "direct share": np.r_[rng.uniform(1.5, 1.9, 6), rng.uniform(0.95, 1.05, 6)]})
     pairs = pd.DataFrame({"kind": ["chapter 2's top"] * 10 + ["random"] * 10,
                           "weights-only": np.r_[np.linspace(1, 2, 10), np.linspace(-0.1, 0.1, 10)],
                           "in context": np.r_[np.linspace(1, 2, 10), np.linspace(-0.1, 0.1, 10)]})

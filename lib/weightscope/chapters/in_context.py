@@ -30,8 +30,8 @@ from weightscope.config.paths import progress_enabled
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
 MIN_ITEMS = 5  # a claim resting on fewer features (or pairs) is inconclusive, whatever its interval
-DIRECT_CLAIM = ("output: the direct path (decoder x unembedding) carries most of a feature's effect on "
-                "its top tokens")
+DIRECT_CLAIM = ("output: the direct path (decoder x unembedding) is about a feature's whole effect on its "
+                "top tokens")
 SENSITIVITY_GRID = (4, 8, 16, 32, 64, 128)  # strongest firings per feature used, for the sensitivity table
 
 
@@ -49,7 +49,8 @@ class Config:
     n_ablate: int = 6  # features per SAE whose total effect is measured by ablation (half predicting)
     ablate_positions: int = 16  # firing positions per ablated feature
     n_random_pairs: int = 24  # random query-key feature pairs per checked head (the attention null)
-    direct_majority: float = 0.5  # the direct path "carries the effect" when its share's interval is above
+    direct_majority: float = 0.5  # the direct path is "about the whole effect" when its share's interval
+    # lies within [direct_majority, 1 / direct_majority]
     n_boot: int = 1000  # bootstrap resamples for every interval
     seed: int = 0  # seed of the bootstrap and of the random pairs
 
@@ -415,6 +416,14 @@ def early_layer_claim(effects: pd.DataFrame, config: Config) -> tuple:
     return claim, np.nan, float(first.mean()), float(last.mean()), diff, min(len(first), len(last))
 
 
+def within(lo: float, hi: float, low: float, high: float, n: int) -> str:
+    """holds when the interval [lo, hi] lies inside [low, high], does not hold when it lies wholly outside,
+    else inconclusive (also on fewer than `MIN_ITEMS` items)."""
+    if np.isnan(lo) or np.isnan(hi) or n < MIN_ITEMS:
+        return UNSURE
+    return HOLDS if low <= lo and hi <= high else FAILS if hi < low or lo > high else UNSURE
+
+
 def agreement(lo: float, hi: float, *, above: float = 0.0, n: int = MIN_ITEMS) -> str:
     """holds when the interval lies above `above`, does not hold when at or below it, else inconclusive
     (also when it rests on fewer than `MIN_ITEMS` features or pairs)."""
@@ -448,9 +457,10 @@ def summarise(output, inp, effects, pairs, words, config: Config) -> pd.DataFram
             ic.bootstrap_mean_diff(ex_yes, ex_no, n_boot=b, seed=s), len(ok))
     share = effects["direct share"].dropna().to_numpy()
     median = ic.bootstrap_mean(share, n_boot=b, seed=s, stat=np.median)
-    add(f"{DIRECT_CLAIM} (median direct share of the ablation effect)", 1.0, median[0],
-        config.direct_majority,
-        tuple(v - config.direct_majority for v in median), len(share))
+    low, high = config.direct_majority, 1 / config.direct_majority
+    add(f"{DIRECT_CLAIM} (median direct share of the ablation effect, within {number(low)} to "
+        f"{number(high)})", 1.0, median[0], 1.0, tuple(v - 1 for v in median), len(share))
+    rows[-1]["agreement"] = within(median[1], median[2], low, high, len(share))
     add(*early_layer_claim(effects, config))
     measured = pairs[pairs["in context"].notna()]
     top, rnd = (measured[measured["kind"] == k] for k in ("chapter 2's top", "random"))
