@@ -142,6 +142,8 @@ def write_params(target: str, model_folder: Path, sae_folder: Path, path: Path, 
     chapters = chapters if chapters is not None else {
         "01_output_tokens": {"n_null": 128, "max_features": 0},
         "02_attention": {"n_null": 128, "top_pairs": 5, "n_pair_heads": 1},
+        "07_in_context": {"n_tokens": 2048, "n_boot": 200, "n_ablate": 2, "ablate_positions": 4,
+                          "n_random_pairs": 8},
     }
     raw = {"target": target, "title": f"stand-in {target}", "model": {"name": str(model_folder)},
            "saes": {"source": str(sae_folder)}, "layers": layers, "device": "cpu", "dtype": "float32",

@@ -17,6 +17,7 @@ CHAPTERS = {
     "04_attention_saes": "weightscope.chapters.attention_saes",
     "05_context_neurons": "weightscope.chapters.context_neurons",
     "06_ffkv_baseline": "weightscope.chapters.ffkv",
+    "07_in_context": "weightscope.chapters.in_context",
 }
 
 SKIPPABLE = {

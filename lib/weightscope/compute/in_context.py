@@ -1,0 +1,304 @@
+"""Chapter 7: SAE features measured on real text, to check the weights-only verdicts of chapters 1-3.
+
+One streaming pass (`firing_pass`) runs the model over held-out token rows in batches, encodes every SAE's
+site, and keeps, per feature, only its `n_keep` strongest firing positions (`merge_top_firings`), so memory
+is bounded by `n_keep x d_sae` entries per SAE whatever the length of the text. It also keeps the norms'
+scales at every position (the final norm's, and the pre-attention norm's of the layers whose heads are
+checked), which the direct-effect and attention measurements need. The measurements then read those positions:
+
+* `set_hit_rates`: the share of a feature's firing positions whose next (or current) token is one of its
+  weights-only top tokens, beside the base rate of that token set on the same text (`set_base_rates`);
+* `direct_effects`: activation x decoder row through the final norm's actual scale and the unembedding;
+* `ablation_effects`: the same logits' change when the feature is removed at its site (every downstream path);
+* `pair_contributions`: a query-key feature pair's term in a head's attention score, with the rotation of
+  the actual offset and the actual pre-attention norm scales.
+
+Introduced in chapter 7 (`notebooks/07_in_context.md`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from weightscope.compute.attention import read_by_layer, rotate_queries
+from weightscope.compute.streaming import progress_bar
+
+ENTRY_BYTES = 16  # one kept firing: feature (int32), position (int64), activation (fp32)
+
+
+@dataclass
+class Firings:
+    """One SAE's strongest firing positions on the text, at most `n_keep` per feature.
+
+    feature, position: int64 [m] (position indexes the flattened token rows); act: fp32 [m] (> 0);
+    n_active: int64 [d_sae], how many evaluated positions each feature was active at (any activation > 0).
+    """
+
+    feature: Tensor
+    position: Tensor
+    act: Tensor
+    n_active: Tensor
+
+
+@dataclass
+class PassResult:
+    """What `firing_pass` keeps: the tokens, the norms' scales, and every SAE's `Firings`.
+
+    tokens: int64 [rows, row_len]; final_scale: fp32 [rows * row_len], the final norm's divisor per position
+    (1 without a norm); attn_scale: {layer: fp32 [rows * row_len]}, `blocks.{layer}.ln1`'s divisor;
+    firings: {SAE layer: Firings}; evaluated: bool [rows * row_len], positions that may count as firings
+    (not BOS, not the last of a row, whose next token is unknown).
+    """
+
+    tokens: Tensor
+    final_scale: Tensor
+    attn_scale: dict[int, Tensor]
+    firings: dict[int, Firings]
+    evaluated: Tensor
+
+
+def merge_top_firings(feature: Tensor, position: Tensor, act: Tensor, n_keep: int):
+    """Keep each feature's `n_keep` largest activations among the entries (feature, position, act) [m].
+
+    Ties keep the earlier position. Returns the kept (feature, position, act), sorted by feature then by
+    activation, largest first.
+    """
+    order = torch.argsort(position, stable=True)  # earlier positions first among ties
+    feature, position, act = feature[order], position[order], act[order]
+    order = torch.argsort(-act, stable=True)
+    order = order[torch.argsort(feature[order], stable=True)]
+    feature, position, act = feature[order], position[order], act[order]
+    starts = torch.searchsorted(feature, feature, right=False)  # first index of each entry's feature
+    keep = (torch.arange(len(feature)) - starts) < n_keep
+    return feature[keep], position[keep], act[keep]
+
+
+def keep_per_feature(budget_bytes: int, n_saes: int, d_sae: int, requested: int) -> int:
+    """Firings kept per feature: `requested`, lowered so that every SAE's reservoir (and one batch's
+    candidates, as many again) fits `budget_bytes`. At least 1."""
+    fits = budget_bytes // max(1, 2 * n_saes * d_sae * ENTRY_BYTES)
+    return max(1, min(requested, int(fits)))
+
+
+def batch_rows_for(budget_bytes: int, row_len: int, d_sae: int, n_saes: int) -> int:
+    """Token rows per forward batch so that the SAE activations of one batch ([rows * row_len, d_sae] fp32
+    per SAE, twice for temporaries) fit `budget_bytes`. At least 1."""
+    return max(1, int(budget_bytes // max(1, 8 * row_len * d_sae * n_saes)))
+
+
+def _scale_hook(name: str) -> str:
+    return f"{name}.hook_scale"
+
+
+@torch.no_grad()
+def firing_pass(model, saes: list, tokens: Tensor, *, n_keep: int, batch_rows: int, attn_layers=(),
+                bos_id: int | None = None, progress: bool = True) -> PassResult:
+    """Stream `tokens` [rows, row_len] through the model in batches of `batch_rows` rows; per SAE keep each
+    feature's `n_keep` strongest firings at evaluated positions (see `PassResult`).
+
+    model: a HookedTransformer; saes: `LoadedSAE`s of residual sites; attn_layers: layers whose `ln1` scale
+    is kept (for `pair_contributions`).
+    """
+    rows, row_len = tokens.shape
+    has_final = hasattr(model.ln_final, "hook_scale")
+    hooks = sorted({s.hook_name for s in saes}
+                   | ({_scale_hook("ln_final")} if has_final else set())
+                   | {_scale_hook(f"blocks.{lay}.ln1") for lay in attn_layers
+                      if hasattr(model.blocks[lay].ln1, "hook_scale")})
+    evaluated = torch.ones(rows, row_len, dtype=torch.bool)
+    evaluated[:, -1] = False
+    if bos_id is not None:
+        evaluated &= tokens != bos_id
+    evaluated = evaluated.reshape(-1)
+    final_scale = torch.ones(rows * row_len)
+    attn_scale = {lay: torch.ones(rows * row_len) for lay in attn_layers}
+    kept = {s.layer: (torch.empty(0, dtype=torch.long),) * 2 + (torch.empty(0),) for s in saes}
+    n_active = {s.layer: torch.zeros(s.d_sae, dtype=torch.long) for s in saes}
+    bar = progress_bar(rows * row_len, progress, "activation pass", unit="token")
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, rows, batch_rows):
+            batch = tokens[start : start + batch_rows]
+            _, cache = model.run_with_cache(batch.to(device), names_filter=hooks)
+            first = start * row_len
+            span = slice(first, first + batch.numel())
+            if has_final:
+                final_scale[span] = cache[_scale_hook("ln_final")].reshape(-1).float().cpu()
+            for lay in attn_scale:
+                name = _scale_hook(f"blocks.{lay}.ln1")
+                if name in cache.cache_dict:
+                    attn_scale[lay][span] = cache[name].reshape(-1).float().cpu()
+            ok = evaluated[span].to(device)
+            for sae in saes:
+                site = cache[sae.hook_name].reshape(-1, sae.d_in)
+                acts = sae.sae.encode(site.to(sae.W_dec.dtype)).float()  # [batch tokens, d_sae]
+                acts = acts * ok[:, None]
+                pos, feat = torch.nonzero(acts > 0, as_tuple=True)
+                n_active[sae.layer] += torch.bincount(feat.cpu(), minlength=sae.d_sae)
+                f0, p0, a0 = kept[sae.layer]
+                kept[sae.layer] = merge_top_firings(
+                    torch.cat([f0, feat.cpu()]), torch.cat([p0, pos.cpu() + first]),
+                    torch.cat([a0, acts[pos, feat].cpu()]), n_keep)
+            bar.update(batch.numel())
+    finally:
+        bar.close()
+    firings = {lay: Firings(f, p, a, n_active[lay]) for lay, (f, p, a) in kept.items()}
+    return PassResult(tokens=tokens, final_scale=final_scale, attn_scale=attn_scale, firings=firings,
+                      evaluated=evaluated)
+
+
+def set_hit_rates(feature: Tensor, token: Tensor, top_ids: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
+    """Per feature: (firings counted [d_sae], hits [d_sae]), a hit being a firing whose `token` is one of
+    the feature's `top_ids`.
+
+    feature, token: int64 [m], one entry per firing (the token at or after the firing, as the caller
+    chooses); top_ids: int64 [d_sae, k] each feature's weights-only top tokens.
+    """
+    hit = (top_ids[feature] == token[:, None]).any(1)
+    n = torch.bincount(feature, minlength=d_sae)
+    hits = torch.bincount(feature[hit], minlength=d_sae)
+    return n, hits
+
+
+def set_base_rates(tokens: Tensor, top_ids: Tensor, d_vocab: int) -> Tensor:
+    """fp64 [d_sae]: the share of `tokens` [n] (the text's next or current tokens at evaluated positions) that
+    fall in each feature's top-token set `top_ids` [d_sae, k] (duplicates in a set counted once)."""
+    freq = torch.bincount(tokens, minlength=d_vocab).double() / max(1, len(tokens))
+    ids = top_ids.sort(1).values
+    vals = freq[ids]  # [d_sae, k]
+    vals[:, 1:][ids[:, 1:] == ids[:, :-1]] = 0  # a repeated id counts once
+    return vals.sum(1)
+
+
+def centred_scores(W_dec: Tensor, M_out: Tensor, top_ids: Tensor) -> Tensor:
+    """fp32 [n]: each row's weights-only score on its top tokens minus its mean score over the vocabulary.
+
+    W_dec: [n, d_model] decoder rows; M_out: [d_model, d_vocab] the unembedding with the final norm folded
+    (chapter 1's `output_matrix`); top_ids: [n, k]. A logit change common to every token moves no probability,
+    so effects are measured against the vocabulary mean.
+    """
+    S = W_dec.float() @ M_out.float()  # [n, d_vocab]; n is small (the features measured)
+    return S.gather(1, top_ids).mean(1) - S.mean(1)
+
+
+def direct_effects(act: Tensor, scale: Tensor, centred: Tensor) -> Tensor:
+    """fp32 [m]: the direct effect in logits of each firing on its feature's top tokens (against the vocab
+    mean): activation / final-norm scale at that position x the feature's `centred_scores` entry.
+
+    act, scale, centred: [m] per firing."""
+    return act.float() / scale.float() * centred.float()
+
+
+@torch.no_grad()
+def ablation_effects(model, sae, feature: int, rows: Tensor, positions: Tensor, top_ids: Tensor) -> Tensor:
+    """fp32 [len(positions)]: the change of the top tokens' logits (against the vocabulary mean) at
+    `positions` when `feature` is removed from the SAE's site at every position of `rows`.
+
+    rows: int64 [r, row_len] token rows; positions: int64 [m] indices into rows.reshape(-1). Removing means
+    subtracting activation x decoder row at the site (the SAE's reconstruction error and other features
+    stay), so the change is the feature's total effect through every later layer, not only the direct path.
+    """
+    device = next(model.parameters()).device
+    d = sae.W_dec[feature].to(device)
+
+    def remove(resid, hook):
+        a = sae.sae.encode(resid.to(sae.W_dec.dtype))[..., feature]  # [batch, pos]
+        return resid - (a[..., None] * d).to(resid.dtype)
+
+    clean = model(rows.to(device)).reshape(-1, model.cfg.d_vocab)[positions.to(device)].float()
+    ablated = model.run_with_hooks(rows.to(device), fwd_hooks=[(sae.hook_name, remove)])
+    ablated = ablated.reshape(-1, model.cfg.d_vocab)[positions.to(device)].float()
+    diff = clean - ablated  # [m, d_vocab]
+    top = top_ids.to(device)[None, :].expand(len(positions), -1)
+    return (diff.gather(1, top).mean(1) - diff.mean(1)).cpu()
+
+
+def folded_projections(model, layer: int, head: int, D: Tensor) -> tuple[Tensor, Tensor]:
+    """(queries, keys) [n, d_head] of decoder rows D [n, d_model] in one head: folded with `blocks[layer].ln1`
+    as chapter 2 folds them (`read_by_layer`), times W_Q and W_K of the head (biases left out)."""
+    attn = model.blocks[layer].attn
+    Df = read_by_layer(model, D.float(), layer).float()
+    return Df @ attn.W_Q[head].detach().float(), Df @ attn.W_K[head].detach().float()
+
+
+def pair_contributions(q: Tensor, k: Tensor, offsets: Tensor, cfg) -> Tensor:
+    """fp32 [m]: the weight part of the attention logit of query vectors q [m, d_head] and key vectors k
+    [m, d_head] at the given query-minus-key offsets [m], divided by `cfg.attn_scale`: rot(q, o) . k / scale.
+
+    With q = a_q / s_i (fold(d_q) W_Q) and k = a_k / s_j (fold(d_k) W_K) (activations, pre-attention norm
+    scales at positions i and j) this is the pair's term in the head's score (before any soft-capping).
+    """
+    out = torch.empty(len(q))
+    for o in torch.unique(offsets).tolist():
+        sel = offsets == o
+        out[sel] = (rotate_queries(q[sel].double(), [o], cfg)[:, 0] * k[sel].double()).sum(1).float()
+    return out / float(cfg.attn_scale)
+
+
+def co_firings(pos_q: Tensor, pos_k: Tensor, row_len: int, max_offset: int) -> tuple[Tensor, Tensor]:
+    """Index pairs (iq, ik) of query positions pos_q [a] and key positions pos_k [b] in the same row with
+    0 <= pos_q - pos_k <= max_offset (the key at or before the query, as causal attention sees it)."""
+    dq, dk = pos_q[:, None], pos_k[None, :]
+    ok = (dq // row_len == dk // row_len) & (dq >= dk) & (dq - dk <= max_offset)
+    iq, ik = torch.nonzero(ok, as_tuple=True)
+    return iq, ik
+
+
+def bootstrap_mean_diff(a: np.ndarray, b: np.ndarray, *, n_boot: int,
+                        seed: int) -> tuple[float, float, float]:
+    """(mean(a) - mean(b), 2.5% and 97.5% bootstrap quantiles), resampling each group; NaN if one is empty."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) == 0 or len(b) == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    boots = (rng.choice(a, (n_boot, len(a))).mean(1) - rng.choice(b, (n_boot, len(b))).mean(1))
+    return float(a.mean() - b.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
+
+
+def bootstrap_mean(a: np.ndarray, *, n_boot: int, seed: int, stat=np.mean) -> tuple[float, float, float]:
+    """(stat(a), 2.5% and 97.5% bootstrap quantiles); `stat` (np.mean, np.median) reduces along axis 1 of
+    the resamples. NaN when empty."""
+    a = np.asarray(a, float)
+    if len(a) == 0:
+        return float("nan"), float("nan"), float("nan")
+    boots = stat(np.random.default_rng(seed).choice(a, (n_boot, len(a))), axis=1)
+    return float(stat(a)), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN with under 3 points or a constant side."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 3:
+        return float("nan")
+    import pandas as pd
+
+    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def shuffled_spearman(x: np.ndarray, y: np.ndarray, *, n_perm: int, seed: int) -> tuple[float, float]:
+    """The 2.5% and 97.5% quantiles of Spearman's correlation after shuffling y against x (the null of no
+    relation between the weights-only and the in-context numbers)."""
+    if len(x) < 3:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    rs = [spearman(x, rng.permutation(y)) for _ in range(n_perm)]
+    return float(np.nanquantile(rs, 0.025)), float(np.nanquantile(rs, 0.975))
+
+
+def pair_weight_score(q: Tensor, k: Tensor, offsets, cfg, summary: str) -> float:
+    """Chapter 2's weights-only score of one pair: rot(q, o) . k summarised over `offsets` ("mean" or
+    "max_abs", `attention.summarise_offsets`); one position-free score without rotary positions.
+    q, k: [d_head] folded query and key projections (`folded_projections`)."""
+    from weightscope.compute.attention import rotary_inverse_frequencies, summarise_offsets
+
+    if rotary_inverse_frequencies(cfg) is None:
+        return float(q.double() @ k.double())
+    S = rotate_queries(q[None].double(), list(offsets), cfg) @ k.double()  # [1, n_offsets]
+    return float(summarise_offsets(S[:, :, None], summary)[0, 0])

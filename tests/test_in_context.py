@@ -1,0 +1,336 @@
+"""Chapter 7: the in-context measurements against naive references and known answers.
+
+Known answers: a feature whose decoder is one token's unembedding direction (through the final norm) scores
+precision 1 where that token follows; a feature firing independently of the next token scores its top set's
+unigram rate; a constructed feature pair's term equals the hooked attention score's double difference; the
+direct effect equals the logit change of adding the feature at the final residual (the norm's scale held).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from weightscope.chapters import in_context as ch
+from weightscope.compute import in_context as ic
+from weightscope.compute.lens import output_matrix
+from weightscope.config.params import ParamsError
+
+
+def tiny_model(norm="RMS", pos="rotary", n_kv=None, seed=0, d_vocab=24):
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, n_key_value_heads=n_kv,
+                                  n_ctx=32, d_vocab=d_vocab, d_mlp=64, act_fn="gelu", normalization_type=norm,
+                                  positional_embedding_type=pos, seed=seed, device="cpu")
+    model = HookedTransformer(cfg)
+    with torch.no_grad():  # non-trivial norm weights, so that a missed fold changes the numbers
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if name.endswith(".w") and ("ln" in name):
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+class ReluSAE(torch.nn.Module):
+    """A ReLU SAE stand-in with the fields the chapter reads (`LoadedSAE`'s names)."""
+
+    def __init__(self, d_in, d_sae, hook_name, layer, seed=0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.enc = torch.randn(d_in, d_sae, generator=gen) / d_in ** 0.5
+        self.b = -0.3 * torch.ones(d_sae)
+        self.W_dec = torch.randn(d_sae, d_in, generator=gen)
+        self.hook_name, self.layer, self.d_in, self.d_sae = hook_name, layer, d_in, d_sae
+        self.sae = self
+
+    def encode(self, x):
+        return torch.relu(x.float() @ self.enc + self.b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# streaming: the kept firings equal a naive top-n over all positions
+
+
+def test_merge_top_firings_matches_a_naive_top_n_when_streamed():
+    gen = torch.Generator().manual_seed(1)
+    kept = (torch.empty(0, dtype=torch.long),) * 2 + (torch.empty(0),)
+    entries = []
+    for start in range(0, 300, 60):  # five batches of positions
+        feat = torch.randint(0, 7, (90,), generator=gen)
+        pos = torch.randint(start, start + 60, (90,), generator=gen)
+        act = torch.rand(90, generator=gen)
+        entries += list(zip(feat.tolist(), pos.tolist(), act.tolist()))
+        kept = ic.merge_top_firings(torch.cat([kept[0], feat]), torch.cat([kept[1], pos]),
+                                    torch.cat([kept[2], act]), 4)
+    for f in range(7):
+        naive = sorted([e for e in entries if e[0] == f], key=lambda e: -e[2])[:4]
+        got = kept[2][kept[0] == f].tolist()
+        assert got == pytest.approx([e[2] for e in naive])
+
+
+def test_firing_pass_keeps_each_features_strongest_firings_and_counts_all():
+    model = tiny_model()
+    sae = ReluSAE(32, 16, "blocks.0.hook_resid_post", 0)
+    tokens = torch.randint(1, 24, (6, 10), generator=torch.Generator().manual_seed(2))
+    tokens[:, 0] = 0  # BOS
+    res = ic.firing_pass(model, [sae], tokens, n_keep=3, batch_rows=4, bos_id=0, progress=False)
+    _, cache = model.run_with_cache(tokens)
+    acts = sae.encode(cache[sae.hook_name].reshape(-1, 32))
+    ok = (tokens != 0).reshape(-1) & (torch.arange(60) % 10 != 9)
+    acts = acts * ok[:, None]
+    fir = res.firings[0]
+    assert torch.equal(fir.n_active, (acts > 0).sum(0))
+    for f in range(16):
+        naive = acts[:, f][acts[:, f] > 0].sort(descending=True).values[:3]
+        assert fir.act[fir.feature == f].tolist() == pytest.approx(naive.tolist(), rel=1e-5)
+        assert torch.allclose(acts[fir.position[fir.feature == f], f], fir.act[fir.feature == f])
+    assert torch.allclose(res.final_scale, cache["ln_final.hook_scale"].reshape(-1))
+
+
+def test_memory_budget_lowers_the_kept_firings_and_the_batch():
+    assert ic.keep_per_feature(10**9, 2, 100, 64) == 64
+    small = ic.keep_per_feature(2 * 2 * 100 * ic.ENTRY_BYTES * 5, 2, 100, 64)
+    assert small == 5
+    assert ic.batch_rows_for(8 * 128 * 1000 * 3, 128, 1000, 1) == 3
+    assert ic.batch_rows_for(1, 128, 1000, 1) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# output and input side: known answers
+
+
+def _pass(tokens, feature, position, act, d_sae):
+    flat = tokens.reshape(-1)
+    evaluated = torch.ones_like(flat, dtype=torch.bool)
+    evaluated.view(tokens.shape)[:, -1] = False
+    fir = ic.Firings(feature, position, act, torch.bincount(feature, minlength=d_sae))
+    return ic.PassResult(tokens, torch.ones(len(flat)), {}, {0: fir}, evaluated)
+
+
+def test_a_feature_along_one_tokens_unembedding_scores_precision_one_where_it_follows():
+    model = tiny_model()
+    M_out, _ = output_matrix(model)
+    t = 7
+    d = M_out[:, t] / M_out[:, t].norm()  # the feature's decoder: token t's direction through the final norm
+    scores = d @ M_out
+    assert int(scores.argmax()) == t  # its weights-only top token is t (computed, not assumed)
+    tokens = torch.randint(0, 24, (8, 16), generator=torch.Generator().manual_seed(3))
+    nxt = torch.cat([tokens.reshape(-1)[1:], torch.tensor([0])])
+    evaluated = torch.ones(8, 16, dtype=torch.bool)
+    evaluated[:, -1] = False
+    where = torch.nonzero((nxt == t) & evaluated.reshape(-1)).squeeze(1)  # fires where t follows
+    assert len(where) > 3
+    feats = pd.DataFrame({"layer": 0, "feature": [0], "dec_predicts": [True],
+                          "dec_top_ids": [scores.argsort(descending=True)[:3].tolist()]})
+    res = _pass(tokens, torch.zeros(len(where), dtype=torch.long), where, torch.ones(len(where)), 1)
+    out = ch.side_table(res, feats, "dec", nxt, 1, 24)
+    assert out["rate"].iloc[0] == 1.0
+    assert out["firings"].iloc[0] == len(where)
+
+
+def test_a_feature_firing_regardless_of_the_next_token_scores_the_unigram_rate():
+    tokens = torch.randint(0, 24, (8, 16), generator=torch.Generator().manual_seed(4))
+    flat = tokens.reshape(-1)
+    nxt = torch.cat([flat[1:], flat[:1]])
+    evaluated = torch.ones(8, 16, dtype=torch.bool)
+    evaluated[:, -1] = False
+    everywhere = torch.nonzero(evaluated.reshape(-1)).squeeze(1)  # fires at every position
+    top = [3, 5, 5, 11]  # a repeated id counts once
+    feats = pd.DataFrame({"layer": 0, "feature": [0], "dec_predicts": [False], "dec_top_ids": [top]})
+    n = len(everywhere)
+    res = _pass(tokens, torch.zeros(n, dtype=torch.long), everywhere, torch.ones(n), 1)
+    out = ch.side_table(res, feats, "dec", nxt, 4, 24)
+    ev_next = nxt[evaluated.reshape(-1)].tolist()
+    naive = sum(tok in {3, 5, 11} for tok in ev_next) / len(ev_next)
+    assert out["rate"].iloc[0] == pytest.approx(naive)
+    assert out["base"].iloc[0] == pytest.approx(naive)
+
+
+def test_set_base_rates_match_a_naive_count():
+    tokens = torch.randint(0, 50, (500,), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(0, 50, (6, 3), generator=torch.Generator().manual_seed(6))
+    ids[0] = torch.tensor([7, 7, 9])  # a repeated id counts once
+    dense = ic.set_base_rates(tokens, ids, 50)
+    naive = torch.tensor([np.mean([t in set(row) for t in tokens.tolist()]) for row in ids.tolist()],
+                         dtype=torch.float64)
+    assert torch.allclose(dense, naive)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# direct effect and attention term against the hooked model
+
+
+@pytest.mark.parametrize("norm", ["RMS", "LN"])
+def test_direct_effect_equals_the_logit_change_at_the_final_residual(norm):
+    model = tiny_model(norm=norm, pos="standard")
+    tokens = torch.randint(0, 24, (1, 12), generator=torch.Generator().manual_seed(7))
+    d = torch.randn(32, generator=torch.Generator().manual_seed(8))
+    top = torch.tensor([2, 9, 4])
+    a, p = 1.7, 5
+    _, cache = model.run_with_cache(tokens)
+    scale = cache["ln_final.hook_scale"]
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+
+    def add(resid, hook):
+        resid[0, p] += a * d
+        return resid
+
+    hooks = [("ln_final.hook_scale", lambda s, hook: scale)]  # the scale held at the clean run's
+    diff = (model.run_with_hooks(tokens, fwd_hooks=hooks + [(last, add)]) - model(tokens))[0, p]
+    want = diff[top].mean() - diff.mean()
+    M_out, _ = output_matrix(model)
+    centred = ic.centred_scores(d[None], M_out, top[None])
+    got = ic.direct_effects(torch.tensor([a]), scale[0, p], centred)
+    assert float(got) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("norm,pos,n_kv", [("RMS", "rotary", None), ("RMS", "rotary", 2),
+                                          ("LN", "standard", None)])
+def test_pair_term_equals_the_hooked_attention_score_double_difference(norm, pos, n_kv):
+    model = tiny_model(norm=norm, pos=pos, n_kv=n_kv, seed=1)
+    layer, head, i, j = 1, 2, 9, 3
+    gen = torch.Generator().manual_seed(9)
+    tokens = torch.randint(0, 24, (1, 12), generator=gen)
+    dq, dk = torch.randn(32, generator=gen), torch.randn(32, generator=gen)
+    aq, ak = 1.3, 0.8
+    _, cache = model.run_with_cache(tokens)
+    scale = cache[f"blocks.{layer}.ln1.hook_scale"]
+
+    def scores(with_q, with_k):
+        def add(resid, hook):
+            resid = resid.clone()
+            resid[0, i] += aq * dq * with_q
+            resid[0, j] += ak * dk * with_k
+            return resid
+
+        hooks = [(f"blocks.{layer}.hook_resid_pre", add),
+                 (f"blocks.{layer}.ln1.hook_scale", lambda s, hook: scale)]
+        with model.hooks(fwd_hooks=hooks):
+            _, c = model.run_with_cache(tokens, names_filter=f"blocks.{layer}.attn.hook_attn_scores")
+        return c[f"blocks.{layer}.attn.hook_attn_scores"][0, head, i, j]
+
+    want = scores(1, 1) - scores(1, 0) - scores(0, 1) + scores(0, 0)
+    Q, _ = ic.folded_projections(model, layer, head, dq[None])
+    _, K = ic.folded_projections(model, layer, head, dk[None])
+    q, k = aq / scale[0, i] * Q, ak / scale[0, j] * K
+    got = ic.pair_contributions(q, k, torch.tensor([i - j]), model.cfg)
+    assert float(got) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
+    wrong = ic.pair_contributions(q, k, torch.tensor([0]), model.cfg)  # the offset matters under rotary
+    if pos == "rotary":
+        assert float(wrong) != pytest.approx(float(want), rel=1e-3)
+
+
+def test_co_firings_pairs_key_at_or_before_the_query_in_the_same_row():
+    pos_q = torch.tensor([3, 12, 19, 25])
+    pos_k = torch.tensor([1, 3, 11, 26])
+    iq, ik = ic.co_firings(pos_q, pos_k, row_len=10, max_offset=5)
+    got = sorted(zip(pos_q[iq].tolist(), pos_k[ik].tolist()))
+    # 3 and 12 are in other rows; 19 and 11 are 8 apart (> 5); 26 comes after 25
+    assert got == [(3, 1), (3, 3), (12, 11)]
+
+
+def test_ablation_of_a_feature_at_the_last_residual_equals_its_logit_change():
+    model = tiny_model(pos="standard")
+    sae = ReluSAE(32, 8, f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", 1, seed=3)
+    rows = torch.randint(0, 24, (2, 10), generator=torch.Generator().manual_seed(10))
+    _, cache = model.run_with_cache(rows)
+    acts = sae.encode(cache[sae.hook_name])  # [2, 10, 8]
+    f = int(acts.reshape(-1, 8).gt(0).sum(0).argmax())
+    positions = torch.nonzero(acts.reshape(-1, 8)[:, f] > 0).squeeze(1)
+    top = torch.tensor([1, 5])
+    got = ic.ablation_effects(model, sae, f, rows, positions, top)
+    resid = cache[sae.hook_name] - acts[..., f, None] * sae.W_dec[f]
+    ablated = model.unembed(model.ln_final(resid)).reshape(-1, 24)[positions]
+    diff = model(rows).reshape(-1, 24)[positions] - ablated
+    assert torch.allclose(got, diff[:, top].mean(1) - diff.mean(1), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# statistics, config, summary
+
+
+def test_bootstrap_intervals_cover_the_difference_and_spearman_null_is_centred():
+    a, b = np.arange(50.0), np.arange(50.0) - 10
+    d, lo, hi = ic.bootstrap_mean_diff(a, b, n_boot=500, seed=0)
+    assert d == 10 and lo < 10 < hi
+    x = np.arange(40.0)
+    assert ic.spearman(x, x ** 3) == pytest.approx(1.0)
+    lo, hi = ic.shuffled_spearman(x, x, n_perm=500, seed=0)
+    assert lo < 0 < hi and hi < 0.5
+
+
+def test_config_lists_every_problem_at_once_and_checks_the_model():
+    with pytest.raises(ParamsError) as err:
+        ch.Config(n_tokens=0, row_len=1, n_boot=5, direct_majority=2.0)
+    msg = str(err.value)
+    for word in ("n_tokens", "row_len", "n_boot", "direct_majority"):
+        assert word in msg
+    dims = SimpleNamespace(d_vocab=4, n_ctx=64)
+    assert len(ch.Config(k_out=5, row_len=128).problems(dims)) == 2
+    assert ch.Config(k_out=3, m_in=3, row_len=64).problems(dims) == []
+
+
+def test_agreement_rule_and_summary_findings():
+    assert ch.agreement(0.1, 0.3) == ch.HOLDS
+    assert ch.agreement(-0.3, 0.0) == ch.FAILS
+    assert ch.agreement(-0.1, 0.2) == ch.UNSURE
+    assert ch.agreement(float("nan"), 1.0) == ch.UNSURE
+    assert ch.agreement(0.0, 0.0, n=1) == ch.UNSURE  # one feature: no verdict
+    assert ch.within(0.8, 1.5, 0.5, 2.0, 10) == ch.HOLDS
+    assert ch.within(2.1, 3.0, 0.5, 2.0, 10) == ch.FAILS
+    assert ch.within(1.4, 2.9, 0.5, 2.0, 10) == ch.UNSURE
+    rng = np.random.default_rng(0)
+    n = 40
+    output = pd.DataFrame({"layer": 0, "feature": range(n), "predicts": [i < 10 for i in range(n)],
+                           "firings": 20, "rate": [0.5] * 10 + [0.05] * 30, "base": 0.05})
+    inp = output.rename(columns={"predicts": "reads"})
+    effects = pd.DataFrame({"layer": [0] * 6 + [3] * 6,
+                            "direct share": np.r_[rng.uniform(1.5, 1.9, 6), rng.uniform(0.95, 1.05, 6)]})
+    pairs = pd.DataFrame({"kind": ["chapter 2's top"] * 10 + ["random"] * 10,
+                          "weights-only": np.r_[np.linspace(1, 2, 10), np.linspace(-0.1, 0.1, 10)],
+                          "in context": np.r_[np.linspace(1, 2, 10), np.linspace(-0.1, 0.1, 10)]})
+    words = pd.DataFrame({"firings": 20, "dec_label": ["semantic"] * 20 + ["non-semantic"] * 20,
+                          "enc_label": ["non-semantic"] * 20 + ["semantic"] * 20,
+                          "word share": [0.9] * 20 + [0.2] * 20, "base": 0.5})
+    summary = ch.summarise(output, inp, effects, pairs, words, ch.Config(n_boot=200))
+    verdict = dict(zip(summary["claim"].str[:40], summary["agreement"]))
+    assert list(summary["agreement"]).count(ch.HOLDS) == 9  # 10 claims: all but the reversed input-label claim
+    assert [v for k, v in verdict.items() if k.startswith("populations (input")] == [ch.FAILS]
+    t = SimpleNamespace(summary=summary, text=pd.DataFrame([{"tokens": 100, "row_len": 10,
+                                                              "firings kept per feature": 4}]))
+    found = ch.findings(t)
+    assert "9 hold in context, 1 does not" in found["tally"][0]
+    assert len(found["claims"]) == len(summary) + 1  # and what the direct share means
+    assert ch.direct_sentence(2.0).startswith("The direct path overstates")
+    assert ch.direct_sentence(0.5).startswith("The direct path understates")
+    assert ch.direct_sentence(1.05).startswith("The direct path is about the whole")
+
+
+def test_head_correlations_per_head_and_overall():
+    x = np.arange(12.0)
+    kinds = (["chapter 2's top"] * 3 + ["random"] * 3) * 2
+    pairs = pd.DataFrame({"head": ["1.0"] * 6 + ["1.1"] * 6, "kind": kinds,
+                          "weights-only": x, "in context": np.r_[x[:6], -x[6:]]})
+    out = ch.head_correlations(pairs, ch.Config(n_boot=200)).set_index("head")
+    assert out.loc["1.0", "rho"] == pytest.approx(1.0) and out.loc["1.1", "rho"] == pytest.approx(-1.0)
+    assert out.loc["all heads", "pairs"] == 12 and out.loc["1.0", "top pairs"] == 3
+
+
+@pytest.mark.parametrize("summary", ["mean", "max_abs"])
+def test_random_pairs_are_scored_as_chapter_2_scores_its_top_pairs(summary):
+    from weightscope.compute import attention
+
+    model = tiny_model(seed=2)
+    D = torch.randn(12, 32, generator=torch.Generator().manual_seed(11))
+    layer, head, offsets = 1, 3, list(range(6))
+    Df = attention.read_by_layer(model, D, layer)
+    scores, qi, ki = attention.qk_pairs(Df, Df, model.blocks[layer].attn.W_Q[head].detach(),
+                                        model.blocks[layer].attn.W_K[head].detach(), top=5, offsets=offsets,
+                                        cfg=model.cfg, summary=summary)
+    Q, K = ic.folded_projections(model, layer, head, D)
+    for s, a, b in zip(scores.tolist(), qi.tolist(), ki.tolist()):
+        assert ic.pair_weight_score(Q[a], K[b], offsets, model.cfg, summary) == pytest.approx(s, rel=1e-4)
