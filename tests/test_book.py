@@ -36,7 +36,7 @@ def test_every_chapter_executed_without_errors(built):
     for source in chapter_sources():
         nb = json.loads((BOOK / "demo" / f"{source.stem}.ipynb").read_text())
         parameters = nb["metadata"]["weightscope"]["parameters"]
-        assert parameters.get("params_file", parameters.get("target")) == "demo"  # "target": chapters 4-6
+        assert parameters.get("params_file") == "demo"
         for cell in nb["cells"]:
             for out in cell.get("outputs", []):
                 assert out.get("output_type") != "error", (source.stem, out.get("ename"), out.get("evalue"))

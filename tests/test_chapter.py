@@ -58,8 +58,6 @@ def test_failing_chapter_exits_nonzero_and_leaves_no_partial_notebook(tmp_path):
 
 
 OPENING = "00_demo_model"  # the book's opening: introduces the model and its SAEs, measures nothing
-# chapters being moved onto the contract on other branches; once registered, their test runs as any other
-BEING_MOVED = {"04_attention_saes", "05_context_neurons", "06_ffkv_baseline"}
 CHAPTER_STEMS = [s.stem for s in chapter_sources() if s.stem != OPENING]
 
 
@@ -94,10 +92,7 @@ def contract_problems(stem: str, declared: dict, registry: dict[str, str]) -> li
     return out
 
 
-@pytest.mark.parametrize("stem", [
-    pytest.param(s, marks=pytest.mark.xfail(s in BEING_MOVED and s not in chapters.CHAPTERS, strict=True,
-                                            reason="being moved onto the chapter contract"))
-    for s in CHAPTER_STEMS])
+@pytest.mark.parametrize("stem", CHAPTER_STEMS)
 def test_every_chapter_follows_the_contract(stem):
     source = next(s for s in chapter_sources() if s.stem == stem)
     problems = contract_problems(stem, notebook_defaults(source), chapters.CHAPTERS)

@@ -20,14 +20,10 @@ MAX_CODE_WIDTH = 97
 MAX_CELL_LINES = 15  # the longest code cell of chapters 1-3
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CHAPTERS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.md"))
-# notebooks being rewritten on other branches (with their chapters' move onto the contract); strict: the
-# marker must be removed once they follow the rules
-BEING_REWRITTEN = {"04_attention_saes.md", "05_context_neurons.md", "06_ffkv_baseline.md"}
 
 
 def _marked(paths):
-    return [pytest.param(p, id=p.name, marks=pytest.mark.xfail(
-        p.name in BEING_REWRITTEN, strict=True, reason="being rewritten")) for p in paths]
+    return [pytest.param(p, id=p.name) for p in paths]
 
 
 def long_code_lines(path: Path, limit: int = MAX_CODE_WIDTH) -> list[tuple[int, int]]:

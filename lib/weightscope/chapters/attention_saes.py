@@ -198,13 +198,13 @@ def run(ctx, config: Config, *, model=None, attn=None, resid=None, text=None) ->
     problems = config.problems(model.cfg)
     if problems:
         raise ParamsError("; ".join(problems) + ".")
-    target = ctx.target.target
+    target = ctx.params.target
     maps = {sae.layer: output_maps(model, sae.layer) for sae in attn}
-    keep = chapter1_content_ids(ctx.target, model)
+    keep = chapter1_content_ids(ctx.params, model)
     _, fold = output_matrix(model)
     notes = {"fold": fold, "post_attention_norm": has_post_attention_norm(model),
              "content_tokens": None if keep is None else int(len(keep))}
-    prov = ctx.provenance(**dataclasses.asdict(config), attn_saes=ctx.target.attn_saes, **notes)
+    prov = ctx.provenance(**dataclasses.asdict(config), attn_saes=ctx.params.attn_saes, **notes)
 
     def cached(names, compute, label):
         return io.cached_tables(target, names, prov, compute, label=f"04_attention_saes: computing {label}")
@@ -233,7 +233,7 @@ def run(ctx, config: Config, *, model=None, attn=None, resid=None, text=None) ->
     info = {"n_heads": model.cfg.n_heads, "n_kv_heads": model.cfg.n_key_value_heads or model.cfg.n_heads,
             "d_head": model.cfg.d_head, "d_sae": attn[0].d_sae, "d_in": attn[0].d_in,
             "n_attn_saes": len(attn), "n_resid_saes": len(resid), "text_rows": int(text.shape[0]),
-            "text_ctx": int(text.shape[1]), "source": ctx.target.attn_saes["source"],
+            "text_ctx": int(text.shape[1]), "source": ctx.params.attn_saes["source"],
             "resid_hook": resid[min(resid)].hook_name if resid else None,
             "processing_mismatch": processing_mismatch(getattr(ctx, "processing", None), attn[0]), **notes}
     return Tables(quality=sae_quality(ctx), shares=sh["shares"], top=sh["top"],
@@ -257,7 +257,7 @@ def load(ctx):
     ({layer: LoadedSAE}) for the steps that join the two."""
     from weightscope.load.saes import check_fits, load_saes, require_attention_z
 
-    t = ctx.target
+    t = ctx.params
     dtype = str(ctx.dtype).removeprefix("torch.")
     ctx.processing = ctx.processing_flags(_first_residual_sae(ctx))
     model = ctx.load_full_model()
@@ -277,7 +277,7 @@ def _first_residual_sae(ctx):
     flags are recorded when `model.processing` is auto. Needs no model: with `layers: all` it is layer 0's."""
     from weightscope.load.sae_sequence import SAESequence
 
-    t = ctx.target
+    t = ctx.params
     layers = [0] if t.layers == "all" else list(t.layers)[:1]
     ids = t.sae_ids(layers) or [f"layer_{layer}" for layer in layers]
     return SAESequence(t.sae_source, ids, layers, device="cpu", dtype=None)
@@ -286,7 +286,7 @@ def _first_residual_sae(ctx):
 def sae_quality(ctx) -> pd.DataFrame:
     """The demo attention SAEs' held-out metrics per layer (from their manifest), with the bar in `attrs`; an
     empty table for public releases, whose metrics their authors document."""
-    source = ctx.target.attn_saes["source"]
+    source = ctx.params.attn_saes["source"]
     if not source.startswith("demo"):
         return pd.DataFrame()
     from weightscope.load.saes import demo_sae_folder

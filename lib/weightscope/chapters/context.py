@@ -64,11 +64,6 @@ class ChapterContext:
     model_source: dict[str, Any] | None = None  # where the weights came from (set on load)
     source: ModelSource | None = None  # `model.name` resolved (set by `open_chapter`)
 
-    @property
-    def target(self) -> Target:
-        """The old name of `params`, kept until every chapter reads `ctx.params`."""
-        return self.params
-
     def load_model_and_saes(self, *, mlp: bool = False):
         """The target's weights-only model, processed as its SAEs were trained, and its SAEs (lazily).
 

@@ -175,7 +175,7 @@ def run(ctx, config: Config, *, model=None) -> Tables:
         held = {g: _windows(tok, config, name, heldout=True) for g, name in config.heldout.items()}
         return compute_tables(model, config, measure(model, config, cal, held))
 
-    found = io.cached_tables(ctx.target.target, NAMES, provenance, compute, label=f"{STEM}: computing")
+    found = io.cached_tables(ctx.params.target, NAMES, provenance, compute, label=f"{STEM}: computing")
     return Tables(*(found[n] for n in NAMES), config=config)
 
 

@@ -534,7 +534,7 @@ def held_out_rows(ctx, full, n_tokens: int, *, row_len: int = 128) -> tuple[torc
     """([rows, row_len] held-out story tokens, BOS id) through `corpora.held_out_windows`. For the demo: its
     SAEs' tokenizer and row length, so the rows are the first of those its SAEs were evaluated on; else the
     target's tokenizer (BOS first in every story) and rows of min(row_len, n_ctx)."""
-    if ctx.target.sae_source == "demo":
+    if ctx.params.sae_source == "demo":
         from weightscope.load.llama2c import TOKENIZER_FILE, load_encoder, stories260k_dir
         from weightscope.prepare.demo_saes import DEFAULT
 

@@ -102,7 +102,7 @@ class Tables:
 
 def run(ctx, config: Config, *, model=None, saes=None, full=None) -> Tables:
     """Chapter 7 for ctx's target (tables cached together, keyed by the inputs chapters 1-3 wrote)."""
-    target = ctx.target.target
+    target = ctx.params.target
     feats = io.require_table(target, "01_features", produced_by="01_output_tokens")
     labels = io.require_table(target, "03_labels", produced_by="03_semantic_populations")
     io.require_table(target, "02_features", produced_by="02_attention")
@@ -124,7 +124,7 @@ def run(ctx, config: Config, *, model=None, saes=None, full=None) -> Tables:
              "07_text"]
     settings = pair_settings((io.table_meta(target, "02_qk_pairs") or {}).get("params", {}).get("chapter"))
     tabs = io.cached_tables(target, names, provenance, lambda: dict(zip(names, measure(
-        full, [saes[i] for i in range(len(saes))], feats, pairs, labels, config, ctx.target.sae_source,
+        full, [saes[i] for i in range(len(saes))], feats, pairs, labels, config, ctx.params.sae_source,
         settings))), label="07_in_context: measuring on held-out text")
     return Tables(*(tabs[n] for n in names), config=config)
 

@@ -24,7 +24,7 @@ _SAE_KEYS = {"source", "id_template", "neuronpedia"}
 PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
                     "refactor_factored_attn_matrices")  # TransformerLens weight-processing options
 PARAMS_FILE = "params_file"  # the notebook parameter the book runner sets: the parameters file, name or path
-NOTEBOOK_PARAMETERS = (PARAMS_FILE, "target")  # set by the runner, never overridden ("target": its old name)
+NOTEBOOK_PARAMETERS = (PARAMS_FILE,)  # set by the runner, never overridden
 
 
 class ParamsError(ValueError):

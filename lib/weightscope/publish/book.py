@@ -111,16 +111,13 @@ def chapter_parameters(params: Target, source: Path, extra: dict[str, Any] | Non
     """Parameters injected into one chapter: the parameters file (`params_file`) plus validated overrides."""
     defaults = notebook_defaults(source)
     overrides = {**params.chapter_params(source.stem), **(extra or {})}
-    # the parameters file is injected below, never overridden; a chapter not yet moved to the name
-    # `params_file` still declares it as `target`, and gets it under that name
-    name = next((n for n in NOTEBOOK_PARAMETERS if n in defaults), PARAMS_FILE)
-    for n in NOTEBOOK_PARAMETERS:
+    for n in NOTEBOOK_PARAMETERS:  # the parameters file is injected below, never overridden
         defaults.pop(n, None)
     merged = check_overrides(defaults, overrides, where=f"{params.path}: chapters.{source.stem}")
     # a params file outside params/ is passed by path; the notebooks resolve it to the target's name
     shipped_file = (PARAMS_DIR / f"{params.target}.yaml").resolve()
     shipped = params.path is not None and params.path.resolve() == shipped_file
-    merged[name] = params.target if shipped or params.path is None else str(params.path)
+    merged[PARAMS_FILE] = params.target if shipped or params.path is None else str(params.path)
     return merged
 
 
