@@ -160,15 +160,13 @@ def _notebook(path: Path, parameters: str) -> Path:
     return path
 
 
-def test_the_params_file_is_injected_under_the_name_the_notebook_declares(tmp_path):
+def test_the_params_file_is_injected_as_params_file(tmp_path):
     from weightscope.config.params import load_target
     from weightscope.publish.book import chapter_parameters
 
     demo = load_target("demo")
     new = _notebook(tmp_path / "01_new.md", 'params_file = "demo"\nk = 10')
-    old = _notebook(tmp_path / "04_old.md", 'target = "demo"\nk = 10')  # until chapters 4-6 are renamed
     assert chapter_parameters(demo, new) == {"params_file": "demo", "k": 10}
-    assert chapter_parameters(demo, old) == {"target": "demo", "k": 10}
     copied = tmp_path / "copy.yaml"  # a parameters file outside params/ is passed by its path
     copied.write_text((REPO_ROOT / "params" / "demo.yaml").read_text().replace("target: demo", "target: copy"))
     assert chapter_parameters(load_target(copied), new, extra={"k": 3}) == {"params_file": str(copied), "k": 3}
