@@ -351,7 +351,7 @@ def _tiny_run(tmp_path, monkeypatch, **overrides):
     resid = {layer: saes._describe(resid_sae(layer, "hook_resid_pre", seed=10 + layer), "tiny", None, None,
                                    folded=False) for layer in (0, 1)}
     target = SimpleNamespace(target="tiny", attn_saes={"source": "tiny"})
-    ctx = SimpleNamespace(target=target, provenance=lambda **kw: {"chapter": kw}, device="cpu")
+    ctx = SimpleNamespace(params=target, provenance=lambda **kw: {"chapter": kw}, device="cpu")
     cfg = ch.Config(**{**dict(top_k=4, n_null=3, text_rows=3, text_ctx=24, dfa_features=3, n_examples=4,
                               min_fires=1, induction_len=8, induction_rows=3), **overrides})
     return ch, ch.run(ctx, cfg, model=model, attn=attn, resid=resid, text=tokens(model)), model

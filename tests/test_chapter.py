@@ -137,8 +137,10 @@ def skip_reason_callers(root: Path) -> list[str]:
         cells = [block.split("\n", 1)[-1].split("```", 1)[0] for block in text.split("```{code-cell}")[1:]]
         code = text if path.suffix == ".py" else "\n".join(
             line for cell in cells for line in cell.splitlines() if not line.startswith((":", "%", "!")))
+        # a chapter module's `run` may refuse by its own rule (a bare call): that is the rule's one place
+        own = path.suffix == ".py" and path.parent.name == "chapters"
         calls = [node for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call)
-                 and getattr(node.func, "attr", getattr(node.func, "id", None)) == "skip_reason"]
+                 and getattr(node.func, "attr", None if own else getattr(node.func, "id", None)) == "skip_reason"]
         if calls:
             out.append(path.relative_to(root).as_posix())
     return out

@@ -71,7 +71,7 @@ def lens_model(arch: str = "swiglu"):
 @pytest.fixture
 def ctx(tmp_path, monkeypatch):
     monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path))
-    return SimpleNamespace(target=SimpleNamespace(target="test-ffkv", neuronpedia=None, sae_source="local"),
+    return SimpleNamespace(params=SimpleNamespace(target="test-ffkv", neuronpedia=None, sae_source="local"),
                            dtype=torch.float32, device=torch.device("cpu"),
                            provenance=lambda **kw: {"chapter": kw})
 
@@ -98,7 +98,7 @@ def test_config_lists_every_problem_at_once():
 def test_notebook_parameters_are_the_config_fields():
     from weightscope.publish.book import notebook_defaults
 
-    declared = set(notebook_defaults(NOTEBOOK)) - {"target"}
+    declared = set(notebook_defaults(NOTEBOOK)) - {"params_file"}
     assert declared == {f.name for f in dataclasses.fields(ch.Config)}
 
 
@@ -311,7 +311,7 @@ def test_run_holds_one_copy_of_the_model(ctx, monkeypatch):
         return tiny_model("swiglu")
 
     ctx.load_model_and_saes, ctx.load_full_model = load_model_and_saes, load_full_model
-    monkeypatch.setattr(ch, "held_out_rows", lambda ctx, full, n: (torch.randint(0, 50, (2, 8)), None))
+    ctx.held_out_rows = lambda full, n, row_len: (torch.randint(0, 50, (2, 8)), None)
     t = ch.run(ctx, CFG)
     assert held["alive when the full model loads"] is False
     found = ch.findings(t)

@@ -223,7 +223,7 @@ def run(ctx, config: Config, *, model=None, attn=None, resid=None, text=None) ->
     writes = cached(["04_feature_writes"], lambda: {"04_feature_writes": feature_writes(
         model, attn, maps, resid, keep, config)}, "what features write")["04_feature_writes"]
     if text is None:
-        text = held_out_text(model, config).to(ctx.device)
+        text = ctx.held_out_rows(model, config.text_rows * config.text_ctx, config.text_ctx)[0].to(ctx.device)
     ex = cached(["04_dfa_examples", "04_dfa_parts"], lambda: dfa_examples(model, attn, text, config),
                 "DFA examples")
     fam = cached(["04_families", "04_family_counts", "04_head_profiles"],
@@ -259,7 +259,6 @@ def load(ctx):
 
     t = ctx.params
     dtype = str(ctx.dtype).removeprefix("torch.")
-    ctx.processing = ctx.processing_flags(_first_residual_sae(ctx))
     model = ctx.load_full_model()
     layers = t.resolve_layers(model.cfg.n_layers)
     attn_ids = t.attn_sae_ids(layers) or [f"layer_{layer}" for layer in layers]
@@ -270,17 +269,6 @@ def load(ctx):
     res_ids = t.sae_ids(layers) or [f"layer_{layer}" for layer in layers]
     resid = load_saes(t.sae_source, res_ids, device=str(ctx.device), dtype=dtype, model=model)
     return model, attn, {s.layer: s for s in resid}
-
-
-def _first_residual_sae(ctx):
-    """The target's first residual SAE as a sequence (no weights read for a folder): where the processing
-    flags are recorded when `model.processing` is auto. Needs no model: with `layers: all` it is layer 0's."""
-    from weightscope.load.sae_sequence import SAESequence
-
-    t = ctx.params
-    layers = [0] if t.layers == "all" else list(t.layers)[:1]
-    ids = t.sae_ids(layers) or [f"layer_{layer}" for layer in layers]
-    return SAESequence(t.sae_source, ids, layers, device="cpu", dtype=None)
 
 
 def sae_quality(ctx) -> pd.DataFrame:
@@ -548,17 +536,6 @@ def connections_per_layer(t: Tables) -> pd.Series:
 
 # ------------------------------------------------------------------------------------------------------------
 # Activations on real text
-
-
-def held_out_text(model, config: Config) -> torch.Tensor:
-    """LongTensor [text_rows, text_ctx]: held-out TinyStories stories (none of the demo SAEs saw them), each
-    tokenised by the model's tokenizer with BOS, concatenated and cut into rows of text_ctx tokens."""
-    from weightscope.load.corpora import held_out_windows
-
-    def encode(story: str) -> list[int]:
-        return model.to_tokens(story, prepend_bos=True)[0].tolist()
-
-    return held_out_windows(encode, n_tokens=config.text_rows * config.text_ctx, row_len=config.text_ctx)
 
 
 @torch.no_grad()

@@ -21,7 +21,8 @@ import torch
 
 from weightscope.config.params import PROCESSING_FLAGS, Target, load_target
 from weightscope.io import table_problem, versions
-from weightscope.load.corpora import STORIES_CASED, STORIES_LOWER, CorpusError, corpus_path
+from weightscope.load.corpora import STORIES_CASED, STORIES_LOWER, CorpusError, corpus_path, held_out_windows
+from weightscope.load.llama2c import BOS_ID, TOKENIZER_FILE, load_encoder, stories260k_dir
 from weightscope.load.models import load_full_model
 from weightscope.load.sae_sequence import SAESequence
 from weightscope.load.sources import ModelSource, resolve_model
@@ -90,9 +91,21 @@ class ChapterContext:
         """The `HookedTransformer` that runs forward passes (chapters 0, 4, 5, 6), processed as this
         context's flags say: TransformerLens's own for the demo and the models it knows, else built from the
         checkpoint's tensors (`weightscope.load.hooked`)."""
-        flags = self.processing if self.processing is not None else {}
+        if self.processing is None:
+            self.processing = self.processing_flags()
         return load_full_model(self.params.model_name, device=self.device, dtype=self.dtype,
-                               base=_params_dir(self.params), **flags)
+                               base=_params_dir(self.params), **self.processing)
+
+    def held_out_rows(self, full, n_tokens: int, row_len: int) -> tuple[torch.Tensor, int | None]:
+        """(LongTensor [rows, row_len] of about n_tokens held-out story tokens, BOS id): every story led by
+        BOS, in the tokenizer the target's SAEs were evaluated with (for the demo, llama2c's own encoder,
+        which splits some text differently from the Hugging Face-style tokenizer of `full`)."""
+        if self.params.sae_source == "demo":
+            encoder = load_encoder(stories260k_dir() / TOKENIZER_FILE)
+            return held_out_windows(lambda s: encoder.encode(s, bos=True), n_tokens=n_tokens,
+                                    row_len=row_len), BOS_ID
+        encode = lambda s: full.to_tokens(s, prepend_bos=True)[0].tolist()  # noqa: E731
+        return held_out_windows(encode, n_tokens=n_tokens, row_len=row_len), full.tokenizer.bos_token_id
 
     def processing_flags(self, saes=None) -> dict[str, bool]:
         """Processing flags: explicit in the params, else those recorded with the target's SAEs."""
@@ -100,8 +113,10 @@ class ChapterContext:
             return dict(self.params.processing)
         if self.params.sae_source == "demo":
             return {}  # the demo SAEs are trained on the unprocessed model
-        if saes is None:
-            raise ValueError("processing_flags needs the target's SAEs when `model.processing` is auto")
+        if saes is None:  # the first residual SAE's config records them (no weights read for a folder)
+            layers = [0] if self.params.layers == "all" else list(self.params.layers)[:1]
+            ids = self.params.sae_ids(layers) or [f"layer_{layer}" for layer in layers]
+            saes = SAESequence(self.params.sae_source, ids, layers, device="cpu", dtype=None)
         recorded = saes.recorded_processing() or {}
         return {k: bool(v) for k, v in recorded.items() if k in PROCESSING_FLAGS}
 

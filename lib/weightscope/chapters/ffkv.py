@@ -49,6 +49,7 @@ from weightscope.load import corpora
 DICTIONARIES = ("features", "neurons", "null")
 SIDES = {"dec": "output side (decoder-unembedding)", "enc": "input side (encoder-embedding)"}
 READS = ("q", "k", "v")
+ROW_LEN = 128  # held-out rows as long as the demo SAEs' evaluation rows (shorter where the context is)
 SCALE_FREE = ("kurtosis", "top_z")  # statistics that do not change when a row is scaled
 LENS_FIELDS = ("k", "m_coherence", "concentration_stat", "q_concentration", "q_coherence", "n_null",
                "max_features", "seed", "exclude_tokens")  # chapter 1's parameters, with chapter 1's defaults
@@ -523,28 +524,11 @@ def held_out_checks(ctx, cfg: Config, saes, *, full=None) -> pd.DataFrame:
 
     def compute():
         model = full if full is not None else ctx.load_full_model()
-        tokens, bos = held_out_rows(ctx, model, cfg.n_eval_tokens)
+        tokens, bos = ctx.held_out_rows(model, cfg.n_eval_tokens, row_len=min(ROW_LEN, model.cfg.n_ctx))
         return {"06_activation_checks": activation_checks(model, saes, tokens, cfg, bos_id=bos)}
 
     return io.cached_tables(ctx.params.target, ["06_activation_checks"], provenance, compute,
                             label="06: held-out checks")["06_activation_checks"]
-
-
-def held_out_rows(ctx, full, n_tokens: int, *, row_len: int = 128) -> tuple[torch.Tensor, int | None]:
-    """([rows, row_len] held-out story tokens, BOS id) through `corpora.held_out_windows`. For the demo: its
-    SAEs' tokenizer and row length, so the rows are the first of those its SAEs were evaluated on; else the
-    target's tokenizer (BOS first in every story) and rows of min(row_len, n_ctx)."""
-    if ctx.params.sae_source == "demo":
-        from weightscope.load.llama2c import TOKENIZER_FILE, load_encoder, stories260k_dir
-        from weightscope.prepare.demo_saes import DEFAULT
-
-        encoder = load_encoder(stories260k_dir() / TOKENIZER_FILE)
-        rows = corpora.held_out_windows(lambda text: encoder.encode(text, bos=True), n_tokens=n_tokens,
-                                        row_len=DEFAULT.context_size)
-        return rows, 1
-    rows = corpora.held_out_windows(lambda text: full.to_tokens(text, prepend_bos=True)[0].tolist(),
-                                    n_tokens=n_tokens, row_len=min(row_len, full.cfg.n_ctx))
-    return rows, full.tokenizer.bos_token_id
 
 
 @torch.no_grad()

@@ -123,9 +123,13 @@ def run(ctx, config: Config, *, model=None, saes=None, full=None) -> Tables:
     names = ["07_output", "07_input", "07_effects", "07_pairs", "07_words", "07_sensitivity", "07_summary",
              "07_text"]
     settings = pair_settings((io.table_meta(target, "02_qk_pairs") or {}).get("params", {}).get("chapter"))
-    tabs = io.cached_tables(target, names, provenance, lambda: dict(zip(names, measure(
-        full, [saes[i] for i in range(len(saes))], feats, pairs, labels, config, ctx.params.sae_source,
-        settings))), label="07_in_context: measuring on held-out text")
+
+    def compute():
+        text = ctx.held_out_rows(full, config.n_tokens, config.row_len)
+        return dict(zip(names, measure(full, [saes[i] for i in range(len(saes))], feats, pairs, labels,
+                                       config, text, settings)))
+
+    tabs = io.cached_tables(target, names, provenance, compute, label="07_in_context: measuring on held-out text")
     return Tables(*(tabs[n] for n in names), config=config)
 
 
@@ -147,28 +151,14 @@ def head_correlations(pairs: pd.DataFrame, config: Config) -> pd.DataFrame:
                                        "rho (top only)"])
 
 
-def held_out_rows(full, config: Config, demo: bool) -> tuple[torch.Tensor, int | None]:
-    """[rows, row_len] held-out story tokens in the model's tokenizer (BOS first in every story), BOS id."""
-    from weightscope.load.corpora import held_out_windows
-
-    if demo:
-        from weightscope.load.llama2c import load_encoder
-        from weightscope.load.models import TOKENIZER_FILE, stories260k_dir
-
-        encoder = load_encoder(stories260k_dir() / TOKENIZER_FILE)
-        return held_out_windows(lambda s: encoder.encode(s, bos=True), n_tokens=config.n_tokens,
-                                row_len=config.row_len), 1
-    bos = full.tokenizer.bos_token_id
-    encode = lambda s: full.to_tokens(s, prepend_bos=True)[0].tolist()  # noqa: E731
-    return held_out_windows(encode, n_tokens=config.n_tokens, row_len=config.row_len), bos
-
-
 def measure(full, saes: list, feats: pd.DataFrame, pairs: pd.DataFrame | None, labels: pd.DataFrame,
-            config: Config, sae_source: str, settings: dict | None = None) -> list[pd.DataFrame]:
+            config: Config, text: tuple[torch.Tensor, int | None], settings: dict | None = None
+            ) -> list[pd.DataFrame]:
     """Every table of the chapter from one activation pass (see `Tables`), in its field order.
 
-    settings: chapter 2's QK-pair settings (`pair_settings`)."""
-    tokens, bos = held_out_rows(full, config, sae_source == "demo")
+    text: ([rows, row_len] held-out token ids, BOS id), `ctx.held_out_rows`; settings: chapter 2's QK-pair
+    settings (`pair_settings`)."""
+    tokens, bos = text
     budget = config.memory_mb * 2**20
     d_sae = max(s.d_sae for s in saes)
     n_keep = ic.keep_per_feature(budget // 2, len(saes), d_sae, config.n_keep)
