@@ -120,9 +120,8 @@ def run(ctx, config: Config, *, model=None, saes=None) -> Tables:
     target = ctx.target.target
     provenance = ctx.provenance(**dataclasses.asdict(config), fold=fold_note)
     cfg = config.lens_config()
-    tabs = io.layer_tables(target, "01_token_lens", saes, provenance, lambda sae: lens.analyse_sae(
-        sae, model, cfg, vocab=vocab, n_null=config.n_null, max_features=config.max_features,
-        seed=config.seed + 100 * sae.layer, dtype=ctx.dtype, keep=keep))
+    tabs = io.layer_tables(target, "01_token_lens", saes, provenance, lambda sae: analyse_one(
+        sae, model, config, vocab=vocab, keep=keep, dtype=ctx.dtype))
     features, nulls = tabs["features"], tabs["nulls"]
     features["neuronpedia"] = [lens.neuronpedia_url(ctx.target.neuronpedia, layer, f)
                                for layer, f in zip(features["layer"], features["feature"])]
@@ -130,6 +129,13 @@ def run(ctx, config: Config, *, model=None, saes=None) -> Tables:
     return Tables(features=features, nulls=nulls, token_kinds=token_kinds, rates=rates(features, nulls),
                   tests=per_test_rates(features, nulls), readings=readings(features, nulls, cfg),
                   sweeps=sweeps(features, nulls, cfg), fold_note=fold_note, config=config)
+
+
+def analyse_one(sae, model, config: Config, *, vocab: list[str], keep, dtype) -> dict[str, pd.DataFrame]:
+    """Chapter 1's measurement of one SAE ({"features", "nulls"}), seeded by its layer as the chapter does."""
+    return lens.analyse_sae(sae, model, config.lens_config(), vocab=vocab, n_null=config.n_null,
+                            max_features=config.max_features, seed=config.seed + 100 * sae.layer, dtype=dtype,
+                            keep=keep)
 
 
 def rates(features: pd.DataFrame, nulls: pd.DataFrame) -> pd.DataFrame:
