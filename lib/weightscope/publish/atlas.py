@@ -381,6 +381,8 @@ def connect(address: str | None, workers: int):
         return ray
     if address and address != "auto":
         _check_reachable(address)
+    # the raylet waits a fixed time for its agents' ports; on a loaded machine they start late
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
     for attempt in range(3):  # a local raylet on a busy machine can miss Ray's fixed 30 s start-up window
         try:
             if address:
