@@ -241,7 +241,7 @@ class ModelWorker:
         tables = measure(self.model, sae, self.c1, self.c2, vocab=self.vocab, keep=self.keep, dtype=self.dtype,
                          device=self.device)
         row = {"layer": sae.layer, "hook": sae.hook_name, "width": sae.d_sae, "d_model": sae.d_in,
-               "architecture": sae.architecture, "l0": _published_l0(job), "processing": json.dumps(flags),
+               "architecture": sae.architecture, "l0": _published_l0(job) or sae.metadata.get("l0"), "processing": json.dumps(flags),
                **summary_row(tables, self.c2)}
         return tables, row
 
