@@ -106,6 +106,7 @@ def test_wilson_interval_brackets_the_rate():
     assert lo < 0.1 < hi and 0.05 < lo and hi < 0.18
 
 
+@pytest.mark.slow  # about 100 s on two shared cores (Ray start-up, a killed driver, two resumed runs)
 def test_killed_run_resumes_and_rows_equal_chapter_1(saes_list, ray_session, tmp_path, monkeypatch):
     monkeypatch.setenv("WEIGHTSCOPE_ATLAS_DIR", str(tmp_path))
     records = tmp_path / "saes"
@@ -159,3 +160,27 @@ def test_killed_run_resumes_and_rows_equal_chapter_1(saes_list, ray_session, tmp
     logs.clear()
     atlas.run_atlas(jobs, c1=C1, c2=C2, workers=2, log=logs.append)
     assert logs[0] == "atlas: 6 SAEs, 5 with a verified result, 1 to measure"
+
+
+def test_cross_model_tables_from_a_planted_summary(monkeypatch, tmp_path):
+    """A planted summary: one SAE far above its null and the paper, one at its null."""
+    from weightscope.publish import cross_model
+
+    monkeypatch.setenv("WEIGHTSCOPE_ATLAS_DIR", str(tmp_path))
+    row = {"model": "m", "release": "r", "layer": 0, "width": 100, "status": "done", "attn_chance": 0.01}
+    for side in ("decoder-unembedding", "encoder-embedding"):
+        row |= {f"{side}_{k}": v for k, v in zip(("rate", "lo", "hi", "null_random"), (0.5, 0.4, 0.6, 0.01))}
+    for s in ("query", "key", "value"):
+        row |= {f"attn_{s}_iso": 0.2, f"attn_{s}_cov": 0.1}
+    low = row | {"layer": 4, "sae_id": "b", "decoder-unembedding_rate": 0.01, "decoder-unembedding_lo": 0.0,
+                 "decoder-unembedding_hi": 0.05}
+    summary = pd.DataFrame([row | {"sae_id": "a"}, low])
+    summary.to_csv(tmp_path / "summary.csv", index=False)
+    depth = cross_model.rate_by_depth(cross_model.atlas_summary())
+    out = depth[depth["side"].str.startswith("output")].set_index("sae_id")
+    assert list(out["depth"]) == [0.0, 1.0] and out.loc["a", "paper"] == 0.25
+    text = " ".join(cross_model.findings(summary, cross_model.built_targets()))
+    assert "m, output (decoder-unembedding) side" in text and "1 of 2 have their 95% interval above" in text
+    assert "0 of them lie entirely below" not in text and "which 1 of them lie entirely below and 1" in text
+    attn = cross_model.attention_by_depth(summary)
+    assert len(attn) == 2 * 3 * 2 and set(attn["null"]) == {"isotropic", "decoder covariance"}
