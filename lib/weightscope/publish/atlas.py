@@ -483,7 +483,11 @@ def main(argv=None) -> int:
             raise
         print(f"atlas: {exc}", file=sys.stderr)
         return 2
-    summary = run_atlas(jobs, c1=c1, c2=c2, workers=args.workers, address=args.address, device=args.device)
+    try:
+        summary = run_atlas(jobs, c1=c1, c2=c2, workers=args.workers, address=args.address, device=args.device)
+    except AtlasInputError as exc:  # Ray would not start here: nothing ran, finished results are kept
+        print(f"atlas: {exc}", file=sys.stderr)
+        return 3
     if not args.keep:
         _clear_downloads(jobs)
     counts = summary["status"].value_counts().to_dict() if len(summary) else {}
