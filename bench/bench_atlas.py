@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The atlas's throughput: SAEs per minute on this machine with 1 and 2 Ray workers, at the demo width (512
-features, d_model 64) and at GPT-2-small's width (24,576 features; random SAEs on the demo model, since GPT-2's
-weights are not on this machine offline, so the products are 64-wide), and the time all Gemma Scope 2B residual
+features, d_model 64) and at GPT-2-small's width (24,576 features; random SAEs on the demo model, since
+GPT-2's weights are not on this machine offline, so the products are 64-wide), and the time all Gemma Scope 2B
+residual
 SAEs would take from a measured matrix-product rate at Gemma-2-2B's shape.
 
     .venv/bin/python bench/bench_atlas.py [--max-features N] [--device cpu|cuda]
@@ -67,7 +68,8 @@ def gemma_scope_estimate(flop_rate: float) -> dict:
     from weightscope.load.saes import pretrained_directory
 
     d = pretrained_directory()
-    widths = [atlas._width_from_id(i) or 16384 for r in ("gemma-scope-2b-pt-res",) if r in d for i in d[r].saes_map]
+    ids = d["gemma-scope-2b-pt-res"].saes_map if "gemma-scope-2b-pt-res" in d else {}
+    widths = [atlas._width_from_id(i) or 16384 for i in ids]
     flop = sum(2 * 2 * w * GEMMA_2B["d_model"] * GEMMA_2B["d_vocab"] for w in widths)
     return {"saes": len(widths), "flop": flop, "seconds": flop / flop_rate}
 

@@ -1,7 +1,8 @@
 """The weights-only atlas: bad input refused in one message, a Ray run over the demo SAEs and tiny random
-"releases" (two architectures, two widths) that resumes after its driver is killed, and rows equal to chapter 1.
+"releases" (two architectures, two widths) that resumes after its driver is killed, rows equal to chapter 1.
 
-One local Ray session serves the whole module (start-up is slow on small machines); the killed driver joins it.
+One local Ray session serves the whole module (start-up is slow on small machines); the killed driver
+joins it.
 """
 
 import os

@@ -11,9 +11,9 @@ LIST names SAEs (default: `atlas_default.yaml`, the residual releases of the ins
         model: stories260K                   # the model it reads (local folders only; releases record it)
       - folder: demo                         # the project's demo SAEs
 
-Every SAE is measured by the chapters' own functions (`output_tokens.analyse_one`, `attention.sae_reads`), by a
-Ray actor per model that loads the model's weights-only tensors once and streams its SAEs one at a time. Each
-result is written as soon as it arrives, keyed by the SAE's identity (source, id, checksum of its weights file
+Every SAE is measured by the chapters' own functions (`output_tokens.analyse_one`, `attention.sae_reads`),
+by a Ray actor per model that loads the model's weights-only tensors once and streams its SAEs one at a
+time. Each result is written as soon as it arrives, keyed by the SAE's identity (source, id, checksum of its weights file
 where local) and the measurement's parameters, with the checksum of the result file: a killed run resumes at
 the first SAE without a verified result, a second run recomputes nothing. A failure is a row with its reason.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -113,7 +112,8 @@ def _release_jobs(release: str, regex, pattern) -> list[Job]:
     directory = pretrained_directory()
     if release not in directory:
         close = difflib.get_close_matches(release, list(directory), n=3, cutoff=0.5)
-        raise AtlasInputError(f"unknown sae-lens release {release!r}" + (f" (close: {close})" if close else ""))
+        hint = f" (close: {close})" if close else ""
+        raise AtlasInputError(f"unknown sae-lens release {release!r}{hint}")
     lookup = directory[release]
     ids = [i for i in lookup.saes_map if regex is None or regex.search(i)]
     if not ids:
@@ -142,8 +142,8 @@ def _folder_jobs(folder: str, model: str | None, regex, pattern) -> list[Job]:
     else:
         found = [(p.name, p) for p in sorted(root.iterdir()) if p.is_dir() and is_sae(p)]
     if not found:
-        raise AtlasInputError(f"folder {folder} holds no sae-lens SAE ({' + '.join(SAE_FILES)}, or subfolders "
-                              "with them)")
+        raise AtlasInputError(f"folder {folder} holds no sae-lens SAE ({' + '.join(SAE_FILES)}, "
+                              "or subfolders with them)")
     found = [(n, p) for n, p in found if regex is None or n is None or regex.search(n)]
     if not found:
         raise AtlasInputError(f"folder {folder}: the regex {pattern!r} matches none of its SAE folders")
@@ -156,7 +156,8 @@ def _folder_jobs(folder: str, model: str | None, regex, pattern) -> list[Job]:
 # One SAE
 
 
-def measure(model, sae, c1: ch1.Config, c2: ch2.Config, *, vocab, keep, dtype, device) -> dict[str, pd.DataFrame]:
+def measure(model, sae, c1: ch1.Config, c2: ch2.Config, *, vocab, keep, dtype,
+            device) -> dict[str, pd.DataFrame]:
     """Chapters 1 and 2 on one SAE, by the chapters' functions: {"features", "nulls", "reads"}."""
     tabs = ch1.analyse_one(sae, model, c1, vocab=vocab, keep=keep, dtype=dtype)
     _, reads = ch2.sae_reads(model, sae, c2, dtype=dtype, device=device)
@@ -238,10 +239,11 @@ class ModelWorker:
             self.processing = flags
         elif flags != self.processing:
             raise Skip(f"trained with processing {flags}, this worker's model has {self.processing}")
-        tables = measure(self.model, sae, self.c1, self.c2, vocab=self.vocab, keep=self.keep, dtype=self.dtype,
-                         device=self.device)
+        tables = measure(self.model, sae, self.c1, self.c2, vocab=self.vocab, keep=self.keep,
+                         dtype=self.dtype, device=self.device)
         row = {"layer": sae.layer, "hook": sae.hook_name, "width": sae.d_sae, "d_model": sae.d_in,
-               "architecture": sae.architecture, "l0": _published_l0(job) or sae.metadata.get("l0"), "processing": json.dumps(flags),
+               "architecture": sae.architecture, "l0": _published_l0(job) or sae.metadata.get("l0"),
+               "processing": json.dumps(flags),
                **summary_row(tables, self.c2)}
         return tables, row
 
@@ -356,8 +358,8 @@ def _model_dims(model: str) -> tuple[int, int]:
     return _KNOWN_DIMS.get(model, (2048, 50000))
 
 
-def run_atlas(jobs: list[Job], *, c1: ch1.Config, c2: ch2.Config, workers: int = 1, address: str | None = None,
-              device: str = "cpu", log=print) -> pd.DataFrame:
+def run_atlas(jobs: list[Job], *, c1: ch1.Config, c2: ch2.Config, workers: int = 1,
+              address: str | None = None, device: str = "cpu", log=print) -> pd.DataFrame:
     """Measure every job without a verified result on Ray; returns the summary (all jobs, old and new)."""
     records, todo = {}, []
     for job in jobs:
@@ -423,7 +425,8 @@ def _fan_out(todo, records, *, c1, c2, workers, address, device, log):
     pending, start = {}, time.time()
     for model, items in by_model.items():
         share = gpu_share(max((j.d_sae or 0) for _, j in items), *_model_dims(model)) if gpus else 0
-        actors = [Worker.options(num_cpus=1, num_gpus=share).remote(model, c1, c2, "cuda" if share else device)
+        where = "cuda" if share else device
+        actors = [Worker.options(num_cpus=1, num_gpus=share).remote(model, c1, c2, where)
                   for _ in range(max(1, min(workers, len(items))))]
         for i, (key, job) in enumerate(items):  # each actor streams its SAEs one at a time
             pending[actors[i % len(actors)].run.remote(job)] = (key, job)
@@ -456,11 +459,12 @@ def gpu_share(d_sae: int, d_model: int, d_vocab: int, gpu_bytes: float = 80e9) -
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m weightscope.publish.atlas", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m weightscope.publish.atlas",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("list", nargs="?", default=str(DEFAULT_LIST), help="YAML list of SAEs (default: shipped)")
     ap.add_argument("--address", help="join the Ray cluster at HOST:PORT (default: a local Ray)")
     ap.add_argument("--workers", type=int, default=1, help="workers (actors) per model; local CPUs")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (GPU shares are declared on a cluster)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     ap.add_argument("--dry-run", action="store_true", help="print SAEs, models, bytes and time, then stop")
     ap.add_argument("--keep", action="store_true", help="keep downloaded SAEs (default: deleted after use)")
     ap.add_argument("--max-features", type=int, default=0, help="chapters' max_features (0: all)")
@@ -484,7 +488,8 @@ def main(argv=None) -> int:
         print(f"atlas: {exc}", file=sys.stderr)
         return 2
     try:
-        summary = run_atlas(jobs, c1=c1, c2=c2, workers=args.workers, address=args.address, device=args.device)
+        summary = run_atlas(jobs, c1=c1, c2=c2, workers=args.workers, address=args.address,
+                            device=args.device)
     except AtlasInputError as exc:  # Ray would not start here: nothing ran, finished results are kept
         print(f"atlas: {exc}", file=sys.stderr)
         return 3

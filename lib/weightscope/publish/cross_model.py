@@ -3,7 +3,7 @@ paper's number, and what is missing.
 
     summary = cross_model.atlas_summary()               # the atlas's summary.csv (empty frame when none)
     depth = cross_model.rate_by_depth(summary)          # model, relative depth, side, rate, null, interval
-    built = cross_model.built_targets()                 # targets whose chapter 1 table exists, and their rates
+    built = cross_model.built_targets()                 # targets with a chapter 1 table, and their rates
     sentences = cross_model.findings(summary, built)
 """
 
@@ -15,8 +15,9 @@ from weightscope import io
 from weightscope.config.paths import data_dir
 from weightscope.publish import atlas
 
-SIDES = {"decoder-unembedding": "output (decoder-unembedding)", "encoder-embedding": "input (encoder-embedding)"}
-PAPER_RATE = 0.25  # Liu & Deng (arXiv 2601.22447): "about one quarter of features directly predict output tokens"
+SIDES = {"decoder-unembedding": "output (decoder-unembedding)",
+         "encoder-embedding": "input (encoder-embedding)"}
+PAPER_RATE = 0.25  # Liu & Deng (arXiv 2601.22447): "about one quarter" of features predict output tokens
 PAPER_MODELS = ("gemma-2-2b", "gemma-2-9b", "meta-llama/Llama-3.1-8B")  # the models the paper reports on
 
 
@@ -30,7 +31,8 @@ def rate_by_depth(summary: pd.DataFrame) -> pd.DataFrame:
     """Measured SAEs in long form: model, release, sae_id, layer, depth (layer over the model's deepest
     measured layer), width, side, rate, lo, hi, null (random directions), paper (the paper's rate, output
     side only)."""
-    cols = ["model", "release", "sae_id", "layer", "depth", "width", "side", "rate", "lo", "hi", "null", "paper"]
+    cols = ["model", "release", "sae_id", "layer", "depth", "width", "side", "rate", "lo", "hi", "null",
+            "paper"]
     if summary.empty or "status" not in summary:
         return pd.DataFrame(columns=cols)
     done = summary[summary["status"] == "done"].copy()
@@ -57,7 +59,8 @@ def attention_by_depth(summary: pd.DataFrame) -> pd.DataFrame:
     for r in done.itertuples(index=False):
         for side in ("query", "key", "value"):
             for null, suffix in (("isotropic", "iso"), ("decoder covariance", "cov")):
-                rows.append({"model": r.model, "sae_id": r.sae_id, "depth": r.depth, "side": side, "null": null,
+                rows.append({"model": r.model, "sae_id": r.sae_id, "depth": r.depth, "side": side,
+                             "null": null,
                              "rate": getattr(r, f"attn_{side}_{suffix}"), "chance": r.attn_chance})
     return pd.DataFrame(rows)
 
