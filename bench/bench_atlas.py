@@ -23,6 +23,7 @@ import time
 import warnings
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from weightscope.publish import atlas
@@ -87,7 +88,7 @@ def main() -> None:
     atlas.connect(None, 2)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, width in (("demo", 512), ("gpt2-small width", 24576)):
+        for name, width in (("demo-width", 512), ("gpt2-small-width", 24576)):
             jobs = atlas.expand([{"folder": str(tiny_saes(Path(tmp) / name, width, args.n_saes)),
                                   "model": "stories260K"}])
             for workers in (1, 2):
@@ -96,8 +97,9 @@ def main() -> None:
                 summary = atlas.run_atlas(jobs, c1=c1, c2=c2, workers=workers, device=args.device,
                                           log=lambda *_: None)
                 seconds = time.perf_counter() - start
+                status = summary["status"] if len(summary) else pd.Series(dtype=str)
                 runs.append({"saes": name, "width": width, "workers": workers, "n": len(jobs),
-                             "done": int((summary["status"] == "done").sum()), "seconds": seconds,
+                             "done": int((status == "done").sum()), "seconds": seconds,
                              "saes_per_minute": 60 * len(jobs) / seconds})
                 print(json.dumps(runs[-1]), flush=True)
     rate = measure_flop_rate(args.device)
