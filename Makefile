@@ -15,7 +15,7 @@ export WEIGHTSCOPE_CORPORA ?= $(SHARED)/corpora
 endif
 export PYTHONUNBUFFERED := 1
 
-.PHONY: book test test-fast nbval nbval-refresh bench clean setup
+.PHONY: book test test-fast nbval nbval-refresh bench clean setup atlas
 setup: .venv/.installed
 
 .venv/.installed: requirements.txt pyproject.toml
@@ -51,3 +51,9 @@ clean:
 
 bench: .venv/.installed
 	@$(PY) bench/run.py
+
+# the weights-only atlas: chapters 1 and 2 for every SAE on a list, on Ray (ATLAS_LIST default: the shipped
+# list of residual releases; ATLAS_ARGS e.g. "--address 10.0.0.5:6379 --workers 4" or "--dry-run")
+ATLAS_LIST ?= lib/weightscope/publish/atlas_default.yaml
+atlas: .venv/.installed
+	@$(PY) -m weightscope.publish.atlas $(ATLAS_LIST) $(ATLAS_ARGS)

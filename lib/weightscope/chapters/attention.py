@@ -102,10 +102,7 @@ def run(ctx, config: Config, *, model=None, saes=None) -> Tables:
     offsets = list(range(config.qk_max_offset + 1)) if rotary else None
 
     def one_layer(sae) -> dict[str, pd.DataFrame]:
-        W_dec = sae.W_dec if config.max_features <= 0 else sae.W_dec[: config.max_features]
-        reads = attention.sae_attention_reads(model, W_dec, sae.layer, sae.hook_name, q=config.q_null,
-                                              n_null=config.n_null, seed=config.seed + sae.layer,
-                                              dtype=ctx.dtype, device=ctx.device)
+        W_dec, reads = sae_reads(model, sae, config, dtype=ctx.dtype, device=ctx.device)
         pairs, corr = qk_pairs_for_sae(model, W_dec, sae.layer, reads, config, offsets)
         return {"reads": reads, "pairs": pairs, "offset_corr": corr}
 
@@ -122,6 +119,15 @@ def run(ctx, config: Config, *, model=None, saes=None) -> Tables:
     return Tables(reads=reads, heads=heads, features=features, participation=participation(reads, config),
                   depth=depth_curves(heads), pairs=pairs, offset_corr=tabs["offset_corr"], rotary=rotary,
                   config=config)
+
+
+def sae_reads(model, sae, config: Config, *, dtype, device):
+    """Chapter 2's head reads of one SAE: (the decoder rows read [n, d_model], the reads table)."""
+    W_dec = sae.W_dec if config.max_features <= 0 else sae.W_dec[: config.max_features]
+    reads = attention.sae_attention_reads(model, W_dec, sae.layer, sae.hook_name, q=config.q_null,
+                                          n_null=config.n_null, seed=config.seed + sae.layer,
+                                          dtype=dtype, device=device)
+    return W_dec, reads
 
 
 def feature_profiles(reads: pd.DataFrame) -> pd.DataFrame:

@@ -134,11 +134,16 @@ def lens_tables(ctx, config: Config, model, saes) -> tuple[dict[str, pd.DataFram
     vocab = lens.token_strings(model)
     _, fold_note = lens.output_matrix(model)
     provenance = ctx.provenance(**dataclasses.asdict(config), fold=fold_note)
-    cfg = config.lens_config()
-    tabs = io.layer_tables(ctx.params.target, "01_token_lens", saes, provenance, lambda sae: lens.analyse_sae(
-        sae, model, cfg, vocab=vocab, n_null=config.n_null, max_features=config.max_features,
-        seed=config.seed + 100 * sae.layer, dtype=ctx.dtype, keep=keep))
+    tabs = io.layer_tables(ctx.params.target, "01_token_lens", saes, provenance, lambda sae: analyse_one(
+        sae, model, config, vocab=vocab, keep=keep, dtype=ctx.dtype))
     return tabs, provenance
+
+
+def analyse_one(sae, model, config: Config, *, vocab: list[str], keep, dtype) -> dict[str, pd.DataFrame]:
+    """Chapter 1's measurement of one SAE ({"features", "nulls"}), seeded by its layer as the chapter does."""
+    return lens.analyse_sae(sae, model, config.lens_config(), vocab=vocab, n_null=config.n_null,
+                            max_features=config.max_features, seed=config.seed + 100 * sae.layer, dtype=dtype,
+                            keep=keep)
 
 
 def rates(features: pd.DataFrame, nulls: pd.DataFrame) -> pd.DataFrame:
