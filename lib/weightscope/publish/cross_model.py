@@ -116,3 +116,21 @@ def findings(summary: pd.DataFrame, built: pd.DataFrame) -> list[str]:
                    f"{len(g)} SAEs (null {g['null'].min():.1%}–{g['null'].max():.1%}); {above} of {len(g)} "
                    f"have their 95% interval above the null{below_paper}.")
     return out + missing(summary, built)
+
+
+def depth_figure(depth: pd.DataFrame):
+    """Predicting rate per SAE against relative depth, one panel per side, with 95% intervals, each SAE's null
+    as a cross and the paper's rate as a dotted line. depth: `rate_by_depth`'s table."""
+    import plotly.express as px
+
+    fig = px.scatter(depth, x="depth", y="rate", color="model", facet_col="side",
+                     error_y=depth["hi"] - depth["rate"], error_y_minus=depth["rate"] - depth["lo"],
+                     hover_data=["release", "sae_id", "width", "null"],
+                     labels={"depth": "layer / deepest layer measured", "rate": "share passing the rule"},
+                     title="Predicting rate per SAE (bars: 95% interval), null as crosses")
+    for i, side in enumerate(depth["side"].unique(), 1):
+        d = depth[depth["side"] == side]
+        fig.add_scatter(x=d["depth"], y=d["null"], mode="markers", marker_symbol="x",
+                        name=f"null ({side.split()[0]})", row=1, col=i)
+    fig.add_hline(y=PAPER_RATE, line_dash="dot", annotation_text="paper: about 1/4")
+    return fig
