@@ -203,7 +203,6 @@ class ModelWorker:
         from weightscope.compute import lens
         from weightscope.load.weights_model import load_weights_model
 
-        torch.set_grad_enabled(False)
         self.device = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available()
                                                                      else "cpu"))
         self.dtype = torch.float32
@@ -226,6 +225,12 @@ class ModelWorker:
         return {"status": status, "reason": reason, "row": row, "tables": tables}
 
     def _measure(self, job: Job):
+        import torch
+
+        with torch.no_grad():  # not set globally: a worker may share its process with training code
+            return self._measure_weights(job)
+
+    def _measure_weights(self, job: Job):
         from weightscope.load.saes import check_fits, load_saes, require_residual
         from weightscope.load.weights_model import apply_processing
 
