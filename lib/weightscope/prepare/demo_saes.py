@@ -55,12 +55,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from weightscope.config.paths import cache_dir, corpora_dir, models_dir
+from weightscope.config.paths import REPO_ROOT, cache_dir, corpora_dir, models_dir
 from weightscope.load import corpora
 from weightscope.io import atomic_write_json, file_lock, file_sha256, versions
 from weightscope.load import saes as load_saes
 from weightscope.load.saes import (  # noqa: F401  (TARGET_BAR, read_manifest: importable from here too)
-    CHECKED_FILES, LAYER_FILES, PINNED_DIR, TARGET_BAR, demo_sae_pointer, layer_dir, layer_problem, meets_bar,
+    CHECKED_FILES, LAYER_FILES, TARGET_BAR, demo_sae_pointer, layer_dir, layer_problem, meets_bar,
     read_manifest,
 )
 
@@ -166,7 +166,7 @@ def ensure_demo_saes(
     if use_pinned and model is None and encode is None:
         pinned = matching_pinned(cfg)
         if pinned is not None:
-            say(f"demo SAEs: the pinned ones in {pinned.relative_to(PINNED_DIR.parents[1])} "
+            say(f"demo SAEs: the pinned ones in {_shown(pinned)} "
                 "(checksums verified; trained with these parameters), no training")
             return pinned
     # one process at a time trains or checks the shared cache; a second one waits (with a message)
@@ -808,7 +808,7 @@ def compare_with_pinned(root: Path) -> list[str]:
     if pinned_dir is None:
         return []
     old = read_manifest(pinned_dir)
-    lines = [f"compared with the pinned SAEs in {pinned_dir.relative_to(PINNED_DIR.parents[1])} "
+    lines = [f"compared with the pinned SAEs in {_shown(pinned_dir)} "
              "(held-out EV, L0, dead share, MSE: new / pinned):"]
     for layer, m in new["per_layer"].items():
         p = old["per_layer"].get(layer)
@@ -824,20 +824,21 @@ def compare_with_pinned(root: Path) -> list[str]:
     return lines
 
 
-def adopt(config: DemoSAEConfig | str = DEFAULT) -> Path:
-    """Replace the pinned SAEs `data/demo_saes/<name>/` with the complete training of `config` in the cache.
+def adopt(config: DemoSAEConfig | str = DEFAULT, root: Path | None = None) -> Path:
+    """Replace the pinned SAEs `data/demo_saes/<name>/` with the complete training of `config` in the cache
+    (or in `root`, a training folder of that config).
 
     Weights, `cfg.json` and `metrics.json` are copied byte for byte; in `manifest.json` and `runner_cfg.json`
     this machine's folders become `$WEIGHTSCOPE_DATA` / `$WEIGHTSCOPE_CORPORA` / `$WEIGHTSCOPE_MODELS`.
     `SHA256SUMS` is written last, and the new folder replaces the old one in one rename.
     """
     cfg = _resolve_config(config)
-    root = demo_sae_dir(cfg)
+    root = Path(root) if root is not None else demo_sae_dir(cfg)
     if not _manifest_readable(root) or not read_manifest(root).get("complete"):
         raise DemoSAEError(f"no complete training of config {cfg.name!r} in {root}: train it first with "
                            f"`python -m weightscope.prepare.demo_saes --config {cfg.name}`.")
-    final = PINNED_DIR / cfg.name
-    tmp = PINNED_DIR / f".{cfg.name}.tmp-{os.getpid()}"
+    final = load_saes.PINNED_DIR / cfg.name
+    tmp = load_saes.PINNED_DIR / f".{cfg.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     for layer in read_manifest(root)["layers"]:
         (tmp / f"layer_{layer}").mkdir(parents=True)
@@ -851,12 +852,20 @@ def adopt(config: DemoSAEConfig | str = DEFAULT) -> Path:
     manifest["cache_key"] = root.name
     (tmp / "manifest.json").write_text(_without_local_paths(json.dumps(manifest, indent=2, sort_keys=True)))
     load_saes.write_checksums(tmp)
-    old = PINNED_DIR / f".{cfg.name}.old-{os.getpid()}"
+    old = load_saes.PINNED_DIR / f".{cfg.name}.old-{os.getpid()}"
     if final.exists():
         os.rename(final, old)
     os.rename(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the repository when it lies inside it."""
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _without_local_paths(text: str) -> str:
