@@ -9,8 +9,8 @@ z-scores and participation against both nulls), computed with the chapters' defa
 demo SAEs, in a fresh data folder (cached results are not reused: their key does not include the SAEs' bytes).
 
 Floating-point results can differ in the last bits across processors and thread counts, so what is hashed is
-a canonical form, not the bytes of the tables: rows sorted by their keys, verdicts and token lists as they are,
-every floating-point value rounded to `SIGNIFICANT_DIGITS` significant digits (and -0.0 written as 0.0). One
+a canonical form, not the bytes of the tables: rows sorted by their keys, verdicts and token lists as they
+are, every floating-point value rounded to `SIGNIFICANT_DIGITS` significant digits (and -0.0 written as 0.0). One
 checksum is kept per table and column, so a mismatch names the columns that moved. A value that lies within
 rounding of a boundary of the last kept digit could still flip between processors; none did between the
 machines this was tried on, and a flip shows as one column of one table.
@@ -121,12 +121,15 @@ def sae_checksums() -> str:
 
     folder = demo_sae_folder("default")
     sums = folder / CHECKSUMS
-    return hashlib.sha256(sums.read_bytes()).hexdigest()[:16] if sums.is_file() else f"unpinned: {folder.name}"
+    if not sums.is_file():
+        return f"unpinned: {folder.name}"
+    return hashlib.sha256(sums.read_bytes()).hexdigest()[:16]
 
 
 def missing_demo_inputs() -> list[str]:
-    """The demo's inputs that are not on this machine (the tests run offline): the stories260K checkpoint and
-    tokenizer (`WEIGHTSCOPE_MODELS`, or the download cache) and the TinyStories files (`WEIGHTSCOPE_CORPORA`)."""
+    """The demo's inputs that are not on this machine (the tests run offline): the stories260K checkpoint
+    and tokenizer (`WEIGHTSCOPE_MODELS`, or the download cache) and the TinyStories files
+    (`WEIGHTSCOPE_CORPORA`)."""
     from weightscope.config.paths import cache_dir, corpora_dir, models_dir
     from weightscope.load import corpora
 
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo-checksums] wrote {STORED.relative_to(REPO)}")
         return 0
     lines = differences(stored_checksums()["tables"], current)
-    print("\n".join(lines) if lines else "[demo-checksums] the demo's result tables match the stored checksums")
+    print("\n".join(lines) if lines else "[demo-checksums] the demo's result tables match the stored ones")
     return 1 if lines else 0
 
 

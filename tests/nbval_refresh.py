@@ -38,7 +38,8 @@ IGNORE_OUTPUT = [
 
 def demo_sae_folders() -> list[Path]:
     """The folders of the demo SAEs the book reads: the residual ones (chapters 0-3, 6) and the attention ones
-    (chapter 4); the pinned `data/demo_saes/{default,attn}/` unless a training with other parameters is used."""
+    (chapter 4); the pinned `data/demo_saes/{default,attn}/` unless a training with other parameters is
+    used."""
     from weightscope.load.saes import demo_sae_folder
 
     return [demo_sae_folder(config) for config in ("default", "attn")]

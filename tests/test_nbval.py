@@ -111,9 +111,9 @@ def test_demo_chapters_reproduce_their_stored_outputs():
     assert stored == {current}, (
         f"the nbval references were made with other demo SAEs ({sorted(map(str, stored))}) than the book "
         f"reads ({current}: {', '.join(map(str, demo_sae_folders()))}). The shipped references are made from "
-        "the pinned SAEs in data/demo_saes/: if those changed on purpose, run `make nbval-refresh` and commit "
-        "tests/nbval/; if the book reads a training with other parameters (data/cache/demo_saes/<config>.json), "
-        "that training moves the results")
+        "the pinned SAEs in data/demo_saes/: if those changed on purpose, run `make nbval-refresh` and "
+        "commit tests/nbval/; if the book reads a training with other parameters "
+        "(data/cache/demo_saes/<config>.json), that training moves the results")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "--nbval", "--nbval-current-env",
          f"--nbval-sanitize-with={SANITIZE}", "-p", "no:cacheprovider", "-q", "--no-header",

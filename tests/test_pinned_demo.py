@@ -1,7 +1,7 @@
-"""The pinned demo SAEs (`data/demo_saes/`): checksummed, loaded without training, the same demo on every machine.
+"""The pinned demo SAEs (`data/demo_saes/`): checksummed, loaded without training, one demo on every machine.
 
-The SAEs are the training's exact bytes, so every machine reads the same features; the demo's main result tables
-(chapter 1's per-feature table, chapter 2's reads) are compared with checksums stored beside them
+The SAEs are the training's exact bytes, so every machine reads the same features; the demo's main result
+tables (chapter 1's per-feature table, chapter 2's reads) are compared with checksums stored beside them
 (`tests/demo_checksums.py`), so a change that moves them fails here whichever machine runs it.
 """
 
@@ -52,7 +52,8 @@ def test_pinned_folders_are_complete_and_match_their_checksums(config):
     assert saes.pinned_problems(folder) == []
     listed = saes.read_checksums(folder)
     for layer in range(5):  # every block of stories260K, in sae-lens's folder format
-        assert {f"layer_{layer}/{f}" for f in ("cfg.json", "sae_weights.safetensors", "metrics.json")} <= set(listed)
+        files = ("cfg.json", "sae_weights.safetensors", "metrics.json")
+        assert {f"layer_{layer}/{f}" for f in files} <= set(listed)
     assert "manifest.json" in listed
 
 
@@ -126,7 +127,7 @@ def test_damaged_or_missing_pinned_file_is_a_clear_error(pinned_copy):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1  # one bit of one weight
     weights.write_bytes(bytes(data))
-    with pytest.raises(SAEError, match=r"layer_3/sae_weights.safetensors is damaged .*git checkout -- data/demo_s"):
+    with pytest.raises(SAEError, match=r"layer_3/sae_weights.safetensors is damaged .*git checkout -- data/de"):
         saes.load_saes("demo")
     with pytest.raises(SAEError, match="damaged"):
         demo_saes.ensure_demo_saes("default", progress=False)  # the prepare stage refuses too (exit 2)
@@ -181,9 +182,10 @@ def test_demo_result_tables_match_the_checksums_stored_beside_the_pinned_saes():
     assert stored["sae_checksums"] == demo_checksums.sae_checksums(), (
         "the demo SAEs in use are not those the stored result checksums were made from: if the pinned SAEs "
         "changed on purpose, run `make demo-checksums` and commit data/demo_saes/results.json")
-    lines = demo_checksums.differences(stored["tables"], demo_checksums.checksums(demo_checksums.demo_tables()))
-    assert not lines, ("the demo's main results moved:\n" + "\n".join(lines) + "\nIf the change is meant, run "
-                       "`make demo-checksums` and commit data/demo_saes/results.json.")
+    current = demo_checksums.checksums(demo_checksums.demo_tables())
+    lines = demo_checksums.differences(stored["tables"], current)
+    assert not lines, ("the demo's main results moved:\n" + "\n".join(lines) + "\nIf the change is meant, "
+                       "run `make demo-checksums` and commit data/demo_saes/results.json.")
 
 
 def test_float32_noise_below_the_rounding_leaves_the_checksum(tmp_path):

@@ -171,7 +171,7 @@ CHECKSUMS = "SHA256SUMS"  # in each pinned folder, `sha256sum` format: "<hex>  <
 LAYER_FILES = ("cfg.json", "sae_weights.safetensors", "metrics.json")
 CHECKED_FILES = ("cfg.json", "sae_weights.safetensors")  # their sha256 is recorded in a layer's metrics.json
 
-# The bar the demo SAEs should reach on held-out text (reported in the manifest and by chapter 4, never enforced).
+# The bar the demo SAEs should reach on held-out text (in the manifest and chapter 4's table, never enforced).
 TARGET_BAR = {"explained_variance_min": 0.8, "mean_l0_max": 32, "dead_fraction_max": 0.2}
 
 
@@ -274,7 +274,8 @@ def demo_sae_pointer(config: str = "default") -> Path:
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
-    """The `manifest.json` of a demo-SAE folder (pinned or trained): parameters, sources, versions, quality."""
+    """The `manifest.json` of a demo-SAE folder (pinned or trained): parameters, sources, versions,
+    quality."""
     return json.loads((Path(root) / "manifest.json").read_text())
 
 

@@ -1,7 +1,13 @@
-"""The demo SAEs: one TopK SAE per block on stories260K's residual stream, trained with sae-lens's own runner.
+"""Training the demo SAEs: one TopK SAE per block of stories260K, trained with sae-lens's own runner.
 
-`ensure_demo_saes()` returns the folder holding `layer_{L}/` (sae-lens save format: `cfg.json`,
-`sae_weights.safetensors`, sae-lens's `sparsity.safetensors` and `runner_cfg.json`, plus our `metrics.json`)
+The SAEs the demo book reads are pinned in the repository (`data/demo_saes/<config>/`, read through
+`weightscope.load.saes`), because a training reproduces its bytes on one machine only. This module trains:
+`ensure_demo_saes()` returns the pinned folder when its manifest records this very training (parameters,
+corpus, tokenizer and model: the same cache key) and trains only otherwise; its command line
+(`make demo-saes`) retrains, compares the held-out quality with the pinned SAEs' and `--adopt` replaces them.
+
+When it trains, `ensure_demo_saes()` returns the folder holding `layer_{L}/` (sae-lens save format:
+`cfg.json`, `sae_weights.safetensors`, sae-lens's `sparsity.safetensors` and `runner_cfg.json`, plus our `metrics.json`)
 and `manifest.json`, training only the layers that are missing: a rerun reuses the cache, a killed run resumes
 at the first missing layer. Each layer is trained in a temporary folder and renamed into place, so a layer
 folder is either complete or absent.
@@ -31,7 +37,8 @@ excluded as in training: explained variance 1 - sum|x - x_hat|^2 / sum|x - mean 
 features that never fire, and the MSE (mean over tokens of |x - x_hat|^2, sae-lens's convention).
 
 Run `python -m weightscope.prepare.demo_saes` (add `--config tiny` for a seconds-long smoke run) to train from the
-shell.
+shell; `--config default --config attn` (`make demo-saes`) retrains both pinned sets and prints how they
+compare.
 """
 
 from __future__ import annotations
@@ -150,7 +157,8 @@ def ensure_demo_saes(
     encode: Callable[[str], list[int]] | None = None,
     use_pinned: bool = True,
 ) -> Path:
-    """Folder with `layer_{L}/` sae-lens SAEs and `manifest.json`: the pinned ones when they fit, else trained.
+    """Folder with `layer_{L}/` sae-lens SAEs and `manifest.json`: the pinned ones when they fit, else trained
+    ones.
 
     `config` is a `DemoSAEConfig` or a name in `CONFIGS` ("default", "attn", "tiny", ...). When the repository
     pins SAEs of this config (`data/demo_saes/<name>/`) trained with exactly these parameters, corpus,
