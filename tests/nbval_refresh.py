@@ -7,8 +7,9 @@ copies each executed notebook with its outputs into tests/nbval/, as `tests/nbva
 them (figures become a placeholder, paths of this checkout a REPO/ prefix, ...), without papermill's timing
 metadata, with stable cell ids (a refresh changes only what changed). Cells whose output legitimately differs
 between two preparations of the same inputs are tagged `nbval-ignore-output` (see IGNORE_OUTPUT). The demo
-SAEs' fingerprint is stored with the references: `tests/test_nbval.py` compares only against references made
-with the SAEs in use.
+SAEs' fingerprint is stored with the references: `tests/test_nbval.py` fails when the book reads other SAEs
+than the references were made from. The book reads the pinned demo SAEs (`data/demo_saes/`), so references
+made on one machine hold on every other.
 
 Run it after a change that is meant to move a printed result, and commit tests/nbval/ with that change.
 """
@@ -35,16 +36,19 @@ IGNORE_OUTPUT = [
 ]
 
 
-def demo_sae_fingerprint() -> str:
-    """sha256 over the demo SAEs' weight files: the references hold for these SAEs only."""
+def demo_sae_folders() -> list[Path]:
+    """The folders of the demo SAEs the book reads: the residual ones (chapters 0-3, 6) and the attention ones
+    (chapter 4); the pinned `data/demo_saes/{default,attn}/` unless a training with other parameters is
+    used."""
     from weightscope.load.saes import demo_sae_folder
 
+    return [demo_sae_folder(config) for config in ("default", "attn")]
+
+
+def demo_sae_fingerprint() -> str:
+    """sha256 over the demo SAEs' weight files: the references hold for these SAEs only."""
     digest = hashlib.sha256()
-    for config in ("default", "attn"):  # the residual SAEs (chapters 0-3, 6) and the attention SAEs (chapter 4)
-        try:
-            folder = demo_sae_folder(config)
-        except ValueError:  # not prepared: the chapters that need them cannot have run either
-            continue
+    for config, folder in zip(("default", "attn"), demo_sae_folders()):
         for path in sorted(folder.glob("layer_*/*.safetensors")):
             digest.update(f"{config}/{path.relative_to(path.parents[1]).as_posix()}".encode())
             digest.update(path.read_bytes())

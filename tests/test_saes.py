@@ -313,3 +313,29 @@ def test_real_demo_model_tiny_run(tmp_path, monkeypatch):
 
     loaded = saes.load_saes(root, model=load_model("stories260K"))
     assert [s.layer for s in loaded] == [0, 1, 2, 3, 4] and all(s.d_in == 64 for s in loaded)
+
+
+def test_adopting_a_training_pins_its_exact_bytes(tiny_env, model, monkeypatch):
+    """`--adopt`: the training's files become the pinned folder (weights byte for byte, SHA256SUMS, no local
+    paths); the comparison with the pinned SAEs then finds the same weights, and a damaged copy is refused."""
+    monkeypatch.setattr(saes, "PINNED_DIR", tiny_env / "pinned")
+    root = demo_saes.ensure_demo_saes(TEST_CFG, model=model, encode=byte_encode, progress=False)
+    assert demo_saes.compare_with_pinned(root) == []  # nothing of this config is pinned yet
+    folder = demo_saes.adopt(TEST_CFG, root)
+    assert folder == tiny_env / "pinned" / "test" and saes.pinned_problems(folder) == []
+    for layer in (0, 1):
+        for name in ("cfg.json", "sae_weights.safetensors", "metrics.json"):
+            shipped, trained = folder / f"layer_{layer}" / name, root / f"layer_{layer}" / name
+            assert shipped.read_bytes() == trained.read_bytes()
+    manifest = saes.read_manifest(folder)
+    assert manifest["cache_key"] == root.name and str(tiny_env) not in (folder / "manifest.json").read_text()
+    assert manifest["corpus"][0]["file"].startswith("$WEIGHTSCOPE_CORPORA/")
+    assert saes.pinned_cache_key(folder) == root.name
+    lines = demo_saes.compare_with_pinned(root)
+    assert len(lines) == 3 and all("weights identical" in line for line in lines[1:])
+    saes.demo_sae_pointer("test").unlink()  # written by the training above, before anything was pinned
+    demo_saes._point_to(TEST_CFG, root)  # a training with the pinned parameters never redirects the book
+    assert not saes.demo_sae_pointer("test").exists() and saes.demo_sae_folder("test") == folder
+    (folder / "layer_1" / "metrics.json").write_text("{}")
+    with pytest.raises(SAEError, match="layer_1/metrics.json is damaged"):
+        saes.demo_sae_folder("test")

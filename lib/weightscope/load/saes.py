@@ -12,6 +12,13 @@ Conventions:
 - Reading layers: an SAE on `blocks.{L}.hook_resid_pre` sees the stream that block L reads, so blocks L, L+1,
   ... read its features; on `blocks.{L}.hook_resid_mid`, the MLP of block L and blocks L+1, ...; on
   `blocks.{L}.hook_resid_post`, blocks L+1, ... (and, after the last block, only the unembedding).
+
+The demo SAEs are shipped with the repository in `data/demo_saes/<config>/` ("default": the residual stream,
+"attn": the attention outputs), in sae-lens's folder format, with `SHA256SUMS` (every file, `sha256sum -c`
+format) and `manifest.json` (how they were trained and their quality on held-out text). `load_saes("demo")`
+reads them after checking every checksum; it never trains. A training with other parameters
+(`weightscope.prepare.demo_saes`) is used instead only when the prepare stage recorded it in
+`data/cache/demo_saes/<config>.json`. This module also reads the manifests and holds the quality bar.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import Any
 import torch
 
 from weightscope.config import paths
+from weightscope.io import atomic_write_json, file_sha256
 
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -134,9 +142,9 @@ def load_saes(
       ("layer_3/width_16k/canonical"); they are all checked before anything is downloaded.
     - Local folder: either one SAE saved by sae-lens (`cfg.json` + `sae_weights.safetensors`), or a folder of
       such folders; then `sae_ids` name subfolders (an int L means "layer_L"), None loads them all.
-    - "demo": the project's demo SAEs, prepared beforehand by `weightscope.prepare.demo_saes` (`make book` does
-      it); ids as for a folder. Loading never trains: missing demo SAEs are a clear `SAEError`.
-      "demo:<config>" loads another prepared config, e.g. "demo:attn" (the attention-output SAEs).
+    - "demo": the project's demo SAEs, pinned in `data/demo_saes/default/` (see `demo_sae_folder`); ids as for
+      a folder. Loading never trains: a damaged or missing pinned file is a clear `SAEError`.
+      "demo:<config>" loads another config, e.g. "demo:attn" (the attention-output SAEs).
 
     With `model`, every SAE is checked with `check_fits`. `dtype` (e.g. "float32") overrides the stored one.
     """
@@ -155,27 +163,168 @@ def load_saes(
     return loaded
 
 
-def demo_sae_folder(config: str = "default") -> Path:
-    """The folder of the prepared demo SAEs of `config`, named by the pointer file the prepare stage writes.
+# ------------------------------------------------------------------------------------------------------------
+# The demo SAEs: pinned in the repository, or a training with other parameters recorded by the prepare stage
 
-    Raises SAEError, saying how to prepare them, when they have not been prepared (or were removed).
+PINNED_DIR = paths.REPO_ROOT / "data" / "demo_saes"  # committed: data/demo_saes/<config>/
+CHECKSUMS = "SHA256SUMS"  # in each pinned folder, `sha256sum` format: "<hex>  <path relative to the folder>"
+LAYER_FILES = ("cfg.json", "sae_weights.safetensors", "metrics.json")
+CHECKED_FILES = ("cfg.json", "sae_weights.safetensors")  # their sha256 is recorded in a layer's metrics.json
+
+# The bar the demo SAEs should reach on held-out text (in the manifest and chapter 4's table, never enforced).
+TARGET_BAR = {"explained_variance_min": 0.8, "mean_l0_max": 32, "dead_fraction_max": 0.2}
+
+
+def demo_sae_folder(config: str = "default") -> Path:
+    """The folder of the demo SAEs of `config`: the pinned `data/demo_saes/<config>/` (checksums verified),
+    unless the prepare stage trained this config with other parameters than the pinned ones (then its
+    pointer `data/cache/demo_saes/<config>.json` names that training's folder).
+
+    Raises SAEError when a pinned file is damaged or missing (saying how to restore it), or when there are
+    neither pinned SAEs of `config` nor a prepared training.
     """
-    pointer = demo_sae_pointer(config)
+    pinned = pinned_demo_folder(config)
+    trained = _pointer_folder(config)
+    if trained is not None and (pinned is None or trained.name != pinned_cache_key(pinned)):
+        return trained  # trained with other parameters than the pinned SAEs (the user's retrain path)
+    if pinned is not None:
+        verify_pinned(pinned)
+        return pinned
+    raise SAEError(
+        f"no demo SAEs of config {config!r}: {PINNED_DIR / config} is not in this checkout and none were "
+        f"prepared (no {demo_sae_pointer(config)}). Restore the shipped ones with `git checkout -- "
+        f"data/demo_saes`, or train them with `python -m weightscope.prepare.demo_saes --config {config}`."
+    )
+
+
+def pinned_demo_folder(config: str = "default") -> Path | None:
+    """`data/demo_saes/<config>/` when the repository ships demo SAEs of `config`, else None."""
+    folder = PINNED_DIR / config
+    return folder if (folder / CHECKSUMS).is_file() else None
+
+
+def pinned_cache_key(folder: Path) -> str | None:
+    """The cache folder name (`<config>-<key>`) the pinned SAEs were trained as: a training with the same
+    parameters, corpus, tokenizer and model gets this name."""
     try:
-        folder = Path(json.loads(pointer.read_text())["folder"])
-    except (OSError, ValueError, KeyError, TypeError):
-        folder = None
-    if folder is None or not (folder / "manifest.json").is_file():
+        return read_manifest(folder).get("cache_key")
+    except (OSError, ValueError):
+        return None
+
+
+def read_checksums(folder: Path) -> dict[str, str]:
+    """{path relative to `folder`: sha256} from `folder/SHA256SUMS`."""
+    out = {}
+    for line in (Path(folder) / CHECKSUMS).read_text().splitlines():
+        if line.strip():
+            digest, name = line.split(maxsplit=1)
+            out[name.lstrip("*")] = digest
+    return out
+
+
+def write_checksums(folder: Path) -> dict[str, str]:
+    """Write `folder/SHA256SUMS` over every other file below `folder`; returns what it wrote."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    sums = {p.relative_to(folder).as_posix(): file_sha256(p) for p in files}
+    text = "".join(f"{digest}  {name}\n" for name, digest in sums.items())
+    (folder / CHECKSUMS).write_text(text)
+    return sums
+
+
+def pinned_problems(folder: Path) -> list[str]:
+    """What differs between a pinned folder and its SHA256SUMS: missing, damaged (sha256 differs) or extra
+    files. Empty when every file is as shipped."""
+    folder = Path(folder)
+    expected = read_checksums(folder)
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*")
+               if p.is_file() and p.name != CHECKSUMS}
+    problems = [f"{name} is missing" for name in sorted(set(expected) - present)]
+    problems += [f"{name} is damaged (its sha256 differs)" for name in sorted(set(expected) & present)
+                 if file_sha256(folder / name) != expected[name]]
+    problems += [f"{name} is not a shipped file" for name in sorted(present - set(expected))
+                 if name.endswith((".safetensors", ".json"))]
+    return problems
+
+
+def verify_pinned(folder: Path) -> None:
+    """Raise SAEError naming every file of a pinned demo-SAE folder that differs from its SHA256SUMS."""
+    problems = pinned_problems(folder)
+    if problems:
         raise SAEError(
-            f"the demo SAEs ({config!r}) have not been prepared yet (no {pointer}). `make book` prepares them "
-            f"(about 10 minutes on a CPU, once); or run `python -m weightscope.prepare.demo_saes`."
+            f"the pinned demo SAEs in {folder} do not match {folder / CHECKSUMS}: {'; '.join(problems)}. "
+            "Restore the shipped files with `git checkout -- data/demo_saes` (or, to replace them on "
+            "purpose, retrain with `make demo-saes` and adopt the result as it explains)."
         )
-    return folder
+
+
+def _pointer_folder(config: str) -> Path | None:
+    """The folder the prepare stage recorded for `config`, if it still holds a manifest."""
+    try:
+        folder = Path(json.loads(demo_sae_pointer(config).read_text())["folder"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return folder if (folder / "manifest.json").is_file() else None
 
 
 def demo_sae_pointer(config: str = "default") -> Path:
-    """`data/cache/demo_saes/<config>.json`: which folder holds the prepared demo SAEs of `config`."""
+    """`data/cache/demo_saes/<config>.json`: the folder of a demo-SAE training with other parameters than the
+    pinned ones (written by `weightscope.prepare.demo_saes`)."""
     return paths.cache_dir() / "demo_saes" / f"{config}.json"
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The `manifest.json` of a demo-SAE folder (pinned or trained): parameters, sources, versions,
+    quality."""
+    return json.loads((Path(root) / "manifest.json").read_text())
+
+
+def meets_bar(metrics: dict[str, float]) -> bool:
+    """Whether one layer's held-out metrics reach `TARGET_BAR`."""
+    return (
+        metrics["explained_variance"] >= TARGET_BAR["explained_variance_min"]
+        and metrics["mean_l0"] <= TARGET_BAR["mean_l0_max"]
+        and metrics["dead_fraction"] <= TARGET_BAR["dead_fraction_max"]
+    )
+
+
+def layer_dir(root: Path, layer: int) -> Path:
+    return Path(root) / f"layer_{layer}"
+
+
+def layer_problem(root: Path, layer: int) -> str | None:
+    """Why a trained layer folder cannot be trusted, or None (also when it is absent: then it is missing).
+
+    Checks the files' sha256 against those recorded in `metrics.json`. A folder from before checksums were
+    recorded is read whole instead (safetensors and JSON parse); when it reads, its checksums are recorded.
+    """
+    folder = layer_dir(root, layer)
+    if not folder.is_dir():
+        return None
+    absent = [f for f in LAYER_FILES if not (folder / f).is_file()]
+    if absent:
+        return f"the demo SAE folder {folder} lacks {absent}"
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return f"{folder / 'metrics.json'} is damaged"
+    recorded = metrics.get("sha256")
+    if recorded:
+        bad = [f for f in CHECKED_FILES if file_sha256(folder / f) != recorded.get(f)]
+        return f"the demo SAE file(s) {bad} in {folder} are damaged (sha256 differs)" if bad else None
+    try:
+        from safetensors.numpy import load_file
+
+        load_file(str(folder / "sae_weights.safetensors"))
+        json.loads((folder / "cfg.json").read_text())
+    except Exception as err:  # SafetensorError, JSONDecodeError, OSError: all mean "cannot be read"
+        return f"the demo SAE in {folder} cannot be read ({type(err).__name__})"
+    metrics["sha256"] = {f: file_sha256(folder / f) for f in CHECKED_FILES}
+    atomic_write_json(folder / "metrics.json", metrics)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _dtype_str(dtype: str | torch.dtype | None) -> str | None:

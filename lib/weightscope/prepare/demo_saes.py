@@ -1,7 +1,13 @@
-"""The demo SAEs: one TopK SAE per block on stories260K's residual stream, trained with sae-lens's own runner.
+"""Training the demo SAEs: one TopK SAE per block of stories260K, trained with sae-lens's own runner.
 
-`ensure_demo_saes()` returns the folder holding `layer_{L}/` (sae-lens save format: `cfg.json`,
-`sae_weights.safetensors`, sae-lens's `sparsity.safetensors` and `runner_cfg.json`, plus our `metrics.json`)
+The SAEs the demo book reads are pinned in the repository (`data/demo_saes/<config>/`, read through
+`weightscope.load.saes`), because a training reproduces its bytes on one machine only. This module trains:
+`ensure_demo_saes()` returns the pinned folder when its manifest records this very training (parameters,
+corpus, tokenizer and model: the same cache key) and trains only otherwise; its command line
+(`make demo-saes`) retrains, compares the held-out quality with the pinned SAEs' and `--adopt` replaces them.
+
+When it trains, `ensure_demo_saes()` returns the folder holding `layer_{L}/` (sae-lens save format:
+`cfg.json`, `sae_weights.safetensors`, sae-lens's `sparsity.safetensors` and `runner_cfg.json`, plus our `metrics.json`)
 and `manifest.json`, training only the layers that are missing: a rerun reuses the cache, a killed run resumes
 at the first missing layer. Each layer is trained in a temporary folder and renamed into place, so a layer
 folder is either complete or absent.
@@ -31,7 +37,8 @@ excluded as in training: explained variance 1 - sum|x - x_hat|^2 / sum|x - mean 
 features that never fire, and the MSE (mean over tokens of |x - x_hat|^2, sae-lens's convention).
 
 Run `python -m weightscope.prepare.demo_saes` (add `--config tiny` for a seconds-long smoke run) to train from the
-shell.
+shell; `--config default --config attn` (`make demo-saes`) retrains both pinned sets and prints how they
+compare.
 """
 
 from __future__ import annotations
@@ -55,19 +62,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from weightscope.config.paths import cache_dir, corpora_dir, models_dir
+from weightscope.config.paths import REPO_ROOT, cache_dir, corpora_dir, models_dir
 from weightscope.load import corpora
-from weightscope.load.saes import demo_sae_pointer
 from weightscope.io import atomic_write_json, file_lock, file_sha256, versions
+from weightscope.load import saes as load_saes
+from weightscope.load.saes import (  # noqa: F401  (TARGET_BAR, read_manifest: importable from here too)
+    CHECKED_FILES, LAYER_FILES, TARGET_BAR, demo_sae_pointer, layer_dir, layer_problem, meets_bar,
+    read_manifest,
+)
 
 BOS_ID = 1  # llama2.c vocabularies: 0 <unk>, 1 <s> (BOS), 2 </s>
 CASED_FILE, LOWER_FILE = corpora.STORIES_CASED, corpora.STORIES_LOWER
-LAYER_FILES = ("cfg.json", "sae_weights.safetensors", "metrics.json")
-CHECKED_FILES = ("cfg.json", "sae_weights.safetensors")  # their sha256 is recorded in metrics.json
 ACTS_DIR = "activations"  # cached training activations, deleted when every layer is done
-
-# The bar the demo SAEs should reach on held-out text (reported in the manifest, never enforced).
-TARGET_BAR = {"explained_variance_min": 0.8, "mean_l0_max": 32, "dead_fraction_max": 0.2}
 
 
 class DemoSAEError(RuntimeError):
@@ -149,18 +155,52 @@ def ensure_demo_saes(
     progress: bool = True,
     model=None,
     encode: Callable[[str], list[int]] | None = None,
+    use_pinned: bool = True,
 ) -> Path:
-    """Folder with `layer_{L}/` sae-lens SAEs and `manifest.json`, training the missing layers first.
+    """Folder with `layer_{L}/` sae-lens SAEs and `manifest.json`: the pinned ones when they fit, else trained
+    ones.
 
-    `config` is a `DemoSAEConfig` or a name in `CONFIGS` ("default", "tiny"). `model` (a HookedTransformer)
-    and `encode` (text -> token ids, BOS first) default to stories260K and its tokenizer; pass them to train
-    on another model. When every layer is cached it returns in about a second, without loading the model.
+    `config` is a `DemoSAEConfig` or a name in `CONFIGS` ("default", "attn", "tiny", ...). When the repository
+    pins SAEs of this config (`data/demo_saes/<name>/`) trained with exactly these parameters, corpus,
+    tokenizer and model, and `use_pinned`, those are returned (checksums verified) and nothing trains.
+    Otherwise the missing layers are trained into the cache; a training with other parameters than the pinned
+    ones is recorded in the config's pointer, so that `load_saes("demo")` reads it.
+    `model` (a HookedTransformer) and `encode` (text -> token ids, BOS first) default to stories260K and its
+    tokenizer; pass them to train on another model (never pinned). When every layer is cached it returns in
+    about a second, without loading the model.
     """
     cfg = _resolve_config(config)
     say = _printer(progress)
+    if use_pinned and model is None and encode is None:
+        pinned = matching_pinned(cfg)
+        if pinned is not None:
+            say(f"demo SAEs: the pinned ones in {_shown(pinned)} "
+                "(checksums verified; trained with these parameters), no training")
+            return pinned
     # one process at a time trains or checks the shared cache; a second one waits (with a message)
     with file_lock(cache_dir() / "demo_saes" / ".lock", what="the demo-SAE cache", wait=True):
         return _ensure(cfg, say, progress, model, encode)
+
+
+def matching_pinned(cfg: DemoSAEConfig) -> Path | None:
+    """The pinned folder of `cfg.name` when it was trained as `cfg` would be (same cache key: parameters,
+    corpus, tokenizer, model), checksums verified; else None. A pointer left by a training with other
+    parameters is removed then, so that the pinned SAEs are read again."""
+    pinned = load_saes.pinned_demo_folder(cfg.name)
+    if pinned is None:
+        return None
+    try:
+        key = _cache_key(cfg, _sources(cfg, None, None))
+    except DemoSAEError:  # the model is not downloaded yet: compare the training parameters alone
+        same = read_manifest(pinned).get("config") == json.loads(json.dumps(cfg.key_dict()))
+        key = load_saes.pinned_cache_key(pinned) if same else None
+    if key != load_saes.pinned_cache_key(pinned):
+        return None
+    load_saes.verify_pinned(pinned)
+    pointer = demo_sae_pointer(cfg.name)
+    if pointer.is_file() and load_saes.demo_sae_folder(cfg.name) != pinned:
+        pointer.unlink(missing_ok=True)
+    return pinned
 
 
 def _ensure(cfg: DemoSAEConfig, say, progress: bool, model, encode) -> Path:
@@ -199,7 +239,11 @@ def _ensure(cfg: DemoSAEConfig, say, progress: bool, model, encode) -> Path:
 
 
 def _point_to(cfg: DemoSAEConfig, root: Path) -> None:
-    """Record `root` as the prepared folder of `cfg`: what `load.saes.load_saes("demo")` reads."""
+    """Record `root` as the folder of `cfg` that `load.saes.load_saes("demo")` reads, unless it is a training
+    with the pinned SAEs' parameters: those are read from `data/demo_saes/` until adopted (`--adopt`)."""
+    pinned = load_saes.pinned_demo_folder(cfg.name)
+    if pinned is not None and load_saes.pinned_cache_key(pinned) == root.name:
+        return
     atomic_write_json(demo_sae_pointer(cfg.name), {"config": cfg.name, "folder": str(root)})
 
 
@@ -209,48 +253,11 @@ def demo_sae_dir(config: DemoSAEConfig | str = DEFAULT, *, model=None, encode=No
     return cache_dir() / "demo_saes" / _cache_key(cfg, _sources(cfg, model, encode))
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    """The `manifest.json` of a demo-SAE folder."""
-    return json.loads((Path(root) / "manifest.json").read_text())
-
-
 def _manifest_readable(root: Path) -> bool:
     try:
         return isinstance(read_manifest(root), dict)
     except (OSError, ValueError):
         return False
-
-
-def layer_problem(root: Path, layer: int) -> str | None:
-    """Why the cached layer folder cannot be trusted, or None (also when it is absent: then it is missing).
-
-    Checks the files' sha256 against those recorded in `metrics.json`. A folder from before checksums were
-    recorded is read whole instead (safetensors and JSON parse); when it reads, its checksums are recorded.
-    """
-    folder = _layer_dir(root, layer)
-    if not folder.is_dir():
-        return None
-    absent = [f for f in LAYER_FILES if not (folder / f).is_file()]
-    if absent:
-        return f"the demo SAE folder {folder} lacks {absent}"
-    try:
-        metrics = json.loads((folder / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return f"{folder / 'metrics.json'} is damaged"
-    recorded = metrics.get("sha256")
-    if recorded:
-        bad = [f for f in CHECKED_FILES if file_sha256(folder / f) != recorded.get(f)]
-        return f"the demo SAE file(s) {bad} in {folder} are damaged (sha256 differs)" if bad else None
-    try:
-        from safetensors.numpy import load_file
-
-        load_file(str(folder / "sae_weights.safetensors"))
-        json.loads((folder / "cfg.json").read_text())
-    except Exception as err:  # SafetensorError, JSONDecodeError, OSError: all mean "cannot be read"
-        return f"the demo SAE in {folder} cannot be read ({type(err).__name__})"
-    metrics["sha256"] = {f: file_sha256(folder / f) for f in CHECKED_FILES}
-    atomic_write_json(folder / "metrics.json", metrics)
-    return None
 
 
 def _drop_damaged_layers(root: Path, wanted: list[int], say) -> None:
@@ -259,7 +266,7 @@ def _drop_damaged_layers(root: Path, wanted: list[int], say) -> None:
         problem = layer_problem(root, layer)
         if problem:
             say(f"demo SAEs: {problem}; layer {layer} is trained again")
-            shutil.rmtree(_layer_dir(root, layer))
+            shutil.rmtree(layer_dir(root, layer))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -367,12 +374,8 @@ def processing_flags(model) -> dict[str, bool]:
     return {k: v for k, v in (getattr(model, "weightscope_processing", None) or {}).items() if v}
 
 
-def _layer_dir(root: Path, layer: int) -> Path:
-    return root / f"layer_{layer}"
-
-
 def _layer_complete(root: Path, layer: int) -> bool:
-    return all((_layer_dir(root, layer) / f).is_file() for f in LAYER_FILES)
+    return all((layer_dir(root, layer) / f).is_file() for f in LAYER_FILES)
 
 
 def _wanted_layers(cfg: DemoSAEConfig, model) -> list[int]:
@@ -664,7 +667,7 @@ def train_layer(cfg: DemoSAEConfig, model, tokens_dataset, acts_dir: Path, layer
 def _train_and_save_layer(cfg: DemoSAEConfig, model, data: dict[str, Any], acts_dir: Path,
                           eval_acts: torch.Tensor, root: Path, layer: int, say, progress: bool) -> None:
     tmp = root / f"layer_{layer}.tmp-{os.getpid()}-{time.time_ns()}"
-    final = _layer_dir(root, layer)
+    final = layer_dir(root, layer)
     hook = cfg.hook_template.format(layer=layer)
     say(f"demo SAEs: layer {layer} ({hook}): training on {cfg.training_tokens:,} tokens")
     try:
@@ -744,15 +747,6 @@ def evaluate_sae_dir(path: Path, acts: torch.Tensor, batch: int = 8192) -> dict[
     }
 
 
-def meets_bar(metrics: dict[str, float]) -> bool:
-    """Whether held-out metrics reach `TARGET_BAR`."""
-    return (
-        metrics["explained_variance"] >= TARGET_BAR["explained_variance_min"]
-        and metrics["mean_l0"] <= TARGET_BAR["mean_l0_max"]
-        and metrics["dead_fraction"] <= TARGET_BAR["dead_fraction_max"]
-    )
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Manifest
 
@@ -763,10 +757,11 @@ def _write_manifest(cfg: DemoSAEConfig, root: Path, wanted: list[int], sources: 
     cache_s = data.get("activation_cache_time_s")
     if cache_s is None and _manifest_readable(root):  # activations reused: keep the earlier time
         cache_s = read_manifest(root).get("activation_cache_time_s")
-    per_layer = {str(layer): json.loads((_layer_dir(root, layer) / "metrics.json").read_text())
+    per_layer = {str(layer): json.loads((layer_dir(root, layer) / "metrics.json").read_text())
                  for layer in wanted if _layer_complete(root, layer)}
     manifest = {
         "config_name": cfg.name,
+        "cache_key": root.name,  # a training with the same parameters and sources gets this folder name
         "config": cfg.key_dict(),
         "architecture": cfg.architecture,
         "width": cfg.d_sae,
@@ -806,26 +801,136 @@ def _write_manifest(cfg: DemoSAEConfig, root: Path, wanted: list[int], sources: 
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Pinning: comparing a training with the shipped SAEs, and adopting it
+
+PINNED_LAYER_FILES = (*LAYER_FILES, "sparsity.safetensors", "runner_cfg.json")  # sae-lens's folder, and ours
+PATH_LABELS = (("cache", "$WEIGHTSCOPE_DATA/cache"), ("corpora", "$WEIGHTSCOPE_CORPORA"),
+               ("models", "$WEIGHTSCOPE_MODELS"))
+
+
+def compare_with_pinned(root: Path) -> list[str]:
+    """Lines setting a training's held-out quality beside the pinned SAEs' of its config, layer by layer,
+    with whether the weights are byte-identical. Empty when the repository pins no SAEs of that config."""
+    new = read_manifest(root)
+    pinned_dir = load_saes.pinned_demo_folder(new["config_name"])
+    if pinned_dir is None:
+        return []
+    old = read_manifest(pinned_dir)
+    lines = [f"compared with the pinned SAEs in {_shown(pinned_dir)} "
+             "(held-out EV, L0, dead share, MSE: new / pinned):"]
+    for layer, m in new["per_layer"].items():
+        p = old["per_layer"].get(layer)
+        if p is None:
+            lines.append(f"  layer {layer}: not pinned")
+            continue
+        same = m["sha256"] == p["sha256"]
+        lines.append(
+            f"  layer {layer}: EV {m['explained_variance']:.3f} / {p['explained_variance']:.3f}  "
+            f"L0 {m['mean_l0']:.1f} / {p['mean_l0']:.1f}  dead {100 * m['dead_fraction']:.1f}% / "
+            f"{100 * p['dead_fraction']:.1f}%  MSE {m['mse']:.4g} / {p['mse']:.4g}  "
+            + ("weights identical" if same else "weights differ"))
+    return lines
+
+
+def adopt(config: DemoSAEConfig | str = DEFAULT, root: Path | None = None) -> Path:
+    """Replace the pinned SAEs `data/demo_saes/<name>/` with the complete training of `config` in the cache
+    (or in `root`, a training folder of that config).
+
+    Weights, `cfg.json` and `metrics.json` are copied byte for byte; in `manifest.json` and `runner_cfg.json`
+    this machine's folders become `$WEIGHTSCOPE_DATA` / `$WEIGHTSCOPE_CORPORA` / `$WEIGHTSCOPE_MODELS`.
+    `SHA256SUMS` is written last, and the new folder replaces the old one in one rename.
+    """
+    cfg = _resolve_config(config)
+    root = Path(root) if root is not None else demo_sae_dir(cfg)
+    if not _manifest_readable(root) or not read_manifest(root).get("complete"):
+        raise DemoSAEError(f"no complete training of config {cfg.name!r} in {root}: train it first with "
+                           f"`python -m weightscope.prepare.demo_saes --config {cfg.name}`.")
+    final = load_saes.PINNED_DIR / cfg.name
+    tmp = load_saes.PINNED_DIR / f".{cfg.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for layer in read_manifest(root)["layers"]:
+        (tmp / f"layer_{layer}").mkdir(parents=True)
+        for name in PINNED_LAYER_FILES:
+            source = layer_dir(root, layer) / name
+            if name == "runner_cfg.json":
+                (tmp / f"layer_{layer}" / name).write_text(_without_local_paths(source.read_text()))
+            elif source.is_file():
+                shutil.copyfile(source, tmp / f"layer_{layer}" / name)
+    manifest = read_manifest(root)
+    manifest["cache_key"] = root.name
+    (tmp / "manifest.json").write_text(_without_local_paths(json.dumps(manifest, indent=2, sort_keys=True)))
+    load_saes.write_checksums(tmp)
+    old = load_saes.PINNED_DIR / f".{cfg.name}.old-{os.getpid()}"
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the repository when it lies inside it."""
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _without_local_paths(text: str) -> str:
+    """`text` with this machine's cache, corpora and models folders replaced by their variables' names."""
+    roots = {"cache": cache_dir(), "corpora": corpora_dir(), "models": models_dir()}
+    pairs = []
+    for key, label in PATH_LABELS:
+        if roots[key] is not None:
+            pairs += [(str(Path(roots[key]).resolve()), label), (str(roots[key]), label)]
+    for path, label in sorted(set(pairs), key=lambda p: -len(p[0])):
+        text = text.replace(path, label)
+    return text
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Command line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Train (or reuse the cached training of) each config, print its quality beside the pinned SAEs' and the
+    command that adopts it; with `--adopt`, replace the pinned SAEs with the cached training instead."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m weightscope.prepare.demo_saes",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="default", choices=sorted(CONFIGS))
+    parser.add_argument("--config", action="append", choices=sorted(CONFIGS),
+                        help="config to train (repeatable; default: default)")
+    parser.add_argument("--adopt", action="store_true",
+                        help="replace the pinned SAEs data/demo_saes/<config>/ with the cached training")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")  # belt and braces: the runner is configured without W&B
-    try:
-        root = ensure_demo_saes(args.config, progress=not args.quiet)
-    except (DemoSAEError, FileNotFoundError) as exc:  # FileNotFoundError: models.ModelUnavailableError
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted. Every finished layer is kept; rerun to train the others.", file=sys.stderr)
-        return 130
+    for name in args.config or ["default"]:
+        try:
+            code = _adopt_one(name) if args.adopt else _train_one(name, quiet=args.quiet)
+        except (DemoSAEError, FileNotFoundError) as exc:  # FileNotFoundError: models.ModelUnavailableError
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("error: interrupted. Every finished layer is kept; rerun to train the others.",
+                  file=sys.stderr)
+            return 130
+        if code:
+            return code
+    return 0
+
+
+def _adopt_one(name: str) -> int:
+    folder = adopt(name)
+    print(f"adopted: {folder} now holds the training in {demo_sae_dir(name)}.")
+    print("Next: `make demo-checksums` (the demo's result checksums), `make nbval-refresh` (the page "
+          "references), then commit data/demo_saes/ and tests/nbval/ together.")
+    return 0
+
+
+def _train_one(name: str, quiet: bool) -> int:
+    root = ensure_demo_saes(name, progress=not quiet, use_pinned=False)
     manifest = read_manifest(root)
     print(root)
     for layer, m in manifest["per_layer"].items():
@@ -835,6 +940,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  activation cache (one forward pass): {manifest['activation_cache_time_s']:.0f} s")
     print(f"  total training time {manifest['total_training_time_s']:.0f} s; "
           f"bar {'reached' if manifest['all_meet_bar'] else 'NOT reached'} by every layer")
+    comparison = compare_with_pinned(root)
+    if comparison:
+        print("\n".join(comparison))
+        print(f"To ship this training instead of the pinned one: python -m weightscope.prepare.demo_saes "
+              f"--config {name} --adopt")
     return 0
 
 

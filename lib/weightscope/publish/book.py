@@ -525,12 +525,14 @@ def _run_chapters(target: Target, sources: list[Path], extra: dict[str, Any] | N
 
 
 def _prepare(target: Target) -> None:
-    """Make sure the inputs exist before any notebook runs (the demo SAEs are trained here, once)."""
+    """Make sure the inputs exist before any notebook runs: the pinned demo SAEs, checked (trained here only
+    when the training parameters differ from the pinned ones)."""
     if target.sae_source == "demo":
-        print("[prepare] demo SAEs (trained once with sae-lens, then cached) ...", flush=True)
+        print("[prepare] demo SAEs (pinned in data/demo_saes/; trained only for other parameters) ...",
+              flush=True)
         ensure_demo_saes(progress=True)
     attn_source = (target.attn_saes or {}).get("source", "")
-    if attn_source.startswith("demo:"):  # the demo attention-output SAEs of chapter 4 (a few minutes, once)
+    if attn_source.startswith("demo:"):  # the demo attention-output SAEs of chapter 4 (pinned too)
         print(f"[prepare] demo attention SAEs ({attn_source}) ...", flush=True)
         ensure_demo_saes(attn_source.partition(":")[2], progress=True)
 
