@@ -72,7 +72,7 @@ class Config:
 class Tables:
     """What chapter 2 produces."""
 
-    reads: pd.DataFrame  # one row per (feature, reading layer, head): reads, z-scores, participation, both nulls
+    n_reads: int  # (feature, reading layer, head) reads behind the tables (the long table is not kept)
     heads: pd.DataFrame  # participation per (SAE layer, reading layer, head) (saved as 02_heads)
     features: pd.DataFrame  # one attention profile per feature (saved as 02_features, read by chapter 3)
     participation: pd.DataFrame  # side, null, rate, chance: pooled participation against each null
@@ -102,19 +102,20 @@ def run(ctx, config: Config, *, model=None, saes=None) -> Tables:
                                               n_null=config.n_null, seed=config.seed + sae.layer,
                                               dtype=ctx.dtype, device=ctx.device)
         pairs, corr = qk_pairs_for_sae(model, W_dec, sae.layer, reads, config, offsets)
-        return {"reads": reads, "pairs": pairs, "offset_corr": corr}
+        # the long table (features x reading layers x heads rows) is aggregated here, one SAE at a time
+        return {"heads": attention.reads_summary(reads), "features": feature_profiles(reads),
+                "pairs": pairs, "offset_corr": corr}
 
     tabs = io.layer_tables(target, "02_attention_reads", saes, provenance, one_layer)
-    reads = tabs["reads"]
-    heads = attention.reads_summary(reads)
-    features = feature_profiles(reads)
+    heads, features = tabs["heads"], tabs["features"]
     key = io.cache_key(provenance=provenance)
     io.save_table(heads, target, "02_heads", key=key, params=provenance)
     io.save_table(features, target, "02_features", key=key, params=provenance)
     pairs = label_pairs(tabs["pairs"], labels)
     if len(pairs):
         io.save_table(pairs, target, "02_qk_pairs", key=key, params=provenance)
-    return Tables(reads=reads, heads=heads, features=features, participation=participation(reads, config),
+    return Tables(n_reads=int(heads["n_features"].sum()), heads=heads, features=features,
+                  participation=participation(heads, config),
                   depth=depth_curves(heads), pairs=pairs, offset_corr=tabs["offset_corr"], rotary=rotary,
                   config=config)
 
@@ -130,9 +131,15 @@ def feature_profiles(reads: pd.DataFrame) -> pd.DataFrame:
     return reads.groupby(["layer", "feature"]).agg(**agg).reset_index()
 
 
-def participation(reads: pd.DataFrame, config: Config) -> pd.DataFrame:
-    """Share of (feature, head) pairs above each null's q_null quantile, per side: side, null, rate, chance."""
-    rows = [{"side": name, "null": null_name, "rate": float(reads[f"{s}_part{suffix}"].mean()),
+def participation(heads: pd.DataFrame, config: Config) -> pd.DataFrame:
+    """Share of (feature, head) pairs above each null's q_null quantile, per side: side, null, rate, chance.
+
+    heads: `reads_summary` rows; each head's fraction weighted by its number of features, so the rate is the
+    mean over every (feature, head) read without the long table.
+    """
+    n = heads["n_features"].to_numpy(dtype=float)
+    rows = [{"side": name, "null": null_name,
+             "rate": float((heads[f"{s}_frac{suffix}"].to_numpy(dtype=float) * n).sum() / n.sum()),
              "chance": 1.0 - config.q_null}
             for s, name in SIDES.items() for suffix, null_name in NULLS.items()]
     return pd.DataFrame(rows)
