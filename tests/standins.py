@@ -13,11 +13,14 @@ centring, a wrong grouped-query head map) changes the numbers. The SAE folders a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+if not SHARED.exists() and os.environ.get("WEIGHTSCOPE_MODELS"):  # a checkout elsewhere: the models' neighbour
+    SHARED = Path(os.environ["WEIGHTSCOPE_MODELS"]).parent
 GPT2_TOKENIZER = SHARED / "tokenizers" / "gpt2"
 ARCHS = ("gemma2", "llama", "gpt2", "mistral", "qwen2")
 REAL_ARCHS = ("gemma2", "llama", "gpt2")  # the architectures of the book's real targets
