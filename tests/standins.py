@@ -83,12 +83,14 @@ def randomise(model, seed: int = 0) -> None:
 
 
 def build_model(arch: str, folder: Path, *, seed: int = 0, n_layers: int = N_LAYERS, shard: bool = False,
-                dtype: torch.dtype = torch.float32, **overrides) -> Path:
-    """Save a random `arch` stand-in (weights, config.json, tokenizer) in `folder`; returns the folder."""
+                dtype: torch.dtype = torch.float32, vocab_size: int | None = None, **overrides) -> Path:
+    """Save a random `arch` stand-in (weights, config.json, tokenizer) in `folder`; returns the folder.
+
+    vocab_size: the model's vocabulary (default: the tokenizer's 50,257; a larger one has ids no text makes)."""
     import transformers
 
     tok = tokenizer()
-    cfg = config(arch, len(tok), n_layers, **overrides)
+    cfg = config(arch, vocab_size or len(tok), n_layers, **overrides)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     randomise(model, seed)
