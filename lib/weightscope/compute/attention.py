@@ -187,10 +187,32 @@ def _fused_weights(W_Q, W_K, W_V, W_O, device, dtype) -> dict[str, Tensor]:
     def flat(W: Tensor) -> Tensor:  # [heads, d_model, d_head] -> [d_model, heads * d_head], head-major
         return W.detach().to(device=device, dtype=dtype).permute(1, 0, 2).reshape(W.shape[1], -1)
 
-    # R: [n_heads, min(d_model, d_head), d_head] fp32, the triangular factor of W_O[h]^T = Q_h R_h
-    R = torch.linalg.qr(W_O.detach().to(device=device, dtype=torch.float32).transpose(1, 2)).R
     kv = kv_head_index(W_Q.shape[0], W_K.shape[0]).to(device)
-    return {"W_Q": flat(W_Q), "W_K": flat(W_K), "W_V": flat(W_V), "R": R, "kv": kv}
+    return {"W_Q": flat(W_Q), "W_K": flat(W_K), "W_V": flat(W_V), "R": ov_factor(W_O, device), "kv": kv}
+
+
+_OV_FACTORS: dict[tuple, tuple[Tensor, Tensor]] = {}  # (W_O's address, layout, version, device) -> (probe, R)
+_OV_FACTORS_MAX = 128  # layers remembered (R is n_heads * d_head^2 numbers: 2 MB at Llama-3.1-8B)
+
+
+def ov_factor(W_O: Tensor, device) -> Tensor:
+    """R [n_heads, min(d_model, d_head), d_head] fp32, the triangular factor of W_O[h]^T = Q_h R_h, on device.
+
+    Depends on the layer only, so it is computed once per layer and reused by every SAE the layer reads
+    (remembered by W_O's storage address, shape, strides and in-place version, and checked against a probe
+    of 64 of its values, so a freed and reused address is not taken for the same weights).
+    """
+    key = (W_O.data_ptr(), tuple(W_O.shape), W_O.stride(), W_O._version, W_O.dtype, str(W_O.device), str(device))
+    flat = W_O.detach().reshape(-1)
+    probe = flat[:: max(1, flat.numel() // 64)][:64].clone()
+    hit = _OV_FACTORS.get(key)
+    if hit is not None and torch.equal(hit[0], probe):
+        return hit[1]
+    R = torch.linalg.qr(W_O.detach().to(device=device, dtype=torch.float32).transpose(1, 2)).R
+    if len(_OV_FACTORS) >= _OV_FACTORS_MAX:
+        _OV_FACTORS.pop(next(iter(_OV_FACTORS)))
+    _OV_FACTORS[key] = (probe, R)
+    return R
 
 
 def _reads_chunk(
