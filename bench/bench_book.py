@@ -146,6 +146,38 @@ def run_chapter(stem: str, params: Path, env: dict, log: Path) -> dict:
             "peak_tree_rss_gb": round(peak.max_sum / 1e9, 2), "last_lines": tail}
 
 
+def table(results: list[dict]) -> str:
+    """Markdown: one row per chapter, one column group per results file (depths side by side), and the
+    per-layer fit t(L) = a + b L from two depths when there are two."""
+    results = sorted(results, key=lambda r: r["n_layers"])
+    head = "| chapter | " + " | ".join(f"L={r['n_layers']}: wall s · peak RSS GB · page MB · GFLOP/s"
+                                       for r in results)
+    lines = [head + (" | per layer (s) | fixed (s) |" if len(results) == 2 else " |")]
+    lines.append("|" + "---|" * (len(results) + 1 + 2 * (len(results) == 2)))
+    for stem in CHAPTER_STEMS:
+        cells, walls = [], []
+        for r in results:
+            c = r["chapters"].get(stem)
+            if c is None:
+                cells.append("not run")
+                continue
+            rate = "–" if c.get("gflop_per_s") is None else f"{c['gflop_per_s']:.1f}"
+            status = "" if c["rc"] == 0 else f" (failed, rc {c['rc']})"
+            page = "–" if c.get("page_mb") is None else f"{c['page_mb']:.2f}"
+            cells.append(f"{c['wall_s']:.0f} · {c['peak_rss_gb']:.2f} · {page} · {rate}{status}")
+            walls.append((r["n_layers"], c["wall_s"]) if c["rc"] == 0 else None)
+        row = f"| {stem} | " + " | ".join(cells) + " |"
+        if len(results) == 2:
+            if len(walls) == 2 and None not in walls:
+                (l1, t1), (l2, t2) = walls
+                b = (t2 - t1) / (l2 - l1)
+                row += f" {b:.0f} | {t1 - b * l1:.0f} |"
+            else:
+                row += " – | – |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="gpt2", choices=("gpt2", "gemma2", "llama"))
@@ -153,7 +185,11 @@ def main(argv=None) -> int:
     ap.add_argument("--chapters", nargs="*", default=None, help="chapter numbers (default: all)")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default: bench/results/book-...)")
     ap.add_argument("--tmp", type=Path, default=None, help="where the temporary stand-in goes")
+    ap.add_argument("--table", type=Path, nargs="+", default=None, help="print results files as markdown")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table([json.loads(p.read_text()) for p in args.table]))
+        return 0
 
     import torch
 

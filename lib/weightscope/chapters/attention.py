@@ -21,6 +21,7 @@ from weightscope import io
 from weightscope.chapters.findings import binomial_tolerance, curve_shape, number, percent, shape_words
 from weightscope.compute import attention
 from weightscope.config.params import ParamsError
+from weightscope.config.paths import progress_enabled
 
 SIDES = {"q": "query", "k": "key", "v": "value (OV)"}
 NULLS = {"": "isotropic", "_cov": "decoder covariance"}
@@ -192,7 +193,8 @@ def qk_pairs_for_sae(model, W_dec, sae_layer: int, reads: pd.DataFrame, config: 
     for h in chosen.itertuples():
         name = f"{first}.{h.head}"
         scores, qi, ki = attention.qk_pairs(D, D, W_Q[h.head], W_K[h.kv_head], top=config.top_pairs,
-                                            offsets=offsets, cfg=model.cfg, summary=config.qk_summary)
+                                            offsets=offsets, cfg=model.cfg, summary=config.qk_summary,
+                                            progress=progress_enabled())
         pairs += [{"head": name, "SAE layer": sae_layer, "score": s, "query feature": a, "key feature": b}
                   for s, a, b in zip(scores.tolist(), qi.tolist(), ki.tolist())]
         if offsets:
