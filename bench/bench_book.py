@@ -9,7 +9,9 @@ releases' formats and widths are written to a temporary folder (removed afterwar
 `processing: auto` and `attn_saes`, and the book runner executes each chapter in turn in a fresh process
 (`--chapters NN --no-html`, chapter defaults). Measured per chapter:
 
-* wall: seconds of the runner's process, kernel start and pre-flight included;
+* wall: seconds of the runner's process, kernel start and pre-flight included; cpu: the CPU seconds (user +
+  system) of the runner and its kernel, which on a shared machine say more than the wall time (with every
+  core to itself a chapter's wall time is about cpu / cores where its products use them all);
 * peak RSS: the largest resident set of the runner and its kernel (sampled every 0.2 s; the kernel is where the
   chapter runs), and the largest sum over that process tree; peak GPU memory where the target runs on a GPU
   (`torch.cuda.max_memory_allocated` is in the kernel, so it is read from nvidia-smi's process list instead);
@@ -82,6 +84,26 @@ def chapter_flops(stem: str, d: dict, d_sae: int, d_sae_att: int | None, hook_of
     return None
 
 
+REAL_TARGETS = {  # the real targets' dimensions and SAE widths, for FLOP estimates without a run
+    "gpt2-small": (dict(d_model=768, n_heads=12, n_kv=12, d_head=64, d_vocab=50257, n_layers=12), 24576, 24576, 0),
+    "gemma-2-2b": (dict(d_model=2304, n_heads=8, n_kv=4, d_head=256, d_vocab=256000, n_layers=26), 16384, 16384,
+                   1),
+    "llama-3.1-8b": (dict(d_model=4096, n_heads=32, n_kv=8, d_head=128, d_vocab=128256, n_layers=32), 32768, None,
+                     1),
+}
+
+
+def flops_table() -> str:
+    """Markdown: each real target's main-product FLOPs per chapter (`FLOP_MODEL`, all layers)."""
+    stems = list(FLOP_MODEL)
+    lines = ["| target | " + " | ".join(stems) + " | total |", "|" + "---|" * (len(stems) + 2)]
+    for name, (d, d_sae, d_att, offset) in REAL_TARGETS.items():
+        f = [chapter_flops(stem, d, d_sae, d_att, offset) or 0.0 for stem in stems]
+        lines.append(f"| {name} | " + " | ".join(f"{x / 1e12:,.1f} TFLOP" for x in f) +
+                     f" | {sum(f) / 1e12:,.1f} TFLOP |")
+    return "\n".join(lines)
+
+
 class TreePeak:
     """Peak RSS of a process and its descendants, sampled every `interval` seconds in a thread."""
 
@@ -134,15 +156,17 @@ def run_chapter(stem: str, params: Path, env: dict, log: Path) -> dict:
     """One chapter through the book runner in a fresh process: rc, wall, peak memory."""
     cmd = [sys.executable, "-m", "weightscope.publish.book", "--target", str(params), "--chapters", stem[:2],
            "--no-html", "--force"]
-    start = time.perf_counter()
+    import resource
+
+    start, cpu0 = time.perf_counter(), _children_cpu(resource)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         peak = TreePeak(proc.pid)
         rc = proc.wait()
         peak.stop()
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, _children_cpu(resource) - cpu0
     tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-    return {"rc": rc, "wall_s": round(wall, 1), "peak_rss_gb": round(peak.max_one / 1e9, 2),
+    return {"rc": rc, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_gb": round(peak.max_one / 1e9, 2),
             "peak_tree_rss_gb": round(peak.max_sum / 1e9, 2), "last_lines": tail}
 
 
@@ -150,9 +174,9 @@ def table(results: list[dict]) -> str:
     """Markdown: one row per chapter, one column group per results file (depths side by side), and the
     per-layer fit t(L) = a + b L from two depths when there are two."""
     results = sorted(results, key=lambda r: r["n_layers"])
-    head = "| chapter | " + " | ".join(f"L={r['n_layers']}: wall s · peak RSS GB · page MB · GFLOP/s"
-                                       for r in results)
-    lines = [head + (" | per layer (s) | fixed (s) |" if len(results) == 2 else " |")]
+    head = "| chapter | " + " | ".join(f"L={r['n_layers']}: wall s · CPU s · peak RSS GB · page MB · "
+                                       "GFLOP per CPU s" for r in results)
+    lines = [head + (" | CPU s per layer | fixed CPU s |" if len(results) == 2 else " |")]
     lines.append("|" + "---|" * (len(results) + 1 + 2 * (len(results) == 2)))
     for stem in CHAPTER_STEMS:
         cells, walls = [], []
@@ -161,11 +185,13 @@ def table(results: list[dict]) -> str:
             if c is None:
                 cells.append("not run")
                 continue
-            rate = "–" if c.get("gflop_per_s") is None else f"{c['gflop_per_s']:.1f}"
-            status = "" if c["rc"] == 0 else f" (failed, rc {c['rc']})"
+            ok = c["rc"] == 0
+            rate = f"{c['flops'] / c['cpu_s'] / 1e9:.1f}" if c.get("flops") and ok and c.get("cpu_s") else "–"
+            status = "" if ok else f" (failed, rc {c['rc']})"
             page = "–" if c.get("page_mb") is None else f"{c['page_mb']:.2f}"
-            cells.append(f"{c['wall_s']:.0f} · {c['peak_rss_gb']:.2f} · {page} · {rate}{status}")
-            walls.append((r["n_layers"], c["wall_s"]) if c["rc"] == 0 else None)
+            cells.append(f"{c['wall_s']:.0f} · {c.get('cpu_s', float('nan')):.0f} · {c['peak_rss_gb']:.2f} · "
+                         f"{page} · {rate}{status}")
+            walls.append((r["n_layers"], c.get("cpu_s")) if ok else None)
         row = f"| {stem} | " + " | ".join(cells) + " |"
         if len(results) == 2:
             if len(walls) == 2 and None not in walls:
@@ -178,6 +204,12 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _children_cpu(resource) -> float:
+    """User + system CPU seconds of every finished descendant (the runner reaps its kernel)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="gpt2", choices=("gpt2", "gemma2", "llama"))
@@ -188,7 +220,7 @@ def main(argv=None) -> int:
     ap.add_argument("--table", type=Path, nargs="+", default=None, help="print results files as markdown")
     args = ap.parse_args(argv)
     if args.table:
-        print(table([json.loads(p.read_text()) for p in args.table]))
+        print(table([json.loads(p.read_text()) for p in args.table]) + "\n\n" + flops_table())
         return 0
 
     import torch
@@ -199,6 +231,7 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     date = datetime.date.today().isoformat()
     out = args.out or REPO / "bench" / "results" / f"book-{device}-{date}-{args.arch}-L{args.layers}.json"
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-book-", dir=args.tmp) as tmp_name:
         tmp = Path(tmp_name)
         t0 = time.perf_counter()
@@ -224,12 +257,12 @@ def main(argv=None) -> int:
             r["flops"] = flops
             r["gflop_per_s"] = round(flops / r["wall_s"] / 1e9, 2) if flops and r["rc"] == 0 else None
             chapters[stem] = r
-            print(f"  rc {r['rc']}  {r['wall_s']} s  peak {r['peak_rss_gb']} GB  page {r['page_mb']} MB", flush=True)
+            print(f"  rc {r['rc']}  {r['wall_s']} s  cpu {r['cpu_s']} s  peak {r['peak_rss_gb']} GB  page {r['page_mb']} MB", flush=True)
     result = {
         "benchmark": "book", "arch": args.arch, "n_layers": args.layers, "device": device, "date": date,
         "dims": d, "saes": widths, "build_s": round(build_s, 1), "flop_model": FLOP_MODEL,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "load_avg_end": os.getloadavg(),
+                    "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
                     "note": "a shared machine: other jobs ran at the same time; times are upper bounds"},
         "chapters": chapters,
     }
