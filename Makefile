@@ -15,6 +15,7 @@ export WEIGHTSCOPE_CORPORA ?= $(SHARED)/corpora
 endif
 export PYTHONUNBUFFERED := 1
 
+.PHONY: book test test-fast nbval nbval-refresh demo-saes demo-checksums bench clean setup atlas
 setup: .venv/.installed
 
 .venv/.installed: requirements.txt pyproject.toml

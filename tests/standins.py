@@ -13,11 +13,14 @@ centring, a wrong grouped-query head map) changes the numbers. The SAE folders a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+if not SHARED.exists() and os.environ.get("WEIGHTSCOPE_MODELS"):  # a checkout elsewhere: the models' neighbour
+    SHARED = Path(os.environ["WEIGHTSCOPE_MODELS"]).parent
 GPT2_TOKENIZER = SHARED / "tokenizers" / "gpt2"
 ARCHS = ("gemma2", "llama", "gpt2", "mistral", "qwen2")
 REAL_ARCHS = ("gemma2", "llama", "gpt2")  # the architectures of the book's real targets
@@ -80,12 +83,14 @@ def randomise(model, seed: int = 0) -> None:
 
 
 def build_model(arch: str, folder: Path, *, seed: int = 0, n_layers: int = N_LAYERS, shard: bool = False,
-                dtype: torch.dtype = torch.float32, **overrides) -> Path:
-    """Save a random `arch` stand-in (weights, config.json, tokenizer) in `folder`; returns the folder."""
+                dtype: torch.dtype = torch.float32, vocab_size: int | None = None, **overrides) -> Path:
+    """Save a random `arch` stand-in (weights, config.json, tokenizer) in `folder`; returns the folder.
+
+    vocab_size: the model's vocabulary (default: the tokenizer's 50,257; a larger one has ids no text makes)."""
     import transformers
 
     tok = tokenizer()
-    cfg = config(arch, len(tok), n_layers, **overrides)
+    cfg = config(arch, vocab_size or len(tok), n_layers, **overrides)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     randomise(model, seed)

@@ -491,3 +491,44 @@ def test_reads_compare_each_feature_with_a_null_of_its_own_norm():
                 np.testing.assert_allclose(a[f"{name}_z"], b[f"{name}_z"], rtol=1e-4, atol=1e-4)
                 assert (a[f"{name}_part"] == b[f"{name}_part"]).all()
             assert f"{name}_z{suffix}" in b and f"{name}_part{suffix}" in b
+
+
+def test_chapter_participation_from_head_summaries_equals_the_long_table_mean():
+    """Chapter 2 keeps per-head summaries, not the long table: the pooled rate must be the long table's mean."""
+    import pandas as pd
+
+    from weightscope.chapters import attention as chapter
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for layer, n_features in ((0, 37), (1, 11)):  # unequal SAE widths: the weights matter
+        for read_layer in range(layer, 3):
+            for head in range(4):
+                for f in range(n_features):
+                    rows.append({"layer": layer, "read_layer": read_layer, "head": head, "kv_head": head // 2,
+                                 "distance": read_layer - layer, "feature": f})
+    reads = pd.DataFrame(rows)
+    for s in "qkv":
+        reads[f"{s}_z"] = rng.normal(size=len(reads))
+        for suffix in ("", "_cov"):
+            reads[f"{s}_part{suffix}"] = rng.random(len(reads)) < rng.random()
+    config = chapter.Config()
+    got = chapter.participation(A.reads_summary(reads), config).set_index(["side", "null"])["rate"]
+    for s, side in chapter.SIDES.items():
+        for suffix, null in chapter.NULLS.items():
+            assert got[(side, null)] == pytest.approx(reads[f"{s}_part{suffix}"].mean(), abs=1e-12)
+
+
+def test_ov_factor_is_computed_once_per_layer_and_follows_changes(monkeypatch):
+    """The QR of W_O is reused for the same weights, and recomputed when they change in place."""
+    calls = []
+    qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda X: calls.append(1) or qr(X))
+    W_O = torch.randn(3, 4, 10)
+    R = A.ov_factor(W_O, "cpu")
+    assert torch.equal(A.ov_factor(W_O.detach(), "cpu"), R) and len(calls) == 1
+    W_O.mul_(2)  # in place: a new version
+    assert torch.allclose(A.ov_factor(W_O, "cpu").abs(), 2 * R.abs(), atol=1e-5) and len(calls) == 2
+    other = torch.randn(3, 4, 10)
+    A.ov_factor(other, "cpu")
+    assert len(calls) == 3

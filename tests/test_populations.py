@@ -358,3 +358,22 @@ def test_stratified_test_is_not_fooled_by_a_layer_confound():
         "v", "label")
     assert effects["layer"].tolist() == [0, 1] and effects["cliffs_delta"].abs().max() < 0.2
     assert (effects["n_a"] + effects["n_b"]).tolist() == [400, 400]
+
+
+def test_kind_shares_equal_a_row_by_row_count():
+    """The vectorised count (each distinct token classified once) equals classifying every row's tokens."""
+    from weightscope.compute.populations import NONWORD_KINDS, kind_shares, token_kind
+
+    vocab = [" the", "Ġcat", ",", " 42", "  ", "ing", "<s>", "x", "...", " Lily", "âĢ", "▁the"]
+    rng = np.random.default_rng(1)
+    cells = [list(rng.choice(vocab, size=rng.integers(0, 8))) for _ in range(300)] + [None, np.array(["ing"])]
+    df = pd.DataFrame({"dec_top_tokens": cells})
+    got = kind_shares(df, "dec", m=5, min_letters=2)
+    for i, cell in enumerate(cells):
+        kinds = [token_kind(str(t), 2) for t in ([] if cell is None else list(cell)[:5])]
+        assert got["n_tokens"].iloc[i] == len(kinds)
+        if kinds:
+            assert got["word_share"].iloc[i] == sum(k == "word" for k in kinds) / len(kinds)
+            assert got["nonword_share"].iloc[i] == sum(k in NONWORD_KINDS for k in kinds) / len(kinds)
+        else:
+            assert np.isnan(got["word_share"].iloc[i])

@@ -22,6 +22,7 @@ from weightscope.chapters.context import TableInput
 from weightscope.chapters.findings import binomial_tolerance, curve_shape, number, percent, shape_words
 from weightscope.compute import attention
 from weightscope.config.params import ParamsError
+from weightscope.config.paths import progress_enabled
 
 SIDES = {"q": "query", "k": "key", "v": "value (OV)"}
 NULLS = {"": "isotropic", "_cov": "decoder covariance"}
@@ -77,7 +78,7 @@ class Config:
 class Tables:
     """What chapter 2 produces."""
 
-    reads: pd.DataFrame  # one row per (feature, reading layer, head): reads, z-scores, participation, both nulls
+    n_reads: int  # (feature, reading layer, head) reads behind the tables (the long table is not kept)
     heads: pd.DataFrame  # participation per (SAE layer, reading layer, head) (saved as 02_heads)
     features: pd.DataFrame  # one attention profile per feature (saved as 02_features, read by chapter 3)
     participation: pd.DataFrame  # side, null, rate, chance: pooled participation against each null
@@ -104,19 +105,20 @@ def run(ctx, config: Config, *, model=None, saes=None) -> Tables:
     def one_layer(sae) -> dict[str, pd.DataFrame]:
         W_dec, reads = sae_reads(model, sae, config, dtype=ctx.dtype, device=ctx.device)
         pairs, corr = qk_pairs_for_sae(model, W_dec, sae.layer, reads, config, offsets)
-        return {"reads": reads, "pairs": pairs, "offset_corr": corr}
+        # the long table (features x reading layers x heads rows) is aggregated here, one SAE at a time
+        return {"heads": attention.reads_summary(reads), "features": feature_profiles(reads),
+                "pairs": pairs, "offset_corr": corr}
 
     tabs = io.layer_tables(target, "02_attention_reads", saes, provenance, one_layer)
-    reads = tabs["reads"]
-    heads = attention.reads_summary(reads)
-    features = feature_profiles(reads)
+    heads, features = tabs["heads"], tabs["features"]
     key = io.cache_key(provenance=provenance)
     io.save_table(heads, target, "02_heads", key=key, params=provenance)
     io.save_table(features, target, "02_features", key=key, params=provenance)
     pairs = label_pairs(tabs["pairs"], labels)
     if len(pairs):
         io.save_table(pairs, target, "02_qk_pairs", key=key, params=provenance)
-    return Tables(reads=reads, heads=heads, features=features, participation=participation(reads, config),
+    return Tables(n_reads=int(heads["n_features"].sum()), heads=heads, features=features,
+                  participation=participation(heads, config),
                   depth=depth_curves(heads), pairs=pairs, offset_corr=tabs["offset_corr"], rotary=rotary,
                   config=config)
 
@@ -141,9 +143,15 @@ def feature_profiles(reads: pd.DataFrame) -> pd.DataFrame:
     return reads.groupby(["layer", "feature"]).agg(**agg).reset_index()
 
 
-def participation(reads: pd.DataFrame, config: Config) -> pd.DataFrame:
-    """Share of (feature, head) pairs above each null's q_null quantile, per side: side, null, rate, chance."""
-    rows = [{"side": name, "null": null_name, "rate": float(reads[f"{s}_part{suffix}"].mean()),
+def participation(heads: pd.DataFrame, config: Config) -> pd.DataFrame:
+    """Share of (feature, head) pairs above each null's q_null quantile, per side: side, null, rate, chance.
+
+    heads: `reads_summary` rows; each head's fraction weighted by its number of features, so the rate is the
+    mean over every (feature, head) read without the long table.
+    """
+    n = heads["n_features"].to_numpy(dtype=float)
+    rows = [{"side": name, "null": null_name,
+             "rate": float((heads[f"{s}_frac{suffix}"].to_numpy(dtype=float) * n).sum() / n.sum()),
              "chance": 1.0 - config.q_null}
             for s, name in SIDES.items() for suffix, null_name in NULLS.items()]
     return pd.DataFrame(rows)
@@ -196,7 +204,8 @@ def qk_pairs_for_sae(model, W_dec, sae_layer: int, reads: pd.DataFrame, config: 
     for h in chosen.itertuples():
         name = f"{first}.{h.head}"
         scores, qi, ki = attention.qk_pairs(D, D, W_Q[h.head], W_K[h.kv_head], top=config.top_pairs,
-                                            offsets=offsets, cfg=model.cfg, summary=config.qk_summary)
+                                            offsets=offsets, cfg=model.cfg, summary=config.qk_summary,
+                                            progress=progress_enabled())
         pairs += [{"head": name, "SAE layer": sae_layer, "score": s, "query feature": a, "key feature": b}
                   for s, a, b in zip(scores.tolist(), qi.tolist(), ki.tolist())]
         if offsets:

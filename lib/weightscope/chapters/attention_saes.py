@@ -278,7 +278,7 @@ def sae_quality(ctx) -> pd.DataFrame:
     if not source.startswith("demo"):
         return pd.DataFrame()
     from weightscope.load.saes import demo_sae_folder
-    from weightscope.prepare.demo_saes import TARGET_BAR, read_manifest
+    from weightscope.load.saes import TARGET_BAR, read_manifest
 
     manifest = read_manifest(demo_sae_folder(source.partition(":")[2] or "default"))
     cols = ["layer", "explained_variance", "mean_l0", "dead_fraction", "meets_bar", "tokens_seen",

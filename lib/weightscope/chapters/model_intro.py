@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 from plotly.subplots import make_subplots
 
 from weightscope.load.models import PAPER_MODELS, describe
@@ -17,6 +18,28 @@ from weightscope.load.models import PAPER_MODELS, describe
 
 def _n(x: int) -> str:
     return f"{x:,}"
+
+
+@torch.no_grad()
+def greedy_generate(model, prompt: str, n_tokens: int) -> torch.Tensor:
+    """Greedy continuation: [1 + len(prompt tokens) + n_tokens] ids, BOS first (stops early at BOS/EOS).
+
+    With a key-value cache (TransformerLens's): the prompt runs once, then one position per new token, so
+    n tokens cost n positions' passes, not the n^2 / 2 of rerunning the whole sequence each time.
+    """
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    ids = model.to_tokens(prompt)
+    stop = {model.tokenizer.bos_token_id, model.tokenizer.eos_token_id}
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+    step = ids
+    for _ in range(n_tokens):
+        next_id = model(step, past_kv_cache=cache)[0, -1].argmax()
+        if int(next_id) in stop:
+            break
+        step = next_id.view(1, 1)
+        ids = torch.cat([ids, step], dim=1)
+    return ids[0]
 
 
 def architecture_note(model) -> str:

@@ -187,10 +187,32 @@ def _fused_weights(W_Q, W_K, W_V, W_O, device, dtype) -> dict[str, Tensor]:
     def flat(W: Tensor) -> Tensor:  # [heads, d_model, d_head] -> [d_model, heads * d_head], head-major
         return W.detach().to(device=device, dtype=dtype).permute(1, 0, 2).reshape(W.shape[1], -1)
 
-    # R: [n_heads, min(d_model, d_head), d_head] fp32, the triangular factor of W_O[h]^T = Q_h R_h
-    R = torch.linalg.qr(W_O.detach().to(device=device, dtype=torch.float32).transpose(1, 2)).R
     kv = kv_head_index(W_Q.shape[0], W_K.shape[0]).to(device)
-    return {"W_Q": flat(W_Q), "W_K": flat(W_K), "W_V": flat(W_V), "R": R, "kv": kv}
+    return {"W_Q": flat(W_Q), "W_K": flat(W_K), "W_V": flat(W_V), "R": ov_factor(W_O, device), "kv": kv}
+
+
+_OV_FACTORS: dict[tuple, tuple[Tensor, Tensor]] = {}  # (W_O's address, layout, version, device) -> (probe, R)
+_OV_FACTORS_MAX = 128  # layers remembered (R is n_heads * d_head^2 numbers: 2 MB at Llama-3.1-8B)
+
+
+def ov_factor(W_O: Tensor, device) -> Tensor:
+    """R [n_heads, min(d_model, d_head), d_head] fp32, the triangular factor of W_O[h]^T = Q_h R_h, on device.
+
+    Depends on the layer only, so it is computed once per layer and reused by every SAE the layer reads
+    (remembered by W_O's storage address, shape, strides and in-place version, and checked against a probe
+    of 64 of its values, so a freed and reused address is not taken for the same weights).
+    """
+    key = (W_O.data_ptr(), tuple(W_O.shape), W_O.stride(), W_O._version, W_O.dtype, str(W_O.device), str(device))
+    flat = W_O.detach().reshape(-1)
+    probe = flat[:: max(1, flat.numel() // 64)][:64].clone()
+    hit = _OV_FACTORS.get(key)
+    if hit is not None and torch.equal(hit[0], probe):
+        return hit[1]
+    R = torch.linalg.qr(W_O.detach().to(device=device, dtype=torch.float32).transpose(1, 2)).R
+    if len(_OV_FACTORS) >= _OV_FACTORS_MAX:
+        _OV_FACTORS.pop(next(iter(_OV_FACTORS)))
+    _OV_FACTORS[key] = (probe, R)
+    return R
 
 
 def _reads_chunk(
@@ -374,7 +396,8 @@ def qk_pairs(
     Biases are left out.
     Returns (scores [t] fp32, q_idx [t] int64, k_idx [t] int64) on CPU, best first, t = min(top, n_q * n_k);
     which of several tied pairs is kept is unspecified. Only one [chunk, n_k] block of scores exists at a
-    time (plus the key side's projection Dk W_K_h [n_k, d_head]).
+    time (plus the key side's projection Dk W_K_h [n_k, d_head]). The "mean" summary is linear in the query,
+    so it is one product with the offsets' mean rotation of W_Q_h; "max_abs" forms every offset's scores.
     """
     if Dq.ndim != 2 or Dk.ndim != 2 or W_Q_h.ndim != 2 or W_Q_h.shape != W_K_h.shape:
         raise ValueError(
@@ -402,12 +425,16 @@ def qk_pairs(
     n_q, n_k = Dq.shape[0], Dk.shape[0]
     rotary = offsets is not None and rotary_inverse_frequencies(cfg) is not None
     offsets = list(offsets) if rotary else [0]
+    per_offset = rotary and summary == "max_abs"  # the mean is linear: one product with the mean rotation
+    if rotary and not per_offset:  # mean_o rot(D W_Q, o) = D mean_o rot(W_Q, o): rotate W_Q's rows once
+        W_Q_h = rotate_queries(W_Q_h.double(), offsets, cfg).mean(1).to(dtype)
     if chunk_size is None:
-        chunk_size = auto_chunk_size(len(offsets) * (n_k + W_Q_h.shape[1]), dtype, device)
+        width = (len(offsets) if per_offset else 1) * (n_k + W_Q_h.shape[1]) + n_k  # scores, rank keys
+        chunk_size = auto_chunk_size(width, dtype, device)
 
     def compute(start: int, rows: int) -> Tensor:
         chunk = Dq[start : start + rows].to(device=device, dtype=dtype)
-        if not rotary:
+        if not per_offset:
             return _qk_chunk(chunk, W_Q_h, Kp)
         return summarise_offsets(rotate_queries(chunk @ W_Q_h, offsets, cfg) @ Kp.T, summary)  # [c, n_off, n_k] -> [c, n_k]
 
@@ -437,10 +464,22 @@ def summarise_offsets(S: Tensor, summary: str) -> Tensor:
 
 
 def _merge_top(best, S: Tensor, start: int, n_k: int, top: int, sign: str):
-    """Merge scores S [c, n_k] of query rows start.. into the running (keys, scores, flat ids), best first."""
+    """Merge scores S [c, n_k] of query rows start.. into the running (keys, scores, flat ids), best first.
+
+    Once `top` pairs are kept, only scores whose rank key beats the current last one can enter: one compare
+    over the chunk, then a top-k over those few candidates (not over all c * n_k scores).
+    """
     scores = S.flatten()
     key = {"abs": scores.abs(), "pos": scores, "neg": -scores}[sign]
-    key, pos = torch.topk(key, min(top, key.numel()))
+    if len(best[0]) >= top:
+        pos = torch.nonzero(key > best[0][-1]).squeeze(1)
+        if len(pos) == 0:
+            return best
+        key = key[pos]
+        key, sub = torch.topk(key, min(top, key.numel()))
+        pos = pos[sub]
+    else:
+        key, pos = torch.topk(key, min(top, key.numel()))
     keys = torch.cat([best[0], key])
     order = torch.topk(keys, min(top, keys.numel())).indices  # sorted, best first
     merged_scores = torch.cat([best[1], scores[pos]])

@@ -184,17 +184,21 @@ def kind_shares(df: pd.DataFrame, side: str, *, m: int = 5, min_letters: int = 2
     """
     _check_side(side)
     _require(df, [f"{side}_top_tokens"])
-    words, nonwords, counts = [], [], []
-    for value in df[f"{side}_top_tokens"]:
-        kinds = [_token_kind(t, int(min_letters)) for t in _token_list(value, int(m))]
-        counts.append(len(kinds))
-        words.append(sum(k == "word" for k in kinds))
-        nonwords.append(sum(k in NONWORD_KINDS for k in kinds))
-    n = np.asarray(counts, dtype=float)
+    lists = [_token_list(value, int(m)) for value in df[f"{side}_top_tokens"]]
+    counts = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    # each distinct token is classified once (features share most of their top tokens), then counted per row
+    codes, distinct = pd.factorize(pd.Index([t for row in lists for t in row], dtype=object))
+    kinds = np.array([_token_kind(t, int(min_letters)) for t in distinct], dtype=object)
+    row = np.repeat(np.arange(len(lists)), counts)
+
+    def per_row(flags: np.ndarray) -> np.ndarray:  # flags [n_distinct] -> count per row
+        return np.bincount(row, weights=flags[codes].astype(float), minlength=len(lists))
+
+    n = counts.astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return pd.DataFrame({"word_share": np.asarray(words) / n,
-                             "nonword_share": np.asarray(nonwords) / n,
-                             "n_tokens": np.asarray(counts, dtype=int)}, index=df.index)
+        return pd.DataFrame({"word_share": per_row(kinds == "word") / n,
+                             "nonword_share": per_row(np.isin(kinds, list(NONWORD_KINDS))) / n,
+                             "n_tokens": counts.astype(int)}, index=df.index)
 
 
 def _coherence(df: pd.DataFrame, side: str, margin: float) -> tuple[np.ndarray, np.ndarray]:

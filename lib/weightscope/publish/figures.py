@@ -1,23 +1,70 @@
-"""Plotly figures that survive papermill and Jupyter Book, offline.
+"""Plotly figures that survive papermill and Jupyter Book, offline, at a page weight that stays readable.
 
 Plotly's default renderer writes only its own JSON mime type, which Jupyter Book 1 drops. `show` writes HTML
 instead; the first figure in each kernel embeds plotly.js inline (no CDN), later ones reuse it.
+
+Every point of a scatter or line is embedded in the page: at real width (24,576 features a layer, 12 layers)
+that is megabytes per figure. `show` keeps at most `max_points` points per trace (a seeded random sample kept in
+the trace's order, so a sorted curve stays sorted) and says so in the figure's title.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import plotly.graph_objects as go
 from IPython.display import HTML, display
 
 _plotlyjs_sent = False
 
 TEMPLATE = "plotly_white"
+MAX_POINTS = 5000  # points kept per scatter/line trace
+_PER_POINT = ("x", "y", "text", "hovertext", "customdata", "ids")
+_PER_POINT_MARKER = ("color", "size", "symbol", "opacity")
 
 
-def show(fig: go.Figure) -> None:
-    """Display `fig` as self-contained HTML (plotly.js inline once per notebook)."""
+def show(fig: go.Figure, *, max_points: int = MAX_POINTS) -> None:
+    """Display `fig` as self-contained HTML (plotly.js inline once per notebook), sampled to `max_points`."""
     global _plotlyjs_sent
     fig.update_layout(template=TEMPLATE)
+    sample_points(fig, max_points)
     html = fig.to_html(full_html=False, include_plotlyjs=not _plotlyjs_sent, config={"displaylogo": False})
     _plotlyjs_sent = True
     display(HTML(html))
+
+
+def sample_points(fig: go.Figure, max_points: int = MAX_POINTS, *, seed: int = 0) -> tuple[int, int]:
+    """Keep at most `max_points` points of each scatter trace of `fig` (in place); returns (shown, total).
+
+    The kept points are a seeded random sample in their original order; every per-point array of the trace
+    (x, y, text, hover text, custom data, marker colour/size/...) is cut alike. When anything was left out, the
+    title gains "(a random sample of <shown> of <total> points)".
+    """
+    shown = total = 0
+    for trace in fig.data:
+        if trace.type not in ("scatter", "scattergl") or trace.x is None:
+            continue
+        n = len(trace.x)
+        total += n
+        if n <= max_points:
+            shown += n
+            continue
+        keep = np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
+        for name in _PER_POINT:
+            _cut(trace, name, n, keep)
+        for name in _PER_POINT_MARKER:
+            _cut(trace.marker, name, n, keep)
+        shown += max_points
+    if shown < total:
+        title = fig.layout.title.text or ""
+        fig.update_layout(title_text=f"{title} (a random sample of {shown:,} of {total:,} points)".strip())
+    return shown, total
+
+
+def _cut(obj, name: str, n: int, keep: np.ndarray) -> None:
+    """obj.name[keep] when it is a per-point array of length n (a scalar setting is left alone)."""
+    value = getattr(obj, name, None)
+    if value is None or isinstance(value, (str, bytes)) or np.ndim(value) == 0:
+        return
+    arr = np.asarray(value, dtype=object) if not isinstance(value, np.ndarray) else value
+    if len(arr) == n:
+        setattr(obj, name, arr[keep])

@@ -1,0 +1,276 @@
+"""The whole book on a real-width stand-in: per chapter the wall time, peak memory, page weight and the FLOPs of
+its main products, as a user running `python -m weightscope.publish.book` would meet them.
+
+    python bench/bench_book.py --arch gpt2 --layers 1            # GPT-2-small width, 1 block, every chapter
+    python bench/bench_book.py --arch gpt2 --layers 2 --chapters 01 02
+
+A random checkpoint of the target's real width and vocabulary (`tests/realwidth.py`) and SAE folders in its
+releases' formats and widths are written to a temporary folder (removed afterwards), named in a params file with
+`processing: auto` and `attn_saes`, and the book runner executes each chapter in turn in a fresh process
+(`--chapters NN --no-html`, chapter defaults). Measured per chapter:
+
+* wall: seconds of the runner's process, kernel start and pre-flight included; cpu: the CPU seconds (user +
+  system) of the runner and its kernel, which on a shared machine say more than the wall time (with every
+  core to itself a chapter's wall time is about cpu / cores where its products use them all);
+* peak RSS: the largest resident set of the runner and its kernel (sampled every 0.2 s; the kernel is where the
+  chapter runs), and the largest sum over that process tree; peak GPU memory where the target runs on a GPU
+  (`torch.cuda.max_memory_allocated` is in the kernel, so it is read from nvidia-smi's process list instead);
+* flops: the main products' multiply-adds x 2, counted from the dimensions (`FLOP_MODEL` says which); FLOP/s =
+  flops / wall, a lower bound on the rate of the products themselves;
+* page_mb: the executed notebook's size (its figures' data included), what the HTML page will carry.
+
+Results go to bench/results/book-<device>-<date>-<arch>-L<layers>.json (`weightscope.io.atomic_write_json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the stand-in builders
+sys.path.insert(0, str(REPO / "lib"))
+
+CHAPTER_STEMS = ("00_demo_model", "01_output_tokens", "02_attention", "03_semantic_populations",
+                 "04_attention_saes", "05_context_neurons", "06_ffkv_baseline")
+FLOP_MODEL = {
+    "01_output_tokens": "per SAE layer: 2 sides x (d_sae + 2 n_null) rows x d_model x d_vocab x 2",
+    "02_attention": "per (SAE layer, reading layer): (d_sae + 2 n_null) x d_model x (n_heads + 2 n_kv) d_head x 2 "
+                    "+ the OV R-product (d_sae + 2 n_null) n_heads d_head^2 x 2; per SAE layer the QK pairs "
+                    "n_pair_heads x d_sae^2 x d_head x 2",
+    "04_attention_saes": "per attention-SAE layer: the write lens d_sae x d_model x d_vocab x 2",
+}
+
+
+def dims(folder: Path) -> dict:
+    """d_model, n_heads, n_kv, d_head, d_vocab, n_layers of a config.json."""
+    hf = json.loads((folder / "config.json").read_text())
+    if hf["model_type"] == "gpt2":
+        return dict(d_model=hf["n_embd"], n_heads=hf["n_head"], n_kv=hf["n_head"], d_head=hf["n_embd"] // hf["n_head"],
+                    d_vocab=hf["vocab_size"], n_layers=hf["n_layer"])
+    heads = hf["num_attention_heads"]
+    return dict(d_model=hf["hidden_size"], n_heads=heads, n_kv=hf.get("num_key_value_heads") or heads,
+                d_head=hf.get("head_dim") or hf["hidden_size"] // heads, d_vocab=hf["vocab_size"],
+                n_layers=hf["num_hidden_layers"])
+
+
+def chapter_flops(stem: str, d: dict, d_sae: int, d_sae_att: int | None, hook_offset: int) -> float | None:
+    """The main products' FLOPs of one chapter at the chapters' default settings (`FLOP_MODEL`)."""
+    from weightscope.chapters import attention, output_tokens
+
+    L = d["n_layers"]
+    if stem == "01_output_tokens":
+        rows = d_sae + 2 * output_tokens.Config().n_null
+        return L * 2 * rows * d["d_model"] * d["d_vocab"] * 2.0
+    if stem == "02_attention":
+        c = attention.Config()
+        rows = d_sae + 2 * c.n_null
+        per_read = rows * d["d_model"] * (d["n_heads"] + 2 * d["n_kv"]) * d["d_head"] * 2.0
+        per_read += rows * d["n_heads"] * d["d_head"] ** 2 * 2.0
+        n_reads = sum(L - (layer + hook_offset) for layer in range(L))  # reading layers after each SAE
+        return n_reads * per_read + L * c.n_pair_heads * d_sae**2 * d["d_head"] * 2.0
+    if stem == "04_attention_saes" and d_sae_att:
+        return L * d_sae_att * d["d_model"] * d["d_vocab"] * 2.0
+    return None
+
+
+REAL_TARGETS = {  # the real targets' dimensions and SAE widths, for FLOP estimates without a run
+    "gpt2-small": (dict(d_model=768, n_heads=12, n_kv=12, d_head=64, d_vocab=50257, n_layers=12), 24576, 24576, 0),
+    "gemma-2-2b": (dict(d_model=2304, n_heads=8, n_kv=4, d_head=256, d_vocab=256000, n_layers=26), 16384, 16384,
+                   1),
+    "llama-3.1-8b": (dict(d_model=4096, n_heads=32, n_kv=8, d_head=128, d_vocab=128256, n_layers=32), 32768, None,
+                     1),
+}
+
+
+def flops_table() -> str:
+    """Markdown: each real target's main-product FLOPs per chapter (`FLOP_MODEL`, all layers)."""
+    stems = list(FLOP_MODEL)
+    lines = ["| target | " + " | ".join(stems) + " | total |", "|" + "---|" * (len(stems) + 2)]
+    for name, (d, d_sae, d_att, offset) in REAL_TARGETS.items():
+        f = [chapter_flops(stem, d, d_sae, d_att, offset) or 0.0 for stem in stems]
+        lines.append(f"| {name} | " + " | ".join(f"{x / 1e12:,.1f} TFLOP" for x in f) +
+                     f" | {sum(f) / 1e12:,.1f} TFLOP |")
+    return "\n".join(lines)
+
+
+class TreePeak:
+    """Peak RSS of a process and its descendants, sampled every `interval` seconds in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        import psutil
+
+        self.root, self.interval = psutil.Process(pid), interval
+        self.max_one = self.max_sum = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+                rss = []
+                for p in procs:
+                    try:
+                        rss.append(p.memory_info().rss)
+                    except psutil.Error:
+                        pass
+                self.max_one = max(self.max_one, max(rss, default=0))
+                self.max_sum = max(self.max_sum, sum(rss))
+            except psutil.Error:
+                pass
+            self._stop.wait(self.interval)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def build(arch: str, n_layers: int, tmp: Path) -> tuple[Path, Path, dict]:
+    """Write the stand-in, its SAEs and params file under tmp: (params path, model folder, SAE widths)."""
+    import realwidth
+
+    target = f"realwidth-{arch}"
+    folder = realwidth.build_model(arch, tmp / target, n_layers=n_layers)
+    res, att = realwidth.build_release_saes(arch, folder, tmp / "saes")
+    params = realwidth.write_params(target, folder, res, tmp / f"{target}.yaml", attn_saes=att)
+    rel = realwidth.RELEASES[arch]
+    return params, folder, {"d_sae": rel["res"][1], "d_sae_att": rel["att"][1] if rel["att"] else None,
+                            "res_hook": rel["res"][2]}
+
+
+def run_chapter(stem: str, params: Path, env: dict, log: Path) -> dict:
+    """One chapter through the book runner in a fresh process: rc, wall, peak memory."""
+    cmd = [sys.executable, "-m", "weightscope.publish.book", "--target", str(params), "--chapters", stem[:2],
+           "--no-html", "--force"]
+    import resource
+
+    start, cpu0 = time.perf_counter(), _children_cpu(resource)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        peak = TreePeak(proc.pid)
+        rc = proc.wait()
+        peak.stop()
+    wall, cpu = time.perf_counter() - start, _children_cpu(resource) - cpu0
+    tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+    return {"rc": rc, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_gb": round(peak.max_one / 1e9, 2),
+            "peak_tree_rss_gb": round(peak.max_sum / 1e9, 2), "last_lines": tail}
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: one row per chapter, one column group per results file (depths side by side), and the
+    per-layer fit t(L) = a + b L from two depths when there are two."""
+    results = sorted(results, key=lambda r: r["n_layers"])
+    head = "| chapter | " + " | ".join(f"L={r['n_layers']}: wall s · CPU s · peak RSS GB · page MB · "
+                                       "GFLOP per CPU s" for r in results)
+    lines = [head + (" | CPU s per layer | fixed CPU s |" if len(results) == 2 else " |")]
+    lines.append("|" + "---|" * (len(results) + 1 + 2 * (len(results) == 2)))
+    for stem in CHAPTER_STEMS:
+        cells, walls = [], []
+        for r in results:
+            c = r["chapters"].get(stem)
+            if c is None:
+                cells.append("not run")
+                continue
+            ok = c["rc"] == 0
+            rate = f"{c['flops'] / c['cpu_s'] / 1e9:.1f}" if c.get("flops") and ok and c.get("cpu_s") else "–"
+            status = "" if ok else f" (failed, rc {c['rc']})"
+            page = "–" if c.get("page_mb") is None else f"{c['page_mb']:.2f}"
+            cells.append(f"{c['wall_s']:.0f} · {c.get('cpu_s', float('nan')):.0f} · {c['peak_rss_gb']:.2f} · "
+                         f"{page} · {rate}{status}")
+            walls.append((r["n_layers"], c.get("cpu_s")) if ok else None)
+        row = f"| {stem} | " + " | ".join(cells) + " |"
+        if len(results) == 2:
+            if len(walls) == 2 and None not in walls:
+                (l1, t1), (l2, t2) = walls
+                b = (t2 - t1) / (l2 - l1)
+                row += f" {b:.0f} | {t1 - b * l1:.0f} |"
+            else:
+                row += " – | – |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _children_cpu(resource) -> float:
+    """User + system CPU seconds of every finished descendant (the runner reaps its kernel)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="gpt2", choices=("gpt2", "gemma2", "llama"))
+    ap.add_argument("--layers", type=int, default=1, help="blocks of the stand-in (SAEs on every one)")
+    ap.add_argument("--chapters", nargs="*", default=None, help="chapter numbers (default: all)")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (default: bench/results/book-...)")
+    ap.add_argument("--tmp", type=Path, default=None, help="where the temporary stand-in goes")
+    ap.add_argument("--table", type=Path, nargs="+", default=None, help="print results files as markdown")
+    args = ap.parse_args(argv)
+    if args.table:
+        print(table([json.loads(p.read_text()) for p in args.table]) + "\n\n" + flops_table())
+        return 0
+
+    import torch
+
+    from weightscope.io import atomic_write_json
+
+    stems = [s for s in CHAPTER_STEMS if args.chapters is None or s[:2] in args.chapters]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    date = datetime.date.today().isoformat()
+    out = args.out or REPO / "bench" / "results" / f"book-{device}-{date}-{args.arch}-L{args.layers}.json"
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench-book-", dir=args.tmp) as tmp_name:
+        tmp = Path(tmp_name)
+        t0 = time.perf_counter()
+        params, folder, widths = build(args.arch, args.layers, tmp)
+        build_s = time.perf_counter() - t0
+        d = dims(folder)
+        book = tmp / "book"  # a book folder of its own, as the stand-in tests do
+        book.mkdir()
+        for name in ("_config.yml", "intro.md", "_ext", "_css", "appendix"):
+            src = REPO / "book" / name
+            if src.exists():
+                (shutil.copytree if src.is_dir() else shutil.copy)(src, book / name)
+        env = {**os.environ, "WEIGHTSCOPE_DATA": str(tmp / "data"), "WEIGHTSCOPE_BOOK": str(book),
+               "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "lib")}
+        offset = 0 if widths["res_hook"].endswith("resid_pre") else 1
+        chapters = {}
+        for stem in stems:
+            print(f"{stem} ...", flush=True)
+            r = run_chapter(stem, params, env, tmp / f"{stem}.log")
+            page = next((book / params.stem).glob(f"{stem}*.ipynb"), None)
+            r["page_mb"] = round(page.stat().st_size / 1e6, 2) if page else None
+            flops = chapter_flops(stem, d, widths["d_sae"], widths["d_sae_att"], offset)
+            r["flops"] = flops
+            r["gflop_per_s"] = round(flops / r["wall_s"] / 1e9, 2) if flops and r["rc"] == 0 else None
+            chapters[stem] = r
+            print(f"  rc {r['rc']}  {r['wall_s']} s  cpu {r['cpu_s']} s  peak {r['peak_rss_gb']} GB  page {r['page_mb']} MB", flush=True)
+    result = {
+        "benchmark": "book", "arch": args.arch, "n_layers": args.layers, "device": device, "date": date,
+        "dims": d, "saes": widths, "build_s": round(build_s, 1), "flop_model": FLOP_MODEL,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
+                    "note": "a shared machine: other jobs ran at the same time; times are upper bounds"},
+        "chapters": chapters,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, result)
+    print(f"wrote {out}")
+    return 0 if all(r["rc"] == 0 for r in chapters.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

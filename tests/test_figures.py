@@ -1,0 +1,31 @@
+"""Page weight: figures keep a bounded sample of points and say so."""
+
+import numpy as np
+import plotly.express as px
+import plotly.graph_objects as go
+
+from weightscope.publish import figures
+
+
+def test_large_scatter_is_sampled_consistently_and_the_title_says_so():
+    n = 12_000
+    x = np.arange(n, dtype=float)
+    fig = go.Figure(go.Scatter(x=x, y=2 * x, text=[f"t{i}" for i in range(n)], mode="markers",
+                               marker={"color": x}))
+    fig.update_layout(title_text="scores")
+    shown, total = figures.sample_points(fig, 1000)
+    trace = fig.data[0]
+    assert (shown, total) == (1000, n)
+    assert len(trace.x) == len(trace.y) == len(trace.text) == len(trace.marker.color) == 1000
+    assert np.all(np.diff(trace.x) > 0)  # order kept
+    assert np.array_equal(np.asarray(trace.y), 2 * np.asarray(trace.x))  # rows cut alike
+    assert [f"t{int(v)}" for v in trace.x] == list(trace.text)
+    assert "random sample of 1,000 of 12,000 points" in fig.layout.title.text
+
+
+def test_small_figures_and_heatmaps_are_left_alone():
+    fig = px.scatter(x=[1, 2, 3], y=[3, 2, 1], title="small")
+    fig.add_trace(go.Heatmap(z=np.ones((200, 200))))
+    assert figures.sample_points(fig, 2) == (2, 3) and fig.layout.title.text.endswith("of 3 points)")
+    fig = px.scatter(x=[1, 2, 3], y=[3, 2, 1], title="small")
+    assert figures.sample_points(fig, 10) == (3, 3) and fig.layout.title.text == "small"

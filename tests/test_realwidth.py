@@ -1,0 +1,64 @@
+"""Real-width stand-ins: the SAE folders load as the releases they stand for; the book runs at GPT-2 width.
+
+The format checks write small SAEs with the release writers (cheap); the real-width book run is `slow` (CI).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import realwidth
+import standins
+
+pytestmark = pytest.mark.skipif(not standins.GPT2_TOKENIZER.is_dir(), reason="needs ../shared/tokenizers/gpt2")
+
+
+@pytest.mark.parametrize("arch", sorted(realwidth.RELEASES))
+def test_release_formats_load_with_their_flags(tmp_path, arch):
+    """Each release's architecture, hook, width of input, processing flags and hook_z reshape, read back."""
+    from sae_lens import SAE
+
+    hf = {"model_type": arch, "n_embd": 64, "n_head": 4, "hidden_size": 64, "num_attention_heads": 4,
+          "head_dim": 32}
+    for kind, spec in realwidth.RELEASES[arch].items():
+        if spec is None:
+            continue
+        architecture, _, hook, k, flags = spec
+        folder = realwidth.write_saes(tmp_path / kind, hf, [1], architecture, 96, hook, k, flags)
+        sae = SAE.load_from_disk(str(folder / "layer_1"))
+        d_in = 128 if hook.endswith("hook_z") and arch != "gpt2" else 64
+        assert sae.cfg.architecture() == architecture and sae.cfg.d_sae == 96 and sae.cfg.d_in == d_in
+        assert sae.cfg.metadata.hook_name == f"blocks.1.{hook}"
+        assert sae.cfg.metadata.model_from_pretrained_kwargs == flags
+        assert sae.cfg.reshape_activations == ("hook_z" if hook.endswith("hook_z") else "none")
+        norms = sae.W_dec.norm(dim=1)
+        assert torch.allclose(norms, torch.ones(96)) != (architecture == "topk")  # Llama Scope: folded scale
+
+
+def test_real_widths_are_the_targets():
+    assert realwidth.WIDTHS["gpt2"]["n_embd"] == 768 and realwidth.WIDTHS["gpt2"]["vocab_size"] == 50257
+    assert realwidth.WIDTHS["gemma2"]["hidden_size"] == 2304 and realwidth.WIDTHS["gemma2"]["vocab_size"] == 256000
+    assert realwidth.WIDTHS["llama"]["hidden_size"] == 4096 and realwidth.WIDTHS["llama"]["vocab_size"] == 128256
+    assert realwidth.RELEASES["gpt2"]["res"][1] == realwidth.RELEASES["gpt2"]["att"][1] == 24576
+    assert realwidth.RELEASES["gemma2"]["res"][1] == 16384 and realwidth.RELEASES["llama"]["res"][1] == 32768
+
+
+@pytest.mark.slow
+def test_gpt2_width_book_runs_every_chapter(tmp_path):
+    """The whole book on a 1-block GPT-2-small-width stand-in with `processing: auto` and `attn_saes`
+    (bench/bench_book.py's run): every chapter exits 0 and every page stays under 3 MB."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_book
+
+    out = tmp_path / "book.json"
+    bench_book.main(["--arch", "gpt2", "--layers", "1", "--out", str(out), "--tmp", str(tmp_path)])
+    chapters = json.loads(out.read_text())["chapters"]
+    failed = {stem: c["last_lines"] for stem, c in chapters.items() if c["rc"] != 0}
+    assert not failed, failed
+    heavy = {stem: c["page_mb"] for stem, c in chapters.items() if (c["page_mb"] or 0) > 3.0}
+    assert not heavy, heavy
