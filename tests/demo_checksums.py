@@ -4,8 +4,8 @@
     .venv/bin/python tests/demo_checksums.py --write    store the computed checksums (or: make demo-checksums)
 
 The tables are chapter 1's per-feature table (`01_features`: statistics, top tokens and verdicts of every
-feature) and chapter 2's reads (`02_attention_reads`: every feature's read by every later head, with its
-z-scores and participation against both nulls), computed with the chapters' default parameters from the pinned
+feature) and chapter 2's reads (`02_features`: every feature's attention profile over the later heads, and
+`02_heads`: participation per head against both nulls), computed with the chapters' default parameters from the pinned
 demo SAEs, in a fresh data folder (cached results are not reused: their key does not include the SAEs' bytes).
 
 Floating-point results can differ in the last bits across processors and thread counts, so what is hashed is
@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 STORED = REPO / "data" / "demo_saes" / "results.json"
 SIGNIFICANT_DIGITS = 4
 KEYS = {"01_features": ["layer", "feature"],
-        "02_attention_reads": ["layer", "feature", "read_layer", "head"]}
+        "02_features": ["layer", "feature"], "02_heads": ["layer", "read_layer", "head"]}
 SKIP_COLUMNS = {"neuronpedia"}  # links, not results
 
 
@@ -94,7 +94,7 @@ def differences(stored: dict[str, dict], current: dict[str, dict]) -> list[str]:
 
 
 def demo_tables() -> dict[str, pd.DataFrame]:
-    """Chapter 1's `01_features` and chapter 2's `02_attention_reads` on the demo, computed afresh in a
+    """Chapter 1's `01_features` and chapter 2's `02_features` and `02_heads` on the demo, computed afresh in a
     temporary data folder (the current process's WEIGHTSCOPE_DATA is restored afterwards)."""
     from weightscope.chapters import attention, output_tokens
     from weightscope.chapters.context import open_chapter
@@ -106,13 +106,13 @@ def demo_tables() -> dict[str, pd.DataFrame]:
             ctx = open_chapter("demo")
             model, saes = ctx.load_model_and_saes()
             features = output_tokens.run(ctx, output_tokens.Config(), model=model, saes=saes).features
-            reads = attention.run(ctx, attention.Config(), model=model, saes=saes).reads
+            reads = attention.run(ctx, attention.Config(), model=model, saes=saes)
         finally:
             if previous is None:
                 os.environ.pop("WEIGHTSCOPE_DATA", None)
             else:
                 os.environ["WEIGHTSCOPE_DATA"] = previous
-    return {"01_features": features, "02_attention_reads": reads}
+    return {"01_features": features, "02_features": reads.features, "02_heads": reads.heads}
 
 
 def sae_checksums() -> str:

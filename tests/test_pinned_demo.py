@@ -169,8 +169,9 @@ def test_stored_checksums_cover_the_main_tables():
     features = stored["tables"]["01_features"]
     assert features["rows"] == 5 * 512
     assert {"dec_predicts", "enc_predicts", "dec_top_tokens", "enc_top_tokens"} <= set(features["columns"])
-    reads = stored["tables"]["02_attention_reads"]["columns"]
-    assert {"q_part", "k_part", "v_part", "q_z", "k_z", "v_z"} <= set(reads)
+    profiles = stored["tables"]["02_features"]["columns"]
+    assert {"q_z_mean", "k_z_mean", "q_part_frac", "k_part_frac"} <= set(profiles)
+    assert {"q_frac", "k_frac", "v_frac"} <= set(stored["tables"]["02_heads"]["columns"])
 
 
 @pytest.mark.slow
