@@ -317,10 +317,11 @@ def test_require_attention_z_accepts_hook_z_and_refuses_others(tmp_path):
         saes.require_attention_z(loaded, other.cfg)
 
 
-def test_demo_colon_config_names_a_prepared_config(tmp_path, monkeypatch):
-    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path))
-    with pytest.raises(SAEError, match="'attn'"):
-        saes.load_saes("demo:attn", [0])
+def test_demo_colon_config_names_a_pinned_or_prepared_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path))  # an empty cache: the pinned SAEs still load
+    assert saes.load_saes("demo:attn", [0])[0].hook_name == "blocks.0.attn.hook_z"
+    with pytest.raises(SAEError, match="'no-such-config'"):
+        saes.load_saes("demo:no-such-config", [0])
 
 
 def test_params_attn_saes_entry():
