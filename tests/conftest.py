@@ -29,8 +29,9 @@ def device(request) -> str:
 
 @pytest.fixture(autouse=True)
 def _restore_grad_mode():
-    """`open_chapter` turns autograd off for the whole process (as a notebook wants); tests that call it in
-    process must not leave it off for later tests that train (sae-lens's runner needs gradients)."""
-    enabled = torch.is_grad_enabled()
+    """`open_chapter` turns autograd off for the whole process (as a notebook wants), and a module-scoped
+    fixture may do so before a test starts: every test starts with autograd on (torch's default; sae-lens's
+    training runner needs it) and leaves it on for the next."""
+    torch.set_grad_enabled(True)
     yield
-    torch.set_grad_enabled(enabled)
+    torch.set_grad_enabled(True)

@@ -30,6 +30,8 @@ EXECUTED = REPO / "book" / "demo"
 SANITIZE = REPO / "tests" / "nbval_sanitize.cfg"
 FIGURE = "<plotly figure>"  # what the sanitize file replaces every plotly output with
 # (chapter stem, text in the cell's source, why its output is not compared)
+# the cross-model page prints whatever targets and atlas rows this machine holds: not one fixed output
+NOT_CHECKED = {"90_cross_model"}
 IGNORE_OUTPUT = [
     ("00_demo_model", "training_time_s", "the demo SAEs' training time (seconds) differs on each training"),
     ("04_attention_saes", "quality = ch.sae_quality(ctx)", "its table shows each SAE's training time"),
@@ -114,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     fingerprint = demo_sae_fingerprint()
     REFERENCES.mkdir(exist_ok=True)
     for source in chapter_sources():
+        if source.stem in NOT_CHECKED:
+            continue
         if args.chapters and source.stem[:2] not in args.chapters and source.stem not in args.chapters:
             continue
         nb = reference(json.loads((EXECUTED / f"{source.stem}.ipynb").read_text()), source.stem, fingerprint)
@@ -122,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_bytes(out, text.encode())
         print(f"[nbval-refresh] {out.relative_to(REPO)} ({len(text) / 1e3:,.0f} kB)", flush=True)
     for stale in sorted(set(REFERENCES.glob("[0-9][0-9]_*.ipynb")) - {REFERENCES / f"{s.stem}.ipynb"
-                                                                      for s in chapter_sources()}):
+                                                                      for s in chapter_sources()
+                                                                      if s.stem not in NOT_CHECKED}):
         stale.unlink()  # a chapter that no longer exists
         print(f"[nbval-refresh] removed {stale.relative_to(REPO)}")
     return 0

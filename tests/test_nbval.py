@@ -49,15 +49,22 @@ def _code_sources(cells) -> list[str]:
             if c["cell_type"] == "code" and "injected-parameters" not in c["metadata"].get("tags", [])]
 
 
+def _checked() -> list[Path]:
+    """The chapter sources nbval checks (the cross-model page prints whatever this machine holds)."""
+    from nbval_refresh import NOT_CHECKED
+
+    return [source for source in chapter_sources() if source.stem not in NOT_CHECKED]
+
+
 def _references() -> list[Path]:
-    return [REFERENCES / f"{source.stem}.ipynb" for source in chapter_sources()]
+    return [REFERENCES / f"{source.stem}.ipynb" for source in _checked()]
 
 
 @pytest.mark.slow
 def test_every_chapter_has_a_reference_made_from_its_current_source():
     import jupytext
 
-    for source, path in zip(chapter_sources(), _references()):
+    for source, path in zip(_checked(), _references()):
         assert path.is_file(), f"no nbval reference for {source.name}: run `make nbval-refresh` and commit it"
         stored = _code_sources(json.loads(path.read_text())["cells"])
         assert stored == _code_sources(jupytext.read(source).cells), (
