@@ -140,8 +140,10 @@ def build_saes(model_folder: Path, folder: Path, *, d_sae: int = 48, layers=None
 
 
 def write_params(target: str, model_folder: Path, sae_folder: Path, path: Path, *,
-                 chapters: dict | None = None, layers="all") -> Path:
-    """A parameters file naming the stand-in and its SAE folder (small chapter settings by default)."""
+                 chapters: dict | None = None, layers="all", attn_sae_folder: Path | None = None,
+                 processing: str | None = None) -> Path:
+    """A parameters file naming the stand-in and its SAE folder (small chapter settings by default);
+    `attn_sae_folder` names hook_z SAEs for chapter 4, `processing` sets `model.processing` (e.g. "auto")."""
     import yaml
 
     chapters = chapters if chapters is not None else {
@@ -150,9 +152,12 @@ def write_params(target: str, model_folder: Path, sae_folder: Path, path: Path, 
         "07_in_context": {"n_tokens": 2048, "n_boot": 200, "n_ablate": 2, "ablate_positions": 4,
                           "n_random_pairs": 8},
     }
-    raw = {"target": target, "title": f"stand-in {target}", "model": {"name": str(model_folder)},
+    model = {"name": str(model_folder), **({"processing": processing} if processing else {})}
+    raw = {"target": target, "title": f"stand-in {target}", "model": model,
            "saes": {"source": str(sae_folder)}, "layers": layers, "device": "cpu", "dtype": "float32",
            "chapters": chapters}
+    if attn_sae_folder is not None:
+        raw["attn_saes"] = {"source": str(attn_sae_folder)}
     path = Path(path)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

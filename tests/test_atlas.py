@@ -140,8 +140,8 @@ def test_killed_run_resumes_and_rows_equal_chapter_1(saes_list, ray_session, tmp
     from weightscope.load.weights_model import load_weights_model
 
     model = load_weights_model("stories260K", progress=False)
-    ctx = SimpleNamespace(target=SimpleNamespace(target="atlas-test", neuronpedia=None),
-                          provenance=lambda **kw: kw, dtype=torch.float32)
+    ctx = SimpleNamespace(params=SimpleNamespace(target="atlas-test", neuronpedia=None),
+                          provenance=lambda **kw: {"chapter": kw}, dtype=torch.float32)
     try:
         for job in jobs[:1] + jobs[-1:]:
             sae = load_saes(job.source, [job.sae_id])[0]

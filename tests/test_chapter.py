@@ -5,6 +5,7 @@ import ast
 import dataclasses
 import importlib
 import inspect
+import re
 import shutil
 import subprocess
 import sys
@@ -98,6 +99,21 @@ def test_every_chapter_follows_the_contract(stem):
     source = next(s for s in chapter_sources() if s.stem == stem)
     problems = contract_problems(stem, notebook_defaults(source), chapters.CHAPTERS)
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("stem", CHAPTER_STEMS)
+def test_every_input_a_chapter_reads_is_checked_by_the_preflight(stem):
+    """A chapter that reads held-out text or an earlier chapter's table names it in `Config.inputs()`, so a
+    missing corpus or table stops the run before any chapter works (not minutes into this one)."""
+    from weightscope.chapters.context import HELD_OUT_TEXT, TableInput
+
+    module = importlib.import_module(chapters.CHAPTERS[stem])
+    text = inspect.getsource(module)
+    inputs = set(module.Config().inputs()) if hasattr(module.Config, "inputs") else set()
+    if "held_out_rows(" in text:
+        assert set(HELD_OUT_TEXT) <= inputs, f"{stem} reads held-out stories without declaring them"
+    for name, producer in re.findall(r'require_table\([^,]+, "(\w+)", produced_by="(\w+)"\)', text):
+        assert TableInput(name, producer) in inputs, f"{stem} reads {name} without declaring it"
 
 
 def test_every_registered_chapter_has_a_notebook():

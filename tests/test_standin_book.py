@@ -35,8 +35,13 @@ def _book(arch: str, tmp_path: Path, html: bool):
     """Build the stand-in, run the book for it; returns (proc, target, model folder, SAE folder, data dir)."""
     folder = standins.build_model(arch, tmp_path / f"model-{arch}", seed=5)
     saes = standins.build_saes(folder, tmp_path / f"saes-{arch}")
+    # hook_z SAEs recording the residual SAEs' processing (as the gpt2-small-hook-z-kk release does)
+    flags = {"center_writing_weights": True} if arch == "gpt2" else {}
+    attn = standins.build_attn_saes(folder, tmp_path / f"attn-saes-{arch}", flags=flags)
     target = f"standin-{arch}"
-    params = standins.write_params(target, folder, saes, tmp_path / f"{target}.yaml")
+    # `processing: auto` and `attn_saes`, as the shipped params/gpt2-small.yaml and gemma-2-2b.yaml
+    params = standins.write_params(target, folder, saes, tmp_path / f"{target}.yaml", attn_sae_folder=attn,
+                                   processing="auto")
     book = tmp_path / "book"  # a book of its own: the checkout's HTML never links to the stand-in's pages
     book.mkdir()
     for name in ("_config.yml", "intro.md", "_ext", "_css", "appendix"):
@@ -44,7 +49,7 @@ def _book(arch: str, tmp_path: Path, html: bool):
     env = {**os.environ, "WEIGHTSCOPE_DATA": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1",
            "WEIGHTSCOPE_BOOK": str(book)}
     # every chapter: those with forward passes build the stand-in as a HookedTransformer (load.hooked);
-    # 04 is skipped (the stand-ins name no attention-output SAEs), 05 on Gemma-2 (its post-attention norm)
+    # every chapter runs but 05 on Gemma-2 (its post-attention norm)
     cmd = [sys.executable, "-m", "weightscope.publish.book", "--target", str(params)]
     cmd += [] if html else ["--no-html"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -97,28 +102,20 @@ def _check_results(arch, target, folder, saes, data):
             if wrong != "gqa_modulo":  # the output side has no heads
                 assert got != top(wrong), wrong
 
-        reads = _table(data, target, f"02_attention_reads/layer_{layer:02d}_reads")
-        if reads.empty:  # the last block's hook_resid_post is read by no later attention
-            assert layer == int(cfg.get("num_hidden_layers", cfg.get("n_layer"))) - 1
-            continue
-        n_heads = int(reads["head"].max()) + 1
-        for read_layer in sorted(reads["read_layer"].unique()):
-            part = reads[reads["read_layer"] == read_layer].sort_values(["feature", "head"])
-            D = W_dec[part["feature"].unique().tolist()]
-            ref = standins.reference_reads(cfg, sd, D, int(read_layer), centre)
-            for name in "qkv":
-                mine = torch.tensor(part[name].to_numpy()).view(-1, n_heads)
-                assert torch.allclose(mine, ref[name], rtol=1e-4, atol=1e-5), (layer, read_layer, name)
-            for wrong in standins.applicable_wrong_folds(arch):
-                bad = standins.reference_reads(cfg, sd, D, int(read_layer), centre, wrong)
-                assert not all(torch.allclose(torch.tensor(part[n].to_numpy()).view(-1, n_heads), bad[n],
-                                              rtol=1e-4, atol=1e-5) for n in "qkv"), wrong
+        # chapter 2 keeps each head's summary, not the long reads table; the reads themselves are compared with
+        # plain torch (and with each wrong fold) by test_weights_model, through the function chapter 2 calls
+        heads = _table(data, target, "02_heads")
+        mine = heads[heads["layer"] == layer]
+        n_layers = int(cfg.get("num_hidden_layers", cfg.get("n_layer")))
+        assert sorted(mine["read_layer"].unique()) == list(range(layer + 1, n_layers))  # later blocks only
+        assert (mine["n_features"] == W_dec.shape[0]).all() and mine["any_frac"].between(0, 1).all()
 
 
 def _check_pages(arch: str, proc, pages: dict[str, str]):
-    skipped = {"04_attention_saes"} | ({"05_context_neurons"} if arch == "gemma2" else set())
+    skipped = {"05_context_neurons"} if arch == "gemma2" else set()
     expected = {"00_demo_model", "01_output_tokens", "02_attention", "03_semantic_populations",
-                "04_attention_saes", "05_context_neurons", "06_ffkv_baseline"} - skipped
+                "04_attention_saes", "05_context_neurons", "06_ffkv_baseline", "07_in_context",
+                "90_cross_model"} - skipped
     assert set(pages) == expected, sorted(pages)
     for stem in skipped:
         assert f"{stem} skipped: " in proc.stdout, stem
@@ -155,8 +152,8 @@ def standins_selected(request):
         pytest.skip("runs in CI (CI=true) or with `pytest -m standins`: the book for every real architecture")
 
 
-@pytest.mark.standins
-@pytest.mark.parametrize("arch", standins.REAL_ARCHS)
+@pytest.mark.standins  # Gemma-2's book is run (with HTML) by test_gemma2_standin_book_end_to_end
+@pytest.mark.parametrize("arch", [a for a in standins.REAL_ARCHS if a != "gemma2"])
 def test_every_real_architecture_standin_book(arch, tmp_path, standins_selected):
     proc, target, folder, saes, data, pages = _book(arch, tmp_path, html=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -281,6 +281,13 @@ def file_lock(path: Path, *, what: str, wait: bool, poll_s: float = 2.0) -> Iter
         handle.close()  # closing drops the lock
 
 
+def progress(line: str) -> None:
+    """Print a progress line (silenced by WEIGHTSCOPE_PROGRESS=0). Lines that start with a chapter's stem
+    ("05_context_neurons: ...") reach the terminal while the book runs and are dropped from the page."""
+    if progress_enabled():
+        print(line, flush=True)
+
+
 def cached_tables(target: str, names: list[str] | None, provenance: dict[str, Any], compute, *,
                   label: str | None = None) -> dict[str, pd.DataFrame]:
     """Tables made by one computation, cached together: the one caching helper every chapter uses.
@@ -296,8 +303,8 @@ def cached_tables(target: str, names: list[str] | None, provenance: dict[str, An
         found = {n: load_table(target, n, key=key) for n in names}
         if all(frame is not None for frame in found.values()):
             return found
-    if label and progress_enabled():
-        print(f"{label} ...", flush=True)
+    if label:
+        progress(f"{label} ...")
     found = compute()
     for name, frame in found.items():
         save_table(frame, target, name, key=key, params=provenance)

@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from weightscope import io
+from weightscope.chapters.context import HELD_OUT_TEXT
 from weightscope.chapters.findings import percent
 from weightscope.compute import dfa as dfa_k
 from weightscope.compute import head_attribution as ha
@@ -78,6 +79,10 @@ class Config:
                             "destination has at most text_ctx sources")
         if problems:
             raise ParamsError("; ".join(problems) + ".")
+
+    def inputs(self) -> list:
+        """What `run` reads besides the model and SAEs (checked by the pre-flight): held-out stories."""
+        return list(HELD_OUT_TEXT)
 
     def problems(self, dims) -> list[str]:
         """Checks that need the model's sizes; `dims`: `model.cfg`, or the pre-flight's `ModelDims`."""

@@ -25,7 +25,6 @@ from weightscope.compute import context_neurons as cn
 from weightscope.compute import positional_kernels as pk
 from weightscope.config.params import ParamsError
 from weightscope.chapters.context import CorpusInput
-from weightscope.config.paths import progress_enabled
 from weightscope.load import corpora
 
 STEM = "05_context_neurons"
@@ -169,7 +168,7 @@ def run(ctx, config: Config, *, model=None) -> Tables:
     provenance = ctx.provenance(**asdict(config))
 
     def compute():
-        _progress(f"forward passes up to block {config.layer}")
+        io.progress(f"{STEM}: forward passes up to block {config.layer}")
         tok = model.tokenizer
         cal = _windows(tok, config, config.calibration, heldout=False)
         held = {g: _windows(tok, config, name, heldout=True) for g, name in config.heldout.items()}
@@ -177,11 +176,6 @@ def run(ctx, config: Config, *, model=None) -> Tables:
 
     found = io.cached_tables(ctx.params.target, NAMES, provenance, compute, label=f"{STEM}: computing")
     return Tables(*(found[n] for n in NAMES), config=config)
-
-
-def _progress(step: str) -> None:
-    if progress_enabled():
-        print(f"{STEM}: {step} ...", flush=True)
 
 
 def _windows(tokenizer, config: Config, name: str, *, heldout: bool) -> torch.Tensor:
@@ -348,14 +342,14 @@ def predict(m: Measured, config: Config, lp: LayerPass, heads: list[int], parts,
 
 def compute_tables(model, config: Config, m: Measured) -> dict[str, pd.DataFrame]:
     """Every table of the chapter from the forward passes `m`."""
-    _progress("kernels, spreads, content and translation TVs with their split-half nulls")
+    io.progress(f"{STEM}: kernels, spreads, content and translation TVs with their split-half nulls")
     out = head_tables(m, config)
     heads, how, applies = chosen_heads(out["05_heads"], config)
     mode = resolved_norm_scale(config, model.cfg)
-    _progress(f"linear summary of heads {heads} and its position-only floor")
+    io.progress(f"{STEM}: linear summary of heads {heads} and its position-only floor")
     out.update(summary_tables(m, config, heads, how))
     if applies:
-        _progress(f"{model.cfg.d_mlp} neurons: context shares, pushes, held-out checks, genre nulls")
+        io.progress(f"{STEM}: {model.cfg.d_mlp} neurons: context shares, pushes, held-out checks, genre nulls")
         out.update(neuron_tables(m, config, heads))
     else:
         out.update({n: pd.DataFrame() for n in ("05_neurons", "05_pushes", "05_check", "05_genres",

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 from weightscope import io
+from weightscope.chapters.context import HELD_OUT_TEXT
 from weightscope.chapters import output_tokens
 from weightscope.chapters.findings import percent
 from weightscope.compute import ffkv, lens, populations as pops
@@ -113,6 +114,10 @@ class Config:
     def lens_config(self) -> output_tokens.Config:
         """Chapter 1's `Config` with these values (the rule, its nulls and its token filter)."""
         return output_tokens.Config(**{name: getattr(self, name) for name in LENS_FIELDS})
+
+    def inputs(self) -> list:
+        """What `run` reads besides the model and SAEs (checked by the pre-flight): held-out stories."""
+        return list(HELD_OUT_TEXT)
 
     def problems(self, dims) -> list[str]:
         """Checks that need the model's sizes; `dims`: `model.cfg`, or the pre-flight's `ModelDims`."""
@@ -453,7 +458,8 @@ def alignment(ctx, cfg: Config, model, saes) -> pd.DataFrame:
     """`alignment_rows`, cached under `06_alignment`."""
     provenance = ctx.provenance(**dataclasses.asdict(cfg), step="alignment")
     return io.cached_tables(ctx.params.target, ["06_alignment"], provenance, lambda: {
-        "06_alignment": alignment_rows(model, saes, cfg, device=ctx.device)}, label="06: alignment")["06_alignment"]
+        "06_alignment": alignment_rows(model, saes, cfg, device=ctx.device)},
+        label="06_ffkv_baseline: alignment")["06_alignment"]
 
 
 def alignment_rows(model, saes, cfg: Config, *, device=None) -> pd.DataFrame:
@@ -528,7 +534,7 @@ def held_out_checks(ctx, cfg: Config, saes, *, full=None) -> pd.DataFrame:
         return {"06_activation_checks": activation_checks(model, saes, tokens, cfg, bos_id=bos)}
 
     return io.cached_tables(ctx.params.target, ["06_activation_checks"], provenance, compute,
-                            label="06: held-out checks")["06_activation_checks"]
+                            label="06_ffkv_baseline: held-out checks")["06_activation_checks"]
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from weightscope import io
+from weightscope.chapters.context import HELD_OUT_TEXT, TableInput
 from weightscope.chapters.findings import number
 from weightscope.compute import in_context as ic
 from weightscope.compute.lens import output_matrix, token_strings
@@ -29,6 +30,7 @@ from weightscope.config.params import ParamsError
 from weightscope.config.paths import progress_enabled
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
+STEM = "07_in_context"
 MIN_ITEMS = 5  # a claim resting on fewer features (or pairs) is inconclusive, whatever its interval
 DIRECT_CLAIM = ("output: the direct path (decoder x unembedding) is about a feature's whole effect on its "
                 "top tokens")
@@ -73,6 +75,13 @@ class Config:
             problems.append(f"n_boot = {self.n_boot}: use at least 100 bootstrap resamples")
         if problems:
             raise ParamsError("; ".join(problems) + ".")
+
+    def inputs(self) -> list:
+        """What `run` reads besides the model and SAEs (checked by the pre-flight): held-out stories and the
+        tables of chapters 1-3."""
+        return [*HELD_OUT_TEXT, TableInput("01_features", produced_by="01_output_tokens"),
+                TableInput("02_features", produced_by="02_attention"),
+                TableInput("03_labels", produced_by="03_semantic_populations")]
 
     def problems(self, dims) -> list[str]:
         """Checks that need the model's sizes; `dims`: `model.cfg`, or the pre-flight's `ModelDims`."""
@@ -129,7 +138,7 @@ def run(ctx, config: Config, *, model=None, saes=None, full=None) -> Tables:
         return dict(zip(names, measure(full, [saes[i] for i in range(len(saes))], feats, pairs, labels,
                                        config, text, settings)))
 
-    tabs = io.cached_tables(target, names, provenance, compute, label="07_in_context: measuring on held-out text")
+    tabs = io.cached_tables(target, names, provenance, compute, label=f"{STEM}: measuring on held-out text")
     return Tables(*(tabs[n] for n in names), config=config)
 
 
@@ -164,8 +173,8 @@ def measure(full, saes: list, feats: pd.DataFrame, pairs: pd.DataFrame | None, l
     n_keep = ic.keep_per_feature(budget // 2, len(saes), d_sae, config.n_keep)
     batch_rows = ic.batch_rows_for(budget // 2, config.row_len, d_sae, len(saes))
     heads = pair_heads(pairs)
-    say(f"activation pass: {tokens.numel():,} tokens in batches of {batch_rows} rows, {n_keep} firings kept "
-        f"per feature")
+    io.progress(f"{STEM}: activation pass: {tokens.numel():,} tokens in batches of {batch_rows} rows, "
+                f"{n_keep} firings kept per feature")
     res = ic.firing_pass(full, saes, tokens, n_keep=n_keep, batch_rows=batch_rows, bos_id=bos,
                          attn_layers=sorted({h[0] for h in heads}), progress=progress_enabled())
     flat = res.tokens.reshape(-1)
@@ -173,7 +182,8 @@ def measure(full, saes: list, feats: pd.DataFrame, pairs: pd.DataFrame | None, l
     output = side_table(res, feats, "dec", nxt, config.k_out, full.cfg.d_vocab)
     inp = side_table(res, feats, "enc", flat, config.m_in, full.cfg.d_vocab)
     output = output.merge(direct_table(full, saes, res, feats, config), on=["layer", "feature"], how="left")
-    say(f"ablations: up to {config.n_ablate} features per SAE; query-key pairs of {len(heads)} heads")
+    io.progress(f"{STEM}: ablations: up to {config.n_ablate} features per SAE; query-key pairs of "
+                f"{len(heads)} heads")
     effects = ablation_table(full, saes, res, feats, output, config)
     pair_rows = pair_table(full, saes, res, pairs, heads, config, settings or pair_settings(None))
     words = word_table(full, res, labels, config)
@@ -184,12 +194,6 @@ def measure(full, saes: list, feats: pd.DataFrame, pairs: pd.DataFrame | None, l
                           "firings kept per feature": n_keep,
                           "batch rows": batch_rows}])
     return [output, inp, effects, pair_rows, words, sens, summary, text]
-
-
-def say(line: str) -> None:
-    """A progress line (silenced by WEIGHTSCOPE_PROGRESS=0)."""
-    if progress_enabled():
-        print(line, flush=True)
 
 
 def _ids(feats: pd.DataFrame, layer: int, side: str, k: int, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,6 +36,8 @@ import pandas as pd
 from weightscope import io
 from weightscope.chapters import attention as ch2
 from weightscope.chapters import output_tokens as ch1
+from weightscope.compute.attention import reads_summary
+from weightscope.config.params import PROCESSING_FLAGS
 from weightscope.config.paths import progress_enabled, results_dir
 
 DEFAULT_LIST = Path(__file__).with_name("atlas_default.yaml")
@@ -158,10 +160,12 @@ def _folder_jobs(folder: str, model: str | None, regex, pattern) -> list[Job]:
 
 def measure(model, sae, c1: ch1.Config, c2: ch2.Config, *, vocab, keep, dtype,
             device) -> dict[str, pd.DataFrame]:
-    """Chapters 1 and 2 on one SAE, by the chapters' functions: {"features", "nulls", "reads"}."""
+    """Chapters 1 and 2 on one SAE, by the chapters' functions: {"features", "nulls", "heads", "profiles"}
+    (chapter 2's per-head summary and per-feature profiles: like chapter 2, the long reads table is not kept)."""
     tabs = ch1.analyse_one(sae, model, c1, vocab=vocab, keep=keep, dtype=dtype)
     _, reads = ch2.sae_reads(model, sae, c2, dtype=dtype, device=device)
-    return {"features": tabs["features"], "nulls": tabs["nulls"], "reads": reads}
+    return {"features": tabs["features"], "nulls": tabs["nulls"], "heads": reads_summary(reads),
+            "profiles": ch2.feature_profiles(reads)}
 
 
 def summary_row(tabs: dict[str, pd.DataFrame], c2: ch2.Config) -> dict:
@@ -178,7 +182,7 @@ def summary_row(tabs: dict[str, pd.DataFrame], c2: ch2.Config) -> dict:
         row[f"{name}_lo"], row[f"{name}_hi"] = wilson(p, n)
         row[f"{name}_null_random"] = float(r["null: random"])
         row[f"{name}_null_shuffled"] = float(r["null: shuffled"])
-    for r in ch2.participation(tabs["reads"], c2).itertuples():
+    for r in ch2.participation(tabs["heads"], c2).itertuples():
         key = f"attn_{r.side.split()[0]}_{'iso' if r.null == 'isotropic' else 'cov'}"
         row[key], row["attn_chance"] = r.rate, r.chance
     row["n_features"] = n
@@ -237,8 +241,7 @@ class ModelWorker:
         sae = load_saes(job.source, [job.sae_id] if job.sae_id else None, device=str(self.device))[0]
         require_residual(sae)
         check_fits(sae, self.model)
-        flags = {k: bool(v) for k, v in (sae.model_from_pretrained_kwargs or {}).items()
-                 if k in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")}
+        flags = {k: bool(v) for k, v in (sae.model_from_pretrained_kwargs or {}).items() if k in PROCESSING_FLAGS}
         if self.processing is None:
             apply_processing(self.model, flags)
             self.processing = flags
@@ -313,7 +316,7 @@ def load_result(key: str) -> dict | None:
 
 def save_result(key: str, job: Job, result: dict) -> dict:
     """The per-SAE tables (one tidy table, a `table` column naming chapter 1's features/nulls or chapter 2's
-    reads), then the record with the table's checksum: the record is the proof of a finished result."""
+    heads/profiles), then the record with the table's checksum: the record is the proof of a finished result."""
     table, meta = _paths(key)
     record = {"key": key, **_job_columns(job), "status": result["status"], "reason": result["reason"],
               **result["row"], "versions": json.dumps(io.versions())}

@@ -289,7 +289,8 @@ def chapter_problems(target: Target, stem: str, defaults: dict[str, Any], dims: 
     out = [f"{where}: {p}" for p in config.problems(dims)] if checked else []
     inputs = config.inputs() if hasattr(config, "inputs") else []
     found = [item.problem(target, earlier or set()) for item in inputs]
-    return out + [f"{where}: {p}" for p in found if p] + own
+    found = list(dict.fromkeys(p for p in found if p))  # two files of one missing folder: one problem
+    return out + [f"{where}: {p}" for p in found] + own
 
 
 def skipped_chapters(resolved: ResolvedTarget, sources: list[Path]) -> dict[str, str]:
