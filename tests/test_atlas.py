@@ -102,6 +102,37 @@ def test_dry_run_counts_saes_and_models(saes_list, capsys, tmp_path, monkeypatch
     assert not list(tmp_path.iterdir())  # nothing started, nothing written
 
 
+def test_dry_run_bytes_come_from_the_hub_listing_where_it_answers(monkeypatch):
+    """A release's SAE is sized by its files in the hub's listing (one listing per repository); where the hub
+    does not answer, by its width; a local SAE downloads nothing."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    mb = 2**20
+    files = [SimpleNamespace(rfilename=f"layer_0/width_16k/average_l0_105/{n}", size=s)
+             for n, s in (("params.npz", 300 * mb), ("cfg.json", 1))]
+    files.append(SimpleNamespace(rfilename="layer_1/width_16k/average_l0_102/params.npz", size=7))
+    calls = []
+
+    class Hub:
+        def model_info(self, repo_id, **kw):
+            calls.append(repo_id)
+            if repo_id != "google/gemma-scope-2b-pt-res":
+                raise OSError("unreachable")
+            return SimpleNamespace(siblings=files)
+
+    jobs = atlas.expand([{"release": "gemma-scope-2b-pt-res-canonical", "ids": "^layer_0/width_16k/canonical$"},
+                         {"release": "gpt2-small-res-jb", "ids": r"^blocks\.0\."}, {"folder": "demo"}])
+    sizes = atlas.hub_sizes(jobs, api=Hub())
+    assert sizes == {("gemma-scope-2b-pt-res-canonical", "layer_0/width_16k/canonical"): 300 * mb + 1}
+    assert sorted(calls) == ["google/gemma-scope-2b-pt-res", "jbloom/GPT2-Small-SAEs-Reformatted"]
+    table = atlas.plan(jobs, sizes).set_index("model")
+    assert table.loc["gemma-2-2b", "bytes"] == 300 * mb + 1 and table.loc["gemma-2-2b", "sized_from_hub"] == 1
+    # the hub did not answer and the id names no width: two float32 matrices at the assumed width
+    assert table.loc["gpt2-small", "bytes"] == 2 * 4 * atlas.ASSUMED_WIDTH * 768
+    assert table.loc["stories260K", "bytes"] == 0
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert atlas.hub_sizes(jobs, api=Hub()) == {}
+
+
 def test_wilson_interval_brackets_the_rate():
     lo, hi = atlas.wilson(0.1, 100)
     assert lo < 0.1 < hi and 0.05 < lo and hi < 0.18

@@ -43,6 +43,7 @@ from weightscope.config.paths import progress_enabled, results_dir
 DEFAULT_LIST = Path(__file__).with_name("atlas_default.yaml")
 TARGET = "atlas"  # the atlas's tables live in data/results/atlas/
 FLOP_RATE_CPU = 5e10  # fallback FLOP/s for the dry run's estimate when no benchmark result exists
+ASSUMED_WIDTH = 16384  # the dry run's width where neither the SAE's id nor a local cfg.json gives one
 GPU_FLOP_RATE = 2e14  # a modern GPU's dense float32/TF32 rate, for the dry run's per-device estimate
 
 
@@ -342,19 +343,57 @@ def write_summary(records: list[dict]) -> pd.DataFrame:
 # The fan-out
 
 
-def plan(jobs: list[Job]) -> pd.DataFrame:
-    """Per model: SAEs, bytes to download (from the widths: two float32 matrices), FLOP, estimated seconds."""
+def plan(jobs: list[Job], sizes: dict[tuple[str, str], int] | None = None) -> pd.DataFrame:
+    """Per model: SAEs, bytes to download, FLOP, estimated seconds per device.
+
+    Bytes: a local SAE downloads nothing; a release's SAE counts its files' sizes on the hub where `sizes`
+    ({(release, sae_id): bytes}, `hub_sizes`) has them, else two float32 [d_sae, d_model] matrices (the
+    `sized_from_hub` column counts the first kind)."""
+    sizes = sizes or {}
     rows = []
     for job in jobs:
-        d_sae = job.d_sae or 16384
+        d_sae = job.d_sae or ASSUMED_WIDTH
         d_model, d_vocab = _model_dims(job.model)
         flop = 2 * 2 * d_sae * d_model * d_vocab  # decoder and encoder sides against the (un)embedding
-        rows.append({"model": job.model, "saes": 1, "bytes": 2 * 4 * d_sae * d_model, "flop": flop,
-                     "local": job.weights_sha is not None})
+        local = job.weights_sha is not None
+        hub = sizes.get((job.source, job.sae_id))
+        nbytes = 0 if local else hub if hub is not None else 2 * 4 * d_sae * d_model
+        rows.append({"model": job.model, "saes": 1, "bytes": nbytes, "sized_from_hub": hub is not None,
+                     "flop": flop, "local": local})
     df = pd.DataFrame(rows).groupby("model", as_index=False).sum(numeric_only=True)
     df["cpu_s"] = df["flop"] / FLOP_RATE_CPU
     df["gpu_s"] = df["flop"] / GPU_FLOP_RATE
     return df
+
+
+def hub_sizes(jobs: list[Job], api=None) -> dict[tuple[str, str], int]:
+    """{(release, sae_id): bytes of the SAE's files on the hub} for the release jobs whose repository the hub
+    lists (one listing per repository); {} offline (`HF_HUB_OFFLINE=1`) or where the hub does not answer."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return {}
+    from weightscope.load.saes import pretrained_directory
+
+    directory = pretrained_directory()
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    listings, out = {}, {}
+    for job in jobs:
+        lookup = directory.get(job.source) if job.weights_sha is None else None
+        if lookup is None or job.sae_id not in lookup.saes_map:
+            continue
+        if lookup.repo_id not in listings:
+            try:
+                info = api.model_info(lookup.repo_id, files_metadata=True, timeout=10)
+                listings[lookup.repo_id] = {f.rfilename: f.size or 0 for f in info.siblings or []}
+            except Exception:  # noqa: BLE001 - unreachable, gated, renamed: the widths give the estimate
+                listings[lookup.repo_id] = None
+        files, path = listings[lookup.repo_id], lookup.saes_map[job.sae_id].strip("/")
+        size = sum(v for k, v in (files or {}).items() if k == path or k.startswith(path + "/"))
+        if size:
+            out[(job.source, job.sae_id)] = size
+    return out
 
 
 _KNOWN_DIMS = {"gemma-2-2b": (2304, 256000), "gemma-2-9b": (3584, 256000), "gpt2-small": (768, 50257),
@@ -486,7 +525,7 @@ def main(argv=None) -> int:
         c2 = ch2.Config(max_features=args.max_features, n_null=args.n_null)
         if args.dry_run:
             print(f"atlas: {len(jobs)} SAEs over {len({j.model for j in jobs})} models")
-            print(plan(jobs).to_string(index=False))
+            print(plan(jobs, hub_sizes(jobs)).to_string(index=False))
             return 0
         if args.address:
             connect(args.address, args.workers)  # an unreachable cluster is refused before any task
