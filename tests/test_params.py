@@ -82,3 +82,20 @@ def test_chapter_overrides_are_typed():
         check_overrides(defaults, {"use_null": 1}, where="w")
     with pytest.raises(ParamsError, match="between 0 and 1"):
         check_quantile(1.5, "quantile")
+
+
+def test_relative_folders_are_read_from_the_params_file(tmp_path, monkeypatch):
+    """"./x" in a params file means next to the file, wherever the book is run from (the pre-flight and the
+    chapters run in different folders); hub ids and plain names are left as they are."""
+    (tmp_path / "p").mkdir()
+    raw = {"target": "rel", "model": {"name": "./model"}, "saes": {"source": "../saes"},
+           "attn_saes": {"source": "./attn"}}
+    path = tmp_path / "p" / "rel.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    target = load_target(str(path))
+    assert target.model_name == str(tmp_path / "p" / "model")
+    assert target.sae_source == str(tmp_path / "saes")
+    assert target.attn_saes["source"] == str(tmp_path / "p" / "attn")
+    hub = parse_target({**raw, "model": {"name": "google/gemma-2-2b"}, "saes": {"source": "demo"}}, path=path)
+    assert hub.model_name == "google/gemma-2-2b" and hub.sae_source == "demo"

@@ -135,9 +135,9 @@ def parse_target(raw: Any, *, path: Path | None = None) -> Target:
     return Target(
         target=_name(raw["target"], where),
         title=_string(raw.get("title", raw["target"]), where, "title"),
-        model_name=_string(model.get("name"), where, "model.name"),
+        model_name=_local(_string(model.get("name"), where, "model.name"), path),
         processing=_processing(model.get("processing", "auto"), where),
-        sae_source=_string(saes.get("source"), where, "saes.source"),
+        sae_source=_local(_string(saes.get("source"), where, "saes.source"), path),
         sae_id_template=_template(saes.get("id_template"), where, "saes.id_template"),
         neuronpedia=_template(saes.get("neuronpedia"), where, "saes.neuronpedia"),
         layers=_layers(raw.get("layers", "all"), where),
@@ -145,16 +145,24 @@ def parse_target(raw: Any, *, path: Path | None = None) -> Target:
         dtype=_choice(raw.get("dtype", "float32"), DTYPES, where, "dtype"),
         chapters=_chapters(raw.get("chapters") or {}, where),
         path=path,
-        attn_saes=_attn_saes(raw.get("attn_saes"), where),
+        attn_saes=_attn_saes(raw.get("attn_saes"), where, path),
     )
 
 
-def _attn_saes(value: Any, where: str) -> dict[str, str | None] | None:
+def _local(value: str, path: Path | None) -> str:
+    """A folder written "./x" or "../x" is relative to the parameters file (not to wherever the book runs
+    from: the pre-flight and the chapters run in different folders); "~" is the home folder."""
+    if value.startswith(("./", "../")) and path is not None:
+        return str((Path(path).parent / value).resolve())
+    return str(Path(value).expanduser()) if value.startswith("~") else value
+
+
+def _attn_saes(value: Any, where: str, path: Path | None = None) -> dict[str, str | None] | None:
     if value is None:
         return None
     _require_mapping(value, where, "attn_saes")
     _no_unknown(value, _SAE_KEYS, where, "attn_saes")
-    return {"source": _string(value.get("source"), where, "attn_saes.source"),
+    return {"source": _local(_string(value.get("source"), where, "attn_saes.source"), path),
             "id_template": _template(value.get("id_template"), where, "attn_saes.id_template"),
             "neuronpedia": _template(value.get("neuronpedia"), where, "attn_saes.neuronpedia")}
 
