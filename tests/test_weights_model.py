@@ -108,7 +108,7 @@ def test_full_model_of_a_local_folder(standin, arch):
     as the weights-only model (the GPT-2 stand-in's SAEs record center_writing_weights)."""
     from transformer_lens import HookedTransformer
 
-    from weightscope.load.models import greedy_generate
+    from weightscope.chapters.model_intro import greedy_generate
 
     params, _, _ = standin(arch)
     ctx = open_chapter(str(params))

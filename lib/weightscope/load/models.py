@@ -207,18 +207,6 @@ def architecture_table(model, name: str | None = None):
     return table.rename_axis("property").reset_index()
 
 
-def greedy_generate(model, prompt: str, n_tokens: int) -> torch.Tensor:
-    """Greedy continuation: [1 + len(prompt tokens) + n_tokens] ids, BOS first (stops early at BOS/EOS)."""
-    ids = model.to_tokens(prompt)
-    stop = {model.tokenizer.bos_token_id, model.tokenizer.eos_token_id}
-    for _ in range(n_tokens):
-        next_id = model(ids)[0, -1].argmax()
-        if int(next_id) in stop:
-            break
-        ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
-    return ids[0]
-
-
 # ----------------------------------------------------------------------------------------------------
 # The full model of any target (the chapters that run forward passes)
 
