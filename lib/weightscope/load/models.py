@@ -120,18 +120,16 @@ def _load_stories260k(*, device, dtype, processing: dict[str, bool]) -> HookedTr
 def transformer_lens_name(name: str) -> str:
     """Official TransformerLens name of `name` (an official name or alias); ValueError, before any download,
     when TransformerLens does not know it."""
-    from transformer_lens.loading_from_pretrained import get_official_model_name
-
-    try:
-        return get_official_model_name(name)
-    except ValueError:
+    official = sources.transformer_lens_official_name(name)
+    if official is None:
         raise ValueError(
             f"Unknown model {name!r}: it is neither {DEMO_MODEL!r} (the offline demo model) nor a model "
             "TransformerLens knows. Valid names are in "
             "`transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES` (aliases in "
             "`transformer_lens.supported_models.MODEL_ALIASES`), e.g. 'gpt2-small', 'gemma-2-2b', "
             "'meta-llama/Llama-3.1-8B'."
-        ) from None
+        )
+    return official
 
 
 def _load_transformer_lens(name, *, device, dtype, processing: dict[str, bool], **flags) -> HookedTransformer:
