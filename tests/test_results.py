@@ -123,3 +123,24 @@ def test_cached_tables_recompute_a_set_left_half_written():
     assert len(calls) == 2 and third["b"]["y"].tolist() == [2]
     io.cached_tables("t", ["a", "b"], {"p": 2}, compute)  # other provenance: recomputed
     assert len(calls) == 3
+
+
+def test_an_sae_saved_again_into_its_folder_changes_the_keys(tmp_path):
+    """Results and executed pages are keyed by the local input files, not only the folder's name: an SAE
+    retrained into the same folder recomputes what read it; a hub source has no fingerprint."""
+    import yaml
+
+    from weightscope.chapters.context import input_files
+    from weightscope.config.params import load_target
+
+    saes = tmp_path / "saes" / "layer_0"
+    saes.mkdir(parents=True)
+    (saes / "sae_weights.safetensors").write_bytes(b"first")
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({"target": "t", "model": {"name": "gpt2-small"}, "saes": {"source": "./saes"}}))
+    before = input_files(load_target(str(path)))
+    assert before["model"] is None and before["saes"] is not None and before["attn_saes"] is None
+    assert input_files(load_target(str(path))) == before  # stable
+    (saes / "sae_weights.safetensors").write_bytes(b"second training")
+    assert input_files(load_target(str(path)))["saes"] != before["saes"]
+    assert io.folder_fingerprint(tmp_path / "missing") is None

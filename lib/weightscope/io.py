@@ -64,6 +64,17 @@ def cache_key(**parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def folder_fingerprint(folder: Path | None) -> str | None:
+    """A cheap fingerprint of a local folder's files (relative path, size, modification time; no reading), so
+    a checkpoint or SAE saved again into the same folder changes the cache keys of what read it. None when
+    `folder` is None or not a folder."""
+    if folder is None or not Path(folder).is_dir():
+        return None
+    blob = [(p.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns)
+            for p in sorted(Path(folder).rglob("*")) if p.is_file() for st in [p.stat()]]
+    return hashlib.sha256(json.dumps(blob).encode()).hexdigest()[:16]
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a partial one.
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 import platform
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from weightscope.config.params import PROCESSING_FLAGS, Target, load_target
-from weightscope.io import table_problem, versions
+from weightscope.io import folder_fingerprint, table_problem, versions
 from weightscope.load.corpora import STORIES_CASED, STORIES_LOWER, CorpusError, corpus_path, held_out_windows
 from weightscope.load.llama2c import BOS_ID, TOKENIZER_FILE, load_encoder, stories260k_dir
 from weightscope.load.models import load_full_model
@@ -127,6 +128,7 @@ class ChapterContext:
             "target": self.params.as_dict(),
             "chapter": chapter_params,
             "model_source": self.model_source,
+            "input_files": input_files(self.params),
             "processing": self.processing,
             "processing_notes": self.processing_notes,
             "device": str(self.device),
@@ -213,6 +215,28 @@ def check_target(params: Target, source: ModelSource) -> None:
     saes = SAESequence(params.sae_source, ids, layers, device="cpu", dtype=None, model=shape)
     if saes.metadata() is not None:
         saes.check()
+
+
+def input_files(params: Target) -> dict[str, str | None]:
+    """{model, saes, attn_saes: `io.folder_fingerprint` of the local folder the target names, None for a hub
+    source}: results and executed pages depend on the files, not only on the folder's name."""
+    from weightscope.load.saes import SAEError, demo_sae_folder
+
+    def folder(source: str | None) -> Path | None:
+        if source is None:
+            return None
+        if source.split(":")[0] == "demo":
+            try:
+                return demo_sae_folder(source.partition(":")[2] or "default")
+            except SAEError:
+                return None  # not prepared yet: the prepare stage comes first
+        path = Path(source).expanduser()
+        base = _params_dir(params)
+        return next((p for p in ([base / path] if base is not None else []) + [path] if p.is_dir()), None)
+
+    return {"model": folder_fingerprint(folder(params.model_name)),
+            "saes": folder_fingerprint(folder(params.sae_source)),
+            "attn_saes": folder_fingerprint(folder((params.attn_saes or {}).get("source")))}
 
 
 def _params_dir(params: Target):

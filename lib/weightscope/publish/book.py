@@ -39,6 +39,7 @@ from typing import Any
 
 from weightscope.config.params import (NOTEBOOK_PARAMETERS, PARAMS_DIR, PARAMS_FILE, ParamsError, Target,
                                        check_overrides, load_target)
+from weightscope.chapters.context import input_files
 from weightscope.config.paths import REPO_ROOT, cache_dir, corpora_dir, data_dir, models_dir
 from weightscope.io import (ARTIFACT_LOG, Busy, CacheError, StorageError, atomic_write_bytes,
                             atomic_write_json, code_fingerprint, file_lock, file_sha256, read_artifact_log,
@@ -122,12 +123,14 @@ def chapter_parameters(params: Target, source: Path, extra: dict[str, Any] | Non
 
 
 def run_key(source: Path, params: dict[str, Any], target: Target) -> str:
-    """What a cached execution depends on: the notebook, its parameters, the target file, code and versions."""
+    """What a cached execution depends on: the notebook, its parameters, the target file, its local input files,
+    code and versions."""
     blob = json.dumps(
         {
             "source": source.read_text(),
             "params": params,
             "target": target.as_dict(),
+            "input_files": input_files(target),
             "code": code_fingerprint(),
             "versions": versions(),
             "env": {k: os.environ.get(k) for k in ("WEIGHTSCOPE_MODELS", "WEIGHTSCOPE_CORPORA", "WEIGHTSCOPE_DATA")},
