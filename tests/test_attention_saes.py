@@ -603,7 +603,8 @@ def gemma_chapter(tmp_path_factory):
     config = ch.Config(top_k=4, n_null=2, text_rows=2, text_ctx=32, dfa_features=2, n_examples=2,
                        min_fires=1, induction_len=6, induction_rows=2)
     try:
-        yield ch, ch.run(open_chapter(str(params)), config), folder, attn
+        ctx = open_chapter(str(params))
+        yield ch, ch.run(ctx, config), folder, attn, resid, ctx, config
     finally:
         if before is None:
             os.environ.pop("WEIGHTSCOPE_DATA", None)
@@ -612,7 +613,7 @@ def gemma_chapter(tmp_path_factory):
 
 
 def test_processing_auto_with_attention_saes_runs_the_chapter(gemma_chapter):
-    ch, t, _, _ = gemma_chapter
+    ch, t, *_ = gemma_chapter
     assert t.info["post_attention_norm"] and len(t.writes) == 2 * 48 and len(t.examples) == 4
     assert any("normalises the attention output" in line for line in ch.findings(t)["saes"])
 
@@ -624,7 +625,7 @@ def test_gemma2_writes_equal_plain_torch_with_the_post_attention_norm(gemma_chap
     from weightscope.compute.lens import token_strings
     from weightscope.compute.token_scores import content_token_ids, token_categories
 
-    _, t, folder, attn = gemma_chapter
+    _, t, folder, attn, *_ = gemma_chapter
     cfg, sd = standins.hf_weights(folder)
     M = standins.reference_output_matrix(cfg, sd)
     tok, d_vocab = standins.tokenizer(), cfg["vocab_size"]
@@ -641,6 +642,69 @@ def test_gemma2_writes_equal_plain_torch_with_the_post_attention_norm(gemma_chap
 
         assert book == top(True)  # equal to plain torch with the norm's weight folded in
         assert sum(a != b for a, b in zip(book, top(False))) > len(book) // 2  # and unlike it without
+
+
+def _plain_topk_encode(folder, x):
+    """A TopK SAE's activations [n, d_sae] for x [n, d_in], from its saved files alone (sae-lens's rule:
+    subtract b_dec where `apply_b_dec_to_input`, keep the k largest pre-activations, ReLU)."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "cfg.json").read_text())
+    w = {k: v.float() for k, v in load_file(str(folder / "sae_weights.safetensors")).items()}
+    pre = (x - w["b_dec"] if cfg.get("apply_b_dec_to_input") else x) @ w["W_enc"] + w["b_enc"]
+    vals, idx = pre.topk(cfg["k"], dim=-1)
+    return torch.zeros_like(pre).scatter(-1, idx, vals.relu()), w
+
+
+def test_gemma2_recursive_dfa_equals_plain_torch_with_the_pre_attention_norm(gemma_chapter):
+    """Recursive DFA on the Gemma-2 stand-in, recomputed from the Hugging Face model alone: its attention
+    pattern, residual stream and RMSNorm (1 + weight, eps), and both SAEs' saved files."""
+    import standins
+    import transformers
+
+    from weightscope.load.corpora import held_out_windows
+
+    _, t, folder, attn, resid, ctx, config = gemma_chapter
+    cfg, sd = standins.hf_weights(folder)
+    tok, bos = standins.tokenizer(), cfg["bos_token_id"]
+    text = held_out_windows(lambda s: [bos] + tok.encode(s), n_tokens=config.text_rows * config.text_ctx,
+                            row_len=config.text_ctx)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = hf(text, output_hidden_states=True, output_attentions=True)
+    n_heads, n_kv, d_head = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    rd = t.rdfa.merge(t.examples[["layer", "feature", "row", "dest_token"]], on=["layer", "feature"])
+    assert set(rd["layer"]) == {1}  # the residual SAE on resid_post 0 is the stream layer 1's attention reads
+    vocab = [tok.decode([i]) for i in range(cfg["vocab_size"])]
+    for (layer, f), ex in rd.groupby(["layer", "feature"]):
+        e = ex.iloc[0]
+        row, d, h, s = int(e["row"]), int(e["dest"]), int(e["head"]), int(e["src"])
+        assert vocab[int(text[row, d])] == e["dest_token"]  # the same text as the chapter's
+        w_enc = _plain_topk_encode(attn / f"layer_{layer}", torch.zeros(1, n_heads * d_head))[1]["W_enc"]
+        x = out.hidden_states[layer][row]  # [pos, d_model]: the stream block `layer` reads
+        A = out.attentions[layer][row]  # [n_heads, dest, src]
+        W_V = sd[f"model.layers.{layer}.self_attn.v_proj.weight"].view(n_kv, d_head, -1)  # [kv, d_head, d_model]
+        g = sd[f"model.layers.{layer}.input_layernorm.weight"]
+        rms = (x.pow(2).mean(-1, keepdim=True) + cfg["rms_norm_eps"]).sqrt()  # [pos, 1]
+        kv = torch.arange(n_heads) // (n_heads // n_kv)
+        v = torch.einsum("pm,jkm->pjk", x / rms * (1 + g), W_V)  # [pos, kv, d_head]
+        w_head = w_enc[:, f].view(n_heads, d_head)
+        parts = A[:, d, :d + 1] * torch.einsum("spk,pk->ps", v[:d + 1, kv], w_head)  # [n_heads, src]
+        assert divmod(int(parts.abs().argmax()), d + 1) == (h, s)  # the largest part is the one split
+        assert e["part"] == pytest.approx(float(parts[h, s]), rel=1e-4, abs=1e-6)
+        acts, w_res = _plain_topk_encode(resid / f"layer_{layer - 1}", x[s][None])
+
+        def contributions(norm_weight):  # each active residual feature's share of the part
+            active = torch.nonzero(acts[0]).flatten()
+            writes = acts[0, active, None] * w_res["W_dec"][active]  # [m, d_model]
+            through = torch.einsum("am,km->ak", writes / rms[s] * norm_weight, W_V[kv[h]])
+            return dict(zip(active.tolist(), (A[h, d, s] * through @ w_head[h]).tolist()))
+
+        book = ex[ex["piece"] == "residual feature"].set_index("resid_feature")["contribution"].to_dict()
+        right, wrong = contributions(1 + g), contributions(g)  # Gemma's 1 + weight, and its raw weight
+        assert book and all(right[j] == pytest.approx(c, rel=1e-4, abs=1e-6) for j, c in book.items())
+        assert sum(abs(right[j] - wrong[j]) > 1e-3 * abs(right[j]) for j in book) > len(book) // 2
 
 
 def test_bad_chapter4_inputs_exit_2_before_any_chapter_runs(tmp_path):

@@ -29,3 +29,22 @@ def test_small_figures_and_heatmaps_are_left_alone():
     assert figures.sample_points(fig, 2) == (2, 3) and fig.layout.title.text.endswith("of 3 points)")
     fig = px.scatter(x=[1, 2, 3], y=[3, 2, 1], title="small")
     assert figures.sample_points(fig, 10) == (3, 3) and fig.layout.title.text == "small"
+
+
+def test_side_by_side_facets_show_their_x_title_once():
+    """Five facets in a row repeat one x title five times (overlapping in narrow facets): kept once, in the
+    middle; two facets, or one plot, keep theirs."""
+    import pandas as pd
+    import plotly.express as px
+
+    from weightscope.publish.figures import one_axis_title
+
+    df = pd.DataFrame({"x": range(40), "y": range(40), "f": [i % 5 for i in range(40)],
+                       "r": [i % 2 for i in range(40)]})
+    fig = px.scatter(df, x="x", y="y", facet_col="f", facet_row="r", labels={"x": "base rate"})
+    one_axis_title(fig)
+    titles = [a.title.text for a in fig.select_xaxes()]
+    assert titles.count("base rate") == 1 and titles[2] == "base rate"  # the bottom row's middle facet
+    two = px.scatter(df, x="x", y="y", facet_col="r")
+    one_axis_title(two)
+    assert [a.title.text for a in two.select_xaxes()] == ["x", "x"]

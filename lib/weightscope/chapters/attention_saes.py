@@ -295,6 +295,7 @@ def sae_quality(ctx) -> pd.DataFrame:
         ("L0", r.mean_l0 > TARGET_BAR["mean_l0_max"]),
         ("dead fraction", r.dead_fraction > TARGET_BAR["dead_fraction_max"])) if bad)
         for r in df.itertuples()]
+    df = df[["layer", "meets_bar", "misses", *cols[1:4], *cols[5:]]]  # the verdict first: it fits on a page
     df.attrs.update(bar=TARGET_BAR, d_sae=manifest["width"], k=manifest["k"],
                     distinct_tokens=manifest["distinct_training_tokens"],
                     eval_tokens=manifest["n_eval_tokens"])

@@ -27,6 +27,7 @@ def show(fig: go.Figure, *, max_points: int = MAX_POINTS) -> None:
     global _plotlyjs_sent
     fig.update_layout(template=TEMPLATE)
     sample_points(fig, max_points)
+    one_axis_title(fig)
     html = fig.to_html(full_html=False, include_plotlyjs=not _plotlyjs_sent, config={"displaylogo": False})
     _plotlyjs_sent = True
     display(HTML(html))
@@ -68,3 +69,19 @@ def _cut(obj, name: str, n: int, keep: np.ndarray) -> None:
     arr = np.asarray(value, dtype=object) if not isinstance(value, np.ndarray) else value
     if len(arr) == n:
         setattr(obj, name, arr[keep])
+
+
+def one_axis_title(fig: go.Figure, min_facets: int = 3) -> None:
+    """Side-by-side facets each repeat the x-axis title, and in narrow facets the titles overlap: where at
+    least `min_facets` x-axes of one row carry the same title, keep it on the middle one only (in place)."""
+    rows: dict[tuple, list] = {}
+    for axis in fig.select_xaxes():
+        title, anchor = axis.title.text, axis.anchor or "y"
+        if title and anchor.startswith("y"):  # a facet's row is its y-axis's vertical extent
+            row = fig.layout["yaxis" + anchor[1:]].domain
+            rows.setdefault((title, tuple(row or ())), []).append(axis)
+    for axes in rows.values():
+        if len(axes) >= min_facets:
+            axes.sort(key=lambda a: a.domain[0] if a.domain else 0)
+            for axis in axes[:len(axes) // 2] + axes[len(axes) // 2 + 1:]:
+                axis.title.text = None

@@ -29,7 +29,8 @@ def to_html(df: pd.DataFrame, *, name: str = "table", max_rows: int = 200, float
     """HTML for `df` (first `max_rows` rows shown; the CSV link carries them all)."""
     uid = next(_ids)
     csv = base64.b64encode(df.to_csv(index=False).encode()).decode()
-    head = "".join(f'<th onclick="wsSort(this)" title="click to sort">{html.escape(str(c))} &#8645;</th>' for c in df.columns)
+    # a long column name may break after its underscores, so a wide table fits the page
+    head = "".join(f'<th onclick="wsSort(this)" title="click to sort">{_header(c)} &#8645;</th>' for c in df.columns)
     rows = []
     for row in df.head(max_rows).itertuples(index=False):  # keeps each column's dtype (iterrows upcasts ints)
         cells = "".join(_cell(v, float_digits) for v in row)
@@ -41,6 +42,10 @@ def to_html(df: pd.DataFrame, *, name: str = "table", max_rows: int = 200, float
         f'<p><a download="{html.escape(name)}.csv" href="data:text/csv;base64,{csv}">Download as CSV</a>'
         f" &middot; click a column header to sort{more}</p></div>"
     )
+
+
+def _header(name) -> str:
+    return html.escape(str(name)).replace("_", "_<wbr>")
 
 
 def _cell(value, digits: int) -> str:
