@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the stand-in builders
 sys.path.insert(0, str(REPO / "lib"))
 
 CHAPTER_STEMS = ("00_demo_model", "01_output_tokens", "02_attention", "03_semantic_populations",
-                 "04_attention_saes", "05_context_neurons", "06_ffkv_baseline")
+                 "04_attention_saes", "05_context_neurons", "06_ffkv_baseline", "07_in_context")
 FLOP_MODEL = {
     "01_output_tokens": "per SAE layer: 2 sides x (d_sae + 2 n_null) rows x d_model x d_vocab x 2",
     "02_attention": "per (SAE layer, reading layer): (d_sae + 2 n_null) x d_model x (n_heads + 2 n_kv) d_head x 2 "
