@@ -438,3 +438,18 @@ def test_screenshots_saved(visits):
 def test_each_page_is_quick(visits):
     slow = {page: round(v.seconds, 1) for page, v in visits.items() if v.seconds > 30}
     assert not slow, f"pages that took more than 30 s to load and settle: {slow}"
+
+
+PAGE_MB = 3.0  # the most a chapter page may weigh (its figures' data and tables; plotly.js is served once)
+
+
+def test_pages_carry_their_data_not_the_plotly_library(book_html):
+    """plotly.js (4.6 MB) is served once from the book's static folder, not embedded in every page: before
+    that, every chapter page of the demo weighed about 5 MB, almost all of it the library."""
+    assert (book_html / "_static" / "plotly.min.js").is_file()
+    heavy = {}
+    for page in _pages():
+        text = page.read_text(errors="replace")
+        if "plotly-graph-div" in text and ("plotly.js v" in text or len(text) > PAGE_MB * 1e6):
+            heavy[str(page.relative_to(book_html))] = round(len(text) / 1e6, 2)
+    assert not heavy, f"pages embedding plotly.js or over {PAGE_MB} MB (MB): {heavy}"

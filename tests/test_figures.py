@@ -48,3 +48,21 @@ def test_side_by_side_facets_show_their_x_title_once():
     two = px.scatter(df, x="x", y="y", facet_col="r")
     one_axis_title(two)
     assert [a.title.text for a in two.select_xaxes()] == ["x", "x"]
+
+
+def test_figures_leave_plotly_js_to_the_book_when_the_runner_says_so(monkeypatch, capsys):
+    """A notebook of its own embeds plotly.js in its first figure; the book's kernels (WEIGHTSCOPE_PLOTLYJS=book)
+    embed it nowhere, because the book serves it once."""
+    import plotly.express as px
+    from IPython.core.interactiveshell import InteractiveShell  # noqa: F401  (display needs IPython only)
+
+    shown = []
+    monkeypatch.setattr(figures, "display", lambda obj: shown.append(obj.data))
+    for env in (None, "book"):
+        monkeypatch.setattr(figures, "_plotlyjs_sent", False)
+        if env:
+            monkeypatch.setenv(figures.PLOTLYJS_ENV, env)
+        figures.show(px.scatter(x=[1, 2], y=[2, 1]))
+        figures.show(px.scatter(x=[1, 2], y=[2, 1]))
+    embedded = ["plotly.js v" in html for html in shown]
+    assert embedded == [True, False, False, False]

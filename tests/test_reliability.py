@@ -190,6 +190,24 @@ def test_chapters_that_do_not_apply_are_skipped_with_their_reason(tmp_path, tiny
     assert pf.skipped_chapters(pf.resolve_target(load_target("demo")), stems) == {}
 
 
+def test_the_ffkv_baseline_is_skipped_when_no_sae_sees_an_mlp_write(tmp_path, tiny_model):
+    """Chapter 6 pairs each SAE with the MLP block whose write it sees last; SAEs on resid_pre of block 0 (the
+    first SAE of gpt2-small-res-jb) see none. Only such SAEs: skipped with the reason; one later SAE: runs."""
+    stems = [Path("06_ffkv_baseline.md")]
+    for layer in range(N_LAYERS):
+        (tmp_path / "pre" / f"layer_{layer}").mkdir(parents=True)
+        cfg = {"d_in": D_MODEL, "d_sae": 32, "metadata": {"hook_name": f"blocks.{layer}.hook_resid_pre"}}
+        (tmp_path / "pre" / f"layer_{layer}" / "cfg.json").write_text(json.dumps(cfg))
+    first = pf.resolve_target(load_target(_params(tmp_path, "first", str(tiny_model), str(tmp_path / "pre"),
+                                                  layers=[0])))
+    assert "no MLP block has written yet" in pf.skipped_chapters(first, stems)["06_ffkv_baseline"]
+    every = pf.resolve_target(load_target(_params(tmp_path, "every", str(tiny_model), str(tmp_path / "pre"))))
+    assert pf.skipped_chapters(every, stems) == {}
+    post = pf.resolve_target(load_target(_params(tmp_path, "post", str(tiny_model),
+                                                 str(_sae_folder(tmp_path / "post")), layers=[0])))
+    assert pf.skipped_chapters(post, stems) == {}  # resid_post of block 0 sees block 0's MLP
+
+
 @pytest.fixture
 def input_registry(tmp_path, monkeypatch):
     """Two registered chapters: 01_fake reads a corpus and 02_fake reads 01_fake's table; 03_skip never

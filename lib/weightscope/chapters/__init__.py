@@ -23,4 +23,5 @@ CHAPTERS = {
 SKIPPABLE = {
     "04_attention_saes": "weightscope.chapters.attention_saes",
     "05_context_neurons": "weightscope.chapters.context_neurons",
+    "06_ffkv_baseline": "weightscope.chapters.ffkv",
 }

@@ -195,6 +195,28 @@ def mlp_layer_for(sae) -> int | None:
     return layer if sae.hook_name.endswith("hook_resid_post") else (layer - 1 if layer > 0 else None)
 
 
+NO_MLP_BEFORE_REASON = ("every SAE of the target reads the stream before block 0's MLP (`hook_resid_pre` of "
+                        "block 0), where no MLP block has written yet, so none has a dictionary to compare with; "
+                        "add SAEs of later layers (`layers:`) to run it.")
+
+
+def skip_reason(target, dims) -> str | None:
+    """Why this chapter does not apply to the target: none of its SAEs sees an MLP block's write (read from
+    the SAEs' cfg.json for a local folder or the demo; a hub release is not read here and is never skipped)."""
+    from weightscope.load.sae_sequence import SAESequence
+    from weightscope.load.saes import SAEError, hook_layer
+
+    layers = target.layers if target.layers != "all" else range(getattr(dims, "n_layers", None) or 0)
+    ids = target.sae_ids(list(layers)) or [f"layer_{layer}" for layer in layers]
+    try:
+        metas = SAESequence(target.sae_source, ids, list(layers), device="cpu", dtype=None).metadata()
+    except SAEError:  # the pre-flight reports a missing or unreadable SAE itself
+        return None
+    if not metas or any(mlp_layer_for(m) is not None for m in metas):
+        return None
+    return NO_MLP_BEFORE_REASON if all(hook_layer(m.hook_name) is not None for m in metas) else None
+
+
 def _paired(saes) -> list:
     return [s for s in saes if mlp_layer_for(s) is not None]
 

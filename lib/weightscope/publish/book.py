@@ -47,6 +47,7 @@ from weightscope.io import (ARTIFACT_LOG, Busy, CacheError, StorageError, atomic
 from weightscope.load.llama2c import Llama2cFileError
 from weightscope.load.saes import SAEError, demo_sae_folder
 from weightscope.prepare.demo_saes import DemoSAEError, ensure_demo_saes
+from weightscope.publish.figures import PLOTLYJS_ENV
 from weightscope.publish.preflight import PreflightError, preflight, resolve_target, skipped_chapters
 
 NOTEBOOKS = Path(os.environ.get("WEIGHTSCOPE_NOTEBOOKS") or REPO_ROOT / "notebooks")
@@ -173,6 +174,7 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
         kernel_config.write_text(json.dumps(_KERNEL_CONFIG))
         log = Path(tmp) / "artifacts.jsonl"
         os.environ[ARTIFACT_LOG] = str(log)  # the kernel inherits it: io notes every table it reads or writes
+        os.environ[PLOTLYJS_ENV] = "book"  # and its figures leave plotly.js to the book (`_install_plotlyjs`)
         where = f"chapter {source.stem} failed for target {target.target}"
         kernel_log = cache_dir() / "logs" / target.target / f"{source.stem}.kernel.log"
         kernel_log.parent.mkdir(parents=True, exist_ok=True)
@@ -205,6 +207,7 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
             raise
         finally:
             os.environ.pop(ARTIFACT_LOG, None)
+            os.environ.pop(PLOTLYJS_ENV, None)
         nb = nbformat.read(done, as_version=4)
         _drop_progress_bars(nb)
         _fold_injected_parameters(nb)
@@ -437,6 +440,19 @@ def _install_mathjax() -> None:
         shutil.copytree(src, dest, dirs_exist_ok=True)
 
 
+def _install_plotlyjs() -> None:
+    """Copy the installed plotly's plotly.min.js into book/_plotly, a static path the book's configuration loads
+    on every page (`html_js_files`): the chapters' figures, executed with `WEIGHTSCOPE_PLOTLYJS=book`, do not
+    embed the library, so it is fetched once for the whole book, from the book itself (no CDN)."""
+    import plotly
+
+    src = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    dest = BOOK / "_plotly" / "plotly.min.js"
+    if not dest.is_file() or dest.read_bytes() != src.read_bytes():  # the version that wrote the figures
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(dest, src.read_bytes())
+
+
 def build_html() -> Path:
     """`jupyter-book build` with warnings as errors; returns the index page.
 
@@ -445,6 +461,7 @@ def build_html() -> Path:
     a folder of unknown origin, is cleared first, so every build starts from a state it can use.
     """
     _install_mathjax()
+    _install_plotlyjs()
     build = BOOK / "_build"
     stamp = build / BUILD_STAMP
     with file_lock(cache_dir() / "locks" / "html.lock", what="the HTML build of the book", wait=True):

@@ -1,7 +1,10 @@
 """Plotly figures that survive papermill and Jupyter Book, offline, at a page weight that stays readable.
 
 Plotly's default renderer writes only its own JSON mime type, which Jupyter Book 1 drops. `show` writes HTML
-instead; the first figure in each kernel embeds plotly.js inline (no CDN), later ones reuse it.
+instead; the first figure in each kernel embeds plotly.js inline (no CDN), later ones reuse it. In the book
+(the runner sets `WEIGHTSCOPE_PLOTLYJS=book` for its kernels) no figure embeds it: the book serves plotly.js
+once from its static folder (`publish.book`), so a page carries its figures' data only, not 4.6 MB of
+library.
 
 Every point of a scatter or line is embedded in the page: at real width (24,576 features a layer, 12 layers)
 that is megabytes per figure. `show` keeps at most `max_points` points per trace (a seeded random sample kept in
@@ -10,11 +13,14 @@ the trace's order, so a sorted curve stays sorted) and says so in the figure's t
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import plotly.graph_objects as go
 from IPython.display import HTML, display
 
 _plotlyjs_sent = False
+PLOTLYJS_ENV = "WEIGHTSCOPE_PLOTLYJS"  # "book": the page's site serves plotly.js, figures do not embed it
 
 TEMPLATE = "plotly_white"
 MAX_POINTS = 5000  # points kept per scatter/line trace
@@ -23,12 +29,14 @@ _PER_POINT_MARKER = ("color", "size", "symbol", "opacity")
 
 
 def show(fig: go.Figure, *, max_points: int = MAX_POINTS) -> None:
-    """Display `fig` as self-contained HTML (plotly.js inline once per notebook), sampled to `max_points`."""
+    """Display `fig` as HTML (plotly.js inline once per notebook, except in the book, which serves it), sampled
+    to `max_points`."""
     global _plotlyjs_sent
     fig.update_layout(template=TEMPLATE)
     sample_points(fig, max_points)
     one_axis_title(fig)
-    html = fig.to_html(full_html=False, include_plotlyjs=not _plotlyjs_sent, config={"displaylogo": False})
+    embed = not _plotlyjs_sent and os.environ.get(PLOTLYJS_ENV) != "book"
+    html = fig.to_html(full_html=False, include_plotlyjs=embed, config={"displaylogo": False})
     _plotlyjs_sent = True
     display(HTML(html))
 
