@@ -229,6 +229,25 @@ def test_random_dictionary_code_reconstructs_what_it_spans_and_matches_least_squ
     assert ffkv.alive_share(uses, 40, 0.1) == float((uses >= 4).float().mean())
 
 
+def test_random_dictionary_code_bounds_its_working_set(monkeypatch):
+    """A dense code (a random SAE has thousands of features on per token) gathers [chunk, d, k] atoms: the
+    chunk shrinks to the budget and the code is unchanged; k >= d codes exactly without least squares."""
+    atoms = ffkv.random_atoms(40, 8, seed=4)
+    y = torch.randn(30, 8, generator=torch.Generator().manual_seed(1))
+    whole, uses = ffkv.random_dictionary_code(y, atoms, k=5)
+    gathered = []
+    real_lstsq = torch.linalg.lstsq
+    monkeypatch.setattr(torch.linalg, "lstsq", lambda A, B: gathered.append(A.numel()) or real_lstsq(A, B))
+    monkeypatch.setattr(ffkv, "CODE_ELEMENTS", 8 * 5 * 4)  # four tokens' atoms at a time
+    small, small_uses = ffkv.random_dictionary_code(y, atoms, k=5)
+    assert max(gathered) == 8 * 5 * 4 and len(gathered) == 8
+    torch.testing.assert_close(small, whole)
+    assert torch.equal(small_uses, uses)
+    gathered.clear()
+    exact, exact_uses = ffkv.random_dictionary_code(y, atoms, k=12)
+    assert not gathered and torch.equal(exact, y) and int(exact_uses.sum()) == 30 * 12
+
+
 def test_activation_checks_are_exact_when_every_neuron_is_kept():
     model = tiny_model("gemma2")
     tokens = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))

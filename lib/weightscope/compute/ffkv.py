@@ -295,6 +295,9 @@ def random_atoms(n_atoms: int, d: int, *, seed: int = 0) -> Tensor:
     return F.normalize(torch.randn(n_atoms, d, generator=g), dim=1)
 
 
+CODE_ELEMENTS = 1 << 25  # at most this many floats (128 MB) in one chunk's gathered atoms [c, d, k]
+
+
 @torch.no_grad()
 def random_dictionary_code(y: Tensor, atoms: Tensor, k: int, *, chunk: int = 1024) -> tuple[Tensor, Tensor]:
     """A k-sparse reconstruction of activations y [n, d] in the dictionary `atoms` [m, d] (`random_atoms`).
@@ -302,6 +305,9 @@ def random_dictionary_code(y: Tensor, atoms: Tensor, k: int, *, chunk: int = 102
     Per token the centred activation picks the k atoms of largest |cosine| with it, and takes its
     coefficients on them by least squares; the mean of y is added back (the null's bias). With optimal
     coefficients this null is generous: a dictionary that beats it codes better than chance directions can.
+    Where k >= d, k random atoms span the space (almost surely) and the code is exact, so no least squares
+    is solved. Tokens go in chunks of at most `chunk`, fewer where the gathered atoms [c, d, k] would exceed
+    `CODE_ELEMENTS` (a dense code, k in the thousands, would otherwise need tens of GB).
     Returns (y_hat [n, d] fp32, uses [m] int64: on how many tokens each atom is in the code).
     """
     if not 1 <= k <= atoms.shape[0]:
@@ -309,13 +315,18 @@ def random_dictionary_code(y: Tensor, atoms: Tensor, k: int, *, chunk: int = 102
     y = y.float()
     mu = y.mean(0)
     out, uses = torch.empty_like(y), torch.zeros(atoms.shape[0], dtype=torch.long)
-    for start in range(0, len(y), chunk):
-        x = y[start : start + chunk] - mu
+    exact = k >= y.shape[1]
+    step = chunk if exact else max(1, min(chunk, CODE_ELEMENTS // (k * y.shape[1])))
+    for start in range(0, len(y), step):
+        x = y[start : start + step] - mu
         idx = (x @ atoms.T).abs().topk(k, dim=1).indices  # [c, k]
+        uses += torch.bincount(idx.reshape(-1), minlength=atoms.shape[0])
+        if exact:
+            out[start : start + step] = y[start : start + step]
+            continue
         A = atoms[idx].transpose(1, 2)  # [c, d, k]
         coef = torch.linalg.lstsq(A, x.unsqueeze(-1)).solution  # [c, k, 1]
-        out[start : start + chunk] = (A @ coef).squeeze(-1) + mu
-        uses += torch.bincount(idx.reshape(-1), minlength=atoms.shape[0])
+        out[start : start + step] = (A @ coef).squeeze(-1) + mu
     return out, uses
 
 
