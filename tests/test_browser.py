@@ -444,7 +444,7 @@ PAGE_MB = 3.0  # the most a chapter page may weigh (its figures' data and tables
 
 
 def test_pages_carry_their_data_not_the_plotly_library(book_html):
-    """plotly.js (4.6 MB) is served once from the book's static folder, not embedded in every page: before
+    """plotly.js (4.8 MB) is served once from the book's static folder, not embedded in every page: before
     that, every chapter page of the demo weighed about 5 MB, almost all of it the library."""
     assert (book_html / "_static" / "plotly.min.js").is_file()
     heavy = {}

@@ -3,7 +3,7 @@
 Plotly's default renderer writes only its own JSON mime type, which Jupyter Book 1 drops. `show` writes HTML
 instead; the first figure in each kernel embeds plotly.js inline (no CDN), later ones reuse it. In the book
 (the runner sets `WEIGHTSCOPE_PLOTLYJS=book` for its kernels) no figure embeds it: the book serves plotly.js
-once from its static folder (`publish.book`), so a page carries its figures' data only, not 4.6 MB of
+once from its static folder (`publish.book`), so a page carries its figures' data only, not 4.8 MB of
 library.
 
 Every point of a scatter or line is embedded in the page: at real width (24,576 features a layer, 12 layers)
