@@ -644,16 +644,20 @@ def test_gemma2_writes_equal_plain_torch_with_the_post_attention_norm(gemma_chap
         assert sum(a != b for a, b in zip(book, top(False))) > len(book) // 2  # and unlike it without
 
 
-def _plain_topk_encode(folder, x):
-    """A TopK SAE's activations [n, d_sae] for x [n, d_in], from its saved files alone (sae-lens's rule:
-    subtract b_dec where `apply_b_dec_to_input`, keep the k largest pre-activations, ReLU)."""
+def _saved_sae(folder):
+    """(cfg.json, fp32 weights) of an SAE saved by sae-lens, read from its files alone."""
     from safetensors.torch import load_file
 
-    cfg = json.loads((folder / "cfg.json").read_text())
-    w = {k: v.float() for k, v in load_file(str(folder / "sae_weights.safetensors")).items()}
+    weights = load_file(str(folder / "sae_weights.safetensors"))
+    return json.loads((folder / "cfg.json").read_text()), {k: v.float() for k, v in weights.items()}
+
+
+def _plain_topk_encode(cfg, w, x):
+    """A TopK SAE's activations [n, d_sae] for x [n, d_in] (sae-lens's rule: subtract b_dec where
+    `apply_b_dec_to_input`, keep the k largest pre-activations, ReLU)."""
     pre = (x - w["b_dec"] if cfg.get("apply_b_dec_to_input") else x) @ w["W_enc"] + w["b_enc"]
     vals, idx = pre.topk(cfg["k"], dim=-1)
-    return torch.zeros_like(pre).scatter(-1, idx, vals.relu()), w
+    return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
 
 
 def test_gemma2_recursive_dfa_equals_plain_torch_with_the_pre_attention_norm(gemma_chapter):
@@ -681,7 +685,7 @@ def test_gemma2_recursive_dfa_equals_plain_torch_with_the_pre_attention_norm(gem
         e = ex.iloc[0]
         row, d, h, s = int(e["row"]), int(e["dest"]), int(e["head"]), int(e["src"])
         assert vocab[int(text[row, d])] == e["dest_token"]  # the same text as the chapter's
-        w_enc = _plain_topk_encode(attn / f"layer_{layer}", torch.zeros(1, n_heads * d_head))[1]["W_enc"]
+        w_enc = _saved_sae(attn / f"layer_{layer}")[1]["W_enc"]
         x = out.hidden_states[layer][row]  # [pos, d_model]: the stream block `layer` reads
         A = out.attentions[layer][row]  # [n_heads, dest, src]
         W_V = sd[f"model.layers.{layer}.self_attn.v_proj.weight"].view(n_kv, d_head, -1)  # [kv, d_head, d_model]
@@ -693,7 +697,8 @@ def test_gemma2_recursive_dfa_equals_plain_torch_with_the_pre_attention_norm(gem
         parts = A[:, d, :d + 1] * torch.einsum("spk,pk->ps", v[:d + 1, kv], w_head)  # [n_heads, src]
         assert divmod(int(parts.abs().argmax()), d + 1) == (h, s)  # the largest part is the one split
         assert e["part"] == pytest.approx(float(parts[h, s]), rel=1e-4, abs=1e-6)
-        acts, w_res = _plain_topk_encode(resid / f"layer_{layer - 1}", x[s][None])
+        res_cfg, w_res = _saved_sae(resid / f"layer_{layer - 1}")
+        acts = _plain_topk_encode(res_cfg, w_res, x[s][None])
 
         def contributions(norm_weight):  # each active residual feature's share of the part
             active = torch.nonzero(acts[0]).flatten()

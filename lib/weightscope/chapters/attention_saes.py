@@ -271,7 +271,7 @@ def load(ctx):
     for sae in attn:
         check_fits(sae, model)
         require_attention_z(sae, model.cfg)
-    res_ids = t.sae_ids(layers) or [f"layer_{layer}" for layer in layers]
+    res_ids = t.sae_names(layers)
     resid = load_saes(t.sae_source, res_ids, device=str(ctx.device), dtype=dtype, model=model)
     return model, attn, {s.layer: s for s in resid}
 

@@ -78,7 +78,7 @@ class ChapterContext:
         model = load_weights_model(self.params.model_name, device=self.device, dtype=self.dtype,
                                    base=_params_dir(self.params), mlp=mlp)
         layers = self.params.resolve_layers(model.cfg.n_layers)
-        ids = self.params.sae_ids(layers) or [f"layer_{layer}" for layer in layers]
+        ids = self.params.sae_names(layers)
         saes = SAESequence(self.params.sae_source, ids, layers, device=str(self.device),
                            dtype=_dtype_name(self.dtype), model=model)
         saes.check()
@@ -116,7 +116,7 @@ class ChapterContext:
             return {}  # the demo SAEs are trained on the unprocessed model
         if saes is None:  # the first residual SAE's config records them (no weights read for a folder)
             layers = [0] if self.params.layers == "all" else list(self.params.layers)[:1]
-            ids = self.params.sae_ids(layers) or [f"layer_{layer}" for layer in layers]
+            ids = self.params.sae_names(layers)
             saes = SAESequence(self.params.sae_source, ids, layers, device="cpu", dtype=None)
         recorded = saes.recorded_processing() or {}
         return {k: bool(v) for k, v in recorded.items() if k in PROCESSING_FLAGS}
@@ -211,7 +211,7 @@ def check_target(params: Target, source: ModelSource) -> None:
         return  # a hub model's config arrives with its download; demo SAEs are prepared by the book runner
     shape = shape_only(source.folder)
     layers = params.resolve_layers(shape.cfg.n_layers)
-    ids = params.sae_ids(layers) or [f"layer_{layer}" for layer in layers]
+    ids = params.sae_names(layers)
     saes = SAESequence(params.sae_source, ids, layers, device="cpu", dtype=None, model=shape)
     if saes.metadata() is not None:
         saes.check()

@@ -204,17 +204,19 @@ def skip_reason(target, dims) -> str | None:
     """Why this chapter does not apply to the target: none of its SAEs sees an MLP block's write (read from
     the SAEs' cfg.json for a local folder or the demo; a hub release is not read here and is never skipped)."""
     from weightscope.load.sae_sequence import SAESequence
-    from weightscope.load.saes import SAEError, hook_layer
+    from weightscope.load.saes import SAEError
 
-    layers = target.layers if target.layers != "all" else range(getattr(dims, "n_layers", None) or 0)
-    ids = target.sae_ids(list(layers)) or [f"layer_{layer}" for layer in layers]
+    if getattr(dims, "n_layers", None) is None:
+        return None
     try:
-        metas = SAESequence(target.sae_source, ids, list(layers), device="cpu", dtype=None).metadata()
-    except SAEError:  # the pre-flight reports a missing or unreadable SAE itself
+        layers = target.resolve_layers(dims.n_layers)
+        metas = SAESequence(target.sae_source, target.sae_names(layers), layers, device="cpu",
+                            dtype=None).metadata()
+    except (ParamsError, SAEError):  # the pre-flight reports bad layers and missing SAEs itself
         return None
-    if not metas or any(mlp_layer_for(m) is not None for m in metas):
-        return None
-    return NO_MLP_BEFORE_REASON if all(hook_layer(m.hook_name) is not None for m in metas) else None
+    if metas and all(m.layer is not None and mlp_layer_for(m) is None for m in metas):
+        return NO_MLP_BEFORE_REASON
+    return None
 
 
 def _paired(saes) -> list:

@@ -77,6 +77,10 @@ class Target:
             return None
         return [self.sae_id_template.format(layer=layer) for layer in layers]
 
+    def sae_names(self, layers: list[int]) -> list[str]:
+        """The residual SAEs' names for the given layers: their sae-lens ids, else a folder's `layer_L`."""
+        return self.sae_ids(layers) or [f"layer_{layer}" for layer in layers]
+
     def attn_sae_ids(self, layers: list[int]) -> list[str] | None:
         """sae-lens ids of the attention-output SAEs for the given layers (None: folder layout `layer_L`)."""
         if self.attn_saes is None:
