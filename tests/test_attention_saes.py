@@ -742,3 +742,36 @@ def test_processing_mismatch_between_attention_and_residual_saes_is_named():
     assert processing_mismatch({"center_writing_weights": True}, sae) == {}
     assert processing_mismatch({}, sae) == {"center_writing_weights": (True, False)}
     assert processing_mismatch({}, SimpleNamespace(model_from_pretrained_kwargs=None)) == {}
+
+
+def test_training_sweep_says_which_variants_meet_the_bar(monkeypatch, tmp_path):
+    """`--sweep attn` trains each variant (faked here: explained variance 0.75 + 0.03 per million training
+    tokens, 0.02 less at layer 4); chapter 4's table and sentence must say which variants meet the bar."""
+    from weightscope.chapters import attention_saes as ch
+    from weightscope.prepare import demo_saes
+
+    def fake_training(cfg, **kwargs):
+        root = tmp_path / "trainings" / f"{cfg.training_tokens}-{cfg.k}-{cfg.d_sae}-{cfg.train_rows}"
+        per_layer = {str(layer): dict(explained_variance=0.75 + 0.03 * cfg.training_tokens / 1e6 - 0.02 * (layer == 4),
+                                      mean_l0=float(cfg.k), dead_fraction=0.01, training_time_s=1.0)
+                     for layer in cfg.layers}
+        root.mkdir(parents=True)
+        (root / "manifest.json").write_text(json.dumps({"per_layer": per_layer, "n_eval_tokens": 100}))
+        return root
+
+    monkeypatch.setattr(demo_saes, "ensure_demo_saes", fake_training)
+    monkeypatch.setattr(saes, "PINNED_DIR", tmp_path)
+    path = demo_saes.sweep("attn", progress=False)
+    assert path == tmp_path / "attn_sweep.json"
+    spec = demo_saes.SWEEPS["attn"]
+    rows = json.loads(path.read_text())["rows"]
+    assert len(rows) == len(spec["variants"]) * len(spec["layers"])
+    table = ch.training_sweep(SimpleNamespace(params=SimpleNamespace(attn_saes={"source": "demo:attn"})))
+    expected = {label: all(0.75 + 0.03 * dataclasses.replace(demo_saes.ATTN, **change).training_tokens / 1e6
+                           - 0.02 * (layer == 4) >= saes.TARGET_BAR["explained_variance_min"]
+                           for layer in spec["layers"])
+                for label, change in spec["variants"].items()}
+    assert dict(zip(table["variant"], table["all_meet"])) == expected
+    assert 0 < sum(expected.values()) < len(expected)  # the fake separates the variants: the check can fail
+    assert f"{sum(expected.values())} of {len(expected)} variants meet the bar" in ch.sweep_sentence(table)
+    assert ch.training_sweep(SimpleNamespace(params=SimpleNamespace(attn_saes={"source": "jbloom/x"}))).empty

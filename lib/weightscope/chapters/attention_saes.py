@@ -302,6 +302,39 @@ def sae_quality(ctx) -> pd.DataFrame:
     return df
 
 
+def training_sweep(ctx) -> pd.DataFrame:
+    """The demo attention SAEs' training sweep (`python -m weightscope.prepare.demo_saes --sweep attn`), one row
+    per variant: width, k, training tokens, held-out explained variance per swept layer and how many layers meet
+    the bar. Empty for public releases and when no sweep was recorded."""
+    source = ctx.params.attn_saes["source"]
+    from weightscope.load.saes import sweep_path
+
+    path = sweep_path(source.partition(":")[2] or "default") if source.startswith("demo") else None
+    if path is None or not path.is_file():
+        return pd.DataFrame()
+    rows = pd.DataFrame(json.loads(path.read_text())["rows"])
+    keys = ["variant", "d_sae", "k", "training_tokens", "train_rows"]
+    ev = rows.pivot_table(index=keys, columns="layer", values="explained_variance", sort=False)
+    ev.columns = [f"EV_layer_{c}" for c in ev.columns]
+    met = rows.groupby(keys, sort=False)["meets_bar"].agg(["sum", "size"])
+    out = ev.join(met).reset_index()
+    out["all_meet"] = out["sum"] == out["size"]
+    out["layers_meeting_bar"] = [f"{int(a)} of {int(b)}" for a, b in zip(out.pop("sum"), out.pop("size"))]
+    return out
+
+
+def sweep_sentence(sweep: pd.DataFrame) -> str:
+    """Which training variants meet the bar at every swept layer, from `training_sweep`'s table."""
+    ok = sweep.loc[sweep["all_meet"], "variant"].tolist()
+    short = sweep.loc[~sweep["all_meet"], "variant"].tolist()
+    ev = sweep.filter(like="EV_layer_")
+    return (f"Training sweep at layers {', '.join(c.rsplit('_', 1)[1] for c in ev.columns)}: "
+            f"{len(ok)} of {len(sweep)} variants meet the bar at every layer"
+            + (f" ({'; '.join(ok)})" if ok else "")
+            + (f"; short of it: {'; '.join(short)}" if short else "")
+            + f". Held-out explained variance spans {ev.min().min():.3f} to {ev.max().max():.3f}.")
+
+
 def residual_sae_after(resid: dict, layer: int):
     """The residual SAE reading the stream right after block `layer`'s attention writes (resid_mid or
     resid_post of that block, or resid_pre of the next), else None."""

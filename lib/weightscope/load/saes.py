@@ -175,6 +175,12 @@ CHECKED_FILES = ("cfg.json", "sae_weights.safetensors")  # their sha256 is recor
 TARGET_BAR = {"explained_variance_min": 0.8, "mean_l0_max": 32, "dead_fraction_max": 0.2}
 
 
+def sweep_path(config: str) -> Path:
+    """The training sweep of a demo config (`python -m weightscope.prepare.demo_saes --sweep NAME`): beside the
+    pinned folders, outside them (their checksums cover the SAEs only)."""
+    return PINNED_DIR / f"{config}_sweep.json"
+
+
 def demo_sae_folder(config: str = "default") -> Path:
     """The folder of the demo SAEs of `config`: the pinned `data/demo_saes/<config>/` (checksums verified),
     unless the prepare stage trained this config with other parameters than the pinned ones (then its
