@@ -173,11 +173,12 @@ def run_chapter(stem: str, params: Path, env: dict, log: Path) -> dict:
 def table(results: list[dict]) -> str:
     """Markdown: one row per chapter, one column group per results file (depths side by side), and the
     per-layer fit t(L) = a + b L from two depths when there are two."""
-    results = sorted(results, key=lambda r: r["n_layers"])
-    head = "| chapter | " + " | ".join(f"L={r['n_layers']}: wall s · CPU s · peak RSS GB · page MB · "
-                                       "GFLOP per CPU s" for r in results)
-    lines = [head + (" | CPU s per layer | fixed CPU s |" if len(results) == 2 else " |")]
-    lines.append("|" + "---|" * (len(results) + 1 + 2 * (len(results) == 2)))
+    results = sorted(results, key=lambda r: (r["n_layers"], r["date"]))
+    fit = len(results) == 2 and results[0]["n_layers"] != results[1]["n_layers"]
+    head = "| chapter | " + " | ".join(f"L={r['n_layers']} ({r['date']}): wall s · CPU s · peak RSS GB · "
+                                       "page MB · GFLOP per CPU s" for r in results)
+    lines = [head + (" | CPU s per layer | fixed CPU s |" if fit else " |")]
+    lines.append("|" + "---|" * (len(results) + 1 + 2 * fit))
     for stem in CHAPTER_STEMS:
         cells, walls = [], []
         for r in results:
@@ -193,7 +194,7 @@ def table(results: list[dict]) -> str:
                          f"{page} · {rate}{status}")
             walls.append((r["n_layers"], c.get("cpu_s")) if ok else None)
         row = f"| {stem} | " + " | ".join(cells) + " |"
-        if len(results) == 2:
+        if fit:
             if len(walls) == 2 and None not in walls:
                 (l1, t1), (l2, t2) = walls
                 b = (t2 - t1) / (l2 - l1)
@@ -201,6 +202,49 @@ def table(results: list[dict]) -> str:
             else:
                 row += " – | – |"
         lines.append(row)
+    return "\n".join(lines)
+
+
+# What each chapter's work grows with, for `--extrapolate` from one depth: "fixed" (chapter 0 introduces the model,
+# chapter 5 reads one block), "layers" (one pass per SAE layer), "flops" (chapter 2: the (SAE layer, reading
+# layer) reads grow as L(L+1)/2, its `chapter_flops`).
+SCALING = {"00_demo_model": "fixed", "01_output_tokens": "layers", "02_attention": "flops",
+           "03_semantic_populations": "layers", "04_attention_saes": "layers", "05_context_neurons": "fixed",
+           "06_ffkv_baseline": "layers", "07_in_context": "layers"}
+
+
+def units(stem: str, result: dict, n_layers: int) -> float:
+    """How much of `stem`'s work a target like `result`'s has at depth n_layers (`SCALING`)."""
+    kind = SCALING[stem]
+    if kind == "fixed":
+        return 1.0
+    if kind == "layers":
+        return float(n_layers)
+    d = {**result["dims"], "n_layers": n_layers}
+    offset = 0 if result["saes"]["res_hook"].endswith("resid_pre") else 1
+    return chapter_flops(stem, d, result["saes"]["d_sae"], result["saes"]["d_sae_att"], offset)
+
+
+def extrapolate(results: list[dict], n_layers: int) -> str:
+    """Markdown: each chapter's CPU seconds at depth n_layers, scaled from the deepest (then latest) run where
+    it passed:
+    cpu(N) = cpu(L) x units(N) / units(L). Every measured second is scaled, start-up included, so this is an
+    upper bound for the chapters that grow."""
+    lines = [f"| chapter | grows with | measured at L | CPU s there | CPU s at L={n_layers} (upper bound) |",
+             "|---|---|---|---|---|"]
+    total = 0.0
+    for stem in CHAPTER_STEMS:
+        runs = [r for r in sorted(results, key=lambda r: (r["n_layers"], r["date"]))
+                if r["chapters"].get(stem, {}).get("rc") == 0]
+        if not runs:
+            lines.append(f"| {stem} | {SCALING[stem]} | – | – | not measured |")
+            continue
+        r = runs[-1]
+        cpu = r["chapters"][stem]["cpu_s"]
+        est = cpu * units(stem, r, n_layers) / units(stem, r, r["n_layers"])
+        total += est
+        lines.append(f"| {stem} | {SCALING[stem]} | {r['n_layers']} | {cpu:,.0f} | {est:,.0f} |")
+    lines.append(f"| all measured chapters | | | | {total:,.0f} ({total / 3600:.1f} h) |")
     return "\n".join(lines)
 
 
@@ -218,9 +262,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default: bench/results/book-...)")
     ap.add_argument("--tmp", type=Path, default=None, help="where the temporary stand-in goes")
     ap.add_argument("--table", type=Path, nargs="+", default=None, help="print results files as markdown")
+    ap.add_argument("--extrapolate", type=int, default=None, metavar="N",
+                    help="with --table: each chapter's CPU seconds scaled to N layers")
     args = ap.parse_args(argv)
     if args.table:
-        print(table([json.loads(p.read_text()) for p in args.table]) + "\n\n" + flops_table())
+        results = [json.loads(p.read_text()) for p in args.table]
+        print(table(results) + "\n\n" + flops_table())
+        if args.extrapolate:
+            print("\n" + extrapolate(results, args.extrapolate))
         return 0
 
     import torch

@@ -57,3 +57,19 @@ def test_unknown_benchmark_names_are_a_clear_error():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "unknown benchmark(s) ['nonesuch']" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_book_extrapolation_scales_each_chapter_by_what_it_grows_with():
+    import bench_book
+
+    dims = dict(d_model=8, n_heads=2, n_kv=2, d_head=4, d_vocab=50, n_layers=1)
+    result = {"n_layers": 1, "date": "2026-12-04", "dims": dims, "saes": {"d_sae": 16, "d_sae_att": 16, "res_hook": "hook_resid_pre"},
+              "chapters": {stem: {"rc": 0, "cpu_s": 10.0} for stem in bench_book.CHAPTER_STEMS}}
+    rows = {line.split(" | ")[0].strip("| "): line for line in
+            bench_book.extrapolate([result], 4).splitlines()[2:]}
+    ratio = (bench_book.chapter_flops("02_attention", {**dims, "n_layers": 4}, 16, 16, 0)
+             / bench_book.chapter_flops("02_attention", dims, 16, 16, 0))
+    assert ratio > 4  # reads grow as L(L+1)/2: faster than the layers
+    assert rows["00_demo_model"].endswith("| 10 |") and rows["05_context_neurons"].endswith("| 10 |")
+    assert rows["01_output_tokens"].endswith("| 40 |") and rows["07_in_context"].endswith("| 40 |")
+    assert rows["02_attention"].endswith(f"| {10 * ratio:,.0f} |")

@@ -55,21 +55,21 @@ class ReluSAE(torch.nn.Module):
 # streaming: the kept firings equal a naive top-n over all positions
 
 
-def test_merge_top_firings_matches_a_naive_top_n_when_streamed():
+def test_top_firings_match_a_naive_top_n_when_streamed_ties_to_the_earlier_position():
     gen = torch.Generator().manual_seed(1)
-    kept = (torch.empty(0, dtype=torch.long),) * 2 + (torch.empty(0),)
-    entries = []
-    for start in range(0, 300, 60):  # five batches of positions
-        feat = torch.randint(0, 7, (90,), generator=gen)
-        pos = torch.randint(start, start + 60, (90,), generator=gen)
-        act = torch.rand(90, generator=gen)
-        entries += list(zip(feat.tolist(), pos.tolist(), act.tolist()))
-        kept = ic.merge_top_firings(torch.cat([kept[0], feat]), torch.cat([kept[1], pos]),
-                                    torch.cat([kept[2], act]), 4)
+    top, entries = ic.TopFirings(7, 4), []
+    for first in range(0, 300, 60):  # five batches of 60 positions
+        acts = torch.randint(0, 4, (60, 7), generator=gen).float() / 3  # many ties, a quarter zeros
+        top.add(acts, first, chunk=3)  # features merged three at a time
+        entries += [(f, first + p, float(acts[p, f])) for p in range(60) for f in range(7)]
+    got = top.firings()
     for f in range(7):
-        naive = sorted([e for e in entries if e[0] == f], key=lambda e: -e[2])[:4]
-        got = kept[2][kept[0] == f].tolist()
-        assert got == pytest.approx([e[2] for e in naive])
+        mine = [e for e in entries if e[0] == f and e[2] > 0]
+        naive = sorted(mine, key=lambda e: (-e[2], e[1]))[:4]
+        assert got.position[got.feature == f].tolist() == [e[1] for e in naive]
+        assert got.act[got.feature == f].tolist() == [e[2] for e in naive]
+        assert int(got.n_active[f]) == len(mine)
+    assert got.feature.tolist() == sorted(got.feature.tolist())
 
 
 def test_firing_pass_keeps_each_features_strongest_firings_and_counts_all():
@@ -186,6 +186,15 @@ def test_direct_effect_equals_the_logit_change_at_the_final_residual(norm):
     centred = ic.centred_scores(d[None], M_out, top[None])
     got = ic.direct_effects(torch.tensor([a]), scale[0, p], centred)
     assert float(got) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
+
+
+def test_centred_scores_equal_the_full_product_gathered():
+    gen = torch.Generator().manual_seed(3)
+    W, M = torch.randn(6, 8, generator=gen), torch.randn(8, 40, generator=gen)
+    ids = torch.randint(0, 40, (6, 3), generator=gen)
+    S = W @ M  # the naive route: every token's score, then the gather and the mean
+    want = S.gather(1, ids).mean(1) - S.mean(1)
+    assert torch.allclose(ic.centred_scores(W, M, ids), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("norm,pos,n_kv", [("RMS", "rotary", None), ("RMS", "rotary", 2),

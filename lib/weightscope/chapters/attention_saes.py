@@ -577,6 +577,11 @@ def connections_per_layer(t: Tables) -> pd.Series:
 # Activations on real text
 
 
+# DFA items per chunk: [chunk, n_heads, src] parts at a time (25 MB at GPT-2 small's 12 heads and 128 sources);
+# `dfa_k.dfa` loops over the chunk's text rows, so small chunks repeat that loop (128 cost 55 s at GPT-2 width)
+DFA_CHUNK = 4096
+
+
 @torch.no_grad()
 def _layer_pass(model, sae, tokens: torch.Tensor):
     """(cache of block sae.layer, W_eff, b_eff, pre-activations, activations from sae-lens's own encode;
@@ -589,7 +594,7 @@ def _layer_pass(model, sae, tokens: torch.Tensor):
     return c, W_eff.float(), b_eff.float(), pre, acts.float()
 
 
-def _chunked_dfa(c, W_eff, b, d, f, chunk: int = 128) -> torch.Tensor:
+def _chunked_dfa(c, W_eff, b, d, f, chunk: int = DFA_CHUNK) -> torch.Tensor:
     if not len(b):
         return torch.zeros(0)
     return torch.cat([dfa_k.dfa(c["pattern"], c["v"], W_eff, b[i:i + chunk], d[i:i + chunk], f[i:i + chunk])
@@ -665,7 +670,7 @@ def _top_positions(acts: torch.Tensor, n: int, min_fires: int, allowed: torch.Te
     return f[ok], pos // acts.shape[1], pos % acts.shape[1], fires
 
 
-def _dfa_profiles(c, W_eff, b, d, f, window: int, chunk: int = 128):
+def _dfa_profiles(c, W_eff, b, d, f, window: int, chunk: int = DFA_CHUNK):
     """(mass [n, src]: |DFA| per source summed over heads; heads_null [n]: the share within `window` tokens
     that the feature's heads' own attention gives, each head weighted by its |DFA|), in chunks of n."""
     mass, null = [], []

@@ -247,7 +247,7 @@ def direct_table(full, saes, res: ic.PassResult, feats: pd.DataFrame, config: Co
         ids, mask = _ids(feats, sae.layer, "dec", config.k_out, sae.d_sae)
         idx = torch.nonzero(mask).squeeze(1)
         centred = torch.zeros(sae.d_sae)
-        rows = max(1, config.memory_mb * 2**20 // (8 * M_out.shape[1]))  # [rows, d_vocab] scores, twice
+        rows = max(1, config.memory_mb * 2**20 // (4 * config.k_out * M_out.shape[0]))  # [rows, k, d_model]
         for chunk in idx.split(rows):
             centred[chunk] = ic.centred_scores(sae.W_dec[chunk].cpu(), M_out.cpu(), ids[chunk]).cpu()
         eff = ic.direct_effects(fir.act, res.final_scale[fir.position], centred[fir.feature])

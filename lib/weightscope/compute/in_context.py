@@ -1,7 +1,7 @@
 """Chapter 7: SAE features measured on real text, to check the weights-only verdicts of chapters 1-3.
 
 One streaming pass (`firing_pass`) runs the model over held-out token rows in batches, encodes every SAE's
-site, and keeps, per feature, only its `n_keep` strongest firing positions (`merge_top_firings`), so memory
+site, and keeps, per feature, only its `n_keep` strongest firing positions (`TopFirings`), so memory
 is bounded by `n_keep x d_sae` entries per SAE whatever the length of the text. It also keeps the norms'
 scales at every position (the final norm's, and the pre-attention norm's of the layers whose heads are
 checked), which the direct-effect and attention measurements need. The measurements then read those positions:
@@ -61,20 +61,36 @@ class PassResult:
     evaluated: Tensor
 
 
-def merge_top_firings(feature: Tensor, position: Tensor, act: Tensor, n_keep: int):
-    """Keep each feature's `n_keep` largest activations among the entries (feature, position, act) [m].
+class TopFirings:
+    """Each feature's `n_keep` strongest firings so far, dense: act fp32 [d_sae, n_keep] (0: an empty slot),
+    pos int64 [d_sae, n_keep], each row largest first; n_active int64 [d_sae]. Ties keep the earlier position:
+    batches arrive in position order and every sort is stable."""
 
-    Ties keep the earlier position. Returns the kept (feature, position, act), sorted by feature then by
-    activation, largest first.
-    """
-    order = torch.argsort(position, stable=True)  # earlier positions first among ties
-    feature, position, act = feature[order], position[order], act[order]
-    order = torch.argsort(-act, stable=True)
-    order = order[torch.argsort(feature[order], stable=True)]
-    feature, position, act = feature[order], position[order], act[order]
-    starts = torch.searchsorted(feature, feature, right=False)  # first index of each entry's feature
-    keep = (torch.arange(len(feature)) - starts) < n_keep
-    return feature[keep], position[keep], act[keep]
+    def __init__(self, d_sae: int, n_keep: int, device=None):
+        self.act = torch.zeros(d_sae, n_keep, device=device)
+        self.pos = torch.full((d_sae, n_keep), -1, dtype=torch.long, device=device)
+        self.n_active = torch.zeros(d_sae, dtype=torch.long, device=device)
+
+    def add(self, acts: Tensor, first: int, chunk: int = 4096) -> None:
+        """acts: fp32 [tokens, d_sae], the activations at positions first, first + 1, ... (0 where a feature
+        does not fire or the position is not evaluated). Features are merged `chunk` at a time, so the
+        working set is [chunk, tokens + n_keep] whatever d_sae."""
+        n_keep = self.act.shape[1]
+        self.n_active += (acts > 0).sum(0)
+        positions = torch.arange(first, first + acts.shape[0], device=acts.device)
+        for lo in range(0, acts.shape[1], chunk):
+            hi = min(lo + chunk, acts.shape[1])
+            cand = torch.cat([self.act[lo:hi], acts[:, lo:hi].T], 1)  # the kept ones first: earlier positions
+            where = torch.cat([self.pos[lo:hi], positions.expand(hi - lo, -1)], 1)
+            vals, order = torch.sort(cand, dim=1, descending=True, stable=True)
+            self.act[lo:hi] = vals[:, :n_keep]
+            self.pos[lo:hi] = where.gather(1, order[:, :n_keep])
+
+    def firings(self) -> Firings:
+        """The kept firings as `Firings` on the CPU, sorted by feature, then by activation (largest first)."""
+        keep = self.act > 0
+        feature = torch.arange(self.act.shape[0], device=self.act.device)[:, None].expand_as(keep)[keep]
+        return Firings(feature.cpu(), self.pos[keep].cpu(), self.act[keep].cpu(), self.n_active.cpu())
 
 
 def keep_per_feature(budget_bytes: int, n_saes: int, d_sae: int, requested: int) -> int:
@@ -116,14 +132,14 @@ def firing_pass(model, saes: list, tokens: Tensor, *, n_keep: int, batch_rows: i
     evaluated = evaluated.reshape(-1)
     final_scale = torch.ones(rows * row_len)
     attn_scale = {lay: torch.ones(rows * row_len) for lay in attn_layers}
-    kept = {s.layer: (torch.empty(0, dtype=torch.long),) * 2 + (torch.empty(0),) for s in saes}
-    n_active = {s.layer: torch.zeros(s.d_sae, dtype=torch.long) for s in saes}
-    bar = progress_bar(rows * row_len, progress, "activation pass", unit="token")
     device = next(model.parameters()).device
+    kept = {s.layer: TopFirings(s.d_sae, n_keep, device) for s in saes}
+    bar = progress_bar(rows * row_len, progress, "activation pass", unit="token")
     try:
         for start in range(0, rows, batch_rows):
             batch = tokens[start : start + batch_rows]
-            _, cache = model.run_with_cache(batch.to(device), names_filter=hooks)
+            # return_type=None: the final norm runs (its scale is kept), the unembedding does not
+            _, cache = model.run_with_cache(batch.to(device), names_filter=hooks, return_type=None)
             first = start * row_len
             span = slice(first, first + batch.numel())
             if has_final:
@@ -136,17 +152,11 @@ def firing_pass(model, saes: list, tokens: Tensor, *, n_keep: int, batch_rows: i
             for sae in saes:
                 site = cache[sae.hook_name].reshape(-1, sae.d_in)
                 acts = sae.sae.encode(site.to(sae.W_dec.dtype)).float()  # [batch tokens, d_sae]
-                acts = acts * ok[:, None]
-                pos, feat = torch.nonzero(acts > 0, as_tuple=True)
-                n_active[sae.layer] += torch.bincount(feat.cpu(), minlength=sae.d_sae)
-                f0, p0, a0 = kept[sae.layer]
-                kept[sae.layer] = merge_top_firings(
-                    torch.cat([f0, feat.cpu()]), torch.cat([p0, pos.cpu() + first]),
-                    torch.cat([a0, acts[pos, feat].cpu()]), n_keep)
+                kept[sae.layer].add(acts * ok[:, None], first)
             bar.update(batch.numel())
     finally:
         bar.close()
-    firings = {lay: Firings(f, p, a, n_active[lay]) for lay, (f, p, a) in kept.items()}
+    firings = {lay: top.firings() for lay, top in kept.items()}
     return PassResult(tokens=tokens, final_scale=final_scale, attn_scale=attn_scale, firings=firings,
                       evaluated=evaluated)
 
@@ -181,8 +191,9 @@ def centred_scores(W_dec: Tensor, M_out: Tensor, top_ids: Tensor) -> Tensor:
     (chapter 1's `output_matrix`); top_ids: [n, k]. A logit change common to every token moves no probability,
     so effects are measured against the vocabulary mean.
     """
-    S = W_dec.float() @ M_out.float()  # [n, d_vocab]; n is small (the features measured)
-    return S.gather(1, top_ids).mean(1) - S.mean(1)
+    W, M = W_dec.float(), M_out.float()
+    top = torch.einsum("nd,nkd->nk", W, M.T[top_ids])  # the k scores alone: no [n, d_vocab] product
+    return top.mean(1) - W @ M.mean(1)  # the mean over the vocabulary is linear: mean the columns first
 
 
 def direct_effects(act: Tensor, scale: Tensor, centred: Tensor) -> Tensor:
