@@ -5,9 +5,10 @@ its main products, as a user running `python -m weightscope.publish.book` would 
     python bench/bench_book.py --arch gpt2 --layers 2 --chapters 01 02
 
 A random checkpoint of the target's real width and vocabulary (`tests/realwidth.py`) and SAE folders in its
-releases' formats and widths are written to a temporary folder (removed afterwards), named in a params file with
-`processing: auto` and `attn_saes`, and the book runner executes each chapter in turn in a fresh process
-(`--chapters NN --no-html`, chapter defaults). Measured per chapter:
+releases' formats and widths (encoders calibrated to a mean L0 of about 32, as released SAEs fire: the
+results' `saes` entry records the L0 measured on random tokens) are written to a temporary folder (removed
+afterwards), named in a params file with `processing: auto` and `attn_saes`, and the book runner executes
+each chapter in turn in a fresh process (`--chapters NN --no-html`, chapter defaults). Measured per chapter:
 
 * wall: seconds of the runner's process, kernel start and pre-flight included; cpu: the CPU seconds (user +
   system) of the runner and its kernel, which on a shared machine say more than the wall time (with every
@@ -148,8 +149,10 @@ def build(arch: str, n_layers: int, tmp: Path) -> tuple[Path, Path, dict]:
     res, att = realwidth.build_release_saes(arch, folder, tmp / "saes")
     params = realwidth.write_params(target, folder, res, tmp / f"{target}.yaml", attn_saes=att)
     rel = realwidth.RELEASES[arch]
+    l0 = {kind: json.loads((f / "calibration.json").read_text())["mean_l0"]
+          for kind, f in (("res", res), ("att", att)) if f is not None and (f / "calibration.json").is_file()}
     return params, folder, {"d_sae": rel["res"][1], "d_sae_att": rel["att"][1] if rel["att"] else None,
-                            "res_hook": rel["res"][2]}
+                            "res_hook": rel["res"][2], "mean_l0_random_tokens": l0}
 
 
 def run_chapter(stem: str, params: Path, env: dict, log: Path) -> dict:

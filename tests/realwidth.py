@@ -18,6 +18,12 @@ and SAE folders as sae-lens saves them (`cfg.json` + `sae_weights.safetensors`),
     llama_scope_lxr_8x     TopK (k = 50), 32,768 features, blocks.L.hook_resid_post, the dataset-norm scaling
                            folded into the weights as sae-lens does on load (decoder rows of varying norm)
 
+Random encoders fire on about half their features; released SAEs fire on tens. So that every step whose cost
+grows with firings (chapter 7's top firings, chapter 4's families) costs what it will at real width,
+`build_release_saes` calibrates each ReLU and JumpReLU SAE's encoder bias on the stand-in's own activations
+(`calibrate_l0`): a feature fires where its pre-activation is about `z` standard deviations above its mean
+over random tokens, `z` chosen for a mean L0 of `l0` (32 by default; TopK fixes its own: k = 50).
+
 Real-width files are large (a GPT-2-width SAE is 150 MB, one Llama-width layer 0.9 GB): write them only in
 temporary folders, from slow tests and `bench/bench_book.py`.
 
@@ -83,16 +89,66 @@ def _rescale(folder: Path) -> None:
         save_file(sd, str(path), metadata={"format": "pt"})
 
 
-def build_release_saes(arch: str, model_folder: Path, folder: Path, *, layers=None,
-                       seed: int = 1) -> tuple[Path, Path | None]:
+def build_release_saes(arch: str, model_folder: Path, folder: Path, *, layers=None, seed: int = 1,
+                       l0: float | None = 32) -> tuple[Path, Path | None]:
     """The residual SAE folder and (where the release exists) the hook_z SAE folder of `arch`'s real release,
-    one random SAE per layer: (res folder, att folder or None)."""
+    one random SAE per layer, encoders calibrated to a mean L0 of about `l0` (None: left random, half of the
+    features firing): (res folder, att folder or None)."""
     hf = json.loads((Path(model_folder) / "config.json").read_text())
     n_layers = hf.get("n_layer") or hf["num_hidden_layers"]
     layers = list(range(n_layers)) if layers is None else list(layers)
-    res = write_saes(Path(folder) / "res", hf, layers, *RELEASES[arch]["res"], seed=seed)
-    att = RELEASES[arch]["att"]
-    return res, (write_saes(Path(folder) / "att", hf, layers, *att, seed=seed + 1) if att else None)
+    folders = []
+    for kind, offset in (("res", 0), ("att", 1)):
+        spec = RELEASES[arch][kind]
+        if spec is None:
+            folders.append(None)
+            continue
+        out = write_saes(Path(folder) / kind, hf, layers, *spec, seed=seed + offset)
+        if l0 is not None and spec[0] != "topk":
+            calibrate_l0(model_folder, out, l0=l0, flags=spec[4], seed=seed + offset)
+        folders.append(out)
+    return folders[0], folders[1]
+
+
+def _site_inputs(model, sae, tokens: torch.Tensor) -> torch.Tensor:
+    """fp32 [n_tokens, d_in]: the SAE's hook activations on `tokens` (hook_z flattened over heads)."""
+    hook = sae.cfg.metadata.hook_name
+    layer = int(hook.split(".")[1])
+    _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=layer + 1)
+    return cache[hook].reshape(tokens.numel(), -1).float()
+
+
+@torch.no_grad()
+def calibrate_l0(model_folder: Path, sae_folder: Path, *, l0: float = 32, flags: dict | None = None,
+                 n_rows: int = 8, row_len: int = 256, seed: int = 1) -> dict[int, float]:
+    """Set each ReLU / JumpReLU SAE's `b_enc` (and JumpReLU threshold) in `sae_folder/layer_L/` so that a
+    feature fires where its encoder pre-activation is `z` standard deviations above its mean over random
+    tokens, z = the normal quantile of 1 - l0 / d_sae; resave. Returns {layer: mean L0 on other random tokens}
+    (a check: pre-activations are not exactly normal), also written to `sae_folder/calibration.json`."""
+    from sae_lens import SAE
+
+    from weightscope.load.models import load_full_model
+
+    model = load_full_model(str(model_folder), **(flags or {}))
+    gen = torch.Generator().manual_seed(seed)
+    fit, check = (torch.randint(0, model.cfg.d_vocab, (n_rows, row_len), generator=gen) for _ in range(2))
+    measured = {}
+    for path in sorted(Path(sae_folder).glob("layer_*"), key=lambda p: int(p.name.split("_")[1])):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sae = SAE.load_from_disk(str(path))
+        pre = sae.process_sae_in(_site_inputs(model, sae, fit)) @ sae.W_enc  # [n_tokens, d_sae], no b_enc
+        z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - l0 / sae.cfg.d_sae))
+        cut = pre.mean(0) + z * pre.std(0)  # [d_sae]
+        floor = 0.01 if hasattr(sae, "threshold") else 0.0  # JumpReLU: a positive threshold, crossed at `cut`
+        sae.b_enc.copy_(floor - cut)
+        if hasattr(sae, "threshold"):
+            sae.threshold.fill_(floor)
+        sae.save_model(path)
+        layer = int(path.name.split("_")[1])
+        measured[layer] = float((sae.encode(_site_inputs(model, sae, check)) > 0).sum(1).float().mean())
+    (Path(sae_folder) / "calibration.json").write_text(json.dumps({"target_l0": l0, "mean_l0": measured}))
+    return measured
 
 
 def _dims(hf: dict) -> tuple[int, int]:

@@ -22,10 +22,11 @@ from weightscope.compute.lens import output_matrix
 from weightscope.config.params import ParamsError
 
 
-def tiny_model(norm="RMS", pos="rotary", n_kv=None, seed=0, d_vocab=24):
+def tiny_model(norm="RMS", pos="rotary", n_kv=None, seed=0, d_vocab=24, softcap=0.0):
     cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, n_key_value_heads=n_kv,
                                   n_ctx=32, d_vocab=d_vocab, d_mlp=64, act_fn="gelu", normalization_type=norm,
-                                  positional_embedding_type=pos, seed=seed, device="cpu")
+                                  positional_embedding_type=pos, seed=seed, device="cpu",
+                                  output_logits_soft_cap=softcap)
     model = HookedTransformer(cfg)
     with torch.no_grad():  # non-trivial norm weights, so that a missed fold changes the numbers
         gen = torch.Generator().manual_seed(seed)
@@ -240,6 +241,19 @@ def test_co_firings_pairs_key_at_or_before_the_query_in_the_same_row():
     got = sorted(zip(pos_q[iq].tolist(), pos_k[ik].tolist()))
     # 3 and 12 are in other rows; 19 and 11 are 8 apart (> 5); 26 comes after 25
     assert got == [(3, 1), (3, 3), (12, 11)]
+
+
+@pytest.mark.parametrize("norm,softcap", [("RMS", 0.0), ("LN", 0.0), (None, 0.0), ("RMS", 2.0)])
+def test_logits_at_positions_equal_the_forward_pass_logits(norm, softcap):
+    """Only the wanted positions are unembedded and later columns are cut: same logits as the whole pass
+    (a soft cap small enough to bend them, so that a missed cap fails)."""
+    model = tiny_model(norm=norm, softcap=softcap)
+    with torch.no_grad():
+        model.W_U.mul_(8)
+    rows = torch.randint(0, 24, (3, 12), generator=torch.Generator().manual_seed(4))
+    positions = torch.tensor([0, 5, 14, 26, 30])  # rows 0, 0, 1, 2, 2: the last wanted column is 6
+    want = model(rows).reshape(-1, 24)[positions]
+    assert torch.allclose(ic.logits_at(model, rows, positions), want, atol=1e-5)
 
 
 def test_ablation_of_a_feature_at_the_last_residual_equals_its_logit_change():

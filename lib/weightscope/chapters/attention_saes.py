@@ -229,12 +229,9 @@ def run(ctx, config: Config, *, model=None, attn=None, resid=None, text=None) ->
         model, attn, maps, resid, keep, config)}, "what features write")["04_feature_writes"]
     if text is None:
         text = ctx.held_out_rows(model, config.text_rows * config.text_ctx, config.text_ctx)[0].to(ctx.device)
-    ex = cached(["04_dfa_examples", "04_dfa_parts"], lambda: dfa_examples(model, attn, text, config),
-                "DFA examples")
-    fam = cached(["04_families", "04_family_counts", "04_head_profiles"],
-                 lambda: families(model, attn, text, config, keep), "feature families")
-    rd = cached(["04_rdfa"], lambda: {"04_rdfa": recursive_dfa(model, attn, resid, text,
-                                                               ex["04_dfa_examples"])}, "recursive DFA")
+    ex = cached(["04_dfa_examples", "04_dfa_parts", "04_families", "04_family_counts", "04_head_profiles",
+                 "04_rdfa"], lambda: text_analyses(model, attn, resid, text, config, keep),
+                "DFA examples, feature families and recursive DFA")
     info = {"n_heads": model.cfg.n_heads, "n_kv_heads": model.cfg.n_key_value_heads or model.cfg.n_heads,
             "d_head": model.cfg.d_head, "d_sae": attn[0].d_sae, "d_in": attn[0].d_in,
             "n_attn_saes": len(attn), "n_resid_saes": len(resid), "text_rows": int(text.shape[0]),
@@ -246,8 +243,8 @@ def run(ctx, config: Config, *, model=None, attn=None, resid=None, text=None) ->
                   curve=poly["04_poly_curve"], tau=poly["04_tau"], slice_heads=slice_heads,
                   slice_tau=own["04_slice_tau"],
                   writes=writes, examples=ex["04_dfa_examples"], parts=ex["04_dfa_parts"],
-                  families=fam["04_families"], family_counts=fam["04_family_counts"],
-                  head_profiles=fam["04_head_profiles"], rdfa=rd["04_rdfa"],
+                  families=ex["04_families"], family_counts=ex["04_family_counts"],
+                  head_profiles=ex["04_head_profiles"], rdfa=ex["04_rdfa"],
                   info=info, config=config)
 
 
@@ -602,36 +599,65 @@ def _chunked_dfa(c, W_eff, b, d, f, chunk: int = DFA_CHUNK) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dfa_examples(model, saes, tokens: torch.Tensor, config: Config) -> dict[str, pd.DataFrame]:
-    """DFA for the `dfa_features` features per layer with the highest activation on the held-out text at a
-    destination with at least `min_sources` sources, each at that position. {"04_dfa_examples": one row per
-    (layer, feature): position, activation (sae-lens's encode), pre-activation, bias, sum of parts and the
-    error against sae-lens's activation; "04_dfa_parts": one row per (example, head, source)}."""
+def text_analyses(model, saes, resid: dict, tokens: torch.Tensor, config: Config,
+                  keep=None) -> dict[str, pd.DataFrame]:
+    """The analyses of the held-out text, layer by layer on one attention pass each (`_layer_pass`):
+    DFA examples (`dfa_examples`), feature families (`families`) and recursive DFA (`recursive_dfa`).
+    {"04_dfa_examples", "04_dfa_parts", "04_families", "04_family_counts", "04_head_profiles", "04_rdfa"}."""
+    rep = repeated_tokens(model, config, keep).to(tokens.device)
+    out = {k: [] for k in ("examples", "parts", "families", "profiles", "rdfa")}
+    for i, sae in enumerate(saes, 1):
+        io.progress(f"04_attention_saes: DFA, families and recursive DFA, layer {sae.layer} ({i}/{len(saes)})")
+        lp = _layer_pass(model, sae, tokens)
+        ex, parts = dfa_examples(model, sae, lp, tokens, config)
+        fam, prof = families(model, sae, lp, tokens, rep, config)
+        out["examples"].append(ex)
+        out["parts"].append(parts)
+        out["families"].append(fam)
+        out["profiles"].append(prof)
+        out["rdfa"].append(recursive_dfa(model, sae, lp, resid, ex))
+    feats = pd.concat(out["families"], ignore_index=True)
+    summary = (feats.groupby(["layer", "family"]).size().unstack(fill_value=0)
+               .reindex(columns=list(FAMILIES), fill_value=0))
+    summary.columns.name = None
+    summary["classified"] = summary.sum(1)
+    summary["of_features"] = summary.index.map({sae.layer: sae.d_sae for sae in saes})
+    return {"04_dfa_examples": pd.concat(out["examples"], ignore_index=True),
+            "04_dfa_parts": pd.concat(out["parts"], ignore_index=True),
+            "04_families": feats, "04_family_counts": summary.reset_index(),
+            "04_head_profiles": pd.concat(out["profiles"], ignore_index=True),
+            "04_rdfa": pd.concat([r for r in out["rdfa"] if len(r)] or [pd.DataFrame()], ignore_index=True)}
+
+
+def dfa_examples(model, sae, lp, tokens: torch.Tensor, config: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """DFA for the `dfa_features` features of one layer with the highest activation on the held-out text at
+    a destination with at least `min_sources` sources, each at that position; lp: the layer's `_layer_pass`.
+    (examples: one row per feature: position, activation (sae-lens's encode), pre-activation, bias, sum of
+    parts and the error against sae-lens's activation; parts: one row per (example, head, source))."""
     vocab_ = vocab(model)
     ex_rows, part_rows = [], []
     allowed = torch.arange(tokens.shape[1], device=tokens.device) >= config.min_sources - 1
-    for sae in saes:
-        c, W_eff, b_eff, pre, acts = _layer_pass(model, sae, tokens)
-        peak = (acts * allowed[None, :, None]).flatten(0, 1).max(0)
-        feats = peak.values.topk(min(config.dfa_features, sae.d_sae)).indices
-        where = peak.indices[feats]
-        b, d = where // tokens.shape[1], where % tokens.shape[1]
-        parts = _chunked_dfa(c, W_eff, b, d, feats)
-        for i, f in enumerate(feats.tolist()):
-            bi, di = int(b[i]), int(d[i])
-            total = float(parts[i].sum() + b_eff[f])
-            ex_rows.append({"layer": sae.layer, "feature": f, "row": bi, "dest": di, "sources": di + 1,
-                            "dest_token": vocab_[int(tokens[bi, di])], "activation": float(acts[bi, di, f]),
-                            "pre_activation": float(pre[bi, di, f]), "bias": float(b_eff[f]),
-                            "sum_of_parts_plus_bias": total, "abs_error": abs(total - float(pre[bi, di, f])),
-                            "error_vs_sae_lens": abs(total - float(acts[bi, di, f]))})
-            p = parts[i, :, :di + 1].cpu()
-            h, s = np.meshgrid(np.arange(p.shape[0]), np.arange(p.shape[1]), indexing="ij")
-            part_rows.append(pd.DataFrame({"layer": sae.layer, "feature": f, "head": h.ravel(),
-                                           "src": s.ravel(), "distance": di - s.ravel(),
-                                           "part": p.numpy().ravel(),
-                                           "src_token": [vocab_[int(t)] for t in tokens[bi, s.ravel()]]}))
-    return {"04_dfa_examples": pd.DataFrame(ex_rows), "04_dfa_parts": pd.concat(part_rows, ignore_index=True)}
+    c, W_eff, b_eff, pre, acts = lp
+    peak = (acts * allowed[None, :, None]).flatten(0, 1).max(0)
+    feats = peak.values.topk(min(config.dfa_features, sae.d_sae)).indices
+    where = peak.indices[feats]
+    b, d = where // tokens.shape[1], where % tokens.shape[1]
+    parts = _chunked_dfa(c, W_eff, b, d, feats)
+    for i, f in enumerate(feats.tolist()):
+        bi, di = int(b[i]), int(d[i])
+        total = float(parts[i].sum() + b_eff[f])
+        ex_rows.append({"layer": sae.layer, "feature": f, "row": bi, "dest": di, "sources": di + 1,
+                        "dest_token": vocab_[int(tokens[bi, di])], "activation": float(acts[bi, di, f]),
+                        "pre_activation": float(pre[bi, di, f]), "bias": float(b_eff[f]),
+                        "sum_of_parts_plus_bias": total, "abs_error": abs(total - float(pre[bi, di, f])),
+                        "error_vs_sae_lens": abs(total - float(acts[bi, di, f]))})
+        p = parts[i, :, :di + 1].cpu()
+        h, s = np.meshgrid(np.arange(p.shape[0]), np.arange(p.shape[1]), indexing="ij")
+        part_rows.append(pd.DataFrame({"layer": sae.layer, "feature": f, "head": h.ravel(),
+                                       "src": s.ravel(), "distance": di - s.ravel(),
+                                       "part": p.numpy().ravel(),
+                                       "src_token": [vocab_[int(t)] for t in tokens[bi, s.ravel()]]}))
+    return pd.DataFrame(ex_rows), pd.concat(part_rows, ignore_index=True)
 
 
 def head_parts(t: Tables) -> pd.DataFrame:
@@ -711,55 +737,45 @@ def head_profiles(c_text, c_rep, layer: int, config: Config) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def families(model, saes, tokens: torch.Tensor, config: Config, keep=None) -> dict[str, pd.DataFrame]:
+def families(model, sae, lp, tokens: torch.Tensor, rep: torch.Tensor,
+             config: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Each feature's DFA profile on its top activations: share of |DFA| within `short_window` tokens, beside
     two nulls: uniform attention over the same prefix, and the share its own heads' attention puts there
-    (each head weighted by its |DFA|); and on repeated random content-token sequences the share on the token
-    after the earlier copy (null: 1 / (dest + 1)). The rule, in order: induction when that share reaches
-    `induction_min` (with `min_fires` activations in the repeated half); short-range context when the
-    short-window share reaches `short_mass_min` and exceeds its heads' own attention's; else long-range
-    context; features with fewer than `min_fires` activations on the held-out text stay unclassified.
-    {"04_families": one row per classified feature, "04_family_counts": counts per layer and family,
-    "04_head_profiles": per head, its locality and induction score (`head_profiles`)}."""
-    rep = repeated_tokens(model, config, keep).to(tokens.device)
+    (each head weighted by its |DFA|); and on repeated random content-token sequences `rep`
+    (`repeated_tokens`) the share on the token after the earlier copy (null: 1 / (dest + 1)). The rule, in
+    order: induction when that share reaches `induction_min` (with `min_fires` activations in the repeated
+    half); short-range context when the short-window share reaches `short_mass_min` and exceeds its heads'
+    own attention's; else long-range context; features with fewer than `min_fires` activations on the
+    held-out text stay unclassified. lp: the layer's `_layer_pass` on `tokens`. (one row per classified
+    feature of the layer, per head its locality and induction score (`head_profiles`))."""
     T = config.induction_len
     second = torch.zeros(rep.shape, dtype=rep.dtype, device=rep.device)
     second[:, T + 1:] = 1
-    frames, profiles = [], []
-    for sae in saes:
-        c, W_eff, _, _, acts = _layer_pass(model, sae, tokens)
-        f, b, d, _ = _top_positions(acts, config.n_examples, config.min_fires)
-        mass, heads_null = _dfa_profiles(c, W_eff, b, d, f, config.short_window)
-        dist = d[:, None] - torch.arange(mass.shape[1], device=mass.device)[None]
-        total = mass.sum(1).clamp_min(1e-12)
-        short = (mass * ((dist >= 0) & (dist <= config.short_window))).sum(1) / total
-        null_short = (torch.clamp(d, max=config.short_window) + 1).float() / (d + 1).float()
-        text = pd.DataFrame({"feature": f.cpu(), "short": short.cpu(), "null_short": null_short.cpu(),
-                             "null_short_heads": heads_null.cpu(),
-                             "mean_distance": ((mass * dist.clamp_min(0)).sum(1) / total).cpu()})
-        text = text.groupby("feature").mean()
-        cr, W_eff, _, _, acts_r = _layer_pass(model, sae, rep)
-        profiles.append(head_profiles(c, cr, sae.layer, config))
-        fr, br, dr, fires_r = _top_positions(acts_r, config.n_examples, config.min_fires, allowed=second)
-        mass_r = _chunked_dfa(cr, W_eff, br, dr, fr).abs().sum(1)
-        induct = mass_r[torch.arange(len(dr)), dr - T + 1] / mass_r.sum(1).clamp_min(1e-12)
-        ind = pd.DataFrame({"feature": fr.cpu(), "induction": induct.cpu(),
-                            "null_induction": (1.0 / (dr + 1).float()).cpu()}).groupby("feature").mean()
-        df = text.join(ind, how="left").reset_index()
-        df["fires_repeated"] = fires_r.cpu().numpy()[df["feature"].to_numpy()]
-        short_range = (df["short"] >= config.short_mass_min) & (df["short"] > df["null_short_heads"])
-        df["family"] = np.where(df["induction"].fillna(0) >= config.induction_min, FAMILIES[0],
-                                np.where(short_range, FAMILIES[1], FAMILIES[2]))
-        df.insert(0, "layer", sae.layer)
-        frames.append(df)
-    feats = pd.concat(frames, ignore_index=True)
-    summary = (feats.groupby(["layer", "family"]).size().unstack(fill_value=0)
-               .reindex(columns=list(FAMILIES), fill_value=0))
-    summary.columns.name = None
-    summary["classified"] = summary.sum(1)
-    summary["of_features"] = summary.index.map({sae.layer: sae.d_sae for sae in saes})
-    return {"04_families": feats, "04_family_counts": summary.reset_index(),
-            "04_head_profiles": pd.concat(profiles, ignore_index=True)}
+    c, W_eff, _, _, acts = lp
+    f, b, d, _ = _top_positions(acts, config.n_examples, config.min_fires)
+    mass, heads_null = _dfa_profiles(c, W_eff, b, d, f, config.short_window)
+    dist = d[:, None] - torch.arange(mass.shape[1], device=mass.device)[None]
+    total = mass.sum(1).clamp_min(1e-12)
+    short = (mass * ((dist >= 0) & (dist <= config.short_window))).sum(1) / total
+    null_short = (torch.clamp(d, max=config.short_window) + 1).float() / (d + 1).float()
+    text = pd.DataFrame({"feature": f.cpu(), "short": short.cpu(), "null_short": null_short.cpu(),
+                         "null_short_heads": heads_null.cpu(),
+                         "mean_distance": ((mass * dist.clamp_min(0)).sum(1) / total).cpu()})
+    text = text.groupby("feature").mean()
+    cr, W_eff, _, _, acts_r = _layer_pass(model, sae, rep)
+    profile = head_profiles(c, cr, sae.layer, config)
+    fr, br, dr, fires_r = _top_positions(acts_r, config.n_examples, config.min_fires, allowed=second)
+    mass_r = _chunked_dfa(cr, W_eff, br, dr, fr).abs().sum(1)
+    induct = mass_r[torch.arange(len(dr)), dr - T + 1] / mass_r.sum(1).clamp_min(1e-12)
+    ind = pd.DataFrame({"feature": fr.cpu(), "induction": induct.cpu(),
+                        "null_induction": (1.0 / (dr + 1).float()).cpu()}).groupby("feature").mean()
+    df = text.join(ind, how="left").reset_index()
+    df["fires_repeated"] = fires_r.cpu().numpy()[df["feature"].to_numpy()]
+    short_range = (df["short"] >= config.short_mass_min) & (df["short"] > df["null_short_heads"])
+    df["family"] = np.where(df["induction"].fillna(0) >= config.induction_min, FAMILIES[0],
+                            np.where(short_range, FAMILIES[1], FAMILIES[2]))
+    df.insert(0, "layer", sae.layer)
+    return df, profile
 
 
 def head_profile_sentence(t: Tables) -> str:
@@ -786,55 +802,50 @@ def family_examples(t: Tables, n: int = 3) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def recursive_dfa(model, saes, resid: dict, tokens: torch.Tensor, examples: pd.DataFrame, *,
-                  n_top: int = 5) -> pd.DataFrame:
-    """One step up: for each DFA example, its largest (head, source) part is split over the residual SAE on
-    the stream the attention layer reads (its active features, its b_dec, its error) plus the value bias, with
-    the norm's scale frozen. One row per piece: layer, feature, head, src, part (the DFA part), piece,
-    resid_feature (-1 for the non-feature pieces), contribution; the `n_top` features by |contribution| are
-    kept, and a row "other features" holds the rest, so that the contributions of an example sum to its part.
+def recursive_dfa(model, sae, lp, resid: dict, examples: pd.DataFrame, *, n_top: int = 5) -> pd.DataFrame:
+    """One step up: for each DFA example of the layer (lp: its `_layer_pass`), its largest (head, source)
+    part is split over the residual SAE on the stream the attention layer reads (its active features, its
+    b_dec, its error) plus the value bias, with the norm's scale frozen. One row per piece: layer, feature,
+    head, src, part (the DFA part), piece, resid_feature (-1 for the non-feature pieces), contribution; the
+    `n_top` features by |contribution| are kept, and a row "other features" holds the rest, so that the
+    contributions of an example sum to its part. No rows where no residual SAE reads the layer's stream.
     """
     rows = []
-    by_layer = {sae.layer: sae for sae in saes}
+    layer = sae.layer
+    res = residual_sae_before(resid, layer)
+    if res is None:
+        return pd.DataFrame(rows)
+    c, W_eff, _, _, _ = lp
     norm = model.cfg.normalization_type
-    for layer, ex in examples.groupby("layer"):
-        res = residual_sae_before(resid, int(layer))
-        if res is None:
-            continue
-        sae = by_layer[int(layer)]
-        c, W_eff, _, _, _ = _layer_pass(model, sae, tokens)
-        block = model.blocks[int(layer)]
-        attn = block.attn
-        W_V = getattr(attn, "_W_V", attn.W_V).detach().float()
-        b_V = getattr(attn, "_b_V", attn.b_V).detach().float()
-        ln_w = getattr(block.ln1, "w", None)
-        ln_w = ln_w.detach().float() if ln_w is not None else torch.ones(model.cfg.d_model, device=W_V.device)
-        ln_b = getattr(block.ln1, "b", None)
-        kv = ha.kv_heads(model.cfg.n_heads, model.cfg.n_key_value_heads)
-        d_head = model.cfg.d_head
-        for e in ex.itertuples():
-            bi, di, f = int(e.row), int(e.dest), int(e.feature)
-            part = dfa_k.dfa(c["pattern"], c["v"], W_eff, torch.tensor([bi]), torch.tensor([di]),
-                             torch.tensor([f]))[0]
-            h, s = divmod(int(part.abs().argmax()), part.shape[1])
-            pieces = dfa_k.value_decomposition(c["resid_pre"][bi, s], res, c["scale"][bi, s], ln_w,
-                                               None if ln_b is None else ln_b.detach().float(), W_V, b_V,
-                                               center=norm in ("LN", "LNPre"))
-            contrib = dfa_k.rdfa(pieces, float(c["pattern"][bi, h, di, s]),
-                                 W_eff[h * d_head:(h + 1) * d_head, f], int(kv[h]))
-            base = {"layer": int(layer), "feature": f, "head": h, "src": s, "dest": di,
-                    "part": float(part[h, s])}
-            order = contrib["feature"].abs().argsort(descending=True)
-            for j in order[:n_top].tolist():
-                rows.append({**base, "piece": "residual feature",
-                             "resid_feature": int(contrib["features"][j]),
-                             "contribution": float(contrib["feature"][j])})
-            rest = float(contrib["feature"][order[n_top:]].sum()) if len(order) > n_top else 0.0
-            rows.append({**base, "piece": "other features", "resid_feature": -1, "contribution": rest})
-            for key, label in (("b_dec", "residual SAE b_dec"), ("error", "residual SAE error"),
-                               ("bias", "value bias")):
-                rows.append({**base, "piece": label, "resid_feature": -1,
-                             "contribution": float(contrib[key])})
+    block = model.blocks[layer]
+    attn = block.attn
+    W_V = getattr(attn, "_W_V", attn.W_V).detach().float()
+    b_V = getattr(attn, "_b_V", attn.b_V).detach().float()
+    ln_w = getattr(block.ln1, "w", None)
+    ln_w = ln_w.detach().float() if ln_w is not None else torch.ones(model.cfg.d_model, device=W_V.device)
+    ln_b = getattr(block.ln1, "b", None)
+    kv = ha.kv_heads(model.cfg.n_heads, model.cfg.n_key_value_heads)
+    d_head = model.cfg.d_head
+    for e in examples.itertuples():
+        bi, di, f = int(e.row), int(e.dest), int(e.feature)
+        part = dfa_k.dfa(c["pattern"], c["v"], W_eff, torch.tensor([bi]), torch.tensor([di]),
+                         torch.tensor([f]))[0]
+        h, s = divmod(int(part.abs().argmax()), part.shape[1])
+        pieces = dfa_k.value_decomposition(c["resid_pre"][bi, s], res, c["scale"][bi, s], ln_w,
+                                           None if ln_b is None else ln_b.detach().float(), W_V, b_V,
+                                           center=norm in ("LN", "LNPre"))
+        contrib = dfa_k.rdfa(pieces, float(c["pattern"][bi, h, di, s]),
+                             W_eff[h * d_head:(h + 1) * d_head, f], int(kv[h]))
+        base = {"layer": layer, "feature": f, "head": h, "src": s, "dest": di, "part": float(part[h, s])}
+        order = contrib["feature"].abs().argsort(descending=True)
+        for j in order[:n_top].tolist():
+            rows.append({**base, "piece": "residual feature", "resid_feature": int(contrib["features"][j]),
+                         "contribution": float(contrib["feature"][j])})
+        rest = float(contrib["feature"][order[n_top:]].sum()) if len(order) > n_top else 0.0
+        rows.append({**base, "piece": "other features", "resid_feature": -1, "contribution": rest})
+        for key, label in (("b_dec", "residual SAE b_dec"), ("error", "residual SAE error"),
+                           ("bias", "value bias")):
+            rows.append({**base, "piece": label, "resid_feature": -1, "contribution": float(contrib[key])})
     return pd.DataFrame(rows)
 
 

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from transformer_lens.utilities.activation_functions import apply_softcap
+
 from weightscope.compute.attention import read_by_layer, rotate_queries
 from weightscope.compute.streaming import progress_bar
 
@@ -204,6 +206,27 @@ def direct_effects(act: Tensor, scale: Tensor, centred: Tensor) -> Tensor:
     return act.float() / scale.float() * centred.float()
 
 
+def logits_at(model, rows: Tensor, positions: Tensor, fwd_hooks=()) -> Tensor:
+    """fp32 [m, d_vocab]: the model's logits at `positions` (indices into rows.reshape(-1)), as its forward
+    pass computes them (final norm, unembedding, soft cap), without unembedding the other positions.
+
+    rows: int64 [r, row_len]. Columns after the last wanted position are cut: a causal model's earlier
+    positions do not see them."""
+    last = int((positions % rows.shape[1]).max()) + 1
+    keep = positions // rows.shape[1] * last + positions % rows.shape[1]
+    final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    got = {}
+
+    def grab(resid, hook):
+        got["x"] = resid.reshape(-1, resid.shape[-1])[keep]  # [m, d_model]
+
+    model.run_with_hooks(rows[:, :last], return_type=None, fwd_hooks=[*fwd_hooks, (final, grab)])
+    x = got["x"][:, None]  # [m, 1, d_model]: the norm and unembedding take a position axis
+    if model.cfg.normalization_type is not None:
+        x = model.ln_final(x)
+    return apply_softcap(model.unembed(x)[:, 0], model.cfg.output_logits_soft_cap).float()
+
+
 @torch.no_grad()
 def ablation_effects(model, sae, feature: int, rows: Tensor, positions: Tensor, top_ids: Tensor) -> Tensor:
     """fp32 [len(positions)]: the change of the top tokens' logits (against the vocabulary mean) at
@@ -220,11 +243,9 @@ def ablation_effects(model, sae, feature: int, rows: Tensor, positions: Tensor, 
         a = sae.sae.encode(resid.to(sae.W_dec.dtype))[..., feature]  # [batch, pos]
         return resid - (a[..., None] * d).to(resid.dtype)
 
-    clean = model(rows.to(device)).reshape(-1, model.cfg.d_vocab)[positions.to(device)].float()
-    ablated = model.run_with_hooks(rows.to(device), fwd_hooks=[(sae.hook_name, remove)])
-    ablated = ablated.reshape(-1, model.cfg.d_vocab)[positions.to(device)].float()
-    diff = clean - ablated  # [m, d_vocab]
-    top = top_ids.to(device)[None, :].expand(len(positions), -1)
+    rows, positions = rows.to(device), positions.to(device)
+    diff = logits_at(model, rows, positions) - logits_at(model, rows, positions, [(sae.hook_name, remove)])
+    top = top_ids.to(device)[None, :].expand(len(positions), -1)  # diff: [m, d_vocab]
     return (diff.gather(1, top).mean(1) - diff.mean(1)).cpu()
 
 

@@ -154,7 +154,6 @@ SWEEPS = {
         "3M tokens, 1,024 wide": dict(d_sae=1024),
         "3M tokens, 6,000 rows": dict(train_rows=6000),
     }},
-    "attn-tiny": {"layers": (0, 1), "variants": {"1k tokens": dict(training_tokens=1024), "tiny": {}}},
 }
 
 
