@@ -111,11 +111,12 @@ def build_release_saes(arch: str, model_folder: Path, folder: Path, *, layers=No
 
 
 def _site_inputs(model, sae, tokens: torch.Tensor) -> torch.Tensor:
-    """fp32 [n_tokens, d_in]: the SAE's hook activations on `tokens` (hook_z flattened over heads)."""
+    """fp32 [n_tokens, ...]: the SAE's hook activations on `tokens` (hook_z keeps its [heads, d_head]: sae-lens
+    flattens it in `process_sae_in`)."""
     hook = sae.cfg.metadata.hook_name
     layer = int(hook.split(".")[1])
     _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=layer + 1)
-    return cache[hook].reshape(tokens.numel(), -1).float()
+    return cache[hook].flatten(0, 1).float()
 
 
 @torch.no_grad()

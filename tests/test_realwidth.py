@@ -68,16 +68,16 @@ def test_gpt2_width_book_runs_every_chapter(tmp_path):
     assert not heavy, heavy
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gemma2"])
-def test_calibration_sets_a_realistic_l0(tmp_path, arch):
+@pytest.mark.parametrize("arch,kind", [("gpt2", "res"), ("gpt2", "att"), ("gemma2", "res"), ("gemma2", "att")])
+def test_calibration_sets_a_realistic_l0(tmp_path, arch, kind):
     """Random encoders fire on about half their features; calibrated ones on about `l0` of them (checked on
     tokens the calibration did not see), and the book's loader still reads the folder."""
     from weightscope.load.saes import load_saes
 
     folder = standins.build_model(arch, tmp_path / "model", n_layers=2)
     hf = json.loads((folder / "config.json").read_text())
-    architecture, _, hook, k, flags = realwidth.RELEASES[arch]["res"]
-    saes = realwidth.write_saes(tmp_path / "res", hf, [0, 1], architecture, 2048, hook, k, flags)
+    architecture, _, hook, k, flags = realwidth.RELEASES[arch][kind]
+    saes = realwidth.write_saes(tmp_path / kind, hf, [0, 1], architecture, 2048, hook, k, flags)
     before = realwidth.calibrate_l0(folder, saes, l0=1024, flags=flags)  # z = 0: the uncalibrated regime
     after = realwidth.calibrate_l0(folder, saes, l0=32, flags=flags)
     assert all(600 < v < 1400 for v in before.values()), before
