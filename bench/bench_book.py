@@ -229,25 +229,36 @@ def units(stem: str, result: dict, n_layers: int) -> float:
 
 
 def extrapolate(results: list[dict], n_layers: int) -> str:
-    """Markdown: each chapter's CPU seconds at depth n_layers, scaled from the deepest (then latest) run where
-    it passed:
-    cpu(N) = cpu(L) x units(N) / units(L). Every measured second is scaled, start-up included, so this is an
-    upper bound for the chapters that grow."""
-    lines = [f"| chapter | grows with | measured at L | CPU s there | CPU s at L={n_layers} (upper bound) |",
-             "|---|---|---|---|---|"]
-    total = 0.0
+    """Markdown: each chapter's CPU seconds at depth n_layers from the runs where it passed (the latest per
+    depth). Measured at two depths (the two deepest, L1 < L2): the line through both in `units`,
+    cpu(N) = cpu(L1) + (cpu(L2) - cpu(L1)) x (units(N) - units(L1)) / (units(L2) - units(L1)), which splits
+    start-up from per-layer work. At one depth: cpu(N) = cpu(L) x units(N) / units(L), every second scaled,
+    start-up included: an upper bound for the chapters that grow."""
+    lines = [f"| chapter | grows with | measured at L | CPU s there | CPU s at L={n_layers} | how |",
+             "|---|---|---|---|---|---|"]
+    total, bound = 0.0, False
     for stem in CHAPTER_STEMS:
-        runs = [r for r in sorted(results, key=lambda r: (r["n_layers"], r["date"]))
-                if r["chapters"].get(stem, {}).get("rc") == 0]
-        if not runs:
-            lines.append(f"| {stem} | {SCALING[stem]} | – | – | not measured |")
+        by_depth = {r["n_layers"]: r for r in sorted(results, key=lambda r: (r["n_layers"], r["date"]))
+                    if r["chapters"].get(stem, {}).get("rc") == 0}
+        if not by_depth:
+            lines.append(f"| {stem} | {SCALING[stem]} | – | – | not measured | |")
             continue
-        r = runs[-1]
-        cpu = r["chapters"][stem]["cpu_s"]
-        est = cpu * units(stem, r, n_layers) / units(stem, r, r["n_layers"])
+        runs = [by_depth[d] for d in sorted(by_depth)][-2:]
+        cpu = [r["chapters"][stem]["cpu_s"] for r in runs]
+        u = [units(stem, r, r["n_layers"]) for r in runs]
+        u_n = units(stem, runs[-1], n_layers)
+        if len(runs) == 2 and u[1] != u[0]:
+            est = cpu[0] + (cpu[1] - cpu[0]) * (u_n - u[0]) / (u[1] - u[0])
+            how = "line through both depths"
+        else:
+            est, how = cpu[-1] * u_n / u[-1], ("fixed" if SCALING[stem] == "fixed" else "scaled (upper bound)")
+            bound |= how != "fixed"
         total += est
-        lines.append(f"| {stem} | {SCALING[stem]} | {r['n_layers']} | {cpu:,.0f} | {est:,.0f} |")
-    lines.append(f"| all measured chapters | | | | {total:,.0f} ({total / 3600:.1f} h) |")
+        depths = " and ".join(str(r["n_layers"]) for r in runs)
+        there = " and ".join(f"{c:,.0f}" for c in cpu)
+        lines.append(f"| {stem} | {SCALING[stem]} | {depths} | {there} | {est:,.0f} | {how} |")
+    lines.append(f"| all measured chapters | | | | {total:,.0f} ({total / 3600:.1f} h) | "
+                 f"{'includes upper bounds' if bound else ''} |")
     return "\n".join(lines)
 
 

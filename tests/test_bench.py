@@ -59,7 +59,7 @@ def test_unknown_benchmark_names_are_a_clear_error():
     assert "unknown benchmark(s) ['nonesuch']" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_book_extrapolation_scales_each_chapter_by_what_it_grows_with():
+def test_book_extrapolation_scales_one_depth_and_fits_a_line_through_two():
     import bench_book
 
     dims = dict(d_model=8, n_heads=2, n_kv=2, d_head=4, d_vocab=50, n_layers=1)
@@ -70,6 +70,17 @@ def test_book_extrapolation_scales_each_chapter_by_what_it_grows_with():
     ratio = (bench_book.chapter_flops("02_attention", {**dims, "n_layers": 4}, 16, 16, 0)
              / bench_book.chapter_flops("02_attention", dims, 16, 16, 0))
     assert ratio > 4  # reads grow as L(L+1)/2: faster than the layers
-    assert rows["00_demo_model"].endswith("| 10 |") and rows["05_context_neurons"].endswith("| 10 |")
-    assert rows["01_output_tokens"].endswith("| 40 |") and rows["07_in_context"].endswith("| 40 |")
-    assert rows["02_attention"].endswith(f"| {10 * ratio:,.0f} |")
+    assert rows["00_demo_model"].endswith("| 10 | fixed |") and rows["05_context_neurons"].endswith("| 10 | fixed |")
+    assert rows["01_output_tokens"].endswith("| 40 | scaled (upper bound) |")
+    assert rows["02_attention"].endswith(f"| {10 * ratio:,.0f} | scaled (upper bound) |")
+    # a second depth splits start-up from per-layer work: 10 s at 1 layer, 16 s at 2 -> 4 + 6 L
+    deeper = {**result, "n_layers": 2, "dims": {**dims, "n_layers": 2},
+              "chapters": {stem: {"rc": 0, "cpu_s": 16.0} for stem in bench_book.CHAPTER_STEMS}}
+    rows = {line.split(" | ")[0].strip("| "): line for line in
+            bench_book.extrapolate([deeper, result], 4).splitlines()[2:]}
+    assert rows["01_output_tokens"].endswith("| 1 and 2 | 10 and 16 | 28 | line through both depths |")
+    assert rows["07_in_context"].endswith("| 28 | line through both depths |")
+    two = bench_book.chapter_flops("02_attention", {**dims, "n_layers": 2}, 16, 16, 0)
+    four = bench_book.chapter_flops("02_attention", {**dims, "n_layers": 4}, 16, 16, 0)
+    one = four / ratio
+    assert rows["02_attention"].endswith(f"| {10 + 6 * (four - one) / (two - one):,.0f} | line through both depths |")

@@ -244,32 +244,41 @@ def test_co_firings_pairs_key_at_or_before_the_query_in_the_same_row():
 
 
 @pytest.mark.parametrize("norm,softcap", [("RMS", 0.0), ("LN", 0.0), (None, 0.0), ("RMS", 2.0)])
-def test_logits_at_positions_equal_the_forward_pass_logits(norm, softcap):
-    """Only the wanted positions are unembedded and later columns are cut: same logits as the whole pass
-    (a soft cap small enough to bend them, so that a missed cap fails)."""
+def test_final_logits_equal_the_forward_pass_logits(norm, softcap):
+    """Logits of the wanted positions alone, from the final residual: the whole pass's logits (a soft cap
+    small enough to bend them, so that a missed cap fails)."""
     model = tiny_model(norm=norm, softcap=softcap)
     with torch.no_grad():
         model.W_U.mul_(8)
     rows = torch.randint(0, 24, (3, 12), generator=torch.Generator().manual_seed(4))
-    positions = torch.tensor([0, 5, 14, 26, 30])  # rows 0, 0, 1, 2, 2: the last wanted column is 6
-    want = model(rows).reshape(-1, 24)[positions]
-    assert torch.allclose(ic.logits_at(model, rows, positions), want, atol=1e-5)
+    positions = torch.tensor([0, 5, 14, 26, 30])
+    logits, cache = model.run_with_cache(rows)
+    final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"].reshape(-1, 32)[positions]
+    assert torch.allclose(ic.final_logits(model, final), logits.reshape(-1, 24)[positions], atol=1e-5)
 
 
-def test_ablation_of_a_feature_at_the_last_residual_equals_its_logit_change():
-    model = tiny_model(pos="standard")
-    sae = ReluSAE(32, 8, f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", 1, seed=3)
-    rows = torch.randint(0, 24, (2, 10), generator=torch.Generator().manual_seed(10))
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.0.hook_resid_post",
+                                  "blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"])
+def test_ablation_equals_the_logit_change_of_a_whole_hooked_pass(hook):
+    """Rows run alone and cut after their last wanted position, the ablated pass started at the site's block:
+    the same effect as two whole passes with the feature removed by a hook (the naive reference)."""
+    model = tiny_model(pos="standard", softcap=3.0)
+    sae = ReluSAE(32, 8, hook, 1, seed=3)
+    rows = torch.randint(0, 24, (3, 10), generator=torch.Generator().manual_seed(10))
     _, cache = model.run_with_cache(rows)
-    acts = sae.encode(cache[sae.hook_name])  # [2, 10, 8]
-    f = int(acts.reshape(-1, 8).gt(0).sum(0).argmax())
-    positions = torch.nonzero(acts.reshape(-1, 8)[:, f] > 0).squeeze(1)
+    acts = sae.encode(cache[hook]).reshape(-1, 8)  # [30, 8]
+    f = int(acts.gt(0).sum(0).argmax())
+    positions = torch.nonzero(acts[:, f] > 0).squeeze(1)
+    assert len(torch.unique(positions // 10)) > 1 and len(positions) > 3  # several rows, several columns
     top = torch.tensor([1, 5])
     got = ic.ablation_effects(model, sae, f, rows, positions, top)
-    resid = cache[sae.hook_name] - acts[..., f, None] * sae.W_dec[f]
-    ablated = model.unembed(model.ln_final(resid)).reshape(-1, 24)[positions]
-    diff = model(rows).reshape(-1, 24)[positions] - ablated
+
+    def remove(resid, hook):
+        return resid - sae.encode(resid)[..., f, None] * sae.W_dec[f]
+
+    diff = (model(rows) - model.run_with_hooks(rows, fwd_hooks=[(hook, remove)])).reshape(-1, 24)[positions]
     assert torch.allclose(got, diff[:, top].mean(1) - diff.mean(1), atol=1e-5)
+    assert got.abs().max() > 1e-3  # the ablation moves the logits: the comparison can fail
 
 
 # ---------------------------------------------------------------------------------------------------------

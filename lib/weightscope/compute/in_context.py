@@ -206,25 +206,35 @@ def direct_effects(act: Tensor, scale: Tensor, centred: Tensor) -> Tensor:
     return act.float() / scale.float() * centred.float()
 
 
-def logits_at(model, rows: Tensor, positions: Tensor, fwd_hooks=()) -> Tensor:
-    """fp32 [m, d_vocab]: the model's logits at `positions` (indices into rows.reshape(-1)), as its forward
-    pass computes them (final norm, unembedding, soft cap), without unembedding the other positions.
-
-    rows: int64 [r, row_len]. Columns after the last wanted position are cut: a causal model's earlier
-    positions do not see them."""
-    last = int((positions % rows.shape[1]).max()) + 1
-    keep = positions // rows.shape[1] * last + positions % rows.shape[1]
-    final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-    got = {}
-
-    def grab(resid, hook):
-        got["x"] = resid.reshape(-1, resid.shape[-1])[keep]  # [m, d_model]
-
-    model.run_with_hooks(rows[:, :last], return_type=None, fwd_hooks=[*fwd_hooks, (final, grab)])
-    x = got["x"][:, None]  # [m, 1, d_model]: the norm and unembedding take a position axis
+def final_logits(model, x: Tensor) -> Tensor:
+    """fp32 [m, d_vocab]: logits from final residuals x [m, d_model] (the last block's `hook_resid_post`), as
+    the forward pass computes them: final norm, unembedding, soft cap."""
+    x = x[:, None]  # [m, 1, d_model]: the norm and unembedding take a position axis
     if model.cfg.normalization_type is not None:
         x = model.ln_final(x)
     return apply_softcap(model.unembed(x)[:, 0], model.cfg.output_logits_soft_cap).float()
+
+
+def stream_start(model, hook_name: str) -> int | None:
+    """The block whose input is the stream at `hook_name`: L for blocks.L.hook_resid_pre, L + 1 for
+    blocks.L.hook_resid_post (n_layers: the final residual); None for any other hook."""
+    parts = hook_name.split(".")
+    if len(parts) == 3 and parts[0] == "blocks" and parts[2] in ("hook_resid_pre", "hook_resid_post"):
+        return int(parts[1]) + (parts[2] == "hook_resid_post")
+    return None
+
+
+def _final_residual(model, inp: Tensor, cols: Tensor, hooks=(), **kwargs) -> Tensor:
+    """[len(cols), d_model]: the last block's output at columns `cols` of a one-row pass on `inp`
+    (tokens [1, n], or a residual [1, n, d_model] with start_at_layer); `hooks` run first."""
+    got = {}
+
+    def grab(resid, hook):
+        got["x"] = resid[0, cols]
+
+    final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    model.run_with_hooks(inp, return_type=None, fwd_hooks=[*hooks, (final, grab)], **kwargs)
+    return got["x"]
 
 
 @torch.no_grad()
@@ -235,18 +245,38 @@ def ablation_effects(model, sae, feature: int, rows: Tensor, positions: Tensor, 
     rows: int64 [r, row_len] token rows; positions: int64 [m] indices into rows.reshape(-1). Removing means
     subtracting activation x decoder row at the site (the SAE's reconstruction error and other features
     stay), so the change is the feature's total effect through every later layer, not only the direct path.
+    Each row runs alone up to its last wanted position (a causal model's earlier positions do not see later
+    ones); on a residual site the ablated pass starts at the site's block from the clean pass's stream.
     """
     device = next(model.parameters()).device
     d = sae.W_dec[feature].to(device)
+    start = stream_start(model, sae.hook_name)
+    rows, positions = rows.to(device), positions.to(device)
+    out = torch.empty(len(positions), device=device)
 
     def remove(resid, hook):
-        a = sae.sae.encode(resid.to(sae.W_dec.dtype))[..., feature]  # [batch, pos]
+        a = sae.sae.encode(resid.to(sae.W_dec.dtype))[..., feature]  # [1, pos]
         return resid - (a[..., None] * d).to(resid.dtype)
 
-    rows, positions = rows.to(device), positions.to(device)
-    diff = logits_at(model, rows, positions) - logits_at(model, rows, positions, [(sae.hook_name, remove)])
-    top = top_ids.to(device)[None, :].expand(len(positions), -1)  # diff: [m, d_vocab]
-    return (diff.gather(1, top).mean(1) - diff.mean(1)).cpu()
+    for r in torch.unique(positions // rows.shape[1]).tolist():
+        sel = torch.nonzero(positions // rows.shape[1] == r).squeeze(1)
+        cols = positions[sel] % rows.shape[1]
+        tokens = rows[r:r + 1, :int(cols.max()) + 1]
+        site = {}
+
+        def keep_site(resid, hook):
+            site["x"] = resid
+
+        clean = _final_residual(model, tokens, cols, [(sae.hook_name, keep_site)])
+        if start is None:
+            ablated = _final_residual(model, tokens, cols, [(sae.hook_name, remove)])
+        elif start == model.cfg.n_layers:
+            ablated = remove(site["x"], None)[0, cols]
+        else:
+            ablated = _final_residual(model, remove(site["x"], None), cols, start_at_layer=start)
+        diff = final_logits(model, clean) - final_logits(model, ablated)  # [len(cols), d_vocab]
+        out[sel] = diff[:, top_ids.to(device)].mean(1) - diff.mean(1)
+    return out.cpu()
 
 
 def folded_projections(model, layer: int, head: int, D: Tensor) -> tuple[Tensor, Tensor]:
