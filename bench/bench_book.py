@@ -50,24 +50,35 @@ FLOP_MODEL = {
                     "+ the OV R-product (d_sae + 2 n_null) n_heads d_head^2 x 2; per SAE layer the QK pairs "
                     "n_pair_heads x d_sae^2 x d_head x 2",
     "04_attention_saes": "per attention-SAE layer: the write lens d_sae x d_model x d_vocab x 2",
+    "07_in_context": "the activation pass n_tokens x L x (block + encode d_model x d_sae x 2); the ablations, per "
+                     "SAE layer l: n_ablate x ablate_positions x row_len / 2 tokens (each row cut after its "
+                     "position) x (L blocks clean + L - l ablated); block = the weight matrices x 2 per token",
 }
 
 
 def dims(folder: Path) -> dict:
-    """d_model, n_heads, n_kv, d_head, d_vocab, n_layers of a config.json."""
+    """d_model, n_heads, n_kv, d_head, d_vocab, n_layers, d_mlp and mlp_mats (2, or 3 for a gated MLP) of a
+    config.json."""
     hf = json.loads((folder / "config.json").read_text())
     if hf["model_type"] == "gpt2":
         return dict(d_model=hf["n_embd"], n_heads=hf["n_head"], n_kv=hf["n_head"], d_head=hf["n_embd"] // hf["n_head"],
-                    d_vocab=hf["vocab_size"], n_layers=hf["n_layer"])
+                    d_vocab=hf["vocab_size"], n_layers=hf["n_layer"], d_mlp=hf.get("n_inner") or 4 * hf["n_embd"],
+                    mlp_mats=2)
     heads = hf["num_attention_heads"]
     return dict(d_model=hf["hidden_size"], n_heads=heads, n_kv=hf.get("num_key_value_heads") or heads,
                 d_head=hf.get("head_dim") or hf["hidden_size"] // heads, d_vocab=hf["vocab_size"],
-                n_layers=hf["num_hidden_layers"])
+                n_layers=hf["num_hidden_layers"], d_mlp=hf["intermediate_size"], mlp_mats=3)
+
+
+def block_flops(d: dict) -> float:
+    """FLOPs per token of one block's weight matrices (attention scores left out: short rows)."""
+    attn = d["d_model"] * (2 * d["n_heads"] + 2 * d["n_kv"]) * d["d_head"]
+    return 2.0 * (attn + d.get("mlp_mats", 2) * d["d_model"] * d.get("d_mlp", 4 * d["d_model"]))
 
 
 def chapter_flops(stem: str, d: dict, d_sae: int, d_sae_att: int | None, hook_offset: int) -> float | None:
     """The main products' FLOPs of one chapter at the chapters' default settings (`FLOP_MODEL`)."""
-    from weightscope.chapters import attention, output_tokens
+    from weightscope.chapters import attention, in_context, output_tokens
 
     L = d["n_layers"]
     if stem == "01_output_tokens":
@@ -82,15 +93,22 @@ def chapter_flops(stem: str, d: dict, d_sae: int, d_sae_att: int | None, hook_of
         return n_reads * per_read + L * c.n_pair_heads * d_sae**2 * d["d_head"] * 2.0
     if stem == "04_attention_saes" and d_sae_att:
         return L * d_sae_att * d["d_model"] * d["d_vocab"] * 2.0
+    if stem == "07_in_context":
+        c = in_context.Config()
+        passes = c.n_tokens * L * (block_flops(d) + 2.0 * d["d_model"] * d_sae)
+        per_feature = c.ablate_positions * c.row_len / 2 * block_flops(d)
+        blocks = sum(L + L - (layer + hook_offset) for layer in range(L))  # clean + ablated, per SAE layer
+        return passes + c.n_ablate * per_feature * blocks
     return None
 
 
 REAL_TARGETS = {  # the real targets' dimensions and SAE widths, for FLOP estimates without a run
-    "gpt2-small": (dict(d_model=768, n_heads=12, n_kv=12, d_head=64, d_vocab=50257, n_layers=12), 24576, 24576, 0),
-    "gemma-2-2b": (dict(d_model=2304, n_heads=8, n_kv=4, d_head=256, d_vocab=256000, n_layers=26), 16384, 16384,
-                   1),
-    "llama-3.1-8b": (dict(d_model=4096, n_heads=32, n_kv=8, d_head=128, d_vocab=128256, n_layers=32), 32768, None,
-                     1),
+    "gpt2-small": (dict(d_model=768, n_heads=12, n_kv=12, d_head=64, d_vocab=50257, n_layers=12, d_mlp=3072,
+                        mlp_mats=2), 24576, 24576, 0),
+    "gemma-2-2b": (dict(d_model=2304, n_heads=8, n_kv=4, d_head=256, d_vocab=256000, n_layers=26, d_mlp=9216,
+                        mlp_mats=3), 16384, 16384, 1),
+    "llama-3.1-8b": (dict(d_model=4096, n_heads=32, n_kv=8, d_head=128, d_vocab=128256, n_layers=32, d_mlp=14336,
+                          mlp_mats=3), 32768, None, 1),
 }
 
 
@@ -190,7 +208,8 @@ def table(results: list[dict]) -> str:
                 cells.append("not run")
                 continue
             ok = c["rc"] == 0
-            rate = f"{c['flops'] / c['cpu_s'] / 1e9:.1f}" if c.get("flops") and ok and c.get("cpu_s") else "–"
+            flops = run_flops(stem, r)
+            rate = f"{flops / c['cpu_s'] / 1e9:.1f}" if flops and ok and c.get("cpu_s") else "–"
             status = "" if ok else f" (failed, rc {c['rc']})"
             page = "–" if c.get("page_mb") is None else f"{c['page_mb']:.2f}"
             cells.append(f"{c['wall_s']:.0f} · {c.get('cpu_s', float('nan')):.0f} · {c['peak_rss_gb']:.2f} · "
@@ -209,11 +228,19 @@ def table(results: list[dict]) -> str:
 
 
 # What each chapter's work grows with, for `--extrapolate` from one depth: "fixed" (chapter 0 introduces the model,
-# chapter 5 reads one block), "layers" (one pass per SAE layer), "flops" (chapter 2: the (SAE layer, reading
-# layer) reads grow as L(L+1)/2, its `chapter_flops`).
+# chapter 5 reads one block), "layers" (one pass per SAE layer), "flops" (`chapter_flops`: chapter 2's (SAE layer,
+# reading layer) reads and chapter 7's ablation passes grow as L(L+1)/2).
 SCALING = {"00_demo_model": "fixed", "01_output_tokens": "layers", "02_attention": "flops",
            "03_semantic_populations": "layers", "04_attention_saes": "layers", "05_context_neurons": "fixed",
-           "06_ffkv_baseline": "layers", "07_in_context": "layers"}
+           "06_ffkv_baseline": "layers", "07_in_context": "flops"}
+
+
+def run_flops(stem: str, result: dict, n_layers: int | None = None) -> float | None:
+    """`chapter_flops` of a results file's target (at depth n_layers; default: the run's), from today's
+    FLOP model, so that files written before a chapter had one get its rate too."""
+    d = {**result["dims"], "n_layers": n_layers or result["n_layers"]}
+    offset = 0 if result["saes"]["res_hook"].endswith("resid_pre") else 1
+    return chapter_flops(stem, d, result["saes"]["d_sae"], result["saes"]["d_sae_att"], offset)
 
 
 def units(stem: str, result: dict, n_layers: int) -> float:
@@ -223,9 +250,7 @@ def units(stem: str, result: dict, n_layers: int) -> float:
         return 1.0
     if kind == "layers":
         return float(n_layers)
-    d = {**result["dims"], "n_layers": n_layers}
-    offset = 0 if result["saes"]["res_hook"].endswith("resid_pre") else 1
-    return chapter_flops(stem, d, result["saes"]["d_sae"], result["saes"]["d_sae_att"], offset)
+    return run_flops(stem, result, n_layers)
 
 
 def extrapolate(results: list[dict], n_layers: int) -> str:

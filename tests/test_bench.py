@@ -79,7 +79,7 @@ def test_book_extrapolation_scales_one_depth_and_fits_a_line_through_two():
     rows = {line.split(" | ")[0].strip("| "): line for line in
             bench_book.extrapolate([deeper, result], 4).splitlines()[2:]}
     assert rows["01_output_tokens"].endswith("| 1 and 2 | 10 and 16 | 28 | line through both depths |")
-    assert rows["07_in_context"].endswith("| 28 | line through both depths |")
+    assert rows["04_attention_saes"].endswith("| 28 | line through both depths |")
     two = bench_book.chapter_flops("02_attention", {**dims, "n_layers": 2}, 16, 16, 0)
     four = bench_book.chapter_flops("02_attention", {**dims, "n_layers": 4}, 16, 16, 0)
     one = four / ratio

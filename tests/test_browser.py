@@ -5,8 +5,9 @@ Chromium is driven over the DevTools protocol through `--remote-debugging-pipe` 
 console errors, uncaught exceptions, failed loads and every request come back as events, which is more exact
 than scraping `--enable-logging=stderr` (whose lines carry no console level). Each page is opened in a fresh
 browser context (empty storage, like a first visit) and checked once its figures and MathJax have finished,
-not after a fixed time budget. A full-page screenshot of each page lands in `book/_build/screenshots/` for
-review. The book built by tests/test_book.py earlier in the session is used; it is built here when missing.
+not after a fixed time budget. The whole of each page lands in `book/_build/screenshots/` for review, in
+pieces (`<page>.png`, `<page>-2.png`, ...: Chromium leaves what lies far below the viewport unpainted). The
+book built by tests/test_book.py earlier in the session is used; it is built here when missing.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ FLAGS = [
     "--enable-unsafe-swiftshader",
 ]
 VIEWPORT = {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False}
-MAX_SCREENSHOT_HEIGHT = 16000  # px; Chromium cannot capture taller images in one piece
+TILE_HEIGHT = 6000  # px per screenshot piece: one capture of a long page is blank below about 10,000 px
 
 pytestmark = [
     pytest.mark.slow,
@@ -183,7 +184,7 @@ class Visit:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
-    screenshot: Path | None = None
+    screenshots: list[Path] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -213,7 +214,7 @@ def _visit(browser: Browser, page: Path) -> Visit:
         visit = Visit(rel, stats)
         _collect(visit, [e for e in browser.events if e.get("sessionId") == session])
         if stats["url"] == page.resolve().as_uri():  # not a redirect page (index.html): keep a screenshot
-            visit.screenshot = _screenshot(browser, session, rel)
+            visit.screenshots = _screenshot(browser, session, rel)
     finally:
         browser.events = [e for e in browser.events if e.get("sessionId") != session]
         browser.send("Target.closeTarget", {"targetId": target})
@@ -246,16 +247,26 @@ def _collect(visit: Visit, events: list[dict]) -> None:
             visit.requests.append(params["request"]["url"])
 
 
-def _screenshot(browser: Browser, session: str, rel: str) -> Path:
-    size = browser.send("Page.getLayoutMetrics", session=session)["cssContentSize"]
-    height = min(size["height"], MAX_SCREENSHOT_HEIGHT)
-    clip = {"x": 0, "y": 0, "width": VIEWPORT["width"], "height": height, "scale": 1}
-    shot = browser.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
-                                                   "clip": clip}, session=session, timeout=60)
-    out = SCREENSHOTS / Path(rel).with_suffix(".png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(base64.b64decode(shot["data"]))
-    return out
+def _screenshot(browser: Browser, session: str, rel: str) -> list[Path]:
+    """The whole page in pieces of TILE_HEIGHT px, each captured after scrolling to it (Chromium leaves what
+    lies far below the viewport unpainted): <page>.png, <page>-2.png, ..."""
+    height = int(browser.send("Page.getLayoutMetrics", session=session)["cssContentSize"]["height"])
+    stem = SCREENSHOTS / Path(rel).with_suffix("")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for old in stem.parent.glob(f"{stem.name}-*.png"):  # pieces of a longer earlier version
+        old.unlink()
+    outs = []
+    for i, y in enumerate(range(0, max(height, 1), TILE_HEIGHT)):
+        browser.send("Runtime.evaluate", {"expression": f"window.scrollTo(0, {y}); "
+                                          "new Promise(r => requestAnimationFrame(() => r(1)))",
+                                          "awaitPromise": True}, session=session)
+        clip = {"x": 0, "y": y, "width": VIEWPORT["width"], "height": min(TILE_HEIGHT, height - y), "scale": 1}
+        shot = browser.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
+                                                       "clip": clip}, session=session, timeout=60)
+        out = stem.parent / (f"{stem.name}.png" if i == 0 else f"{stem.name}-{i + 1}.png")
+        out.write_bytes(base64.b64decode(shot["data"]))
+        outs.append(out)
+    return outs
 
 
 # --- the static side: links and loads in the page's HTML ---
@@ -428,11 +439,12 @@ def test_internal_links_resolve(visits, book_html):
 
 
 def test_screenshots_saved(visits):
-    shots = {page: v.screenshot for page, v in visits.items() if v.screenshot}
+    shots = {page: v.screenshots for page, v in visits.items() if v.screenshots}
     assert set(shots) >= {p for p in visits if p.startswith("demo/")}, "a chapter has no screenshot"
-    for page, shot in shots.items():
-        data = shot.read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, (page, shot, len(data))
+    for page, pieces in shots.items():
+        for shot in pieces:
+            data = shot.read_bytes()
+            assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, (page, shot, len(data))
 
 
 def test_each_page_is_quick(visits):

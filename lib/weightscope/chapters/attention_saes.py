@@ -581,14 +581,19 @@ DFA_CHUNK = 4096
 
 @torch.no_grad()
 def _layer_pass(model, sae, tokens: torch.Tensor):
-    """(cache of block sae.layer, W_eff, b_eff, pre-activations, activations from sae-lens's own encode;
-    the last two [b, pos, d_sae])."""
+    """(cache of block sae.layer, W_eff, b_eff, activations [b, pos, d_sae] from sae-lens's own encode). The
+    pre-activations are not kept whole ([b, pos, d_sae] again): `pre_activations` reads the few needed."""
     c = dfa_k.attention_cache(model, tokens, sae.layer)
     W_eff, b_eff = dfa_k.encoder_affine(sae)
-    z = c["z"].flatten(2)
-    pre = z @ W_eff.float() + b_eff.float()
-    acts = sae.sae.encode(z if sae.sae.cfg.reshape_activations == "none" else c["z"])
-    return c, W_eff.float(), b_eff.float(), pre, acts.float()
+    acts = sae.sae.encode(c["z"].flatten(2) if sae.sae.cfg.reshape_activations == "none" else c["z"])
+    return c, W_eff.float(), b_eff.float(), acts.float()
+
+
+def pre_activations(c, W_eff, b_eff, b, d, f) -> torch.Tensor:
+    """fp64 [n]: the encoder pre-activation of feature f[i] at (row b[i], position d[i]) of a `_layer_pass`
+    (in fp64: the reference the DFA parts' sum is checked against)."""
+    z = c["z"][b, d].flatten(1).double()  # [n, d_in]
+    return (z * W_eff[:, f].T.double()).sum(1) + b_eff[f].double()
 
 
 def _chunked_dfa(c, W_eff, b, d, f, chunk: int = DFA_CHUNK) -> torch.Tensor:
@@ -637,19 +642,20 @@ def dfa_examples(model, sae, lp, tokens: torch.Tensor, config: Config) -> tuple[
     vocab_ = vocab(model)
     ex_rows, part_rows = [], []
     allowed = torch.arange(tokens.shape[1], device=tokens.device) >= config.min_sources - 1
-    c, W_eff, b_eff, pre, acts = lp
+    c, W_eff, b_eff, acts = lp
     peak = (acts * allowed[None, :, None]).flatten(0, 1).max(0)
     feats = peak.values.topk(min(config.dfa_features, sae.d_sae)).indices
     where = peak.indices[feats]
     b, d = where // tokens.shape[1], where % tokens.shape[1]
     parts = _chunked_dfa(c, W_eff, b, d, feats)
+    pre = pre_activations(c, W_eff, b_eff, b, d, feats)
     for i, f in enumerate(feats.tolist()):
         bi, di = int(b[i]), int(d[i])
         total = float(parts[i].sum() + b_eff[f])
         ex_rows.append({"layer": sae.layer, "feature": f, "row": bi, "dest": di, "sources": di + 1,
                         "dest_token": vocab_[int(tokens[bi, di])], "activation": float(acts[bi, di, f]),
-                        "pre_activation": float(pre[bi, di, f]), "bias": float(b_eff[f]),
-                        "sum_of_parts_plus_bias": total, "abs_error": abs(total - float(pre[bi, di, f])),
+                        "pre_activation": float(pre[i]), "bias": float(b_eff[f]),
+                        "sum_of_parts_plus_bias": total, "abs_error": abs(total - float(pre[i])),
                         "error_vs_sae_lens": abs(total - float(acts[bi, di, f]))})
         p = parts[i, :, :di + 1].cpu()
         h, s = np.meshgrid(np.arange(p.shape[0]), np.arange(p.shape[1]), indexing="ij")
@@ -751,7 +757,7 @@ def families(model, sae, lp, tokens: torch.Tensor, rep: torch.Tensor,
     T = config.induction_len
     second = torch.zeros(rep.shape, dtype=rep.dtype, device=rep.device)
     second[:, T + 1:] = 1
-    c, W_eff, _, _, acts = lp
+    c, W_eff, _, acts = lp
     f, b, d, _ = _top_positions(acts, config.n_examples, config.min_fires)
     mass, heads_null = _dfa_profiles(c, W_eff, b, d, f, config.short_window)
     dist = d[:, None] - torch.arange(mass.shape[1], device=mass.device)[None]
@@ -762,7 +768,7 @@ def families(model, sae, lp, tokens: torch.Tensor, rep: torch.Tensor,
                          "null_short_heads": heads_null.cpu(),
                          "mean_distance": ((mass * dist.clamp_min(0)).sum(1) / total).cpu()})
     text = text.groupby("feature").mean()
-    cr, W_eff, _, _, acts_r = _layer_pass(model, sae, rep)
+    cr, W_eff, _, acts_r = _layer_pass(model, sae, rep)
     profile = head_profiles(c, cr, sae.layer, config)
     fr, br, dr, fires_r = _top_positions(acts_r, config.n_examples, config.min_fires, allowed=second)
     mass_r = _chunked_dfa(cr, W_eff, br, dr, fr).abs().sum(1)
@@ -815,7 +821,7 @@ def recursive_dfa(model, sae, lp, resid: dict, examples: pd.DataFrame, *, n_top:
     res = residual_sae_before(resid, layer)
     if res is None:
         return pd.DataFrame(rows)
-    c, W_eff, _, _, _ = lp
+    c, W_eff, _, _ = lp
     norm = model.cfg.normalization_type
     block = model.blocks[layer]
     attn = block.attn
