@@ -123,6 +123,56 @@ def flops_table() -> str:
     return "\n".join(lines)
 
 
+# What each chapter holds at once by design, for the memory check (`held`): "weights" the weights-only model
+# (embeddings, unembedding, attention), "full" the forward-pass model (chapter 6 holds its weights-only model with
+# the MLPs, the same size, and the full model one after the other), "sae" one SAE
+# (chapters that stream them), "saes" / "att_saes" every residual / hook_z SAE, and its largest working set:
+# "chunk" the streaming budget (`compute.streaming.memory_budget`: 1 GiB on a CPU with 4 GiB free), "acts" chapter
+# 4's layer pass (sae-lens's pre-activations and activations over the held-out text, [rows x ctx x d_sae] each),
+# "code" chapter 6's null chunks (`CODE_ELEMENTS`), "budget" chapter 7's `memory_mb`.
+HOLDS = {"00_demo_model": ("full",), "01_output_tokens": ("weights", "sae", "chunk"),
+         "02_attention": ("weights", "sae", "chunk"), "03_semantic_populations": (),
+         "04_attention_saes": ("full", "saes", "att_saes", "acts"), "05_context_neurons": ("full", "chunk"),
+         "06_ffkv_baseline": ("full", "sae", "code"), "07_in_context": ("weights", "full", "saes", "budget")}
+
+
+def held(stem: str, result: dict) -> dict[str, float]:
+    """Bytes of what `stem` holds at once by design on `result`'s target (`HOLDS`), fp32."""
+    from weightscope.chapters import attention_saes, in_context
+    from weightscope.compute.ffkv import CODE_ELEMENTS
+
+    d, w, L = result["dims"], result["saes"], result["n_layers"]
+    emb = 2 * d["d_vocab"] * d["d_model"]  # embedding and unembedding
+    attn = d["d_model"] * (2 * d["n_heads"] + 2 * d["n_kv"]) * d["d_head"]
+    mlp = d.get("mlp_mats", 2) * d["d_model"] * d.get("d_mlp", 4 * d["d_model"])
+    d_att_in = d["n_heads"] * d["d_head"]
+    c4 = attention_saes.Config()
+    sizes = {"weights": emb + L * attn, "full": emb + L * (attn + mlp),
+             "sae": 2 * d["d_model"] * w["d_sae"], "saes": L * 2 * d["d_model"] * w["d_sae"],
+             "att_saes": L * 2 * d_att_in * (w["d_sae_att"] or 0), "chunk": 2**30 / 4,
+             "acts": 2 * c4.text_rows * c4.text_ctx * (w["d_sae_att"] or 0), "code": CODE_ELEMENTS,
+             "budget": in_context.Config().memory_mb * 2**20 / 4}
+    return {part: 4.0 * sizes[part] for part in HOLDS[stem]}
+
+
+def memory_table(result: dict) -> str:
+    """Markdown: per chapter its peak RSS beside what it holds by design (`held`) plus the Python process
+    with its libraries imported (`result["baseline_rss_gb"]`), and their ratio."""
+    base = result.get("baseline_rss_gb")
+    lines = ["| chapter | holds (GB) | + imports | expected GB | peak RSS GB | peak / expected |",
+             "|---|---|---|---|---|---|"]
+    for stem in CHAPTER_STEMS:
+        c = result["chapters"].get(stem)
+        if c is None or c["rc"] != 0 or c.get("page_mb") is None:  # not run, failed, or skipped by the pre-flight
+            continue
+        parts = held(stem, result)
+        expected = sum(parts.values()) / 1e9 + (base or 0.0)
+        what = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in parts.items()) or "tables only"
+        lines.append(f"| {stem} | {what} | {base if base is not None else '–'} | {expected:.2f} | "
+                     f"{c['peak_rss_gb']:.2f} | {c['peak_rss_gb'] / expected:.2f} |")
+    return "\n".join(lines)
+
+
 class TreePeak:
     """Peak RSS of a process and its descendants, sampled every `interval` seconds in a thread."""
 
@@ -171,6 +221,17 @@ def build(arch: str, n_layers: int, tmp: Path) -> tuple[Path, Path, dict]:
           for kind, f in (("res", res), ("att", att)) if f is not None and (f / "calibration.json").is_file()}
     return params, folder, {"d_sae": rel["res"][1], "d_sae_att": rel["att"][1] if rel["att"] else None,
                             "res_hook": rel["res"][2], "mean_l0_random_tokens": l0}
+
+
+def baseline_rss_gb(env: dict) -> float:
+    """Peak RSS of a fresh Python that imports what a chapter's kernel imports (ipykernel, torch,
+    TransformerLens, sae-lens, plotly, pandas and every chapter module) and holds no tensor yet."""
+    code = ("import resource, ipykernel.kernelapp, torch, transformer_lens, sae_lens, plotly.express, pandas\n"
+            "from weightscope.chapters import attention, attention_saes, context_neurons, ffkv, in_context, "
+            "model_intro, output_tokens, populations\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return round(int(out.stdout.strip().splitlines()[-1]) * 1024 / 1e9, 2)  # ru_maxrss is in KiB on Linux
 
 
 def run_chapter(stem: str, params: Path, env: dict, log: Path) -> dict:
@@ -307,6 +368,8 @@ def main(argv=None) -> int:
     if args.table:
         results = [json.loads(p.read_text()) for p in args.table]
         print(table(results) + "\n\n" + flops_table())
+        for r in results:
+            print(f"\nMemory at L={r['n_layers']} ({r['date']}):\n" + memory_table(r))
         if args.extrapolate:
             print("\n" + extrapolate(results, args.extrapolate))
         return 0
@@ -335,6 +398,7 @@ def main(argv=None) -> int:
         env = {**os.environ, "WEIGHTSCOPE_DATA": str(tmp / "data"), "WEIGHTSCOPE_BOOK": str(book),
                "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "lib")}
         offset = 0 if widths["res_hook"].endswith("resid_pre") else 1
+        baseline = baseline_rss_gb(env)
         chapters = {}
         for stem in stems:
             print(f"{stem} ...", flush=True)
@@ -349,6 +413,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "book", "arch": args.arch, "n_layers": args.layers, "device": device, "date": date,
         "dims": d, "saes": widths, "build_s": round(build_s, 1), "flop_model": FLOP_MODEL,
+        "baseline_rss_gb": baseline, "holds": {stem: list(HOLDS[stem]) for stem in stems},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
                     "note": "a shared machine: other jobs ran at the same time; times are upper bounds"},

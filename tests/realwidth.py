@@ -21,8 +21,8 @@ and SAE folders as sae-lens saves them (`cfg.json` + `sae_weights.safetensors`),
 Random encoders fire on about half their features; released SAEs fire on tens. So that every step whose cost
 grows with firings (chapter 7's top firings, chapter 4's families) costs what it will at real width,
 `build_release_saes` calibrates each ReLU and JumpReLU SAE's encoder bias on the stand-in's own activations
-(`calibrate_l0`): a feature fires where its pre-activation is about `z` standard deviations above its mean
-over random tokens, `z` chosen for a mean L0 of `l0` (32 by default; TopK fixes its own: k = 50).
+(`calibrate_l0`): a feature fires where its pre-activation is `z` standard deviations above its mean over
+random tokens, one `z` chosen for a mean L0 of `l0` (32 by default; TopK fixes its own: k = 50).
 
 Real-width files are large (a GPT-2-width SAE is 150 MB, one Llama-width layer 0.9 GB): write them only in
 temporary folders, from slow tests and `bench/bench_book.py`.
@@ -124,8 +124,8 @@ def calibrate_l0(model_folder: Path, sae_folder: Path, *, l0: float = 32, flags:
                  n_rows: int = 8, row_len: int = 256, seed: int = 1) -> dict[int, float]:
     """Set each ReLU / JumpReLU SAE's `b_enc` (and JumpReLU threshold) in `sae_folder/layer_L/` so that a
     feature fires where its encoder pre-activation is `z` standard deviations above its mean over random
-    tokens, z = the normal quantile of 1 - l0 / d_sae; resave. Returns {layer: mean L0 on other random tokens}
-    (a check: pre-activations are not exactly normal), also written to `sae_folder/calibration.json`."""
+    tokens, z chosen so that l0 of d_sae features per token pass on those tokens (pooled over features);
+    resave. Returns {layer: mean L0 on other random tokens}, also written to `sae_folder/calibration.json`."""
     from sae_lens import SAE
 
     from weightscope.load.models import load_full_model
@@ -139,8 +139,10 @@ def calibrate_l0(model_folder: Path, sae_folder: Path, *, l0: float = 32, flags:
             warnings.simplefilter("ignore")
             sae = SAE.load_from_disk(str(path))
         pre = sae.process_sae_in(_site_inputs(model, sae, fit)) @ sae.W_enc  # [n_tokens, d_sae], no b_enc
-        z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - l0 / sae.cfg.d_sae))
-        cut = pre.mean(0) + z * pre.std(0)  # [d_sae]
+        mean, std = pre.mean(0), pre.std(0).clamp_min(1e-12)
+        z = ((pre - mean) / std).flatten()  # pooled over features: the tail's own shape, not a normal's
+        z_cut = z.topk(max(1, int(l0 * len(pre)))).values[-1]  # about l0 of d_sae above it per token
+        cut = mean + z_cut * std  # [d_sae]
         floor = 0.01 if hasattr(sae, "threshold") else 0.0  # JumpReLU: a positive threshold, crossed at `cut`
         sae.b_enc.copy_(floor - cut)
         if hasattr(sae, "threshold"):

@@ -84,3 +84,19 @@ def test_book_extrapolation_scales_one_depth_and_fits_a_line_through_two():
     four = bench_book.chapter_flops("02_attention", {**dims, "n_layers": 4}, 16, 16, 0)
     one = four / ratio
     assert rows["02_attention"].endswith(f"| {10 + 6 * (four - one) / (two - one):,.0f} | line through both depths |")
+
+
+def test_book_memory_table_sets_peak_rss_beside_what_each_chapter_holds():
+    import bench_book
+
+    dims = dict(d_model=8, n_heads=2, n_kv=2, d_head=4, d_vocab=50, n_layers=2)
+    result = {"n_layers": 2, "dims": dims, "baseline_rss_gb": 0.5,
+              "saes": {"d_sae": 16, "d_sae_att": 16, "res_hook": "hook_resid_pre"},
+              "chapters": {"01_output_tokens": {"rc": 0, "peak_rss_gb": 3.0, "page_mb": 0.1},
+                           "06_ffkv_baseline": {"rc": 0, "peak_rss_gb": 0.4, "page_mb": None}}}
+    parts = bench_book.held("01_output_tokens", result)
+    assert parts["weights"] == 4 * (2 * 50 * 8 + 2 * 8 * 8 * 4) and parts["sae"] == 4 * 2 * 8 * 16
+    assert parts["chunk"] == 2**30  # the streaming budget dominates at this size
+    rows = bench_book.memory_table(result).splitlines()
+    expected = sum(parts.values()) / 1e9 + 0.5
+    assert len(rows) == 3 and rows[2].endswith(f"| {expected:.2f} | 3.00 | {3.0 / expected:.2f} |")  # 06 skipped

@@ -357,8 +357,10 @@ def word_table(full, res: ic.PassResult, labels: pd.DataFrame, config: Config) -
     """Per labelled feature: chapter 3's two labels and the share of its kept firings whose current token is
     a word (chapter 3's `token_kind`), beside the word share of all evaluated positions (`base`)."""
     vocab = token_strings(full)
-    is_word = torch.tensor([token_kind(t) == "word" for t in vocab])
     flat = res.tokens.reshape(-1)
+    is_word = torch.zeros(len(vocab), dtype=torch.bool)
+    seen = torch.unique(flat)  # only the tokens of the text are classified (a few thousand, not the vocabulary)
+    is_word[seen] = torch.tensor([token_kind(vocab[int(t)]) == "word" for t in seen])
     base = float(is_word[flat[res.evaluated]].double().mean())
     parts = []
     for layer, fir in res.firings.items():

@@ -252,7 +252,7 @@ def ablation_effects(model, sae, feature: int, rows: Tensor, positions: Tensor, 
     d = sae.W_dec[feature].to(device)
     start = stream_start(model, sae.hook_name)
     rows, positions = rows.to(device), positions.to(device)
-    out = torch.empty(len(positions), device=device)
+    order, clean, ablated = [], [], []
 
     def remove(resid, hook):
         a = sae.sae.encode(resid.to(sae.W_dec.dtype))[..., feature]  # [1, pos]
@@ -267,15 +267,20 @@ def ablation_effects(model, sae, feature: int, rows: Tensor, positions: Tensor, 
         def keep_site(resid, hook):
             site["x"] = resid
 
-        clean = _final_residual(model, tokens, cols, [(sae.hook_name, keep_site)])
+        clean.append(_final_residual(model, tokens, cols, [(sae.hook_name, keep_site)]))
         if start is None:
-            ablated = _final_residual(model, tokens, cols, [(sae.hook_name, remove)])
+            ablated.append(_final_residual(model, tokens, cols, [(sae.hook_name, remove)]))
         elif start == model.cfg.n_layers:
-            ablated = remove(site["x"], None)[0, cols]
+            ablated.append(remove(site["x"], None)[0, cols])
         else:
-            ablated = _final_residual(model, remove(site["x"], None), cols, start_at_layer=start)
-        diff = final_logits(model, clean) - final_logits(model, ablated)  # [len(cols), d_vocab]
-        out[sel] = diff[:, top_ids.to(device)].mean(1) - diff.mean(1)
+            ablated.append(_final_residual(model, remove(site["x"], None), cols, start_at_layer=start))
+        order.append(sel)
+    # one unembedding for every row (TransformerLens copies a tied W_U on each call)
+    logits = final_logits(model, torch.cat(clean + ablated))  # [2m, d_vocab]
+    diff = logits[:len(positions)] - logits[len(positions):]
+    effect = diff[:, top_ids.to(device)].mean(1) - diff.mean(1)
+    out = torch.empty(len(positions), device=device)
+    out[torch.cat(order)] = effect
     return out.cpu()
 
 

@@ -83,6 +83,7 @@ def hooked_from_weights(ws: WeightSet, tokenizer, name: str, *, max_ctx: int = M
 
     cfg = tl_config(ws, name, max_ctx=max_ctx)
     cfg.device = str(ws.device)
+    cfg.init_weights = False  # every parameter is overwritten below: a random initialisation is wasted time
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
     state = {k: v.contiguous() for k, v in ws.tensors().items()}
     params = dict(model.named_parameters())
