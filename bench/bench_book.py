@@ -226,12 +226,14 @@ def build(arch: str, n_layers: int, tmp: Path) -> tuple[Path, Path, dict]:
 def baseline_rss_gb(env: dict) -> float:
     """Peak RSS of a fresh Python that imports what a chapter's kernel imports (ipykernel, torch,
     TransformerLens, sae-lens, plotly, pandas and every chapter module) and holds no tensor yet."""
-    code = ("import resource, ipykernel.kernelapp, torch, transformer_lens, sae_lens, plotly.express, pandas\n"
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child forked from this (large) process
+    # would report this process's resident set
+    code = ("import ipykernel.kernelapp, torch, transformer_lens, sae_lens, plotly.express, pandas\n"
             "from weightscope.chapters import attention, attention_saes, context_neurons, ffkv, in_context, "
             "model_intro, output_tokens, populations\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return round(int(out.stdout.strip().splitlines()[-1]) * 1024 / 1e9, 2)  # ru_maxrss is in KiB on Linux
+    return round(int(out.stdout.strip().splitlines()[-1]) * 1024 / 1e9, 2)  # VmHWM is in kB
 
 
 def run_chapter(stem: str, params: Path, env: dict, log: Path) -> dict:

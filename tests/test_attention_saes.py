@@ -775,3 +775,12 @@ def test_training_sweep_says_which_variants_meet_the_bar(monkeypatch, tmp_path):
     assert 0 < sum(expected.values()) < len(expected)  # the fake separates the variants: the check can fail
     assert f"{sum(expected.values())} of {len(expected)} variants meet the bar" in ch.sweep_sentence(table)
     assert ch.training_sweep(SimpleNamespace(params=SimpleNamespace(attn_saes={"source": "jbloom/x"}))).empty
+
+
+def test_families_when_no_feature_fires_enough_on_the_repeated_half(tmp_path, monkeypatch):
+    """min_fires above the repeated half's 24 positions (3 rows x 8) but within the text's 72: features are
+    classified on the text, none can be induction, and the chapter still runs (a sparse SAE's case)."""
+    ch, t, _ = _tiny_run(tmp_path, monkeypatch, min_fires=30)
+    assert len(t.families) > 0
+    assert t.families["induction"].isna().all() and (t.families["fires_repeated"] < 30).all()
+    assert not (t.families["family"] == ch.FAMILIES[0]).any()

@@ -597,8 +597,10 @@ def pre_activations(c, W_eff, b_eff, b, d, f) -> torch.Tensor:
 
 
 def _chunked_dfa(c, W_eff, b, d, f, chunk: int = DFA_CHUNK) -> torch.Tensor:
+    """[n, heads, src]: `dfa_k.dfa` of n (row b, dest d, feature f) items in chunks (none: [0, heads, src])."""
     if not len(b):
-        return torch.zeros(0)
+        _, heads, _, src = c["pattern"].shape
+        return torch.zeros(0, heads, src, device=c["pattern"].device)
     return torch.cat([dfa_k.dfa(c["pattern"], c["v"], W_eff, b[i:i + chunk], d[i:i + chunk], f[i:i + chunk])
                       for i in range(0, len(b), chunk)])
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 from weightscope.compute.attention import read_by_layer, rotate_queries
@@ -237,6 +236,22 @@ def _final_residual(model, inp: Tensor, cols: Tensor, hooks=(), **kwargs) -> Ten
     return got["x"]
 
 
+def _clean_and_ablated(model, hook_name: str, tokens: Tensor, cols: Tensor, remove, start: int | None):
+    """Final residuals [len(cols), d_model] of one row of tokens [1, n], clean and with `remove` applied at
+    `hook_name`; from block `start` on (`stream_start`) when the site is a residual stream."""
+    site = {}
+
+    def keep_site(resid, hook):
+        site["x"] = resid
+
+    clean = _final_residual(model, tokens, cols, [(hook_name, keep_site)])
+    if start is None:
+        return clean, _final_residual(model, tokens, cols, [(hook_name, remove)])
+    if start == model.cfg.n_layers:
+        return clean, remove(site["x"], None)[0, cols]
+    return clean, _final_residual(model, remove(site["x"], None), cols, start_at_layer=start)
+
+
 @torch.no_grad()
 def ablation_effects(model, sae, feature: int, rows: Tensor, positions: Tensor, top_ids: Tensor) -> Tensor:
     """fp32 [len(positions)]: the change of the top tokens' logits (against the vocabulary mean) at
@@ -261,19 +276,9 @@ def ablation_effects(model, sae, feature: int, rows: Tensor, positions: Tensor, 
     for r in torch.unique(positions // rows.shape[1]).tolist():
         sel = torch.nonzero(positions // rows.shape[1] == r).squeeze(1)
         cols = positions[sel] % rows.shape[1]
-        tokens = rows[r:r + 1, :int(cols.max()) + 1]
-        site = {}
-
-        def keep_site(resid, hook):
-            site["x"] = resid
-
-        clean.append(_final_residual(model, tokens, cols, [(sae.hook_name, keep_site)]))
-        if start is None:
-            ablated.append(_final_residual(model, tokens, cols, [(sae.hook_name, remove)]))
-        elif start == model.cfg.n_layers:
-            ablated.append(remove(site["x"], None)[0, cols])
-        else:
-            ablated.append(_final_residual(model, remove(site["x"], None), cols, start_at_layer=start))
+        c, a = _clean_and_ablated(model, sae.hook_name, rows[r:r + 1, :int(cols.max()) + 1], cols, remove, start)
+        clean.append(c)
+        ablated.append(a)
         order.append(sel)
     # one unembedding for every row (TransformerLens copies a tied W_U on each call)
     logits = final_logits(model, torch.cat(clean + ablated))  # [2m, d_vocab]
