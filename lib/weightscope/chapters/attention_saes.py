@@ -34,7 +34,9 @@ from weightscope.chapters.findings import percent
 from weightscope.compute import dfa as dfa_k
 from weightscope.compute import head_attribution as ha
 from weightscope.compute.lens import content_ids, output_matrix, token_strings
+from weightscope.compute.streaming import progress_bar
 from weightscope.config.params import ParamsError
+from weightscope.config.paths import progress_enabled
 
 FAMILIES = ("induction", "short-range context", "long-range context")
 CHUNK_ELEMENTS = 1 << 24  # at most this many scores (64 MB in fp32) in one chunk of a row-wise product
@@ -400,19 +402,24 @@ def output_maps(model, layer: int) -> torch.Tensor:
 
 
 def chunked_topk(rows: torch.Tensor, M: torch.Tensor, n: int, *, keep: torch.Tensor | None = None,
-                 chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+                 chunk_elements: int = CHUNK_ELEMENTS,
+                 desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) [n_rows, n] of the largest entries of rows [n_rows, d] @ M [d, m] (restricted to the
     columns `keep`, indices in M's numbering), computed in row chunks of at most `chunk_elements` scores; M
-    is neither copied nor cut (the columns are picked from each chunk's scores)."""
+    is neither copied nor cut (the columns are picked from each chunk's scores). desc: a progress bar's name
+    (a minute a layer at GPT-2 width), None for none."""
     cols = None if keep is None else keep.to(M.device)
     n = min(n, M.shape[1] if keep is None else len(keep))
     step = max(1, chunk_elements // max(1, M.shape[1]))
     vals, idx = [], []
+    bar = progress_bar(len(rows), desc is not None and progress_enabled(), desc or "")
     for i in range(0, len(rows), step):
         scores = rows[i:i + step].to(M.device, M.dtype) @ M
         v, j = (scores if cols is None else scores[:, cols]).float().topk(n, dim=-1)
         vals.append(v)
         idx.append(j)
+        bar.update(len(scores))
+    bar.close()
     vals = torch.cat(vals) if vals else torch.zeros(0, n)
     idx = torch.cat(idx) if idx else torch.zeros(0, n, dtype=torch.long)
     return vals, (idx if keep is None else keep.to(idx.device)[idx])
@@ -540,7 +547,7 @@ def feature_writes(model, saes, maps: dict, resid: dict, keep, config: Config, *
         W_dec = sae.W_dec.float()
         shares = ha.head_shares(W_dec.cpu(), n_heads, d_head)
         writes = ha.residual_writes(W_dec, W_O.to(W_dec.device))
-        _, top_tok = chunked_topk(writes, M_out, n_tokens, keep=keep)
+        _, top_tok = chunked_topk(writes, M_out, n_tokens, keep=keep, desc=f"layer {sae.layer} write lens")
         frame = pd.DataFrame({"layer": sae.layer, "feature": np.arange(sae.d_sae),
                               "top_head": shares.argmax(-1).numpy(),
                               "top_share": shares.max(-1).values.numpy(),
@@ -549,7 +556,8 @@ def feature_writes(model, saes, maps: dict, resid: dict, keep, config: Config, *
                                              for r in top_tok.cpu().tolist()]})
         res = residual_sae_after(resid, sae.layer)
         if res is not None:
-            vals, idx = chunked_topk(writes, res.W_enc.float(), n_resid)
+            vals, idx = chunked_topk(writes, res.W_enc.float(), n_resid,
+                                     desc=f"layer {sae.layer} residual reads")
             null_rows = ha.same_share_null(W_dec.cpu(), n_heads, d_head, gen).to(W_O.device)
             null = ha.residual_writes(null_rows, W_O)
             null_top, _ = chunked_topk(null, res.W_enc.float(), 1)
@@ -597,7 +605,7 @@ def pre_activations(c, W_eff, b_eff, b, d, f) -> torch.Tensor:
 
 
 def _chunked_dfa(c, W_eff, b, d, f, chunk: int = DFA_CHUNK) -> torch.Tensor:
-    """[n, heads, src]: `dfa_k.dfa` of n (row b, dest d, feature f) items in chunks (none: [0, heads, src])."""
+    """[n, heads, src]: `dfa_k.dfa` of n (row, dest, feature) items in chunks; [0, heads, src] for none."""
     if not len(b):
         _, heads, _, src = c["pattern"].shape
         return torch.zeros(0, heads, src, device=c["pattern"].device)
@@ -614,7 +622,8 @@ def text_analyses(model, saes, resid: dict, tokens: torch.Tensor, config: Config
     rep = repeated_tokens(model, config, keep).to(tokens.device)
     out = {k: [] for k in ("examples", "parts", "families", "profiles", "rdfa")}
     for i, sae in enumerate(saes, 1):
-        io.progress(f"04_attention_saes: DFA, families and recursive DFA, layer {sae.layer} ({i}/{len(saes)})")
+        io.progress(f"04_attention_saes: DFA, families and recursive DFA, layer {sae.layer} "
+                    f"({i}/{len(saes)})")
         lp = _layer_pass(model, sae, tokens)
         ex, parts = dfa_examples(model, sae, lp, tokens, config)
         fam, prof = families(model, sae, lp, tokens, rep, config)

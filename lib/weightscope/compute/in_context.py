@@ -276,7 +276,8 @@ def ablation_effects(model, sae, feature: int, rows: Tensor, positions: Tensor, 
     for r in torch.unique(positions // rows.shape[1]).tolist():
         sel = torch.nonzero(positions // rows.shape[1] == r).squeeze(1)
         cols = positions[sel] % rows.shape[1]
-        c, a = _clean_and_ablated(model, sae.hook_name, rows[r:r + 1, :int(cols.max()) + 1], cols, remove, start)
+        tokens = rows[r:r + 1, :int(cols.max()) + 1]
+        c, a = _clean_and_ablated(model, sae.hook_name, tokens, cols, remove, start)
         clean.append(c)
         ablated.append(a)
         order.append(sel)
