@@ -128,7 +128,7 @@ def flops_table() -> str:
 # the MLPs, the same size, and the full model one after the other), "sae" one SAE
 # (chapters that stream them), "saes" / "att_saes" every residual / hook_z SAE, and its largest working set:
 # "chunk" the streaming budget (`compute.streaming.memory_budget`: 1 GiB on a CPU with 4 GiB free), "acts" chapter
-# 4's layer pass (sae-lens's pre-activations and activations over the held-out text, [rows x ctx x d_sae] each),
+# 4's layer pass (the activations over the held-out text, [rows x ctx x d_sae], encoded in 64 MB chunks),
 # "code" chapter 6's null chunks (`CODE_ELEMENTS`), "budget" chapter 7's `memory_mb`.
 HOLDS = {"00_demo_model": ("full",), "01_output_tokens": ("weights", "sae", "chunk"),
          "02_attention": ("weights", "sae", "chunk"), "03_semantic_populations": (),
@@ -150,7 +150,7 @@ def held(stem: str, result: dict) -> dict[str, float]:
     sizes = {"weights": emb + L * attn, "full": emb + L * (attn + mlp),
              "sae": 2 * d["d_model"] * w["d_sae"], "saes": L * 2 * d["d_model"] * w["d_sae"],
              "att_saes": L * 2 * d_att_in * (w["d_sae_att"] or 0), "chunk": 2**30 / 4,
-             "acts": 2 * c4.text_rows * c4.text_ctx * (w["d_sae_att"] or 0), "code": CODE_ELEMENTS,
+             "acts": c4.text_rows * c4.text_ctx * (w["d_sae_att"] or 0), "code": CODE_ELEMENTS,
              "budget": in_context.Config().memory_mb * 2**20 / 4}
     return {part: 4.0 * sizes[part] for part in HOLDS[stem]}
 

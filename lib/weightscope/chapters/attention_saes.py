@@ -593,8 +593,10 @@ def _layer_pass(model, sae, tokens: torch.Tensor):
     pre-activations are not kept whole ([b, pos, d_sae] again): `pre_activations` reads the few needed."""
     c = dfa_k.attention_cache(model, tokens, sae.layer)
     W_eff, b_eff = dfa_k.encoder_affine(sae)
-    acts = sae.sae.encode(c["z"].flatten(2) if sae.sae.cfg.reshape_activations == "none" else c["z"])
-    return c, W_eff.float(), b_eff.float(), acts.float()
+    z = c["z"].flatten(2) if sae.sae.cfg.reshape_activations == "none" else c["z"]
+    rows = max(1, CHUNK_ELEMENTS // (tokens.shape[1] * sae.d_sae))  # sae-lens's temporaries per chunk, not whole
+    acts = torch.cat([sae.sae.encode(z[i:i + rows]).float() for i in range(0, len(z), rows)])
+    return c, W_eff.float(), b_eff.float(), acts
 
 
 def pre_activations(c, W_eff, b_eff, b, d, f) -> torch.Tensor:
@@ -652,12 +654,13 @@ def dfa_examples(model, sae, lp, tokens: torch.Tensor, config: Config) -> tuple[
     parts and the error against sae-lens's activation; parts: one row per (example, head, source))."""
     vocab_ = vocab(model)
     ex_rows, part_rows = [], []
-    allowed = torch.arange(tokens.shape[1], device=tokens.device) >= config.min_sources - 1
+    lo = config.min_sources - 1  # the first destination with min_sources sources
     c, W_eff, b_eff, acts = lp
-    peak = (acts * allowed[None, :, None]).flatten(0, 1).max(0)
+    in_row = acts[:, lo:].max(1)  # [b, d_sae]: a feature's peak per row (over a view: no copy of acts)
+    peak = in_row.values.max(0)  # [d_sae]: over rows; ties to the first row, then the first position
     feats = peak.values.topk(min(config.dfa_features, sae.d_sae)).indices
-    where = peak.indices[feats]
-    b, d = where // tokens.shape[1], where % tokens.shape[1]
+    b = peak.indices[feats]
+    d = lo + in_row.indices[b, feats]
     parts = _chunked_dfa(c, W_eff, b, d, feats)
     pre = pre_activations(c, W_eff, b_eff, b, d, feats)
     for i, f in enumerate(feats.tolist()):
