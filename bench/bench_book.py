@@ -163,7 +163,7 @@ def memory_table(result: dict) -> str:
              "|---|---|---|---|---|---|"]
     for stem in CHAPTER_STEMS:
         c = result["chapters"].get(stem)
-        if c is None or c["rc"] != 0 or c.get("page_mb") is None:  # not run, failed, or skipped by the pre-flight
+        if c is None or c["rc"] != 0 or skipped(c):
             continue
         parts = held(stem, result)
         expected = sum(parts.values()) / 1e9 + (base or 0.0)
@@ -254,6 +254,12 @@ def run_chapter(stem: str, params: Path, env: dict, log: Path) -> dict:
             "peak_tree_rss_gb": round(peak.max_sum / 1e9, 2), "last_lines": tail}
 
 
+def skipped(chapter: dict) -> bool:
+    """Whether the runner skipped the chapter (exit 0 without a page: the pre-flight found it does not apply,
+    e.g. chapter 6 with one SAE before the first MLP)."""
+    return chapter["rc"] == 0 and chapter.get("page_mb") is None
+
+
 def table(results: list[dict]) -> str:
     """Markdown: one row per chapter, one column group per results file (depths side by side), and the
     per-layer fit t(L) = a + b L from two depths when there are two."""
@@ -270,10 +276,10 @@ def table(results: list[dict]) -> str:
             if c is None:
                 cells.append("not run")
                 continue
-            ok = c["rc"] == 0
+            ok = c["rc"] == 0 and not skipped(c)
             flops = run_flops(stem, r)
             rate = f"{flops / c['cpu_s'] / 1e9:.1f}" if flops and ok and c.get("cpu_s") else "–"
-            status = "" if ok else f" (failed, rc {c['rc']})"
+            status = "" if ok else " (skipped by the pre-flight)" if skipped(c) else f" (failed, rc {c['rc']})"
             page = "–" if c.get("page_mb") is None else f"{c['page_mb']:.2f}"
             cells.append(f"{c['wall_s']:.0f} · {c.get('cpu_s', float('nan')):.0f} · {c['peak_rss_gb']:.2f} · "
                          f"{page} · {rate}{status}")
@@ -327,7 +333,7 @@ def extrapolate(results: list[dict], n_layers: int) -> str:
     total, bound = 0.0, False
     for stem in CHAPTER_STEMS:
         by_depth = {r["n_layers"]: r for r in sorted(results, key=lambda r: (r["n_layers"], r["date"]))
-                    if r["chapters"].get(stem, {}).get("rc") == 0}
+                    if r["chapters"].get(stem, {}).get("rc") == 0 and not skipped(r["chapters"][stem])}
         if not by_depth:
             lines.append(f"| {stem} | {SCALING[stem]} | – | – | not measured | |")
             continue

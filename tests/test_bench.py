@@ -64,7 +64,7 @@ def test_book_extrapolation_scales_one_depth_and_fits_a_line_through_two():
 
     dims = dict(d_model=8, n_heads=2, n_kv=2, d_head=4, d_vocab=50, n_layers=1)
     result = {"n_layers": 1, "date": "2026-12-04", "dims": dims, "saes": {"d_sae": 16, "d_sae_att": 16, "res_hook": "hook_resid_pre"},
-              "chapters": {stem: {"rc": 0, "cpu_s": 10.0} for stem in bench_book.CHAPTER_STEMS}}
+              "chapters": {stem: {"rc": 0, "cpu_s": 10.0, "page_mb": 0.1} for stem in bench_book.CHAPTER_STEMS}}
     rows = {line.split(" | ")[0].strip("| "): line for line in
             bench_book.extrapolate([result], 4).splitlines()[2:]}
     ratio = (bench_book.chapter_flops("02_attention", {**dims, "n_layers": 4}, 16, 16, 0)
@@ -73,9 +73,11 @@ def test_book_extrapolation_scales_one_depth_and_fits_a_line_through_two():
     assert rows["00_demo_model"].endswith("| 10 | fixed |") and rows["05_context_neurons"].endswith("| 10 | fixed |")
     assert rows["01_output_tokens"].endswith("| 40 | scaled (upper bound) |")
     assert rows["02_attention"].endswith(f"| {10 * ratio:,.0f} | scaled (upper bound) |")
+    skip = {**result, "chapters": {**result["chapters"], "06_ffkv_baseline": {"rc": 0, "cpu_s": 8.0, "page_mb": None}}}
+    assert "| 06_ffkv_baseline | layers | – | – | not measured | |" in bench_book.extrapolate([skip], 4)  # skipped
     # a second depth splits start-up from per-layer work: 10 s at 1 layer, 16 s at 2 -> 4 + 6 L
     deeper = {**result, "n_layers": 2, "dims": {**dims, "n_layers": 2},
-              "chapters": {stem: {"rc": 0, "cpu_s": 16.0} for stem in bench_book.CHAPTER_STEMS}}
+              "chapters": {stem: {"rc": 0, "cpu_s": 16.0, "page_mb": 0.1} for stem in bench_book.CHAPTER_STEMS}}
     rows = {line.split(" | ")[0].strip("| "): line for line in
             bench_book.extrapolate([deeper, result], 4).splitlines()[2:]}
     assert rows["01_output_tokens"].endswith("| 1 and 2 | 10 and 16 | 28 | line through both depths |")
