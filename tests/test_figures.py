@@ -66,3 +66,21 @@ def test_figures_leave_plotly_js_to_the_book_when_the_runner_says_so(monkeypatch
         figures.show(px.scatter(x=[1, 2], y=[2, 1]))
     embedded = ["plotly.js v" in html for html in shown]
     assert embedded == [True, False, False, False]
+
+
+def test_the_budget_is_per_figure_over_facets_colours_and_boxes():
+    """Facets and colours that grow with the layers share one budget, in proportion to their sizes; box
+    traces (one value per point) are sampled too."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"x": rng.random(9000), "y": rng.random(9000),
+                       "layer": np.repeat([0, 1, 2], 3000), "kind": np.tile(["a", "b", "b"], 3000)})
+    fig = px.scatter(df, x="x", y="y", facet_col="layer", color="kind", title="facets")
+    shown, total = figures.sample_points(fig, 900)
+    sizes = sorted(len(t.x) for t in fig.data)
+    assert total == 9000 and shown == sum(sizes) == 900
+    assert sizes == [100, 100, 100, 200, 200, 200]  # each trace its share: "b" is twice "a"
+    box = px.box(df, x="kind", y="y", points=False, title="box")
+    assert figures.sample_points(box, 900) == (900, 9000) and len(box.data[0].y) == 900
+    assert len(box.data[0].x) == 900 and "of 9,000 points" in box.layout.title.text

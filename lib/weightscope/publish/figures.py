@@ -23,7 +23,8 @@ _plotlyjs_sent = False
 PLOTLYJS_ENV = "WEIGHTSCOPE_PLOTLYJS"  # "book": the page's site serves plotly.js, figures do not embed it
 
 TEMPLATE = "plotly_white"
-MAX_POINTS = 5000  # points kept per scatter/line trace
+MAX_POINTS = 5000  # points kept per figure, over its scatter, line and box traces (a page's weight)
+_SAMPLED = ("scatter", "scattergl", "box", "violin")  # traces that carry one entry per point
 _PER_POINT = ("x", "y", "text", "hovertext", "customdata", "ids")
 _PER_POINT_MARKER = ("color", "size", "symbol", "opacity")
 
@@ -42,30 +43,31 @@ def show(fig: go.Figure, *, max_points: int = MAX_POINTS) -> None:
 
 
 def sample_points(fig: go.Figure, max_points: int = MAX_POINTS, *, seed: int = 0) -> tuple[int, int]:
-    """Keep at most `max_points` points of each scatter trace of `fig` (in place); returns (shown, total).
+    """Keep at most `max_points` points in all of `fig`'s scatter and box traces (in place), each trace its
+    share in proportion to its size (facets and colours that grow with the layers stay within one budget);
+    returns (shown, total).
 
     The kept points are a seeded random sample in their original order; every per-point array of the trace
     (x, y, text, hover text, custom data, marker colour/size/...) is cut alike. When anything was left out, the
     title gains "(a random sample of <shown> of <total> points)".
     """
-    shown = total = 0
-    for trace in fig.data:
-        if trace.type not in ("scatter", "scattergl") or trace.x is None:
-            continue
-        n = len(trace.x)
-        total += n
-        if n <= max_points:
-            shown += n
-            continue
-        keep = np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
+    traces = [t for t in fig.data if t.type in _SAMPLED and (t.x is not None or t.y is not None)]
+    sizes = [len(t.x if t.x is not None else t.y) for t in traces]
+    total = sum(sizes)
+    if total <= max_points:
+        return total, total
+    rng = np.random.default_rng(seed)
+    shown = 0
+    for trace, n in zip(traces, sizes):
+        k = min(n, max(1, round(n * max_points / total)))
+        keep = np.sort(rng.choice(n, k, replace=False))
         for name in _PER_POINT:
             _cut(trace, name, n, keep)
         for name in _PER_POINT_MARKER:
             _cut(trace.marker, name, n, keep)
-        shown += max_points
-    if shown < total:
-        title = fig.layout.title.text or ""
-        fig.update_layout(title_text=f"{title} (a random sample of {shown:,} of {total:,} points)".strip())
+        shown += k
+    title = fig.layout.title.text or ""
+    fig.update_layout(title_text=f"{title} (a random sample of {shown:,} of {total:,} points)".strip())
     return shown, total
 
 
