@@ -594,8 +594,10 @@ def _layer_pass(model, sae, tokens: torch.Tensor):
     c = dfa_k.attention_cache(model, tokens, sae.layer)
     W_eff, b_eff = dfa_k.encoder_affine(sae)
     z = c["z"].flatten(2) if sae.sae.cfg.reshape_activations == "none" else c["z"]
-    rows = max(1, CHUNK_ELEMENTS // (tokens.shape[1] * sae.d_sae))  # sae-lens's temporaries per chunk, not whole
-    acts = torch.cat([sae.sae.encode(z[i:i + rows]).float() for i in range(0, len(z), rows)])
+    rows = max(1, CHUNK_ELEMENTS // (tokens.shape[1] * sae.d_sae))  # sae-lens's temporaries: one chunk's
+    acts = torch.empty(*tokens.shape, sae.d_sae, device=z.device)
+    for i in range(0, len(z), rows):
+        acts[i:i + rows] = sae.sae.encode(z[i:i + rows])
     return c, W_eff.float(), b_eff.float(), acts
 
 
@@ -707,9 +709,13 @@ def _top_positions(acts: torch.Tensor, n: int, min_fires: int, allowed: torch.Te
     """
     a = acts if allowed is None else acts * allowed[..., None]
     flat = a.flatten(0, 1)  # [b * pos, d_sae]
-    fires = (flat > 0).sum(0)
+    step = max(1, CHUNK_ELEMENTS // flat.shape[0])  # feature columns at a time: no whole-width copies
+    fires = torch.cat([(flat[:, j:j + step] > 0).sum(0) for j in range(0, flat.shape[1], step)])
     keep = torch.nonzero(fires >= min_fires).flatten()
-    vals, idx = flat[:, keep].topk(min(n, flat.shape[0]), dim=0)  # [n, n_keep]
+    top = [flat[:, keep[j:j + step]].topk(min(n, flat.shape[0]), dim=0) for j in range(0, len(keep), step)]
+    vals = torch.cat([t.values for t in top], 1) if top else flat.new_zeros(min(n, flat.shape[0]), 0)
+    idx = torch.cat([t.indices for t in top], 1) if top else torch.zeros(vals.shape, dtype=torch.long)
+    # vals, idx: [n, n_keep]
     f = keep.repeat(idx.shape[0], 1)
     ok = vals > 0
     pos = idx[ok]
