@@ -266,7 +266,10 @@ def table(results: list[dict]) -> str:
     per-layer fit t(L) = a + b L from two depths when there are two."""
     results = sorted(results, key=lambda r: (r["n_layers"], r["date"]))
     fit = len(results) == 2 and results[0]["n_layers"] != results[1]["n_layers"]
-    head = "| chapter | " + " | ".join(f"L={r['n_layers']} ({r['date']}): wall s · CPU s · peak RSS GB · "
+    def label(r):  # the results file without its common parts, else the run's date
+        return r["file"].removeprefix("book-").removesuffix(".json") if "file" in r else r["date"]
+
+    head = "| chapter | " + " | ".join(f"L={r['n_layers']} ({label(r)}): wall s · CPU s · peak RSS GB · "
                                        "page MB · GFLOP per CPU s" for r in results)
     lines = [head + (" | CPU s per layer | fixed CPU s |" if fit else " |")]
     lines.append("|" + "---|" * (len(results) + 1 + 2 * fit))
@@ -375,10 +378,10 @@ def main(argv=None) -> int:
                     help="with --table: each chapter's CPU seconds scaled to N layers")
     args = ap.parse_args(argv)
     if args.table:
-        results = [json.loads(p.read_text()) for p in args.table]
+        results = [{**json.loads(p.read_text()), "file": p.name} for p in args.table]
         print(table(results) + "\n\n" + flops_table())
         for r in results:
-            print(f"\nMemory at L={r['n_layers']} ({r['date']}):\n" + memory_table(r))
+            print(f"\nMemory at L={r['n_layers']} ({r['file']}):\n" + memory_table(r))
         if args.extrapolate:
             print("\n" + extrapolate(results, args.extrapolate))
         return 0
