@@ -113,13 +113,13 @@ REAL_TARGETS = {  # the real targets' dimensions and SAE widths, for FLOP estima
 
 
 def flops_table() -> str:
-    """Markdown: each real target's main-product FLOPs per chapter (`FLOP_MODEL`, all layers)."""
+    """Markdown: each real target's main-product TFLOPs per chapter (`FLOP_MODEL`, all layers)."""
     stems = list(FLOP_MODEL)
-    lines = ["| target | " + " | ".join(stems) + " | total |", "|" + "---|" * (len(stems) + 2)]
+    lines = ["| target (TFLOP) | " + " | ".join(f"chapter {int(s[:2])}" for s in stems) + " | total |",
+             "|" + "---|" * (len(stems) + 2)]
     for name, (d, d_sae, d_att, offset) in REAL_TARGETS.items():
         f = [chapter_flops(stem, d, d_sae, d_att, offset) or 0.0 for stem in stems]
-        lines.append(f"| {name} | " + " | ".join(f"{x / 1e12:,.1f} TFLOP" for x in f) +
-                     f" | {sum(f) / 1e12:,.1f} TFLOP |")
+        lines.append(f"| {name} | " + " | ".join(f"{x / 1e12:,.1f}" for x in f) + f" | {sum(f) / 1e12:,.1f} |")
     return "\n".join(lines)
 
 
@@ -262,16 +262,16 @@ def skipped(chapter: dict) -> bool:
 
 
 def table(results: list[dict]) -> str:
-    """Markdown: one row per chapter, one column group per results file (depths side by side), and the
-    per-layer fit t(L) = a + b L from two depths when there are two."""
+    """Markdown: a line saying what a cell holds, then one row per chapter, one column per results file
+    (depths side by side), and the per-layer fit t(L) = a + b L from two depths when there are two."""
     results = sorted(results, key=lambda r: (r["n_layers"], r["date"]))
     fit = len(results) == 2 and results[0]["n_layers"] != results[1]["n_layers"]
     def label(r):  # the results file without its common parts, else the run's date
         return r["file"].removeprefix("book-").removesuffix(".json") if "file" in r else r["date"]
 
-    head = "| chapter | " + " | ".join(f"L={r['n_layers']} ({label(r)}): wall s · CPU s · peak RSS GB · "
-                                       "page MB · GFLOP per CPU s" for r in results)
-    lines = [head + (" | CPU s per layer | fixed CPU s |" if fit else " |")]
+    head = "| chapter | " + " | ".join(f"L={r['n_layers']} ({label(r)})" for r in results)
+    lines = ["Each cell: wall s · CPU s · peak RSS GB · page MB · GFLOP per CPU s.", "",
+             head + (" | CPU s per layer | fixed CPU s |" if fit else " |")]
     lines.append("|" + "---|" * (len(results) + 1 + 2 * fit))
     for stem in CHAPTER_STEMS:
         cells, walls = [], []

@@ -54,6 +54,9 @@ FLAGS = [
 ]
 VIEWPORT = {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False}
 TILE_HEIGHT = 6000  # px per screenshot piece: one capture of a long page is blank below about 10,000 px
+# scroll a piece into view and wait until it is painted (two frames, then a pause for late layout)
+SCROLL_JS = ("window.scrollTo(0, %(y)d); new Promise(r => requestAnimationFrame(() => "
+             "requestAnimationFrame(() => setTimeout(() => r(1), 300))))")
 
 pytestmark = [
     pytest.mark.slow,
@@ -248,21 +251,23 @@ def _collect(visit: Visit, events: list[dict]) -> None:
 
 
 def _screenshot(browser: Browser, session: str, rel: str) -> list[Path]:
-    """The whole page in pieces of TILE_HEIGHT px, each captured after scrolling to it (Chromium leaves what
-    lies far below the viewport unpainted): <page>.png, <page>-2.png, ..."""
+    """The whole page in pieces of TILE_HEIGHT px: the viewport is made one piece tall and scrolled to each
+    piece before it is captured (a single capture beyond the viewport leaves the lower part unpainted):
+    <page>.png, <page>-2.png, ..."""
     height = int(browser.send("Page.getLayoutMetrics", session=session)["cssContentSize"]["height"])
     stem = SCREENSHOTS / Path(rel).with_suffix("")
     stem.parent.mkdir(parents=True, exist_ok=True)
     for old in stem.parent.glob(f"{stem.name}-*.png"):  # pieces of a longer earlier version
         old.unlink()
+    browser.send("Emulation.setDeviceMetricsOverride", {**VIEWPORT, "height": min(height, TILE_HEIGHT)},
+                 session=session)
     outs = []
     for i, y in enumerate(range(0, max(height, 1), TILE_HEIGHT)):
-        browser.send("Runtime.evaluate", {"expression": f"window.scrollTo(0, {y}); "
-                                          "new Promise(r => requestAnimationFrame(() => r(1)))",
-                                          "awaitPromise": True}, session=session)
+        browser.send("Runtime.evaluate", {"expression": SCROLL_JS % {"y": y}, "awaitPromise": True},
+                     session=session)  # the last piece: the browser scrolls only as far as the page goes
         clip = {"x": 0, "y": y, "width": VIEWPORT["width"], "height": min(TILE_HEIGHT, height - y), "scale": 1}
-        shot = browser.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
-                                                       "clip": clip}, session=session, timeout=60)
+        shot = browser.send("Page.captureScreenshot", {"format": "png", "clip": clip}, session=session,
+                            timeout=60)
         out = stem.parent / (f"{stem.name}.png" if i == 0 else f"{stem.name}-{i + 1}.png")
         out.write_bytes(base64.b64decode(shot["data"]))
         outs.append(out)
@@ -438,6 +443,20 @@ def test_internal_links_resolve(visits, book_html):
     assert not broken, json.dumps(broken, indent=1)
 
 
+def _png_values(data: bytes) -> int:
+    """How many distinct byte values a PNG's decompressed image data holds (a blank piece: a handful)."""
+    import struct
+    import zlib
+
+    pos, idat = 8, b""
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IDAT":
+            idat += data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+    return len(set(zlib.decompress(idat)))
+
+
 def test_screenshots_saved(visits):
     shots = {page: v.screenshots for page, v in visits.items() if v.screenshots}
     assert set(shots) >= {p for p in visits if p.startswith("demo/")}, "a chapter has no screenshot"
@@ -445,6 +464,7 @@ def test_screenshots_saved(visits):
         for shot in pieces:
             data = shot.read_bytes()
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, (page, shot, len(data))
+            assert _png_values(data) > 16, f"{shot} is blank: that part of the page was not painted"
 
 
 def test_each_page_is_quick(visits):
