@@ -669,8 +669,10 @@ def test_dead_kernel_is_reported_with_exit_3(world):
 def test_ctrl_c_says_what_was_kept_and_exits_130(world):
     _notebooks(world["tmp"] / "notebooks", {"00_fake": "print('done')", "01_fake": "import time; time.sleep(60)"})
     cmd = [sys.executable, "-m", "weightscope.publish.book", "--target", str(world["params"]), "--no-html"]
+    # SIGINT back to its default in the child: a suite started as a background job (no job control) inherits
+    # an ignored SIGINT, and Python then never turns Ctrl-C into KeyboardInterrupt
     proc = subprocess.Popen(cmd, env=world["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     nb = world["book"] / "tiny" / "00_fake.ipynb"
     deadline = time.time() + 120
     while not nb.is_file() and time.time() < deadline:
