@@ -27,6 +27,7 @@ from transformer_lens.utilities.activation_functions import apply_softcap
 
 from weightscope.compute.attention import read_by_layer, rotate_queries
 from weightscope.compute.streaming import progress_bar
+from weightscope.load.saes import hook_layer
 
 ENTRY_BYTES = 16  # one kept firing: feature (int32), position (int64), activation (fp32)
 
@@ -217,10 +218,10 @@ def final_logits(model, x: Tensor) -> Tensor:
 def stream_start(model, hook_name: str) -> int | None:
     """The block whose input is the stream at `hook_name`: L for blocks.L.hook_resid_pre, L + 1 for
     blocks.L.hook_resid_post (n_layers: the final residual); None for any other hook."""
-    parts = hook_name.split(".")
-    if len(parts) == 3 and parts[0] == "blocks" and parts[2] in ("hook_resid_pre", "hook_resid_post"):
-        return int(parts[1]) + (parts[2] == "hook_resid_post")
-    return None
+    layer = hook_layer(hook_name)
+    if layer is None or not hook_name.endswith(("hook_resid_pre", "hook_resid_post")):
+        return None  # hook_resid_mid and the sublayers' hooks are no block's input
+    return layer + hook_name.endswith("hook_resid_post")
 
 
 def _final_residual(model, inp: Tensor, cols: Tensor, hooks=(), **kwargs) -> Tensor:
