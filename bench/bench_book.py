@@ -127,14 +127,14 @@ def flops_table() -> str:
 # (embeddings, unembedding, attention), "full" the forward-pass model (chapter 6 holds its weights-only model with
 # the MLPs, the same size, and the full model one after the other), "sae" one SAE
 # (chapters that stream them), "saes" / "att_saes" every residual / hook_z SAE, and its largest working set:
-# "chunk" the streaming budget (`compute.streaming.memory_budget`: 1 GiB on a CPU with 4 GiB free), "acts" chapter
-# 4's layer pass (the activations over the held-out text, [rows x ctx x d_sae], encoded in 64 MB chunks),
-# "codes" chapter 6's held-out SAE code (sae-lens's pre-activations and activations, [n_eval_tokens x d_sae] each,
-# larger than its 1 GiB streaming chunk and its 128 MB null chunks), "budget" chapter 7's `memory_mb`.
-HOLDS = {"00_demo_model": ("full",), "01_output_tokens": ("weights", "sae", "chunk"),
+# "chunk" the streaming budget (`compute.streaming.memory_budget`: 1 GiB on a CPU with 4 GiB free; chapter 6
+# streams chapter 1's lens and encodes its held-out code in 64 MB chunks), "acts" chapter 4's layer pass (the
+# activations over the held-out text, [rows x ctx x d_sae], encoded in 64 MB chunks), "budget" chapter 7's
+# `memory_mb`. Chapter 0 shows the weights-only model and the SAEs, then builds the full model for generation.
+HOLDS = {"00_demo_model": ("weights", "saes", "full"), "01_output_tokens": ("weights", "sae", "chunk"),
          "02_attention": ("weights", "sae", "chunk"), "03_semantic_populations": (),
          "04_attention_saes": ("full", "saes", "att_saes", "acts"), "05_context_neurons": ("full", "chunk"),
-         "06_ffkv_baseline": ("full", "sae", "codes"), "07_in_context": ("weights", "full", "saes", "budget")}
+         "06_ffkv_baseline": ("full", "saes", "chunk"), "07_in_context": ("weights", "full", "saes", "budget")}
 
 
 def held(stem: str, result: dict) -> dict[str, float]:
@@ -151,7 +151,6 @@ def held(stem: str, result: dict) -> dict[str, float]:
              "sae": 2 * d["d_model"] * w["d_sae"], "saes": L * 2 * d["d_model"] * w["d_sae"],
              "att_saes": L * 2 * d_att_in * (w["d_sae_att"] or 0), "chunk": 2**30 / 4,
              "acts": c4.text_rows * c4.text_ctx * (w["d_sae_att"] or 0),
-             "codes": 2 * ffkv.Config().n_eval_tokens * w["d_sae"],
              "budget": in_context.Config().memory_mb * 2**20 / 4}
     return {part: 4.0 * sizes[part] for part in HOLDS[stem]}
 

@@ -263,6 +263,24 @@ def test_activation_checks_are_exact_when_every_neuron_is_kept():
     assert sae_row["mean_l0"] <= 4.0 and 0 < sae_row["active"] <= 1
 
 
+def test_sae_code_in_chunks_is_the_whole_code():
+    sae = StandInSAE(0)
+    site = torch.randn(30, 16, generator=torch.Generator().manual_seed(3))
+    whole = sae.encode(site)
+    recon, uses = ch.sae_code(sae, site, chunk_elements=7 * sae.d_sae)  # 7 tokens at a time, 5 chunks
+    torch.testing.assert_close(recon, sae.decode(whole))
+    assert torch.equal(uses, (whole != 0).sum(0))
+
+
+def test_active_share_counts_the_dictionary_own_code_not_its_null():
+    # one latent in every token's code: active share 1/m, whatever the random dictionary uses
+    y = torch.randn(50, 16, generator=torch.Generator().manual_seed(4))
+    uses = torch.zeros(40, dtype=torch.long)
+    uses[3] = 50
+    row = ch._check_row("features", 0, 0, "site", y, y, uses, CFG)
+    assert row["mean_l0"] == 1.0 and row["active"] == pytest.approx(1 / 40) and row["active (null)"] > 0.05
+
+
 def test_activity_threshold_can_fail():
     # a latent in the code on too few tokens is not active, whatever its other values
     uses = torch.tensor([0, 1, 5, 100])

@@ -348,6 +348,17 @@ def test_progress_bar_and_empty_input():
     assert empty.top_ids.shape == (0, 2) and len(empty.to_frame()) == 0
 
 
+def test_progress_bars_are_silenced_like_progress_lines(monkeypatch):
+    # under nbval (WEIGHTSCOPE_PROGRESS=0) a bar would be a widget output the stored page does not have
+    from weightscope.compute.streaming import NoBar, progress_bar
+
+    bar = progress_bar(3, True)
+    assert not isinstance(bar, NoBar)
+    bar.close()
+    monkeypatch.setenv("WEIGHTSCOPE_PROGRESS", "0")
+    assert isinstance(progress_bar(3, True), NoBar)
+
+
 def test_stats_frame_is_tidy():
     D, M = gaussian(6, 8, 120, seed=12)
     result = K.token_score_stats(D, M, k=3, progress=False)

@@ -96,6 +96,11 @@ def test_sanitize_file_masks_what_varies_and_nothing_else():
     # results are not masked: counts, shares, scores, and words that merely end in s
     kept = "512 features, 5 layers, 0.91 explained, 3.2% semantic, z = 4.5, 291 stories"
     assert clean(kept) == kept
+    # sort keys and rounding-level exactness checks are masked; the shown number and a real error are not
+    assert clean('<td data-v="0.68537012">0.685</td>') == '<td data-v="">0.685</td>'
+    assert clean("largest |parts - act| = 4.6e-07 (fp32)") == "largest |parts - act| = ROUNDING (fp32)"
+    for real in ("largest |parts - act| = 3.1e-05", "largest |parts - act| = 0.02", "p = 4.6e-07"):
+        assert clean(real) == real
     # the references are stored sanitized, and sanitizing them again changes nothing
     for path in _references():
         for cell in json.loads(path.read_text())["cells"]:

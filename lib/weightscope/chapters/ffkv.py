@@ -46,6 +46,7 @@ from weightscope.compute.folding import fold_pre_attention_norm
 from weightscope.compute.token_scores import random_directions_like
 from weightscope.config.params import ParamsError
 from weightscope.load import corpora
+from weightscope.load.saes import hook_layer
 
 DICTIONARIES = ("features", "neurons", "null")
 SIDES = {"dec": "output side (decoder-unembedding)", "enc": "input side (encoder-embedding)"}
@@ -443,35 +444,6 @@ def populations(lens_rows: pd.DataFrame, reads: pd.DataFrame, cfg: Config, *, n_
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Chapter 3: populations
-
-
-def populations(lens_rows: pd.DataFrame, reads: pd.DataFrame, cfg: Config, *, n_boot: int = 1000,
-                **label_params) -> dict[str, pd.DataFrame]:
-    """Chapter 3 on every dictionary: output-side labels, then semantic against non-semantic reads.
-
-    Returns {"labels": rows with `dec_label`, "shares": label shares per dictionary, "contrast": per
-    dictionary and read column, Cliff's delta (semantic minus non-semantic) with a bootstrap interval and the
-    Mann-Whitney p-value}. label_params: chapter 3's labelling parameters (`populations.label_side`).
-    """
-    labels = lens_rows.assign(dec_label=pops.label_side(lens_rows, "dec", **label_params))
-    shares = (labels.groupby("dictionary")["dec_label"].value_counts(normalize=True)
-              .rename("share").reset_index())
-    merged = labels[["dictionary", "layer", "row", "dec_label"]].merge(per_row_reads(reads),
-                                                                       on=["dictionary", "layer", "row"])
-    rows = []
-    for (name, col) in [(n, c) for n in DICTIONARIES for c in ("q_z_mean", "k_z_mean", "v_z_mean")]:
-        part = merged[merged["dictionary"] == name]
-        x = part.loc[part["dec_label"] == "semantic", col]
-        y = part.loc[part["dec_label"] == "non-semantic", col]
-        delta, lo, hi = pops.bootstrap_ci(x, y, "cliffs_delta", n_boot=n_boot, seed=cfg.seed)
-        _, p, _ = pops.mann_whitney(x, y)
-        rows.append({"dictionary": name, "read": col, "n semantic": len(x), "n non-semantic": len(y),
-                     "cliffs_delta": delta, "ci_lo": lo, "ci_hi": hi, "p_value": p})
-    return {"labels": labels, "shares": shares, "contrast": pd.DataFrame(rows)}
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Alignment from weights, against a null of the same set sizes
 
 
@@ -588,21 +560,44 @@ def activation_checks(model, saes, tokens: torch.Tensor, cfg: Config, *, bos_id:
             z = ffkv.encode(b, a, v, k=min(cfg.topk, b.d_mlp))
             of = "plain" if v == "topk" else "normalised"
             rows.append(_check_row("neurons" if v == chosen else "neurons (other TopK)", sae.layer, L,
-                                   f"MLP output, TopK of {of} latents", y, ffkv.decode(b, z, v).float(), z,
-                                   cfg))
-        f = sae.sae.encode(site.to(sae.W_dec.dtype))
+                                   f"MLP output, TopK of {of} latents", y, ffkv.decode(b, z, v).float(),
+                                   (z != 0).sum(0), cfg))
+        site_hat, uses = sae_code(sae, site)
         rows.append(_check_row("features", sae.layer, L, f"SAE site ({sae.hook_name.rsplit('.', 1)[-1]})",
-                               site, sae.sae.decode(f).float(), f, cfg))
+                               site, site_hat, uses, cfg))
     return pd.DataFrame(rows)
+
+
+CODE_CHUNK_ELEMENTS = 1 << 24  # at most this many code entries (64 MB in fp32) at once in `sae_code`
+
+
+@torch.no_grad()
+def sae_code(sae, site: torch.Tensor, *, chunk_elements: int = CODE_CHUNK_ELEMENTS) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """The SAE's reconstruction of site [n, d_in], encoded a chunk of tokens at a time: the code [n, d_sae]
+    is never held whole (805 MB at 8,192 tokens x 24,576 features, and sae-lens's temporaries as much again).
+    Returns (reconstruction [n, d_in] fp32, uses [d_sae] int64: on how many tokens each feature fires)."""
+    rows = max(1, chunk_elements // sae.d_sae)
+    site_hat = torch.empty(site.shape, dtype=torch.float32, device=site.device)
+    uses = torch.zeros(sae.d_sae, dtype=torch.long, device=site.device)
+    for i in range(0, len(site), rows):
+        f = sae.sae.encode(site[i:i + rows].to(sae.W_dec.dtype))
+        site_hat[i:i + rows] = sae.sae.decode(f).float()
+        uses += (f != 0).sum(0)
+    return site_hat, uses
 
 
 @torch.no_grad()
 def hook_activations(model, tokens: torch.Tensor, hooks: list[str], *, bos_id: int | None = None,
                      batch_rows: int = 64) -> dict[str, torch.Tensor]:
-    """{hook: fp32 [n_tokens, d]} from one forward pass over token rows [rows, ctx], BOS positions dropped."""
+    """{hook: fp32 [n_tokens, d]} from one forward pass over token rows [rows, ctx], BOS positions dropped.
+    hooks: `blocks.{L}.…` names; the pass stops after the last block they read (no logits: [rows, ctx,
+    d_vocab] would be 1.6 GB per batch at GPT-2's vocabulary)."""
+    layers = [hook_layer(h) for h in hooks]
+    stop = None if None in layers else max(layers) + 1
     out: dict[str, list] = {h: [] for h in hooks}
     for batch in tokens.split(batch_rows):
-        _, cache = model.run_with_cache(batch, names_filter=hooks)
+        _, cache = model.run_with_cache(batch, names_filter=hooks, stop_at_layer=stop, return_type=None)
         keep = (batch != bos_id).reshape(-1) if bos_id is not None else slice(None)
         for h in hooks:
             out[h].append(cache[h].reshape(-1, cache[h].shape[-1])[keep].float())
@@ -618,20 +613,20 @@ def checks_long(checks: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([real, null], ignore_index=True)
 
 
-def _check_row(dictionary, layer, mlp_layer, what, y, y_hat, z, cfg: Config) -> dict:
-    """One dictionary's measures on y [n, d] beside a random dictionary with as many atoms and the same k."""
-    n, m = len(y), z.shape[1]
-    active = z != 0
-    l0 = float(active.sum(1).float().mean())
+def _check_row(dictionary, layer, mlp_layer, what, y, y_hat, uses, cfg: Config) -> dict:
+    """One dictionary's measures on y [n, d] beside a random dictionary with as many atoms and the same k.
+    uses: [m] on how many of the n tokens each latent is in the code."""
+    n, m = len(y), len(uses)
+    l0 = float(uses.sum()) / max(1, n)  # the mean number of latents per token
     k = max(1, min(m, round(l0)))
     atoms = ffkv.random_atoms(m, y.shape[1], seed=cfg.seed + 7000 + layer)
-    y_null, uses = ffkv.random_dictionary_code(y, atoms, k)
+    y_null, null_uses = ffkv.random_dictionary_code(y, atoms, k)
     return {"dictionary": dictionary, "layer": layer, "mlp_layer": mlp_layer, "reconstructs": what,
             "tokens": n, "latents": m, "mean_l0": l0, "null k": k,
             "explained_variance": ffkv.explained_variance(y, y_hat),
             "explained_variance (null)": ffkv.explained_variance(y, y_null),
-            "active": ffkv.alive_share(active.sum(0), n, cfg.alive_share),
-            "active (null)": ffkv.alive_share(uses, n, cfg.alive_share)}
+            "active": ffkv.alive_share(uses, n, cfg.alive_share),
+            "active (null)": ffkv.alive_share(null_uses, n, cfg.alive_share)}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from weightscope.config.paths import progress_enabled
+
 _CPU_BUDGET_BYTES = 1 << 30  # a conservative working-set budget on CPU
 _CUDA_FREE_FRACTION = 0.5  # leave the rest of free GPU memory to fragmentation and other users
 
@@ -69,12 +71,13 @@ class NoBar:
 
 
 def progress_bar(total: int, enabled: bool, desc: str = "token scores", unit: str = "feature"):
-    """A tqdm bar over `total` rows, or a `NoBar`."""
+    """A tqdm bar over `total` rows, or a `NoBar` (when not enabled, or WEIGHTSCOPE_PROGRESS=0: a kernel's
+    tqdm draws a widget, which nbval would compare with the stored page)."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
         enabled = False
-    if not enabled:
+    if not enabled or not progress_enabled():
         return NoBar()
     return tqdm(total=total, unit=unit, desc=desc)
 
