@@ -784,3 +784,29 @@ def test_families_when_no_feature_fires_enough_on_the_repeated_half(tmp_path, mo
     assert len(t.families) > 0
     assert t.families["induction"].isna().all() and (t.families["fires_repeated"] < 30).all()
     assert not (t.families["family"] == ch.FAMILIES[0]).any()
+
+
+def test_top_positions_in_column_chunks_equal_the_whole_masked_tensor(monkeypatch):
+    from weightscope.chapters import attention_saes as ch
+
+    gen = torch.Generator().manual_seed(2)
+    acts = torch.relu(torch.randn(3, 7, 30, generator=gen))  # [b, pos, d_sae], about half firing
+    allowed = torch.zeros(3, 7, dtype=torch.long)
+    allowed[:, 4:] = 1
+
+    def naive(a, n, min_fires):  # the whole masked tensor, one feature at a time
+        flat = a.flatten(0, 1)
+        out = []
+        for j in range(flat.shape[1]):
+            if (flat[:, j] > 0).sum() >= min_fires:
+                v, i = flat[:, j].topk(n)
+                out += [(j, int(p) // 7, int(p) % 7) for p in i[v > 0]]
+        return sorted(out), (flat > 0).sum(0)
+
+    for mask in (None, allowed):
+        want, want_fires = naive(acts if mask is None else acts * mask[..., None], 4, 3)
+        for chunk in (21, 5 * 21, 10_000):  # one feature column at a time, five, all
+            monkeypatch.setattr(ch, "CHUNK_ELEMENTS", chunk)
+            f, b, d, fires = ch._top_positions(acts, 4, 3, allowed=mask)
+            assert sorted(zip(f.tolist(), b.tolist(), d.tolist())) == want
+            assert torch.equal(fires, want_fires)

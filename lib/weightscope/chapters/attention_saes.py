@@ -707,12 +707,16 @@ def _top_positions(acts: torch.Tensor, n: int, min_fires: int, allowed: torch.Te
     """For every feature with at least `min_fires` active positions (within `allowed` [b, pos] if given): its
     top-n positions. Returns LongTensors (feature, row, dest) and the number of active positions per feature.
     """
-    a = acts if allowed is None else acts * allowed[..., None]
-    flat = a.flatten(0, 1)  # [b * pos, d_sae]
-    step = max(1, CHUNK_ELEMENTS // flat.shape[0])  # feature columns at a time: no whole-width copies
-    fires = torch.cat([(flat[:, j:j + step] > 0).sum(0) for j in range(0, flat.shape[1], step)])
+    flat = acts.flatten(0, 1)  # [b * pos, d_sae]
+    mask = None if allowed is None else allowed.reshape(-1, 1).to(flat.dtype)
+
+    def cols(j):  # feature columns j (a slice or ids), masked: no whole-width copy is ever made
+        return flat[:, j] if mask is None else flat[:, j] * mask
+
+    step = max(1, CHUNK_ELEMENTS // flat.shape[0])
+    fires = torch.cat([(cols(slice(j, j + step)) > 0).sum(0) for j in range(0, flat.shape[1], step)])
     keep = torch.nonzero(fires >= min_fires).flatten()
-    top = [flat[:, keep[j:j + step]].topk(min(n, flat.shape[0]), dim=0) for j in range(0, len(keep), step)]
+    top = [cols(keep[j:j + step]).topk(min(n, flat.shape[0]), dim=0) for j in range(0, len(keep), step)]
     vals = torch.cat([t.values for t in top], 1) if top else flat.new_zeros(min(n, flat.shape[0]), 0)
     idx = torch.cat([t.indices for t in top], 1) if top else torch.zeros(vals.shape, dtype=torch.long)
     # vals, idx: [n, n_keep]
@@ -723,21 +727,27 @@ def _top_positions(acts: torch.Tensor, n: int, min_fires: int, allowed: torch.Te
 
 
 def _dfa_profiles(c, W_eff, b, d, f, window: int, chunk: int = DFA_CHUNK):
-    """(mass [n, src]: |DFA| per source summed over heads; heads_null [n]: the share within `window` tokens
-    that the feature's heads' own attention gives, each head weighted by its |DFA|), in chunks of n."""
-    mass, null = [], []
+    """Per example i (feature f[i] at row b[i], destination d[i]), from |DFA| per source summed over heads:
+    (short [n]: the share of it within `window` tokens before the destination; mean_distance [n]: its mean
+    distance back; heads_null [n]: the share within `window` tokens that the feature's heads' own attention
+    gives, each head weighted by its |DFA|). In chunks of n: the [n, heads, src] parts are never whole."""
+    short, distance, null = [], [], []
     for i in range(0, len(b), chunk):
         bi, di = b[i:i + chunk], d[i:i + chunk]
         parts = dfa_k.dfa(c["pattern"], c["v"], W_eff, bi, di, f[i:i + chunk]).abs()  # [m, H, src]
         pattern = c["pattern"][bi, :, di, :]  # [m, H, src]
-        dist = di[:, None] - torch.arange(pattern.shape[-1], device=pattern.device)[None]
-        local = (pattern * ((dist >= 0) & (dist <= window))[:, None]).sum(-1)  # [m, H]
+        dist = di[:, None] - torch.arange(pattern.shape[-1], device=pattern.device)[None]  # [m, src]
+        near = (dist >= 0) & (dist <= window)
+        local = (pattern * near[:, None]).sum(-1)  # [m, H]
         weight = parts.sum(-1)
-        mass.append(parts.sum(1))
+        mass = parts.sum(1)  # [m, src]
+        total = mass.sum(1).clamp_min(1e-12)
+        short.append((mass * near).sum(1) / total)
+        distance.append((mass * dist.clamp_min(0)).sum(1) / total)
         null.append((weight * local).sum(1) / weight.sum(1).clamp_min(1e-12))
-    if not mass:
-        return torch.zeros(0, c["pattern"].shape[-1]), torch.zeros(0)
-    return torch.cat(mass), torch.cat(null)
+    if not short:
+        return torch.zeros(0), torch.zeros(0), torch.zeros(0)
+    return torch.cat(short), torch.cat(distance), torch.cat(null)
 
 
 def head_profiles(c_text, c_rep, layer: int, config: Config) -> pd.DataFrame:
@@ -779,14 +789,10 @@ def families(model, sae, lp, tokens: torch.Tensor, rep: torch.Tensor,
     second[:, T + 1:] = 1
     c, W_eff, _, acts = lp
     f, b, d, _ = _top_positions(acts, config.n_examples, config.min_fires)
-    mass, heads_null = _dfa_profiles(c, W_eff, b, d, f, config.short_window)
-    dist = d[:, None] - torch.arange(mass.shape[1], device=mass.device)[None]
-    total = mass.sum(1).clamp_min(1e-12)
-    short = (mass * ((dist >= 0) & (dist <= config.short_window))).sum(1) / total
+    short, mean_distance, heads_null = _dfa_profiles(c, W_eff, b, d, f, config.short_window)
     null_short = (torch.clamp(d, max=config.short_window) + 1).float() / (d + 1).float()
     text = pd.DataFrame({"feature": f.cpu(), "short": short.cpu(), "null_short": null_short.cpu(),
-                         "null_short_heads": heads_null.cpu(),
-                         "mean_distance": ((mass * dist.clamp_min(0)).sum(1) / total).cpu()})
+                         "null_short_heads": heads_null.cpu(), "mean_distance": mean_distance.cpu()})
     text = text.groupby("feature").mean()
     cr, W_eff, _, acts_r = _layer_pass(model, sae, rep)
     profile = head_profiles(c, cr, sae.layer, config)
