@@ -86,6 +86,19 @@ def test_processing_flags_keep_the_next_token_distribution(folders):
     assert torch.allclose(a, b, atol=1e-4)
 
 
+def test_unprocessed_model_shares_the_tensors_read_and_processing_leaves_them_alone(folders):
+    # unprocessed: no second copy of the model while it is built; processed: the tensors read are not changed
+    ws = load_weights(folders["llama"], mlp=True)
+    model = hooked_from_weights(ws, hf_tokenizer(folders["llama"]), "llama")
+    assert model.W_E.data_ptr() == ws.W_E.data_ptr()
+    assert model.blocks[0].ln1.w.data_ptr() == ws.layers[0].ln1_w.data_ptr()
+    assert all(not p.requires_grad or p.is_leaf for p in model.parameters())
+    ws = load_weights(folders["gpt2"], mlp=True)
+    before = ws.W_E.clone()
+    hooked_from_weights(ws, hf_tokenizer(folders["gpt2"]), "gpt2", center_writing_weights=True)
+    assert torch.equal(ws.W_E, before)
+
+
 def test_config_fields(folders):
     ws = load_weights(folders["gemma2"], mlp=True)
     cfg = tl_config(ws, "g", max_ctx=128)

@@ -77,36 +77,52 @@ def hooked_from_weights(ws: WeightSet, tokenizer, name: str, *, max_ctx: int = M
     """A `HookedTransformer` holding exactly `ws`'s tensors (read with `mlp=True`), processed as asked.
 
     Biases the architecture lacks are zeros (as TransformerLens's conversions make them); any other
-    parameter the tensors do not supply is an error, not a random initialisation.
+    parameter the tensors do not supply is an error, not a random initialisation. Unprocessed, the model's
+    parameters share memory with `ws`'s contiguous tensors (the transposed ones are copied).
     """
-    from transformer_lens import HookedTransformer
-
     cfg = tl_config(ws, name, max_ctx=max_ctx)
     cfg.device = str(ws.device)
-    cfg.init_weights = False  # every parameter is overwritten below: a random initialisation is wasted time
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
-    state = {k: v.contiguous() for k, v in ws.tensors().items()}
-    params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(state))
-    lacking = [k for k in missing if not k.rsplit(".", 1)[-1].lstrip("_").startswith("b_")]
-    unexpected = sorted(set(state) - set(params))
-    if lacking or unexpected:
-        raise CheckpointError(f"{name}: the tensors read do not make a whole TransformerLens model (missing "
-                              f"{lacking[:6]}, unexpected {unexpected[:6]}); was it read with mlp=True?")
-    for key in missing:
-        state[key] = torch.zeros_like(params[key], dtype=ws.dtype)
-    unknown = sorted(set(processing) - set(PROCESSING_FLAGS))
-    if unknown:
-        raise ValueError(f"unknown processing flags {unknown}; use any of {list(PROCESSING_FLAGS)}.")
-    # every flag explicit: TransformerLens's own defaults fold and centre (unprocessed is the book's default)
-    model.load_and_process_state_dict(state, **{f: bool(processing.get(f, False)) for f in PROCESSING_FLAGS})
-    model.weightscope_processing = {f: bool(processing.get(f, False)) for f in PROCESSING_FLAGS}
-    return model.to(ws.device, print_details=False).eval()
+    return _build(cfg, ws.tensors(), ws.dtype, tokenizer, name, processing)
 
 
 def hooked_from_folder(folder: str | Path, *, name: str | None = None, device="cpu", dtype=torch.float32,
                        progress: bool = False, max_ctx: int = MAX_CTX, **processing):
-    """`hooked_from_weights` of a Hugging Face folder (config.json, safetensors, tokenizer files)."""
+    """`hooked_from_weights` of a Hugging Face folder (config.json, safetensors, tokenizer files), built
+    without a second copy of the weights when unprocessed: the tensors read are handed over one at a time."""
+    name = name or Path(folder).name
     ws = load_weights(folder, device=device, dtype=dtype, mlp=True, progress=progress)
-    return hooked_from_weights(ws, hf_tokenizer(Path(folder)), name or Path(folder).name, max_ctx=max_ctx,
-                               **processing)
+    cfg, tensors, dtype = tl_config(ws, name, max_ctx=max_ctx), ws.tensors(), ws.dtype
+    cfg.device = str(ws.device)
+    del ws  # `tensors` is now the only holder of the tensors read: `_build` empties it as it goes
+    return _build(cfg, tensors, dtype, hf_tokenizer(Path(folder)), name, processing)
+
+
+def _build(cfg, tensors: dict, dtype: torch.dtype, tokenizer, name: str, processing: dict):
+    """The model of `tensors` ({TransformerLens name: tensor}, emptied: each is released once taken) on
+    `cfg.device`."""
+    from transformer_lens import HookedTransformer
+
+    cfg.init_weights = False  # every parameter is overwritten below: a random initialisation is wasted time
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(tensors))
+    lacking = [k for k in missing if not k.rsplit(".", 1)[-1].lstrip("_").startswith("b_")]
+    unexpected = sorted(set(tensors) - set(params))
+    if lacking or unexpected:
+        raise CheckpointError(f"{name}: the tensors read do not make a whole TransformerLens model (missing "
+                              f"{lacking[:6]}, unexpected {unexpected[:6]}); was it read with mlp=True?")
+    unknown = sorted(set(processing) - set(PROCESSING_FLAGS))
+    if unknown:
+        raise ValueError(f"unknown processing flags {unknown}; use any of {list(PROCESSING_FLAGS)}.")
+    # a transposed view becomes a contiguous copy here, and its original is freed before the next one
+    state = {key: tensors.pop(key).contiguous() for key in list(tensors)}
+    for key in missing:
+        state[key] = torch.zeros_like(params[key], dtype=dtype)
+    # every flag explicit: TransformerLens's own defaults fold and centre (unprocessed is the book's default)
+    flags = {f: bool(processing.get(f, False)) for f in PROCESSING_FLAGS}
+    if any(flags.values()):  # TransformerLens's folds write new tensors (about twice the model while building)
+        model.load_and_process_state_dict(state, **flags)
+    else:  # unprocessed: the parameters are the tensors themselves, not a second copy
+        model.load_state_dict(state, strict=False, assign=True)
+    model.weightscope_processing = flags
+    return model.to(cfg.device, print_details=False).eval()
