@@ -117,7 +117,10 @@ def run(ctx, config: Config, *, model=None, saes=None, full=None) -> Tables:
     io.require_table(target, "02_features", produced_by="02_attention")
     pairs = io.load_table(target, "02_qk_pairs")  # absent when chapter 2 checked no pairs
     if model is None:
-        model, saes = ctx.load_model_and_saes()
+        model, saes = ctx.load_model_and_saes()  # the SAEs, checked against it, and the processing flags
+    if getattr(saes, "model", None) is model:
+        saes.model = None  # checked on load already (as in chapter 6): the weights-only model can be freed
+    del model  # the full model runs the text: one model at a time
     full = full if full is not None else ctx.load_full_model()
     problems = config.problems(full.cfg)
     k_have = len(feats["dec_top_ids"].iloc[0]) if len(feats) else 0
