@@ -8,6 +8,8 @@ A random Gemma-2 checkpoint with Gemma-2-2B's widths (d_model 2,304, 8 heads, 4 
 process, which reports its peak resident set (VmHWM), its resident set before loading, and the load time:
 
 * `weights_only`: `weightscope.load.weights_model.load_weights_model(folder)`: what chapters 1-3 hold.
+* `hooked`: `weightscope.load.hooked.hooked_from_folder(folder)`, unprocessed: the forward-pass model of
+  chapters 0 and 4-7.
 * `transformer_lens`: `HookedTransformer.from_pretrained_no_processing("gemma-2-2b", hf_model=...)` after
   `AutoModelForCausalLM.from_pretrained(folder)`, TransformerLens's official Gemma-2-2B config cut to the
   stand-in's depth (it cannot read the folder's config itself).
@@ -120,6 +122,14 @@ def load(route: str, folder: Path) -> dict:
         model = load_weights_model(str(folder), progress=False)
         seconds = time.perf_counter() - t
         held = model.nbytes()
+    elif route == "hooked":
+        from weightscope.load.hooked import hooked_from_folder
+
+        base, _ = _rss()
+        t = time.perf_counter()
+        model = hooked_from_folder(folder)
+        seconds = time.perf_counter() - t
+        held = sum(p.numel() * p.element_size() for p in model.parameters())
     else:
         import transformer_lens.loading_from_pretrained as tl_loading
         from transformer_lens import HookedTransformer
@@ -165,7 +175,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=256000, help="stand-in's vocabulary (real: 256,000)")
     parser.add_argument("--quick", action="store_true", help="vocab 32,000: a smoke run, not for the book")
-    parser.add_argument("--routes", nargs="*", default=["weights_only", "transformer_lens"])
+    parser.add_argument("--routes", nargs="*", default=["weights_only", "hooked", "transformer_lens"])
     parser.add_argument("--child", nargs=2, metavar=("ROUTE_OR_BUILD", "FOLDER"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
