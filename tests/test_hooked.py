@@ -113,3 +113,11 @@ def test_needs_the_whole_model(folders):
         hooked_from_weights(ws, hf_tokenizer(folders["llama"]), "llama")
     with pytest.raises(ValueError, match="unknown processing flags"):
         hooked_from_folder(folders["llama"], fold_everything=True)
+
+
+def test_unknown_flags_are_refused_before_the_weights_are_read(folders, monkeypatch):
+    import weightscope.load.hooked as hooked
+
+    monkeypatch.setattr(hooked, "load_weights", lambda *a, **k: pytest.fail("the weights were read first"))
+    with pytest.raises(ValueError, match="unknown processing flags"):
+        hooked.hooked_from_folder(folders["llama"], fold_everything=True)

@@ -80,6 +80,7 @@ def hooked_from_weights(ws: WeightSet, tokenizer, name: str, *, max_ctx: int = M
     parameter the tensors do not supply is an error, not a random initialisation. Unprocessed, the model's
     parameters share memory with `ws`'s contiguous tensors (the transposed ones are copied).
     """
+    _check_flags(processing)
     cfg = tl_config(ws, name, max_ctx=max_ctx)
     cfg.device = str(ws.device)
     return _build(cfg, ws.tensors(), ws.dtype, tokenizer, name, processing)
@@ -89,12 +90,19 @@ def hooked_from_folder(folder: str | Path, *, name: str | None = None, device="c
                        progress: bool = False, max_ctx: int = MAX_CTX, **processing):
     """`hooked_from_weights` of a Hugging Face folder (config.json, safetensors, tokenizer files), built
     without a second copy of the weights when unprocessed: the tensors read are handed over one at a time."""
+    _check_flags(processing)  # before gigabytes are read
     name = name or Path(folder).name
     ws = load_weights(folder, device=device, dtype=dtype, mlp=True, progress=progress)
     cfg, tensors, dtype = tl_config(ws, name, max_ctx=max_ctx), ws.tensors(), ws.dtype
     cfg.device = str(ws.device)
     del ws  # `tensors` is now the only holder of the tensors read: `_build` empties it as it goes
     return _build(cfg, tensors, dtype, hf_tokenizer(Path(folder)), name, processing)
+
+
+def _check_flags(processing: dict) -> None:
+    unknown = sorted(set(processing) - set(PROCESSING_FLAGS))
+    if unknown:
+        raise ValueError(f"unknown processing flags {unknown}; use any of {list(PROCESSING_FLAGS)}.")
 
 
 def _build(cfg, tensors: dict, dtype: torch.dtype, tokenizer, name: str, processing: dict):
@@ -111,9 +119,6 @@ def _build(cfg, tensors: dict, dtype: torch.dtype, tokenizer, name: str, process
     if lacking or unexpected:
         raise CheckpointError(f"{name}: the tensors read do not make a whole TransformerLens model (missing "
                               f"{lacking[:6]}, unexpected {unexpected[:6]}); was it read with mlp=True?")
-    unknown = sorted(set(processing) - set(PROCESSING_FLAGS))
-    if unknown:
-        raise ValueError(f"unknown processing flags {unknown}; use any of {list(PROCESSING_FLAGS)}.")
     # a transposed view becomes a contiguous copy here, and its original is freed before the next one
     state = {key: tensors.pop(key).contiguous() for key in list(tensors)}
     for key in missing:
