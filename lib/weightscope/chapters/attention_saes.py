@@ -34,12 +34,11 @@ from weightscope.chapters.findings import percent
 from weightscope.compute import dfa as dfa_k
 from weightscope.compute import head_attribution as ha
 from weightscope.compute.lens import content_ids, output_matrix, token_strings
-from weightscope.compute.streaming import progress_bar
+from weightscope.compute.streaming import CHUNK_ELEMENTS, progress_bar
 from weightscope.config.params import ParamsError
 from weightscope.config.paths import progress_enabled
 
 FAMILIES = ("induction", "short-range context", "long-range context")
-CHUNK_ELEMENTS = 1 << 24  # at most this many scores (64 MB in fp32) in one chunk of a row-wise product
 _QUANTILES = ("q_link", "mono_frac", "own_share_min", "short_mass_min", "induction_min")
 _POSITIVE = ("top_k", "n_null", "text_rows", "text_ctx", "dfa_features", "n_examples", "min_fires",
              "induction_len", "induction_rows", "min_sources")

@@ -43,6 +43,7 @@ from weightscope.chapters.findings import percent
 from weightscope.compute import ffkv, lens, populations as pops
 from weightscope.compute.attention import head_reads, null_zscores
 from weightscope.compute.folding import fold_pre_attention_norm
+from weightscope.compute.streaming import CHUNK_ELEMENTS
 from weightscope.compute.token_scores import random_directions_like
 from weightscope.config.params import ParamsError
 from weightscope.load import corpora
@@ -568,12 +569,9 @@ def activation_checks(model, saes, tokens: torch.Tensor, cfg: Config, *, bos_id:
     return pd.DataFrame(rows)
 
 
-CODE_CHUNK_ELEMENTS = 1 << 24  # at most this many code entries (64 MB in fp32) at once in `sae_code`
-
-
 @torch.no_grad()
-def sae_code(sae, site: torch.Tensor, *, chunk_elements: int = CODE_CHUNK_ELEMENTS) -> tuple[torch.Tensor,
-                                                                                              torch.Tensor]:
+def sae_code(sae, site: torch.Tensor, *, chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor,
+                                                                                         torch.Tensor]:
     """The SAE's reconstruction of site [n, d_in], encoded a chunk of tokens at a time: the code [n, d_sae]
     is never held whole (805 MB at 8,192 tokens x 24,576 features, and sae-lens's temporaries as much again).
     Returns (reconstruction [n, d_in] fp32, uses [d_sae] int64: on how many tokens each feature fires)."""

@@ -32,6 +32,11 @@ def release_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+# elements (64 MB in fp32) of a product or an SAE code made at once where a chapter chunks by element count
+# (chapter 4's row-wise products and layer pass, chapter 6's held-out code)
+CHUNK_ELEMENTS = 1 << 24
+
+
 def memory_budget(device: torch.device) -> int:
     """Bytes one chunk's working set may use: half of free GPU memory, or min(1 GiB, available / 4) on CPU."""
     if device.type == "cuda":
