@@ -15,12 +15,14 @@ each chapter in turn in a fresh process (`--chapters NN --no-html`, chapter defa
   core to itself a chapter's wall time is about cpu / cores where its products use them all);
 * peak RSS: the largest resident set of the runner and its kernel (sampled every 0.2 s; the kernel is where the
   chapter runs), and the largest sum over that process tree; peak GPU memory where the target runs on a GPU
-  (`torch.cuda.max_memory_allocated` is in the kernel, so it is read from nvidia-smi's process list instead);
+  (`torch.cuda.max_memory_allocated` is in the kernel, so `GpuPeak` samples the card's used memory through
+  NVML instead, less what was in use before the chapter started: the whole card, so run nothing else on it);
 * flops: the main products' multiply-adds x 2, counted from the dimensions (`FLOP_MODEL` says which); FLOP/s =
   flops / wall, a lower bound on the rate of the products themselves;
 * page_mb: the executed notebook's size (its figures' data included), what the HTML page will carry.
 
-Results go to bench/results/book-<device>-<date>-<arch>-L<layers>.json (`weightscope.io.atomic_write_json`).
+Results go to bench/results/book-<device>-<date>-<arch>-L<layers>.json (`weightscope.io.atomic_write_json`),
+rewritten after each chapter (`"complete": false` until the last), so an interrupted run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the stand-in builders
@@ -209,6 +213,41 @@ class TreePeak:
         self._thread.join()
 
 
+class GpuPeak:
+    """Peak used memory of GPU 0 above its level at the start, in bytes, sampled every `interval` seconds
+    through NVML (nvidia-ml-py); `peak` stays None where NVML or a GPU is missing."""
+
+    def __init__(self, interval: float = 0.2):
+        self.peak, self.interval = None, interval
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # no NVML library, no driver or no GPU: nothing to sample
+            return
+        self._start, self.peak = self._used(), 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _used(self) -> int:
+        return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._used() - self._start)
+            self._stop.wait(self.interval)
+
+    def stop(self):
+        if self.peak is not None:
+            self._stop.set()
+            self._thread.join()
+
+
+SHIPPED = {"gpt2": "gpt2-small.yaml", "gemma2": "gemma-2-2b.yaml", "llama": "llama-3.1-8b.yaml"}
+
+
 def build(arch: str, n_layers: int, tmp: Path) -> tuple[Path, Path, dict]:
     """Write the stand-in, its SAEs and params file under tmp: (params path, model folder, SAE widths)."""
     import realwidth
@@ -216,7 +255,11 @@ def build(arch: str, n_layers: int, tmp: Path) -> tuple[Path, Path, dict]:
     target = f"realwidth-{arch}"
     folder = realwidth.build_model(arch, tmp / target, n_layers=n_layers)
     res, att = realwidth.build_release_saes(arch, folder, tmp / "saes")
-    params = realwidth.write_params(target, folder, res, tmp / f"{target}.yaml", attn_saes=att)
+    # device and dtype as the shipped params file of the real target says (bf16 on a GPU for Gemma and Llama;
+    # on a CPU the chapters fall back to fp32 by themselves)
+    shipped = yaml.safe_load((REPO / "params" / SHIPPED[arch]).read_text())
+    params = realwidth.write_params(target, folder, res, tmp / f"{target}.yaml", attn_saes=att,
+                                    device=shipped["device"], dtype=shipped["dtype"])
     rel = realwidth.RELEASES[arch]
     l0 = {kind: json.loads((f / "calibration.json").read_text())["mean_l0"]
           for kind, f in (("res", res), ("att", att)) if f is not None and (f / "calibration.json").is_file()}
@@ -246,13 +289,15 @@ def run_chapter(stem: str, params: Path, env: dict, log: Path) -> dict:
     start, cpu0 = time.perf_counter(), _children_cpu(resource)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        peak = TreePeak(proc.pid)
+        peak, gpu = TreePeak(proc.pid), GpuPeak()
         rc = proc.wait()
         peak.stop()
+        gpu.stop()
     wall, cpu = time.perf_counter() - start, _children_cpu(resource) - cpu0
-    tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+    tail = log.read_text(errors="replace").strip().splitlines()[-3 if rc == 0 else -30:]  # a failure's traceback
     return {"rc": rc, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_gb": round(peak.max_one / 1e9, 2),
-            "peak_tree_rss_gb": round(peak.max_sum / 1e9, 2), "last_lines": tail}
+            "peak_tree_rss_gb": round(peak.max_sum / 1e9, 2),
+            "peak_gpu_gb": None if gpu.peak is None else round(gpu.peak / 1e9, 2), "last_lines": tail}
 
 
 def skipped(chapter: dict) -> bool:
@@ -373,6 +418,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chapters", nargs="*", default=None, help="chapter numbers (default: all)")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default: bench/results/book-...)")
     ap.add_argument("--tmp", type=Path, default=None, help="where the temporary stand-in goes")
+    ap.add_argument("--logs", type=Path, default=None, help="keep each chapter's runner log in this folder")
     ap.add_argument("--table", type=Path, nargs="+", default=None, help="print results files as markdown")
     ap.add_argument("--extrapolate", type=int, default=None, metavar="N",
                     help="with --table: each chapter's CPU seconds scaled to N layers")
@@ -401,6 +447,7 @@ def main(argv=None) -> int:
         params, folder, widths = build(args.arch, args.layers, tmp)
         build_s = time.perf_counter() - t0
         d = dims(folder)
+        written = yaml.safe_load(params.read_text())  # the device and dtype the chapters were asked for
         book = tmp / "book"  # a book folder of its own, as the stand-in tests do
         book.mkdir()
         for name in ("_config.yml", "intro.md", "_ext", "_css", "appendix"):
@@ -408,30 +455,40 @@ def main(argv=None) -> int:
             if src.exists():
                 (shutil.copytree if src.is_dir() else shutil.copy)(src, book / name)
         env = {**os.environ, "WEIGHTSCOPE_DATA": str(tmp / "data"), "WEIGHTSCOPE_BOOK": str(book),
-               "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "lib")}
+               "HF_HUB_OFFLINE": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "lib"), os.environ.get("PYTHONPATH")]))}
         offset = 0 if widths["res_hook"].endswith("resid_pre") else 1
         baseline = baseline_rss_gb(env)
         chapters = {}
+        result = {
+            "benchmark": "book", "arch": args.arch, "n_layers": args.layers, "device": device, "date": date,
+            "dims": d, "saes": widths, "build_s": round(build_s, 1), "flop_model": FLOP_MODEL,
+            "params": {k: written[k] for k in ("device", "dtype")},
+            "baseline_rss_gb": baseline, "holds": {stem: list(HOLDS[stem]) for stem in stems},
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+                        "load_avg_start": load_start,
+                        "note": "a shared machine: other jobs ran at the same time; times are upper bounds"},
+            "chapters": chapters, "complete": False,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if args.logs:
+            args.logs.mkdir(parents=True, exist_ok=True)
         for stem in stems:
             print(f"{stem} ...", flush=True)
-            r = run_chapter(stem, params, env, tmp / f"{stem}.log")
+            r = run_chapter(stem, params, env, (args.logs or tmp) / f"{stem}.log")
             page = next((book / params.stem).glob(f"{stem}*.ipynb"), None)
             r["page_mb"] = round(page.stat().st_size / 1e6, 2) if page else None
             flops = chapter_flops(stem, d, widths["d_sae"], widths["d_sae_att"], offset)
             r["flops"] = flops
             r["gflop_per_s"] = round(flops / r["wall_s"] / 1e9, 2) if flops and r["rc"] == 0 else None
             chapters[stem] = r
-            print(f"  rc {r['rc']}  {r['wall_s']} s  cpu {r['cpu_s']} s  peak {r['peak_rss_gb']} GB  page {r['page_mb']} MB", flush=True)
-    result = {
-        "benchmark": "book", "arch": args.arch, "n_layers": args.layers, "device": device, "date": date,
-        "dims": d, "saes": widths, "build_s": round(build_s, 1), "flop_model": FLOP_MODEL,
-        "baseline_rss_gb": baseline, "holds": {stem: list(HOLDS[stem]) for stem in stems},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
-                    "note": "a shared machine: other jobs ran at the same time; times are upper bounds"},
-        "chapters": chapters,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
+            gpu = f"  GPU {r['peak_gpu_gb']} GB" if r["peak_gpu_gb"] is not None else ""
+            print(f"  rc {r['rc']}  {r['wall_s']} s  cpu {r['cpu_s']} s  peak {r['peak_rss_gb']} GB{gpu}  "
+                  f"page {r['page_mb']} MB", flush=True)
+            atomic_write_json(out, result)  # what is measured so far survives an interrupted run
+    result["machine"]["load_avg_end"] = os.getloadavg()
+    result["complete"] = True
     atomic_write_json(out, result)
     print(f"wrote {out}")
     return 0 if all(r["rc"] == 0 for r in chapters.values()) else 1

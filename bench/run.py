@@ -8,8 +8,9 @@ Each benchmark is one file, `bench/bench_<name>.py` (what it compares is in its 
 them); `bench/harness.py` holds the timing, peak-memory and subprocess helpers they share. Timings are
 medians over --repeats runs after one warm-up (time.perf_counter; torch.cuda.synchronize on GPU). Ratios
 matter more than absolute numbers on a shared machine: every comparison is measured in the same run.
-Results go to bench/results/<device>-<date>[-quick].json (written atomically); `bench/run.py --table FILE`
-prints a results file as markdown tables.
+Results go to bench/results/<device>-<date>[-quick].json, written atomically after each benchmark
+(`"complete": false` until the last; a benchmark that fails is recorded under `errors` and the rest run on);
+`bench/run.py --table FILE` prints a results file as markdown tables.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import traceback
 from pathlib import Path
 
 import harness
@@ -65,6 +67,7 @@ def tables(report: dict, modules=None) -> str:
     for name, result in report["results"].items():
         module = by_name.get(name)
         parts.append(module.table(result, report) if module else f"({name}: no benchmark file renders it)\n")
+    parts += [f"**{name}: failed** ({error})\n" for name, error in report.get("errors", {}).items()]
     return "\n".join(parts)
 
 
@@ -113,21 +116,30 @@ def main(argv: list[str] | None = None) -> int:
         harness.log(f"standalone, not run here: {', '.join(standalone)}")
     tmp = Path(tempfile.mkdtemp(prefix="weightscope-bench-", dir=args.tmpdir))
     t0 = time.perf_counter()
+    report["errors"] = {}
     try:
         for module in selected:
             ctx = harness.Context(device=args.device, quick=args.quick, repeats=repeats,
                                   plan=plans[module.NAME], meta=meta, tmp=tmp, options=options)
-            with torch.inference_mode():
-                report["results"][module.NAME] = module.run(ctx)
+            try:
+                with torch.inference_mode():
+                    report["results"][module.NAME] = module.run(ctx)
+            except Exception as exc:  # one broken benchmark must not take the others' results with it
+                traceback.print_exc()
+                report["errors"][module.NAME] = f"{type(exc).__name__}: {exc}"
+                harness.log(f"{module.NAME}: failed ({report['errors'][module.NAME]})")
+            # rewritten after each benchmark: an interrupted run keeps what it measured
+            harness.write_results(out_path, {**report, "complete": False})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report["wall_s"] = time.perf_counter() - t0
     report["load_average_end"] = os.getloadavg()
     report["finished_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    report["complete"] = True
     harness.write_results(out_path, report)
     harness.log(f"wrote {out_path} ({report['wall_s']:.0f} s)")
     print(tables(report, modules))
-    return 0
+    return 1 if report["errors"] else 0
 
 
 if __name__ == "__main__":

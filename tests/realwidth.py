@@ -203,14 +203,18 @@ def write_saes(folder: Path, hf: dict, layers, architecture: str, d_sae: int, ho
 
 
 def write_params(target: str, model_folder: Path, sae_folder: Path, path: Path, *,
-                 attn_saes: Path | None = None, chapters: dict | None = None) -> Path:
+                 attn_saes: Path | None = None, chapters: dict | None = None, device: str = "cpu",
+                 dtype: str = "float32") -> Path:
     """A parameters file as a user would write it: `processing: auto`, the chapters' defaults (unless
-    `chapters`), and `attn_saes` when given (`standins.write_params` plus these)."""
+    `chapters`), `attn_saes` when given, `device` and `dtype` (the benchmark passes `auto` and the shipped
+    params file's dtype: the GPU where there is one, in the precision a user's run would use)
+    (`standins.write_params` plus these)."""
     import yaml
 
     path = standins.write_params(target, model_folder, sae_folder, path, chapters=chapters or {})
     raw = yaml.safe_load(Path(path).read_text())
     raw["model"]["processing"] = "auto"
+    raw["device"], raw["dtype"] = device, dtype
     raw["chapters"] = chapters or {"05_context_neurons": {"layer": 0}}
     if attn_saes is not None:
         raw["attn_saes"] = {"source": str(attn_saes)}

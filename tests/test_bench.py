@@ -102,3 +102,26 @@ def test_book_memory_table_sets_peak_rss_beside_what_each_chapter_holds():
     rows = bench_book.memory_table(result).splitlines()
     expected = sum(parts.values()) / 1e9 + 0.5
     assert len(rows) == 3 and rows[2].endswith(f"| {expected:.2f} | 3.00 | {3.0 / expected:.2f} |")  # 06 skipped
+
+
+def test_a_failing_benchmark_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    import types
+
+    def module(name, run):
+        m = types.ModuleType(f"bench_{name}", name)
+        m.NAME, m.run = name, run
+        m.PLANS = {(d, q): {} for d in ("cpu", "cuda") for q in (False, True)}
+        m.table = lambda result, report: f"| {name} |\n|---|\n"
+        return m
+
+    def broken(ctx):
+        raise ValueError("planted")
+
+    monkeypatch.setattr(runner.harness, "discover",
+                        lambda: ([module("broken", broken), module("fine", lambda ctx: {"x": 1})], []))
+    out = tmp_path / "results.json"
+    assert runner.main(["--quick", "--out", str(out)]) == 1
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["results"] == {"fine": {"x": 1}}
+    assert report["errors"] == {"broken": "ValueError: planted"}
+    assert "**broken: failed** (ValueError: planted)" in runner.tables(report, [])
