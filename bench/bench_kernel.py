@@ -65,7 +65,8 @@ def run(ctx: harness.Context) -> list[dict]:
             for name in SHAPES:
                 harness.log(f"kernel: {name} ({ctx.plan['subset'][name] or 'all'} features, {count} threads)")
                 rows.append({**measure(name, ctx.plan["subset"][name], ctx), "torch_threads": count})
-                harness.log(f"  ratio kernel / D@M = {rows[-1]['ratio_kernel_over_matmul']:.2f}")
+                harness.log(f"  ratio kernel / D@M = {rows[-1]['ratio_kernel_over_matmul']:.2f} (eager), "
+                            f"{rows[-1]['ratio_fused_over_matmul']:.2f} (fused)")
     finally:
         torch.set_num_threads(default)
     return rows

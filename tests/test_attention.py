@@ -532,3 +532,42 @@ def test_ov_factor_is_computed_once_per_layer_and_follows_changes(monkeypatch):
     other = torch.randn(3, 4, 10)
     A.ov_factor(other, "cpu")
     assert len(calls) == 3
+
+
+def test_qk_pairs_for_sae_on_each_device(device):
+    """Chapter 2's QK pairs and offset correlations with the model and decoder on `device` equal the CPU's."""
+    import pandas as pd
+
+    from weightscope.chapters import attention as chapter
+
+    model, W_dec = tiny_model("RMS", n_kv=2), randn(40, 16, seed=50)
+    reads = A.sae_attention_reads(model, W_dec, 0, "hook_resid_pre", n_null=64, progress=False)
+    config = chapter.Config(n_pair_heads=2, top_pairs=5, qk_max_offset=4)
+    offsets = list(range(config.qk_max_offset + 1))
+    want = chapter.qk_pairs_for_sae(model, W_dec, 0, reads, config, offsets)
+    got = chapter.qk_pairs_for_sae(model.to(device), W_dec.to(device), 0, reads, config, offsets)
+    for a, b in zip(got, want):
+        assert len(b) > 0
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-4, atol=1e-5)
+
+
+def test_ov_factor_and_head_reads_under_inference_mode(monkeypatch):
+    """Inference tensors (bench/run.py reads under `torch.inference_mode()`) have no version counter: the
+    reads are still right, R is reused, and an in-place change made inside inference mode is still seen,
+    even where the 64-value probe does not look."""
+    with torch.inference_mode():
+        weights, D = layer_weights(4, 2), randn(9, 12, seed=10)
+        assert weights[3].is_inference()
+        inside = A.head_reads(D, *weights, progress=False)
+    assert_reads_close(inside, naive_reads(D, *weights), rtol=1e-5)
+    assert_reads_close(A.head_reads(D, *weights, progress=False), naive_reads(D, *weights), rtol=1e-5)
+    calls = []
+    qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda X: calls.append(1) or qr(X))
+    with torch.inference_mode():
+        W_O = torch.randn(3, 4, 100)  # 1,200 values: the probe reads every 18th, 64 of them
+        R = A.ov_factor(W_O, "cpu")
+        assert A.ov_factor(W_O, "cpu") is R and len(calls) == 1
+        W_O[2, 3, 99] += 1.0  # not a probed value
+        changed = A.ov_factor(W_O, "cpu")
+    assert len(calls) == 2 and torch.equal(changed, torch.linalg.qr(W_O.transpose(1, 2)).R)

@@ -8,6 +8,7 @@ import os
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -810,3 +811,30 @@ def test_top_positions_in_column_chunks_equal_the_whole_masked_tensor(monkeypatc
             f, b, d, fires = ch._top_positions(acts, 4, 3, allowed=mask)
             assert sorted(zip(f.tolist(), b.tolist(), d.tolist())) == want
             assert torch.equal(fires, want_fires)
+
+
+def _on(loaded, device):
+    """A `LoadedSAE` with its sae-lens SAE moved to `device`."""
+    loaded.sae.to(device)
+    loaded.sae.cfg.device = str(device)
+    return loaded
+
+
+@pytest.mark.parametrize("min_fires", [1, 30])  # 30: no feature fires enough on the repeated half
+def test_text_analyses_on_each_device(device, min_fires):
+    """DFA examples, families and recursive DFA with the model, SAEs and text on `device` equal the CPU's."""
+    from weightscope.chapters import attention_saes as ch
+
+    def run(device):
+        model = tiny_model("LN", None).to(device)
+        attn = [_on(saes._describe(attn_sae("standard", layer=layer, reshape="hook_z", seed=layer), "tiny",
+                                   None, None, folded=False), device) for layer in (0, 1)]
+        resid = {layer: _on(saes._describe(resid_sae(layer, "hook_resid_pre", seed=10 + layer), "tiny", None,
+                                           None, folded=False), device) for layer in (0, 1)}
+        cfg = ch.Config(dfa_features=3, n_examples=4, min_fires=min_fires, induction_len=8, induction_rows=3)
+        return ch.text_analyses(model, attn, resid, tokens(model).to(device), cfg)
+
+    want, got = run("cpu"), run(device)
+    assert len(want["04_rdfa"]) and len(want["04_families"])
+    for name in want:
+        pd.testing.assert_frame_equal(got[name], want[name], check_exact=False, rtol=1e-4, atol=1e-5)

@@ -131,7 +131,7 @@ def test_explained_variance_against_the_formula():
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_max_cosine_against_the_brute_force_matrix(device, signed):
+def test_max_cosine_on_each_device_against_the_brute_force_matrix(device, signed):
     g = torch.Generator().manual_seed(0)
     A, B = torch.randn(70, 12, generator=g), torch.randn(33, 12, generator=g)
     A[3] = 0.0  # a zero row has cosine 0 with everything

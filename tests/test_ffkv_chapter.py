@@ -365,3 +365,21 @@ def test_page_tables_for_the_plots():
                            "explained_variance (null)": [0.4]})
     shown = ch.checks_long(checks).set_index("code")["explained variance"]
     assert shown["features"] == 0.9 and shown["features: random dictionary"] == 0.4
+
+
+def test_activation_checks_on_each_device(device):
+    """The held-out checks (each code beside its random dictionary's) with the model, SAEs and tokens on
+    `device` equal the CPU's: the random atoms are drawn on the CPU and the code is taken beside the
+    activations."""
+    def on(sae):
+        sae.W_enc, sae.W_dec = sae.W_enc.to(device), sae.W_dec.to(device)
+        return sae
+
+    model = tiny_model("gemma2")
+    tokens = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
+    cfg, bos = replace(CFG, topk=3), int(tokens[0, 0])
+    want = ch.activation_checks(model, [StandInSAE(0), StandInSAE(1)], tokens, cfg, bos_id=bos)
+    # the tokens stay on the CPU, as `ctx.held_out_rows` returns them
+    got = ch.activation_checks(model.to(device), [on(StandInSAE(0)), on(StandInSAE(1))], tokens, cfg,
+                               bos_id=bos)
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-4, atol=1e-5)

@@ -121,3 +121,15 @@ def test_unknown_flags_are_refused_before_the_weights_are_read(folders, monkeypa
     monkeypatch.setattr(hooked, "load_weights", lambda *a, **k: pytest.fail("the weights were read first"))
     with pytest.raises(ValueError, match="unknown processing flags"):
         hooked.hooked_from_folder(folders["llama"], fold_everything=True)
+
+
+def test_processed_model_without_biases_on_each_device(folders, device):
+    """Llama has no attention or MLP biases: the zeros made for them meet the tensors read in
+    TransformerLens's folds (fold_value_biases: b_V x W_O), so they are made on the model's device too."""
+    flags = dict(fold_ln=True, center_writing_weights=True, fold_value_biases=True)
+    plain = hooked_from_folder(folders["llama"])
+    processed = hooked_from_folder(folders["llama"], device=device, **flags)
+    assert {p.device.type for p in processed.parameters()} == {torch.device(device).type}
+    with torch.no_grad():
+        a, b = plain(_ids()).log_softmax(-1), processed(_ids()).log_softmax(-1).cpu()
+    assert torch.allclose(a, b, atol=1e-4)

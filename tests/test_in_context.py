@@ -285,6 +285,15 @@ def test_ablation_equals_the_logit_change_of_a_whole_hooked_pass(hook):
 # statistics, config, summary
 
 
+def test_resamples_drawn_in_chunks_are_the_draws_of_one_matrix():
+    a = np.random.default_rng(0).normal(size=101)
+    for stat in (np.mean, np.median):
+        want = stat(np.random.default_rng(4).choice(a, (33, len(a))), axis=1)
+        for chunk in (1, 101, 250, 10**6):  # one resample (or fewer than a row), one, two, all at a time
+            got = ic.resampled(np.random.default_rng(4), a, 33, stat, chunk=chunk)
+            assert np.array_equal(got, want), (stat.__name__, chunk)
+
+
 def test_bootstrap_intervals_cover_the_difference_and_spearman_null_is_centred():
     a, b = np.arange(50.0), np.arange(50.0) - 10
     d, lo, hi = ic.bootstrap_mean_diff(a, b, n_boot=500, seed=0)
@@ -366,3 +375,33 @@ def test_random_pairs_are_scored_as_chapter_2_scores_its_top_pairs(summary):
     Q, K = ic.folded_projections(model, layer, head, D)
     for s, a, b in zip(scores.tolist(), qi.tolist(), ki.tolist()):
         assert ic.pair_weight_score(Q[a], K[b], offsets, model.cfg, summary) == pytest.approx(s, rel=1e-4)
+
+
+def test_pair_direct_and_ablation_tables_on_each_device(device):
+    """Chapter 7's tables read from the activation pass with the model and SAE on `device` equal the CPU's
+    (the kept firings come back to the CPU; the folded query and key projections are taken there)."""
+    tokens = torch.randint(1, 24, (6, 12), generator=torch.Generator().manual_seed(4))
+    tokens[:, 0] = 0  # BOS
+    gen = torch.Generator().manual_seed(5)
+    feats = pd.DataFrame({"layer": 0, "feature": range(16), "dec_predicts": [f % 2 == 0 for f in range(16)],
+                          "dec_top_ids": [torch.randperm(24, generator=gen)[:5].tolist() for _ in range(16)]})
+    pairs = pd.DataFrame({"head": ["1.2"] * 3, "SAE layer": 0, "score": [0.5, -0.2, 0.1],
+                          "query feature": [1, 4, 7], "key feature": [2, 4, 9]})
+    config = ch.Config(n_random_pairs=4, min_firings=1, n_ablate=2, ablate_positions=3)
+
+    def tables(device):
+        model = tiny_model(seed=3).to(device)
+        sae = ReluSAE(32, 16, "blocks.0.hook_resid_post", 0)
+        sae.enc, sae.b, sae.W_dec = sae.enc.to(device), sae.b.to(device), sae.W_dec.to(device)
+        res = ic.firing_pass(model, [sae], tokens, n_keep=4, batch_rows=4, bos_id=0, attn_layers=[1],
+                             progress=False)
+        nxt = torch.cat([res.tokens.reshape(-1)[1:], res.tokens.reshape(-1)[:1]])
+        output = ch.side_table(res, feats, "dec", nxt, 5, 24)
+        return [ch.pair_table(model, [sae], res, pairs, ch.pair_heads(pairs), config, ch.pair_settings(None)),
+                ch.direct_table(model, [sae], res, feats, config),
+                ch.ablation_table(model, [sae], res, feats, output, config)]
+
+    want, got = tables("cpu"), tables(device)
+    assert want[0]["in context"].notna().any() and len(want[2])
+    for a, b in zip(got, want):
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-4, atol=1e-5)

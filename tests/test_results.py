@@ -24,6 +24,18 @@ def test_roundtrip_and_key():
     assert io.table_meta("t", "tab")["params"] == {"a": 1}
 
 
+def test_required_columns_alone_are_read_and_the_table_still_verifies():
+    df = pd.DataFrame({"feature": [0, 1, 2], "ids": [[1, 2], [3, 4], [5, 6]], "x": [0.5, 2.0, 1.0]})
+    io.save_table(df, "t", "wide", key="k1", params={})
+    back = io.require_table("t", "wide", produced_by="01_output_tokens", columns=["feature", "x"])
+    pd.testing.assert_frame_equal(back, df[["feature", "x"]])
+    assert len(io.require_table("t", "wide", produced_by="01_output_tokens", columns=[])) == 3  # presence only
+    path = io.table_path("t", "wide")
+    path.write_bytes(path.read_bytes()[:-20])  # damaged: refused however few columns are asked for
+    with pytest.raises(io.CacheError, match="damaged"):
+        io.require_table("t", "wide", produced_by="01_output_tokens", columns=["feature"])
+
+
 def test_missing_table_says_which_chapter_to_run():
     with pytest.raises(FileNotFoundError, match="Run the chapter 01_output_tokens first"):
         io.require_table("t", "nothing", produced_by="01_output_tokens")

@@ -147,8 +147,11 @@ def save_table(df: pd.DataFrame, target: str, name: str, *, key: str, params: di
     return path
 
 
-def load_table(target: str, name: str, *, key: str | None = None) -> pd.DataFrame | None:
-    """Read a result table back; None if it is missing, damaged, or (when `key` is given) made by another run.
+def load_table(target: str, name: str, *, key: str | None = None,
+               columns: list[str] | None = None) -> pd.DataFrame | None:
+    """Read a result table back (only `columns` when given: a wide table's unused list columns cost far more
+    memory than their bytes on disk); None if it is missing, damaged, or (when `key` is given) made by another
+    run.
 
     A damaged table (bytes that no longer match the sidecar's sha256, or unreadable) is reported on the
     terminal and treated as missing, so the caller recomputes it.
@@ -163,7 +166,7 @@ def load_table(target: str, name: str, *, key: str | None = None) -> pd.DataFram
     if problem:
         print(f"warning: {problem}; it is recomputed.", flush=True)
         return None
-    df = pd.read_parquet(path)
+    df = pd.read_parquet(path, columns=columns)
     if len(df) != meta.get("rows"):
         return None
     note_artifact(path, meta.get("sha256") or file_sha256(path))
@@ -201,8 +204,10 @@ def table_meta(target: str, name: str) -> dict[str, Any] | None:
         return None
 
 
-def require_table(target: str, name: str, *, produced_by: str) -> pd.DataFrame:
-    """Read a table that an earlier chapter must have written; a clear error if it is missing or damaged."""
+def require_table(target: str, name: str, *, produced_by: str,
+                  columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a table that an earlier chapter must have written (only `columns` when given); a clear error if it
+    is missing or damaged."""
     path = table_path(target, name)
     if path.is_file() and table_meta(target, name) is not None:
         problem = table_problem(target, name)
@@ -211,7 +216,7 @@ def require_table(target: str, name: str, *, produced_by: str) -> pd.DataFrame:
                 f"{problem}. Rebuild it: make book TARGET={target} (the chapter {produced_by} is re-executed "
                 f"because its tables no longer verify), or delete {path} and rerun."
             )
-    df = load_table(target, name)
+    df = load_table(target, name, columns=columns)
     if df is None:
         raise FileNotFoundError(
             f"the result table `{name}` for target `{target}` is missing ({path}). "

@@ -97,7 +97,8 @@ def run(ctx, config: Config, *, model=None, saes=None) -> Tables:
     if problems:
         raise ParamsError("; ".join(problems) + ".")
     target = ctx.params.target
-    labels = io.require_table(target, "01_features", produced_by="01_output_tokens")
+    labels = io.require_table(target, "01_features", produced_by="01_output_tokens",
+                              columns=["layer", "feature", "dec_top_tokens"])  # all `label_pairs` reads
     provenance = ctx.provenance(**dataclasses.asdict(config))
     rotary = attention.rotary_inverse_frequencies(model.cfg) is not None
     offsets = list(range(config.qk_max_offset + 1)) if rotary else None
@@ -212,7 +213,7 @@ def qk_pairs_for_sae(model, W_dec, sae_layer: int, reads: pd.DataFrame, config: 
             Ds = D[sample].float()
             Q = attention.rotate_queries(Ds @ W_Q[h.head].float(), offsets, model.cfg)  # [n, n_off, d_head]
             S = (Q @ (Ds @ W_K[h.kv_head].float()).T).transpose(0, 1).reshape(len(offsets), -1)  # [n_off, pairs]
-            r = np.corrcoef(S.numpy())[0]
+            r = np.corrcoef(S.cpu().numpy())[0]  # S is on the model's device
             corr += [{"head": name, "offset": o, "correlation": float(c)} for o, c in zip(offsets, r)]
     return pd.DataFrame(pairs, columns=pair_cols), pd.DataFrame(corr, columns=corr_cols)
 

@@ -677,7 +677,7 @@ def dfa_examples(model, sae, lp, tokens: torch.Tensor, config: Config) -> tuple[
         part_rows.append(pd.DataFrame({"layer": sae.layer, "feature": f, "head": h.ravel(),
                                        "src": s.ravel(), "distance": di - s.ravel(),
                                        "part": p.numpy().ravel(),
-                                       "src_token": [vocab_[int(t)] for t in tokens[bi, s.ravel()]]}))
+                                       "src_token": [vocab_[t] for t in tokens[bi, s.ravel()].tolist()]}))
     return pd.DataFrame(ex_rows), pd.concat(part_rows, ignore_index=True)
 
 
@@ -717,7 +717,7 @@ def _top_positions(acts: torch.Tensor, n: int, min_fires: int, allowed: torch.Te
     keep = torch.nonzero(fires >= min_fires).flatten()
     top = [cols(keep[j:j + step]).topk(min(n, flat.shape[0]), dim=0) for j in range(0, len(keep), step)]
     vals = torch.cat([t.values for t in top], 1) if top else flat.new_zeros(min(n, flat.shape[0]), 0)
-    idx = torch.cat([t.indices for t in top], 1) if top else torch.zeros(vals.shape, dtype=torch.long)
+    idx = torch.cat([t.indices for t in top], 1) if top else vals.new_zeros(vals.shape, dtype=torch.long)
     # vals, idx: [n, n_keep]
     f = keep.repeat(idx.shape[0], 1)
     ok = vals > 0

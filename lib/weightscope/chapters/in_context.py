@@ -109,12 +109,16 @@ class Tables:
     config: Config = field(repr=False, default_factory=Config)
 
 
+FEATURE_COLUMNS = ["layer", "feature", "dec_top_ids", "enc_top_ids", "dec_predicts", "enc_predicts"]
+
+
 def run(ctx, config: Config, *, model=None, saes=None, full=None) -> Tables:
     """Chapter 7 for ctx's target (tables cached together, keyed by the inputs chapters 1-3 wrote)."""
     target = ctx.params.target
-    feats = io.require_table(target, "01_features", produced_by="01_output_tokens")
+    # only the columns read here: 01_features' other list columns hold most of its memory
+    feats = io.require_table(target, "01_features", produced_by="01_output_tokens", columns=FEATURE_COLUMNS)
     labels = io.require_table(target, "03_labels", produced_by="03_semantic_populations")
-    io.require_table(target, "02_features", produced_by="02_attention")
+    io.require_table(target, "02_features", produced_by="02_attention", columns=[])  # present and intact
     pairs = io.load_table(target, "02_qk_pairs")  # absent when chapter 2 checked no pairs
     if model is None:
         model, saes = ctx.load_model_and_saes()  # the SAEs, checked against it, and the processing flags
@@ -243,7 +247,7 @@ def side_table(res: ic.PassResult, feats: pd.DataFrame, side: str, token: torch.
 def direct_table(full, saes, res: ic.PassResult, feats: pd.DataFrame, config: Config) -> pd.DataFrame:
     """Per analysed feature: the mean direct effect (logits, against the vocabulary mean) of its kept firings
     on its top-k_out output tokens, through the final norm's actual scale (`ic.direct_effects`)."""
-    M_out, _ = output_matrix(full)
+    M_out = output_matrix(full)[0].cpu()  # scored on the CPU: one copy, not one per chunk or feature
     parts = []
     for sae in saes:
         fir = res.firings[sae.layer]
@@ -252,7 +256,7 @@ def direct_table(full, saes, res: ic.PassResult, feats: pd.DataFrame, config: Co
         centred = torch.zeros(sae.d_sae)
         rows = max(1, config.memory_mb * 2**20 // (4 * config.k_out * M_out.shape[0]))  # [rows, k, d_model]
         for chunk in idx.split(rows):
-            centred[chunk] = ic.centred_scores(sae.W_dec[chunk].cpu(), M_out.cpu(), ids[chunk]).cpu()
+            centred[chunk] = ic.centred_scores(sae.W_dec[chunk].cpu(), M_out, ids[chunk])
         eff = ic.direct_effects(fir.act, res.final_scale[fir.position], centred[fir.feature])
         total = torch.bincount(fir.feature, weights=eff.double(), minlength=sae.d_sae)
         n = torch.bincount(fir.feature, minlength=sae.d_sae).clamp(min=1)
@@ -268,7 +272,7 @@ def ablation_table(full, saes, res: ic.PassResult, feats: pd.DataFrame, output: 
     direct and total effect on its top-k_out tokens at up to `ablate_positions` of its strongest firings."""
     rows = []
     row_len = res.tokens.shape[1]
-    M_out, _ = output_matrix(full)
+    M_out = output_matrix(full)[0].cpu()  # scored on the CPU: one copy, not one per chunk or feature
     for sae in saes:
         out = output[(output["layer"] == sae.layer) & (output["firings"] >= config.min_firings)]
         ranked = out.sort_values(["firings", "feature"], ascending=[False, True])
@@ -282,7 +286,7 @@ def ablation_table(full, saes, res: ic.PassResult, feats: pd.DataFrame, output: 
             row_ids = torch.unique(pos // row_len)
             local = torch.searchsorted(row_ids, pos // row_len) * row_len + pos % row_len
             total = ic.ablation_effects(full, sae, int(r.feature), res.tokens[row_ids], local, ids[r.feature])
-            centred = ic.centred_scores(sae.W_dec[[r.feature]].cpu(), M_out.cpu(), ids[[r.feature]])
+            centred = ic.centred_scores(sae.W_dec[[r.feature]].cpu(), M_out, ids[[r.feature]])
             direct = ic.direct_effects(act, res.final_scale[pos], centred.expand(len(pos)))
             rows.append({"layer": sae.layer, "feature": int(r.feature), "predicts": bool(r.predicts),
                          "positions": len(pos), "direct": float(direct.mean()), "total": float(total.mean()),

@@ -83,7 +83,8 @@ class Tables:
 def run(ctx, config: Config) -> Tables:
     """Chapter 3 for ctx's target, from the tables chapters 1 and 2 wrote."""
     target = ctx.params.target
-    tokens = io.require_table(target, "01_features", produced_by="01_output_tokens")
+    tokens = io.require_table(target, "01_features", produced_by="01_output_tokens",
+                              columns=populations.label_columns())
     reads = io.require_table(target, "02_features", produced_by="02_attention")
     labelled = populations.label_features(tokens, **config.label_params())
     data = labelled.merge(reads, on=["layer", "feature"], how="inner")

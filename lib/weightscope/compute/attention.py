@@ -191,7 +191,7 @@ def _fused_weights(W_Q, W_K, W_V, W_O, device, dtype) -> dict[str, Tensor]:
     return {"W_Q": flat(W_Q), "W_K": flat(W_K), "W_V": flat(W_V), "R": ov_factor(W_O, device), "kv": kv}
 
 
-_OV_FACTORS: dict[tuple, tuple[Tensor, Tensor]] = {}  # (W_O's address, layout, version, device) -> (probe, R)
+_OV_FACTORS: dict[tuple, tuple[list[Tensor], Tensor]] = {}  # (W_O's address, layout, ...) -> (probe, R)
 _OV_FACTORS_MAX = 128  # layers remembered (R is n_heads * d_head^2 numbers: 2 MB at Llama-3.1-8B)
 
 
@@ -200,13 +200,17 @@ def ov_factor(W_O: Tensor, device) -> Tensor:
 
     Depends on the layer only, so it is computed once per layer and reused by every SAE the layer reads
     (remembered by W_O's storage address, shape, strides and in-place version, and checked against a probe
-    of 64 of its values, so a freed and reused address is not taken for the same weights).
+    of 64 of its values, so a freed and reused address is not taken for the same weights). An inference
+    tensor (made under `torch.inference_mode()`) has no version counter and may still change in place inside
+    inference mode: its probe adds the fp64 sum of all its values instead.
     """
-    key = (W_O.data_ptr(), tuple(W_O.shape), W_O.stride(), W_O._version, W_O.dtype, str(W_O.device), str(device))
+    inference = W_O.is_inference()
+    version = None if inference else W_O._version
+    key = (W_O.data_ptr(), tuple(W_O.shape), W_O.stride(), version, W_O.dtype, str(W_O.device), str(device))
     flat = W_O.detach().reshape(-1)
-    probe = flat[:: max(1, flat.numel() // 64)][:64].clone()
+    probe = [flat[:: max(1, flat.numel() // 64)][:64].clone()] + ([flat.double().sum()] if inference else [])
     hit = _OV_FACTORS.get(key)
-    if hit is not None and torch.equal(hit[0], probe):
+    if hit is not None and all(torch.equal(a, b) for a, b in zip(hit[0], probe)):
         return hit[1]
     R = torch.linalg.qr(W_O.detach().to(device=device, dtype=torch.float32).transpose(1, 2)).R
     if len(_OV_FACTORS) >= _OV_FACTORS_MAX:

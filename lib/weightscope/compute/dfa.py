@@ -97,8 +97,8 @@ def value_decomposition(
     acts = inner.encode(x[None].to(inner.W_dec.dtype))[0]
     active = torch.nonzero(acts).flatten()
     recon_bias = inner.decode(torch.zeros_like(acts)[None])[0]  # b_dec (the decoder's value at zero)
-    one_hot = torch.zeros(len(active), acts.shape[0], dtype=acts.dtype)
-    one_hot[torch.arange(len(active)), active] = acts[active]
+    one_hot = torch.zeros(len(active), acts.shape[0], dtype=acts.dtype, device=acts.device)  # beside the SAE
+    one_hot[torch.arange(len(active), device=acts.device), active] = acts[active]
     writes = inner.decode(one_hot) - recon_bias if len(active) else x.new_zeros(0, x.shape[0])  # [m, d_model]
     error = x - writes.sum(0) - recon_bias
 

@@ -308,13 +308,15 @@ def random_dictionary_code(y: Tensor, atoms: Tensor, k: int, *, chunk: int = 102
     Where k >= d, k random atoms span the space (almost surely) and the code is exact, so no least squares
     is solved. Tokens go in chunks of at most `chunk`, fewer where the gathered atoms [c, d, k] would exceed
     `CODE_ELEMENTS` (a dense code, k in the thousands, would otherwise need tens of GB).
-    Returns (y_hat [n, d] fp32, uses [m] int64: on how many tokens each atom is in the code).
+    Computed on y's device (the atoms are moved there). Returns (y_hat [n, d] fp32, uses [m] int64: on how
+    many tokens each atom is in the code), both on y's device.
     """
     if not 1 <= k <= atoms.shape[0]:
         raise ValueError(f"k must be between 1 and {atoms.shape[0]} (the number of atoms); got k={k}.")
     y = y.float()
+    atoms = atoms.to(y.device)  # `random_atoms` draws them on the CPU
     mu = y.mean(0)
-    out, uses = torch.empty_like(y), torch.zeros(atoms.shape[0], dtype=torch.long)
+    out, uses = torch.empty_like(y), torch.zeros(atoms.shape[0], dtype=torch.long, device=y.device)
     exact = k >= y.shape[1]
     step = chunk if exact else max(1, min(chunk, CODE_ELEMENTS // (k * y.shape[1])))
     for start in range(0, len(y), step):

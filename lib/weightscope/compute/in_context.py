@@ -26,7 +26,7 @@ from torch import Tensor
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 from weightscope.compute.attention import read_by_layer, rotate_queries
-from weightscope.compute.streaming import progress_bar
+from weightscope.compute.streaming import CHUNK_ELEMENTS, progress_bar
 from weightscope.load.saes import hook_layer
 
 ENTRY_BYTES = 16  # one kept firing: feature (int32), position (int64), activation (fp32)
@@ -191,7 +191,8 @@ def centred_scores(W_dec: Tensor, M_out: Tensor, top_ids: Tensor) -> Tensor:
 
     W_dec: [n, d_model] decoder rows; M_out: [d_model, d_vocab] the unembedding with the final norm folded
     (chapter 1's `output_matrix`); top_ids: [n, k]. A logit change common to every token moves no probability,
-    so effects are measured against the vocabulary mean.
+    so effects are measured against the vocabulary mean. The gather is [n, k, d_model]: callers pass rows in
+    chunks that fit their budget.
     """
     W, M = W_dec.float(), M_out.float()
     top = torch.einsum("nd,nkd->nk", W, M.T[top_ids])  # the k scores alone: no [n, d_vocab] product
@@ -293,10 +294,12 @@ def ablation_effects(model, sae, feature: int, rows: Tensor, positions: Tensor, 
 
 def folded_projections(model, layer: int, head: int, D: Tensor) -> tuple[Tensor, Tensor]:
     """(queries, keys) [n, d_head] of decoder rows D [n, d_model] in one head: folded with `blocks[layer].ln1`
-    as chapter 2 folds them (`read_by_layer`), times W_Q and W_K of the head (biases left out)."""
+    as chapter 2 folds them (`read_by_layer`), times W_Q and W_K of the head (biases left out), on D's
+    device."""
     attn = model.blocks[layer].attn
     Df = read_by_layer(model, D.float(), layer).float()
-    return Df @ attn.W_Q[head].detach().float(), Df @ attn.W_K[head].detach().float()
+    W_Q, W_K = (W[head].detach().to(device=Df.device, dtype=torch.float32) for W in (attn.W_Q, attn.W_K))
+    return Df @ W_Q, Df @ W_K
 
 
 def pair_contributions(q: Tensor, k: Tensor, offsets: Tensor, cfg) -> Tensor:
@@ -329,7 +332,7 @@ def bootstrap_mean_diff(a: np.ndarray, b: np.ndarray, *, n_boot: int,
     if len(a) == 0 or len(b) == 0:
         return float("nan"), float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    boots = (rng.choice(a, (n_boot, len(a))).mean(1) - rng.choice(b, (n_boot, len(b))).mean(1))
+    boots = resampled(rng, a, n_boot, np.mean) - resampled(rng, b, n_boot, np.mean)
     return float(a.mean() - b.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
 
 
@@ -339,8 +342,18 @@ def bootstrap_mean(a: np.ndarray, *, n_boot: int, seed: int, stat=np.mean) -> tu
     a = np.asarray(a, float)
     if len(a) == 0:
         return float("nan"), float("nan"), float("nan")
-    boots = stat(np.random.default_rng(seed).choice(a, (n_boot, len(a))), axis=1)
+    boots = resampled(np.random.default_rng(seed), a, n_boot, stat)
     return float(stat(a)), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
+
+
+def resampled(rng: np.random.Generator, a: np.ndarray, n_boot: int, stat,
+              chunk: int = CHUNK_ELEMENTS) -> np.ndarray:
+    """[n_boot] `stat` (reducing axis 1) of resamples of a with replacement: the draws of one
+    `rng.choice(a, (n_boot, len(a)))`, made `chunk` elements at a time (the whole [n_boot, len(a)] matrix is
+    n_boot x 8 bytes per feature: gigabytes for a real SAE suite)."""
+    rows = max(1, chunk // max(1, len(a)))
+    return np.concatenate([stat(rng.choice(a, (min(rows, n_boot - lo), len(a))), axis=1)
+                           for lo in range(0, n_boot, rows)])
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:

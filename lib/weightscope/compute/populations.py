@@ -37,6 +37,13 @@ LABEL_DEFAULTS = {"m": 5, "min_word_share": 0.6, "min_nonword_share": 0.6, "min_
                   "coherence_margin": 0.0}
 BOOTSTRAP_STATS = ("mean_diff", "median_diff", "cliffs_delta")
 
+
+def label_columns(sides=SIDES) -> list[str]:
+    """The columns of chapter 1's `01_features` that `label_features` reads (with any coherence margin): a
+    caller reads only these, since the table's other list columns cost far more memory than they weigh."""
+    per_side = ("top_tokens", "coherent", "string_sim", "thr_string_sim", "emb_cos", "thr_emb_cos")
+    return ["layer", "feature"] + [f"{side}_{c}" for side in sides for c in per_side]
+
 _CHAPTER_1 = "chapter 1 (notebooks/01_output_tokens.md, table 01_features)"
 _CHAPTER_2 = "chapter 2 (notebooks/02_attention.md, table 02_features)"
 

@@ -122,7 +122,7 @@ def _build(cfg, tensors: dict, dtype: torch.dtype, tokenizer, name: str, process
     # a transposed view becomes a contiguous copy here, and its original is freed before the next one
     state = {key: tensors.pop(key).contiguous() for key in list(tensors)}
     for key in missing:
-        state[key] = torch.zeros_like(params[key], dtype=dtype)
+        state[key] = torch.zeros_like(params[key], dtype=dtype, device=cfg.device)  # beside the tensors read
     # every flag explicit: TransformerLens's own defaults fold and centre (unprocessed is the book's default)
     flags = {f: bool(processing.get(f, False)) for f in PROCESSING_FLAGS}
     if any(flags.values()):  # TransformerLens's folds write new tensors (about twice the model while building)
