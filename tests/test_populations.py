@@ -119,6 +119,25 @@ def test_label_sensitivity_counts_add_up():
         P.label_sensitivity(df, {"q": [1]})
 
 
+def test_relabelling_reuses_the_token_kinds_and_gives_the_same_labels(monkeypatch):
+    df = frame([(t, c) for t, c, _ in HAND])
+    grid = {"min_word_share": [0.2, 0.6, 1.0], "m": [3, 5, 8], "min_letters": [1, 2]}
+    uncached = {(k, v): P.label_side(df, "dec", **{**P.LABEL_DEFAULTS, k: v}).value_counts()
+                for k, values in grid.items() for v in values}
+    calls = []
+    original = P.kind_shares
+    monkeypatch.setattr(P, "kind_shares", lambda *a, **kw: calls.append(kw) or original(*a, **kw))
+    out = P.label_sensitivity(df, grid, sides=("dec",))
+    assert len(calls) == 4  # distinct (m, min_letters): (5, 2) shared by 5 settings, (3, 2), (8, 2), (5, 1)
+    for (k, v), counts in uncached.items():
+        got = out[(out["parameter"] == k) & (out["value"] == v)].set_index("label")["n"]
+        assert got.to_dict() == counts.reindex(list(P.LABELS), fill_value=0).to_dict(), (k, v)
+    cache = {}
+    labelled = P.label_features(df, sides=("dec",), cache=cache, m=3)
+    assert set(cache) == {("dec", 3, 2)}
+    pd.testing.assert_frame_equal(labelled, P.label_features(df, sides=("dec",), m=3))
+
+
 # --- statistics -------------------------------------------------------------------------------------------
 
 

@@ -83,10 +83,9 @@ class Tables:
 def run(ctx, config: Config) -> Tables:
     """Chapter 3 for ctx's target, from the tables chapters 1 and 2 wrote."""
     target = ctx.params.target
-    tokens = io.require_table(target, "01_features", produced_by="01_output_tokens",
-                              columns=populations.label_columns())
-    reads = io.require_table(target, "02_features", produced_by="02_attention")
-    labelled = populations.label_features(tokens, **config.label_params())
+    tokens, reads = read_inputs(target)
+    kinds = {}  # the token kinds of `tokens`, shared by every relabelling below (`populations.cached_shares`)
+    labelled = populations.label_features(tokens, cache=kinds, **config.label_params())
     data = labelled.merge(reads, on=["layer", "feature"], how="inner")
     provenance = {"target": target, "chapter": dataclasses.asdict(config),
                   "inputs": {name: io.table_meta(target, name)["key"] for name in ("01_features", "02_features")}}
@@ -97,8 +96,17 @@ def run(ctx, config: Config) -> Tables:
     io.save_table(found, target, "03_findings", key=key, params=provenance)
     return Tables(labelled=labelled, data=data, findings=found, by_layer=by_layer(data),
                   within_layer=within_layer(data), share_above=share_above(data),
-                  sensitivity=sensitivity(tokens, reads, config),
-                  label_counts=populations.label_sensitivity(tokens, SENSITIVITY_GRID), config=config)
+                  sensitivity=sensitivity(tokens, reads, config, cache=kinds),
+                  label_counts=populations.label_sensitivity(tokens, SENSITIVITY_GRID, cache=kinds),
+                  config=config)
+
+
+def read_inputs(target: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(chapter 1's `01_features`, the columns the labelling reads; chapter 2's `02_features`): the tables
+    this chapter holds throughout (`bench/bench_book.py` measures their memory through this function)."""
+    tokens = io.require_table(target, "01_features", produced_by="01_output_tokens",
+                              columns=populations.label_columns())
+    return tokens, io.require_table(target, "02_features", produced_by="02_attention")
 
 
 def compare(data: pd.DataFrame, config: Config) -> pd.DataFrame:
@@ -152,12 +160,14 @@ def share_above(data: pd.DataFrame) -> pd.DataFrame:
                       for s, phase in PHASES.items() for col, side in ATTN.items()], ignore_index=True)
 
 
-def sensitivity(tokens: pd.DataFrame, reads: pd.DataFrame, config: Config) -> pd.DataFrame:
-    """Cliff's delta (with a bootstrap interval) as one labelling parameter moves, the others at default."""
+def sensitivity(tokens: pd.DataFrame, reads: pd.DataFrame, config: Config, *,
+                cache: dict | None = None) -> pd.DataFrame:
+    """Cliff's delta (with a bootstrap interval) as one labelling parameter moves, the others at default.
+    cache: the token kinds of `tokens` (`populations.cached_shares`)."""
     rows = []
     for param, values in SENSITIVITY_GRID.items():
         for value in values:
-            lab = populations.label_features(tokens, **{**config.label_params(), param: value})
+            lab = populations.label_features(tokens, cache=cache, **{**config.label_params(), param: value})
             lab = lab.merge(reads, on=["layer", "feature"])
             for s, phase in PHASES.items():
                 for col, side in ATTN.items():

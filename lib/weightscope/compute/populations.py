@@ -225,7 +225,7 @@ def _coherence(df: pd.DataFrame, side: str, margin: float) -> tuple[np.ndarray, 
 
 def label_side(df: pd.DataFrame, side: str, *, m: int = 5, min_word_share: float = 0.6,
                min_nonword_share: float = 0.6, min_letters: int = 2,
-               coherence_margin: float = 0.0) -> pd.Series:
+               coherence_margin: float = 0.0, cache: dict | None = None) -> pd.Series:
     """Label each row's side semantic / non-semantic / unclear (categorical Series named `<side>_label`).
 
     Reads `<side>_top_tokens` and `<side>_coherent` (chapter 1; with coherence_margin > 0 also
@@ -233,9 +233,10 @@ def label_side(df: pd.DataFrame, side: str, *, m: int = 5, min_word_share: float
     non-semantic if non-word kinds are >= min_nonword_share of them or the tokens are not coherent; else
     semantic if words are >= min_word_share and the tokens are coherent (each similarity against its
     threshold: one must exceed it by more than coherence_margin); else unclear. `token_kind` gives the kinds.
+    cache: a dict the caller keeps for this df, so relabelling it reuses the token kinds (`cached_shares`).
     """
     _check_label_params(m, min_word_share, min_nonword_share, min_letters, coherence_margin)
-    shares = kind_shares(df, side, m=m, min_letters=min_letters)
+    shares = cached_shares(df, side, m=m, min_letters=min_letters, cache=cache)
     incoherent, clear = _coherence(df, side, coherence_margin)
     nonword = (shares["nonword_share"] >= min_nonword_share).to_numpy()  # NaN (no tokens) compares False
     words = (shares["word_share"] >= min_word_share).to_numpy()
@@ -243,42 +244,59 @@ def label_side(df: pd.DataFrame, side: str, *, m: int = 5, min_word_share: float
     return pd.Series(pd.Categorical(label, categories=LABELS), index=df.index, name=f"{side}_label")
 
 
-def label_features(df: pd.DataFrame, *, sides=SIDES, **params) -> pd.DataFrame:
+def cached_shares(df: pd.DataFrame, side: str, *, m: int, min_letters: int,
+                  cache: dict | None = None) -> pd.DataFrame:
+    """`kind_shares`, computed once per (side, m, min_letters) when a cache dict (kept by the caller for this
+    df) is given: the labelling grid relabels the same rows dozens of times, and only these three change the
+    shares."""
+    if cache is None:
+        return kind_shares(df, side, m=m, min_letters=min_letters)
+    key = (side, int(m), int(min_letters))
+    if key not in cache:
+        cache[key] = kind_shares(df, side, m=m, min_letters=min_letters)
+    return cache[key]
+
+
+def label_features(df: pd.DataFrame, *, sides=SIDES, cache: dict | None = None, **params) -> pd.DataFrame:
     """A copy of df with `<side>_label`, `<side>_word_share` and `<side>_nonword_share` for each side.
 
     params: the keyword parameters of `label_side` (m, min_word_share, min_nonword_share, min_letters,
     coherence_margin); the shares are of the first m top tokens, so a reader sees why each label was given.
+    cache: as in `label_side`.
     """
     unknown = set(params) - set(LABEL_DEFAULTS)
     if unknown:
         raise ValueError(f"Unknown labelling parameter(s) {sorted(unknown)}; "
                          f"known: {sorted(LABEL_DEFAULTS)}.")
     full = {**LABEL_DEFAULTS, **params}
+    cache = {} if cache is None else cache
     out = df.copy()
     for side in sides:
-        shares = kind_shares(df, side, m=full["m"], min_letters=full["min_letters"])
+        shares = cached_shares(df, side, m=full["m"], min_letters=full["min_letters"], cache=cache)
         out[f"{side}_word_share"] = shares["word_share"]
         out[f"{side}_nonword_share"] = shares["nonword_share"]
-        out[f"{side}_label"] = label_side(df, side, **full)
+        out[f"{side}_label"] = label_side(df, side, **full, cache=cache)
     return out
 
 
-def label_sensitivity(df: pd.DataFrame, grid: dict[str, list], *, sides=SIDES) -> pd.DataFrame:
+def label_sensitivity(df: pd.DataFrame, grid: dict[str, list], *, sides=SIDES,
+                      cache: dict | None = None) -> pd.DataFrame:
     """How many rows get each label as one labelling parameter varies (the others at their defaults).
 
     grid: {parameter: values}, parameters of `label_side`, e.g. {"min_word_share": [0.4, 0.6, 0.8]}.
-    Returns tidy rows: parameter, value, side, label, n (rows with that label), share (n / rows).
+    cache: as in `label_side`. Returns tidy rows: parameter, value, side, label, n (rows with that label),
+    share (n / rows).
     """
     unknown = set(grid) - set(LABEL_DEFAULTS)
     if unknown:
         raise ValueError(f"Unknown labelling parameter(s) {sorted(unknown)}; "
                          f"known: {sorted(LABEL_DEFAULTS)}.")
-    rows = []
+    rows, cache = [], {} if cache is None else cache
     for parameter, values in grid.items():
         for value in values:
             params = {**LABEL_DEFAULTS, parameter: value}
             for side in sides:
-                counts = label_side(df, side, **params).value_counts().reindex(list(LABELS), fill_value=0)
+                counts = label_side(df, side, **params, cache=cache).value_counts().reindex(list(LABELS), fill_value=0)
                 for label, n in counts.items():
                     rows.append({"parameter": parameter, "value": value, "side": side, "label": label,
                                  "n": int(n), "share": n / len(df) if len(df) else math.nan})
