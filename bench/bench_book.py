@@ -137,13 +137,14 @@ def flops_table() -> str:
 # `memory_mb`. Chapter 0 shows the weights-only model and its SAEs (`SAESequence`: one at a time), then builds
 # the full model for generation.
 HOLDS = {"00_demo_model": ("weights", "sae", "full"), "01_output_tokens": ("weights", "sae", "chunk"),
-         "02_attention": ("weights", "sae", "chunk"), "03_semantic_populations": (),
+         "02_attention": ("weights", "sae", "chunk"), "03_semantic_populations": ("tables",),
          "04_attention_saes": ("full", "saes", "att_saes", "acts"), "05_context_neurons": ("full", "chunk"),
          "06_ffkv_baseline": ("full", "saes", "chunk"), "07_in_context": ("full", "saes", "budget")}
 
 
 def held(stem: str, result: dict) -> dict[str, float]:
-    """Bytes of what `stem` holds at once by design on `result`'s target (`HOLDS`), fp32."""
+    """Bytes of what `stem` holds at once by design on `result`'s target (`HOLDS`): tensors in fp32; "tables",
+    the input tables as loaded (`tables_gb`, measured by `tables_rss_gb`; 0 in runs made before it was)."""
     from weightscope.chapters import attention_saes, ffkv, in_context
 
     d, w, L = result["dims"], result["saes"], result["n_layers"]
@@ -156,8 +157,21 @@ def held(stem: str, result: dict) -> dict[str, float]:
              "sae": 2 * d["d_model"] * w["d_sae"], "saes": L * 2 * d["d_model"] * w["d_sae"],
              "att_saes": L * 2 * d_att_in * (w["d_sae_att"] or 0), "chunk": 2**30 / 4,
              "acts": c4.text_rows * c4.text_ctx * (w["d_sae_att"] or 0),
-             "budget": in_context.Config().memory_mb * 2**20 / 4}
+             "budget": in_context.Config().memory_mb * 2**20 / 4,
+             "tables": result["chapters"].get(stem, {}).get("tables_gb", 0.0) * 1e9 / 4}
     return {part: 4.0 * sizes[part] for part in HOLDS[stem]}
+
+
+def tables_rss_gb(params: Path, env: dict) -> float:
+    """GB the resident set of a fresh process grows by when it reads chapter 3's input tables as the chapter
+    does (`populations.read_inputs`: Python strings for the token lists, so not their bytes on disk)."""
+    code = ("import sys, yaml; from weightscope.chapters import populations\n"
+            "rss = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])\n"
+            "before = rss(); tables = populations.read_inputs(yaml.safe_load(open(sys.argv[1]))['target'])\n"
+            "print(rss() - before)")
+    out = subprocess.run([sys.executable, "-c", code, str(params)], env=env, capture_output=True, text=True,
+                         check=True)
+    return round(int(out.stdout.strip().splitlines()[-1]) * 1024 / 1e9, 3)  # VmRSS is in kB
 
 
 def memory_table(result: dict) -> str:
@@ -172,7 +186,8 @@ def memory_table(result: dict) -> str:
             continue
         parts = held(stem, result)
         expected = sum(parts.values()) / 1e9 + (base or 0.0)
-        what = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in parts.items()) or "tables only"
+        what = ", ".join(f"{k} {v / 1e9:.2f}" if v or k != "tables" else "tables not measured"
+                         for k, v in parts.items())
         lines.append(f"| {stem} | {what} | {base if base is not None else '–'} | {expected:.2f} | "
                      f"{c['peak_rss_gb']:.2f} | {c['peak_rss_gb'] / expected:.2f} |")
     return "\n".join(lines)
@@ -479,6 +494,8 @@ def main(argv=None) -> int:
             r = run_chapter(stem, params, env, (args.logs or tmp) / f"{stem}.log")
             page = next((book / params.stem).glob(f"{stem}*.ipynb"), None)
             r["page_mb"] = round(page.stat().st_size / 1e6, 2) if page else None
+            if "tables" in HOLDS[stem] and r["rc"] == 0 and page:
+                r["tables_gb"] = tables_rss_gb(params, env)
             flops = chapter_flops(stem, d, widths["d_sae"], widths["d_sae_att"], offset)
             r["flops"] = flops
             r["gflop_per_s"] = round(flops / r["wall_s"] / 1e9, 2) if flops and r["rc"] == 0 else None

@@ -5,10 +5,12 @@ belong in bench/ runs.)"""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -102,6 +104,33 @@ def test_book_memory_table_sets_peak_rss_beside_what_each_chapter_holds():
     rows = bench_book.memory_table(result).splitlines()
     expected = sum(parts.values()) / 1e9 + 0.5
     assert len(rows) == 3 and rows[2].endswith(f"| {expected:.2f} | 3.00 | {3.0 / expected:.2f} |")  # 06 skipped
+    # chapter 3 holds its input tables, measured in the run; runs made before that say so
+    tables = {"rc": 0, "peak_rss_gb": 0.9, "page_mb": 0.1, "tables_gb": 0.2}
+    with_tables = {**result, "chapters": {"03_semantic_populations": tables}}
+    assert bench_book.memory_table(with_tables).splitlines()[2] == (
+        "| 03_semantic_populations | tables 0.20 | 0.5 | 0.70 | 0.90 | 1.29 |")
+    older = {**result, "chapters": {"03_semantic_populations": {k: v for k, v in tables.items()
+                                                                 if k != "tables_gb"}}}
+    assert "| tables not measured | 0.5 | 0.50 |" in bench_book.memory_table(older)
+
+
+def test_chapter_3_tables_are_measured_as_the_chapter_reads_them(tmp_path, monkeypatch):
+    import bench_book
+
+    from weightscope import io
+    from weightscope.compute import populations
+
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path / "data"))
+    n = 20_000
+    lists = [[f" w{i}-{j}" for j in range(10)] for i in range(n)]  # 200,000 distinct short strings
+    columns = {c: lists if c.endswith("top_tokens") else 0.5 for c in populations.label_columns()}
+    features = pd.DataFrame({**columns, "layer": 0, "feature": range(n)})
+    io.save_table(features, "t", "01_features", key="k", params={})
+    io.save_table(features[["layer", "feature"]].assign(q_z_mean=0.0), "t", "02_features", key="k", params={})
+    (tmp_path / "t.yaml").write_text("target: t\n")
+    lib = str(BENCH.parent / "lib")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [lib, os.environ.get("PYTHONPATH")]))}
+    assert 0.01 < bench_book.tables_rss_gb(tmp_path / "t.yaml", env) < 0.3  # two columns of 200,000 strings
 
 
 def test_a_failing_benchmark_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):

@@ -635,6 +635,7 @@ def text_analyses(model, saes, resid: dict, tokens: torch.Tensor, config: Config
         out["families"].append(fam)
         out["profiles"].append(prof)
         out["rdfa"].append(recursive_dfa(model, sae, lp, resid, ex))
+        del lp  # else the next `_layer_pass` allocates its activations while this layer's are still held
     feats = pd.concat(out["families"], ignore_index=True)
     summary = (feats.groupby(["layer", "family"]).size().unstack(fill_value=0)
                .reindex(columns=list(FAMILIES), fill_value=0))

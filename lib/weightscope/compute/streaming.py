@@ -33,7 +33,7 @@ def release_cache(device: torch.device) -> None:
 
 
 # elements (64 MB in fp32) of a product or an SAE code made at once where a chapter chunks by element count
-# (chapter 4's row-wise products and layer pass, chapter 6's held-out code)
+# (chapter 4's row-wise products and layer pass, chapter 6's held-out code, chapter 7's bootstrap draws)
 CHUNK_ELEMENTS = 1 << 24
 
 
