@@ -21,10 +21,19 @@ import torch  # noqa: E402
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA GPU here; runs where one is present"))])
-def device(request) -> str:
-    """The compute devices a kernel test runs on: the CPU always, a CUDA GPU when one is present."""
-    return request.param
+    not torch.cuda.is_available(), reason="no CUDA GPU here; runs where one is present")),
+    pytest.param("simulated", id="simulated")])
+def device(request):
+    """The compute devices a kernel test runs on: the CPU always, a CUDA GPU when one is present, and the
+    simulated device (tests/simdevice.py: "lazy", refusing what CUDA refuses) everywhere, so that device
+    bugs show without a GPU."""
+    if request.param != "simulated":
+        yield request.param
+        return
+    import simdevice
+
+    with simdevice.simulated_device() as simulated:
+        yield simulated
 
 
 @pytest.fixture(autouse=True)

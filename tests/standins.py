@@ -27,6 +27,12 @@ REAL_ARCHS = ("gemma2", "llama", "gpt2")  # the architectures of the book's real
 N_LAYERS = 3
 
 
+def all_selected(config) -> bool:
+    """Whether this run covers every real architecture's stand-in (tests marked `standins`, each a few
+    minutes): in CI (CI set), or when asked for with `pytest -m standins`."""
+    return "standins" in (config.getoption("markexpr") or "") or bool(os.environ.get("CI"))
+
+
 def tokenizer():
     """The GPT-2 tokenizer (50,257 tokens) from the shared folder."""
     from transformers import GPT2TokenizerFast
@@ -141,7 +147,7 @@ def build_saes(model_folder: Path, folder: Path, *, d_sae: int = 48, layers=None
 
 def write_params(target: str, model_folder: Path, sae_folder: Path, path: Path, *,
                  chapters: dict | None = None, layers="all", attn_sae_folder: Path | None = None,
-                 processing: str | None = None) -> Path:
+                 processing: str | None = None, dtype: str = "float32") -> Path:
     """A parameters file naming the stand-in and its SAE folder (small chapter settings by default);
     `attn_sae_folder` names hook_z SAEs for chapter 4, `processing` sets `model.processing` (e.g. "auto")."""
     import yaml
@@ -154,13 +160,29 @@ def write_params(target: str, model_folder: Path, sae_folder: Path, path: Path, 
     }
     model = {"name": str(model_folder), **({"processing": processing} if processing else {})}
     raw = {"target": target, "title": f"stand-in {target}", "model": model,
-           "saes": {"source": str(sae_folder)}, "layers": layers, "device": "cpu", "dtype": "float32",
+           "saes": {"source": str(sae_folder)}, "layers": layers, "device": "cpu", "dtype": dtype,
            "chapters": chapters}
     if attn_sae_folder is not None:
         raw["attn_saes"] = {"source": str(attn_sae_folder)}
     path = Path(path)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def build_target(arch: str, root: Path, *, seed: int = 5, n_layers: int = N_LAYERS,
+                 chapters: dict | None = None, dtype: str = "float32") -> tuple[Path, Path, Path]:
+    """A stand-in target set up as the book's real ones: the model, residual SAEs, hook_z SAEs recording the
+    residual SAEs' processing (as the gpt2-small-hook-z-kk release does) and a params file
+    `standin-{arch}.yaml` with `processing: auto` and `attn_saes` (as params/gpt2-small.yaml).
+    Returns (params file, model folder, residual SAE folder)."""
+    root = Path(root)
+    folder = build_model(arch, root / f"model-{arch}", seed=seed, n_layers=n_layers)
+    saes = build_saes(folder, root / f"saes-{arch}")
+    flags = {"center_writing_weights": True} if arch == "gpt2" else {}
+    attn = build_attn_saes(folder, root / f"attn-saes-{arch}", flags=flags)
+    params = write_params(f"standin-{arch}", folder, saes, root / f"standin-{arch}.yaml", chapters=chapters,
+                          attn_sae_folder=attn, processing="auto", dtype=dtype)
+    return params, folder, saes
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -33,15 +33,9 @@ DEMO_ONLY = ("stories260K", "512 tokens", "public release", "children's stories"
 
 def _book(arch: str, tmp_path: Path, html: bool):
     """Build the stand-in, run the book for it; returns (proc, target, model folder, SAE folder, data dir)."""
-    folder = standins.build_model(arch, tmp_path / f"model-{arch}", seed=5)
-    saes = standins.build_saes(folder, tmp_path / f"saes-{arch}")
-    # hook_z SAEs recording the residual SAEs' processing (as the gpt2-small-hook-z-kk release does)
-    flags = {"center_writing_weights": True} if arch == "gpt2" else {}
-    attn = standins.build_attn_saes(folder, tmp_path / f"attn-saes-{arch}", flags=flags)
-    target = f"standin-{arch}"
     # `processing: auto` and `attn_saes`, as the shipped params/gpt2-small.yaml and gemma-2-2b.yaml
-    params = standins.write_params(target, folder, saes, tmp_path / f"{target}.yaml", attn_sae_folder=attn,
-                                   processing="auto")
+    params, folder, saes = standins.build_target(arch, tmp_path)
+    target = f"standin-{arch}"
     book = tmp_path / "book"  # a book of its own: the checkout's HTML never links to the stand-in's pages
     book.mkdir()
     for name in ("_config.yml", "intro.md", "_ext", "_css", "appendix"):
@@ -148,7 +142,7 @@ def test_gemma2_standin_book_end_to_end(tmp_path):
 
 @pytest.fixture
 def standins_selected(request):
-    if "standins" not in (request.config.getoption("markexpr") or "") and not os.environ.get("CI"):
+    if not standins.all_selected(request.config):
         pytest.skip("runs in CI (CI=true) or with `pytest -m standins`: the book for every real architecture")
 
 
