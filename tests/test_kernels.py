@@ -352,6 +352,7 @@ def test_progress_bars_are_silenced_like_progress_lines(monkeypatch):
     # under nbval (WEIGHTSCOPE_PROGRESS=0) a bar would be a widget output the stored page does not have
     from weightscope.compute.streaming import NoBar, progress_bar
 
+    monkeypatch.delenv("WEIGHTSCOPE_PROGRESS", raising=False)  # whatever the shell running the tests set
     bar = progress_bar(3, True)
     assert not isinstance(bar, NoBar)
     bar.close()

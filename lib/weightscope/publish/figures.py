@@ -7,8 +7,8 @@ once from its static folder (`publish.book`), so a page carries its figures' dat
 library.
 
 Every point of a scatter or line is embedded in the page: at real width (24,576 features a layer, 12 layers)
-that is megabytes per figure. `show` keeps at most `max_points` points per trace (a seeded random sample kept in
-the trace's order, so a sorted curve stays sorted) and says so in the figure's title.
+that is megabytes per figure. `show` keeps at most `max_points` points per figure (a seeded random sample
+kept in each trace's order, so a sorted curve stays sorted) and says so in the figure's title.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ _plotlyjs_sent = False
 PLOTLYJS_ENV = "WEIGHTSCOPE_PLOTLYJS"  # "book": the page's site serves plotly.js, figures do not embed it
 
 TEMPLATE = "plotly_white"
-MAX_POINTS = 5000  # points kept per figure, over its scatter, line and box traces (a page's weight)
-_SAMPLED = ("scatter", "scattergl", "box", "violin")  # traces that carry one entry per point
+MAX_POINTS = 5000  # points kept per figure, over its scatter, line, box and histogram traces (page weight)
+# traces that carry one entry per point (a histogram too: the browser bins the values it is given)
+_SAMPLED = ("scatter", "scattergl", "box", "violin", "histogram")
 _PER_POINT = ("x", "y", "text", "hovertext", "customdata", "ids")
 _PER_POINT_MARKER = ("color", "size", "symbol", "opacity")
 
@@ -43,9 +44,9 @@ def show(fig: go.Figure, *, max_points: int = MAX_POINTS) -> None:
 
 
 def sample_points(fig: go.Figure, max_points: int = MAX_POINTS, *, seed: int = 0) -> tuple[int, int]:
-    """Keep at most `max_points` points in all of `fig`'s scatter and box traces (in place), each trace its
-    share in proportion to its size (facets and colours that grow with the layers stay within one budget);
-    returns (shown, total).
+    """Keep at most `max_points` points in all of `fig`'s scatter, box and histogram traces (in place), each
+    its share in proportion to its size (facets and colours that grow with the layers stay within one
+    budget); returns (shown, total).
 
     The kept points are a seeded random sample in their original order; every per-point array of the trace
     (x, y, text, hover text, custom data, marker colour/size/...) is cut alike. When anything was left out, the
