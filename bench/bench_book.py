@@ -54,6 +54,10 @@ FLOP_MODEL = {
                     "+ the OV R-product (d_sae + 2 n_null) n_heads d_head^2 x 2; per SAE layer the QK pairs "
                     "n_pair_heads x d_sae^2 x d_head x 2",
     "04_attention_saes": "per attention-SAE layer: the write lens d_sae x d_model x d_vocab x 2",
+    "06_ffkv_baseline": "per paired SAE layer l (its MLP block m = l - 1, or l for resid_post): the neuron lens "
+                        "2 sides x d_mlp x d_model x d_vocab x 2; the reads of (d_sae + d_mlp + 2 n_null) rows "
+                        "by each later layer, as chapter 2's; the alignment with blocks 0..m, 3 x d_sae x d_mlp x "
+                        "d_model x 2 per block (the real pair once, each side's null of as many rows)",
     "07_in_context": "the activation pass n_tokens x L x (block + encode d_model x d_sae x 2); the ablations, per "
                      "SAE layer l: n_ablate x ablate_positions x row_len / 2 tokens (each row cut after its "
                      "position) x (L blocks clean + L - l ablated); block = the weight matrices x 2 per token",
@@ -82,7 +86,7 @@ def block_flops(d: dict) -> float:
 
 def chapter_flops(stem: str, d: dict, d_sae: int, d_sae_att: int | None, hook_offset: int) -> float | None:
     """The main products' FLOPs of one chapter at the chapters' default settings (`FLOP_MODEL`)."""
-    from weightscope.chapters import attention, in_context, output_tokens
+    from weightscope.chapters import attention, ffkv, in_context, output_tokens
 
     L = d["n_layers"]
     if stem == "01_output_tokens":
@@ -97,6 +101,13 @@ def chapter_flops(stem: str, d: dict, d_sae: int, d_sae_att: int | None, hook_of
         return n_reads * per_read + L * c.n_pair_heads * d_sae**2 * d["d_head"] * 2.0
     if stem == "04_attention_saes" and d_sae_att:
         return L * d_sae_att * d["d_model"] * d["d_vocab"] * 2.0
+    if stem == "06_ffkv_baseline":
+        c, blocks = ffkv.Config(), [layer - 1 + hook_offset for layer in range(L) if layer - 1 + hook_offset >= 0]
+        lens = len(blocks) * 2 * d["d_mlp"] * d["d_model"] * d["d_vocab"] * 2.0
+        rows = d_sae + d["d_mlp"] + 2 * c.n_null
+        per_read = rows * (d["d_model"] * (d["n_heads"] + 2 * d["n_kv"]) + d["n_heads"] * d["d_head"]) * d["d_head"]
+        reads = sum(L - 1 - m for m in blocks) * per_read * 2.0
+        return lens + reads + sum(m + 1 for m in blocks) * 3 * d_sae * d["d_mlp"] * d["d_model"] * 2.0
     if stem == "07_in_context":
         c = in_context.Config()
         passes = c.n_tokens * L * (block_flops(d) + 2.0 * d["d_model"] * d_sae)
@@ -361,11 +372,12 @@ def table(results: list[dict]) -> str:
 
 
 # What each chapter's work grows with, for `--extrapolate` from one depth: "fixed" (chapter 0 introduces the model,
-# chapter 5 reads one block), "layers" (one pass per SAE layer), "flops" (`chapter_flops`: chapter 2's (SAE layer,
-# reading layer) reads and chapter 7's ablation passes grow as L(L+1)/2).
+# chapter 5 reads one block), "layers" (one pass per SAE layer), "flops" (`chapter_flops`: chapter 2's and 6's
+# (SAE layer, reading layer) reads, chapter 6's (SAE, earlier block) alignment and chapter 7's ablation passes
+# grow as L(L+1)/2).
 SCALING = {"00_demo_model": "fixed", "01_output_tokens": "layers", "02_attention": "flops",
            "03_semantic_populations": "layers", "04_attention_saes": "layers", "05_context_neurons": "fixed",
-           "06_ffkv_baseline": "layers", "07_in_context": "flops"}
+           "06_ffkv_baseline": "flops", "07_in_context": "flops"}
 
 
 def run_flops(stem: str, result: dict, n_layers: int | None = None) -> float | None:
@@ -397,7 +409,8 @@ def extrapolate(results: list[dict], n_layers: int) -> str:
     total, bound = 0.0, False
     for stem in CHAPTER_STEMS:
         by_depth = {r["n_layers"]: r for r in sorted(results, key=lambda r: (r["n_layers"], r["date"]))
-                    if r["chapters"].get(stem, {}).get("rc") == 0 and not skipped(r["chapters"][stem])}
+                    if r["chapters"].get(stem, {}).get("rc") == 0 and not skipped(r["chapters"][stem])
+                    and units(stem, r, r["n_layers"]) > 0}  # a run with none of the work scales nothing
         if not by_depth:
             lines.append(f"| {stem} | {SCALING[stem]} | – | – | not measured | |")
             continue

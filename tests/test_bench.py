@@ -64,7 +64,7 @@ def test_unknown_benchmark_names_are_a_clear_error():
 def test_book_extrapolation_scales_one_depth_and_fits_a_line_through_two():
     import bench_book
 
-    dims = dict(d_model=8, n_heads=2, n_kv=2, d_head=4, d_vocab=50, n_layers=1)
+    dims = dict(d_model=8, n_heads=2, n_kv=2, d_head=4, d_vocab=50, n_layers=1, d_mlp=32)
     result = {"n_layers": 1, "date": "2026-12-04", "dims": dims, "saes": {"d_sae": 16, "d_sae_att": 16, "res_hook": "hook_resid_pre"},
               "chapters": {stem: {"rc": 0, "cpu_s": 10.0, "page_mb": 0.1} for stem in bench_book.CHAPTER_STEMS}}
     rows = {line.split(" | ")[0].strip("| "): line for line in
@@ -76,7 +76,9 @@ def test_book_extrapolation_scales_one_depth_and_fits_a_line_through_two():
     assert rows["01_output_tokens"].endswith("| 40 | scaled (upper bound) |")
     assert rows["02_attention"].endswith(f"| {10 * ratio:,.0f} | scaled (upper bound) |")
     skip = {**result, "chapters": {**result["chapters"], "06_ffkv_baseline": {"rc": 0, "cpu_s": 8.0, "page_mb": None}}}
-    assert "| 06_ffkv_baseline | layers | – | – | not measured | |" in bench_book.extrapolate([skip], 4)  # skipped
+    assert "| 06_ffkv_baseline | flops | – | – | not measured | |" in bench_book.extrapolate([skip], 4)  # skipped
+    # resid_pre of block 0 sees no MLP block: chapter 6 has no work at one layer, so nothing to scale from
+    assert "| 06_ffkv_baseline | flops | – | – | not measured | |" in bench_book.extrapolate([result], 4)
     # a second depth splits start-up from per-layer work: 10 s at 1 layer, 16 s at 2 -> 4 + 6 L
     deeper = {**result, "n_layers": 2, "dims": {**dims, "n_layers": 2},
               "chapters": {stem: {"rc": 0, "cpu_s": 16.0, "page_mb": 0.1} for stem in bench_book.CHAPTER_STEMS}}
@@ -88,6 +90,21 @@ def test_book_extrapolation_scales_one_depth_and_fits_a_line_through_two():
     four = bench_book.chapter_flops("02_attention", {**dims, "n_layers": 4}, 16, 16, 0)
     one = four / ratio
     assert rows["02_attention"].endswith(f"| {10 + 6 * (four - one) / (two - one):,.0f} | line through both depths |")
+
+
+def test_chapter_6_flops_count_each_pair_of_sae_and_earlier_block():
+    import bench_book
+    from weightscope.chapters import ffkv
+
+    d = dict(d_model=8, n_heads=2, n_kv=1, d_head=4, d_vocab=50, n_layers=2, d_mlp=32)
+    n_null, d_sae = ffkv.Config().n_null, 16
+    # resid_post at 2 layers: blocks 0 and 1 paired; one later read (block 0's by layer 1); pairs (0,0), (1,0), (1,1)
+    lens = 2 * 2 * 32 * 8 * 50 * 2
+    reads = 1 * (d_sae + 32 + 2 * n_null) * (8 * (2 + 2 * 1) * 4 + 2 * 4 * 4) * 2
+    alignment = 3 * 3 * d_sae * 32 * 8 * 2
+    assert bench_book.chapter_flops("06_ffkv_baseline", d, d_sae, None, 1) == lens + reads + alignment
+    # resid_pre: block 0's SAE sees no MLP, block 1's sees block 0: one pair, read by layer 1
+    assert bench_book.chapter_flops("06_ffkv_baseline", d, d_sae, None, 0) == lens / 2 + reads + alignment / 3
 
 
 def test_book_memory_table_sets_peak_rss_beside_what_each_chapter_holds():

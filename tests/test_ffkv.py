@@ -145,6 +145,17 @@ def test_max_cosine_on_each_device_against_the_brute_force_matrix(device, signed
     assert (best[7] == pytest.approx(1.0, abs=1e-6)) is (not signed)
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_max_cosine_both_on_each_device_equals_max_cosine_each_way(device, signed):
+    g = torch.Generator().manual_seed(1)
+    A, B = torch.randn(70, 12, generator=g), torch.randn(33, 12, generator=g)
+    B[5] = -2.5 * A[7]
+    rows, cols = ffkv.max_cosine_both(A.to(device), B.to(device), signed=signed, chunk_size=8)
+    torch.testing.assert_close(rows, ffkv.max_cosine(A, B, signed=signed)[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cols, ffkv.max_cosine(B, A, signed=signed)[0], rtol=1e-5, atol=1e-6)
+    assert rows.device.type == cols.device.type == "cpu" and cols.shape == (33,)
+
+
 def test_alignment_shares_count_the_cut_offs():
     values = torch.tensor([0.95, 0.9, 0.5, 0.29, 0.1, 0.3])
     shares = ffkv.alignment_shares(values, aligned=0.9, unaligned=0.3)

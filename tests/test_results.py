@@ -5,10 +5,12 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from weightscope import io
+from weightscope.compute.token_scores import list_column
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +36,22 @@ def test_required_columns_alone_are_read_and_the_table_still_verifies():
     path.write_bytes(path.read_bytes()[:-20])  # damaged: refused however few columns are asked for
     with pytest.raises(io.CacheError, match="damaged"):
         io.require_table("t", "wide", produced_by="01_output_tokens", columns=["feature"])
+
+
+def test_list_columns_stay_arrow_backed_and_the_file_reads_in_plain_pandas():
+    ids = np.arange(12, dtype=np.int64).reshape(4, 3)
+    df = pd.DataFrame({"feature": range(4), "ids": list_column(ids),
+                       "tokens": list_column([["a", "b"], [], ["c"], ["d", "e", "f"]]),
+                       "kind": pd.Categorical(["x", "y", "x", "y"])})
+    assert isinstance(df["ids"].dtype, pd.ArrowDtype) and df.loc[1, "ids"] == [3, 4, 5]
+    io.save_table(df, "t", "lists", key="k1", params={})
+    back = io.load_table("t", "lists", key="k1")
+    pd.testing.assert_frame_equal(back, df)  # same dtypes too: computed and read-back layers concatenate
+    assert back.loc[3, "tokens"] == ["d", "e", "f"] and back.loc[1, "tokens"] == []
+    plain = pd.read_parquet(io.table_path("t", "lists"))  # a user's own pandas reads the file
+    assert plain["ids"].map(list).tolist() == ids.tolist() and plain["kind"].dtype == "category"
+    mixed = pd.concat([df, back], ignore_index=True)
+    assert isinstance(mixed["tokens"].dtype, pd.ArrowDtype)  # not an object column of lists again
 
 
 def test_missing_table_says_which_chapter_to_run():

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from weightscope.config.paths import progress_enabled, results_dir
 
@@ -138,13 +140,38 @@ def save_table(df: pd.DataFrame, target: str, name: str, *, key: str, params: di
     The sidecar is written last: a table without a matching sidecar is treated as missing.
     """
     path = table_path(target, name)
-    data = df.to_parquet(index=False)
+    data = parquet_bytes(df)
     atomic_write_bytes(path, data)
     digest = hashlib.sha256(data).hexdigest()
     atomic_write_json(path.with_suffix(".json"), {"key": key, "params": params, "versions": versions(),
                                                   "rows": len(df), "sha256": digest})
     note_artifact(path, digest)
     return path
+
+
+def parquet_bytes(df: pd.DataFrame) -> bytes:
+    """df as parquet bytes that plain `pandas.read_parquet` also reads: an Arrow-backed list column
+    (`compute.token_scores.list_column`) is recorded as an object column in the pandas metadata, since
+    pandas cannot parse the Arrow list dtype's name back."""
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = json.loads(table.schema.metadata[b"pandas"])
+    for column in meta["columns"]:
+        if column["pandas_type"].startswith("list") and column["numpy_type"].endswith("[pyarrow]"):
+            column["numpy_type"] = "object"
+    table = table.replace_schema_metadata({**table.schema.metadata, b"pandas": json.dumps(meta).encode()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """A parquet table whose list columns come back Arrow-backed (`list_column`), the rest as pandas reads them."""
+    def lists(dtype):
+        return pd.ArrowDtype(dtype) if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) else None
+
+    df = pq.read_table(path, columns=columns).to_pandas(types_mapper=lists)
+    pa.default_memory_pool().release_unused()  # the decoding buffers: else kept (0.1 GB per 100k features)
+    return df
 
 
 def load_table(target: str, name: str, *, key: str | None = None,
@@ -166,7 +193,7 @@ def load_table(target: str, name: str, *, key: str | None = None,
     if problem:
         print(f"warning: {problem}; it is recomputed.", flush=True)
         return None
-    df = pd.read_parquet(path, columns=columns)
+    df = read_parquet(path, columns=columns)
     if len(df) != meta.get("rows"):
         return None
     note_artifact(path, meta.get("sha256") or file_sha256(path))
@@ -189,7 +216,7 @@ def table_problem(target: str, name: str) -> str | None:
             return f"the result table {path} is damaged (its sha256 differs from the one in {side.name})"
         return None
     try:  # a sidecar written before checksums were recorded: the table must at least read back whole
-        rows = len(pd.read_parquet(path))
+        rows = len(read_parquet(path))
     except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ...: all mean "cannot be read"
         return f"the result table {path} cannot be read ({type(err).__name__})"
     return None if rows == meta.get("rows") else f"the result table {path} has lost rows"

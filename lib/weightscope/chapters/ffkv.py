@@ -472,22 +472,31 @@ def alignment_rows(model, saes, cfg: Config, *, device=None) -> pd.DataFrame:
     values = {L: V[: _first(len(V), cfg.max_neurons)] for L, V in values.items()}
     decoders = {s.layer: s.W_dec[: _first(s.d_sae, cfg.max_features)] for s in paired}
     opts = dict(signed=cfg.signed, device=device)
+    # each (SAE, block) pair's cosines once, read both ways: the two sides' real rows share every product
+    best_rows, best_cols = {}, {}
+    for sae in paired:
+        for L in [L for L in values if L <= mlp_layer_for(sae)]:
+            r, c = ffkv.max_cosine_both(decoders[sae.layer], values[L], **opts)
+            best_rows[sae.layer] = torch.maximum(best_rows.get(sae.layer, r), r)
+            best_cols[L] = torch.maximum(best_cols.get(L, c), c)
     rows = []
     for sae in paired:
         others = [V for L, V in values.items() if L <= mlp_layer_for(sae)]
-        rows += _compared(FEATURES_SIDE, sae.layer, decoders[sae.layer], others, cfg, opts, sae.layer)
+        rows += _compared(FEATURES_SIDE, sae.layer, decoders[sae.layer], best_rows[sae.layer], others, cfg, opts,
+                          sae.layer)
     for L, V in values.items():
         others = [decoders[s.layer] for s in paired if mlp_layer_for(s) >= L]
-        rows += _compared(NEURONS_SIDE, L, V, others, cfg, opts, 500 + L)
+        rows += _compared(NEURONS_SIDE, L, V, best_cols[L], others, cfg, opts, 500 + L)
     return pd.concat(rows, ignore_index=True)
 
 
-def _compared(direction, layer, A, others, cfg, opts, seed) -> list[pd.DataFrame]:
+def _compared(direction, layer, A, real, others, cfg, opts, seed) -> list[pd.DataFrame]:
+    """The real rows' max cosines `real` [len(A)] beside a null like A compared with the very same set."""
     null = random_directions_like(A[torch.arange(max(cfg.n_null, len(A))) % len(A)], seed=cfg.seed + seed)
     size = sum(len(B) for B in others)
     return [pd.DataFrame({"direction": direction, "population": pop, "layer": layer, "row": np.arange(len(X)),
-                          "set_size": size, "max_cos": _max_over(X, others, opts).numpy()})
-            for pop, X in (("real", A), ("null", null))]
+                          "set_size": size, "max_cos": values.numpy()})
+            for pop, X, values in (("real", A, real), ("null", null, _max_over(null, others, opts)))]
 
 
 def _max_over(A: torch.Tensor, Bs: list[torch.Tensor], opts: dict) -> torch.Tensor:

@@ -247,6 +247,32 @@ def max_cosine(
     everything. Streams over chunks of A (one [chunk, m] block of cosines at a time); computed in fp32 on
     `device` (default B's). Returns (max [n] fp32, argmax [n] int64) on the CPU.
     """
+    best, which = torch.empty(A.shape[0]), torch.empty(A.shape[0], dtype=torch.long)
+    for start, rows, (values, idx) in _cosine_blocks(A, B, lambda C: C.max(dim=1), signed, chunk_size, device,
+                                                     progress):
+        best[start : start + rows], which[start : start + rows] = values.cpu(), idx.cpu()
+    return best, which
+
+
+def max_cosine_both(
+    A: Tensor, B: Tensor, *, signed: bool = True, chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`max_cosine` both ways from one pass over the cosines: (max over B of each row of A [n], max over A of
+    each row of B [m]), fp32 on the CPU. Half the products of `max_cosine(A, B)` and `max_cosine(B, A)`."""
+    rows_best = torch.empty(A.shape[0])
+    cols_best = None
+    for start, rows, (r, c) in _cosine_blocks(A, B, lambda C: (C.max(dim=1).values, C.max(dim=0).values),
+                                              signed, chunk_size, device, False):
+        rows_best[start : start + rows] = r.cpu()
+        cols_best = c if cols_best is None else torch.maximum(cols_best, c)
+    if cols_best is None:  # A has no rows: no cosine to take a maximum of
+        raise ValueError("max_cosine_both needs at least one row in A.")
+    return rows_best, cols_best.cpu()
+
+
+def _cosine_blocks(A: Tensor, B: Tensor, reduce, signed: bool, chunk_size: int | None, device, progress: bool):
+    """Yield (start, rows, reduce(C)) for C [rows, m] the cosines of A's rows start.. with every row of B."""
     if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[1]:
         raise ValueError(f"max_cosine needs A [n, d] and B [m, d] with the same d; got {tuple(A.shape)}, "
                          f"{tuple(B.shape)}.")
@@ -255,23 +281,18 @@ def max_cosine(
     check_chunk_size(chunk_size)
     device = torch.device(device) if device is not None else B.device
     Bn = F.normalize(B.detach().to(device=device, dtype=torch.float32), dim=1)
-    n = A.shape[0]
-    best, which = torch.empty(n), torch.empty(n, dtype=torch.long)
     if chunk_size is None:
         chunk_size = auto_chunk_size(B.shape[0], torch.float32, device)
 
-    def compute(start: int, rows: int) -> tuple[Tensor, Tensor]:
+    def compute(start: int, rows: int):
         C = F.normalize(A[start : start + rows].detach().to(device=device, dtype=torch.float32), dim=1) @ Bn.T
-        return (C if signed else C.abs_()).max(dim=1)
+        return reduce(C if signed else C.abs_())
 
-    bar = progress_bar(n, progress, "max cosine", unit="row")
+    bar = progress_bar(A.shape[0], progress, "max cosine", unit="row")
     try:
-        for start, rows, (values, idx) in stream(n, max(1, chunk_size), compute, device, what="max_cosine",
-                                                 bar=bar):
-            best[start : start + rows], which[start : start + rows] = values.cpu(), idx.cpu()
+        yield from stream(A.shape[0], max(1, chunk_size), compute, device, what="max_cosine", bar=bar)
     finally:
         bar.close()
-    return best, which
 
 
 def alignment_shares(max_cos: Tensor, *, aligned: float = 0.9, unaligned: float = 0.3) -> dict[str, float]:

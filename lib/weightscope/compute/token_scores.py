@@ -35,6 +35,7 @@ __all__ = [
     "TOKEN_KINDS_EXCLUDABLE",
     "TokenScoreStats",
     "content_token_ids",
+    "list_column",
     "mean_pairwise_cosine",
     "mean_pairwise_string_similarity",
     "normalize_token",
@@ -177,7 +178,8 @@ def token_score_stats(
 
 
 def stats_frame(stats: TokenScoreStats, feature_ids: Sequence[int] | Tensor | None = None) -> "pd.DataFrame":
-    """One row per feature: `feature`, the `STAT_NAMES` columns, then top/bottom ids and scores as lists.
+    """One row per feature: `feature`, the `STAT_NAMES` columns, then top/bottom ids and scores as list
+    columns (`list_column`: a cell reads back as a Python list).
 
     feature_ids: [n_features] ids to label the rows with (when D was a subset of an SAE); default 0..n-1.
     """
@@ -194,8 +196,31 @@ def stats_frame(stats: TokenScoreStats, feature_ids: Sequence[int] | Tensor | No
     columns = {"feature": feature_ids}
     columns.update({name: getattr(stats, name).numpy() for name in STAT_NAMES})
     for name in ("top_ids", "top_scores", "bottom_ids", "bottom_scores"):
-        columns[name] = getattr(stats, name).tolist()
+        columns[name] = list_column(getattr(stats, name).numpy())
     return pd.DataFrame(columns)
+
+
+def list_column(rows) -> "pd.api.extensions.ExtensionArray":
+    """An Arrow-backed list column from rows [n, k] (a 2-D numpy array, or n lists of strings).
+
+    A column of Python lists (or numpy arrays) costs about 100 bytes per cell plus one object per entry:
+    about 0.2 GB for the 12 list columns of one 24,576-feature layer, against some 30 MB here. Each cell
+    still reads back as a Python list.
+    """
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+
+    if isinstance(rows, np.ndarray):
+        n, k = rows.shape if rows.ndim == 2 else (0, 0)
+        values, lengths = pa.array(rows.reshape(-1)), np.full(n, k)
+    else:
+        values = pa.array([v for row in rows for v in row], type=pa.string())
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    # the element field named as parquet names it, so computed and read-back columns have one dtype
+    array = pa.ListArray.from_arrays(offsets, values, type=pa.list_(pa.field("element", values.type)))
+    return pd.array(array, dtype=pd.ArrowDtype(array.type))
 
 
 def _check_operands(D: Tensor, M: Tensor, k: int) -> None:
