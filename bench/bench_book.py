@@ -53,7 +53,9 @@ FLOP_MODEL = {
     "02_attention": "per (SAE layer, reading layer): (d_sae + 2 n_null) x d_model x (n_heads + 2 n_kv) d_head x 2 "
                     "+ the OV R-product (d_sae + 2 n_null) n_heads d_head^2 x 2; per SAE layer the QK pairs "
                     "n_pair_heads x d_sae^2 x d_head x 2",
-    "04_attention_saes": "per attention-SAE layer: the write lens d_sae x d_model x d_vocab x 2",
+    "04_attention_saes": "per attention-SAE layer: the write lens d_sae x d_model x d_vocab x 2; where a residual SAE "
+                         "reads the stream after it, the residual reads of its features and of as many null rows, "
+                         "2 x d_sae x d_model x d_sae_res x 2",
     "06_ffkv_baseline": "per paired SAE layer l (its MLP block m = l - 1, or l for resid_post): the neuron lens "
                         "2 sides x d_mlp x d_model x d_vocab x 2; the reads of (d_sae + d_mlp + 2 n_null) rows "
                         "by each later layer, as chapter 2's; the alignment with blocks 0..m, 3 x d_sae x d_mlp x "
@@ -100,7 +102,8 @@ def chapter_flops(stem: str, d: dict, d_sae: int, d_sae_att: int | None, hook_of
         n_reads = sum(L - (layer + hook_offset) for layer in range(L))  # reading layers after each SAE
         return n_reads * per_read + L * c.n_pair_heads * d_sae**2 * d["d_head"] * 2.0
     if stem == "04_attention_saes" and d_sae_att:
-        return L * d_sae_att * d["d_model"] * d["d_vocab"] * 2.0
+        after = L - 1 + hook_offset  # attention layers with a residual SAE right after them
+        return L * d_sae_att * d["d_model"] * d["d_vocab"] * 2.0 + after * 2 * d_sae_att * d["d_model"] * d_sae * 2.0
     if stem == "06_ffkv_baseline":
         c, blocks = ffkv.Config(), [layer - 1 + hook_offset for layer in range(L) if layer - 1 + hook_offset >= 0]
         lens = len(blocks) * 2 * d["d_mlp"] * d["d_model"] * d["d_vocab"] * 2.0

@@ -13,7 +13,9 @@ shapes, each kernel chapter 6 calls on the neurons is timed against the bare mat
                 `V @ W_K`, `V @ W_V` alone; its per-call set-up (the QR of each head's W_O, independent of
                 the rows) is also timed on one row and reported apart;
 3. `alignment`: `ffkv.max_cosine(W_dec, V)` of SAE decoder rows against all 14,336 value vectors, against
-                `W_dec @ V.T` alone.
+                `W_dec @ V.T` alone;
+4. `both_ways`: `ffkv.max_cosine_both(W_dec, V)` (chapter 6's real rows, both sides from one pass) against
+                `max_cosine(W_dec, V)` and `max_cosine(V, W_dec)` (its two passes before): about 0.5 expected.
 
 On a CPU a subset of the rows (--neurons, default 32, 256 and 128 for the three) goes through; on a GPU all of
 them. Times are medians over --repeats runs after one warm-up; the ratio kernel / product is what carries over
@@ -123,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     n = rows("alignment", s["sae_features"])
     W_dec = randn(n, s["d_model"], device=device, seed=6)
     results.append(pair("alignment", lambda: ffkv.max_cosine(W_dec, V_all), lambda: W_dec @ V_all.T, device,
+                        args.repeats, rows=n, against=s["d_mlp"]))
+    results.append(pair("both_ways", lambda: ffkv.max_cosine_both(W_dec, V_all),
+                        lambda: (ffkv.max_cosine(W_dec, V_all), ffkv.max_cosine(V_all, W_dec)), device,
                         args.repeats, rows=n, against=s["d_mlp"]))
 
     env = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -141,6 +141,7 @@ def test_wilson_interval_brackets_the_rate():
 @pytest.mark.slow  # about 100 s on two shared cores (Ray start-up, a killed driver, two resumed runs)
 def test_killed_run_resumes_and_rows_equal_chapter_1(saes_list, ray_session, tmp_path, monkeypatch):
     monkeypatch.setenv("WEIGHTSCOPE_ATLAS_DIR", str(tmp_path))
+    monkeypatch.delenv("WEIGHTSCOPE_PROGRESS", raising=False)  # the per-SAE lines counted below are progress lines
     records = tmp_path / "saes"
     driver = subprocess.Popen([sys.executable, "-m", "weightscope.publish.atlas", str(saes_list),
                                "--address", ray_session, *SMALL], env=os.environ.copy())

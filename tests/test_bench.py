@@ -92,9 +92,14 @@ def test_book_extrapolation_scales_one_depth_and_fits_a_line_through_two():
     assert rows["02_attention"].endswith(f"| {10 + 6 * (four - one) / (two - one):,.0f} | line through both depths |")
 
 
-def test_chapter_6_flops_count_each_pair_of_sae_and_earlier_block():
+def test_chapter_4_and_6_flops_count_each_product():
     import bench_book
     from weightscope.chapters import ffkv
+
+    # chapter 4 at 3 layers, resid_pre SAEs: three write lenses; layers 0 and 1 have a residual SAE after them
+    d = dict(d_model=8, n_heads=2, n_kv=1, d_head=4, d_vocab=50, n_layers=3, d_mlp=32)
+    lens, reads = 3 * 12 * 8 * 50 * 2, 2 * (12 * 8 * 16 * 2) * 2  # d_sae_att 12, d_sae 16; features and null
+    assert bench_book.chapter_flops("04_attention_saes", d, 16, 12, 0) == lens + reads
 
     d = dict(d_model=8, n_heads=2, n_kv=1, d_head=4, d_vocab=50, n_layers=2, d_mlp=32)
     n_null, d_sae = ffkv.Config().n_null, 16

@@ -73,7 +73,8 @@ def built_targets() -> pd.DataFrame:
     for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         if folder.name == atlas.TARGET or io.table_problem(folder.name, "01_features") is not None:
             continue
-        f = io.load_table(folder.name, "01_features")
+        f = io.load_table(folder.name, "01_features",  # the rates' columns alone: the list columns are most of it
+                          columns=["layer", *(f"{s[:3]}_predicts" for s in _CH1_SIDES)])
         if f is None or f.empty:
             continue
         rows.append({"target": folder.name, "layers": int(f["layer"].nunique()), "features": len(f),
