@@ -78,6 +78,13 @@ def pair(name: str, kernel, bare, device: str, repeats: int, **meta) -> dict:
     return {"benchmark": name, **meta, "kernel": k, "bare_product": b, "ratio": k["median_s"] / b["median_s"]}
 
 
+def environment(device: str) -> dict:
+    """The machine a result was measured on (load average included: this CPU is shared)."""
+    return {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "load_average": os.getloadavg()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,12 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                         lambda: (ffkv.max_cosine(W_dec, V_all), ffkv.max_cosine(V_all, W_dec)), device,
                         args.repeats, rows=n, against=s["d_mlp"]))
 
-    env = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "cpu_count": os.cpu_count(), "python": platform.python_version(),
-           "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-           "load_average": os.getloadavg()}
     out = REPO / "bench" / "results" / f"ffkv-{device}-{dt.date.today().isoformat()}.json"
-    atomic_write_json(out, {"shape": s, "environment": env, "repeats": args.repeats, "results": results})
+    atomic_write_json(out, {"shape": s, "environment": environment(device), "repeats": args.repeats, "results": results})
     print(f"results: {out.relative_to(REPO)}")
     return 0
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -26,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_ffkv import pair, randn  # noqa: E402
+from bench_ffkv import environment, pair, randn  # noqa: E402
 from weightscope.chapters.attention_saes import chunked_topk  # noqa: E402
 from weightscope.compute.streaming import CHUNK_ELEMENTS  # noqa: E402
 from weightscope.io import atomic_write_json  # noqa: E402
@@ -59,11 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.repeats, rows=n),
                pair("gathered", lambda: gathered_topk(writes, M, 6, keep), lambda: writes @ M, device,
                     args.repeats, rows=n)]
-    env = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "cpu_count": os.cpu_count(), "python": platform.python_version(),
-           "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "load_average": os.getloadavg()}
     out = REPO / "bench" / "results" / f"write-lens-{device}-{dt.date.today().isoformat()}.json"
-    atomic_write_json(out, {"shape": s, "environment": env, "repeats": args.repeats, "same_tokens": same,
+    atomic_write_json(out, {"shape": s, "environment": environment(device), "repeats": args.repeats, "same_tokens": same,
                             "results": results})
     print(f"results: {out.relative_to(REPO)}")
     return 0 if same else 1

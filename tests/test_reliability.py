@@ -324,6 +324,22 @@ def test_bad_target_exits_2_with_every_problem_and_no_traceback(world):
         assert "no CUDA GPU" in err
 
 
+@pytest.mark.slow  # runs the book runner in subprocesses (kernels)
+def test_kernels_get_a_fixed_mmap_threshold_unless_the_user_set_one(world):
+    from weightscope.publish.book import MMAP_THRESHOLD
+
+    body = "import os; print('threshold', os.environ.get('MALLOC_MMAP_THRESHOLD_'))"
+    _notebooks(world["tmp"] / "notebooks", {"00_fake": body})
+    page = world["book"] / "tiny" / "00_fake.ipynb"
+    for env, expected in (({}, MMAP_THRESHOLD[1]), ({MMAP_THRESHOLD[0]: "1048576"}, "1048576")):
+        base = {k: v for k, v in world["env"].items() if k != MMAP_THRESHOLD[0]}
+        proc = subprocess.run([sys.executable, "-m", "weightscope.publish.book", "--target", str(world["params"]),
+                               "--no-html", "--force"], env={**base, **env}, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert f"threshold {expected}" in page.read_text()
+
+
 def test_unwritable_data_folder_is_a_preflight_problem(world):
     _notebooks(world["tmp"] / "notebooks", {"00_fake": "print('ran')"})
     blocker = world["tmp"] / "blocker"

@@ -608,7 +608,8 @@ def hook_activations(model, tokens: torch.Tensor, hooks: list[str], *, bos_id: i
         keep = (batch != bos_id).reshape(-1) if bos_id is not None else slice(None)
         for h in hooks:
             out[h].append(cache[h].reshape(-1, cache[h].shape[-1])[keep].float())
-    return {h: torch.cat(parts) for h, parts in out.items()}
+    # each hook's batches are released as they are joined: the whole set is never held twice
+    return {h: torch.cat(out.pop(h)) for h in list(out)}
 
 
 def checks_long(checks: pd.DataFrame) -> pd.DataFrame:
