@@ -248,6 +248,35 @@ def test_random_dictionary_code_bounds_its_working_set(monkeypatch):
     assert not gathered and torch.equal(exact, y) and int(exact_uses.sum()) == 30 * 12
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gemma2"])
+def test_hooks_in_turn_equal_one_pass_and_hold_only_what_is_still_read(arch):
+    """The activations a stretch of blocks at a time equal one full pass's (BOS positions dropped), in the
+    order of each group's last block; a hook no later group reads is released before the next stretch."""
+    model = tiny_model(arch)
+    tokens = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
+    bos = int(tokens[0, 0])
+    groups = [["blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"],
+              ["blocks.0.hook_resid_mid", "blocks.1.hook_resid_mid"], ["blocks.0.hook_mlp_out"]]
+    _, cache = model.run_with_cache(tokens)
+    keep = (tokens != bos).reshape(-1)
+    order, refs = [], {}
+    for i, acts in ch.hooks_in_turn(model, tokens, groups, bos_id=bos, batch_rows=3):
+        gc.collect()
+        order.append(i)
+        alive = {h for h, r in refs.items() if r() is not None}
+        read_later = {h for g in groups if groups.index(g) not in order for h in g}
+        assert alive <= read_later | set(acts), f"held after their last group: {alive - read_later}"
+        assert sorted(acts) == sorted(groups[i])
+        for h, a in acts.items():
+            want = cache[h].reshape(-1, cache[h].shape[-1])[keep]
+            torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-6)
+            refs[h] = weakref.ref(a)
+        del acts, a
+    assert order == [2, 0, 1]
+    with pytest.raises(ValueError, match="block hooks only"):
+        next(ch.hooks_in_turn(model, tokens, [["hook_embed"]]))
+
+
 def test_activation_checks_are_exact_when_every_neuron_is_kept():
     model = tiny_model("gemma2")
     tokens = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))

@@ -52,6 +52,9 @@ def test_list_columns_stay_arrow_backed_and_the_file_reads_in_plain_pandas():
     assert plain["ids"].map(list).tolist() == ids.tolist() and plain["kind"].dtype == "category"
     mixed = pd.concat([df, back], ignore_index=True)
     assert isinstance(mixed["tokens"].dtype, pd.ArrowDtype)  # not an object column of lists again
+    assert len(list_column(np.empty((0, 3), dtype=np.int64))) == 0
+    with pytest.raises(ValueError, match=r"rows \[n, k\]"):  # one row per entry would not line up
+        list_column(np.arange(4))
 
 
 def test_missing_table_says_which_chapter_to_run():

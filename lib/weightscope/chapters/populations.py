@@ -70,7 +70,7 @@ class Tables:
     """What chapter 3 produces."""
 
     labelled: pd.DataFrame  # chapter 1's table with <phase>_label, word/non-word shares
-    data: pd.DataFrame  # labelled features that a later head reads, with their chapter-2 profile
+    data: pd.DataFrame  # labels of the features a later head reads, with their chapter-2 profile
     findings: pd.DataFrame  # phase x attention side: pooled comparison and the layer-stratified test
     by_layer: pd.DataFrame  # phase, layer, label, column, n, mean, median, p75
     within_layer: pd.DataFrame  # phase, side, layer, n_a, n_b, means, Cliff's delta inside the layer
@@ -86,11 +86,12 @@ def run(ctx, config: Config) -> Tables:
     tokens, reads = read_inputs(target)
     kinds = {}  # the token kinds of `tokens`, shared by every relabelling below (`populations.cached_shares`)
     labelled = populations.label_features(tokens, cache=kinds, **config.label_params())
-    data = labelled.merge(reads, on=["layer", "feature"], how="inner")
+    label_cols = ["layer", "feature"] + [f"{s}_{c}" for s in PHASES for c in ("label", "word_share", "nonword_share")]
+    # the labels only: merging chapter 1's list columns too would copy them (Arrow's take) for no reader
+    data = labelled[label_cols].merge(reads, on=["layer", "feature"], how="inner")
     provenance = {"target": target, "chapter": dataclasses.asdict(config),
                   "inputs": {name: io.table_meta(target, name)["key"] for name in ("01_features", "02_features")}}
     key = io.cache_key(**provenance)
-    label_cols = ["layer", "feature"] + [f"{s}_{c}" for s in PHASES for c in ("label", "word_share", "nonword_share")]
     io.save_table(labelled[label_cols], target, "03_labels", key=key, params=provenance)
     found = compare(data, config)
     io.save_table(found, target, "03_findings", key=key, params=provenance)
@@ -168,7 +169,7 @@ def sensitivity(tokens: pd.DataFrame, reads: pd.DataFrame, config: Config, *,
     for param, values in SENSITIVITY_GRID.items():
         for value in values:
             lab = populations.label_features(tokens, cache=cache, **{**config.label_params(), param: value})
-            lab = lab.merge(reads, on=["layer", "feature"])
+            lab = lab[["layer", "feature", *(f"{s}_label" for s in PHASES)]].merge(reads, on=["layer", "feature"])
             for s, phase in PHASES.items():
                 for col, side in ATTN.items():
                     delta, lo, hi = populations.bootstrap_ci(

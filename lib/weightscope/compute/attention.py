@@ -611,15 +611,15 @@ _COLUMN_DTYPES = {
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> "pd.DataFrame":
+    """One frame of the layers' columns (parts emptied as it goes). Each column is joined as its parts are
+    released, and the frame keeps the joined arrays (copy=False) rather than copying them into one block per
+    dtype: the table (200 MB for a 24,576-feature SAE read by 12 layers x 12 heads) is held once, not three
+    times over."""
     import pandas as pd
 
-    return pd.DataFrame(
-        {
-            name: np.concatenate([part[name] for part in parts]).astype(dtype, copy=False)
-            if parts else np.empty(0, dtype=dtype)
-            for name, dtype in _COLUMN_DTYPES.items()
-        }
-    )
+    cols = {name: np.concatenate([part.pop(name) for part in parts]).astype(dtype, copy=False)
+            if parts else np.empty(0, dtype=dtype) for name, dtype in _COLUMN_DTYPES.items()}
+    return pd.DataFrame(cols, copy=False)
 
 
 def reads_summary(df: "pd.DataFrame") -> "pd.DataFrame":

@@ -174,7 +174,8 @@ def _check_label_params(m, min_word_share, min_nonword_share, min_letters, coher
 
 
 def _token_list(value, m: int) -> list[str]:
-    """First m tokens of one `<side>_top_tokens` cell (a list; a numpy array after a parquet round trip)."""
+    """First m tokens of one `<side>_top_tokens` cell (a list, as chapter 1's Arrow list columns read back; a
+    numpy array in tables written before them)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return []
     if isinstance(value, str):

@@ -212,6 +212,8 @@ def list_column(rows) -> "pd.api.extensions.ExtensionArray":
     import pyarrow as pa
 
     if isinstance(rows, np.ndarray):
+        if rows.ndim != 2 and rows.size:
+            raise ValueError(f"list_column takes rows [n, k]; got an array of shape {rows.shape}")
         n, k = rows.shape if rows.ndim == 2 else (0, 0)
         values, lengths = pa.array(rows.reshape(-1)), np.full(n, k)
     else:
