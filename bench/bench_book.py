@@ -436,6 +436,30 @@ def extrapolate(results: list[dict], n_layers: int) -> str:
     return "\n".join(lines)
 
 
+def floor(result: dict) -> str:
+    """Markdown: each chapter's wall time beside what it would take if its products ran at the best rate any
+    chapter of the run reached (FLOPs per CPU second) on all of the machine's CPUs, flops / (best x cpus);
+    chapters without a FLOP model at their measured wall time. The total is how fast the book could be on that
+    machine with its products as they are."""
+    ok = {stem: c for stem, c in result["chapters"].items() if c["rc"] == 0 and not skipped(c)}
+    flops = {stem: run_flops(stem, result) for stem in ok}
+    best = max((f / ok[s]["cpu_s"] for s, f in flops.items() if f and ok[s].get("cpu_s")), default=None)
+    if best is None:
+        return "No chapter with a FLOP model ran."
+    cpus = result["machine"]["cpus"]
+    lines = [f"Best rate: {best / 1e9:.1f} GFLOP per CPU second x {cpus} CPUs = "
+             f"{best * cpus / 1e9:.1f} GFLOP/s.", "",
+             "| chapter | TFLOP | wall s | wall s at the best rate |", "|---|---|---|---|"]
+    wall = at_best = 0.0
+    for stem, c in ok.items():
+        t = flops[stem] / (best * cpus) if flops[stem] else c["wall_s"]
+        wall, at_best = wall + c["wall_s"], at_best + t
+        tflop = f"{flops[stem] / 1e12:.1f}" if flops[stem] else "–"
+        lines.append(f"| {stem} | {tflop} | {c['wall_s']:,.0f} | {t:,.0f} |")
+    lines.append(f"| all | | {wall:,.0f} ({wall / 60:.1f} min) | {at_best:,.0f} ({at_best / 60:.1f} min) |")
+    return "\n".join(lines)
+
+
 def _children_cpu(resource) -> float:
     """User + system CPU seconds of every finished descendant (the runner reaps its kernel)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -459,6 +483,7 @@ def main(argv=None) -> int:
         print(table(results) + "\n\n" + flops_table())
         for r in results:
             print(f"\nMemory at L={r['n_layers']} ({r['file']}):\n" + memory_table(r))
+            print(f"\nAt the best rate, L={r['n_layers']} ({r['file']}):\n" + floor(r))
         if args.extrapolate:
             print("\n" + extrapolate(results, args.extrapolate))
         return 0

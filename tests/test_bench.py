@@ -112,6 +112,24 @@ def test_chapter_4_and_6_flops_count_each_product():
     assert bench_book.chapter_flops("06_ffkv_baseline", d, d_sae, None, 0) == lens / 2 + reads + alignment / 3
 
 
+def test_book_floor_runs_every_product_at_the_best_rate_of_the_run():
+    import bench_book
+
+    dims = dict(d_model=8, n_heads=2, n_kv=2, d_head=4, d_vocab=50, n_layers=1, d_mlp=32)
+    result = {"n_layers": 1, "dims": dims, "machine": {"cpus": 2},
+              "saes": {"d_sae": 16, "d_sae_att": 16, "res_hook": "hook_resid_pre"},
+              "chapters": {"00_demo_model": {"rc": 0, "cpu_s": 3.0, "wall_s": 5.0, "page_mb": 0.1},
+                           "01_output_tokens": {"rc": 0, "cpu_s": 2.0, "wall_s": 1.5, "page_mb": 0.1},
+                           "02_attention": {"rc": 0, "cpu_s": 8.0, "wall_s": 6.0, "page_mb": 0.1}}}
+    f1, f2 = (bench_book.run_flops(s, result) for s in ("01_output_tokens", "02_attention"))
+    best = max(f1 / 2.0, f2 / 8.0)  # FLOPs per CPU second of the faster chapter
+    rows = {line.split(" | ")[0].strip("| "): line for line in bench_book.floor(result).splitlines()[4:]}
+    assert rows["00_demo_model"].endswith("| 5 | 5 |")  # no FLOP model: its wall time as it ran
+    assert rows["02_attention"].endswith(f"| 6 | {f2 / (best * 2):,.0f} |")
+    total = 5.0 + f1 / (best * 2) + f2 / (best * 2)
+    assert rows["all"].endswith(f"| {total:,.0f} ({total / 60:.1f} min) |")
+
+
 def test_book_memory_table_sets_peak_rss_beside_what_each_chapter_holds():
     import bench_book
 

@@ -396,3 +396,14 @@ def test_kind_shares_equal_a_row_by_row_count():
             assert got["nonword_share"].iloc[i] == sum(k in NONWORD_KINDS for k in kinds) / len(kinds)
         else:
             assert np.isnan(got["word_share"].iloc[i])
+    # chapter 1's Arrow list columns (chunked, as concatenated layers are) give the same shares
+    from weightscope.compute.token_scores import list_column
+
+    lists = [[] if c is None else [str(t) for t in c] for c in cells]
+    arrow = pd.concat([pd.DataFrame({"dec_top_tokens": list_column(lists[:150])}),
+                       pd.DataFrame({"dec_top_tokens": list_column(lists[150:])})], ignore_index=True)
+    assert isinstance(arrow["dec_top_tokens"].dtype, pd.ArrowDtype)
+    pd.testing.assert_frame_equal(kind_shares(arrow, "dec", m=5, min_letters=2), got)
+    ids = pd.DataFrame({"dec_top_tokens": list_column(np.arange(6).reshape(3, 2))})
+    with pytest.raises(ValueError, match="lists of token strings"):
+        kind_shares(ids, "dec")

@@ -26,6 +26,8 @@ import unicodedata
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
@@ -184,6 +186,23 @@ def _token_list(value, m: int) -> list[str]:
     return [str(t) for t in list(value)[:m]]
 
 
+def _token_lists(column: pd.Series, m: int) -> tuple[np.ndarray, pa.Array]:
+    """(counts [n]: how many tokens each row keeps, tokens: the first m tokens of every row, concatenated) of
+    a `<side>_top_tokens` column, in Arrow's buffers: no Python string per token (some 3M of them for 12
+    layers x 24,576 features at m = 10, a quarter of a GB as Python objects)."""
+    if isinstance(column.dtype, pd.ArrowDtype) and pa.types.is_list(column.dtype.pyarrow_dtype):
+        lists = pa.array(column)  # chapter 1's list columns, as `io.read_parquet` reads them back
+    else:  # lists or numpy arrays per cell: tables written before the Arrow columns, or built by hand
+        lists = pa.array([_token_list(value, m) for value in column], type=pa.list_(pa.string()))
+    if not pa.types.is_string(lists.type.value_type) and not pa.types.is_large_string(lists.type.value_type):
+        raise ValueError(f"Expected lists of token strings in `{column.name}`; got {lists.type}.")
+    kept = pc.list_slice(lists, 0, m)
+    counts = pc.list_value_length(kept).fill_null(0).to_numpy().astype(np.int64)
+    tokens = pc.list_flatten(kept)
+    tokens = tokens.combine_chunks() if isinstance(tokens, pa.ChunkedArray) else tokens
+    return counts, pc.fill_null(tokens, "None")  # a missing token reads as str(None), as a Python list's did
+
+
 def kind_shares(df: pd.DataFrame, side: str, *, m: int = 5, min_letters: int = 2) -> pd.DataFrame:
     """Shares of word and non-word kinds among each row's first m `<side>_top_tokens`.
 
@@ -192,15 +211,15 @@ def kind_shares(df: pd.DataFrame, side: str, *, m: int = 5, min_letters: int = 2
     """
     _check_side(side)
     _require(df, [f"{side}_top_tokens"])
-    lists = [_token_list(value, int(m)) for value in df[f"{side}_top_tokens"]]
-    counts = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    counts, tokens = _token_lists(df[f"{side}_top_tokens"], int(m))
     # each distinct token is classified once (features share most of their top tokens), then counted per row
-    codes, distinct = pd.factorize(pd.Index([t for row in lists for t in row], dtype=object))
-    kinds = np.array([_token_kind(t, int(min_letters)) for t in distinct], dtype=object)
-    row = np.repeat(np.arange(len(lists)), counts)
+    encoded = pc.dictionary_encode(tokens)
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    kinds = np.array([_token_kind(t, int(min_letters)) for t in encoded.dictionary.to_pylist()], dtype=object)
+    row = np.repeat(np.arange(len(counts)), counts)
 
     def per_row(flags: np.ndarray) -> np.ndarray:  # flags [n_distinct] -> count per row
-        return np.bincount(row, weights=flags[codes].astype(float), minlength=len(lists))
+        return np.bincount(row, weights=flags[codes].astype(float), minlength=len(counts))
 
     n = counts.astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
