@@ -43,7 +43,7 @@ from weightscope.chapters.findings import percent
 from weightscope.compute import ffkv, lens, populations as pops
 from weightscope.compute.attention import head_reads, null_zscores
 from weightscope.compute.folding import fold_pre_attention_norm
-from weightscope.compute.streaming import CHUNK_ELEMENTS
+from weightscope.compute.streaming import CHUNK_ELEMENTS, progress_bar
 from weightscope.compute.token_scores import random_directions_like
 from weightscope.config.params import ParamsError
 from weightscope.load import corpora
@@ -560,9 +560,14 @@ def activation_checks(model, saes, tokens: torch.Tensor, cfg: Config, *, bos_id:
     hooks = [[f"blocks.{L}.hook_resid_mid", f"blocks.{L}.hook_mlp_out", s.hook_name]
              for s, L in ((s, mlp_layer_for(s)) for s in paired)]
     rows: dict[int, list[dict]] = {}
-    for i, acts in hooks_in_turn(model, tokens, hooks, bos_id=bos_id, batch_rows=batch_rows):
-        rows[i] = _sae_checks(model, paired[i], acts, chosen, cfg)
-        del acts  # released before the next stretch of blocks runs
+    bar = progress_bar(len(paired), True, "held-out checks", unit="SAE")
+    try:
+        for i, acts in hooks_in_turn(model, tokens, hooks, bos_id=bos_id, batch_rows=batch_rows):
+            rows[i] = _sae_checks(model, paired[i], acts, chosen, cfg)
+            del acts  # released before the next stretch of blocks runs
+            bar.update(1)
+    finally:
+        bar.close()
     return pd.DataFrame([r for i in sorted(rows) for r in rows[i]])
 
 
