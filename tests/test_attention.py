@@ -583,7 +583,8 @@ def test_reads_table_is_joined_column_by_column_without_copies():
     A._concat([])  # pandas imported before memory is traced
     tracemalloc.start()
     try:
-        parts = [{name: np.ones(n, dtype=dtype) for name, dtype in A._COLUMN_DTYPES.items()} for _ in range(4)]
+        parts = [{name: np.ones(n, dtype=dtype) for name, dtype in A._COLUMN_DTYPES.items()}
+                 for _ in range(4)]
         size = sum(a.nbytes for part in parts for a in part.values())
         base = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()

@@ -613,17 +613,17 @@ def hooks_in_turn(model, tokens: torch.Tensor, groups: list[list[str]], *, bos_i
     """Yields (i, {hook: fp32 [n_tokens, d]}) for each group i of `blocks.{L}.…` hook names, in the order of
     the last block each group reads, BOS positions dropped. tokens: [rows, ctx].
 
-    One forward pass, run a stretch of blocks at a time: each stretch starts from the residual stream the last
-    one left ([rows, ctx, d_model], kept for every row), so every block runs once, as in a single pass, and only
-    the activations a later group still reads are held between stretches (a block or two, not every block's:
-    0.9 GB at GPT-2 small's 12 blocks x 3 hooks x 8,192 tokens). No logits are computed."""
+    One forward pass, run a stretch of blocks at a time: each stretch starts from the residual stream the
+    last one left ([rows, ctx, d_model], kept for every row), so every block runs once, as in a single pass,
+    and only the activations a later group still reads are held between stretches (a block or two, not every
+    block's: 0.9 GB at GPT-2 small's 12 blocks x 3 hooks x 8,192 tokens). No logits are computed."""
     layers = {h: hook_layer(h) for g in groups for h in g}
     if None in layers.values():
         raise ValueError(f"hooks_in_turn reads block hooks only (`blocks.{{L}}.…`), got "
                          f"{sorted(h for h, L in layers.items() if L is None)}")
     last = [max(layers[h] for h in g) for g in groups]
     order = sorted(range(len(groups)), key=last.__getitem__)
-    # per batch (residual, tokens, positional embedding, attention mask): what the model computes before block 0
+    # per batch (residual, tokens, positional embedding, attention mask): the model's work before block 0
     states = [list(model.input_to_embed(b)) for b in tokens.split(batch_rows)]
     kept = [(s[1] != bos_id).reshape(-1) if bos_id is not None else slice(None) for s in states]
     held: dict[str, torch.Tensor] = {}
@@ -641,8 +641,8 @@ def hooks_in_turn(model, tokens: torch.Tensor, groups: list[list[str]], *, bos_i
 
 def _run_blocks(model, states: list[list], kept: list, start: int, stop: int,
                 hooks: list[str]) -> dict[str, torch.Tensor]:
-    """Runs blocks start..stop-1 on each batch's residual stream (states[b][0], replaced by the blocks' output)
-    and returns {hook: fp32 [n_tokens, d]} at the kept positions."""
+    """Runs blocks start..stop-1 on each batch's residual stream (states[b][0], replaced by the blocks'
+    output) and returns {hook: fp32 [n_tokens, d]} at the kept positions."""
     out: dict[str, list] = {h: [] for h in hooks}
     for state, keep in zip(states, kept):
         residual, _, pos_embed, mask = state

@@ -86,7 +86,8 @@ def run(ctx, config: Config) -> Tables:
     tokens, reads = read_inputs(target)
     kinds = {}  # the token kinds of `tokens`, shared by every relabelling below (`populations.cached_shares`)
     labelled = populations.label_features(tokens, cache=kinds, **config.label_params())
-    label_cols = ["layer", "feature"] + [f"{s}_{c}" for s in PHASES for c in ("label", "word_share", "nonword_share")]
+    label_cols = ["layer", "feature"] + [f"{s}_{c}" for s in PHASES
+                                         for c in ("label", "word_share", "nonword_share")]
     # the labels only: merging chapter 1's list columns too would copy them (Arrow's take) for no reader
     data = labelled[label_cols].merge(reads, on=["layer", "feature"], how="inner")
     provenance = {"target": target, "chapter": dataclasses.asdict(config),
@@ -169,7 +170,8 @@ def sensitivity(tokens: pd.DataFrame, reads: pd.DataFrame, config: Config, *,
     for param, values in SENSITIVITY_GRID.items():
         for value in values:
             lab = populations.label_features(tokens, cache=cache, **{**config.label_params(), param: value})
-            lab = lab[["layer", "feature", *(f"{s}_label" for s in PHASES)]].merge(reads, on=["layer", "feature"])
+            lab = lab[["layer", "feature", *(f"{s}_label" for s in PHASES)]]
+            lab = lab.merge(reads, on=["layer", "feature"])
             for s, phase in PHASES.items():
                 for col, side in ATTN.items():
                     delta, lo, hi = populations.bootstrap_ci(
