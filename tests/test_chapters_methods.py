@@ -79,6 +79,20 @@ def test_summary_by_layer_splits_every_layer_by_population():
         assert r.n == len(values) and r.mean == pytest.approx(values.mean())
 
 
+def test_read_ecdfs_give_each_population_its_own_curve_on_every_phase_and_side():
+    data = _labelled(np.random.default_rng(2))
+    data.loc[data.index[:7], "enc_label"] = "semantic"  # the phases label differently
+    curves = populations.read_ecdfs(SimpleNamespace(data=data), points=20)
+    assert len(curves.groupby(["phase", "side", "label"])) == 2 * 3 * 3
+    for (phase, side, label), curve in curves.groupby(["phase", "side", "label"]):
+        s = {v: k for k, v in populations.PHASES.items()}[phase]
+        col = {v: k for k, v in populations.ATTN.items()}[side]
+        values = data.loc[data[f"{s}_label"] == label, col]
+        assert len(curve) <= 20 and (curve["features"] == len(values)).all()
+        assert curve["share"].iloc[-1] == 1.0 and curve["mean z"].iloc[-1] == values.max()
+        assert np.allclose(curve["share"], [(values <= x).mean() for x in curve["mean z"]])
+
+
 def test_compare_reports_pooled_and_within_layer_results():
     rng = np.random.default_rng(1)
     data = _labelled(rng)

@@ -407,3 +407,19 @@ def test_kind_shares_equal_a_row_by_row_count():
     ids = pd.DataFrame({"dec_top_tokens": list_column(np.arange(6).reshape(3, 2))})
     with pytest.raises(ValueError, match="lists of token strings"):
         kind_shares(ids, "dec")
+
+
+def test_ecdf_points_are_exact_and_the_steps_stay_within_one_over_points():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(size=5000), np.full(700, 0.25), [np.nan] * 9])  # ties and NaNs
+    clean = values[~np.isnan(values)]
+    x, share = P.ecdf_points(values, points=50)
+    assert len(x) <= 50 and x[0] == clean.min() and x[-1] == clean.max() and np.all(np.diff(x) > 0)
+    assert np.allclose(share, [(clean <= v).mean() for v in x])  # exact at each point, ties counted
+    grid = np.linspace(clean.min(), clean.max(), 20001)
+    drawn = share[np.searchsorted(x, grid, side="right") - 1]  # the steps as drawn (line_shape="hv")
+    full = np.searchsorted(np.sort(clean), grid, side="right") / len(clean)
+    assert np.abs(drawn - full).max() <= 1 / 49
+    small, _ = P.ecdf_points(np.array([3.0, 1.0, 2.0]), points=50)
+    assert small.tolist() == [1.0, 2.0, 3.0]  # fewer values than points: every value
+    assert len(P.ecdf_points(np.array([np.nan]))[0]) == 0

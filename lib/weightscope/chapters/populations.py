@@ -213,13 +213,20 @@ def label_examples(t: Tables, per_label: int = 4) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def long_reads(t: Tables) -> pd.DataFrame:
-    """label, phase, side, mean z: one row per feature, phase and attention side (for distribution plots)."""
-    parts = [t.data[[f"{s}_label", *ATTN]].rename(columns={f"{s}_label": "label"}).assign(phase=phase)
-             for s, phase in PHASES.items()]
-    long = pd.concat(parts).melt(id_vars=["label", "phase"], var_name="side", value_name="mean z")
-    long["side"] = long["side"].map(ATTN)
-    return long
+def read_ecdfs(t: Tables, points: int = 200) -> pd.DataFrame:
+    """phase, side, label, mean z, share, features: each population's ECDF of the mean z-score of the read
+    (`compute.populations.ecdf_points`: at most `points` exact points per curve), one curve per phase, attention side and
+    label. A curve of a few hundred points instead of one row per feature and side (1.8M at 12 GPT-2 layers)."""
+    rows = []
+    for s, phase in PHASES.items():
+        labels = t.data[f"{s}_label"].to_numpy()
+        for col, side in ATTN.items():
+            values = t.data[col].to_numpy()
+            for label in populations.LABELS:
+                x, share = populations.ecdf_points(values[labels == label], points)
+                rows.append(pd.DataFrame({"phase": phase, "side": side, "label": label, "mean z": x,
+                                          "share": share, "features": int((labels == label).sum())}))
+    return pd.concat(rows, ignore_index=True)
 
 
 FINDINGS_COLUMNS = {

@@ -482,8 +482,11 @@ def _merge_top(best, S: Tensor, start: int, n_k: int, top: int, sign: str):
         key = key[pos]
         key, sub = torch.topk(key, min(top, key.numel()))
         pos = pos[sub]
-    else:
-        key, pos = torch.topk(key, min(top, key.numel()))
+    else:  # each row's own top first: a top-k over the whole chunk copies it with its indices (12 bytes a score)
+        row_key, row_pos = torch.topk(key.view(S.shape), min(top, n_k), dim=1)  # [c, top]
+        key, sub = torch.topk(row_key.flatten(), min(top, row_key.numel()))
+        rows = torch.arange(S.shape[0], device=S.device).unsqueeze(1) * n_k
+        pos = (row_pos + rows).flatten()[sub]
     keys = torch.cat([best[0], key])
     order = torch.topk(keys, min(top, keys.numel())).indices  # sorted, best first
     merged_scores = torch.cat([best[1], scores[pos]])
