@@ -325,19 +325,23 @@ def test_bad_target_exits_2_with_every_problem_and_no_traceback(world):
 
 
 @pytest.mark.slow  # runs the book runner in subprocesses (kernels)
-def test_kernels_get_a_fixed_mmap_threshold_unless_the_user_set_one(world):
-    from weightscope.publish.book import MMAP_THRESHOLD
+def test_kernels_get_fixed_malloc_thresholds_unless_the_user_set_one(world):
+    from weightscope.publish.book import MALLOC_SETTINGS
 
-    body = "import os; print('threshold', os.environ.get('MALLOC_MMAP_THRESHOLD_'))"
+    names = list(MALLOC_SETTINGS)
+    assert names == ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"]
+    body = f"import os; print('thresholds', *[os.environ.get(n) for n in {names!r}])"
     _notebooks(world["tmp"] / "notebooks", {"00_fake": body})
     page = world["book"] / "tiny" / "00_fake.ipynb"
-    for env, expected in (({}, MMAP_THRESHOLD[1]), ({MMAP_THRESHOLD[0]: "1048576"}, "1048576")):
-        base = {k: v for k, v in world["env"].items() if k != MMAP_THRESHOLD[0]}
+    mmap, trim = MALLOC_SETTINGS.values()
+    for env, expected in (({}, f"{mmap} {trim}"), ({names[0]: "1048576"}, f"1048576 {trim}"),
+                          ({names[1]: "0"}, f"{mmap} 0")):
+        base = {k: v for k, v in world["env"].items() if k not in MALLOC_SETTINGS}
         proc = subprocess.run([sys.executable, "-m", "weightscope.publish.book", "--target", str(world["params"]),
                                "--no-html", "--force"], env={**base, **env}, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0, proc.stderr
-        assert f"threshold {expected}" in page.read_text()
+        assert f"thresholds {expected}" in page.read_text()
 
 
 def test_unwritable_data_folder_is_a_preflight_problem(world):

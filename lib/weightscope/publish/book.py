@@ -54,8 +54,12 @@ NOTEBOOKS = Path(os.environ.get("WEIGHTSCOPE_NOTEBOOKS") or REPO_ROOT / "noteboo
 BOOK = Path(os.environ.get("WEIGHTSCOPE_BOOK") or REPO_ROOT / "book")
 # glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), so freed activations and
 # score blocks of a few to 32 MB stay in the heap, fragmented, and the kernel's resident set keeps what it no
-# longer uses; a fixed threshold returns them (appendix "Benchmarks", section 13). A value the user set wins.
-MMAP_THRESHOLD = ("MALLOC_MMAP_THRESHOLD_", str(16 << 20))
+# longer uses; a fixed threshold returns them (appendix "Benchmarks", section 13). Fixing it also stops glibc
+# adjusting its trim threshold, left at 128 kB: every freed block at the heap's top went back to the system and
+# was faulted in again at the next allocation (chapter 3's bootstraps, 99 -> 160 s at 12 blocks); the trim
+# threshold glibc's own adjustment would set, twice the mmap threshold, keeps that slack (section 15). A value
+# the user set wins, for each of the two.
+MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": str(16 << 20), "MALLOC_TRIM_THRESHOLD_": str(32 << 20)}
 BUILD_STAMP = ".weightscope-complete.json"  # in book/_build: written last by a build that finished
 RUN_STATUS = ".run.json"  # in book/<target>: how the target's last run ended ("ok" or "failed")
 
@@ -179,9 +183,8 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
         log = Path(tmp) / "artifacts.jsonl"
         os.environ[ARTIFACT_LOG] = str(log)  # the kernel inherits it: io notes every table it reads or writes
         os.environ[PLOTLYJS_ENV] = "book"  # and its figures leave plotly.js to the book (`_install_plotlyjs`)
-        set_threshold = MMAP_THRESHOLD[0] not in os.environ
-        if set_threshold:  # read by the kernel's C library when it starts
-            os.environ[MMAP_THRESHOLD[0]] = MMAP_THRESHOLD[1]
+        set_malloc = {k: v for k, v in MALLOC_SETTINGS.items() if k not in os.environ}
+        os.environ.update(set_malloc)  # read by the kernel's C library when it starts
         where = f"chapter {source.stem} failed for target {target.target}"
         kernel_log = cache_dir() / "logs" / target.target / f"{source.stem}.kernel.log"
         kernel_log.parent.mkdir(parents=True, exist_ok=True)
@@ -215,8 +218,8 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
         finally:
             os.environ.pop(ARTIFACT_LOG, None)
             os.environ.pop(PLOTLYJS_ENV, None)
-            if set_threshold:
-                os.environ.pop(MMAP_THRESHOLD[0], None)
+            for name in set_malloc:
+                os.environ.pop(name, None)
         nb = nbformat.read(done, as_version=4)
         _drop_progress_bars(nb)
         _fold_injected_parameters(nb)
