@@ -215,17 +215,18 @@ def label_examples(t: Tables, per_label: int = 4) -> pd.DataFrame:
 
 def read_ecdfs(t: Tables, points: int = 200) -> pd.DataFrame:
     """phase, side, label, mean z, share, features: each population's ECDF of the mean z-score of the read
-    (`compute.populations.ecdf_points`: at most `points` exact points per curve), one curve per phase, attention side and
-    label. A curve of a few hundred points instead of one row per feature and side (1.8M at 12 GPT-2 layers)."""
+    (`compute.populations.ecdf_points`: at most `points` exact points per curve), one curve per phase,
+    attention side and label; a few hundred rows a curve, not one per feature (1.8M at 12 GPT-2 layers)."""
     rows = []
     for s, phase in PHASES.items():
         labels = t.data[f"{s}_label"].to_numpy()
         for col, side in ATTN.items():
             values = t.data[col].to_numpy()
             for label in populations.LABELS:
-                x, share = populations.ecdf_points(values[labels == label], points)
+                mine = values[labels == label]
+                x, share = populations.ecdf_points(mine, points)
                 rows.append(pd.DataFrame({"phase": phase, "side": side, "label": label, "mean z": x,
-                                          "share": share, "features": int((labels == label).sum())}))
+                                          "share": share, "features": len(mine)}))
     return pd.concat(rows, ignore_index=True)
 
 

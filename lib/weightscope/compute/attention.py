@@ -482,7 +482,7 @@ def _merge_top(best, S: Tensor, start: int, n_k: int, top: int, sign: str):
         key = key[pos]
         key, sub = torch.topk(key, min(top, key.numel()))
         pos = pos[sub]
-    else:  # each row's own top first: a top-k over the whole chunk copies it with its indices (12 bytes a score)
+    else:  # each row's own top first: a top-k along the whole chunk copies it with its indices (12 B a score)
         row_key, row_pos = torch.topk(key.view(S.shape), min(top, n_k), dim=1)  # [c, top]
         key, sub = torch.topk(row_key.flatten(), min(top, row_key.numel()))
         rows = torch.arange(S.shape[0], device=S.device).unsqueeze(1) * n_k

@@ -9,7 +9,8 @@ library.
 Every point of a scatter or line is embedded in the page: at real width (24,576 features a layer, 12 layers)
 that is megabytes per figure. `show` keeps at most `max_points` points per figure (a seeded random sample
 kept in each trace's order, so a sorted curve stays sorted) and says so in the figure's title. A distribution
-drawn as a cumulative curve need not be sampled: `compute.populations.ecdf_points` gives its exact values at a few hundred points.
+drawn as a cumulative curve need not be sampled: `compute.populations.ecdf_points` gives it exactly at a few
+hundred points.
 """
 
 from __future__ import annotations
