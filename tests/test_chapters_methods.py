@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import SimpleNamespace
 
@@ -104,6 +105,19 @@ def test_compare_reports_pooled_and_within_layer_results():
     t = SimpleNamespace(findings=found)
     sentences = populations.findings(t)
     assert len(sentences) == 6 and "within layers, semantic higher" in sentences[2]
+
+
+def test_compare_in_threads_equals_one_at_a_time(monkeypatch):
+    from weightscope.compute import populations as compute
+
+    data = _labelled(np.random.default_rng(3))
+    data.loc[data["enc_label"] == "semantic", "q_z_mean"] -= 0.5
+    config = populations.Config(n_boot=200, seed=5)
+    threaded = populations.compare(data, config)
+    monkeypatch.setattr(compute, "in_threads", functools.partial(compute.in_threads, workers=1))
+    pd.testing.assert_frame_equal(threaded, populations.compare(data, config))
+    assert list(zip(threaded["phase"], threaded["column"])) == [
+        (phase, col) for phase in populations.PHASES.values() for col in populations.ATTN]
 
 
 def _tiny_chapter1():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 
 import numpy as np
 import pandas as pd
@@ -272,6 +274,30 @@ def test_compare_populations():
     assert row["cliffs_delta_lo"] > 0 and row["p_value"] < 1e-6
     assert row["U"] == pytest.approx(brute_u(sem.to_numpy(), non.to_numpy()))
     assert (out["p_holm"] >= out["p_value"]).all()
+
+
+def test_in_threads_runs_side_by_side_in_order():
+    both = threading.Barrier(2, timeout=10)  # broken (an error) unless two calls run at once
+
+    def meet(i):
+        both.wait()
+        return i * i, threading.get_ident()
+
+    out = P.in_threads(meet, range(4), workers=2)
+    assert [v for v, _ in out] == [0, 1, 4, 9]
+    assert len({thread for _, thread in out}) == 2
+    assert P.in_threads(lambda i: -i, [3], workers=8) == [-3] and P.in_threads(abs, []) == []
+
+
+def test_compare_populations_in_threads_equals_one_at_a_time(monkeypatch):
+    df = population_frame().assign(third=lambda d: d["score"] ** 2)
+    cols = ["score", "other", "third"]
+    sequential = functools.partial(P.in_threads, workers=1)
+    monkeypatch.setattr(P, "in_threads", sequential)
+    one = P.compare_populations(df, cols, "label", n_boot=300, seed=3)
+    monkeypatch.setattr(P, "in_threads", functools.partial(sequential.func, workers=3))
+    pd.testing.assert_frame_equal(P.compare_populations(df, cols, "label", n_boot=300, seed=3), one)
+    assert list(one["column"]) == cols
 
 
 @pytest.mark.parametrize("n_b", [0, 1])

@@ -11,6 +11,7 @@ shares and the reads both change with depth (the pooled comparison confounds lay
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,24 +116,28 @@ def compare(data: pd.DataFrame, config: Config) -> pd.DataFrame:
     """Semantic against non-semantic per phase and attention side: the pooled comparison (bootstrap intervals,
     Mann-Whitney, Holm over the six) and van Elteren's test within layers (`p_stratified`, Holm-adjusted too,
     and the layer-weighted Cliff's delta `cliffs_delta_within`)."""
-    rows = []
-    for s, phase in PHASES.items():
-        cmp = populations.compare_populations(data, list(ATTN), f"{s}_label", n_boot=config.n_boot,
-                                              seed=config.seed)
-        for col in ATTN:
-            sub = data[data[f"{s}_label"].isin(["semantic", "non-semantic"])]
-            test = populations.stratified_rank_test(sub[col], sub[f"{s}_label"] == "semantic", sub["layer"])
-            cmp.loc[cmp["column"] == col, "p_stratified"] = test["p_value"]
-            cmp.loc[cmp["column"] == col, "cliffs_delta_within"] = test["cliffs_delta"]
-            cmp.loc[cmp["column"] == col, "n_layers_compared"] = test["n_strata"]
-        rows.append(cmp.assign(phase=phase))
-    out = pd.concat(rows, ignore_index=True)
+    where = [(s, col) for s in PHASES for col in ATTN]  # six comparisons, their bootstraps side by side
+    out = pd.concat(populations.in_threads(functools.partial(_compare_one, data, config), where),
+                    ignore_index=True)
     out["attention side"] = out["column"].map(ATTN)
     out["p_holm"] = populations.holm(out["p_value"].to_numpy())
     out["p_stratified_holm"] = populations.holm(out["p_stratified"].to_numpy())
     out["direction"] = np.select([out["cliffs_delta_lo"] > 0, out["cliffs_delta_hi"] < 0],
                                  ["semantic higher", "non-semantic higher"], "no clear difference")
     return out
+
+
+def _compare_one(data: pd.DataFrame, config: Config, where: tuple[str, str]) -> pd.DataFrame:
+    """`compare`'s row for one phase (its label column's prefix s) and attention side col (its p_holm is
+    `compare`'s to set, over all six)."""
+    s, col = where
+    label = f"{s}_label"
+    part = data[[label, col, "layer"]]
+    cmp = populations.compare_populations(part, [col], label, n_boot=config.n_boot, seed=config.seed)
+    sub = part[part[label].isin(["semantic", "non-semantic"])]
+    test = populations.stratified_rank_test(sub[col], sub[label] == "semantic", sub["layer"])
+    return cmp.assign(p_stratified=test["p_value"], cliffs_delta_within=test["cliffs_delta"],
+                      n_layers_compared=float(test["n_strata"]), phase=PHASES[s])
 
 
 def by_layer(data: pd.DataFrame) -> pd.DataFrame:
@@ -164,7 +169,8 @@ def share_above(data: pd.DataFrame) -> pd.DataFrame:
 
 def sensitivity(tokens: pd.DataFrame, reads: pd.DataFrame, config: Config, *,
                 cache: dict | None = None) -> pd.DataFrame:
-    """Cliff's delta (with a bootstrap interval) as one labelling parameter moves, the others at default.
+    """Cliff's delta (with a bootstrap interval) as one labelling parameter moves, the others at default; each
+    labelling's six bootstraps run side by side (`populations.in_threads`).
     cache: the token kinds of `tokens` (`populations.cached_shares`)."""
     rows = []
     for param, values in SENSITIVITY_GRID.items():
@@ -172,15 +178,22 @@ def sensitivity(tokens: pd.DataFrame, reads: pd.DataFrame, config: Config, *,
             lab = populations.label_features(tokens, cache=cache, **{**config.label_params(), param: value})
             lab = lab[["layer", "feature", *(f"{s}_label" for s in PHASES)]]
             lab = lab.merge(reads, on=["layer", "feature"])
-            for s, phase in PHASES.items():
-                for col, side in ATTN.items():
-                    delta, lo, hi = populations.bootstrap_ci(
-                        lab.loc[lab[f"{s}_label"] == "semantic", col],
-                        lab.loc[lab[f"{s}_label"] == "non-semantic", col],
-                        stat="cliffs_delta", n_boot=max(200, config.n_boot // 10), seed=config.seed)
-                    rows.append({"parameter": param, "value": value, "phase": phase, "side": side,
-                                 "cliffs_delta": delta, "lo": lo, "hi": hi})
+            where = [(s, col) for s in PHASES for col in ATTN]
+            deltas = populations.in_threads(functools.partial(_semantic_delta, lab, config), where)
+            for (s, col), (delta, lo, hi) in zip(where, deltas):
+                rows.append({"parameter": param, "value": value, "phase": PHASES[s], "side": ATTN[col],
+                             "cliffs_delta": delta, "lo": lo, "hi": hi})
     return pd.DataFrame(rows)
+
+
+def _semantic_delta(lab: pd.DataFrame, config: Config, where: tuple[str, str]) -> tuple[float, float, float]:
+    """Cliff's delta of semantic against non-semantic features on one (phase prefix, read column), with the
+    sensitivity grid's bootstrap interval (n_boot / 10 resamples, at least 200)."""
+    s, col = where
+    label = lab[f"{s}_label"]
+    semantic, non_semantic = (lab.loc[label == name, col] for name in ("semantic", "non-semantic"))
+    return populations.bootstrap_ci(semantic, non_semantic, stat="cliffs_delta",
+                                    n_boot=max(200, config.n_boot // 10), seed=config.seed)
 
 
 def findings(t: Tables, alpha: float = 0.05) -> list[str]:
