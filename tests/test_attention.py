@@ -304,6 +304,24 @@ def test_qk_pairs_never_take_a_top_k_over_a_whole_chunk(monkeypatch):
     assert lengths and max(lengths) <= max(300, 20 * 5), lengths  # one row, or each row's top of a chunk
 
 
+@pytest.mark.parametrize("sign,key", [("abs", np.abs), ("pos", lambda s: s), ("neg", lambda s: -s)])
+def test_qk_pairs_screen_later_chunks_by_row_before_ranking_them(monkeypatch, sign, key):
+    # after the first chunk, only rows whose max or min beats the kept last pair are ranked (|s| of a whole
+    # chunk was a third of chapter 2's time at 12 GPT-2 blocks)
+    ranked, original = [], A._rank_key
+
+    def rank_key(S, sign):
+        ranked.append(S.shape[0])  # rows given a rank key
+        return original(S, sign)
+
+    monkeypatch.setattr(A, "_rank_key", rank_key)
+    Dq, Dk, W = randn(200, 10, seed=4), randn(300, 10, seed=5), randn(10, 3, seed=6)
+    Dq[130] *= 4.0  # a query feature whose row holds the best pairs, in a later chunk
+    result = A.qk_pairs(Dq, Dk, W, W, top=5, sign=sign, chunk_size=20)
+    assert_valid_top_pairs(result, ((Dq @ W) @ (Dk @ W).T).double().numpy(), 5, key)
+    assert ranked[0] == 20 and 1 <= sum(ranked[1:]) < 20, ranked  # the first chunk whole, then a few rows
+
+
 def test_qk_pairs_retry_and_errors(monkeypatch):
     seen, original = [], A._qk_chunk
 

@@ -470,28 +470,45 @@ def summarise_offsets(S: Tensor, summary: str) -> Tensor:
 def _merge_top(best, S: Tensor, start: int, n_k: int, top: int, sign: str):
     """Merge scores S [c, n_k] of query rows start.. into the running (keys, scores, flat ids), best first.
 
-    Once `top` pairs are kept, only scores whose rank key beats the current last one can enter: one compare
-    over the chunk, then a top-k over those few candidates (not over all c * n_k scores).
+    Once `top` pairs are kept, only scores whose rank key beats the current last one can enter: rows whose
+    max / min cannot are skipped after one read of the chunk (`amax` and `amin`, no copy), then a top-k over
+    the few candidates of the other rows (not over all c * n_k scores).
     """
-    scores = S.flatten()
-    key = {"abs": scores.abs(), "pos": scores, "neg": -scores}[sign]
     if len(best[0]) >= top:
-        pos = torch.nonzero(key > best[0][-1]).squeeze(1)
-        if len(pos) == 0:
+        found = _candidates_above(S, best[0][-1], n_k, top, sign)
+        if found is None:
             return best
-        key = key[pos]
-        key, sub = torch.topk(key, min(top, key.numel()))
-        pos = pos[sub]
+        key, pos = found
     else:  # each row's own top first: a top-k along the whole chunk copies it with its indices (12 B a score)
-        row_key, row_pos = torch.topk(key.view(S.shape), min(top, n_k), dim=1)  # [c, top]
+        row_key, row_pos = torch.topk(_rank_key(S, sign), min(top, n_k), dim=1)  # [c, top]
         key, sub = torch.topk(row_key.flatten(), min(top, row_key.numel()))
         rows = torch.arange(S.shape[0], device=S.device).unsqueeze(1) * n_k
         pos = (row_pos + rows).flatten()[sub]
     keys = torch.cat([best[0], key])
     order = torch.topk(keys, min(top, keys.numel())).indices  # sorted, best first
-    merged_scores = torch.cat([best[1], scores[pos]])
+    merged_scores = torch.cat([best[1], S.flatten()[pos]])
     merged_flat = torch.cat([best[2], pos + start * n_k])
     return keys[order], merged_scores[order], merged_flat[order]
+
+
+def _rank_key(S: Tensor, sign: str) -> Tensor:
+    """What pairs are ranked by: |s|, s or -s (same shape as S)."""
+    return S if sign == "pos" else S.abs() if sign == "abs" else -S
+
+
+def _candidates_above(S: Tensor, bar: Tensor, n_k: int, top: int, sign: str):
+    """(rank keys, flat positions in S) of S's best <= top scores whose key is above bar, best first; None if
+    none is. Rows are screened by their max and min first: a full pass over a few rows, not the chunk."""
+    hi, lo = S.amax(1), S.amin(1)  # two reductions: several times faster than aminmax or abs here
+    reach = {"abs": torch.maximum(hi, -lo), "pos": hi, "neg": -lo}[sign]
+    rows = torch.nonzero(reach > bar).squeeze(1)
+    if len(rows) == 0:
+        return None
+    key = _rank_key(S[rows], sign).flatten()  # [r * n_k], r rows that hold a candidate
+    hit = torch.nonzero(key > bar).squeeze(1)
+    key, sub = torch.topk(key[hit], min(top, hit.numel()))
+    hit = hit[sub]
+    return key, rows[hit // n_k] * n_k + hit % n_k
 
 
 # ----------------------------------------------------------------------------------------------------------
