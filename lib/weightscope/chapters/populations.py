@@ -179,21 +179,26 @@ def sensitivity(tokens: pd.DataFrame, reads: pd.DataFrame, config: Config, *,
             lab = lab[["layer", "feature", *(f"{s}_label" for s in PHASES)]]
             lab = lab.merge(reads, on=["layer", "feature"])
             where = [(s, col) for s in PHASES for col in ATTN]
-            deltas = populations.in_threads(functools.partial(_semantic_delta, lab, config), where)
+            # the selections here, in this thread; the bootstraps side by side
+            pairs = [_semantic_pair(lab, s, col) for s, col in where]
+            deltas = populations.in_threads(functools.partial(_semantic_delta, config), pairs)
             for (s, col), (delta, lo, hi) in zip(where, deltas):
                 rows.append({"parameter": param, "value": value, "phase": PHASES[s], "side": ATTN[col],
                              "cliffs_delta": delta, "lo": lo, "hi": hi})
     return pd.DataFrame(rows)
 
 
-def _semantic_delta(lab: pd.DataFrame, config: Config, where: tuple[str, str]) -> tuple[float, float, float]:
-    """Cliff's delta of semantic against non-semantic features on one (phase prefix, read column), with the
-    sensitivity grid's bootstrap interval (n_boot / 10 resamples, at least 200)."""
-    s, col = where
+def _semantic_pair(lab: pd.DataFrame, s: str, col: str) -> tuple[np.ndarray, np.ndarray]:
+    """(semantic, non-semantic) values of read column col under the phase whose label column's prefix is s."""
     label = lab[f"{s}_label"]
-    semantic, non_semantic = (lab.loc[label == name, col] for name in ("semantic", "non-semantic"))
-    return populations.bootstrap_ci(semantic, non_semantic, stat="cliffs_delta",
-                                    n_boot=max(200, config.n_boot // 10), seed=config.seed)
+    return tuple(lab.loc[label == name, col].to_numpy(dtype=float) for name in ("semantic", "non-semantic"))
+
+
+def _semantic_delta(config: Config, pair: tuple[np.ndarray, np.ndarray]) -> tuple[float, float, float]:
+    """Cliff's delta of semantic against non-semantic values, with the sensitivity grid's bootstrap interval
+    (n_boot / 10 resamples, at least 200)."""
+    return populations.bootstrap_ci(*pair, stat="cliffs_delta", n_boot=max(200, config.n_boot // 10),
+                                    seed=config.seed)
 
 
 def findings(t: Tables, alpha: float = 0.05) -> list[str]:
