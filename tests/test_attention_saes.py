@@ -18,6 +18,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from weightscope.compute import dfa as dfa_mod
 from weightscope.compute import head_attribution as ha
+from weightscope.compute.passes import BlockStream
 from weightscope.config.params import ParamsError, load_target, parse_target
 from weightscope.load import saes
 from weightscope.load.saes import SAEError
@@ -220,6 +221,25 @@ def test_dfa_is_exact_and_matches_a_naive_loop(norm, n_kv, arch):
                 assert parts[i, h, s].item() == pytest.approx(want, abs=1e-5)
     for i in range(4):  # causal: nothing from sources after the destination
         assert (parts[i, :, int(d[i]) + 1 :] == 0).all()
+
+
+@pytest.mark.parametrize("norm,n_kv", [("RMS", 2), ("LN", None)])
+def test_block_stream_reads_layers_in_turn_as_separate_passes_do(norm, n_kv):
+    model = tiny_model(norm, n_kv)
+    toks = tokens(model)
+    runs = [0] * model.cfg.n_layers
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))
+    alone = [dfa_mod.attention_cache(model, toks, layer) for layer in range(model.cfg.n_layers)]
+    assert runs == [2, 1]  # a pass from the embedding per layer read
+    runs[:] = [0, 0]
+    stream = BlockStream(model, toks)
+    in_turn = [dfa_mod.attention_cache(model, toks, layer, stream=stream) for layer in range(2)]
+    assert runs == [1, 1]  # in stretches: every block once
+    for a, b in zip(alone, in_turn):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="already run"):
+        stream.run_to(0, ["blocks.0.attn.hook_z"])
 
 
 def test_dfa_with_reshaping_sae_reads_unflattened_hook_z():

@@ -34,6 +34,7 @@ from weightscope.chapters.findings import percent
 from weightscope.compute import dfa as dfa_k
 from weightscope.compute import head_attribution as ha
 from weightscope.compute.lens import content_ids, output_matrix, token_strings
+from weightscope.compute.passes import BlockStream
 from weightscope.compute.streaming import CHUNK_ELEMENTS, progress_bar
 from weightscope.config.params import ParamsError
 from weightscope.config.paths import progress_enabled
@@ -594,10 +595,11 @@ DFA_CHUNK = 4096
 
 
 @torch.no_grad()
-def _layer_pass(model, sae, tokens: torch.Tensor):
+def _layer_pass(model, sae, tokens: torch.Tensor, stream: BlockStream | None = None):
     """(cache of block sae.layer, W_eff, b_eff, activations [b, pos, d_sae] from sae-lens's own encode). The
-    pre-activations are not kept whole ([b, pos, d_sae] again): `pre_activations` reads the few needed."""
-    c = dfa_k.attention_cache(model, tokens, sae.layer)
+    pre-activations are not kept whole ([b, pos, d_sae] again): `pre_activations` reads the few needed.
+    stream: the tokens' `BlockStream`, standing at or before the layer (None: a pass from the embedding)."""
+    c = dfa_k.attention_cache(model, tokens, sae.layer, stream=stream)
     W_eff, b_eff = dfa_k.encoder_affine(sae)
     z = c["z"].flatten(2) if sae.sae.cfg.reshape_activations == "none" else c["z"]
     rows = max(1, CHUNK_ELEMENTS // (tokens.shape[1] * sae.d_sae))  # sae-lens's temporaries: one chunk's
@@ -626,17 +628,20 @@ def _chunked_dfa(c, W_eff, b, d, f, chunk: int = DFA_CHUNK) -> torch.Tensor:
 @torch.no_grad()
 def text_analyses(model, saes, resid: dict, tokens: torch.Tensor, config: Config,
                   keep=None) -> dict[str, pd.DataFrame]:
-    """The analyses of the held-out text, layer by layer on one attention pass each (`_layer_pass`):
-    DFA examples (`dfa_examples`), feature families (`families`) and recursive DFA (`recursive_dfa`).
+    """The analyses of the held-out text, layer by layer in increasing order (`_layer_pass`): DFA examples
+    (`dfa_examples`), feature families (`families`) and recursive DFA (`recursive_dfa`). The held-out text and
+    the repeated sequences each go through the model once, a stretch of blocks per layer (`BlockStream`).
     {"04_dfa_examples", "04_dfa_parts", "04_families", "04_family_counts", "04_head_profiles", "04_rdfa"}."""
     rep = repeated_tokens(model, config, keep).to(tokens.device)
+    text_stream, rep_stream = BlockStream(model, tokens), BlockStream(model, rep)
     out = {k: [] for k in ("examples", "parts", "families", "profiles", "rdfa")}
+    saes = sorted(saes, key=lambda sae: sae.layer)
     for i, sae in enumerate(saes, 1):
         io.progress(f"04_attention_saes: DFA, families and recursive DFA, layer {sae.layer} "
                     f"({i}/{len(saes)})")
-        lp = _layer_pass(model, sae, tokens)
+        lp = _layer_pass(model, sae, tokens, text_stream)
         ex, parts = dfa_examples(model, sae, lp, tokens, config)
-        fam, prof = families(model, sae, lp, tokens, rep, config)
+        fam, prof = families(model, sae, lp, tokens, rep, config, rep_stream)
         out["examples"].append(ex)
         out["parts"].append(parts)
         out["families"].append(fam)
@@ -780,8 +785,8 @@ def head_profiles(c_text, c_rep, layer: int, config: Config) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def families(model, sae, lp, tokens: torch.Tensor, rep: torch.Tensor,
-             config: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
+def families(model, sae, lp, tokens: torch.Tensor, rep: torch.Tensor, config: Config,
+             rep_stream: BlockStream | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Each feature's DFA profile on its top activations: share of |DFA| within `short_window` tokens, beside
     two nulls: uniform attention over the same prefix, and the share its own heads' attention puts there
     (each head weighted by its |DFA|); and on repeated random content-token sequences `rep`
@@ -789,7 +794,8 @@ def families(model, sae, lp, tokens: torch.Tensor, rep: torch.Tensor,
     order: induction when that share reaches `induction_min` (with `min_fires` activations in the repeated
     half); short-range context when the short-window share reaches `short_mass_min` and exceeds its heads'
     own attention's; else long-range context; features with fewer than `min_fires` activations on the
-    held-out text stay unclassified. lp: the layer's `_layer_pass` on `tokens`. (one row per classified
+    held-out text stay unclassified. lp: the layer's `_layer_pass` on `tokens`; rep_stream: rep's
+    `BlockStream`, at or before the layer (None: a pass from the embedding). (one row per classified
     feature of the layer, per head its locality and induction score (`head_profiles`))."""
     T = config.induction_len
     second = torch.zeros(rep.shape, dtype=rep.dtype, device=rep.device)
@@ -801,7 +807,7 @@ def families(model, sae, lp, tokens: torch.Tensor, rep: torch.Tensor,
     text = pd.DataFrame({"feature": f.cpu(), "short": short.cpu(), "null_short": null_short.cpu(),
                          "null_short_heads": heads_null.cpu(), "mean_distance": mean_distance.cpu()})
     text = text.groupby("feature").mean()
-    cr, W_eff, _, acts_r = _layer_pass(model, sae, rep)
+    cr, W_eff, _, acts_r = _layer_pass(model, sae, rep, rep_stream)
     profile = head_profiles(c, cr, sae.layer, config)
     fr, br, dr, fires_r = _top_positions(acts_r, config.n_examples, config.min_fires, allowed=second)
     mass_r = _chunked_dfa(cr, W_eff, br, dr, fr).abs().sum(1)

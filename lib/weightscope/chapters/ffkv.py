@@ -43,6 +43,7 @@ from weightscope.chapters.findings import percent
 from weightscope.compute import ffkv, lens, populations as pops
 from weightscope.compute.attention import head_reads, null_zscores
 from weightscope.compute.folding import fold_pre_attention_norm
+from weightscope.compute.passes import BlockStream
 from weightscope.compute.streaming import CHUNK_ELEMENTS, progress_bar
 from weightscope.compute.token_scores import random_directions_like
 from weightscope.config.params import ParamsError
@@ -623,15 +624,14 @@ def hooks_in_turn(model, tokens: torch.Tensor, groups: list[list[str]], *, bos_i
                          f"{sorted(h for h, L in layers.items() if L is None)}")
     last = [max(layers[h] for h in g) for g in groups]
     order = sorted(range(len(groups)), key=last.__getitem__)
-    # per batch (residual, tokens, positional embedding, attention mask): the model's work before block 0
-    states = [list(model.input_to_embed(b)) for b in tokens.split(batch_rows)]
-    kept = [(s[1] != bos_id).reshape(-1) if bos_id is not None else slice(None) for s in states]
+    streams = [BlockStream(model, b) for b in tokens.split(batch_rows)]  # the work before block 0, per batch
+    kept = [(s.tokens != bos_id).reshape(-1) if bos_id is not None else slice(None) for s in streams]
     held: dict[str, torch.Tensor] = {}
     start = 0
     for j, i in enumerate(order):
         if last[i] >= start:
             wanted = sorted({h for k in order[j:] for h in groups[k] if start <= layers[h] <= last[i]})
-            held.update(_run_blocks(model, states, kept, start, last[i] + 1, wanted))
+            held.update(_run_blocks(streams, kept, last[i], wanted))
             start = last[i] + 1
         yield i, {h: held[h] for h in groups[i]}
         later = {h for k in order[j + 1:] for h in groups[k]}
@@ -639,16 +639,13 @@ def hooks_in_turn(model, tokens: torch.Tensor, groups: list[list[str]], *, bos_i
             del held[h]
 
 
-def _run_blocks(model, states: list[list], kept: list, start: int, stop: int,
+def _run_blocks(streams: list[BlockStream], kept: list, last: int,
                 hooks: list[str]) -> dict[str, torch.Tensor]:
-    """Runs blocks start..stop-1 on each batch's residual stream (states[b][0], replaced by the blocks'
-    output) and returns {hook: fp32 [n_tokens, d]} at the kept positions."""
+    """Runs each batch's stream on through block `last` and returns {hook: fp32 [n_tokens, d]} at the kept
+    positions."""
     out: dict[str, list] = {h: [] for h in hooks}
-    for state, keep in zip(states, kept):
-        residual, _, pos_embed, mask = state
-        state[0], cache = model.run_with_cache(residual, start_at_layer=start, stop_at_layer=stop,
-                                               names_filter=hooks, shortformer_pos_embed=pos_embed,
-                                               attention_mask=mask)
+    for stream, keep in zip(streams, kept):
+        cache = stream.run_to(last, hooks)
         for h in hooks:
             out[h].append(cache[h].reshape(-1, cache[h].shape[-1])[keep].float())
     # each hook's batches are released as they are joined: the set is never held twice

@@ -25,6 +25,7 @@ from weightscope.config.params import ParamsError
 
 PHASES = {"dec": "decoder-unembedding", "enc": "encoder-embedding"}
 ATTN = {"q_z_mean": "query", "k_z_mean": "key", "v_z_mean": "value (OV)"}
+COMPARISONS = [(s, col) for s in PHASES for col in ATTN]  # (label column's prefix, read column): six
 SENSITIVITY_GRID = {"min_word_share": [0.4, 0.6, 0.8], "min_nonword_share": [0.4, 0.6, 0.8], "m": [3, 5, 8]}
 
 
@@ -116,8 +117,8 @@ def compare(data: pd.DataFrame, config: Config) -> pd.DataFrame:
     """Semantic against non-semantic per phase and attention side: the pooled comparison (bootstrap intervals,
     Mann-Whitney, Holm over the six) and van Elteren's test within layers (`p_stratified`, Holm-adjusted too,
     and the layer-weighted Cliff's delta `cliffs_delta_within`)."""
-    where = [(s, col) for s in PHASES for col in ATTN]  # six comparisons, their bootstraps side by side
-    out = pd.concat(populations.in_threads(functools.partial(_compare_one, data, config), where),
+    # the six comparisons' bootstraps side by side
+    out = pd.concat(populations.in_threads(functools.partial(_compare_one, data, config), COMPARISONS),
                     ignore_index=True)
     out["attention side"] = out["column"].map(ATTN)
     out["p_holm"] = populations.holm(out["p_value"].to_numpy())
@@ -178,20 +179,13 @@ def sensitivity(tokens: pd.DataFrame, reads: pd.DataFrame, config: Config, *,
             lab = populations.label_features(tokens, cache=cache, **{**config.label_params(), param: value})
             lab = lab[["layer", "feature", *(f"{s}_label" for s in PHASES)]]
             lab = lab.merge(reads, on=["layer", "feature"])
-            where = [(s, col) for s in PHASES for col in ATTN]
             # the selections here, in this thread; the bootstraps side by side
-            pairs = [_semantic_pair(lab, s, col) for s, col in where]
+            pairs = [populations.population_values(lab, col, f"{s}_label") for s, col in COMPARISONS]
             deltas = populations.in_threads(functools.partial(_semantic_delta, config), pairs)
-            for (s, col), (delta, lo, hi) in zip(where, deltas):
+            for (s, col), (delta, lo, hi) in zip(COMPARISONS, deltas):
                 rows.append({"parameter": param, "value": value, "phase": PHASES[s], "side": ATTN[col],
                              "cliffs_delta": delta, "lo": lo, "hi": hi})
     return pd.DataFrame(rows)
-
-
-def _semantic_pair(lab: pd.DataFrame, s: str, col: str) -> tuple[np.ndarray, np.ndarray]:
-    """(semantic, non-semantic) values of read column col under the phase whose label column's prefix is s."""
-    label = lab[f"{s}_label"]
-    return tuple(lab.loc[label == name, col].to_numpy(dtype=float) for name in ("semantic", "non-semantic"))
 
 
 def _semantic_delta(config: Config, pair: tuple[np.ndarray, np.ndarray]) -> tuple[float, float, float]:

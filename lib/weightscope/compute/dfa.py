@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from weightscope.compute.passes import BlockStream
+
 
 class DFAError(ValueError):
     """An SAE whose encoder is not affine followed by an activation (e.g. gated SAEs) cannot be decomposed."""
@@ -143,11 +145,15 @@ LAYER_HOOKS = ("attn.hook_pattern", "attn.hook_v", "attn.hook_z", "hook_resid_pr
 
 
 @torch.no_grad()
-def attention_cache(model, tokens: Tensor, layer: int) -> dict[str, Tensor]:
-    """One forward pass up to block `layer`: {"pattern" [b, H, d, s], "v" [b, s, H_kv, d_head], "z" [b, pos,
-    H, d_head], "resid_pre" [b, pos, d_model], "scale" [b, pos]} of that block (float32)."""
+def attention_cache(model, tokens: Tensor, layer: int, *,
+                    stream: BlockStream | None = None) -> dict[str, Tensor]:
+    """Block `layer`'s {"pattern" [b, H, d, s], "v" [b, s, H_kv, d_head], "z" [b, pos, H, d_head], "resid_pre"
+    [b, pos, d_model], "scale" [b, pos]} (float32) on tokens [b, pos]. stream: a `BlockStream` of these tokens
+    standing at or before block `layer` (it runs on to just after it, so layers read in turn share one
+    pass); None: a pass from the embedding up to block `layer`."""
+    stream = BlockStream(model, tokens) if stream is None else stream
     names = [f"blocks.{layer}.{h}" for h in LAYER_HOOKS]
-    _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=layer + 1)
+    cache = stream.run_to(layer, names)
     out = {
         key: cache[f"blocks.{layer}.{h}"].float()
         for key, h in zip(("pattern", "v", "z", "resid_pre", "scale"), LAYER_HOOKS)

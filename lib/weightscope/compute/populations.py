@@ -336,6 +336,13 @@ def _values(x) -> np.ndarray:
     return x[~np.isnan(x)]
 
 
+def population_values(df: pd.DataFrame, col: str, label_col: str, a: str = "semantic",
+                      b: str = "non-semantic") -> tuple[np.ndarray, np.ndarray]:
+    """(values of col where label_col == a, where label_col == b): each 1-D float without NaNs."""
+    label = df[label_col].to_numpy()
+    return _values(df.loc[label == a, col]), _values(df.loc[label == b, col])
+
+
 def _describe(v: np.ndarray) -> dict[str, float]:
     if len(v) == 0:
         return {"n": 0, "mean": math.nan, "median": math.nan, "p75": math.nan}
@@ -554,10 +561,9 @@ def compare_populations(df: pd.DataFrame, value_cols, label_col: str, a: str = "
     """
     value_cols = [value_cols] if isinstance(value_cols, str) else list(value_cols)
     _require(df, [label_col, *value_cols])
-    in_a, in_b = (df[label_col] == a).to_numpy(), (df[label_col] == b).to_numpy()
 
     def compare_column(col: str) -> dict:
-        x, y = _values(df.loc[in_a, col]), _values(df.loc[in_b, col])
+        x, y = population_values(df, col, label_col, a, b)
         da, db = _describe(x), _describe(y)
         row = {"column": col, "a": a, "b": b, "n_a": da["n"], "n_b": db["n"]}
         for name in ("mean", "median", "p75"):
