@@ -73,6 +73,22 @@ def test_top_firings_match_a_naive_top_n_when_streamed_ties_to_the_earlier_posit
     assert got.feature.tolist() == sorted(got.feature.tolist())
 
 
+def test_top_firings_merge_only_features_that_beat_their_weakest_kept_firing(monkeypatch):
+    top = ic.TopFirings(5, 2)
+    top.add(torch.tensor([[3.0, 2, 0, 1, 0], [1.0, 2, 0, 4, 0]]), 0)  # features 2 and 4 never fire
+    sorted_rows = []
+    real_sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda x, **kw: sorted_rows.append(len(x)) or real_sort(x, **kw))
+    # feature 0 ties its weakest (the kept, earlier one stays), 1 falls below it, 3 beats it, 4 fires at last
+    top.add(torch.tensor([[1.0, 1.5, 0, 2, 0.5]]), 2)
+    assert sorted_rows == [2]  # features 3 and 4 only
+    got = top.firings()
+    assert got.position[got.feature == 0].tolist() == [0, 1]
+    assert got.position[got.feature == 3].tolist() == [1, 2]
+    assert got.act[got.feature == 4].tolist() == [0.5]
+    assert got.n_active.tolist() == [3, 3, 0, 3, 1]
+
+
 def test_firing_pass_keeps_each_features_strongest_firings_and_counts_all():
     model = tiny_model()
     sae = ReluSAE(32, 16, "blocks.0.hook_resid_post", 0)
@@ -260,8 +276,9 @@ def test_final_logits_equal_the_forward_pass_logits(norm, softcap):
 @pytest.mark.parametrize("hook", ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.0.hook_resid_post",
                                   "blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"])
 def test_ablation_equals_the_logit_change_of_a_whole_hooked_pass(hook):
-    """Rows run alone and cut after their last wanted position, the ablated pass started at the site's block:
-    the same effect as two whole passes with the feature removed by a hook (the naive reference)."""
+    """Rows run in groups of one to three, cut after their last wanted position, the ablated pass started at
+    the site's block: the same effect as two whole passes with the feature removed by a hook (the naive
+    reference)."""
     model = tiny_model(pos="standard", softcap=3.0)
     sae = ReluSAE(32, 8, hook, 1, seed=3)
     rows = torch.randint(0, 24, (3, 10), generator=torch.Generator().manual_seed(10))
@@ -271,13 +288,14 @@ def test_ablation_equals_the_logit_change_of_a_whole_hooked_pass(hook):
     positions = torch.nonzero(acts[:, f] > 0).squeeze(1)
     assert len(torch.unique(positions // 10)) > 1 and len(positions) > 3  # several rows, several columns
     top = torch.tensor([1, 5])
-    got = ic.ablation_effects(model, sae, f, rows, positions, top)
 
     def remove(resid, hook):
         return resid - sae.encode(resid)[..., f, None] * sae.W_dec[f]
 
     diff = (model(rows) - model.run_with_hooks(rows, fwd_hooks=[(hook, remove)])).reshape(-1, 24)[positions]
-    assert torch.allclose(got, diff[:, top].mean(1) - diff.mean(1), atol=1e-5)
+    for rows_per_pass in (1, 2, 3):  # the SAE's code of a pass is [rows, 10 columns, 8 features]
+        got = ic.ablation_effects(model, sae, f, rows, positions, top, chunk_elements=80 * rows_per_pass)
+        assert torch.allclose(got, diff[:, top].mean(1) - diff.mean(1), atol=1e-5)
     assert got.abs().max() > 1e-3  # the ablation moves the logits: the comparison can fail
 
 
