@@ -272,8 +272,8 @@ def ablation_effects(model, sae, feature: int, rows: Tensor, positions: Tensor, 
     The rows with a wanted position run together, as many per pass as keep the SAE's code of a pass
     ([rows, columns, d_sae]) within `chunk_elements`, cut after the group's last wanted column (a causal
     model's earlier positions do not see later ones); on a residual site the ablated pass starts at the
-    site's block from the clean pass's stream. (One row per pass, as before, ran 1,526 single-row passes at
-    12 GPT-2-width layers: 120 of the chapter's 458 s.)
+    site's block from the clean pass's stream. (One pass per row cost 120 of the chapter's 458 s at 12
+    GPT-2-width layers: 1,526 single-row passes.)
     """
     device = next(model.parameters()).device
     d = sae.W_dec[feature].to(device)

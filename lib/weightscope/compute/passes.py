@@ -27,8 +27,9 @@ class BlockStream:
 
     @torch.no_grad()
     def run_to(self, last: int, hooks: list[str]):
-        """Runs blocks next_block..last (none when last < next_block) and returns their ActivationCache of
-        `hooks` (which must name hooks of those blocks); the residual stream then stands after block last."""
+        """Runs blocks next_block..last and returns their ActivationCache of `hooks` (which must name hooks of
+        those blocks); the residual stream then stands after block last. A block that has run cannot be read
+        again: ValueError."""
         if last < self.next_block:
             raise ValueError(f"block {last} has already run (the stream stands before block "
                              f"{self.next_block}); read blocks in increasing order or start a new stream")
