@@ -58,8 +58,9 @@ FLOP_MODEL = {
                          "2 x d_sae x d_model x d_sae_res x 2",
     "06_ffkv_baseline": "per paired SAE layer l (its MLP block m = l - 1, or l for resid_post): the neuron lens "
                         "2 sides x d_mlp x d_model x d_vocab x 2; the reads of (d_sae + d_mlp + 2 n_null) rows "
-                        "by each later layer, as chapter 2's; the alignment with blocks 0..m, 3 x d_sae x d_mlp x "
-                        "d_model x 2 per block (the real pair once, each side's null of as many rows)",
+                        "by each later layer, as chapter 2's; the alignment with blocks 0..m, d_sae x d_mlp x "
+                        "d_model x 2 per block (the real pair once), and each side's null (as many rows) once "
+                        "per block or SAE, 2 x d_sae x d_mlp x d_model x 2",
     "07_in_context": "the activation pass n_tokens x L x (block + encode d_model x d_sae x 2); the ablations, per "
                      "SAE layer l: n_ablate x ablate_positions x row_len / 2 tokens (each row cut after its "
                      "position) x (L blocks clean + L - l ablated); block = the weight matrices x 2 per token",
@@ -110,7 +111,8 @@ def chapter_flops(stem: str, d: dict, d_sae: int, d_sae_att: int | None, hook_of
         rows = d_sae + d["d_mlp"] + 2 * c.n_null
         per_read = rows * (d["d_model"] * (d["n_heads"] + 2 * d["n_kv"]) + d["n_heads"] * d["d_head"]) * d["d_head"]
         reads = sum(L - 1 - m for m in blocks) * per_read * 2.0
-        return lens + reads + sum(m + 1 for m in blocks) * 3 * d_sae * d["d_mlp"] * d["d_model"] * 2.0
+        pairs = sum(m + 1 for m in blocks) + 2 * len(blocks)  # real pairs, then each side's null once per set
+        return lens + reads + pairs * d_sae * d["d_mlp"] * d["d_model"] * 2.0
     if stem == "07_in_context":
         c = in_context.Config()
         passes = c.n_tokens * L * (block_flops(d) + 2.0 * d["d_model"] * d_sae)

@@ -106,10 +106,11 @@ def test_chapter_4_and_6_flops_count_each_product():
     # resid_post at 2 layers: blocks 0 and 1 paired; one later read (block 0's by layer 1); pairs (0,0), (1,0), (1,1)
     lens = 2 * 2 * 32 * 8 * 50 * 2
     reads = 1 * (d_sae + 32 + 2 * n_null) * (8 * (2 + 2 * 1) * 4 + 2 * 4 * 4) * 2
-    alignment = 3 * 3 * d_sae * 32 * 8 * 2
+    # the real pairs, then one null per side compared with each of the 2 blocks' (SAEs') sets once
+    alignment = (3 + 2 * 2) * d_sae * 32 * 8 * 2
     assert bench_book.chapter_flops("06_ffkv_baseline", d, d_sae, None, 1) == lens + reads + alignment
-    # resid_pre: block 0's SAE sees no MLP, block 1's sees block 0: one pair, read by layer 1
-    assert bench_book.chapter_flops("06_ffkv_baseline", d, d_sae, None, 0) == lens / 2 + reads + alignment / 3
+    # resid_pre: block 0's SAE sees no MLP, block 1's sees block 0: one pair, read by layer 1; one set per side
+    assert bench_book.chapter_flops("06_ffkv_baseline", d, d_sae, None, 0) == lens / 2 + reads + alignment * 3 / 7
 
 
 def test_book_floor_runs_every_product_at_the_best_rate_of_the_run():

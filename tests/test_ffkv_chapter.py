@@ -197,6 +197,23 @@ def test_alignment_against_the_brute_force_cosine_matrix():
     assert shares["median excess"] == pytest.approx(shares["median"] - shares["median (null)"])
 
 
+def test_alignment_null_is_one_draw_per_side_compared_with_each_set_once(monkeypatch):
+    model = tiny_model("gemma2")
+    saes = [StandInSAE(0), StandInSAE(1)]
+    calls, real_max_cosine = [], ffkv.max_cosine
+    monkeypatch.setattr(ffkv, "max_cosine",
+                        lambda A, B, **kw: calls.append(len(B)) or real_max_cosine(A, B, **kw))
+    rows = ch.alignment_rows(model, saes, CFG)
+    assert len(calls) == 4  # the features' null with 2 blocks, the neurons' with 2 decoders (not 3 + 3 pairs)
+    values = torch.cat([ffkv.value_vectors(ffkv.ff_block(model, L)) for L in (0, 1)])
+    null = rows[(rows["population"] == "null") & (rows["direction"] == ch.FEATURES_SIDE)]
+    first, second = (null[null["layer"] == L]["max_cos"].to_numpy() for L in (0, 1))
+    n = max(CFG.n_null, saes[1].d_sae)
+    expected = cos(ffkv.random_atoms(n, values.shape[1], seed=CFG.seed), values).max(1).values
+    np.testing.assert_allclose(second, expected.numpy(), rtol=1e-5, atol=1e-6)  # layer 1 sees both blocks
+    assert (second >= first).all() and (second > first).any()  # the same rows: layer 0 sees a subset
+
+
 def test_alignment_excess_finds_planted_copies_and_not_chance():
     model = tiny_model("swiglu")
     sae = StandInSAE(1)
@@ -229,6 +246,20 @@ def test_random_dictionary_code_reconstructs_what_it_spans_and_matches_least_squ
     assert ffkv.alive_share(uses, 40, 0.1) == float((uses >= 4).float().mean())
 
 
+def test_least_squares_by_normal_equations_equals_lstsq_and_solves_dependent_atoms():
+    g = torch.Generator().manual_seed(5)
+    S, x = F.normalize(torch.randn(6, 3, 8, generator=g), dim=2), torch.randn(6, 8, 1, generator=g)
+    torch.testing.assert_close(ffkv._least_squares(S, x), torch.linalg.lstsq(S.transpose(1, 2), x).solution,
+                               rtol=1e-4, atol=1e-5)
+    S[2, 1] = 0  # a zero atom: Cholesky cannot factor that system, the pseudo-inverse solves it
+    assert torch.linalg.cholesky_ex(S[2] @ S[2].T).info > 0
+    coef = ffkv._least_squares(S, x)[2]
+    best = torch.linalg.pinv(S[2].T) @ x[2]  # the minimum residual
+    assert torch.isfinite(coef).all()
+    residual = [(S[2].T @ c - x[2]).norm() for c in (coef, best)]
+    torch.testing.assert_close(residual[0], residual[1], rtol=1e-4, atol=1e-5)
+
+
 def test_random_dictionary_code_bounds_its_working_set(monkeypatch):
     """A dense code (a random SAE has thousands of features on per token) gathers [chunk, d, k] atoms: the
     chunk shrinks to the budget and the code is unchanged; k >= d codes exactly without least squares."""
@@ -236,8 +267,8 @@ def test_random_dictionary_code_bounds_its_working_set(monkeypatch):
     y = torch.randn(30, 8, generator=torch.Generator().manual_seed(1))
     whole, uses = ffkv.random_dictionary_code(y, atoms, k=5)
     gathered = []
-    real_lstsq = torch.linalg.lstsq
-    monkeypatch.setattr(torch.linalg, "lstsq", lambda A, B: gathered.append(A.numel()) or real_lstsq(A, B))
+    real_solve = ffkv._least_squares
+    monkeypatch.setattr(ffkv, "_least_squares", lambda S, x: gathered.append(S.numel()) or real_solve(S, x))
     monkeypatch.setattr(ffkv, "CODE_ELEMENTS", 8 * 5 * 4)  # four tokens' atoms at a time
     small, small_uses = ffkv.random_dictionary_code(y, atoms, k=5)
     assert max(gathered) == 8 * 5 * 4 and len(gathered) == 8
@@ -292,6 +323,17 @@ def test_activation_checks_are_exact_when_every_neuron_is_kept():
     assert sae_row["mean_l0"] <= 4.0 and 0 < sae_row["active"] <= 1
 
 
+def test_both_topk_codes_share_one_random_dictionary_code(monkeypatch):
+    model = tiny_model("gemma2")
+    tokens = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
+    calls, real_code = [], ffkv.random_dictionary_code
+    monkeypatch.setattr(ffkv, "random_dictionary_code", lambda y, a, k: calls.append(k) or real_code(y, a, k))
+    checks = ch.activation_checks(model, [StandInSAE(1)], tokens, replace(CFG, topk=3))
+    assert len(calls) == 2  # one for both TopK codes of the MLP output (same y, atoms, k), one for the SAE's
+    neurons = checks[checks["dictionary"].str.startswith("neurons")]
+    assert neurons["explained_variance (null)"].nunique() == 1 and neurons["null k"].tolist() == [3, 3]
+
+
 def test_sae_code_in_chunks_is_the_whole_code():
     sae = StandInSAE(0)
     site = torch.randn(30, 16, generator=torch.Generator().manual_seed(3))
@@ -306,7 +348,7 @@ def test_active_share_counts_the_dictionary_own_code_not_its_null():
     y = torch.randn(50, 16, generator=torch.Generator().manual_seed(4))
     uses = torch.zeros(40, dtype=torch.long)
     uses[3] = 50
-    row = ch._check_row("features", 0, 0, "site", y, y, uses, CFG)
+    row = ch._check_row("features", 0, 0, "site", y, y, uses, CFG, {})
     assert row["mean_l0"] == 1.0 and row["active"] == pytest.approx(1 / 40) and row["active (null)"] > 0.05
 
 

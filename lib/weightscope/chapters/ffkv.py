@@ -465,6 +465,9 @@ def alignment_rows(model, saes, cfg: Config, *, device=None) -> pd.DataFrame:
     each value vector against the SAEs that see its write; beside each, random directions (as many as the rows,
     at least n_null) compared with the very same set, so set size and dimension are the null's too.
 
+    One draw of random directions per side serves every layer: it is compared with each block's value vectors
+    (or each SAE's decoder) once, and a layer's null is the running maximum over the sets that layer sees, so
+    the null changes with depth only as the set does (and costs one product per set, not one per pair).
     One row per compared direction: direction, population ("real" / "null"), layer, row, set_size, max_cos.
     """
     paired = _paired(saes)
@@ -480,33 +483,41 @@ def alignment_rows(model, saes, cfg: Config, *, device=None) -> pd.DataFrame:
             r, c = ffkv.max_cosine_both(decoders[sae.layer], values[L], **opts)
             best_rows[sae.layer] = torch.maximum(best_rows.get(sae.layer, r), r)
             best_cols[L] = torch.maximum(best_cols.get(L, c), c)
+    null_rows = _null_maxima(decoders, values, cfg, opts, seed=cfg.seed)
+    null_cols = _null_maxima(values, decoders, cfg, opts, seed=cfg.seed + 500)
     rows = []
     for sae in paired:
-        others = [V for L, V in values.items() if L <= mlp_layer_for(sae)]
-        rows += _compared(FEATURES_SIDE, sae.layer, decoders[sae.layer], best_rows[sae.layer], others, cfg, opts,
-                          sae.layer)
+        seen = [L for L in values if L <= mlp_layer_for(sae)]
+        rows += _frames(FEATURES_SIDE, sae.layer, best_rows[sae.layer], _running_max(null_rows, seen, cfg,
+                        len(decoders[sae.layer])), sum(len(values[L]) for L in seen))
     for L, V in values.items():
-        others = [decoders[s.layer] for s in paired if mlp_layer_for(s) >= L]
-        rows += _compared(NEURONS_SIDE, L, V, best_cols[L], others, cfg, opts, 500 + L)
+        seen = [s.layer for s in paired if mlp_layer_for(s) >= L]
+        rows += _frames(NEURONS_SIDE, L, best_cols[L], _running_max(null_cols, seen, cfg, len(V)),
+                        sum(len(decoders[k]) for k in seen))
     return pd.concat(rows, ignore_index=True)
 
 
-def _compared(direction, layer, A, real, others, cfg, opts, seed) -> list[pd.DataFrame]:
-    """The real rows' max cosines `real` [len(A)] beside a null like A compared with the very same set."""
-    null = random_directions_like(A[torch.arange(max(cfg.n_null, len(A))) % len(A)], seed=cfg.seed + seed)
-    size = sum(len(B) for B in others)
-    return [pd.DataFrame({"direction": direction, "population": pop, "layer": layer, "row": np.arange(len(X)),
-                          "set_size": size, "max_cos": values.numpy()})
-            for pop, X, values in (("real", A, real), ("null", null, _max_over(null, others, opts)))]
+def _null_maxima(rows: dict, sets: dict, cfg: Config, opts: dict, *, seed: int) -> dict[int, torch.Tensor]:
+    """{key: [n] the max cosine of each of n random unit directions with the rows of sets[key]}, one product
+    per set; n = max(n_null, the longest matrix in `rows`), the most null rows any one of them needs."""
+    n = max(cfg.n_null, max(len(A) for A in rows.values()))
+    d = next(iter(sets.values())).shape[1]
+    null = ffkv.random_atoms(n, d, seed=seed)
+    return {key: ffkv.max_cosine(null, B, **opts)[0] for key, B in sets.items()}
 
 
-def _max_over(A: torch.Tensor, Bs: list[torch.Tensor], opts: dict) -> torch.Tensor:
-    """[n] the max cosine of each row of A over the rows of every matrix in Bs, one matrix at a time."""
-    best = None
-    for B in Bs:
-        m = ffkv.max_cosine(A, B, **opts)[0]
-        best = m if best is None else torch.maximum(best, m)
-    return best
+def _running_max(maxima: dict, keys: list, cfg: Config, n_real: int) -> torch.Tensor:
+    """[max(n_null, n_real)] the null rows' max cosine over the sets `keys` (a layer's null like its n_real
+    rows: as many, at least n_null)."""
+    best = torch.stack([maxima[k] for k in keys]).amax(0)
+    return best[: max(cfg.n_null, n_real)]
+
+
+def _frames(direction, layer, real: torch.Tensor, null: torch.Tensor, size: int) -> list[pd.DataFrame]:
+    """The real rows' max cosines beside the null's, compared with the very same set (of `size` rows)."""
+    return [pd.DataFrame({"direction": direction, "population": pop, "layer": layer,
+                          "row": np.arange(len(values)), "set_size": size, "max_cos": values.numpy()})
+            for pop, values in (("real", real), ("null", null))]
 
 
 def alignment_shares(rows: pd.DataFrame, cfg: Config) -> pd.DataFrame:
@@ -579,16 +590,16 @@ def _sae_checks(model, sae, acts: dict[str, torch.Tensor], chosen: str, cfg: Con
     b = ffkv.ff_block(model, L)
     x, y, site = acts[f"blocks.{L}.hook_resid_mid"], acts[f"blocks.{L}.hook_mlp_out"], acts[sae.hook_name]
     a = ffkv.latents(b, model.blocks[L].ln2(x.to(b.W_out.dtype)))
-    rows = []
+    rows, nulls = [], {}  # both TopK codes reconstruct y: one random dictionary code per k serves both
     for v in ("topk", "topk_normalized"):
         z = ffkv.encode(b, a, v, k=min(cfg.topk, b.d_mlp))
         of = "plain" if v == "topk" else "normalised"
         rows.append(_check_row("neurons" if v == chosen else "neurons (other TopK)", sae.layer, L,
                                f"MLP output, TopK of {of} latents", y, ffkv.decode(b, z, v).float(),
-                               (z != 0).sum(0), cfg))
+                               (z != 0).sum(0), cfg, nulls))
     site_hat, uses = sae_code(sae, site)
     rows.append(_check_row("features", sae.layer, L, f"SAE site ({sae.hook_name.rsplit('.', 1)[-1]})",
-                           site, site_hat, uses, cfg))
+                           site, site_hat, uses, cfg, {}))
     return rows
 
 
@@ -661,14 +672,17 @@ def checks_long(checks: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([real, null], ignore_index=True)
 
 
-def _check_row(dictionary, layer, mlp_layer, what, y, y_hat, uses, cfg: Config) -> dict:
+def _check_row(dictionary, layer, mlp_layer, what, y, y_hat, uses, cfg: Config, nulls: dict) -> dict:
     """One dictionary's measures on y [n, d] beside a random dictionary with as many atoms and the same k.
-    uses: [m] on how many of the n tokens each latent is in the code."""
+    uses: [m] on how many of the n tokens each latent is in the code; nulls: the random dictionary codes of
+    this y computed so far, by (atoms, k), filled here (the null depends on nothing else)."""
     n, m = len(y), len(uses)
     l0 = float(uses.sum()) / max(1, n)  # the mean number of latents per token
     k = max(1, min(m, round(l0)))
-    atoms = ffkv.random_atoms(m, y.shape[1], seed=cfg.seed + 7000 + layer)
-    y_null, null_uses = ffkv.random_dictionary_code(y, atoms, k)
+    if (m, k) not in nulls:
+        atoms = ffkv.random_atoms(m, y.shape[1], seed=cfg.seed + 7000 + layer)
+        nulls[m, k] = ffkv.random_dictionary_code(y, atoms, k)
+    y_null, null_uses = nulls[m, k]
     return {"dictionary": dictionary, "layer": layer, "mlp_layer": mlp_layer, "reconstructs": what,
             "tokens": n, "latents": m, "mean_l0": l0, "null k": k,
             "explained_variance": ffkv.explained_variance(y, y_hat),

@@ -347,10 +347,29 @@ def random_dictionary_code(y: Tensor, atoms: Tensor, k: int, *, chunk: int = 102
         if exact:
             out[start : start + step] = y[start : start + step]
             continue
-        A = atoms[idx].transpose(1, 2)  # [c, d, k]
-        coef = torch.linalg.lstsq(A, x.unsqueeze(-1)).solution  # [c, k, 1]
-        out[start : start + step] = (A @ coef).squeeze(-1) + mu
+        S = atoms[idx]  # [c, k, d]
+        coef = _least_squares(S, x.unsqueeze(-1))  # [c, k, 1]
+        out[start : start + step] = (S.transpose(1, 2) @ coef).squeeze(-1) + mu
     return out, uses
+
+
+def _least_squares(S: Tensor, x: Tensor) -> Tensor:
+    """[c, k, 1] the coefficients minimising |S^T coef - x| for atoms S [c, k, d] and targets x [c, d, 1], by
+    the normal equations (S S^T) coef = S x: k random unit atoms in d > k dimensions are well conditioned, and
+    a batched Cholesky solve of [k, k] systems costs a fraction of torch.linalg.lstsq's batched QR of [d, k]
+    ones (5.3 against 6.5 s per 24,576-atom layer at GPT-2 width, with the selection). A system Cholesky
+    cannot factor (dependent atoms) is solved by the pseudo-inverse."""
+    G = S @ S.transpose(1, 2)  # [c, k, k]
+    rhs = S @ x
+    L, info = torch.linalg.cholesky_ex(G)
+    coef = torch.cholesky_solve(rhs, L)
+    bad = torch.nonzero(info).squeeze(1)
+    if len(bad):
+        # the pseudo-inverse (SVD), on every device: on a rank-deficient system lstsq's CPU default (gelsy)
+        # can miss the least residual on its first calls in a process (seen with torch 2.13), and CUDA's gels
+        # assumes full rank
+        coef[bad] = torch.linalg.pinv(S[bad].transpose(1, 2)) @ x[bad]
+    return coef
 
 
 def alive_share(uses: Tensor, n_tokens: int, min_share: float) -> float:
