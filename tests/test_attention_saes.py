@@ -155,11 +155,25 @@ def test_connected_groups_against_hand_made_graph():
     assert ha.group_stats(sim3, 0.5) == (2, pytest.approx(2 / 3)) and ha.group_stats(sim3, 1.01) == (3, 1 / 3)
 
 
+def test_profile_cosines_from_the_gram_equal_the_cosines_of_centred_profiles(monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    M, writes = torch.randn(D_MODEL, 40, generator=gen), torch.randn(3, 4, D_MODEL, generator=gen)
+    writes[1, 2] = 0  # a zero write: cosine 0 with everything
+    keep = torch.tensor([0, 3, 5, 8, 13, 21, 34, 39])
+    monkeypatch.setattr(ha, "PROFILE_COLUMNS", 3)  # the vocabulary in steps: the gram is the sum of its parts
+    for cols in (None, keep):
+        prof = writes @ (M if cols is None else M[:, cols])
+        prof = prof - prof.mean(-1, keepdim=True)
+        naive = torch.nn.functional.cosine_similarity(prof[..., :, None, :], prof[..., None, :, :], dim=-1)
+        torch.testing.assert_close(ha.profile_cosines(writes, ha.profile_gram(M, cols)), naive,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_head_similarities_and_polysemantic_table():
     model = tiny_model()
     sae = attn_sae()
     W_O, M = model.blocks[1].attn.W_O.detach(), model.W_U.detach()
-    sims = ha.head_similarities(sae.W_dec.detach(), W_O, M, k=5, n_null=3, seed=0)
+    sims = ha.head_similarities(sae.W_dec.detach(), W_O, ha.profile_gram(M), k=5, n_null=3, seed=0)
     assert len(sims) == N_HEADS * (1 + 3)
     # the features' matrix equals a naive recomputation from the head's top-5 decoder rows
     top = ha.head_shares(sae.W_dec.detach(), N_HEADS, D_HEAD)[:, 2].topk(5).indices
@@ -452,7 +466,7 @@ def test_head_slice_similarities_match_a_naive_loop():
     W_dec = torch.randn(30, N_HEADS * D_HEAD, generator=gen)
     W_O = torch.randn(N_HEADS, D_HEAD, D_MODEL, generator=gen)
     M = torch.randn(D_MODEL, 40, generator=gen)
-    sims = ha.head_slice_similarities(W_dec, W_O, M, k=5, n_null=2, seed=0)
+    sims = ha.head_slice_similarities(W_dec, W_O, ha.profile_gram(M), k=5, n_null=2, seed=0)
     shares = ha.head_shares(W_dec, N_HEADS, D_HEAD)
     for head, kind, draw, sim in sims:
         if kind != "features":

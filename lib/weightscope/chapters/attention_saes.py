@@ -491,10 +491,10 @@ def polysemantic_heads(model, saes, maps: dict, keep, config: Config, *,
     cosines), one row}. Profiles are over the content tokens `keep` (None: all): each feature's whole write
     through every head, or with `own_slice` what head h itself writes for it (then {"04_slice_heads",
     "04_slice_tau"} only)."""
-    M_out = output_matrix(model)[0].float().cpu()
+    gram = ha.profile_gram(output_matrix(model)[0].float().cpu(), keep)
     similarities = ha.head_slice_similarities if own_slice else ha.head_similarities
-    sims = {sae.layer: similarities(sae.W_dec.float().cpu(), maps[sae.layer].cpu(), M_out, k=config.top_k,
-                                    n_null=config.n_null, seed=config.seed + sae.layer, keep=keep)
+    sims = {sae.layer: similarities(sae.W_dec.float().cpu(), maps[sae.layer].cpu(), gram, k=config.top_k,
+                                    n_null=config.n_null, seed=config.seed + sae.layer)
             for sae in saes}
     tau = ha.null_link_threshold([s for layer_sims in sims.values() for s in layer_sims], config.q_link)
     taus = sorted(set(round(t, 2) for t in np.linspace(0.05, 0.95, 19)) | {tau})

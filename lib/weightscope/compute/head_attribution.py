@@ -77,13 +77,37 @@ def residual_writes(W_dec: Tensor, W_O: Tensor) -> Tensor:
     return torch.einsum("fhk,hkm->fm", head_slices(W_dec.to(W_O.dtype), n_heads, d_head), W_O)
 
 
-def token_profiles(writes: Tensor, M_out: Tensor, keep: Tensor | None = None) -> Tensor:
-    """[n, d_vocab] (or [n, len(keep)]): output-side token profiles, the writes through the folded unembedding
-    M_out [d_model, d_vocab], over the tokens `keep` (None: all), centred over them (a constant shift of every
-    logit changes no prediction)."""
-    logits = writes.to(M_out.dtype) @ M_out
-    logits = (logits if keep is None else logits[:, keep]).float()
-    return logits - logits.mean(-1, keepdim=True)
+PROFILE_COLUMNS = 8192  # vocabulary columns of the folded unembedding per step of `profile_gram`
+
+
+def profile_gram(M_out: Tensor, keep: Tensor | None = None) -> Tensor:
+    """[d_model, d_model] fp64: M_c M_c^T, for M_c the folded unembedding M_out [d_model, d_vocab] over the
+    tokens `keep` (None: all) with each row centred over them.
+
+    A write w [d_model] has the output-side token profile w M_c: its logits over those tokens, centred (a
+    constant shift of every logit changes no prediction). Two profiles' dot product is then w G w'^T, so the
+    cosines among any number of profiles cost one product with the vocabulary in all, not one per feature
+    (at 12 GPT-2-width layers, [k (1 + n_null), d_model] x [d_model, d_vocab] per head: 31 s). Taken over
+    PROFILE_COLUMNS columns at a time in fp64."""
+    cols = torch.arange(M_out.shape[1]) if keep is None else torch.as_tensor(keep).cpu()
+    mean = torch.zeros(M_out.shape[0], dtype=torch.float64, device=M_out.device)
+    for part in cols.split(PROFILE_COLUMNS):
+        mean += M_out[:, part.to(M_out.device)].double().sum(1)
+    mean /= max(1, len(cols))
+    gram = torch.zeros(M_out.shape[0], M_out.shape[0], dtype=torch.float64, device=M_out.device)
+    for part in cols.split(PROFILE_COLUMNS):
+        M = M_out[:, part.to(M_out.device)].double() - mean[:, None]
+        gram += M @ M.T
+    return gram
+
+
+def profile_cosines(writes: Tensor, gram: Tensor) -> Tensor:
+    """[..., n, n] fp32: the cosines among the token profiles of writes [..., n, d_model] (`profile_gram`); 0
+    with a zero profile."""
+    W = writes.to(device=gram.device, dtype=torch.float64)
+    dots = W @ gram @ W.transpose(-1, -2)
+    norm = dots.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().clamp_min(1e-12)
+    return (dots / norm[..., :, None] / norm[..., None, :]).float()
 
 
 def same_share_null(rows: Tensor, n_heads: int, d_head: int, generator: torch.Generator) -> Tensor:
@@ -126,11 +150,11 @@ def group_stats(similarity: Tensor, tau: float) -> tuple[int, float]:
 
 
 def head_similarities(
-    W_dec: Tensor, W_O: Tensor, M_out: Tensor, *, k: int, n_null: int, seed: int, keep: Tensor | None = None
+    W_dec: Tensor, W_O: Tensor, gram: Tensor, *, k: int, n_null: int, seed: int
 ) -> list[tuple[int, str, int, Tensor]]:
     """Per head: the profile cosine matrix [k, k] of its top-k features by share, and of `n_null` same-share
-    null draws of them. W_dec [d_sae, H * d_head], W_O [H, d_head, d_model], M_out [d_model, d_vocab]. Returns
-    [(head, "features" | "null", draw, similarity)]."""
+    null draws of them. W_dec [d_sae, H * d_head], W_O [H, d_head, d_model], gram: `profile_gram` of the
+    folded unembedding over the profiled tokens. Returns [(head, "features" | "null", draw, similarity)]."""
     n_heads, d_head, _ = W_O.shape
     _, top = top_features(head_shares(W_dec, n_heads, d_head), k)
     gen = torch.Generator().manual_seed(seed)
@@ -138,9 +162,7 @@ def head_similarities(
     for head in range(n_heads):
         rows = W_dec[top[head]].float()
         stack = torch.cat([rows] + [same_share_null(rows, n_heads, d_head, gen) for _ in range(n_null)])
-        unit = token_profiles(residual_writes(stack, W_O.float()), M_out, keep)  # one product for every draw
-        unit = (unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)).reshape(1 + n_null, len(rows), -1)
-        sims = unit @ unit.transpose(1, 2)
+        sims = profile_cosines(residual_writes(stack, W_O.float()).reshape(1 + n_null, len(rows), -1), gram)
         out += [(head, "features" if i == 0 else "null", max(0, i - 1), sims[i]) for i in range(1 + n_null)]
     return out
 
@@ -180,13 +202,12 @@ def polysemantic_heads(
 
 
 def head_slice_similarities(
-    W_dec: Tensor, W_O: Tensor, M_out: Tensor, *, k: int, n_null: int, seed: int, keep: Tensor | None = None
+    W_dec: Tensor, W_O: Tensor, gram: Tensor, *, k: int, n_null: int, seed: int
 ) -> list[tuple[int, str, int, Tensor]]:
     """Per head h: the profile cosine matrix [k, k] of its top-k features by share, each profiled from head
-    h's own slice only (what head h writes for feature f: W_dec[f, h] @ W_O[h], through M_out), and of
-    `n_null` null draws (each slice replaced by a random direction of the same norm in head h's space, so the
-    null has the same shares). Profiles over the tokens `keep` (None: all). Same return shape as
-    `head_similarities`."""
+    h's own slice only (what head h writes for feature f: W_dec[f, h] @ W_O[h], through the unembedding of
+    `gram`, `profile_gram`), and of `n_null` null draws (each slice replaced by a random direction of the same
+    norm in head h's space, so the null has the same shares). Same return shape as `head_similarities`."""
     n_heads, d_head, _ = W_O.shape
     _, top = top_features(head_shares(W_dec, n_heads, d_head), k)
     gen = torch.Generator().manual_seed(seed)
@@ -196,8 +217,6 @@ def head_slice_similarities(
         noise = torch.randn((n_null,) + own.shape, generator=gen)
         noise = noise / noise.norm(dim=-1, keepdim=True) * own.norm(dim=-1, keepdim=True)
         stack = torch.cat([own[None], noise]).reshape(-1, d_head)  # [(1 + n_null) k, d_head]
-        prof = token_profiles(stack @ W_O[head].float(), M_out, keep)
-        unit = (prof / prof.norm(dim=-1, keepdim=True).clamp_min(1e-12)).reshape(1 + n_null, len(own), -1)
-        sims = unit @ unit.transpose(1, 2)
+        sims = profile_cosines((stack @ W_O[head].float()).reshape(1 + n_null, len(own), -1), gram)
         out += [(head, "features" if i == 0 else "null", max(0, i - 1), sims[i]) for i in range(1 + n_null)]
     return out
