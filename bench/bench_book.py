@@ -55,12 +55,16 @@ FLOP_MODEL = {
                     "n_pair_heads x d_sae^2 x d_head x 2",
     "04_attention_saes": "per attention-SAE layer: the write lens d_sae x d_model x d_vocab x 2; where a residual SAE "
                          "reads the stream after it, the residual reads of its features and of as many null rows, "
-                         "2 x d_sae x d_model x d_sae_res x 2",
+                         "2 x d_sae x d_model x d_sae_res x 2; the held-out text and repeated sequences: their "
+                         "tokens x (the SAE's encode n_heads d_head x d_sae x 2 + L blocks)",
     "06_ffkv_baseline": "per paired SAE layer l (its MLP block m = l - 1, or l for resid_post): the neuron lens "
                         "2 sides x d_mlp x d_model x d_vocab x 2; the reads of (d_sae + d_mlp + 2 n_null) rows "
                         "by each later layer, as chapter 2's; the alignment with blocks 0..m, d_sae x d_mlp x "
                         "d_model x 2 per block (the real pair once), and each side's null (as many rows) once "
-                        "per block or SAE, 2 x d_sae x d_mlp x d_model x 2",
+                        "per block or SAE, 2 x d_sae x d_mlp x d_model x 2; the held-out checks on n_eval_tokens: "
+                        "the SAE's encode, decode and its null's selection 3 x d_model x d_sae x 2, the MLP's "
+                        "latents, two TopK decodes and their null's selection (mlp_mats - 1 + 3) x d_model x "
+                        "d_mlp x 2, and the blocks up to the last paired one",
     "07_in_context": "the activation pass n_tokens x L x (block + encode d_model x d_sae x 2); the ablations, per "
                      "SAE layer l: n_ablate x ablate_positions x row_len / 2 tokens (each row cut after its "
                      "position) x (L blocks clean + L - l ablated); block = the weight matrices x 2 per token",
@@ -89,7 +93,7 @@ def block_flops(d: dict) -> float:
 
 def chapter_flops(stem: str, d: dict, d_sae: int, d_sae_att: int | None, hook_offset: int) -> float | None:
     """The main products' FLOPs of one chapter at the chapters' default settings (`FLOP_MODEL`)."""
-    from weightscope.chapters import attention, ffkv, in_context, output_tokens
+    from weightscope.chapters import attention, attention_saes, ffkv, in_context, output_tokens
 
     L = d["n_layers"]
     if stem == "01_output_tokens":
@@ -103,8 +107,12 @@ def chapter_flops(stem: str, d: dict, d_sae: int, d_sae_att: int | None, hook_of
         n_reads = sum(L - (layer + hook_offset) for layer in range(L))  # reading layers after each SAE
         return n_reads * per_read + L * c.n_pair_heads * d_sae**2 * d["d_head"] * 2.0
     if stem == "04_attention_saes" and d_sae_att:
+        c = attention_saes.Config()
         after = L - 1 + hook_offset  # attention layers with a residual SAE right after them
-        return L * d_sae_att * d["d_model"] * d["d_vocab"] * 2.0 + after * 2 * d_sae_att * d["d_model"] * d_sae * 2.0
+        text = c.text_rows * c.text_ctx + c.induction_rows * (2 * c.induction_len + 1)  # held-out + repeated
+        encode = text * d["n_heads"] * d["d_head"] * d_sae_att * 2.0  # hook_z is n_heads x d_head wide
+        return (L * d_sae_att * d["d_model"] * d["d_vocab"] * 2.0 + after * 2 * d_sae_att * d["d_model"] * d_sae * 2.0
+                + L * encode + text * L * block_flops(d))
     if stem == "06_ffkv_baseline":
         c, blocks = ffkv.Config(), [layer - 1 + hook_offset for layer in range(L) if layer - 1 + hook_offset >= 0]
         lens = len(blocks) * 2 * d["d_mlp"] * d["d_model"] * d["d_vocab"] * 2.0
@@ -112,7 +120,12 @@ def chapter_flops(stem: str, d: dict, d_sae: int, d_sae_att: int | None, hook_of
         per_read = rows * (d["d_model"] * (d["n_heads"] + 2 * d["n_kv"]) + d["n_heads"] * d["d_head"]) * d["d_head"]
         reads = sum(L - 1 - m for m in blocks) * per_read * 2.0
         pairs = sum(m + 1 for m in blocks) + 2 * len(blocks)  # real pairs, then each side's null once per set
-        return lens + reads + pairs * d_sae * d["d_mlp"] * d["d_model"] * 2.0
+        n, dm, dff = c.n_eval_tokens, d["d_model"], d["d_mlp"]
+        # held-out checks per paired SAE: its code (encode, decode) and its null's atom selection; the MLP's
+        # latents, its two TopK decodes and their one null's selection; the forward pass to the last block
+        checks = n * (3 * dm * d_sae + (d.get("mlp_mats", 2) - 1 + 3) * dm * dff) * 2.0
+        return (lens + reads + pairs * d_sae * dff * dm * 2.0 + len(blocks) * checks
+                + n * (max(blocks, default=-1) + 1) * block_flops(d))
     if stem == "07_in_context":
         c = in_context.Config()
         passes = c.n_tokens * L * (block_flops(d) + 2.0 * d["d_model"] * d_sae)

@@ -94,12 +94,16 @@ def test_book_extrapolation_scales_one_depth_and_fits_a_line_through_two():
 
 def test_chapter_4_and_6_flops_count_each_product():
     import bench_book
-    from weightscope.chapters import ffkv
+    from weightscope.chapters import attention_saes, ffkv
 
     # chapter 4 at 3 layers, resid_pre SAEs: three write lenses; layers 0 and 1 have a residual SAE after them
     d = dict(d_model=8, n_heads=2, n_kv=1, d_head=4, d_vocab=50, n_layers=3, d_mlp=32)
     lens, reads = 3 * 12 * 8 * 50 * 2, 2 * (12 * 8 * 16 * 2) * 2  # d_sae_att 12, d_sae 16; features and null
-    assert bench_book.chapter_flops("04_attention_saes", d, 16, 12, 0) == lens + reads
+    c4 = attention_saes.Config()
+    text = c4.text_rows * c4.text_ctx + c4.induction_rows * (2 * c4.induction_len + 1)
+    block = 2 * (8 * (2 * 2 + 2 * 1) * 4 + 2 * 8 * 32)  # per token: W_Q, W_O; W_K, W_V (1 kv head); 2 MLP mats
+    text_passes = 3 * text * (2 * 4 * 12 * 2) + text * 3 * block  # each layer's encode; the 3 blocks once
+    assert bench_book.chapter_flops("04_attention_saes", d, 16, 12, 0) == lens + reads + text_passes
 
     d = dict(d_model=8, n_heads=2, n_kv=1, d_head=4, d_vocab=50, n_layers=2, d_mlp=32)
     n_null, d_sae = ffkv.Config().n_null, 16
@@ -108,9 +112,14 @@ def test_chapter_4_and_6_flops_count_each_product():
     reads = 1 * (d_sae + 32 + 2 * n_null) * (8 * (2 + 2 * 1) * 4 + 2 * 4 * 4) * 2
     # the real pairs, then one null per side compared with each of the 2 blocks' (SAEs') sets once
     alignment = (3 + 2 * 2) * d_sae * 32 * 8 * 2
-    assert bench_book.chapter_flops("06_ffkv_baseline", d, d_sae, None, 1) == lens + reads + alignment
+    # held-out checks per paired SAE: encode, decode, null selection (d_sae); latents, 2 decodes, null (d_mlp)
+    n = ffkv.Config().n_eval_tokens
+    checks = n * (3 * 8 * d_sae + 4 * 8 * 32) * 2
+    total = lens + reads + alignment + 2 * checks + n * 2 * block
+    assert bench_book.chapter_flops("06_ffkv_baseline", d, d_sae, None, 1) == total
     # resid_pre: block 0's SAE sees no MLP, block 1's sees block 0: one pair, read by layer 1; one set per side
-    assert bench_book.chapter_flops("06_ffkv_baseline", d, d_sae, None, 0) == lens / 2 + reads + alignment * 3 / 7
+    total = lens / 2 + reads + alignment * 3 / 7 + checks + n * 1 * block
+    assert bench_book.chapter_flops("06_ffkv_baseline", d, d_sae, None, 0) == total
 
 
 def test_book_floor_runs_every_product_at_the_best_rate_of_the_run():
