@@ -64,7 +64,7 @@ FLOP_MODEL = {
                         "per block or SAE, 2 x d_sae x d_mlp x d_model x 2; the held-out checks on n_eval_tokens: "
                         "the SAE's encode, decode and its null's selection 3 x d_model x d_sae x 2, the MLP's "
                         "latents, two TopK decodes and their null's selection (mlp_mats - 1 + 3) x d_model x "
-                        "d_mlp x 2, and the blocks up to the last paired one",
+                        "d_mlp x 2, and the blocks through the last SAE's hook",
     "07_in_context": "the activation pass n_tokens x L x (block + encode d_model x d_sae x 2); the ablations, per "
                      "SAE layer l: n_ablate x ablate_positions x row_len / 2 tokens (each row cut after its "
                      "position) x (L blocks clean + L - l ablated); block = the weight matrices x 2 per token",
@@ -122,10 +122,11 @@ def chapter_flops(stem: str, d: dict, d_sae: int, d_sae_att: int | None, hook_of
         pairs = sum(m + 1 for m in blocks) + 2 * len(blocks)  # real pairs, then each side's null once per set
         n, dm, dff = c.n_eval_tokens, d["d_model"], d["d_mlp"]
         # held-out checks per paired SAE: its code (encode, decode) and its null's atom selection; the MLP's
-        # latents, its two TopK decodes and their one null's selection; the forward pass to the last block
+        # latents, its two TopK decodes and their one null's selection; the forward pass through the block of
+        # the last SAE's hook (resid_pre of block m + 1 runs that block too: a block's hooks come from one run)
         checks = n * (3 * dm * d_sae + (d.get("mlp_mats", 2) - 1 + 3) * dm * dff) * 2.0
-        return (lens + reads + pairs * d_sae * dff * dm * 2.0 + len(blocks) * checks
-                + n * (max(blocks, default=-1) + 1) * block_flops(d))
+        run = max(blocks) + 2 - hook_offset if blocks else 0
+        return lens + reads + pairs * d_sae * dff * dm * 2.0 + len(blocks) * checks + n * run * block_flops(d)
     if stem == "07_in_context":
         c = in_context.Config()
         passes = c.n_tokens * L * (block_flops(d) + 2.0 * d["d_model"] * d_sae)

@@ -118,7 +118,7 @@ def test_chapter_4_and_6_flops_count_each_product():
     total = lens + reads + alignment + 2 * checks + n * 2 * block
     assert bench_book.chapter_flops("06_ffkv_baseline", d, d_sae, None, 1) == total
     # resid_pre: block 0's SAE sees no MLP, block 1's sees block 0: one pair, read by layer 1; one set per side
-    total = lens / 2 + reads + alignment * 3 / 7 + checks + n * 1 * block
+    total = lens / 2 + reads + alignment * 3 / 7 + checks + n * 2 * block  # block 1 runs for its hook_resid_pre
     assert bench_book.chapter_flops("06_ffkv_baseline", d, d_sae, None, 0) == total
 
 
