@@ -53,10 +53,11 @@ FLOP_MODEL = {
     "02_attention": "per (SAE layer, reading layer): (d_sae + 2 n_null) x d_model x (n_heads + 2 n_kv) d_head x 2 "
                     "+ the OV R-product (d_sae + 2 n_null) n_heads d_head^2 x 2; per SAE layer the QK pairs "
                     "n_pair_heads x d_sae^2 x d_head x 2",
-    "04_attention_saes": "per attention-SAE layer: the write lens d_sae x d_model x d_vocab x 2; where a residual SAE "
-                         "reads the stream after it, the residual reads of its features and of as many null rows, "
-                         "2 x d_sae x d_model x d_sae_res x 2; the held-out text and repeated sequences: their "
-                         "tokens x (the SAE's encode n_heads d_head x d_sae x 2 + L blocks)",
+    "04_attention_saes": "per attention-SAE layer: the write lens d_sae x d_model x d_vocab x 2; where a residual "
+                         "SAE reads the stream after it, the residual reads of its features and of "
+                         "min(d_sae, n_null_reads) null rows, (d_sae + min(d_sae, n_null_reads)) x d_model x "
+                         "d_sae_res x 2; the held-out text and repeated sequences: their tokens x (the SAE's "
+                         "encode n_heads d_head x d_sae x 2 + L blocks)",
     "06_ffkv_baseline": "per paired SAE layer l (its MLP block m = l - 1, or l for resid_post): the neuron lens "
                         "2 sides x d_mlp x d_model x d_vocab x 2; the reads of (d_sae + d_mlp + 2 n_null) rows "
                         "by each later layer, as chapter 2's; the alignment with blocks 0..m, d_sae x d_mlp x "
@@ -111,8 +112,9 @@ def chapter_flops(stem: str, d: dict, d_sae: int, d_sae_att: int | None, hook_of
         after = L - 1 + hook_offset  # attention layers with a residual SAE right after them
         text = c.text_rows * c.text_ctx + c.induction_rows * (2 * c.induction_len + 1)  # held-out + repeated
         encode = text * d["n_heads"] * d["d_head"] * d_sae_att * 2.0  # hook_z is n_heads x d_head wide
-        return (L * d_sae_att * d["d_model"] * d["d_vocab"] * 2.0 + after * 2 * d_sae_att * d["d_model"] * d_sae * 2.0
-                + L * encode + text * L * block_flops(d))
+        reads = (d_sae_att + min(d_sae_att, c.n_null_reads)) * d["d_model"] * d_sae * 2.0  # features, null
+        lens = L * d_sae_att * d["d_model"] * d["d_vocab"] * 2.0
+        return lens + after * reads + L * encode + text * L * block_flops(d)
     if stem == "06_ffkv_baseline":
         c, blocks = ffkv.Config(), [layer - 1 + hook_offset for layer in range(L) if layer - 1 + hook_offset >= 0]
         lens = len(blocks) * 2 * d["d_mlp"] * d["d_model"] * d["d_vocab"] * 2.0

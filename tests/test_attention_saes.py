@@ -424,6 +424,30 @@ def test_chapter_run_on_a_tiny_model(tmp_path, monkeypatch):
     assert np.allclose(gap["gap"], gap["null"] - gap["features"])
 
 
+def test_null_sample_keeps_narrow_saes_whole_and_subsamples_wide_ones():
+    from weightscope.chapters import attention_saes as ch
+
+    W = torch.randn(48, 16)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(ch._null_sample(W, 48, gen), W)  # no wider than n: every row, and no draw
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(0).get_state())
+    part = ch._null_sample(W, 20, gen)
+    hits = (part[:, None, :] == W[None]).all(-1)  # [20, 48]: which row of W each null row copies
+    assert part.shape == (20, 16) and hits.sum(1).eq(1).all() and hits.any(0).sum() == 20  # 20 distinct rows
+
+
+def test_residual_reads_null_has_n_null_reads_rows(tmp_path, monkeypatch):
+    from weightscope.chapters import attention_saes as ch
+
+    seen, sample = [], ch._null_sample
+    monkeypatch.setattr(ch, "_null_sample", lambda *a: seen.append(len(rows := sample(*a))) or rows)
+    _, t, _ = _tiny_run(tmp_path, monkeypatch, n_null_reads=20)
+    assert seen == [20]  # layer 0 only: layer 1 has no residual SAE after it
+    _, whole, _ = _tiny_run(tmp_path / "whole", monkeypatch)
+    cols = ["resid_features", "resid_top_score"]  # the features' own reads do not depend on the null
+    assert t.writes[cols].equals(whole.writes[cols]) and seen == [20, 48]
+
+
 def test_head_level_tables_on_a_tiny_model(tmp_path, monkeypatch):
     ch, t, _ = _tiny_run(tmp_path, monkeypatch, own_share_min=0.3)
     sh = t.slice_heads

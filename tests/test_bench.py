@@ -104,6 +104,11 @@ def test_chapter_4_and_6_flops_count_each_product():
     block = 2 * (8 * (2 * 2 + 2 * 1) * 4 + 2 * 8 * 32)  # per token: W_Q, W_O; W_K, W_V (1 kv head); 2 MLP mats
     text_passes = 3 * text * (2 * 4 * 12 * 2) + text * 3 * block  # each layer's encode; the 3 blocks once
     assert bench_book.chapter_flops("04_attention_saes", d, 16, 12, 0) == lens + reads + text_passes
+    # an SAE wider than n_null_reads: the null keeps n_null_reads rows
+    wide = c4.n_null_reads + 100
+    lens, reads = 3 * wide * 8 * 50 * 2, 2 * ((wide + c4.n_null_reads) * 8 * 16 * 2)
+    text_passes = 3 * text * (2 * 4 * wide * 2) + text * 3 * block
+    assert bench_book.chapter_flops("04_attention_saes", d, 16, wide, 0) == lens + reads + text_passes
 
     d = dict(d_model=8, n_heads=2, n_kv=1, d_head=4, d_vocab=50, n_layers=2, d_mlp=32)
     n_null, d_sae = ffkv.Config().n_null, 16

@@ -41,7 +41,7 @@ from weightscope.config.paths import progress_enabled
 
 FAMILIES = ("induction", "short-range context", "long-range context")
 _QUANTILES = ("q_link", "mono_frac", "own_share_min", "short_mass_min", "induction_min")
-_POSITIVE = ("top_k", "n_null", "text_rows", "text_ctx", "dfa_features", "n_examples", "min_fires",
+_POSITIVE = ("top_k", "n_null", "n_null_reads", "text_rows", "text_ctx", "dfa_features", "n_examples", "min_fires",
              "induction_len", "induction_rows", "min_sources")
 
 
@@ -54,6 +54,7 @@ class Config:
     mono_frac: float = 0.6  # monosemantic head: one group holds at least this share of its top features
     own_share_min: float = 0.5  # a head's features are its own: its top features' mean share reaches this
     n_null: int = 10  # same-share null draws per head
+    n_null_reads: int = 4096  # same-share null rows per layer for the residual reads (chapter 2's null size)
     text_rows: int = 48  # held-out rows of `text_ctx` tokens for the activation steps
     text_ctx: int = 128  # tokens per held-out row (stories are concatenated and cut at this length)
     dfa_features: int = 4  # per layer: the features with the highest activation on the held-out text
@@ -565,7 +566,8 @@ def feature_writes(model, saes, maps: dict, resid: dict, keep, config: Config, *
         if res is not None:
             vals, idx = chunked_topk(writes, res.W_enc.float(), n_resid,
                                      desc=f"layer {sae.layer} residual reads")
-            null_rows = ha.same_share_null(W_dec.cpu(), n_heads, d_head, gen).to(W_O.device)
+            null_rows = ha.same_share_null(_null_sample(W_dec, config.n_null_reads, gen), n_heads, d_head,
+                                           gen).to(W_O.device)
             null = ha.residual_writes(null_rows, W_O)
             null_top, _ = chunked_topk(null, res.W_enc.float(), 1)
             q99 = float(torch.quantile(null_top[:, 0].cpu(), 0.99))
@@ -576,6 +578,16 @@ def feature_writes(model, saes, maps: dict, resid: dict, keep, config: Config, *
             frame["above_null"] = frame["resid_top_score"] > q99
         rows.append(frame)
     return pd.concat(rows, ignore_index=True)
+
+
+def _null_sample(W_dec: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """[min(n, d_sae), d_in] on the CPU: the rows a same-share null copies, a random subset of W_dec's rows
+    when the SAE is wider than n (the null is a distribution for one quantile, so its size need not grow with
+    the SAE's width: at 24,576 features a full-size null was 10 of the chapter's 48 TFLOP); W_dec itself when
+    not (no draw, so narrower SAEs' nulls are unchanged)."""
+    if W_dec.shape[0] <= n:
+        return W_dec.cpu()
+    return W_dec.cpu()[torch.randperm(W_dec.shape[0], generator=gen)[:n]]
 
 
 def connections_per_layer(t: Tables) -> pd.Series:
