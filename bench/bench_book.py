@@ -68,7 +68,8 @@ FLOP_MODEL = {
                         "d_mlp x 2, and the blocks through the last SAE's hook",
     "07_in_context": "the activation pass n_tokens x L x (block + encode d_model x d_sae x 2); the ablations, per "
                      "SAE layer l: n_ablate x ablate_positions x row_len / 2 tokens (each row cut after its "
-                     "position) x (L blocks clean + L - l ablated); block = the weight matrices x 2 per token",
+                     "position) x L blocks (the clean stream up to the site, the ablated one after it; the clean "
+                     "final residual is the activation pass's); block = the weight matrices x 2 per token",
 }
 
 
@@ -133,8 +134,7 @@ def chapter_flops(stem: str, d: dict, d_sae: int, d_sae_att: int | None, hook_of
         c = in_context.Config()
         passes = c.n_tokens * L * (block_flops(d) + 2.0 * d["d_model"] * d_sae)
         per_feature = c.ablate_positions * c.row_len / 2 * block_flops(d)
-        blocks = sum(L + L - (layer + hook_offset) for layer in range(L))  # clean + ablated, per SAE layer
-        return passes + c.n_ablate * per_feature * blocks
+        return passes + c.n_ablate * per_feature * L * L  # per SAE layer: clean to the site, ablated after
     return None
 
 
@@ -166,12 +166,13 @@ def flops_table() -> str:
 # "chunk" the streaming budget (`compute.streaming.memory_budget`: 1 GiB on a CPU with 4 GiB free; chapter 6
 # streams chapter 1's lens and encodes its held-out code in 64 MB chunks), "acts" chapter 4's layer pass (the
 # activations over the held-out text, [rows x ctx x d_sae], encoded in 64 MB chunks), "budget" chapter 7's
-# `memory_mb`. Chapter 0 shows the weights-only model and its SAEs (`SAESequence`: one at a time), then builds
+# `memory_mb`, "final" chapter 7's final residual at every position of its text ([n_tokens x d_model], the
+# clean side of its ablations). Chapter 0 shows the weights-only model and its SAEs (`SAESequence`: one at a time), then builds
 # the full model for generation.
 HOLDS = {"00_demo_model": ("weights", "sae", "full"), "01_output_tokens": ("weights", "sae", "chunk"),
          "02_attention": ("weights", "sae", "chunk"), "03_semantic_populations": ("tables",),
          "04_attention_saes": ("full", "saes", "att_saes", "acts"), "05_context_neurons": ("full", "chunk"),
-         "06_ffkv_baseline": ("full", "saes", "chunk"), "07_in_context": ("full", "saes", "budget")}
+         "06_ffkv_baseline": ("full", "saes", "chunk"), "07_in_context": ("full", "saes", "budget", "final")}
 
 
 def held(stem: str, result: dict) -> dict[str, float]:
@@ -190,6 +191,7 @@ def held(stem: str, result: dict) -> dict[str, float]:
              "att_saes": L * 2 * d_att_in * (w["d_sae_att"] or 0), "chunk": 2**30 / 4,
              "acts": c4.text_rows * c4.text_ctx * (w["d_sae_att"] or 0),
              "budget": in_context.Config().memory_mb * 2**20 / 4,
+             "final": in_context.Config().n_tokens * d["d_model"],
              "tables": result["chapters"].get(stem, {}).get("tables_gb", 0.0) * 1e9 / 4}
     return {part: 4.0 * sizes[part] for part in HOLDS[stem]}
 

@@ -127,6 +127,24 @@ def test_chapter_4_and_6_flops_count_each_product():
     assert bench_book.chapter_flops("06_ffkv_baseline", d, d_sae, None, 0) == total
 
 
+def test_chapter_7_flops_count_the_pass_and_each_ablation_once():
+    import bench_book
+    from weightscope.chapters import in_context
+
+    d = dict(d_model=8, n_heads=2, n_kv=1, d_head=4, d_vocab=50, n_layers=3, d_mlp=32)
+    c = in_context.Config()
+    block = 2 * (8 * (2 * 2 + 2 * 1) * 4 + 2 * 8 * 32)
+    passes = c.n_tokens * 3 * (block + 2 * 8 * 16)  # every block and every SAE's encode, per token
+    # per SAE layer: the clean stream to its site and the ablated one after it, 3 blocks in all, on rows cut
+    # after each position (row_len / 2 tokens on average)
+    ablations = 3 * c.n_ablate * c.ablate_positions * c.row_len / 2 * 3 * block
+    for hook_offset in (0, 1):
+        assert bench_book.chapter_flops("07_in_context", d, 16, None, hook_offset) == passes + ablations
+    parts = bench_book.held("07_in_context", {"dims": d, "n_layers": 3, "chapters": {},
+                                              "saes": {"d_sae": 16, "d_sae_att": None}})
+    assert parts["final"] == 4 * c.n_tokens * 8  # the activation pass's final residual, fp32
+
+
 def test_book_floor_runs_every_product_at_the_best_rate_of_the_run():
     import bench_book
 

@@ -106,6 +106,8 @@ def test_firing_pass_keeps_each_features_strongest_firings_and_counts_all():
         assert fir.act[fir.feature == f].tolist() == pytest.approx(naive.tolist(), rel=1e-5)
         assert torch.allclose(acts[fir.position[fir.feature == f], f], fir.act[fir.feature == f])
     assert torch.allclose(res.final_scale, cache["ln_final.hook_scale"].reshape(-1))
+    final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"].reshape(-1, 32)
+    assert torch.allclose(res.final_resid, final, atol=1e-6)  # the clean side of every ablation
 
 
 def test_memory_budget_lowers_the_kept_firings_and_the_batch():
@@ -293,8 +295,10 @@ def test_ablation_equals_the_logit_change_of_a_whole_hooked_pass(hook):
         return resid - sae.encode(resid)[..., f, None] * sae.W_dec[f]
 
     diff = (model(rows) - model.run_with_hooks(rows, fwd_hooks=[(hook, remove)])).reshape(-1, 24)[positions]
+    clean = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"].reshape(-1, 32)[positions]
     for rows_per_pass in (1, 2, 3):  # the SAE's code of a pass is [rows, 10 columns, 8 features]
-        got = ic.ablation_effects(model, sae, f, rows, positions, top, chunk_elements=80 * rows_per_pass)
+        got = ic.ablation_effects(model, sae, f, rows, positions, top, clean=clean,
+                                  chunk_elements=80 * rows_per_pass)
         assert torch.allclose(got, diff[:, top].mean(1) - diff.mean(1), atol=1e-5)
     assert got.abs().max() > 1e-3  # the ablation moves the logits: the comparison can fail
 

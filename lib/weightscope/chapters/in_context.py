@@ -280,14 +280,17 @@ def ablation_table(full, saes, res: ic.PassResult, feats: pd.DataFrame, output: 
                             ranked[~ranked["predicts"]].head(config.n_ablate // 2)])
         fir = res.firings[sae.layer]
         ids, _ = _ids(feats, sae.layer, "dec", config.k_out, sae.d_sae)
-        for r in chosen.itertuples():
+        picked = torch.tensor(chosen["feature"].to_numpy(), dtype=torch.long)
+        # one call per SAE: each call reads all of M_out for the vocabulary mean
+        centred_all = ic.centred_scores(sae.W_dec[picked].cpu(), M_out, ids[picked])  # [len(chosen)]
+        for i, r in enumerate(chosen.itertuples()):
             sel = torch.nonzero(fir.feature == r.feature).squeeze(1)[: config.ablate_positions]
             pos, act = fir.position[sel], fir.act[sel]
             row_ids = torch.unique(pos // row_len)
             local = torch.searchsorted(row_ids, pos // row_len) * row_len + pos % row_len
-            total = ic.ablation_effects(full, sae, int(r.feature), res.tokens[row_ids], local, ids[r.feature])
-            centred = ic.centred_scores(sae.W_dec[[r.feature]].cpu(), M_out, ids[[r.feature]])
-            direct = ic.direct_effects(act, res.final_scale[pos], centred.expand(len(pos)))
+            total = ic.ablation_effects(full, sae, int(r.feature), res.tokens[row_ids], local, ids[r.feature],
+                                        clean=res.final_resid[pos])
+            direct = ic.direct_effects(act, res.final_scale[pos], centred_all[i].expand(len(pos)))
             rows.append({"layer": sae.layer, "feature": int(r.feature), "predicts": bool(r.predicts),
                          "positions": len(pos), "direct": float(direct.mean()), "total": float(total.mean()),
                          "direct share": float(direct.sum() / total.sum()) if float(total.sum()) else np.nan})

@@ -53,7 +53,8 @@ class PassResult:
     tokens: int64 [rows, row_len]; final_scale: fp32 [rows * row_len], the final norm's divisor per position
     (1 without a norm); attn_scale: {layer: fp32 [rows * row_len]}, `blocks.{layer}.ln1`'s divisor;
     firings: {SAE layer: Firings}; evaluated: bool [rows * row_len], positions that may count as firings
-    (not BOS, not the last of a row, whose next token is unknown).
+    (not BOS, not the last of a row, whose next token is unknown); final_resid: [rows * row_len, d_model] in
+    the model's dtype on the CPU, the last block's output (the clean side of `ablation_effects`).
     """
 
     tokens: Tensor
@@ -61,6 +62,7 @@ class PassResult:
     attn_scale: dict[int, Tensor]
     firings: dict[int, Firings]
     evaluated: Tensor
+    final_resid: Tensor | None = None
 
 
 class TopFirings:
@@ -128,7 +130,8 @@ def firing_pass(model, saes: list, tokens: Tensor, *, n_keep: int, batch_rows: i
     """
     rows, row_len = tokens.shape
     has_final = hasattr(model.ln_final, "hook_scale")
-    hooks = sorted({s.hook_name for s in saes}
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    hooks = sorted({s.hook_name for s in saes} | {last}
                    | ({_scale_hook("ln_final")} if has_final else set())
                    | {_scale_hook(f"blocks.{lay}.ln1") for lay in attn_layers
                       if hasattr(model.blocks[lay].ln1, "hook_scale")})
@@ -139,7 +142,9 @@ def firing_pass(model, saes: list, tokens: Tensor, *, n_keep: int, batch_rows: i
     evaluated = evaluated.reshape(-1)
     final_scale = torch.ones(rows * row_len)
     attn_scale = {lay: torch.ones(rows * row_len) for lay in attn_layers}
-    device = next(model.parameters()).device
+    weight = next(model.parameters())
+    device = weight.device
+    final_resid = torch.empty(rows * row_len, model.cfg.d_model, dtype=weight.dtype)
     kept = {s.layer: TopFirings(s.d_sae, n_keep, device) for s in saes}
     bar = progress_bar(rows * row_len, progress, "activation pass", unit="token")
     try:
@@ -149,6 +154,7 @@ def firing_pass(model, saes: list, tokens: Tensor, *, n_keep: int, batch_rows: i
             _, cache = model.run_with_cache(batch.to(device), names_filter=hooks, return_type=None)
             first = start * row_len
             span = slice(first, first + batch.numel())
+            final_resid[span] = cache[last].reshape(-1, model.cfg.d_model).cpu()
             if has_final:
                 final_scale[span] = cache[_scale_hook("ln_final")].reshape(-1).float().cpu()
             for lay in attn_scale:
@@ -165,7 +171,7 @@ def firing_pass(model, saes: list, tokens: Tensor, *, n_keep: int, batch_rows: i
         bar.close()
     firings = {lay: top.firings() for lay, top in kept.items()}
     return PassResult(tokens=tokens, final_scale=final_scale, attn_scale=attn_scale, firings=firings,
-                      evaluated=evaluated)
+                      evaluated=evaluated, final_resid=final_resid)
 
 
 def set_hit_rates(feature: Tensor, token: Tensor, top_ids: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
@@ -243,44 +249,44 @@ def _final_residual(model, inp: Tensor, where, hooks=(), **kwargs) -> Tensor:
     return got["x"]
 
 
-def _clean_and_ablated(model, hook_name: str, tokens: Tensor, where, remove, start: int | None):
-    """Final residuals [m, d_model] at (row, column) pairs `where` of token rows [r, n], clean and with
-    `remove` applied at `hook_name`; from block `start` on (`stream_start`) when the site is a residual
-    stream."""
-    site = {}
-
-    def keep_site(resid, hook):
-        site["x"] = resid
-
-    clean = _final_residual(model, tokens, where, [(hook_name, keep_site)])
+def _ablated(model, hook_name: str, tokens: Tensor, where, remove, start: int | None) -> Tensor:
+    """Final residuals [m, d_model] at (row, column) pairs `where` of token rows [r, n] with `remove` applied at
+    `hook_name`. A residual site (`stream_start`: block `start` reads it) is reached by a pass that stops
+    there, and only the blocks after it run on the changed stream; any other site, one hooked pass."""
     if start is None:
-        return clean, _final_residual(model, tokens, where, [(hook_name, remove)])
+        return _final_residual(model, tokens, where, [(hook_name, remove)])
+    site = model(tokens, stop_at_layer=start)  # [r, n, d_model]: the stream block `start` reads
     if start == model.cfg.n_layers:
-        return clean, remove(site["x"], None)[where]
-    return clean, _final_residual(model, remove(site["x"], None), where, start_at_layer=start)
+        return remove(site, None)[where]
+    return _final_residual(model, remove(site, None), where, start_at_layer=start)
 
 
 @torch.no_grad()
 def ablation_effects(model, sae, feature: int, rows: Tensor, positions: Tensor, top_ids: Tensor, *,
-                     chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
+                     clean: Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
     """fp32 [len(positions)]: the change of the top tokens' logits (against the vocabulary mean) at
     `positions` when `feature` is removed from the SAE's site at every position of `rows`.
 
-    rows: int64 [r, row_len] token rows; positions: int64 [m] indices into rows.reshape(-1). Removing means
-    subtracting activation x decoder row at the site (the SAE's reconstruction error and other features
-    stay), so the change is the feature's total effect through every later layer, not only the direct path.
-    The rows with a wanted position run together, as many per pass as keep the SAE's code of a pass
-    ([rows, columns, d_sae]) within `chunk_elements`, cut after the group's last wanted column (a causal
-    model's earlier positions do not see later ones); on a residual site the ablated pass starts at the
-    site's block from the clean pass's stream. (One pass per row cost 120 of the chapter's 458 s at 12
-    GPT-2-width layers: 1,526 single-row passes.)
+    rows: int64 [r, row_len] token rows; positions: int64 [m] indices into rows.reshape(-1); clean:
+    [m, d_model] the unchanged model's final residuals there (`PassResult.final_resid`: the activation pass
+    ran the whole model over these rows already). Removing means subtracting activation x decoder row at
+    the site (the SAE's reconstruction error and other features stay), so the change is the feature's total
+    effect through every later layer, not only the direct path. The rows with a wanted position run
+    together, as many per pass as keep the SAE's code of a pass ([rows, columns, d_sae]) within
+    `chunk_elements`, cut after the group's last wanted column (a causal model's earlier positions do not
+    see later ones); on a residual site a pass stops at the site and the ablated one starts there (`_ablated`).
+    (One pass per row cost 120 of the chapter's 458 s at 12 GPT-2-width layers: 1,526 single-row passes;
+    a clean pass through every block, besides the activation pass's, 35% of the ablations' FLOPs.)
     """
     device = next(model.parameters()).device
     d = sae.W_dec[feature].to(device)
     start = stream_start(model, sae.hook_name)
     rows, positions = rows.to(device), positions.to(device)
+    if clean.shape[0] != len(positions):
+        raise ValueError(f"clean has {clean.shape[0]} final residuals for {len(positions)} positions; pass "
+                         "the activation pass's `final_resid` at those positions.")
     row_of, col = positions // rows.shape[1], positions % rows.shape[1]
-    order, clean, ablated = [], [], []
+    order, ablated = [], []
 
     def remove(resid, hook):
         a = sae.sae.encode(resid.to(sae.W_dec.dtype))[..., feature]  # [r, pos]
@@ -291,17 +297,14 @@ def ablation_effects(model, sae, feature: int, rows: Tensor, positions: Tensor, 
         sel = torch.nonzero(torch.isin(row_of, group)).squeeze(1)
         width = int(col[sel].max()) + 1
         where = (torch.searchsorted(group, row_of[sel]), col[sel])
-        c, a = _clean_and_ablated(model, sae.hook_name, rows[group, :width], where, remove, start)
-        clean.append(c)
-        ablated.append(a)
+        ablated.append(_ablated(model, sae.hook_name, rows[group, :width], where, remove, start))
         order.append(sel)
+    changed = ablated[0].new_empty(len(positions), ablated[0].shape[1])
+    changed[torch.cat(order)] = torch.cat(ablated)  # back in the order of `positions`
     # one unembedding for every group (TransformerLens copies a tied W_U on each call)
-    logits = final_logits(model, torch.cat(clean + ablated))  # [2m, d_vocab]
+    logits = final_logits(model, torch.cat([clean.to(device=device, dtype=changed.dtype), changed]))  # [2m, V]
     diff = logits[:len(positions)] - logits[len(positions):]
-    effect = diff[:, top_ids.to(device)].mean(1) - diff.mean(1)
-    out = torch.empty(len(positions), device=device)
-    out[torch.cat(order)] = effect
-    return out.cpu()
+    return (diff[:, top_ids.to(device)].mean(1) - diff.mean(1)).cpu()
 
 
 def folded_projections(model, layer: int, head: int, D: Tensor) -> tuple[Tensor, Tensor]:
