@@ -279,6 +279,17 @@ def test_qk_pairs_match_full_bilinear_matrix(chunk_size, sign, key):
     assert_valid_top_pairs(result, S, 9, key)
 
 
+def test_qk_pairs_default_cpu_chunks_are_cache_sized_score_blocks(monkeypatch):
+    chunks, original = [], A._qk_chunk
+    monkeypatch.setattr(A, "_qk_chunk", lambda c, *a: chunks.append(len(c)) or original(c, *a))
+    monkeypatch.setattr(A, "CPU_BLOCK_BYTES", 4 * 17 * 5)  # five rows of 17 fp32 scores
+    Dq, Dk = randn(13, 10, seed=12), randn(17, 10, seed=13)
+    W_Q, W_K = randn(10, 3, seed=14), randn(10, 3, seed=15)
+    result = A.qk_pairs(Dq, Dk, W_Q, W_K, top=9)
+    assert chunks == [5, 5, 3]
+    assert_valid_top_pairs(result, ((Dq @ W_Q) @ (Dk @ W_K).T).double().numpy(), 9, np.abs)
+
+
 def test_qk_pairs_with_ties_and_more_pairs_than_exist():
     Dq = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # two identical query features: tied scores
     Dk = torch.tensor([[2.0, 0.0], [0.0, -3.0]])

@@ -115,7 +115,7 @@ def test_fp32_matches_naive(d_vocab, chunk_size, fused):
 def test_row_blocks_within_a_chunk_match_naive(monkeypatch, dtype, fused):
     # On CPU a chunk is processed in cache-sized row blocks; make them 3 rows so chunks of 10 split 3+3+3+1.
     D, M = gaussian(25, 16, 1100, seed=16)
-    monkeypatch.setattr(K, "_CPU_BLOCK_BYTES", 3 * 4 * 1100)
+    monkeypatch.setattr(K, "CPU_BLOCK_BYTES", 3 * 4 * 1100)
     result = K.token_score_stats(D.to(dtype), M.to(dtype), k=4, chunk_size=10, progress=False, fused=fused)
     if dtype == torch.float32:
         assert_matches_naive(result, naive(D, M), rtol=1e-4, atol_scale=1e-5)

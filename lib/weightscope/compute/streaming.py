@@ -14,6 +14,9 @@ import torch
 from weightscope.config.paths import progress_enabled
 
 _CPU_BUDGET_BYTES = 1 << 30  # a conservative working-set budget on CPU
+# Rows of scores reduced at once on a CPU: a few MiB stays in L2/L3 cache (and below glibc's mmap threshold,
+# so the block's memory is reused rather than mapped and zeroed afresh each time)
+CPU_BLOCK_BYTES = 8 << 20
 _CUDA_FREE_FRACTION = 0.5  # leave the rest of free GPU memory to fragmentation and other users
 
 

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from rapidfuzz.distance import Levenshtein
 from torch import Tensor
 
-from weightscope.compute.streaming import auto_chunk_size, is_oom, progress_bar, release_cache
+from weightscope.compute.streaming import (CPU_BLOCK_BYTES, auto_chunk_size, is_oom, progress_bar,
+                                           release_cache)
 
 if TYPE_CHECKING:  # pandas is only needed by `stats_frame`
     import pandas as pd
@@ -51,7 +52,6 @@ __all__ = [
 STAT_NAMES = ("max", "min", "mean", "std", "top_z", "skew", "kurtosis", "entropy")
 
 _TOPK_GROUP = 64  # columns per group in the two-stage top-k (see `_topk`)
-_CPU_BLOCK_BYTES = 8 << 20  # rows of scores handled at once on CPU: a few MiB stays in L2/L3 cache
 _EXP_FLOOR = -87.0  # exp(-87) ~ 1.6e-38, just above fp32's smallest normal number
 _FUSE_MIN_SCORES = 1 << 26  # auto-fuse from ~67M scores a call: below, the compile (seconds) outweighs the gain
 
@@ -267,7 +267,7 @@ def _chunk_stats(D_chunk: Tensor, M: Tensor, k: int, *, fused: bool = False) -> 
     """
     S = D_chunk @ M  # [c, d_vocab], the only chunk-sized tensor
     c, d_vocab = S.shape
-    block = c if S.device.type != "cpu" else max(1, min(c, _CPU_BLOCK_BYTES // (4 * d_vocab)))
+    block = c if S.device.type != "cpu" else max(1, min(c, CPU_BLOCK_BYTES // (4 * d_vocab)))
     scratch = None if fused else torch.empty(block, d_vocab, device=S.device)  # fp32, reused by every block
     parts = [_block_stats(S[i : i + block], k, scratch) for i in range(0, c, block)]
     if len(parts) == 1:
