@@ -68,8 +68,9 @@ FLOP_MODEL = {
                         "d_mlp x 2, and the blocks through the last SAE's hook",
     "07_in_context": "the activation pass n_tokens x L x (block + encode d_model x d_sae x 2); the ablations, per "
                      "SAE layer l: n_ablate x ablate_positions x row_len / 2 tokens (each row cut after its "
-                     "position) x L blocks (the clean stream up to the site, the ablated one after it; the clean "
-                     "final residual is the activation pass's); block = the weight matrices x 2 per token",
+                     "position) x L blocks (the clean stream up to the site, the ablated one after it; "
+                     "the clean final residual is the activation pass's); block = the weight matrices x 2 "
+                     "per token",
 }
 
 
@@ -164,14 +165,16 @@ def flops_table() -> str:
 # model, at most the same size, and the full model one after the other), "sae" one SAE
 # (chapters that stream them), "saes" / "att_saes" every residual / hook_z SAE, and its largest working set:
 # "chunk" the streaming budget (`compute.streaming.memory_budget`: 1 GiB on a CPU with 4 GiB free; chapter 6
-# streams chapter 1's lens and encodes its held-out code in 64 MB chunks; chapter 4 its write lens and reads), "acts" chapter 4's layer pass (the
-# activations over the held-out text, [rows x ctx x d_sae], encoded in 64 MB chunks), "budget" chapter 7's
-# `memory_mb`, "final" chapter 7's final residual at every position of its text ([n_tokens x d_model], the
-# clean side of its ablations). Chapter 0 shows the weights-only model and its SAEs (`SAESequence`: one at a time), then builds
-# the full model for generation.
+# streams chapter 1's lens and encodes its held-out code in 64 MB chunks; chapter 4 streams its write lens and
+# residual reads), "acts" chapter 4's layer pass (the activations over the held-out text,
+# [rows x ctx x d_sae], encoded in 64 MB chunks), "budget" chapter 7's `memory_mb`, "final" chapter 7's final
+# residual at every position of its text ([n_tokens x d_model], the clean side of its ablations). Chapter 0
+# shows the weights-only model and its SAEs (`SAESequence`: one at a time), then builds the full model for
+# generation.
 HOLDS = {"00_demo_model": ("weights", "sae", "full"), "01_output_tokens": ("weights", "sae", "chunk"),
          "02_attention": ("weights", "sae", "chunk"), "03_semantic_populations": ("tables",),
-         "04_attention_saes": ("full", "saes", "att_saes", "acts", "chunk"), "05_context_neurons": ("full", "chunk"),
+         "04_attention_saes": ("full", "saes", "att_saes", "acts", "chunk"),
+         "05_context_neurons": ("full", "chunk"),
          "06_ffkv_baseline": ("full", "saes", "chunk"), "07_in_context": ("full", "saes", "budget", "final")}
 
 

@@ -127,7 +127,8 @@ def _pass(tokens, feature, position, act, d_sae):
     evaluated = torch.ones_like(flat, dtype=torch.bool)
     evaluated.view(tokens.shape)[:, -1] = False
     fir = ic.Firings(feature, position, act, torch.bincount(feature, minlength=d_sae))
-    return ic.PassResult(tokens, torch.ones(len(flat)), {}, {0: fir}, evaluated)
+    return ic.PassResult(tokens, torch.ones(len(flat)), {}, {0: fir}, evaluated,
+                         final_resid=torch.zeros(len(flat), 1))  # no ablation reads it here
 
 
 def test_a_feature_along_one_tokens_unembedding_scores_precision_one_where_it_follows():

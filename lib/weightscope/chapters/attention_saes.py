@@ -41,8 +41,8 @@ from weightscope.config.paths import progress_enabled
 
 FAMILIES = ("induction", "short-range context", "long-range context")
 _QUANTILES = ("q_link", "mono_frac", "own_share_min", "short_mass_min", "induction_min")
-_POSITIVE = ("top_k", "n_null", "n_null_reads", "text_rows", "text_ctx", "dfa_features", "n_examples", "min_fires",
-             "induction_len", "induction_rows", "min_sources")
+_POSITIVE = ("top_k", "n_null", "n_null_reads", "text_rows", "text_ctx", "dfa_features", "n_examples",
+             "min_fires", "induction_len", "induction_rows", "min_sources")
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ class PassResult:
     attn_scale: dict[int, Tensor]
     firings: dict[int, Firings]
     evaluated: Tensor
-    final_resid: Tensor | None = None
+    final_resid: Tensor
 
 
 class TopFirings:
@@ -250,8 +250,8 @@ def _final_residual(model, inp: Tensor, where, hooks=(), **kwargs) -> Tensor:
 
 
 def _ablated(model, hook_name: str, tokens: Tensor, where, remove, start: int | None) -> Tensor:
-    """Final residuals [m, d_model] at (row, column) pairs `where` of token rows [r, n] with `remove` applied at
-    `hook_name`. A residual site (`stream_start`: block `start` reads it) is reached by a pass that stops
+    """Final residuals [m, d_model] at (row, column) pairs `where` of token rows [r, n] with `remove` applied
+    at `hook_name`. A residual site (`stream_start`: block `start` reads it) is reached by a pass that stops
     there, and only the blocks after it run on the changed stream; any other site, one hooked pass."""
     if start is None:
         return _final_residual(model, tokens, where, [(hook_name, remove)])
@@ -274,7 +274,8 @@ def ablation_effects(model, sae, feature: int, rows: Tensor, positions: Tensor, 
     effect through every later layer, not only the direct path. The rows with a wanted position run
     together, as many per pass as keep the SAE's code of a pass ([rows, columns, d_sae]) within
     `chunk_elements`, cut after the group's last wanted column (a causal model's earlier positions do not
-    see later ones); on a residual site a pass stops at the site and the ablated one starts there (`_ablated`).
+    see later ones); on a residual site a pass stops at the site and the ablated one starts there
+    (`_ablated`).
     (One pass per row cost 120 of the chapter's 458 s at 12 GPT-2-width layers: 1,526 single-row passes;
     a clean pass through every block, besides the activation pass's, 35% of the ablations' FLOPs.)
     """
@@ -302,7 +303,8 @@ def ablation_effects(model, sae, feature: int, rows: Tensor, positions: Tensor, 
     changed = ablated[0].new_empty(len(positions), ablated[0].shape[1])
     changed[torch.cat(order)] = torch.cat(ablated)  # back in the order of `positions`
     # one unembedding for every group (TransformerLens copies a tied W_U on each call)
-    logits = final_logits(model, torch.cat([clean.to(device=device, dtype=changed.dtype), changed]))  # [2m, V]
+    clean = clean.to(device=device, dtype=changed.dtype)
+    logits = final_logits(model, torch.cat([clean, changed]))  # [2m, d_vocab]
     diff = logits[:len(positions)] - logits[len(positions):]
     return (diff[:, top_ids.to(device)].mean(1) - diff.mean(1)).cpu()
 
