@@ -263,17 +263,24 @@ def test_co_firings_pairs_key_at_or_before_the_query_in_the_same_row():
 
 
 @pytest.mark.parametrize("norm,softcap", [("RMS", 0.0), ("LN", 0.0), (None, 0.0), ("RMS", 2.0)])
-def test_final_logits_equal_the_forward_pass_logits(norm, softcap):
+def test_final_logits_equal_the_forward_pass_logits(norm, softcap, monkeypatch):
     """Logits of the wanted positions alone, from the final residual: the whole pass's logits (a soft cap
-    small enough to bend them, so that a missed cap fails)."""
+    small enough to bend them, so that a missed cap fails; an unembedding bias, so that a missed one does),
+    without TransformerLens's `Unembed`, which copies W_U's transpose on every call."""
+    from transformer_lens.components import Unembed
+
+    from weightscope.compute.passes import final_logits
+
     model = tiny_model(norm=norm, softcap=softcap)
     with torch.no_grad():
         model.W_U.mul_(8)
+        model.unembed.b_U.copy_(torch.randn(24, generator=torch.Generator().manual_seed(5)))
     rows = torch.randint(0, 24, (3, 12), generator=torch.Generator().manual_seed(4))
     positions = torch.tensor([0, 5, 14, 26, 30])
     logits, cache = model.run_with_cache(rows)
     final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"].reshape(-1, 32)[positions]
-    assert torch.allclose(ic.final_logits(model, final), logits.reshape(-1, 24)[positions], atol=1e-5)
+    monkeypatch.setattr(Unembed, "forward", lambda *a, **k: pytest.fail("went through Unembed"))
+    assert torch.allclose(final_logits(model, final), logits.reshape(-1, 24)[positions], atol=1e-5)
 
 
 @pytest.mark.parametrize("hook", ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.0.hook_resid_post",

@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from weightscope.compute.passes import final_logits
 from weightscope.load.models import PAPER_MODELS, describe
 
 
@@ -25,7 +26,8 @@ def greedy_generate(model, prompt: str, n_tokens: int) -> torch.Tensor:
     """Greedy continuation: [1 + len(prompt tokens) + n_tokens] ids, BOS first (stops early at BOS/EOS).
 
     With a key-value cache (TransformerLens's): the prompt runs once, then one position per new token, so
-    n tokens cost n positions' passes, not the n^2 / 2 of rerunning the whole sequence each time.
+    n tokens cost n positions' passes, not the n^2 / 2 of rerunning the whole sequence each time. Each step
+    stops after the last block and unembeds only the last position (`final_logits`).
     """
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
@@ -34,7 +36,8 @@ def greedy_generate(model, prompt: str, n_tokens: int) -> torch.Tensor:
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
     step = ids
     for _ in range(n_tokens):
-        next_id = model(step, past_kv_cache=cache)[0, -1].argmax()
+        resid = model(step, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)  # [1, pos, d_model]
+        next_id = final_logits(model, resid[0, -1:])[0].argmax()
         if int(next_id) in stop:
             break
         step = next_id.view(1, 1)

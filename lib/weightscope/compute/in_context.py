@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from transformer_lens.utilities.activation_functions import apply_softcap
 
 from weightscope.compute.attention import read_by_layer, rotate_queries
+from weightscope.compute.passes import final_logits
 from weightscope.compute.streaming import CHUNK_ELEMENTS, progress_bar
 from weightscope.load.saes import hook_layer
 
@@ -218,15 +218,6 @@ def direct_effects(act: Tensor, scale: Tensor, centred: Tensor) -> Tensor:
     return act.float() / scale.float() * centred.float()
 
 
-def final_logits(model, x: Tensor) -> Tensor:
-    """fp32 [m, d_vocab]: logits from final residuals x [m, d_model] (the last block's `hook_resid_post`), as
-    the forward pass computes them: final norm, unembedding, soft cap."""
-    x = x[:, None]  # [m, 1, d_model]: the norm and unembedding take a position axis
-    if model.cfg.normalization_type is not None:
-        x = model.ln_final(x)
-    return apply_softcap(model.unembed(x)[:, 0], model.cfg.output_logits_soft_cap).float()
-
-
 def stream_start(model, hook_name: str) -> int | None:
     """The block whose input is the stream at `hook_name`: L for blocks.L.hook_resid_pre, L + 1 for
     blocks.L.hook_resid_post (n_layers: the final residual); None for any other hook."""
@@ -302,7 +293,7 @@ def ablation_effects(model, sae, feature: int, rows: Tensor, positions: Tensor, 
         order.append(sel)
     changed = ablated[0].new_empty(len(positions), ablated[0].shape[1])
     changed[torch.cat(order)] = torch.cat(ablated)  # back in the order of `positions`
-    # one unembedding for every group (TransformerLens copies a tied W_U on each call)
+    # one unembedding for every group
     clean = clean.to(device=device, dtype=changed.dtype)
     logits = final_logits(model, torch.cat([clean, changed]))  # [2m, d_vocab]
     diff = logits[:len(positions)] - logits[len(positions):]
