@@ -7,19 +7,24 @@ its main products, as a user running `python -m weightscope.publish.book` would 
 A random checkpoint of the target's real width and vocabulary (`tests/realwidth.py`) and SAE folders in its
 releases' formats and widths (encoders calibrated to a mean L0 of about 32, as released SAEs fire: the
 results' `saes` entry records the L0 measured on random tokens) are written to a temporary folder (removed
-afterwards), named in a params file with `processing: auto` and `attn_saes`, and the book runner executes
-each chapter in turn in a fresh process (`--chapters NN --no-html`, chapter defaults). Measured per chapter:
+afterwards), named in a params file with `processing: auto` and `attn_saes`, and one book runner executes the
+chapters in turn, as `make book` does (`--chapters ... --no-html --force`, chapter defaults: one pre-flight,
+one start, a fresh kernel per chapter). Measured per chapter, between the runner's lines that start and end it:
 
-* wall: seconds of the runner's process, kernel start and pre-flight included; cpu: the CPU seconds (user +
-  system) of the runner and its kernel, which on a shared machine say more than the wall time (with every
-  core to itself a chapter's wall time is about cpu / cores where its products use them all);
+* wall: seconds from the chapter's start line to its end line (its kernel's start included; the runner's own
+  start and pre-flight are the whole run's, `run`); cpu: the CPU seconds (user + system) of the runner and
+  its kernel, each process at its last 0.2 s sample, which on a shared machine say more than the wall time
+  (with every core to itself a chapter's wall time is about cpu / cores where its products use them all);
 * peak RSS: the largest resident set of the runner and its kernel (sampled every 0.2 s; the kernel is where the
   chapter runs), and the largest sum over that process tree; peak GPU memory where the target runs on a GPU
   (`torch.cuda.max_memory_allocated` is in the kernel, so `GpuPeak` samples the card's used memory through
   NVML instead, less what was in use before the chapter started: the whole card, so run nothing else on it);
 * flops: the main products' multiply-adds x 2, counted from the dimensions (`FLOP_MODEL` says which); FLOP/s =
   flops / wall, a lower bound on the rate of the products themselves;
-* page_mb: the executed notebook's size (its figures' data included), what the HTML page will carry.
+* page_mb: the executed notebook's size (its figures' data included), what the HTML page will carry;
+* slow_cells: the cells that took 2 s or more (papermill's durations), where the chapter's time went.
+
+The whole run (`run`): the runner's wall and CPU seconds, start to exit: what a user waits for.
 
 Results go to bench/results/book-<device>-<date>-<arch>-L<layers>.json (`weightscope.io.atomic_write_json`),
 rewritten after each chapter (`"complete": false` until the last), so an interrupted run keeps what it measured.
@@ -32,6 +37,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -231,16 +237,26 @@ def memory_table(result: dict) -> str:
 
 
 class TreePeak:
-    """Peak RSS of a process and its descendants, sampled every `interval` seconds in a thread."""
+    """Peak RSS of a process and its descendants, sampled every `interval` seconds in a thread, since the last
+    `mark` (a chapter's start); and the CPU seconds (user + system) of every process of the tree seen so far,
+    each at its last sample (a process's last 0.2 s may be missed)."""
 
     def __init__(self, pid: int, interval: float = 0.2):
         import psutil
 
         self.root, self.interval = psutil.Process(pid), interval
         self.max_one = self.max_sum = 0
+        self._cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+
+    def mark(self) -> None:
+        """Start the peaks afresh (the previous chapter's kernel has exited)."""
+        self.max_one = self.max_sum = 0
+
+    def cpu(self) -> float:
+        return sum(self._cpu.values())
 
     def _run(self):
         import psutil
@@ -251,7 +267,10 @@ class TreePeak:
                 rss = []
                 for p in procs:
                     try:
-                        rss.append(p.memory_info().rss)
+                        with p.oneshot():
+                            rss.append(p.memory_info().rss)
+                            t = p.cpu_times()
+                            self._cpu[p.pid] = t.user + t.system
                     except psutil.Error:
                         pass
                 self.max_one = max(self.max_one, max(rss, default=0))
@@ -282,6 +301,11 @@ class GpuPeak:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+
+    def mark(self) -> None:
+        """Start the peak afresh (a new chapter)."""
+        if self.peak is not None:
+            self.peak = 0
 
     def _used(self) -> int:
         return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used
@@ -332,24 +356,86 @@ def baseline_rss_gb(env: dict) -> float:
     return round(int(out.stdout.strip().splitlines()[-1]) * 1024 / 1e9, 2)  # VmHWM is in kB
 
 
-def run_chapter(stem: str, params: Path, env: dict, log: Path) -> dict:
-    """One chapter through the book runner in a fresh process: rc, wall, peak memory."""
-    cmd = [sys.executable, "-m", "weightscope.publish.book", "--target", str(params), "--chapters", stem[:2],
-           "--no-html", "--force"]
+# the runner's lines around each chapter (`weightscope.publish.book._run_chapters`) and a skipped chapter's
+START = re.compile(r"^\[book \d+/\d+\] \S+: (\S+) \.\.\.$")
+END = re.compile(r"^\[book \d+/\d+\] \S+: (\S+) (executed|reused) \(\d+ s\)$")
+SKIP = re.compile(r"^\[book\] \S+: (\S+) skipped: ")
+
+
+def run_book(stems: list[str], params: Path, env: dict, log: Path, done=None) -> tuple[dict[str, dict], dict]:
+    """The chapters through one book runner, as `make book` runs them (one pre-flight, one start):
+    ({stem: rc, wall, cpu, peak memory, last lines}, {rc, wall_s, cpu_s of the whole run}). A chapter's wall
+    time runs from the runner's line that starts it to the line that ends it (kernel start included); a
+    chapter that failed is timed to the runner's exit, and the chapters after it are not run. `done(stem,
+    entry)` is called as each chapter ends (while the next one runs: keep it short)."""
+    cmd = [sys.executable, "-m", "weightscope.publish.book", "--target", str(params), "--chapters",
+           *[s[:2] for s in stems], "--no-html", "--force"]
     import resource
 
+    chapters, lines, current = {}, [], None
     start, cpu0 = time.perf_counter(), _children_cpu(resource)
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                text=True, errors="replace")
         peak, gpu = TreePeak(proc.pid), GpuPeak()
+        for line in proc.stdout:
+            out.write(line)
+            out.flush()
+            lines.append(line.rstrip("\n"))
+            now, text = time.perf_counter(), line.strip()
+            if m := START.match(text):
+                peak.mark(), gpu.mark()
+                current, t0, c0, first = m.group(1), now, peak.cpu(), len(lines)
+            elif (m := END.match(text)) and m.group(1) == current:
+                chapters[current] = _chapter(0, now - t0, peak.cpu() - c0, peak, gpu, lines[first - 1:][-3:])
+                print(f"  {current}: {_summary(chapters[current])}", flush=True)
+                if done:
+                    done(current, chapters[current])
+                current = None
+            elif m := SKIP.match(text):
+                chapters[m.group(1)] = {"rc": 0, "wall_s": 0.0, "cpu_s": 0.0, "peak_rss_gb": 0.0,
+                                        "peak_tree_rss_gb": 0.0, "peak_gpu_gb": None, "last_lines": [text]}
         rc = proc.wait()
         peak.stop()
         gpu.stop()
-    wall, cpu = time.perf_counter() - start, _children_cpu(resource) - cpu0
-    tail = log.read_text(errors="replace").strip().splitlines()[-3 if rc == 0 else -30:]  # a failure's traceback
+    run = {"rc": rc, "wall_s": round(time.perf_counter() - start, 1),
+           "cpu_s": round(_children_cpu(resource) - cpu0, 1)}
+    if current is not None:  # the chapter that failed: its traceback is in the lines since it started
+        chapters[current] = _chapter(rc or 1, time.perf_counter() - t0, peak.cpu() - c0, peak, gpu,
+                                     lines[first - 1:][-30:])
+    for stem in stems:  # not reached: an earlier chapter failed, or the pre-flight stopped the run
+        chapters.setdefault(stem, {"rc": rc or 1, "wall_s": 0.0, "cpu_s": 0.0, "peak_rss_gb": 0.0,
+                                   "peak_tree_rss_gb": 0.0, "peak_gpu_gb": None, "not_run": True,
+                                   "last_lines": lines[-30:]})
+    if done:
+        for stem in stems:
+            done(stem, chapters[stem])  # again for those done during the run: idempotent
+    return {stem: chapters[stem] for stem in stems}, run
+
+
+def _chapter(rc: int, wall: float, cpu: float, peak: TreePeak, gpu: GpuPeak, tail: list[str]) -> dict:
     return {"rc": rc, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_gb": round(peak.max_one / 1e9, 2),
             "peak_tree_rss_gb": round(peak.max_sum / 1e9, 2),
             "peak_gpu_gb": None if gpu.peak is None else round(gpu.peak / 1e9, 2), "last_lines": tail}
+
+
+def _summary(r: dict) -> str:
+    gpu = f"  GPU {r['peak_gpu_gb']} GB" if r["peak_gpu_gb"] is not None else ""
+    return f"rc {r['rc']}  {r['wall_s']} s  cpu {r['cpu_s']} s  peak {r['peak_rss_gb']} GB{gpu}"
+
+
+def slow_cells(page: Path, at_least: float = 2.0) -> list[dict]:
+    """The executed notebook's cells that took at least `at_least` s (papermill's per-cell durations), with
+    their first line: where a chapter's time went."""
+    nb = json.loads(page.read_text())
+    out = []
+    for i, cell in enumerate(nb["cells"]):
+        duration = cell.get("metadata", {}).get("papermill", {}).get("duration")
+        if duration is not None and duration >= at_least:
+            source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+            first = source.strip().split("\n")[0][:100]
+            out.append({"cell": i, "s": round(duration, 1), "first_line": first})
+    return out
 
 
 def skipped(chapter: dict) -> bool:
@@ -394,6 +480,11 @@ def table(results: list[dict]) -> str:
             else:
                 row += " – | – |"
         lines.append(row)
+    runs = [r.get("run") for r in results]
+    if any(runs):  # one runner for every chapter: its whole time, start and pre-flight included
+        cells = [f"{r['wall_s']:.0f} · {r['cpu_s']:.0f}" if r else "one runner per chapter" for r in runs]
+        fill = " – | – |" if fit else ""
+        lines.append("| whole run (wall s · CPU s) | " + " | ".join(cells) + " |" + fill)
     return "\n".join(lines)
 
 
@@ -479,6 +570,10 @@ def floor(result: dict) -> str:
         wall, at_best = wall + c["wall_s"], at_best + t
         tflop = f"{flops[stem] / 1e12:.1f}" if flops[stem] else "–"
         lines.append(f"| {stem} | {tflop} | {c['wall_s']:,.0f} | {t:,.0f} |")
+    if "run" in result:  # the runner's start, pre-flight and the lines between chapters: no products
+        rest = result["run"]["wall_s"] - wall
+        wall, at_best = wall + rest, at_best + rest
+        lines.append(f"| the runner outside the chapters | – | {rest:,.0f} | {rest:,.0f} |")
     lines.append(f"| all | | {wall:,.0f} ({wall / 60:.1f} min) | {at_best:,.0f} ({at_best / 60:.1f} min) |")
     return "\n".join(lines)
 
@@ -553,26 +648,29 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         if args.logs:
             args.logs.mkdir(parents=True, exist_ok=True)
-        for stem in stems:
-            print(f"{stem} ...", flush=True)
-            r = run_chapter(stem, params, env, (args.logs or tmp) / f"{stem}.log")
+
+        def done(stem: str, r: dict) -> None:  # page, FLOPs, rate; the results so far survive an interruption
             page = next((book / params.stem).glob(f"{stem}*.ipynb"), None)
-            r["page_mb"] = round(page.stat().st_size / 1e6, 2) if page else None
-            if "tables" in HOLDS[stem] and r["rc"] == 0 and page:
-                r["tables_gb"] = tables_rss_gb(params, env)
-            flops = chapter_flops(stem, d, widths["d_sae"], widths["d_sae_att"], offset)
-            r["flops"] = flops
-            r["gflop_per_s"] = round(flops / r["wall_s"] / 1e9, 2) if flops and r["rc"] == 0 else None
+            ran = r["rc"] == 0 and page is not None and r["wall_s"] > 0
+            r["page_mb"] = round(page.stat().st_size / 1e6, 2) if ran else None
+            r["slow_cells"] = slow_cells(page) if ran else []
+            r["flops"] = chapter_flops(stem, d, widths["d_sae"], widths["d_sae_att"], offset)
+            r["gflop_per_s"] = round(r["flops"] / r["wall_s"] / 1e9, 2) if r["flops"] and ran else None
             chapters[stem] = r
-            gpu = f"  GPU {r['peak_gpu_gb']} GB" if r["peak_gpu_gb"] is not None else ""
-            print(f"  rc {r['rc']}  {r['wall_s']} s  cpu {r['cpu_s']} s  peak {r['peak_rss_gb']} GB{gpu}  "
-                  f"page {r['page_mb']} MB", flush=True)
-            atomic_write_json(out, result)  # what is measured so far survives an interrupted run
+            atomic_write_json(out, result)
+
+        print(f"{len(stems)} chapter(s) through one book runner ...", flush=True)
+        _, result["run"] = run_book(stems, params, env, (args.logs or tmp) / "book.log", done)
+        for stem in stems:  # after the run: measuring it in a second process would slow the next chapter
+            if "tables" in HOLDS[stem] and chapters[stem]["page_mb"] is not None:
+                chapters[stem]["tables_gb"] = tables_rss_gb(params, env)
+        print(f"  the whole run: rc {result['run']['rc']}  {result['run']['wall_s']} s  "
+              f"cpu {result['run']['cpu_s']} s", flush=True)
     result["machine"]["load_avg_end"] = os.getloadavg()
     result["complete"] = True
     atomic_write_json(out, result)
     print(f"wrote {out}")
-    return 0 if all(r["rc"] == 0 for r in chapters.values()) else 1
+    return 0 if result["run"]["rc"] == 0 and all(r["rc"] == 0 for r in chapters.values()) else 1
 
 
 if __name__ == "__main__":

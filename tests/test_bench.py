@@ -163,6 +163,43 @@ def test_book_floor_runs_every_product_at_the_best_rate_of_the_run():
     assert rows["all"].endswith(f"| {total:,.0f} ({total / 60:.1f} min) |")
 
 
+def test_book_floor_counts_the_runners_time_outside_the_chapters():
+    import bench_book
+
+    dims = dict(d_model=8, n_heads=2, n_kv=2, d_head=4, d_vocab=50, n_layers=1, d_mlp=32)
+    result = {"n_layers": 1, "date": "today", "dims": dims, "machine": {"cpus": 2},
+              "run": {"rc": 0, "wall_s": 20.0, "cpu_s": 9.0},
+              "saes": {"d_sae": 16, "d_sae_att": 16, "res_hook": "hook_resid_pre"},
+              "chapters": {"00_demo_model": {"rc": 0, "cpu_s": 3.0, "wall_s": 5.0, "page_mb": 0.1,
+                                             "peak_rss_gb": 1},
+                           "01_output_tokens": {"rc": 0, "cpu_s": 2.0, "wall_s": 7.0, "page_mb": 0.1,
+                                                "peak_rss_gb": 1}}}
+    f1 = bench_book.run_flops("01_output_tokens", result)
+    rows = {line.split(" | ")[0].strip("| "): line for line in bench_book.floor(result).splitlines()[4:]}
+    assert rows["the runner outside the chapters"].endswith("| – | 8 | 8 |")  # 20 - 5 - 7
+    at_best = 5.0 + f1 / (f1 / 2.0 * 2) + 8.0
+    assert rows["all"].endswith(f"| 20 (0.3 min) | {at_best:,.0f} ({at_best / 60:.1f} min) |")
+    assert "| whole run (wall s · CPU s) | 20 · 9 |" in bench_book.table([result])
+
+
+def test_book_bench_reads_the_runners_chapter_lines(monkeypatch, capsys):
+    """The benchmark times each chapter between the lines the book runner prints around it."""
+    import types
+
+    import bench_book
+
+    from weightscope.publish import book
+
+    monkeypatch.setattr(book, "_prepare", lambda target: None)
+    monkeypatch.setattr(book, "_set_run_status", lambda *a: None)
+    monkeypatch.setattr(book, "execute_chapter", lambda target, source, **kw: "executed")
+    book._run_chapters(types.SimpleNamespace(target="realwidth-gpt2"), [Path("02_attention.md")], None, False)
+    start, end = capsys.readouterr().out.splitlines()
+    assert bench_book.START.match(start).group(1) == "02_attention"
+    assert bench_book.END.match(end).group(1) == "02_attention"
+    assert not bench_book.START.match(end) and not bench_book.END.match(start)
+
+
 def test_book_memory_table_sets_peak_rss_beside_what_each_chapter_holds():
     import bench_book
 
