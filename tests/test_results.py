@@ -57,6 +57,23 @@ def test_list_columns_stay_arrow_backed_and_the_file_reads_in_plain_pandas():
         list_column(np.arange(4))
 
 
+def test_token_column_equals_the_list_column_of_the_token_strings(tmp_path):
+    """Arrow's gather gives the very column the Python lists gave, a missing token (None) included, and it
+    survives a round trip through parquet as the same dtype."""
+    import torch
+
+    from weightscope.compute.token_scores import token_column
+
+    vocab = ["a", " b", None, "\u2581c", "dd"]
+    ids = torch.tensor([[0, 3, 2], [4, 4, 1]])
+    want = list_column([[vocab[i] for i in row] for row in ids.tolist()])
+    got = token_column(vocab, ids)
+    assert got.dtype == want.dtype and [list(r) for r in got] == [list(r) for r in want]
+    path = tmp_path / "t.parquet"
+    pd.DataFrame({"tokens": got}).to_parquet(path)
+    assert pd.read_parquet(path, dtype_backend="pyarrow")["tokens"].dtype == want.dtype
+
+
 def test_missing_table_says_which_chapter_to_run():
     with pytest.raises(FileNotFoundError, match="Run the chapter 01_output_tokens first"):
         io.require_table("t", "nothing", produced_by="01_output_tokens")

@@ -23,12 +23,12 @@ from torch import Tensor
 from weightscope.compute.folding import fold_final_norm
 from weightscope.compute.token_scores import (
     content_token_ids,
-    list_column,
     mean_pairwise_cosine,
     mean_pairwise_string_similarity,
     random_directions_like,
     shuffled_rows,
     token_categories,
+    token_column,
     token_score_stats,
 )
 
@@ -106,8 +106,8 @@ def side_frame(D: Tensor, M: Tensor, E: Tensor, vocab: list[str], cfg: LensConfi
     df["string_sim"] = [mean_pairwise_string_similarity([vocab[i] for i in row]) for row in top.tolist()]
     df["emb_cos"] = mean_pairwise_cosine(top, E).numpy()
     df["neg_entropy"] = -df["entropy"]
-    df["top_tokens"] = list_column([[vocab[i] for i in row] for row in stats.top_ids.tolist()])
-    df["bottom_tokens"] = list_column([[vocab[i] for i in row] for row in stats.bottom_ids.tolist()])
+    df["top_tokens"] = token_column(vocab, stats.top_ids)
+    df["bottom_tokens"] = token_column(vocab, stats.bottom_ids)
     return df.rename(columns={c: f"{prefix}_{c}" for c in df.columns if c != "feature"})
 
 
