@@ -531,14 +531,21 @@ def test_chunked_topk_defaults_to_the_streaming_budget(monkeypatch):
     from weightscope.chapters import attention_saes as ch
 
     monkeypatch.setattr(ch, "auto_chunk_size", lambda width, dtype, device: 4)  # 4 rows of 50 scores
-    products, matmul = [], torch.Tensor.__matmul__
-    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: products.append(len(a)) or matmul(a, b))
+    products, buffers, matmul = [], set(), torch.matmul
+
+    def counted(a, b, *, out=None):
+        products.append(len(a))
+        buffers.add(None if out is None else out.data_ptr())
+        return matmul(a, b, out=out)
+
+    monkeypatch.setattr(torch, "matmul", counted)
     gen = torch.Generator().manual_seed(0)
     rows, M = torch.randn(10, 8, generator=gen), torch.randn(8, 50, generator=gen)
     vals, idx = ch.chunked_topk(rows, M, 5)
     monkeypatch.undo()
     whole = (rows @ M).topk(5, dim=-1)
     assert products == [4, 4, 2] and torch.equal(idx, whole.indices) and torch.allclose(vals, whole.values)
+    assert len(buffers) == 1 and None not in buffers  # on a CPU every chunk's scores go into one buffer
 
 
 def test_config_lists_every_problem_at_once():

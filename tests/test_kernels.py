@@ -256,14 +256,20 @@ def test_chunks_never_exceed_the_requested_or_budgeted_size(monkeypatch):
     seen = []
     original = K._chunk_stats
 
+    buffers = set()
+
     def recording(D_chunk, M, k, **kwargs):
         seen.append(D_chunk.shape[0])
+        assert kwargs["out"].shape == (D_chunk.shape[0], M.shape[1])  # the chunk's rows of the buffer
+        buffers.add(kwargs["out"].data_ptr())
         return original(D_chunk, M, k, **kwargs)
 
     monkeypatch.setattr(K, "_chunk_stats", recording)
     D, M = gaussian(20, 8, 250, seed=10)
-    K.token_score_stats(D, M, k=2, chunk_size=6, progress=False)
+    result = K.token_score_stats(D, M, k=2, chunk_size=6, progress=False)
     assert seen == [6, 6, 6, 2]
+    assert len(buffers) == 1  # on a CPU every chunk's scores go into one buffer
+    assert_matches_naive(result, naive(D, M), rtol=1e-4, atol_scale=1e-5)
 
     sizes = []
     for budget in (10_000, 20_000):  # automatic size: a few rows' working set (250 fp32 scores a row)

@@ -420,9 +420,13 @@ def chunked_topk(rows: torch.Tensor, M: torch.Tensor, n: int, *, keep: torch.Ten
     step = (auto_chunk_size(M.shape[1], torch.float32, M.device) if chunk_elements is None
             else max(1, chunk_elements // max(1, M.shape[1])))
     vals, idx = [], []
+    # one scores buffer for every chunk on a CPU (a fresh one per chunk is mapped and faulted in anew)
+    buffer = torch.empty(min(step, len(rows)), M.shape[1], dtype=M.dtype) if M.device.type == "cpu" else None
     bar = progress_bar(len(rows), desc is not None and progress_enabled(), desc or "")
     for i in range(0, len(rows), step):
-        scores = (rows[i:i + step].to(M.device, M.dtype) @ M).float()
+        chunk = rows[i:i + step].to(M.device, M.dtype)
+        out = None if buffer is None else buffer[:len(chunk)]
+        scores = (chunk @ M if out is None else torch.matmul(chunk, M, out=out)).float()
         if drop is not None:
             scores.index_fill_(1, drop, float("-inf"))
         v, j = scores.topk(n, dim=-1)
