@@ -339,3 +339,34 @@ def test_adopting_a_training_pins_its_exact_bytes(tiny_env, model, monkeypatch):
     (folder / "layer_1" / "metrics.json").write_text("{}")
     with pytest.raises(SAEError, match="layer_1/metrics.json is damaged"):
         saes.demo_sae_folder("test")
+
+
+@pytest.mark.parametrize("architecture,hook,k", [("standard", "hook_resid_pre", None),
+                                                 ("standard", "attn.hook_z", None),
+                                                 ("jumprelu", "hook_resid_post", None),
+                                                 ("topk", "hook_resid_post", 8)])
+def test_sae_decode_of_a_sparse_code_equals_the_dense_decode(tmp_path, architecture, hook, k):
+    """`saes.sae_decode` hands a code with few nonzero entries to sae-lens as a sparse tensor (on a CPU):
+    the same reconstruction as the dense code, for each architecture the book reads (hook_z reshaping
+    included); a dense code, and a code of zeros (the decoder's bias), too."""
+    import realwidth
+
+    hf = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4}
+    folder = realwidth.write_saes(tmp_path, hf, [0], architecture, 512, hook, k, {})
+    sae = saes.load_saes(str(folder))[0]
+    if hook.endswith("hook_z"):  # sae-lens learns d_head from the [.., heads, d_head] input it encodes
+        sae.sae.encode(torch.zeros(1, 4, 16))
+    gen = torch.Generator().manual_seed(0)
+    f = torch.zeros(6, 512)
+    rows, cols = torch.arange(6).repeat_interleave(2), torch.randint(0, 512, (12,), generator=gen)
+    f[rows, cols] = torch.rand(12, generator=gen)
+    dense = torch.randn(6, 512, generator=gen).relu()
+    with torch.no_grad():
+        for code in (f, dense, torch.zeros(1, 512)):
+            assert torch.allclose(saes.sae_decode(sae, code), sae.sae.decode(code), atol=1e-5)
+    sparse_calls = []
+    original = sae.sae.decode
+    sae.sae.decode = lambda code: sparse_calls.append(code.is_sparse) or original(code)
+    with torch.no_grad():
+        saes.sae_decode(sae, f), saes.sae_decode(sae, dense)
+    assert sparse_calls == [True, False]  # 12 of 3,072 entries: sparse; half of them nonzero: dense

@@ -48,7 +48,7 @@ from weightscope.compute.streaming import CHUNK_ELEMENTS, progress_bar
 from weightscope.compute.token_scores import random_directions_like
 from weightscope.config.params import ParamsError
 from weightscope.load import corpora
-from weightscope.load.saes import hook_layer
+from weightscope.load.saes import hook_layer, sae_decode
 
 DICTIONARIES = ("features", "neurons", "null")
 SIDES = {"dec": "output side (decoder-unembedding)", "enc": "input side (encoder-embedding)"}
@@ -614,7 +614,7 @@ def sae_code(sae, site: torch.Tensor, *, chunk_elements: int = CHUNK_ELEMENTS) -
     uses = torch.zeros(sae.d_sae, dtype=torch.long, device=site.device)
     for i in range(0, len(site), rows):
         f = sae.sae.encode(site[i:i + rows].to(sae.W_dec.dtype))
-        site_hat[i:i + rows] = sae.sae.decode(f).float()
+        site_hat[i:i + rows] = sae_decode(sae, f).float()
         uses += (f != 0).sum(0)
     return site_hat, uses
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from weightscope.compute.passes import BlockStream
+from weightscope.load.saes import sae_decode
 
 
 class DFAError(ValueError):
@@ -98,10 +99,11 @@ def value_decomposition(
     inner = getattr(res_sae, "sae", res_sae)
     acts = inner.encode(x[None].to(inner.W_dec.dtype))[0]
     active = torch.nonzero(acts).flatten()
-    recon_bias = inner.decode(torch.zeros_like(acts)[None])[0]  # b_dec (the decoder's value at zero)
+    recon_bias = sae_decode(inner, torch.zeros_like(acts)[None])[0]  # b_dec (the decoder's value at zero)
     one_hot = torch.zeros(len(active), acts.shape[0], dtype=acts.dtype, device=acts.device)  # beside the SAE
     one_hot[torch.arange(len(active), device=acts.device), active] = acts[active]
-    writes = inner.decode(one_hot) - recon_bias if len(active) else x.new_zeros(0, x.shape[0])  # [m, d_model]
+    # [m, d_model]; one_hot is as sparse as a code gets: `sae_decode` multiplies only its nonzero entries
+    writes = sae_decode(inner, one_hot) - recon_bias if len(active) else x.new_zeros(0, x.shape[0])
     error = x - writes.sum(0) - recon_bias
 
     def through_value(
