@@ -165,7 +165,7 @@ def firing_pass(model, saes: list, tokens: Tensor, *, n_keep: int, batch_rows: i
             for sae in saes:
                 site = cache[sae.hook_name].reshape(-1, sae.d_in)
                 acts = sae.sae.encode(site.to(sae.W_dec.dtype)).float()  # [batch tokens, d_sae]
-                kept[sae.layer].add(acts * ok[:, None], first)
+                kept[sae.layer].add(acts.mul_(ok[:, None]), first)  # in place: encode's output is new
             bar.update(batch.numel())
     finally:
         bar.close()
