@@ -247,12 +247,20 @@ class TreePeak:
         self.root, self.interval = psutil.Process(pid), interval
         self.max_one = self.max_sum = 0
         self._cpu: dict[int, float] = {}
+        self._before: set[int] = set()  # descendants alive at the last mark: left out of the peaks
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def mark(self) -> None:
-        """Start the peaks afresh (the previous chapter's kernel has exited)."""
+        """Start the peaks afresh: from now on they count the root and the processes started after this call
+        (the previous chapter's kernel may still be exiting, with its memory)."""
+        import psutil
+
+        try:
+            self._before = {p.pid for p in self.root.children(recursive=True)}
+        except psutil.Error:
+            self._before = set()
         self.max_one = self.max_sum = 0
 
     def cpu(self) -> float:
@@ -268,9 +276,10 @@ class TreePeak:
                 for p in procs:
                     try:
                         with p.oneshot():
-                            rss.append(p.memory_info().rss)
                             t = p.cpu_times()
                             self._cpu[p.pid] = t.user + t.system
+                            if p.pid not in self._before:
+                                rss.append(p.memory_info().rss)
                     except psutil.Error:
                         pass
                 self.max_one = max(self.max_one, max(rss, default=0))

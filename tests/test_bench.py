@@ -264,3 +264,30 @@ def test_a_failing_benchmark_is_recorded_and_the_others_still_run(tmp_path, monk
     assert report["complete"] and report["results"] == {"fine": {"x": 1}}
     assert report["errors"] == {"broken": "ValueError: planted"}
     assert "**broken: failed** (ValueError: planted)" in runner.tables(report, [])
+
+
+def test_book_peaks_leave_out_processes_alive_at_a_chapters_start():
+    """The previous chapter's kernel may still be exiting when the next chapter starts: after `mark`, the
+    peak counts the root and new processes only (and without a mark it counts the old child)."""
+    import time
+
+    import bench_book
+
+    code = ("import subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', "
+            "'import time; b = bytearray(300 * 2**20); b[::4096] = b\"x\" * len(b[::4096]); time.sleep(30)'])\n"
+            "time.sleep(30)\n")
+    root = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        time.sleep(2.0)  # the child holds its 300 MB by now
+        peak = bench_book.TreePeak(root.pid, interval=0.05)
+        time.sleep(0.5)
+        assert peak.max_one > 250e6  # the child, before any mark
+        peak.mark()
+        time.sleep(0.5)
+        assert peak.max_one < 150e6 and peak.max_sum < 150e6  # only the root: the child was there before
+        peak.stop()
+    finally:
+        for p in __import__("psutil").Process(root.pid).children(recursive=True):
+            p.kill()
+        root.kill()
