@@ -15,7 +15,8 @@ one start, a fresh kernel per chapter). Measured per chapter, between the runner
   start and pre-flight are the whole run's, `run`); cpu: the CPU seconds (user + system) of the runner and
   its kernel, each process at its last 0.2 s sample, which on a shared machine say more than the wall time
   (with every core to itself a chapter's wall time is about cpu / cores where its products use them all);
-* peak RSS: the largest resident set of the runner and its kernel (sampled every 0.2 s; the kernel is where the
+* peak RSS: the largest resident set of the runner and its kernel (sampled every 0.2 s since the previous
+  chapter ended, leaving out that chapter's kernel, which may still be exiting; the kernel is where the
   chapter runs), and the largest sum over that process tree; peak GPU memory where the target runs on a GPU
   (`torch.cuda.max_memory_allocated` is in the kernel, so `GpuPeak` samples the card's used memory through
   NVML instead, less what was in use before the chapter started: the whole card, so run nothing else on it);
@@ -44,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -371,14 +373,16 @@ END = re.compile(r"^\[book \d+/\d+\] \S+: (\S+) (executed|reused) \(\d+ s\)$")
 SKIP = re.compile(r"^\[book\] \S+: (\S+) skipped: ")
 
 
-def run_book(stems: list[str], params: Path, env: dict, log: Path, done=None) -> tuple[dict[str, dict], dict]:
+def run_book(stems: list[str], params: Path, env: dict, log: Path, done=None,
+             cmd: list[str] | None = None) -> tuple[dict[str, dict], dict]:
     """The chapters through one book runner, as `make book` runs them (one pre-flight, one start):
     ({stem: rc, wall, cpu, peak memory, last lines}, {rc, wall_s, cpu_s of the whole run}). A chapter's wall
     time runs from the runner's line that starts it to the line that ends it (kernel start included); a
     chapter that failed is timed to the runner's exit, and the chapters after it are not run. `done(stem,
-    entry)` is called as each chapter ends (while the next one runs: keep it short)."""
-    cmd = [sys.executable, "-m", "weightscope.publish.book", "--target", str(params), "--chapters",
-           *[s[:2] for s in stems], "--no-html", "--force"]
+    entry)` is called as each chapter ends (while the next one runs). cmd: the runner's command (default: the
+    book runner on `params`; a test passes a stand-in that prints the same lines)."""
+    cmd = cmd or [sys.executable, "-m", "weightscope.publish.book", "--target", str(params), "--chapters",
+                  *[s[:2] for s in stems], "--no-html", "--force"]
     import resource
 
     chapters, lines, current = {}, [], None
@@ -387,19 +391,20 @@ def run_book(stems: list[str], params: Path, env: dict, log: Path, done=None) ->
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                 text=True, errors="replace")
         peak, gpu = TreePeak(proc.pid), GpuPeak()
+        later = ThreadPoolExecutor(1)  # `done` calls, one at a time, in order
         for line in proc.stdout:
             out.write(line)
             out.flush()
             lines.append(line.rstrip("\n"))
             now, text = time.perf_counter(), line.strip()
             if m := START.match(text):
-                peak.mark(), gpu.mark()
                 current, t0, c0, first = m.group(1), now, peak.cpu(), len(lines)
             elif (m := END.match(text)) and m.group(1) == current:
                 chapters[current] = _chapter(0, now - t0, peak.cpu() - c0, peak, gpu, lines[first - 1:][-3:])
+                peak.mark(), gpu.mark()  # the next chapter's peaks: its kernel cannot have started yet
                 print(f"  {current}: {_summary(chapters[current])}", flush=True)
-                if done:
-                    done(current, chapters[current])
+                if done:  # in a thread of its own: the next line's time is taken as it arrives
+                    later.submit(done, current, chapters[current])
                 current = None
             elif m := SKIP.match(text):
                 chapters[m.group(1)] = {"rc": 0, "wall_s": 0.0, "cpu_s": 0.0, "peak_rss_gb": 0.0,
@@ -407,6 +412,7 @@ def run_book(stems: list[str], params: Path, env: dict, log: Path, done=None) ->
         rc = proc.wait()
         peak.stop()
         gpu.stop()
+        later.shutdown(wait=True)
     run = {"rc": rc, "wall_s": round(time.perf_counter() - start, 1),
            "cpu_s": round(_children_cpu(resource) - cpu0, 1)}
     if current is not None:  # the chapter that failed: its traceback is in the lines since it started
