@@ -240,8 +240,8 @@ def memory_table(result: dict) -> str:
 
 class TreePeak:
     """Peak RSS of a process and its descendants, sampled every `interval` seconds in a thread, since the last
-    `mark` (a chapter's start); and the CPU seconds (user + system) of every process of the tree seen so far,
-    each at its last sample (a process's last 0.2 s may be missed)."""
+    `mark` (the previous chapter's end); and the CPU seconds (user + system) of every process of the tree seen
+    so far, each at its last sample (a process's last 0.2 s may be missed)."""
 
     def __init__(self, pid: int, interval: float = 0.2):
         import psutil
@@ -407,8 +407,7 @@ def run_book(stems: list[str], params: Path, env: dict, log: Path, done=None,
                     later.submit(done, current, chapters[current])
                 current = None
             elif m := SKIP.match(text):
-                chapters[m.group(1)] = {"rc": 0, "wall_s": 0.0, "cpu_s": 0.0, "peak_rss_gb": 0.0,
-                                        "peak_tree_rss_gb": 0.0, "peak_gpu_gb": None, "last_lines": [text]}
+                chapters[m.group(1)] = _not_timed(0, [text])
         rc = proc.wait()
         peak.stop()
         gpu.stop()
@@ -419,13 +418,17 @@ def run_book(stems: list[str], params: Path, env: dict, log: Path, done=None,
         chapters[current] = _chapter(rc or 1, time.perf_counter() - t0, peak.cpu() - c0, peak, gpu,
                                      lines[first - 1:][-30:])
     for stem in stems:  # not reached: an earlier chapter failed, or the pre-flight stopped the run
-        chapters.setdefault(stem, {"rc": rc or 1, "wall_s": 0.0, "cpu_s": 0.0, "peak_rss_gb": 0.0,
-                                   "peak_tree_rss_gb": 0.0, "peak_gpu_gb": None, "not_run": True,
-                                   "last_lines": lines[-30:]})
+        chapters.setdefault(stem, {**_not_timed(rc or 1, lines[-30:]), "not_run": True})
     if done:
         for stem in stems:
             done(stem, chapters[stem])  # again for those done during the run: idempotent
     return {stem: chapters[stem] for stem in stems}, run
+
+
+def _not_timed(rc: int, tail: list[str]) -> dict:
+    """The entry of a chapter the runner skipped (rc 0) or never reached."""
+    return {"rc": rc, "wall_s": 0.0, "cpu_s": 0.0, "peak_rss_gb": 0.0, "peak_tree_rss_gb": 0.0,
+            "peak_gpu_gb": None, "last_lines": tail}
 
 
 def _chapter(rc: int, wall: float, cpu: float, peak: TreePeak, gpu: GpuPeak, tail: list[str]) -> dict:

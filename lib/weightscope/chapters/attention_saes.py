@@ -425,8 +425,7 @@ def chunked_topk(rows: torch.Tensor, M: torch.Tensor, n: int, *, keep: torch.Ten
     bar = progress_bar(len(rows), desc is not None and progress_enabled(), desc or "")
     for i in range(0, len(rows), step):
         chunk = rows[i:i + step].to(M.device, M.dtype)
-        out = None if buffer is None else buffer[:len(chunk)]
-        scores = (chunk @ M if out is None else torch.matmul(chunk, M, out=out)).float()
+        scores = torch.matmul(chunk, M, out=None if buffer is None else buffer[:len(chunk)]).float()
         if drop is not None:
             scores.index_fill_(1, drop, float("-inf"))
         v, j = scores.topk(n, dim=-1)

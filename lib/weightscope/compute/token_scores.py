@@ -291,7 +291,7 @@ def _chunk_stats(D_chunk: Tensor, M: Tensor, k: int, *, fused: bool = False,
     On CPU the rows of the product go through in blocks of a few MiB, so that the reductions after the
     first read hit cache rather than DRAM; on a GPU one block is the whole chunk.
     """
-    S = D_chunk @ M if out is None else torch.matmul(D_chunk, M, out=out)  # [c, d_vocab]
+    S = torch.matmul(D_chunk, M, out=out)  # [c, d_vocab]
     c, d_vocab = S.shape
     block = c if S.device.type != "cpu" else max(1, min(c, CPU_BLOCK_BYTES // (4 * d_vocab)))
     scratch = None if fused else torch.empty(block, d_vocab, device=S.device)  # fp32, reused by every block
