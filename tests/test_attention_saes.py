@@ -535,7 +535,7 @@ def test_chunked_topk_defaults_to_the_streaming_budget(monkeypatch):
 
     def counted(a, b, *, out=None):
         products.append(len(a))
-        buffers.add(None if out is None else out.data_ptr())
+        buffers.add(None if out is None else (out.data_ptr(), out.stride()))
         return matmul(a, b, out=out)
 
     monkeypatch.setattr(torch, "matmul", counted)
@@ -545,7 +545,8 @@ def test_chunked_topk_defaults_to_the_streaming_budget(monkeypatch):
     monkeypatch.undo()
     whole = (rows @ M).topk(5, dim=-1)
     assert products == [4, 4, 2] and torch.equal(idx, whole.indices) and torch.allclose(vals, whole.values)
-    assert len(buffers) == 1 and None not in buffers  # on a CPU every chunk's scores go into one buffer
+    assert len(buffers) == 1 and None not in buffers  # on a CPU every chunk's scores go into one buffer,
+    assert next(iter(buffers))[1] == (64, 1)  # its rows on 64-byte lines (50 scores a row)
 
 
 def test_config_lists_every_problem_at_once():

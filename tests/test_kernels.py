@@ -261,6 +261,7 @@ def test_chunks_never_exceed_the_requested_or_budgeted_size(monkeypatch):
     def recording(D_chunk, M, k, **kwargs):
         seen.append(D_chunk.shape[0])
         assert kwargs["out"].shape == (D_chunk.shape[0], M.shape[1])  # the chunk's rows of the buffer
+        assert kwargs["out"].stride() == (256, 1)  # 250 scores a row, rows on 64-byte lines
         buffers.add(kwargs["out"].data_ptr())
         return original(D_chunk, M, k, **kwargs)
 
@@ -279,6 +280,28 @@ def test_chunks_never_exceed_the_requested_or_budgeted_size(monkeypatch):
         assert sum(seen) == 20 and len(set(seen[:-1])) == 1
         sizes.append(seen[0])
     assert 1 < sizes[0] < 20 and sizes[1] in (2 * sizes[0], 2 * sizes[0] + 1)
+
+
+@pytest.mark.parametrize("dtype, cols, ld", [(torch.float32, 250, 256), (torch.float32, 256, 256),
+                                              (torch.bfloat16, 50257, 50272), (torch.float64, 3, 8)])
+def test_scores_buffer_rows_start_on_64_byte_lines(dtype, cols, ld):
+    buf = streaming.scores_buffer(5, cols, dtype)
+    assert buf.shape == (5, cols) and buf.dtype == dtype and buf.stride() == (ld, 1)
+    assert (buf.stride(0) * buf.element_size()) % 64 == 0
+    torch.matmul(torch.ones(5, 2, dtype=dtype), torch.ones(2, cols, dtype=dtype), out=buf)  # written in place
+    assert buf.stride() == (ld, 1) and bool((buf == 2).all())
+
+
+def test_two_stage_topk_on_rows_further_apart_than_their_length(monkeypatch):
+    S = streaming.scores_buffer(6, 1500)
+    S.copy_(torch.randn(6, 1500, generator=torch.Generator().manual_seed(3)))
+    widths, topk = [], torch.topk
+    monkeypatch.setattr(torch, "topk", lambda x, k, **kw: widths.append(x.shape[-1]) or topk(x, k, **kw))
+    for largest in (True, False):
+        scores, ids = K._topk(S, 5, largest=largest)
+        ref = topk(S.contiguous(), 5, dim=1, largest=largest)
+        assert torch.equal(scores, ref.values) and torch.equal(ids, ref.indices)
+    assert max(widths) < 1500  # the two stages ran; no whole-row torch.topk on the strided rows
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ from weightscope.compute import dfa as dfa_k
 from weightscope.compute import head_attribution as ha
 from weightscope.compute.lens import content_ids, output_matrix, token_strings
 from weightscope.compute.passes import BlockStream
-from weightscope.compute.streaming import CHUNK_ELEMENTS, auto_chunk_size, progress_bar
+from weightscope.compute.streaming import CHUNK_ELEMENTS, auto_chunk_size, progress_bar, scores_buffer
 from weightscope.config.params import ParamsError
 from weightscope.config.paths import progress_enabled
 
@@ -420,8 +420,9 @@ def chunked_topk(rows: torch.Tensor, M: torch.Tensor, n: int, *, keep: torch.Ten
     step = (auto_chunk_size(M.shape[1], torch.float32, M.device) if chunk_elements is None
             else max(1, chunk_elements // max(1, M.shape[1])))
     vals, idx = [], []
-    # one scores buffer for every chunk on a CPU (a fresh one per chunk is mapped and faulted in anew)
-    buffer = torch.empty(min(step, len(rows)), M.shape[1], dtype=M.dtype) if M.device.type == "cpu" else None
+    # one scores buffer for every chunk on a CPU (a fresh one per chunk is mapped and faulted in anew), its
+    # rows on 64-byte lines (`scores_buffer`)
+    buffer = scores_buffer(min(step, len(rows)), M.shape[1], M.dtype) if M.device.type == "cpu" else None
     bar = progress_bar(len(rows), desc is not None and progress_enabled(), desc or "")
     for i in range(0, len(rows), step):
         chunk = rows[i:i + step].to(M.device, M.dtype)

@@ -26,7 +26,7 @@ from rapidfuzz.distance import Levenshtein
 from torch import Tensor
 
 from weightscope.compute.streaming import (CPU_BLOCK_BYTES, auto_chunk_size, is_oom, progress_bar,
-                                           release_cache)
+                                           release_cache, scores_buffer)
 
 if TYPE_CHECKING:  # pandas is only needed by `stats_frame`
     import pandas as pd
@@ -154,14 +154,15 @@ def token_score_stats(
 
     bar = progress_bar(n_features, progress)
     # on a CPU one scores buffer serves every chunk: a fresh [chunk, d_vocab] tensor per chunk is mapped and
-    # faulted in anew (7-10% of a 1 GiB chunk's product here); a GPU's caching allocator reuses memory itself
+    # faulted in anew (7-10% of a 1 GiB chunk's product here), and its rows start on 64-byte lines
+    # (`scores_buffer`); a GPU's caching allocator reuses memory itself
     buffer = None
     try:
         start = 0
         while start < n_features:
             rows = min(chunk_size, n_features - start)
             if device.type == "cpu" and (buffer is None or len(buffer) < rows):
-                buffer = torch.empty(rows, d_vocab, dtype=dtype)
+                buffer = scores_buffer(rows, d_vocab, dtype)
             out_rows = None if buffer is None else buffer[:rows]
             chunk, oom = _try_chunk(D[start : start + rows], M, k, device, dtype, fused, out_rows)
             if oom:  # the failed chunk's tensors are released by now; retry the same features with half
@@ -285,7 +286,8 @@ def _try_chunk(D_rows: Tensor, M: Tensor, k: int, device, dtype, fused: bool,
 def _chunk_stats(D_chunk: Tensor, M: Tensor, k: int, *, fused: bool = False,
                  out: Tensor | None = None) -> dict[str, Tensor]:
     """All per-feature results for one chunk. D_chunk: [c, d_model], M: [d_model, d_vocab], same device/dtype;
-    out: [c, d_vocab] of that dtype to write the scores into, or None for a new tensor.
+    out: [c, d_vocab] of that dtype to write the scores into (rows contiguous, the row stride may exceed
+    d_vocab: `scores_buffer`), or None for a new tensor.
 
     Returns [c, k] ids/scores and [c] statistics, on the compute device (scores and statistics fp32).
     On CPU the rows of the product go through in blocks of a few MiB, so that the reductions after the
@@ -423,7 +425,7 @@ def _topk(S: Tensor, k: int, *, largest: bool) -> tuple[Tensor, Tensor]:
     """
     b, V = S.shape
     group = min(_TOPK_GROUP, V // (4 * k))
-    if group < 2 or not S.is_contiguous():
+    if group < 2 or S.stride(1) != 1:  # rows may lie further apart than V (`scores_buffer`)
         return torch.topk(S, k, dim=1, largest=largest)
     groups = V // group
     body = S[:, : groups * group].view(b, group, groups)
