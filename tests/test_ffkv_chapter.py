@@ -116,10 +116,13 @@ def test_a_bad_override_is_a_preflight_problem(tmp_path):
     assert len(problems) == 1 and "chapters.06_ffkv_baseline" in problems[0] and "topk = -3" in problems[0]
 
 
-def test_sae_feature_rates_equal_chapter_ones(ctx):
+def test_sae_feature_rates_equal_chapter_ones(ctx, monkeypatch):
     model = lens_model()
     saes = [StandInSAE(0), StandInSAE(1)]
+    gathers, side_matrices = [], lens.side_matrices
+    monkeypatch.setattr(lens, "side_matrices", lambda *a: gathers.append(1) or side_matrices(*a))
     rows = ch.token_lens(ctx, CFG, model, saes)
+    assert len(gathers) == 2  # once for chapter 1's two layers, once for the neurons' (model-only matrices)
     one = output_tokens.run(ctx, CFG.lens_config(), model=model, saes=saes)
     for side in lens.SIDES:
         mine = rows[rows["dictionary"] == "features"].groupby("layer")[f"{side}_predicts"].mean()

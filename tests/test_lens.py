@@ -81,3 +81,27 @@ def test_side_frame_takes_every_statistic_over_the_kept_tokens_only():
         assert row.dec_top_tokens == [vocab[i] for i in row.dec_top_ids]
     full = lens.side_frame(D, M, E, vocab, cfg, prefix="dec", progress=False)
     assert not np.allclose(full["dec_kurtosis"], df["dec_kurtosis"])
+
+
+def test_side_matrices_are_gathered_once_per_sae_and_change_nothing(monkeypatch):
+    model = tiny("LN")
+    vocab = [f"t{i}" for i in range(model.cfg.d_vocab)]
+    g = torch.Generator().manual_seed(2)
+    sae = SimpleNamespace(d_sae=12, layer=0, W_enc=torch.randn(16, 12, generator=g),
+                          W_dec=torch.randn(12, 16, generator=g))
+    keep, cfg = torch.arange(5, 40), lens.LensConfig(k=4, m_coherence=3)
+    folds, output_matrix = [], lens.output_matrix
+    monkeypatch.setattr(lens, "output_matrix", lambda m: folds.append(1) or output_matrix(m))
+    once = lens.analyse_sae(sae, model, cfg, vocab=vocab, n_null=20, seed=3, keep=keep)
+    assert len(folds) == 1  # the features' and the three nulls' sides share one fold and gather
+    given = lens.analyse_sae(sae, model, cfg, vocab=vocab, n_null=20, seed=3, keep=keep,
+                             matrices=lens.side_matrices(model, keep))
+    assert len(folds) == 2  # only side_matrices' own
+    mats = lens.side_matrices(model, keep)
+    assert mats["dec"].shape == mats["enc"].shape == (16, 35)
+    torch.testing.assert_close(mats["enc"], model.W_E.T[:, keep])
+    per_call = lens.sae_sides(sae.W_enc, sae.W_dec, model, cfg, vocab=vocab, keep=keep, progress=False)
+    for name in ("features", "nulls"):
+        pd.testing.assert_frame_equal(once[name], given[name])
+    cols = [c for c in per_call.columns if c.endswith(("_kurtosis", "_top_tokens", "_entropy"))]
+    pd.testing.assert_frame_equal(per_call[cols], once["features"][cols])

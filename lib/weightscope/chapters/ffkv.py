@@ -27,6 +27,7 @@ resid_mid of L with block L - 1's).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 from dataclasses import dataclass, field
 
@@ -275,8 +276,10 @@ def token_lens(ctx, config: Config, model, saes) -> pd.DataFrame:
     tabs, _ = output_tokens.lens_tables(ctx, ch1, model, saes)
     keep, vocab = lens.content_ids(model, ch1.exclude_tokens), lens.token_strings(model)
     provenance = ctx.provenance(**dataclasses.asdict(config), step="token_lens")
+    matrices = functools.cache(lambda: lens.side_matrices(model, keep))  # once, if any layer is computed
     neurons = io.layer_tables(ctx.params.target, "06_token_lens", _paired(saes), provenance, lambda sae: {
-        "rows": neuron_lens(model, sae, config, tabs["features"], vocab=vocab, keep=keep, dtype=ctx.dtype)})
+        "rows": neuron_lens(model, sae, config, tabs["features"], vocab=vocab, keep=keep, dtype=ctx.dtype,
+                            matrices=matrices())})
     feats = tabs["features"].rename(columns={"feature": "row"}).assign(dictionary="features")
     null = tabs["nulls"][tabs["nulls"]["population"] == "null: random"]
     null = null.assign(row=null.groupby("layer").cumcount(), dictionary="null")
@@ -292,17 +295,18 @@ def _thresholds(features: pd.DataFrame, layer: int, side: str) -> dict[str, floa
 
 
 def neuron_lens(model, sae, config: Config, features: pd.DataFrame, *, vocab, keep, dtype=None,
-                key: str | None = None) -> pd.DataFrame:
+                key: str | None = None, matrices: dict | None = None) -> pd.DataFrame:
     """Both sides of the neurons paired with one SAE, judged by chapter 1's thresholds for that SAE's layer.
 
     Output side: value vectors against the folded unembedding; input side: key vectors (`key`, default the
-    config's) against the embeddings. One row per neuron, chapter 1's columns.
+    config's) against the embeddings. One row per neuron, chapter 1's columns. matrices: as `lens.sae_sides`.
     """
     b = ffkv.ff_block(model, mlp_layer_for(sae))
     m = _first(b.d_mlp, config.max_neurons)
     V, K = ffkv.value_vectors(b)[:m], ffkv.key_vectors(b, key or config.key)[:m]
     cfg = config.lens_config().lens_config()
-    df = lens.sae_sides(K.T, V, model, cfg, vocab=vocab, dtype=dtype, keep=keep, progress=False)
+    df = lens.sae_sides(K.T, V, model, cfg, vocab=vocab, dtype=dtype, keep=keep, progress=False,
+                        matrices=matrices)
     for side in SIDES:
         df = lens.apply_rule(df, _thresholds(features, sae.layer, side), cfg, side)
     return df.rename(columns={"feature": "row"}).assign(dictionary="neurons", layer=sae.layer)

@@ -12,6 +12,7 @@ threshold sweeps. `findings(tables)` returns the page's result sentences, comput
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -134,16 +135,19 @@ def lens_tables(ctx, config: Config, model, saes) -> tuple[dict[str, pd.DataFram
     vocab = lens.token_strings(model)
     _, fold_note = lens.output_matrix(model)
     provenance = ctx.provenance(**dataclasses.asdict(config), fold=fold_note)
+    matrices = functools.cache(lambda: lens.side_matrices(model, keep))  # once, if any layer is computed
     tabs = io.layer_tables(ctx.params.target, "01_token_lens", saes, provenance, lambda sae: analyse_one(
-        sae, model, config, vocab=vocab, keep=keep, dtype=ctx.dtype))
+        sae, model, config, vocab=vocab, keep=keep, dtype=ctx.dtype, matrices=matrices()))
     return tabs, provenance
 
 
-def analyse_one(sae, model, config: Config, *, vocab: list[str], keep, dtype) -> dict[str, pd.DataFrame]:
-    """Chapter 1's measurement of one SAE ({"features", "nulls"}), seeded by its layer as the chapter does."""
+def analyse_one(sae, model, config: Config, *, vocab: list[str], keep, dtype,
+                matrices: dict | None = None) -> dict[str, pd.DataFrame]:
+    """Chapter 1's measurement of one SAE ({"features", "nulls"}), seeded by its layer as the chapter does.
+    matrices: `lens.side_matrices(model, keep)`, gathered once for every layer (None: here)."""
     return lens.analyse_sae(sae, model, config.lens_config(), vocab=vocab, n_null=config.n_null,
                             max_features=config.max_features, seed=config.seed + 100 * sae.layer, dtype=dtype,
-                            keep=keep)
+                            keep=keep, matrices=matrices)
 
 
 def rates(features: pd.DataFrame, nulls: pd.DataFrame) -> pd.DataFrame:

@@ -87,15 +87,26 @@ def content_ids(model, exclude=("byte", "special")) -> Tensor:
     return content_token_ids(token_categories(model.tokenizer, model.cfg.d_vocab), exclude)
 
 
+def side_matrices(model, keep: Tensor | None = None) -> dict[str, Tensor]:
+    """{"dec": M_out, "enc": M_in}, each [d_model, n_keep]: the two sides' matrices restricted to the `keep`
+    columns (a copy each; all columns when keep is None). They depend on the model alone, so a chapter
+    gathers them once and hands them to every `sae_sides` call (0.46 s a call at GPT-2 small)."""
+    mats = {"dec": output_matrix(model)[0], "enc": input_matrix(model)}
+    if keep is None:
+        return mats
+    return {side: M[:, keep.to(M.device)] for side, M in mats.items()}
+
+
 def side_frame(D: Tensor, M: Tensor, E: Tensor, vocab: list[str], cfg: LensConfig, *, prefix: str,
                keep: Tensor | None = None, feature_ids=None, progress: bool = True, dtype=None) -> pd.DataFrame:
     """Statistics and top tokens of rows D [n, d_model] against M [d_model, d_vocab], columns `<prefix>_*`.
 
     E: [d_vocab, d_model] embeddings used for the cosine coherence of the top tokens.
-    keep: [n_keep] token ids the distribution is taken over (`content_ids`); None: every token. Top and bottom
-    ids are reported in the full vocabulary's numbering.
+    keep: [n_keep] sorted token ids the distribution is taken over (`content_ids`); None: every token. Top and
+    bottom ids are reported in the full vocabulary's numbering. M may hold the kept columns already
+    ([d_model, n_keep], `side_matrices`); otherwise they are gathered here.
     """
-    if keep is not None:
+    if keep is not None and M.shape[1] != len(keep):
         M = M[:, keep.to(M.device)]
     stats = token_score_stats(D, M, k=cfg.k, progress=progress, dtype=dtype)
     if keep is not None:
@@ -142,16 +153,18 @@ def apply_rule(df: pd.DataFrame, thr: dict[str, float], cfg: LensConfig, prefix:
 
 
 def sae_sides(W_enc: Tensor, W_dec: Tensor, model, cfg: LensConfig, *, vocab: list[str], dtype=None,
-              keep: Tensor | None = None, progress: bool = True) -> pd.DataFrame:
+              keep: Tensor | None = None, progress: bool = True,
+              matrices: dict | None = None) -> pd.DataFrame:
     """Both sides for one SAE: one row per feature, `dec_*` and `enc_*` columns.
 
-    W_enc: [d_model, d_sae]; W_dec: [d_sae, d_model]; keep: the content token ids (see `side_frame`).
+    W_enc: [d_model, d_sae]; W_dec: [d_sae, d_model]; keep: the content token ids (see `side_frame`);
+    matrices: `side_matrices(model, keep)` when the caller has them (else gathered here).
     """
-    M_out, _ = output_matrix(model)
-    M_in = input_matrix(model)
+    mats = matrices if matrices is not None else side_matrices(model, keep)
     E = model.W_E.detach()
-    dec = side_frame(W_dec, M_out, E, vocab, cfg, prefix="dec", keep=keep, progress=progress, dtype=dtype)
-    enc = side_frame(W_enc.T, M_in, E, vocab, cfg, prefix="enc", keep=keep, progress=progress, dtype=dtype)
+    opts = dict(keep=keep, progress=progress, dtype=dtype)
+    dec = side_frame(W_dec, mats["dec"], E, vocab, cfg, prefix="dec", **opts)
+    enc = side_frame(W_enc.T, mats["enc"], E, vocab, cfg, prefix="enc", **opts)
     return dec.merge(enc, on="feature")
 
 
@@ -179,22 +192,27 @@ def neuronpedia_url(template: str | None, layer: int, feature: int) -> str | Non
 
 
 def analyse_sae(sae, model, cfg: LensConfig, *, vocab: list[str], n_null: int, max_features: int = 0,
-                seed: int = 0, dtype=None, keep: Tensor | None = None) -> dict[str, pd.DataFrame]:
+                seed: int = 0, dtype=None, keep: Tensor | None = None,
+                matrices: dict | None = None) -> dict[str, pd.DataFrame]:
     """Chapter 1 for one SAE: both sides of its features, three null samples, and the rule's verdicts.
 
     keep: the content token ids every distribution is taken over (`content_ids`; None: all tokens).
+    matrices: `side_matrices(model, keep)` when the caller has them (else gathered once here).
     Null roles: `thr` (random directions whose quantiles set the thresholds), `random` and `shuffled` (fresh
     samples scored by the same rule: the chance rate). Returns {"features": one row per feature,
     "nulls": one row per null direction of the `random` and `shuffled` samples}, both with a `layer` column.
     """
     n = sae.d_sae if max_features <= 0 else min(max_features, sae.d_sae)
-    feats = sae_sides(sae.W_enc[:, :n], sae.W_dec[:n], model, cfg, vocab=vocab, dtype=dtype, keep=keep)
+    matrices = matrices if matrices is not None else side_matrices(model, keep)
+    feats = sae_sides(sae.W_enc[:, :n], sae.W_dec[:n], model, cfg, vocab=vocab, dtype=dtype, keep=keep,
+                      matrices=matrices)
     nulls = {}
     rows = torch.arange(n_null) % sae.d_sae  # n_null null rows, cycling over the SAE's rows for their norms
     for role, kind, offset in (("thr", "random", 1), ("random", "random", 2), ("shuffled", "shuffled", 3)):
         dec = null_directions(sae.W_dec[rows], kind, seed=seed + offset)
         enc = null_directions(sae.W_enc.T[rows], kind, seed=seed + 10 + offset)
-        nulls[role] = sae_sides(enc.T, dec, model, cfg, vocab=vocab, dtype=dtype, keep=keep, progress=False)
+        nulls[role] = sae_sides(enc.T, dec, model, cfg, vocab=vocab, dtype=dtype, keep=keep, progress=False,
+                                matrices=matrices)
     for side in SIDES:
         thr = thresholds(nulls["thr"], cfg, side)
         feats = apply_rule(feats, thr, cfg, side)
