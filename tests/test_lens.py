@@ -71,7 +71,9 @@ def test_side_frame_takes_every_statistic_over_the_kept_tokens_only():
     keep = torch.arange(10, 30)
     vocab = [f"t{i}" for i in range(30)]
     cfg = lens.LensConfig(k=3, m_coherence=3)
-    df = lens.side_frame(D, M, E, vocab, cfg, prefix="dec", keep=keep, progress=False)
+    df = lens.side_frame(D, M[:, keep], E, vocab, cfg, prefix="dec", keep=keep, progress=False)
+    with pytest.raises(ValueError, match="side_matrices"):  # all columns with a keep list: refused
+        lens.side_frame(D, M, E, vocab, cfg, prefix="dec", keep=keep, progress=False)
     S = (D @ M)[:, keep].double().numpy()
     for row, s in zip(df.itertuples(), S):
         assert set(row.dec_top_ids) == set((keep[np.argsort(-s)[:3]]).tolist())

@@ -99,15 +99,16 @@ def side_matrices(model, keep: Tensor | None = None) -> dict[str, Tensor]:
 
 def side_frame(D: Tensor, M: Tensor, E: Tensor, vocab: list[str], cfg: LensConfig, *, prefix: str,
                keep: Tensor | None = None, feature_ids=None, progress: bool = True, dtype=None) -> pd.DataFrame:
-    """Statistics and top tokens of rows D [n, d_model] against M [d_model, d_vocab], columns `<prefix>_*`.
+    """Statistics and top tokens of rows D [n, d_model] against M, columns `<prefix>_*`.
 
-    E: [d_vocab, d_model] embeddings used for the cosine coherence of the top tokens.
-    keep: [n_keep] sorted token ids the distribution is taken over (`content_ids`); None: every token. Top and
-    bottom ids are reported in the full vocabulary's numbering. M may hold the kept columns already
-    ([d_model, n_keep], `side_matrices`); otherwise they are gathered here.
+    M: [d_model, n_keep], the columns of the tokens `keep` (`side_matrices`), or [d_model, d_vocab] when keep
+    is None. E: [d_vocab, d_model] embeddings used for the cosine coherence of the top tokens.
+    keep: [n_keep] token ids the distribution is taken over (`content_ids`); None: every token. Top and bottom
+    ids are reported in the full vocabulary's numbering.
     """
     if keep is not None and M.shape[1] != len(keep):
-        M = M[:, keep.to(M.device)]
+        raise ValueError(f"M has {M.shape[1]} columns but keep names {len(keep)} tokens: pass M's kept "
+                         "columns (lens.side_matrices(model, keep)).")
     stats = token_score_stats(D, M, k=cfg.k, progress=progress, dtype=dtype)
     if keep is not None:
         stats = dataclasses.replace(stats, top_ids=keep[stats.top_ids], bottom_ids=keep[stats.bottom_ids])
