@@ -133,3 +133,36 @@ def test_processed_model_without_biases_on_each_device(folders, device):
     with torch.no_grad():
         a, b = plain(_ids()).log_softmax(-1), processed(_ids()).log_softmax(-1).cpu()
     assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_full_model_computes_gelu_new_in_one_pass_and_still_equals_transformers(folders, arch):
+    """`load_full_model` swaps TransformerLens's six-pass gelu_new for `tanh_gelu` (same formula) and leaves
+    every other activation alone; the forward pass still equals transformers' own."""
+    from transformer_lens.utilities.activation_functions import gelu_new
+
+    from weightscope.load.models import load_full_model, tanh_gelu
+
+    model = load_full_model(str(folders[arch]))
+    swapped = [block.mlp.act_fn is tanh_gelu for block in model.blocks]
+    assert all(swapped) if arch == "gpt2" else not any(swapped)
+    logits_ref, _ = _hf_outputs(folders[arch])
+    with torch.no_grad():
+        logits = model(_ids())
+    assert (logits - logits_ref).abs().max() <= 1e-5 * logits_ref.abs().max() + 1e-4
+    if arch == "gpt2":  # TransformerLens's own function gives the same pass to fp32 rounding
+        for block in model.blocks:
+            block.mlp.act_fn = gelu_new
+        with torch.no_grad():
+            assert torch.allclose(model(_ids()), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_tanh_gelu_is_transformer_lens_gelu_new_and_gelu_fast():
+    from transformer_lens.utilities.activation_functions import gelu_fast, gelu_new
+
+    from weightscope.load.models import tanh_gelu
+
+    x = torch.linspace(-12, 12, 200_001)
+    for reference in (gelu_new, gelu_fast):
+        assert (tanh_gelu(x) - reference(x)).abs().max() <= 2e-6
+    assert not torch.allclose(tanh_gelu(x), torch.nn.functional.gelu(x), atol=1e-4)  # not the erf GELU

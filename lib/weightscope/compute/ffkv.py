@@ -31,6 +31,7 @@ from torch import Tensor
 
 from weightscope.compute.folding import fold_pre_attention_norm
 from weightscope.compute.streaming import auto_chunk_size, check_chunk_size, progress_bar, stream
+from weightscope.load.models import tanh_gelu
 
 VARIANTS = ("plain", "normalized", "topk", "topk_normalized")
 KEYS = ("gate", "up")
@@ -41,9 +42,9 @@ _ACTS = {
     "gelu": F.gelu,
     "silu": F.silu,
     "swish": F.silu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": tanh_gelu,
+    "gelu_fast": tanh_gelu,
+    "gelu_pytorch_tanh": tanh_gelu,
 }
 
 
