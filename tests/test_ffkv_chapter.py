@@ -280,6 +280,8 @@ def test_random_dictionary_code_bounds_its_working_set(monkeypatch):
     gathered.clear()
     exact, exact_uses = ffkv.random_dictionary_code(y, atoms, k=12)
     assert not gathered and torch.equal(exact, y) and int(exact_uses.sum()) == 30 * 12
+    naive = (y - y.mean(0)) @ atoms.T  # each token's 12 atoms of largest |cosine|, counted in any order
+    assert torch.equal(exact_uses, torch.bincount(naive.abs().topk(12).indices.reshape(-1), minlength=40))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gemma2"])

@@ -343,7 +343,8 @@ def random_dictionary_code(y: Tensor, atoms: Tensor, k: int, *, chunk: int = 102
     step = chunk if exact else max(1, min(chunk, CODE_ELEMENTS // (k * y.shape[1])))
     for start in range(0, len(y), step):
         x = y[start : start + step] - mu
-        idx = (x @ atoms.T).abs().topk(k, dim=1).indices  # [c, k]
+        # an exact code only counts uses, in any order: unsorted, a top-12,000 of 24,576 costs a third
+        idx = (x @ atoms.T).abs().topk(k, dim=1, sorted=not exact).indices  # [c, k]
         uses += torch.bincount(idx.reshape(-1), minlength=atoms.shape[0])
         if exact:
             out[start : start + step] = y[start : start + step]
