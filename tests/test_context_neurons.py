@@ -499,3 +499,21 @@ def test_known_answer_planted_context_heads(tmp_path, monkeypatch):
     row = t.check[t.check["neuron"] == planted["neuron"]].iloc[0]
     assert row["auc fantasy vs plain"] == 1.0 and row["r_pred"] > 0.9
     assert "does not apply" not in " ".join(C.findings(t)["applies"])
+
+
+@pytest.mark.parametrize("centred", [True, False])
+@pytest.mark.parametrize("per_row", [True, False])
+def test_normed_rows_equals_the_formula_and_leaves_its_input_alone(centred, per_row):
+    """Computed in place after the first step (chapter 5's peak at a 50k vocabulary): the same values as the
+    out-of-place formula, X untouched, and a wider dtype of the norm's weight still promotes the result."""
+    g = torch.Generator().manual_seed(3)
+    X, w, b = torch.randn(40, 8, generator=g), torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    scale = torch.rand(40, generator=g) + 0.5 if per_row else 1.7
+    before = X.clone()
+    x = X - X.mean(-1, keepdim=True) if centred else X
+    s = scale.reshape(-1, 1) if per_row else scale
+    assert torch.equal(cn.normed_rows(X, w, b, scale, centred=centred), x / s * w + b)
+    assert torch.equal(cn.normed_rows(X, w, b, scale, centred=centred, bias=False), x / s * w)
+    assert torch.equal(X, before)
+    half = cn.normed_rows(X.bfloat16(), w, b, 1.7, centred=centred)
+    assert half.dtype == torch.float32
