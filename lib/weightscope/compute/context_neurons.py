@@ -65,10 +65,14 @@ class Extended:
 
     def at(self, ids: torch.Tensor) -> torch.Tensor:
         """[h, *ids.shape, d_model]: the extended embeddings of the token ids `ids`."""
-        v = torch.einsum("...d,hde->h...e", self.normed[ids], self.W_V)
+        return torch.stack([self.head_at(h, ids) for h in range(self.n_heads)])
+
+    def head_at(self, h: int, ids: torch.Tensor) -> torch.Tensor:
+        """[*ids.shape, d_model]: head h's extended embeddings of the token ids `ids`."""
+        v = self.normed[ids] @ self.W_V[h]
         if self.b_V is not None:
-            v = v + self.b_V.view(self.n_heads, *([1] * ids.dim()), -1)
-        return torch.einsum("h...e,hem->h...m", v, self.W_O)
+            v = v + self.b_V[h]
+        return v @ self.W_O[h]
 
     def full(self) -> torch.Tensor:
         """[h, d_vocab, d_model]: every token's extended embedding (small models and tests only)."""
@@ -130,14 +134,22 @@ def linear_summary(tokens: torch.Tensor, K: torch.Tensor, e_tok: torch.Tensor,
                    e_pos: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """[batch, n, d_model]: sum_h sum_j K[h, i, j] w[h, t_j] (e_tok[h, t_j] + e_pos[h, j]) for every window
     and position; `weights` w [n_heads, d_vocab] (token weights; None = all 1). `e_tok`: [n_heads, d_vocab,
-    d_model] or an `Extended`."""
-    n = tokens.shape[1]
-    E = e_tok.at(tokens) if isinstance(e_tok, Extended) else e_tok[:, tokens]  # [n_heads, batch, n, d_model]
-    if e_pos is not None:
-        E = E + e_pos[:, None, :n]
-    if weights is not None:
-        E = E * weights[:, tokens][..., None]
-    return torch.einsum("hij,hbjd->bid", K[:, :n, :n].to(E.dtype), E)
+    d_model] or an `Extended`.
+
+    Head by head: the whole [n_heads, batch, n, d_model] gather is never held (one head's slice at a time).
+    """
+    n, n_heads = tokens.shape[1], K.shape[0]
+    out = None
+    for h in range(n_heads):
+        # [batch, n, d_model]
+        E = e_tok.head_at(h, tokens) if isinstance(e_tok, Extended) else e_tok[h, tokens]
+        if e_pos is not None:
+            E = E + e_pos[h, :n]
+        if weights is not None:
+            E = E * weights[h, tokens][..., None]
+        term = torch.matmul(K[h, :n, :n].to(E.dtype), E)  # [n, n] @ [batch, n, d_model]
+        out = term if out is None else out.add_(term)
+    return out
 
 
 def summary_quality(y: torch.Tensor, y_hat: torch.Tensor) -> tuple[torch.Tensor, float]:
