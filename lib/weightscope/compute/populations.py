@@ -219,10 +219,10 @@ def kind_shares(df: pd.DataFrame, side: str, *, m: int = 5, min_letters: int = 2
     encoded = pc.dictionary_encode(tokens)
     codes = encoded.indices.to_numpy(zero_copy_only=False)
     kinds = np.array([_token_kind(t, int(min_letters)) for t in encoded.dictionary.to_pylist()], dtype=object)
-    row = np.repeat(np.arange(len(counts)), counts)
+    row = np.repeat(np.arange(len(counts), dtype=np.int32), counts)  # [n_tokens]: each token's row
 
     def per_row(flags: np.ndarray) -> np.ndarray:  # flags [n_distinct] -> count per row
-        return np.bincount(row, weights=flags[codes].astype(float), minlength=len(counts))
+        return np.bincount(row[flags[codes]], minlength=len(counts))  # no [n_tokens] float weights
 
     n = counts.astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
