@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -446,6 +447,28 @@ def test_null_participation_is_rare_for_random_directions_and_summary():
     assert row["q_frac"] == pytest.approx(one["q_part"].mean())
     assert row["any_frac"] == pytest.approx((one["q_part"] | one["k_part"] | one["v_part"]).mean())
     assert row["kv_head"] == 1 and row["distance"] == 2
+
+
+def test_reads_summary_groups_as_the_three_key_groupby():
+    """reads_summary groups by one integer code: same groups, order and values as grouping by the three
+    columns, on a shuffled table with two SAE layers, gaps in the reading layers and a 2-feature group."""
+    model = tiny_model("RMS", n_kv=2)
+    parts = [A.sae_attention_reads(model, randn(n, 16, seed=30 + layer), layer, "hook_resid_pre",
+                                   layers=[3, layer + 1][: 2 - (layer == 2)], n_null=50, progress=False)
+             for layer, n in ((0, 40), (2, 2))]
+    df = pd.concat(parts).sample(frac=1.0, random_state=0).reset_index(drop=True)
+    got = A.reads_summary(df)
+    ref = (df.assign(any_part=df["q_part"] | df["k_part"] | df["v_part"])
+           .groupby(["layer", "read_layer", "head"], sort=True)
+           .agg(q_frac_cov=("q_part_cov", "mean"), n_features=("feature", "size"), q_frac=("q_part", "mean"),
+                any_frac=("any_part", "mean"), q_z_median=("q_z", "median"), kv_head=("kv_head", "first"))
+           .reset_index())
+    assert len(got) == len(ref) == 3 * 4
+    for col in ref.columns:
+        np.testing.assert_array_equal(got[col].to_numpy(), ref[col].to_numpy(), err_msg=col)
+    code = A.group_code(df, ["layer", "read_layer", "head"])
+    assert (pd.Series(code).groupby(code).ngroup().to_numpy()
+            == df.groupby(["layer", "read_layer", "head"], sort=True).ngroup().to_numpy()).all()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ __all__ = [
     "READ_NAMES",
     "decoder_gaussian_like",
     "first_reading_layer",
+    "group_code",
     "head_reads",
     "kv_head_index",
     "null_directions",
@@ -655,9 +656,10 @@ def reads_summary(df: "pd.DataFrame") -> "pd.DataFrame":
     the decoder-covariance null) when the table has them.
     """
     keys = ["layer", "read_layer", "head"]
-    grouped = df.assign(any_part=df["q_part"] | df["k_part"] | df["v_part"]).groupby(keys, sort=True)
+    code = group_code(df, keys)
+    grouped = df.assign(any_part=df["q_part"] | df["k_part"] | df["v_part"]).groupby(code, sort=True)
     cov = {f"{n}_frac_cov": (f"{n}_part_cov", "mean") for n in READ_NAMES if f"{n}_part_cov" in df}
-    out = grouped.agg(**cov,
+    out = grouped.agg(**{key: (key, "first") for key in keys}, **cov,
         kv_head=("kv_head", "first"),
         distance=("distance", "first"),
         n_features=("feature", "size"),
@@ -669,4 +671,16 @@ def reads_summary(df: "pd.DataFrame") -> "pd.DataFrame":
         k_z_median=("k_z", "median"),
         v_z_median=("v_z", "median"),
     )
-    return out.reset_index()
+    return out.reset_index(drop=True)
+
+
+def group_code(df: "pd.DataFrame", keys: list[str]) -> np.ndarray:
+    """[rows] int64: one code per distinct tuple of the integer columns `keys`, increasing in their
+    lexicographic order. Grouping by it gives the groups (and order) of grouping by the columns, faster on
+    tables of millions of rows (one integer factorised instead of a tuple of columns; `bench_reads_summary`)."""
+    code = np.zeros(len(df), dtype=np.int64)
+    for key in keys:
+        col = df[key].to_numpy().astype(np.int64)
+        low, high = (int(col.min()), int(col.max())) if len(col) else (0, 0)
+        code = code * (high - low + 1) + (col - low)
+    return code
