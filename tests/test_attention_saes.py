@@ -527,6 +527,25 @@ def test_chunked_topk_equals_the_whole_product():
         assert torch.equal(idx, keep[sub.indices]) and torch.allclose(vals, sub.values)
 
 
+def test_chunked_topk_on_a_vocabulary_wide_product_takes_the_two_stage_topk(monkeypatch):
+    """At a vocabulary's width (>= 8k columns) the top-k is chapter 1's two-stage one: same ids and values as
+    torch.topk of the whole product, with and without columns left out (set to -inf in the chunk)."""
+    from weightscope.chapters.attention_saes import chunked_topk
+
+    gen = torch.Generator().manual_seed(1)
+    rows, M = torch.randn(9, 16, generator=gen), torch.randn(16, 9000, generator=gen)
+    keep = torch.randperm(9000, generator=gen)[:40].sort().values
+    whole, sub = (rows @ M).topk(6, dim=-1), (rows @ M[:, keep]).topk(6, dim=-1)
+    widths, topk = [], torch.topk
+    monkeypatch.setattr(torch, "topk", lambda x, k, **kw: widths.append(x.shape[-1]) or topk(x, k, **kw))
+    for chunk in (9000, 4 * 9000):
+        vals, idx = chunked_topk(rows, M, 6, chunk_elements=chunk)
+        assert torch.equal(idx, whole.indices) and torch.allclose(vals, whole.values)
+        vals, idx = chunked_topk(rows, M, 6, keep=keep, chunk_elements=chunk)
+        assert torch.equal(idx, keep[sub.indices]) and torch.allclose(vals, sub.values)
+    assert widths and max(widths) < 9000  # no whole-row torch.topk
+
+
 def test_chunked_topk_defaults_to_the_streaming_budget(monkeypatch):
     from weightscope.chapters import attention_saes as ch
 

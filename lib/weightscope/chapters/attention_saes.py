@@ -36,6 +36,7 @@ from weightscope.compute import head_attribution as ha
 from weightscope.compute.lens import content_ids, output_matrix, token_strings
 from weightscope.compute.passes import BlockStream
 from weightscope.compute.streaming import CHUNK_ELEMENTS, auto_chunk_size, progress_bar, scores_buffer
+from weightscope.compute.token_scores import topk_rows
 from weightscope.config.params import ParamsError
 from weightscope.config.paths import progress_enabled
 
@@ -429,7 +430,7 @@ def chunked_topk(rows: torch.Tensor, M: torch.Tensor, n: int, *, keep: torch.Ten
         scores = torch.matmul(chunk, M, out=None if buffer is None else buffer[:len(chunk)]).float()
         if drop is not None:
             scores.index_fill_(1, drop, float("-inf"))
-        v, j = scores.topk(n, dim=-1)
+        v, j = topk_rows(scores, n, largest=True)  # two-stage, as chapter 1's lens (fast on CPU rows)
         vals.append(v)
         idx.append(j)
         bar.update(len(scores))

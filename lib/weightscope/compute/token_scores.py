@@ -46,12 +46,13 @@ __all__ = [
     "stats_frame",
     "token_categories",
     "token_score_stats",
+    "topk_rows",
 ]
 
 # Per-feature statistics of the full score distribution, in the order `stats_frame` lists them.
 STAT_NAMES = ("max", "min", "mean", "std", "top_z", "skew", "kurtosis", "entropy")
 
-_TOPK_GROUP = 64  # columns per group in the two-stage top-k (see `_topk`)
+_TOPK_GROUP = 64  # columns per group in the two-stage top-k (see `topk_rows`)
 _EXP_FLOOR = -87.0  # exp(-87) ~ 1.6e-38, just above fp32's smallest normal number
 _FUSE_MIN_SCORES = 1 << 26  # auto-fuse from ~67M scores a call: below, the compile (seconds) outweighs the gain
 
@@ -306,8 +307,8 @@ def _chunk_stats(D_chunk: Tensor, M: Tensor, k: int, *, fused: bool = False,
 def _block_stats(S: Tensor, k: int, scratch: Tensor | None) -> dict[str, Tensor]:
     """Results for the rows of S [b, V]. scratch: [>= b, V] fp32 for the eager passes (S is then
     overwritten), or None for the fused reduction (S is only read)."""
-    top_scores, top_ids = _topk(S, k, largest=True)
-    bottom_scores, bottom_ids = _topk(S, k, largest=False)
+    top_scores, top_ids = topk_rows(S, k, largest=True)
+    bottom_scores, bottom_ids = topk_rows(S, k, largest=False)
     smax, smin = top_scores[:, 0].float(), bottom_scores[:, 0].float()
     moments = _fused_moments_and_entropy(S, smax) if scratch is None else None
     if moments is None:  # eager by choice, or the compiled reduction is unavailable
@@ -413,7 +414,7 @@ def _fused_moments_and_entropy(S: Tensor, smax: Tensor) -> tuple[Tensor, ...] | 
         return None
 
 
-def _topk(S: Tensor, k: int, *, largest: bool) -> tuple[Tensor, Tensor]:
+def topk_rows(S: Tensor, k: int, *, largest: bool) -> tuple[Tensor, Tensor]:
     """torch.topk along dim 1 of S [b, V], in two cheap stages unless V < 8k.
 
     Stage 1 splits the columns into G >= 4k groups of g columns (group j = columns j, j + G, j + 2G, ...:
