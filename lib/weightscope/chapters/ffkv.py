@@ -42,8 +42,7 @@ from weightscope.chapters.context import HELD_OUT_TEXT
 from weightscope.chapters import output_tokens
 from weightscope.chapters.findings import percent
 from weightscope.compute import ffkv, lens, populations as pops
-from weightscope.compute.attention import head_reads, null_zscores
-from weightscope.compute.folding import fold_pre_attention_norm
+from weightscope.compute.attention import head_reads, layer_weights, null_zscores, read_by_layer
 from weightscope.compute.passes import BlockStream
 from weightscope.compute.streaming import CHUNK_ELEMENTS, progress_bar
 from weightscope.compute.token_scores import random_directions_like
@@ -347,19 +346,6 @@ def key_choice(model, saes, config: Config, lens_rows: pd.DataFrame) -> pd.DataF
 # Chapter 2: attention reads
 
 
-def _attention(model, layer: int):
-    attn = model.blocks[layer].attn
-    W_K = attn._W_K if hasattr(attn, "_W_K") else attn.W_K  # grouped-query: the raw kv heads
-    W_V = attn._W_V if hasattr(attn, "_W_V") else attn.W_V
-    return attn.W_Q.detach(), W_K.detach(), W_V.detach(), attn.W_O.detach()
-
-
-def _folded(model, D: torch.Tensor, layer: int) -> torch.Tensor:
-    g = getattr(model.blocks[layer].ln1, "w", None)
-    center = model.cfg.normalization_type in ("LN", "LNPre")
-    return fold_pre_attention_norm(D, None if g is None else g.detach(), center=center)
-
-
 def reads_layer(model, sae, cfg: Config, dtype=None, device=None) -> pd.DataFrame:
     """Head reads of unit-norm feature, neuron and null directions by every later attention layer.
 
@@ -376,8 +362,8 @@ def reads_layer(model, sae, cfg: Config, dtype=None, device=None) -> pd.DataFram
     stack = F.normalize(torch.cat([*dirs.values(), thr]).float(), dim=1).to(thr.dtype)
     frames = []
     for read_layer in range(L + 1, model.cfg.n_layers):
-        reads = head_reads(_folded(model, stack, read_layer), *_attention(model, read_layer), dtype=dtype,
-                           device=device, progress=False)
+        reads = head_reads(read_by_layer(model, stack, read_layer), *layer_weights(model, read_layer),
+                           dtype=dtype, device=device, progress=False)
         split = {r: dict(zip(names, reads[r].split(sizes))) for r in READS}
         for name in dirs:
             cols = {"dictionary": name, "row": np.arange(len(dirs[name])), "layer": sae.layer,
