@@ -57,7 +57,8 @@ sys.path.insert(0, str(REPO / "lib"))
 CHAPTER_STEMS = ("00_demo_model", "01_output_tokens", "02_attention", "03_semantic_populations",
                  "04_attention_saes", "05_context_neurons", "06_ffkv_baseline", "07_in_context")
 FLOP_MODEL = {
-    "01_output_tokens": "per SAE layer: 2 sides x (d_sae + 2 n_null) rows x d_model x d_vocab x 2",
+    "01_output_tokens": "per SAE layer: 2 sides x (d_sae + 3 n_null) rows x d_model x d_vocab x 2 (three null "
+                        "samples: the thresholds', and the random and shuffled rows scored by the rule)",
     "02_attention": "per (SAE layer, reading layer): (d_sae + 2 n_null) x d_model x (n_heads + 2 n_kv) d_head x 2 "
                     "+ the OV R-product (d_sae + 2 n_null) n_heads d_head^2 x 2; per SAE layer the QK pairs "
                     "n_pair_heads x d_sae^2 x d_head x 2",
@@ -105,10 +106,11 @@ def block_flops(d: dict) -> float:
 def chapter_flops(stem: str, d: dict, d_sae: int, d_sae_att: int | None, hook_offset: int) -> float | None:
     """The main products' FLOPs of one chapter at the chapters' default settings (`FLOP_MODEL`)."""
     from weightscope.chapters import attention, attention_saes, ffkv, in_context, output_tokens
+    from weightscope.compute import lens
 
     L = d["n_layers"]
     if stem == "01_output_tokens":
-        rows = d_sae + 2 * output_tokens.Config().n_null
+        rows = d_sae + len(lens.NULL_ROLES) * output_tokens.Config().n_null
         return L * 2 * rows * d["d_model"] * d["d_vocab"] * 2.0
     if stem == "02_attention":
         c = attention.Config()

@@ -9,9 +9,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -90,6 +92,28 @@ def test_book_extrapolation_scales_one_depth_and_fits_a_line_through_two():
     four = bench_book.chapter_flops("02_attention", {**dims, "n_layers": 4}, 16, 16, 0)
     one = four / ratio
     assert rows["02_attention"].endswith(f"| {10 + 6 * (four - one) / (two - one):,.0f} | line through both depths |")
+
+
+def test_chapter_1_flops_count_the_rows_the_chapter_scores(monkeypatch):
+    """The FLOP model's rows are what `analyse_sae` hands the kernel: counted on a tiny model, not restated."""
+    import bench_book
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from weightscope.chapters import output_tokens
+    from weightscope.compute import lens
+
+    model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, n_heads=2,
+                                                      d_vocab=30, act_fn="gelu", normalization_type="RMS"))
+    g = torch.Generator().manual_seed(0)
+    sae = SimpleNamespace(d_sae=12, layer=0, W_enc=torch.randn(8, 12, generator=g),
+                          W_dec=torch.randn(12, 8, generator=g))
+    n_null, products = output_tokens.Config().n_null, []  # the chapter's own (cheap at 30 tokens)
+    real = lens.token_score_stats
+    monkeypatch.setattr(lens, "token_score_stats", lambda D, M, **kw: products.append(
+        2 * D.shape[0] * D.shape[1] * M.shape[1]) or real(D, M, **kw))
+    lens.analyse_sae(sae, model, lens.LensConfig(k=3, m_coherence=2), vocab=[f"t{i}" for i in range(30)],
+                     n_null=n_null, seed=0)
+    d = dict(d_model=8, n_heads=2, n_kv=2, d_head=4, d_vocab=30, n_layers=3, d_mlp=32)
+    assert bench_book.chapter_flops("01_output_tokens", d, 12, None, 0) == 3 * sum(products)
 
 
 def test_chapter_4_and_6_flops_count_each_product():

@@ -175,6 +175,12 @@ def test_linear_summary_and_weights_against_loops():
     assert float(den[1, 0, 4]) == pytest.approx(ref, rel=1e-5)
 
 
+def test_linear_summary_without_heads_says_so():
+    tokens = torch.randint(0, VOCAB, (2, N), generator=gen(12))
+    with pytest.raises(ValueError, match="at least one head"):
+        cn.linear_summary(tokens, torch.zeros(0, N, N), torch.zeros(0, VOCAB, 4))
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_summary_is_exact_for_a_positional_head(kind):
     """Zero query/key weights and biases make head 0 attend uniformly (a pattern of positions alone); with

@@ -139,6 +139,9 @@ def linear_summary(tokens: torch.Tensor, K: torch.Tensor, e_tok: torch.Tensor,
     Head by head: the whole [n_heads, batch, n, d_model] gather is never held (one head's slice at a time).
     """
     n, n_heads = tokens.shape[1], K.shape[0]
+    if n_heads == 0:  # the sum over heads would be empty: say so rather than return nothing
+        raise ValueError("linear_summary needs at least one head: K has shape "
+                         f"{tuple(K.shape)} (n_heads = 0); pass the heads whose kernels to sum.")
     out = None
     for h in range(n_heads):
         # [batch, n, d_model]

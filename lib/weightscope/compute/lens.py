@@ -192,6 +192,11 @@ def neuronpedia_url(template: str | None, layer: int, feature: int) -> str | Non
     return f"https://www.neuronpedia.org/{template.format(layer=layer)}/{feature}"
 
 
+# the null samples of `analyse_sae`, each n_null rows: (role, kind, seed offset). `thr` sets the thresholds;
+# `random` and `shuffled` are fresh samples scored by the same rule (the chance rates)
+NULL_ROLES = (("thr", "random", 1), ("random", "random", 2), ("shuffled", "shuffled", 3))
+
+
 def analyse_sae(sae, model, cfg: LensConfig, *, vocab: list[str], n_null: int, max_features: int = 0,
                 seed: int = 0, dtype=None, keep: Tensor | None = None,
                 matrices: dict | None = None) -> dict[str, pd.DataFrame]:
@@ -209,7 +214,7 @@ def analyse_sae(sae, model, cfg: LensConfig, *, vocab: list[str], n_null: int, m
                       matrices=matrices)
     nulls = {}
     rows = torch.arange(n_null) % sae.d_sae  # n_null null rows, cycling over the SAE's rows for their norms
-    for role, kind, offset in (("thr", "random", 1), ("random", "random", 2), ("shuffled", "shuffled", 3)):
+    for role, kind, offset in NULL_ROLES:
         dec = null_directions(sae.W_dec[rows], kind, seed=seed + offset)
         enc = null_directions(sae.W_enc.T[rows], kind, seed=seed + 10 + offset)
         nulls[role] = sae_sides(enc.T, dec, model, cfg, vocab=vocab, dtype=dtype, keep=keep, progress=False,
