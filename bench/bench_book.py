@@ -57,8 +57,8 @@ sys.path.insert(0, str(REPO / "lib"))
 CHAPTER_STEMS = ("00_demo_model", "01_output_tokens", "02_attention", "03_semantic_populations",
                  "04_attention_saes", "05_context_neurons", "06_ffkv_baseline", "07_in_context")
 FLOP_MODEL = {
-    "01_output_tokens": "per SAE layer: 2 sides x (d_sae + 3 n_null) rows x d_model x d_vocab x 2 (three null "
-                        "samples: the thresholds', and the random and shuffled rows scored by the rule)",
+    "01_output_tokens": "per SAE layer: 2 sides x (d_sae + 3 n_null) rows x d_model x d_vocab x 2 (three "
+                        "null samples: the thresholds', and the random and shuffled rows scored by the rule)",
     "02_attention": "per (SAE layer, reading layer): (d_sae + 2 n_null) x d_model x (n_heads + 2 n_kv) d_head x 2 "
                     "+ the OV R-product (d_sae + 2 n_null) n_heads d_head^2 x 2; per SAE layer the QK pairs "
                     "n_pair_heads x d_sae^2 x d_head x 2",
@@ -77,9 +77,10 @@ FLOP_MODEL = {
                         "d_mlp x 2, and the blocks through the last SAE's hook",
     "07_in_context": "the activation pass n_tokens x L x (block + encode d_model x d_sae x 2); the ablations, per "
                      "SAE layer l: n_ablate x ablate_positions x row_len / 2 tokens (each row cut after its "
-                     "position) x L blocks (the clean stream up to the site, the ablated one after it; "
-                     "the clean final residual is the activation pass's); block = the weight matrices x 2 "
-                     "per token",
+                     "position) x (L blocks (the clean stream up to the site, the ablated one after it; "
+                     "the clean final residual is the activation pass's) + the feature's activation at the "
+                     "site: d_model x 2 from its encoder column (ReLU, JumpReLU), d_model x d_sae x 2 from "
+                     "the whole encoder (TopK)); block = the weight matrices x 2 per token",
 }
 
 
@@ -103,10 +104,14 @@ def block_flops(d: dict) -> float:
     return 2.0 * (attn + d.get("mlp_mats", 2) * d["d_model"] * d.get("d_mlp", 4 * d["d_model"]))
 
 
-def chapter_flops(stem: str, d: dict, d_sae: int, d_sae_att: int | None, hook_offset: int) -> float | None:
-    """The main products' FLOPs of one chapter at the chapters' default settings (`FLOP_MODEL`)."""
+def chapter_flops(stem: str, d: dict, d_sae: int, d_sae_att: int | None, hook_offset: int,
+                  res_arch: str = "standard") -> float | None:
+    """The main products' FLOPs of one chapter at the chapters' default settings (`FLOP_MODEL`); res_arch:
+    the residual SAEs' sae-lens architecture (chapter 7's ablations read one encoder column of a ReLU or
+    JumpReLU SAE, the whole encoder of a TopK one)."""
     from weightscope.chapters import attention, attention_saes, ffkv, in_context, output_tokens
     from weightscope.compute import lens
+    from weightscope.load.saes import ONE_FEATURE_ARCHITECTURES
 
     L = d["n_layers"]
     if stem == "01_output_tokens":
@@ -144,18 +149,19 @@ def chapter_flops(stem: str, d: dict, d_sae: int, d_sae_att: int | None, hook_of
     if stem == "07_in_context":
         c = in_context.Config()
         passes = c.n_tokens * L * (block_flops(d) + 2.0 * d["d_model"] * d_sae)
-        per_feature = c.ablate_positions * c.row_len / 2 * block_flops(d)
-        return passes + c.n_ablate * per_feature * L * L  # per SAE layer: clean to the site, ablated after
+        site = 2.0 * d["d_model"] * (1 if res_arch in ONE_FEATURE_ARCHITECTURES else d_sae)  # per token
+        per_feature = c.ablate_positions * c.row_len / 2 * (L * block_flops(d) + site)
+        return passes + c.n_ablate * per_feature * L  # per SAE layer: clean to the site, ablated after
     return None
 
 
-REAL_TARGETS = {  # the real targets' dimensions and SAE widths, for FLOP estimates without a run
+REAL_TARGETS = {  # the real targets' dimensions, SAE widths, hook offset and residual SAE architecture
     "gpt2-small": (dict(d_model=768, n_heads=12, n_kv=12, d_head=64, d_vocab=50257, n_layers=12, d_mlp=3072,
-                        mlp_mats=2), 24576, 24576, 0),
+                        mlp_mats=2), 24576, 24576, 0, "standard"),
     "gemma-2-2b": (dict(d_model=2304, n_heads=8, n_kv=4, d_head=256, d_vocab=256000, n_layers=26, d_mlp=9216,
-                        mlp_mats=3), 16384, 16384, 1),
+                        mlp_mats=3), 16384, 16384, 1, "jumprelu"),
     "llama-3.1-8b": (dict(d_model=4096, n_heads=32, n_kv=8, d_head=128, d_vocab=128256, n_layers=32, d_mlp=14336,
-                          mlp_mats=3), 32768, None, 1),
+                          mlp_mats=3), 32768, None, 1, "topk"),
 }
 
 
@@ -164,8 +170,8 @@ def flops_table() -> str:
     stems = list(FLOP_MODEL)
     lines = ["| target (TFLOP) | " + " | ".join(f"chapter {int(s[:2])}" for s in stems) + " | total |",
              "|" + "---|" * (len(stems) + 2)]
-    for name, (d, d_sae, d_att, offset) in REAL_TARGETS.items():
-        f = [chapter_flops(stem, d, d_sae, d_att, offset) or 0.0 for stem in stems]
+    for name, (d, d_sae, d_att, offset, arch) in REAL_TARGETS.items():
+        f = [chapter_flops(stem, d, d_sae, d_att, offset, arch) or 0.0 for stem in stems]
         lines.append(f"| {name} | " + " | ".join(f"{x / 1e12:,.1f}" for x in f) + f" | {sum(f) / 1e12:,.1f} |")
     return "\n".join(lines)
 
@@ -353,7 +359,7 @@ def build(arch: str, n_layers: int, tmp: Path) -> tuple[Path, Path, dict]:
     l0 = {kind: json.loads((f / "calibration.json").read_text())["mean_l0"]
           for kind, f in (("res", res), ("att", att)) if f is not None and (f / "calibration.json").is_file()}
     return params, folder, {"d_sae": rel["res"][1], "d_sae_att": rel["att"][1] if rel["att"] else None,
-                            "res_hook": rel["res"][2], "mean_l0_random_tokens": l0}
+                            "res_hook": rel["res"][2], "res_arch": rel["res"][0], "mean_l0_random_tokens": l0}
 
 
 def baseline_rss_gb(env: dict) -> float:
@@ -522,7 +528,17 @@ def run_flops(stem: str, result: dict, n_layers: int | None = None) -> float | N
     FLOP model, so that files written before a chapter had one get its rate too."""
     d = {**result["dims"], "n_layers": n_layers or result["n_layers"]}
     offset = 0 if result["saes"]["res_hook"].endswith("resid_pre") else 1
-    return chapter_flops(stem, d, result["saes"]["d_sae"], result["saes"]["d_sae_att"], offset)
+    saes = result["saes"]
+    return chapter_flops(stem, d, saes["d_sae"], saes["d_sae_att"], offset, res_arch(result))
+
+
+def res_arch(result: dict) -> str:
+    """The residual SAEs' architecture of a results file: recorded, else its stand-in release's (files
+    written before it was recorded), else "standard"."""
+    import realwidth
+
+    release = realwidth.RELEASES.get(result.get("arch"))
+    return result["saes"].get("res_arch") or (release["res"][0] if release else "standard")
 
 
 def units(stem: str, result: dict, n_layers: int) -> float:
@@ -674,7 +690,8 @@ def main(argv=None) -> int:
             ran = r["rc"] == 0 and page is not None and r["wall_s"] > 0
             r["page_mb"] = round(page.stat().st_size / 1e6, 2) if ran else None
             r["slow_cells"] = slow_cells(page) if ran else []
-            r["flops"] = chapter_flops(stem, d, widths["d_sae"], widths["d_sae_att"], offset)
+            r["flops"] = chapter_flops(stem, d, widths["d_sae"], widths["d_sae_att"], offset,
+                                       widths["res_arch"])
             r["gflop_per_s"] = round(r["flops"] / r["wall_s"] / 1e9, 2) if r["flops"] and ran else None
             chapters[stem] = r
             atomic_write_json(out, result)

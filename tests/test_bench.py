@@ -95,7 +95,8 @@ def test_book_extrapolation_scales_one_depth_and_fits_a_line_through_two():
 
 
 def test_chapter_1_flops_count_the_rows_the_chapter_scores(monkeypatch):
-    """The FLOP model's rows are what `analyse_sae` hands the kernel: counted on a tiny model, not restated."""
+    """The FLOP model's rows are what `analyse_sae` hands the kernel: counted on a tiny model, not
+    restated."""
     import bench_book
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from weightscope.chapters import output_tokens
@@ -161,9 +162,12 @@ def test_chapter_7_flops_count_the_pass_and_each_ablation_once():
     passes = c.n_tokens * 3 * (block + 2 * 8 * 16)  # every block and every SAE's encode, per token
     # per SAE layer: the clean stream to its site and the ablated one after it, 3 blocks in all, on rows cut
     # after each position (row_len / 2 tokens on average)
-    ablations = 3 * c.n_ablate * c.ablate_positions * c.row_len / 2 * 3 * block
-    for hook_offset in (0, 1):
-        assert bench_book.chapter_flops("07_in_context", d, 16, None, hook_offset) == passes + ablations
+    tokens = 3 * c.n_ablate * c.ablate_positions * c.row_len / 2
+    # and the feature's activation at the site: one encoder column (ReLU, JumpReLU) or the whole encoder (TopK)
+    for arch, site in (("standard", 2 * 8), ("jumprelu", 2 * 8), ("topk", 2 * 8 * 16)):
+        for hook_offset in (0, 1):
+            got = bench_book.chapter_flops("07_in_context", d, 16, None, hook_offset, arch)
+            assert got == passes + tokens * (3 * block + site), (arch, hook_offset)
     parts = bench_book.held("07_in_context", {"dims": d, "n_layers": 3, "chapters": {},
                                               "saes": {"d_sae": 16, "d_sae_att": None}})
     assert parts["final"] == 4 * c.n_tokens * 8  # the activation pass's final residual, fp32

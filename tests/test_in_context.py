@@ -311,6 +311,47 @@ def test_ablation_equals_the_logit_change_of_a_whole_hooked_pass(hook):
     assert got.abs().max() > 1e-3  # the ablation moves the logits: the comparison can fail
 
 
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])
+def test_ablation_of_a_sae_lens_sae_reads_one_encoder_column_where_it_can(tmp_path, monkeypatch,
+                                                                           architecture):
+    """With sae-lens's own SAEs: ReLU and JumpReLU ablations read the feature's activation from its encoder
+    column alone, so a pass is bounded by the model's width, not the SAE's (fewer, larger groups); the effect
+    equals two whole passes with the feature removed through sae-lens's whole encode (the naive reference).
+    TopK encodes whole."""
+    import realwidth
+    from weightscope.load import saes
+
+    model, hook = tiny_model(pos="standard"), "blocks.1.hook_resid_pre"
+    hf = {"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4}
+    sae = saes.load_saes(str(realwidth.write_saes(tmp_path, hf, [1], architecture, 512, "hook_resid_pre",
+                                                  16 if architecture == "topk" else None, {})))[0]
+    rows = torch.randint(0, 24, (3, 10), generator=torch.Generator().manual_seed(10))
+    _, cache = model.run_with_cache(rows)
+    with torch.no_grad():
+        acts = sae.sae.encode(cache[hook]).reshape(-1, 512)
+    f = int(acts.gt(0).sum(0).argmax())
+    positions = torch.nonzero(acts[:, f] > 0).squeeze(1)
+    assert len(torch.unique(positions // 10)) > 1  # several rows: grouping matters
+
+    def remove(resid, hook):
+        return resid - sae.sae.encode(resid)[..., f, None] * sae.W_dec[f]
+
+    top = torch.tensor([1, 5])
+    with torch.no_grad():
+        ablated = model.run_with_hooks(rows, fwd_hooks=[(hook, remove)])
+        diff = (model(rows) - ablated).reshape(-1, 24)[positions]
+    clean = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"].reshape(-1, 32)[positions]
+    passes = []
+    original = ic._ablated
+    monkeypatch.setattr(ic, "_ablated", lambda *a: passes.append(a[2].shape[0]) or original(*a))
+    # one row at 10 columns: 640 floats at the model's width (d_mlp 64), 5,120 with the SAE's code
+    got = ic.ablation_effects(model, sae, f, rows, positions, top, clean=clean, chunk_elements=2000)
+    assert torch.allclose(got, diff[:, top].mean(1) - diff.mean(1), atol=1e-5)
+    assert got.abs().max() > 1e-4  # the ablation moves the logits: the comparison can fail
+    n_rows = len(torch.unique(positions // 10))
+    assert passes == ([n_rows] if architecture != "topk" else [1] * n_rows)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # statistics, config, summary
 

@@ -370,3 +370,37 @@ def test_sae_decode_of_a_sparse_code_equals_the_dense_decode(tmp_path, architect
     with torch.no_grad():
         saes.sae_decode(sae, f), saes.sae_decode(sae, dense)
     assert sparse_calls == [True, False]  # 12 of 3,072 entries: sparse; half of them nonzero: dense
+
+
+@pytest.mark.parametrize("architecture,hook,k", [("standard", "hook_resid_pre", None),
+                                                 ("standard", "attn.hook_z", None),
+                                                 ("jumprelu", "hook_resid_post", None),
+                                                 ("topk", "hook_resid_post", 8)])
+def test_feature_activation_equals_the_whole_encode_at_that_feature(tmp_path, architecture, hook, k):
+    """`saes.feature_activation` reads one encoder column where the architecture allows (ReLU, JumpReLU):
+    the same activations as sae-lens's whole encode, zeros and threshold cuts included (hook_z input
+    [.., heads, d_head] and b_dec taken off the input as sae-lens does); TopK encodes whole."""
+    import realwidth
+
+    hf = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4}
+    folder = realwidth.write_saes(tmp_path, hf, [0], architecture, 512, hook, k, {})
+    sae = saes.load_saes(str(folder))[0]
+    if architecture == "jumprelu":  # thresholds that cut some positive pre-activations
+        with torch.no_grad():
+            sae.sae.threshold.fill_(0.5)
+    x = torch.randn(3, 7, 4, 16) if hook.endswith("hook_z") else torch.randn(3, 7, 64)
+    whole_calls = []
+    original = sae.sae.encode
+    sae.sae.encode = lambda v: whole_calls.append(v.shape) or original(v)
+    with torch.no_grad():
+        whole = original(x)  # [3, 7, 512]
+        for f in range(0, 512, 37):
+            got = saes.feature_activation(sae, x, f)
+            assert got.shape == (3, 7) and torch.allclose(got, whole[..., f], atol=1e-5), f
+    one_column = architecture in saes.ONE_FEATURE_ARCHITECTURES
+    assert one_column == (architecture != "topk") and (len(whole_calls) == 0) == one_column
+    assert 0 < (whole > 0).float().mean() < 0.95  # some features fire and some do not: it can fail
+    if architecture == "jumprelu":  # the threshold cut positive pre-activations: that step is tested too
+        with torch.no_grad():
+            pre = sae.sae.process_sae_in(x) @ sae.sae.W_enc + sae.sae.b_enc
+        assert bool(((pre > 0) & (whole == 0)).any())

@@ -27,7 +27,7 @@ from torch import Tensor
 from weightscope.compute.attention import read_by_layer, rotate_queries
 from weightscope.compute.passes import final_logits
 from weightscope.compute.streaming import CHUNK_ELEMENTS, progress_bar
-from weightscope.load.saes import hook_layer
+from weightscope.load.saes import ONE_FEATURE_ARCHITECTURES, feature_activation, hook_layer, sae_architecture
 
 ENTRY_BYTES = 16  # one kept firing: feature (int32), position (int64), activation (fp32)
 
@@ -252,6 +252,15 @@ def _ablated(model, hook_name: str, tokens: Tensor, where, remove, start: int | 
     return _final_residual(model, remove(site, None), where, start_at_layer=start)
 
 
+def ablation_width(model, sae, row_len: int) -> int:
+    """Floats per position that one ablation pass on rows of `row_len` holds at its widest: the SAE's code
+    [.., d_sae] where the whole SAE encodes (`feature_activation`), else the model's own widest activation
+    (the MLP's, or a position's attention scores over the row in every head)."""
+    if sae_architecture(sae) not in ONE_FEATURE_ARCHITECTURES:
+        return sae.d_sae
+    return max(model.cfg.d_model, model.cfg.d_mlp or 0, model.cfg.n_heads * row_len)
+
+
 @torch.no_grad()
 def ablation_effects(model, sae, feature: int, rows: Tensor, positions: Tensor, top_ids: Tensor, *,
                      clean: Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
@@ -262,11 +271,12 @@ def ablation_effects(model, sae, feature: int, rows: Tensor, positions: Tensor, 
     [m, d_model] the unchanged model's final residuals there (`PassResult.final_resid`: the activation pass
     ran the whole model over these rows already). Removing means subtracting activation x decoder row at
     the site (the SAE's reconstruction error and other features stay), so the change is the feature's total
-    effect through every later layer, not only the direct path. The rows with a wanted position run
-    together, as many per pass as keep the SAE's code of a pass ([rows, columns, d_sae]) within
-    `chunk_elements`, cut after the group's last wanted column (a causal model's earlier positions do not
-    see later ones); on a residual site a pass stops at the site and the ablated one starts there
-    (`_ablated`).
+    effect through every later layer, not only the direct path. The feature's activation at the site is
+    its own (`feature_activation`: one encoder column where the architecture allows, not the whole code).
+    The rows with a wanted position run together, as many per pass as keep a pass's widest activation
+    ([rows, columns, `ablation_width`]) within `chunk_elements`, cut after the group's last wanted column
+    (a causal model's earlier positions do not see later ones); on a residual site a pass stops at the site
+    and the ablated one starts there (`_ablated`).
     (One pass per row cost 120 of the chapter's 458 s at 12 GPT-2-width layers: 1,526 single-row passes;
     a clean pass through every block, besides the activation pass's, 35% of the ablations' FLOPs.)
     """
@@ -281,11 +291,12 @@ def ablation_effects(model, sae, feature: int, rows: Tensor, positions: Tensor, 
     order, ablated = [], []
 
     def remove(resid, hook):
-        a = sae.sae.encode(resid.to(sae.W_dec.dtype))[..., feature]  # [r, pos]
+        a = feature_activation(sae, resid.to(sae.W_dec.dtype), feature)  # [r, pos]
         return resid - (a[..., None] * d).to(resid.dtype)
 
     used = torch.unique(row_of)  # sorted
-    for group in used.split(max(1, chunk_elements // (rows.shape[1] * sae.d_sae))):
+    per_row = rows.shape[1] * ablation_width(model, sae, rows.shape[1])
+    for group in used.split(max(1, chunk_elements // per_row)):
         sel = torch.nonzero(torch.isin(row_of, group)).squeeze(1)
         width = int(col[sel].max()) + 1
         where = (torch.searchsorted(group, row_of[sel]), col[sel])

@@ -146,6 +146,36 @@ def sae_decode(sae, f: torch.Tensor) -> torch.Tensor:
     return inner.decode(f)
 
 
+# architectures whose activation of a feature reads that feature's pre-activation alone (ReLU; ReLU times a
+# per-feature threshold test); TopK's reads every feature's (the k largest)
+ONE_FEATURE_ARCHITECTURES = ("standard", "jumprelu")
+
+
+def sae_architecture(sae) -> str | None:
+    """sae-lens's architecture name of an SAE ("standard", "jumprelu", "topk", ...; sae: a LoadedSAE or an
+    sae-lens SAE); None for an object without sae-lens's config (a stand-in with an `encode` only)."""
+    cfg = getattr(getattr(sae, "sae", sae), "cfg", None)
+    return cfg.architecture() if callable(getattr(cfg, "architecture", None)) else None
+
+
+def feature_activation(sae, x: torch.Tensor, feature: int) -> torch.Tensor:
+    """[...]: one feature's activation at inputs x [..., d_in], equal to `sae.encode(x)[..., feature]` up to
+    the order of the encoder's sum (sae: a LoadedSAE or an sae-lens SAE).
+
+    Where the architecture allows (`ONE_FEATURE_ARCHITECTURES`) only that feature's encoder column is used:
+    sae-lens's own input processing (`process_sae_in`: dtype, hook_z reshape, input norm, b_dec), then d_in
+    multiply-adds per position instead of d_in x d_sae, and its own activation. Elsewhere the whole encode."""
+    inner = getattr(sae, "sae", sae)
+    arch = sae_architecture(inner)
+    if arch not in ONE_FEATURE_ARCHITECTURES:
+        return inner.encode(x)[..., feature]
+    pre = inner.process_sae_in(x) @ inner.W_enc[:, feature] + inner.b_enc[feature]
+    act = inner.activation_fn(pre)
+    if arch == "jumprelu":
+        act = act * (pre > inner.threshold[feature]).to(act.dtype)
+    return act
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Loading
 
