@@ -404,3 +404,39 @@ def test_feature_activation_equals_the_whole_encode_at_that_feature(tmp_path, ar
         with torch.no_grad():
             pre = sae.sae.process_sae_in(x) @ sae.sae.W_enc + sae.sae.b_enc
         assert bool(((pre > 0) & (whole == 0)).any())
+
+
+def test_topk_sae_rescaled_by_decoder_norms_is_folded_so_a_row_is_the_write_per_unit(tmp_path):
+    """A TopK SAE with `rescale_acts_by_decoder_norm` and rows of varying norm loads as the same function
+    (encode then decode) with unit-norm rows, so that act x W_dec[i] is feature i's write; one whose rows are
+    already unit-norm loads bit for bit as saved."""
+    from sae_lens import SAE
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+    gen = torch.Generator().manual_seed(0)
+    for name, scale in (("varied", torch.rand(64, 1, generator=gen) * 1.5 + 0.5), ("unit", torch.ones(64, 1))):
+        sae = TopKSAE(TopKSAEConfig(d_in=16, d_sae=64, k=4, rescale_acts_by_decoder_norm=True,
+                                    metadata=SAEMetadata(hook_name="blocks.0.hook_resid_post")))
+        with torch.no_grad():
+            W = torch.randn(64, 16, generator=gen)
+            sae.W_dec.copy_(W / W.norm(dim=1, keepdim=True) * scale)
+            sae.W_enc.copy_(torch.randn(16, 64, generator=gen))
+            sae.b_enc.copy_(torch.randn(64, generator=gen) * 0.1)
+        sae.save_model(tmp_path / name)
+        raw = SAE.load_from_disk(str(tmp_path / name))
+        loaded = saes.load_saes(str(tmp_path / name))[0]
+        x = torch.randn(5, 16, generator=gen)
+        with torch.no_grad():
+            assert torch.allclose(loaded.sae.decode(loaded.sae.encode(x)), raw.decode(raw.encode(x)), atol=1e-5)
+            a = loaded.sae.encode(x)
+            i = int(a[0].argmax())
+            one = torch.zeros_like(a[:1])
+            one[0, i] = a[0, i]
+            write = saes.sae_decode(loaded, one)[0] - loaded.b_dec
+            assert torch.allclose(write, a[0, i] * loaded.W_dec[i], atol=1e-5)
+        assert torch.allclose(loaded.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
+        if name == "unit":
+            assert torch.equal(loaded.W_enc, raw.W_enc) and torch.equal(loaded.W_dec, raw.W_dec)
+        else:
+            assert not torch.allclose(raw.W_dec.norm(dim=1), torch.ones(64), atol=1e-2)  # it was not unit

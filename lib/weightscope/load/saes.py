@@ -90,7 +90,7 @@ class LoadedSAE:
 
     @property
     def W_dec(self) -> torch.Tensor:
-        """Decoder [d_sae, d_in]; row i is feature i's write direction."""
+        """Decoder [d_sae, d_in]; row i is feature i's write per unit of activation (`fold_decoder_norms`)."""
         return self.sae.W_dec.detach()
 
     @property
@@ -516,6 +516,7 @@ def _load_one(path: Path, label: str, sae_id: str | None, device: str, dtype: st
 
 
 def _describe(sae, source: str, sae_id: str | None, norm_factor: float | None, folded: bool) -> LoadedSAE:
+    fold_decoder_norms(sae)
     meta = sae.cfg.metadata
     hook = meta.hook_name
     if not hook:
@@ -542,6 +543,23 @@ def _describe(sae, source: str, sae_id: str | None, norm_factor: float | None, f
         context_size=meta.context_size,
         metadata=meta.to_dict(),
     )
+
+
+def fold_decoder_norms(sae) -> bool:
+    """Make each decoder row the feature's write per unit of activation; True when the SAE was changed.
+
+    A TopK SAE that rescales by its decoder norms (`rescale_acts_by_decoder_norm`) writes a W_dec[i] /
+    |W_dec[i]| per unit of activation, not a W_dec[i], which is what the chapters read a row as (direct effects,
+    ablations, reads). sae-lens's own `fold_W_dec_norm` turns it into the same function with unit-norm rows
+    (the norms moved into the encoder). SAEs whose rows already have unit norm (sae-lens saves its trained
+    TopK SAEs so) are left exactly as they are."""
+    if not getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        return False
+    norms = sae.W_dec.detach().float().norm(dim=-1)
+    if torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
+        return False
+    sae.fold_W_dec_norm()
+    return True
 
 
 # ------------------------------------------------------------------------------------------------------------
