@@ -35,6 +35,10 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 REFERENCES = TESTS / "nbval"
+# A chapter's outputs as executed on another processor, where float rounding moved a printed digit (e.g.
+# chapter 7's pair table on an Intel Xeon against the AMD EPYC the references were made on): the chapter
+# passes if it matches either. Made like a reference (`nbval_refresh.reference`), from the same source.
+OTHER = REFERENCES / "other-processors"
 SANITIZE = TESTS / "nbval_sanitize.cfg"
 sys.path.insert(0, str(TESTS))
 from demo_checksums import missing_demo_inputs  # noqa: E402
@@ -66,10 +70,14 @@ def test_every_chapter_has_a_reference_made_from_its_current_source():
 
     for source, path in zip(_checked(), _references()):
         assert path.is_file(), f"no nbval reference for {source.name}: run `make nbval-refresh` and commit it"
+    sources = {s.stem: s for s in _checked()}
+    for path in [*_references(), *sorted(OTHER.glob("*.ipynb"))]:
+        source = sources[path.stem]
         stored = _code_sources(json.loads(path.read_text())["cells"])
         assert stored == _code_sources(jupytext.read(source).cells), (
-            f"{source.name} changed since its nbval reference was made: if the change is meant, run "
-            f"`make nbval-refresh` and commit tests/nbval/ with it")
+            f"{source.name} changed since its nbval reference {path.relative_to(TESTS)} was made: if the "
+            "change is meant, run `make nbval-refresh` and commit tests/nbval/ with it (a reference in "
+            f"{OTHER.name}/ is remade only on its processor: delete it there)")
 
 
 def test_sanitize_file_masks_what_varies_and_nothing_else():
@@ -102,7 +110,7 @@ def test_sanitize_file_masks_what_varies_and_nothing_else():
     for real in ("largest |parts - act| = 3.1e-05", "largest |parts - act| = 0.02", "p = 4.6e-07"):
         assert clean(real) == real
     # the references are stored sanitized, and sanitizing them again changes nothing
-    for path in _references():
+    for path in [*_references(), *sorted(OTHER.glob("*.ipynb"))]:
         for cell in json.loads(path.read_text())["cells"]:
             for output in cell.get("outputs", []):
                 texts = [output.get("text", "")] + [v for k, v in output.get("data", {}).items()
@@ -126,14 +134,26 @@ def test_demo_chapters_reproduce_their_stored_outputs():
         "the pinned SAEs in data/demo_saes/: if those changed on purpose, run `make nbval-refresh` and "
         "commit tests/nbval/; if the book reads a training with other parameters "
         "(data/cache/demo_saes/<config>.json), that training moves the results")
-    proc = subprocess.run(
+    proc = _nbval(_references())
+    # a chapter that differs may match the outputs stored from another processor instead (`OTHER`)
+    failed = sorted({line.split("::")[0].split("/")[-1] for line in proc.stdout.splitlines()
+                     if line.startswith("FAILED ") and ".ipynb" in line})
+    others = [OTHER / name for name in failed if (OTHER / name).is_file()]
+    retry = _nbval(others) if proc.returncode != 0 and failed and len(others) == len(failed) else None
+    assert proc.returncode == 0 or (retry is not None and retry.returncode == 0), (
+        "an executed demo chapter no longer matches its stored outputs (a printed result moved, or new "
+        "output). If the change is meant, run `make nbval-refresh` and commit tests/nbval/.\n"
+        + proc.stdout[-6000:] + proc.stderr[-2000:]
+        + (f"\nThe other processor's outputs ({', '.join(p.name for p in others)}):\n" + retry.stdout[-3000:]
+           if retry is not None else ""))
+
+
+def _nbval(references: list[Path]) -> subprocess.CompletedProcess:
+    """nbval over `references`, each re-executed in this environment."""
+    return subprocess.run(
         [sys.executable, "-m", "pytest", "--nbval", "--nbval-current-env",
          f"--nbval-sanitize-with={SANITIZE}", "-p", "no:cacheprovider", "-q", "--no-header",
-         *map(str, _references())],
+         *map(str, references)],
         capture_output=True, text=True,
         # the library's progress lines appear only when work is not cached; the book drops them from pages
         env={**os.environ, "WEIGHTSCOPE_PROGRESS": "0"})
-    assert proc.returncode == 0, (
-        "an executed demo chapter no longer matches its stored outputs (a printed result moved, or new "
-        "output). If the change is meant, run `make nbval-refresh` and commit tests/nbval/.\n"
-        + proc.stdout[-6000:] + proc.stderr[-2000:])
