@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,8 +137,8 @@ def test_demo_chapters_reproduce_their_stored_outputs():
         "(data/cache/demo_saes/<config>.json), that training moves the results")
     proc = _nbval(_references())
     # a chapter that differs may match the outputs stored from another processor instead (`OTHER`)
-    failed = sorted({line.split("::")[0].split("/")[-1] for line in proc.stdout.splitlines()
-                     if line.startswith("FAILED ") and ".ipynb" in line})
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout)  # without colour codes
+    failed = sorted(set(re.findall(r"FAILED \S*?([\w.-]+\.ipynb)::", plain)))
     others = [OTHER / name for name in failed if (OTHER / name).is_file()]
     retry = _nbval(others) if proc.returncode != 0 and failed and len(others) == len(failed) else None
     assert proc.returncode == 0 or (retry is not None and retry.returncode == 0), (
