@@ -163,7 +163,7 @@ def test_chapter_7_flops_count_the_pass_and_each_ablation_once():
     # per SAE layer: the clean stream to its site and the ablated one after it, 3 blocks in all, on rows cut
     # after each position (row_len / 2 tokens on average)
     tokens = 3 * c.n_ablate * c.ablate_positions * c.row_len / 2
-    # and the feature's activation at the site: one encoder column (ReLU, JumpReLU) or the whole encoder (TopK)
+    # and the feature's activation at the site: one encoder column (ReLU, JumpReLU), the whole encoder (TopK)
     for arch, site in (("standard", 2 * 8), ("jumprelu", 2 * 8), ("topk", 2 * 8 * 16)):
         for hook_offset in (0, 1):
             got = bench_book.chapter_flops("07_in_context", d, 16, None, hook_offset, arch)

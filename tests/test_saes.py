@@ -415,7 +415,8 @@ def test_topk_sae_rescaled_by_decoder_norms_is_folded_so_a_row_is_the_write_per_
     from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
     gen = torch.Generator().manual_seed(0)
-    for name, scale in (("varied", torch.rand(64, 1, generator=gen) * 1.5 + 0.5), ("unit", torch.ones(64, 1))):
+    varied = torch.rand(64, 1, generator=gen) * 1.5 + 0.5
+    for name, scale in (("varied", varied), ("unit", torch.ones(64, 1))):
         sae = TopKSAE(TopKSAEConfig(d_in=16, d_sae=64, k=4, rescale_acts_by_decoder_norm=True,
                                     metadata=SAEMetadata(hook_name="blocks.0.hook_resid_post")))
         with torch.no_grad():
@@ -428,7 +429,8 @@ def test_topk_sae_rescaled_by_decoder_norms_is_folded_so_a_row_is_the_write_per_
         loaded = saes.load_saes(str(tmp_path / name))[0]
         x = torch.randn(5, 16, generator=gen)
         with torch.no_grad():
-            assert torch.allclose(loaded.sae.decode(loaded.sae.encode(x)), raw.decode(raw.encode(x)), atol=1e-5)
+            same = loaded.sae.decode(loaded.sae.encode(x))
+            assert torch.allclose(same, raw.decode(raw.encode(x)), atol=1e-5)
             a = loaded.sae.encode(x)
             i = int(a[0].argmax())
             one = torch.zeros_like(a[:1])

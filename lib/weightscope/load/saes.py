@@ -549,10 +549,10 @@ def fold_decoder_norms(sae) -> bool:
     """Make each decoder row the feature's write per unit of activation; True when the SAE was changed.
 
     A TopK SAE that rescales by its decoder norms (`rescale_acts_by_decoder_norm`) writes a W_dec[i] /
-    |W_dec[i]| per unit of activation, not a W_dec[i], which is what the chapters read a row as (direct effects,
-    ablations, reads). sae-lens's own `fold_W_dec_norm` turns it into the same function with unit-norm rows
-    (the norms moved into the encoder). SAEs whose rows already have unit norm (sae-lens saves its trained
-    TopK SAEs so) are left exactly as they are."""
+    |W_dec[i]| per unit of activation, not a W_dec[i], which is what the chapters read a row as (direct
+    effects, ablations, reads). sae-lens's own `fold_W_dec_norm` turns it into the same function with
+    unit-norm rows (the norms moved into the encoder). SAEs whose rows already have unit norm (sae-lens
+    saves its trained TopK SAEs so) are left exactly as they are."""
     if not getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
         return False
     norms = sae.W_dec.detach().float().norm(dim=-1)
