@@ -37,7 +37,7 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 REFERENCES = TESTS / "nbval"
 # A chapter's outputs as executed on another processor, where float rounding moved a printed digit (e.g.
-# chapter 7's pair table on an Intel Xeon against the AMD EPYC the references were made on): the chapter
+# chapter 4's DFA exactness values on an Intel Xeon against the AMD EPYC of its reference): the chapter
 # passes if it matches either. Made like a reference (`nbval_refresh.reference`), from the same source.
 OTHER = REFERENCES / "other-processors"
 SANITIZE = TESTS / "nbval_sanitize.cfg"

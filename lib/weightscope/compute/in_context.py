@@ -30,6 +30,13 @@ from weightscope.compute.streaming import CHUNK_ELEMENTS, progress_bar
 from weightscope.load.saes import ONE_FEATURE_ARCHITECTURES, feature_activation, hook_layer, sae_architecture
 
 ENTRY_BYTES = 16  # one kept firing: feature (int32), position (int64), activation (fp32)
+# Firings are ranked by their activation's first RANK_BITS significant bits (relative steps of 2^-9, about
+# 0.2%), then by position. Near-equal firings (the same words in near-identical contexts) differ in their
+# last bits by processor: ranked on every bit, which of them a feature kept at its n_keep boundary, and so
+# the chapter's means over kept firings, changed between two CPUs. On the demo, with every activation moved
+# by up to 2 units in its last place, 8 of 2,560 features kept other firings ranked on every bit, 1 with 12
+# bits, none with 10.
+RANK_BITS = 10
 
 
 @dataclass
@@ -65,10 +72,17 @@ class PassResult:
     final_resid: Tensor
 
 
+def rank_key(act: Tensor) -> Tensor:
+    """fp32 [same shape]: `act` (>= 0) with all but its first `RANK_BITS` significant bits cleared (rounded
+    toward zero, so the order of activations is kept, and activations a few last bits apart become equal)."""
+    mask = -(1 << (24 - RANK_BITS))  # fp32 has 24 significant bits; clear the low 24 - RANK_BITS
+    return (act.float().contiguous().view(torch.int32) & mask).view(torch.float32)
+
+
 class TopFirings:
     """Each feature's `n_keep` strongest firings so far, dense: act fp32 [d_sae, n_keep] (0: an empty slot),
-    pos int64 [d_sae, n_keep], each row largest first; n_active int64 [d_sae]. Ties keep the earlier position:
-    batches arrive in position order and every sort is stable."""
+    pos int64 [d_sae, n_keep], each row strongest first; n_active int64 [d_sae]. Strength is `rank_key`;
+    equal strengths keep the earlier position: batches arrive in position order and every sort is stable."""
 
     def __init__(self, d_sae: int, n_keep: int, device=None):
         self.act = torch.zeros(d_sae, n_keep, device=device)
@@ -85,18 +99,18 @@ class TopFirings:
         # a sparse code's features mostly do not fire in a batch, and once a reservoir holds the strongest
         # of many batches a new one seldom beats it: at 12 GPT-2-width layers the full merge sorted every
         # feature of every batch (42 of the activation pass's 278 s)
-        need = torch.nonzero(acts.amax(0) > self.act[:, -1]).squeeze(1)
-        positions = torch.arange(first, first + acts.shape[0], device=acts.device)
+        need = torch.nonzero(rank_key(acts.amax(0)) > rank_key(self.act[:, -1])).squeeze(1)
         for lo in range(0, len(need), chunk):
             f = need[lo:lo + chunk]
             cand = torch.cat([self.act[f], acts[:, f].T], 1)  # the kept ones first: earlier positions
-            where = torch.cat([self.pos[f], positions.expand(len(f), -1)], 1)
-            vals, order = torch.sort(cand, dim=1, descending=True, stable=True)
-            self.act[f] = vals[:, :n_keep]
-            self.pos[f] = where.gather(1, order[:, :n_keep])
+            order = torch.sort(rank_key(cand), dim=1, descending=True, stable=True).indices[:, :n_keep]
+            kept = order < n_keep  # a kept firing, else the batch's position first + (order - n_keep)
+            old = self.pos[f].gather(1, order.clamp(max=n_keep - 1))
+            self.act[f] = cand.gather(1, order)
+            self.pos[f] = torch.where(kept, old, order - n_keep + first)
 
     def firings(self) -> Firings:
-        """The kept firings as `Firings` on the CPU, sorted by feature, then by activation (largest first)."""
+        """The kept firings as `Firings` on the CPU, sorted by feature, then strongest first (`rank_key`)."""
         keep = self.act > 0
         feature = torch.arange(self.act.shape[0], device=self.act.device)[:, None].expand_as(keep)[keep]
         return Firings(feature.cpu(), self.pos[keep].cpu(), self.act[keep].cpu(), self.n_active.cpu())
