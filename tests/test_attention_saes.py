@@ -405,6 +405,8 @@ def test_chapter_run_on_a_tiny_model(tmp_path, monkeypatch):
     assert (ex["abs_error"] < 1e-5).all() and len(ex) == 6
     active = ex["activation"] > 0  # sae-lens's own encode: equal to parts + bias where the feature is active
     assert active.any() and (ex.loc[active, "error_vs_sae_lens"] < 1e-5).all()
+    assert ch.exact_splits(ex).all() and ch.examples_table(t)["exact"].all()
+    assert "abs_error" not in ch.examples_table(t) and "abs_error" in t.examples  # shown: the verdict only
     assert (ex["dest"] >= t.config.min_sources - 1).all()
     assert set(t.families["family"]) <= set(ch.FAMILIES)
     assert t.families[["short", "null_short"]].le(1 + 1e-6).all().all()
@@ -937,3 +939,18 @@ def test_text_analyses_on_each_device(device, min_fires):
     assert len(want["04_rdfa"]) and len(want["04_families"])
     for name in want:
         pd.testing.assert_frame_equal(got[name], want[name], check_exact=False, rtol=1e-4, atol=1e-5)
+
+
+def test_exact_splits_fail_a_split_off_by_more_than_rounding_and_say_so():
+    from weightscope.chapters import attention_saes as ch
+
+    ex = pd.DataFrame({"pre_activation": [2.0, 0.5, -3.0, 40.0], "activation": [2.0, 0.5, 0.0, 40.0],
+                       "abs_error": [2e-7, 3e-6, 1e-7, 2e-4], "error_vs_sae_lens": [2e-7, 3e-6, 3.0, 2e-4]})
+    # row 2 is inactive: sae-lens returns 0, so only its pre-activation counts; row 3's tolerance is 40 x 1e-5
+    assert ch.exact_splits(ex).tolist() == [True, True, True, True]
+    assert ch.exactness_sentence(ex).startswith("The split is exact in all 4 examples")
+    ex.loc[1, "abs_error"] = 2e-5  # above 1e-5 x max(1, 0.5)
+    ex.loc[3, "error_vs_sae_lens"] = 5e-4  # above 40 x 1e-5
+    assert ch.exact_splits(ex).tolist() == [True, False, True, False]
+    said = ch.exactness_sentence(ex)
+    assert "NOT exact in 2 of 4" in said and "2.00e-04" in said and "5.00e-04" in said

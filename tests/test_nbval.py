@@ -36,9 +36,10 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 REFERENCES = TESTS / "nbval"
-# A chapter's outputs as executed on another processor, where float rounding moved a printed digit (e.g.
-# chapter 4's DFA exactness values on an Intel Xeon against the AMD EPYC of its reference): the chapter
-# passes if it matches either. Made like a reference (`nbval_refresh.reference`), from the same source.
+# A chapter's outputs as executed on another processor, where float rounding moved a printed digit: the
+# chapter passes if it matches either. Made like a reference (`nbval_refresh.reference`), from the same
+# source. None at present: the two pages that had one (chapter 4's DFA errors, chapter 7's kept firings)
+# print nothing processor-dependent since.
 OTHER = REFERENCES / "other-processors"
 SANITIZE = TESTS / "nbval_sanitize.cfg"
 sys.path.insert(0, str(TESTS))

@@ -713,6 +713,41 @@ def dfa_examples(model, sae, lp, tokens: torch.Tensor, config: Config) -> tuple[
     return pd.DataFrame(ex_rows), pd.concat(part_rows, ignore_index=True)
 
 
+# DFA's split is exact in real arithmetic; in fp32 the parts' sum differs from the pre-activation by rounding,
+# a few units in the last place, whose digits depend on the processor. A split counts as exact within this
+# share of max(1, |pre-activation|), far above rounding (~1e-7) and far below any real term of the sum.
+EXACT_TOLERANCE = 1e-5
+
+
+def exact_splits(examples: pd.DataFrame) -> pd.Series:
+    """bool per DFA example: parts + bias equal the pre-activation, and (where the feature is active)
+    sae-lens's activation, within `EXACT_TOLERANCE` x max(1, |pre-activation|)."""
+    tol = np.maximum(1.0, examples["pre_activation"].abs()) * EXACT_TOLERANCE
+    inactive = examples["activation"] <= 0  # sae-lens returns 0 there, not the pre-activation
+    return (examples["abs_error"] <= tol) & (inactive | (examples["error_vs_sae_lens"] <= tol))
+
+
+def exactness_sentence(examples: pd.DataFrame) -> str:
+    """Whether every DFA split is exact (`exact_splits`); the largest errors only where one is not."""
+    ok = exact_splits(examples)
+    rule = (f"parts + bias equal the pre-activation and sae-lens's activation within {EXACT_TOLERANCE:.0e} x "
+            f"max(1, |pre-activation|), fp32 rounding")
+    if ok.all():
+        return f"The split is exact in all {len(examples)} examples ({rule})."
+    bad = examples[~ok]
+    return (f"The split is NOT exact in {len(bad)} of {len(examples)} examples ({rule}): largest "
+            f"|parts + bias - pre-activation| {bad['abs_error'].max():.2e}, largest |parts + bias - "
+            f"sae-lens's activation| {bad['error_vs_sae_lens'].max():.2e}.")
+
+
+def examples_table(t: Tables) -> pd.DataFrame:
+    """The DFA examples as the page shows them: the two rounding-level errors replaced by `exact_splits`'
+    verdict (the errors stay in the stored table `04_dfa_examples`)."""
+    shown = t.examples.drop(columns=["abs_error", "error_vs_sae_lens"])
+    shown["exact"] = exact_splits(t.examples)
+    return shown
+
+
 def head_parts(t: Tables) -> pd.DataFrame:
     """Per DFA example and head: the DFA part summed over sources, with a label "L<layer> f<feature>"."""
     hb = t.parts.groupby(["layer", "feature", "head"], as_index=False)["part"].sum()
@@ -990,9 +1025,7 @@ def findings(t: Tables) -> dict[str, list[str]]:
                       f"({i['text_rows']} rows of {i['text_ctx']} tokens: stories concatenated and cut at "
                       f"that "
                       f"length), each at a "
-                      f"destination with at least {c.min_sources} sources; largest |parts + bias - "
-                      f"pre-activation| = {e['abs_error'].max():.1e}, largest |parts + bias - sae-lens's "
-                      f"activation| = {e['error_vs_sae_lens'].max():.1e} (fp32).")
+                      f"destination with at least {c.min_sources} sources. " + exactness_sentence(e))
     out["families"].append(head_profile_sentence(t))
     f = t.families
     counts = f["family"].value_counts(normalize=True)
