@@ -954,3 +954,25 @@ def test_exact_splits_fail_a_split_off_by_more_than_rounding_and_say_so():
     assert ch.exact_splits(ex).tolist() == [True, False, True, False]
     said = ch.exactness_sentence(ex)
     assert "NOT exact in 2 of 4" in said and "2.00e-04" in said and "5.00e-04" in said
+
+
+def test_rdfa_check_says_exact_only_within_the_tolerance_and_names_a_larger_error():
+    from types import SimpleNamespace
+
+    from weightscope.chapters import attention_saes as ch
+
+    def rows(part, pieces):  # one example: its DFA part and the pieces of its decomposition
+        return [{"layer": 0, "feature": part, "part": float(part), "piece": p, "contribution": c}
+                for p, c in pieces]
+
+    rdfa = pd.DataFrame(rows(2, [("residual feature", 1.5), ("residual SAE error", 0.5 + 3e-6)])
+                        + rows(50, [("residual feature", 40.0), ("residual SAE error", 10.0 + 4e-4)]))
+    r = ch.rdfa_check(SimpleNamespace(rdfa=rdfa))  # gaps 3e-6 (<= 1e-5) and 4e-4 (<= 50 x 1e-5)
+    assert (r["examples"], r["exact"]) == (2, 2)
+    said = ch.rdfa_sentence(r)
+    assert "in all 2 the pieces sum to the DFA part" in said and "e-0" not in said.split("fp32")[1]
+    assert "median 23% of the part's size" in said  # median of 0.5/2 and 10/50 (plus the gaps): 0.225005
+    rdfa.loc[rdfa["feature"] == 50, "contribution"] += 1e-3  # both pieces: gap 2.4e-3 > 5e-4
+    said = ch.rdfa_sentence(ch.rdfa_check(SimpleNamespace(rdfa=rdfa)))
+    assert "in 1 of 2 the pieces do NOT sum" in said and "= 2.40e-03" in said
+    assert ch.rdfa_sentence({"examples": 0}).startswith("No residual SAE")

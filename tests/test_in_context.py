@@ -82,7 +82,7 @@ def test_top_firings_rank_near_equal_activations_as_equal_whichever_is_a_last_bi
         top = ic.TopFirings(1, 2)
         top.add(torch.stack([torch.tensor(0.9), *first_two])[:, None], 0)  # positions 0, 1, 2; keep 2
         assert top.firings().position.tolist() == [0, 1]  # the earlier of the two near-equal ones
-        top.add(torch.stack([torch.tensor(0.9), *first_two])[:, None] * 0 + a, 3)  # later equals lose
+        top.add(torch.full((3, 1), float(a)), 3)  # positions 3-5, each equal to a: later equals lose
         assert top.firings().position.tolist() == [0, 1]
     assert float(ic.rank_key(a)) == float(ic.rank_key(b)) < float(a)  # rounded toward zero
     x = torch.rand(10_000, generator=torch.Generator().manual_seed(0))

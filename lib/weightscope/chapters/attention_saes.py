@@ -951,14 +951,32 @@ def recursive_dfa(model, sae, lp, resid: dict, examples: pd.DataFrame, *, n_top:
 
 
 def rdfa_check(t: Tables) -> dict[str, float]:
-    """Recursive DFA's exactness and the residual SAE's error share: examples, largest |sum of pieces - part|,
-    median |error piece| / |part|."""
+    """Recursive DFA's exactness and the residual SAE's error share: examples, how many sum to their part
+    within `EXACT_TOLERANCE` x max(1, |part|) ("exact"), largest |sum of pieces - part|, median |error piece| /
+    |part|."""
     if not len(t.rdfa):
         return {"examples": 0}
     check = t.rdfa.groupby(["layer", "feature"]).agg(part=("part", "first"), total=("contribution", "sum"))
     err = t.rdfa[t.rdfa["piece"] == "residual SAE error"].set_index(["layer", "feature"])["contribution"]
-    return {"examples": len(check), "max_error": float((check["part"] - check["total"]).abs().max()),
+    gap = (check["part"] - check["total"]).abs()
+    exact = gap <= np.maximum(1.0, check["part"].abs()) * EXACT_TOLERANCE
+    return {"examples": len(check), "exact": int(exact.sum()), "max_error": float(gap.max()),
             "error_share": float((err.abs() / check["part"].abs()).median())}
+
+
+def rdfa_sentence(r: dict[str, float]) -> str:
+    """`rdfa_check`'s result in words: the largest error is named only where a sum is not exact (below the
+    tolerance it is fp32 rounding, whose digits move between processors)."""
+    if not r["examples"]:
+        return "No residual SAE reads the stream these attention layers read; recursive DFA is skipped."
+    rule = f"within {EXACT_TOLERANCE:.0e} x max(1, |part|), fp32 rounding"
+    if r["exact"] == r["examples"]:
+        sums = f"in all {r['examples']} the pieces sum to the DFA part ({rule})"
+    else:
+        sums = (f"in {r['examples'] - r['exact']} of {r['examples']} the pieces do NOT sum to the DFA part "
+                f"({rule}): largest |sum of pieces - DFA part| = {r['max_error']:.2e}")
+    return (f"{r['examples']} examples decomposed; {sums}; the residual SAE's error term carries a median "
+            f"{percent(r['error_share'], 0)} of the part's size.")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1037,12 +1055,5 @@ def findings(t: Tables) -> dict[str, list[str]]:
                            f"{percent((f['short'] > f['null_short_heads']).mean(), 0)} of features exceed "
                            f"the latter. Mean induction share "
                            f"{f['induction'].mean():.2f} against {f['null_induction'].mean():.2f}.")
-    r = rdfa_check(t)
-    if r["examples"]:
-        out["rdfa"].append(f"{r['examples']} examples decomposed; largest |sum of pieces - DFA part| = "
-                           f"{r['max_error']:.1e}; the residual SAE's error term carries a median "
-                           f"{percent(r['error_share'], 0)} of the part's size.")
-    else:
-        out["rdfa"].append("No residual SAE reads the stream these attention layers read; recursive DFA is "
-                           "skipped.")
+    out["rdfa"].append(rdfa_sentence(rdfa_check(t)))
     return out
