@@ -55,7 +55,7 @@ nbval-refresh: .venv/.installed
 demo-saes: .venv/.installed
 	@$(PY) -m weightscope.prepare.demo_saes --config default --config attn
 
-# Store the checksums of the demo's main result tables beside the pinned SAEs (after a change meant to move them)
+# Store the fingerprints of the demo's main result tables beside the pinned SAEs (after a change meant to move them)
 demo-checksums: .venv/.installed
 	@$(PY) tests/demo_checksums.py --write
 
