@@ -914,6 +914,31 @@ def test_top_positions_in_column_chunks_equal_the_whole_masked_tensor(monkeypatc
             assert torch.equal(fires, want_fires)
 
 
+def test_examples_rank_near_equal_activations_as_equal_and_keep_the_earlier_position():
+    # stories that begin alike give equal or last-bit-apart activations at different positions; which one a
+    # feature's examples use followed the processor's top-k kernel (chapter 4's families moved with it)
+    from weightscope.chapters import attention_saes as ch
+
+    a = torch.tensor(0.55819964)
+    b = torch.nextafter(a, torch.tensor(1.0))
+    for first, second in ((a, b), (b, a)):
+        acts = torch.zeros(2, 4, 3)  # [rows, pos, d_sae]
+        acts[0, 1, 0], acts[1, 0, 0], acts[1, 3, 0] = first, second, 0.9  # feature 0: one strong, two equal
+        acts[1, 2, 2], acts[0, 3, 2] = second, first  # feature 2's peaks: equal, at rows 1 and 0
+        f, row, dest, _ = ch._top_positions(acts, 2, 1)
+        assert sorted(zip(f.tolist(), row.tolist(), dest.tolist())) == [(0, 0, 1), (0, 1, 3), (2, 0, 3),
+                                                                       (2, 1, 2)]
+        f1, r1, d1, _ = ch._top_positions(acts, 1, 1)
+        assert list(zip(f1.tolist(), r1.tolist(), d1.tolist())) == [(0, 1, 3), (2, 0, 3)]
+        acts[1, 3, 0] = 0  # now feature 0's peak is the near-equal pair: the earlier position wins
+        f1, r1, d1, _ = ch._top_positions(acts, 1, 1)
+        assert list(zip(f1.tolist(), r1.tolist(), d1.tolist())) == [(0, 0, 1), (2, 0, 3)]
+        row, dest, feats = ch._dfa_peaks(acts, 1, 1)  # from destination 1 on: features 0 and 2 tie
+        assert (feats.tolist(), row.tolist(), dest.tolist()) == ([0], [0], [1])  # the lower feature id
+        row, dest, feats = ch._dfa_peaks(acts, 2, 1)  # from destination 2 on: feature 2 only
+        assert (feats.tolist(), row.tolist(), dest.tolist()) == ([2], [0], [3])
+
+
 def _on(loaded, device):
     """A `LoadedSAE` with its sae-lens SAE moved to `device`."""
     loaded.sae.to(device)

@@ -18,6 +18,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from weightscope.chapters import in_context as ch
 from weightscope.compute import in_context as ic
+from weightscope.compute import ranking
 from weightscope.compute.lens import output_matrix
 from weightscope.config.params import ParamsError
 
@@ -84,10 +85,10 @@ def test_top_firings_rank_near_equal_activations_as_equal_whichever_is_a_last_bi
         assert top.firings().position.tolist() == [0, 1]  # the earlier of the two near-equal ones
         top.add(torch.full((3, 1), float(a)), 3)  # positions 3-5, each equal to a: later equals lose
         assert top.firings().position.tolist() == [0, 1]
-    assert float(ic.rank_key(a)) == float(ic.rank_key(b)) < float(a)  # rounded toward zero
+    assert float(ranking.rank_key(a)) == float(ranking.rank_key(b)) < float(a)  # rounded toward zero
     x = torch.rand(10_000, generator=torch.Generator().manual_seed(0))
-    assert bool((ic.rank_key(x.sort().values).diff() >= 0).all())  # the order kept
-    assert float(((x - ic.rank_key(x)) / x).max()) < 2.0 ** (1 - ic.RANK_BITS)  # relative steps
+    assert bool((ranking.rank_key(x.sort().values).diff() >= 0).all())  # the order kept
+    assert float(((x - ranking.rank_key(x)) / x).max()) < 2.0 ** (1 - ranking.RANK_BITS)  # relative steps
 
 
 def test_top_firings_merge_only_features_that_beat_their_weakest_kept_firing(monkeypatch):

@@ -35,6 +35,7 @@ from weightscope.compute import dfa as dfa_k
 from weightscope.compute import head_attribution as ha
 from weightscope.compute.lens import content_ids, output_matrix, token_strings
 from weightscope.compute.passes import BlockStream
+from weightscope.compute.ranking import rank_key, top_earliest
 from weightscope.compute.streaming import CHUNK_ELEMENTS, auto_chunk_size, progress_bar, scores_buffer
 from weightscope.compute.token_scores import topk_rows
 from weightscope.config.params import ParamsError
@@ -680,6 +681,18 @@ def text_analyses(model, saes, resid: dict, tokens: torch.Tensor, config: Config
             "04_rdfa": pd.concat([r for r in out["rdfa"] if len(r)] or [pd.DataFrame()], ignore_index=True)}
 
 
+def _dfa_peaks(acts: torch.Tensor, lo: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The `n` features of acts [b, pos, d_sae] with the highest peak at a destination from `lo` on, and
+    where: (row [n], dest [n], feature [n]). Peaks and positions rank by `rank_key`, near-equal ones to the earlier
+    position (row, then destination) and the lower feature id, as `top_earliest` does."""
+    key = torch.stack([rank_key(acts[r, lo:]).max(0).values for r in range(acts.shape[0])])  # [b, d_sae]
+    peak = key.max(0)  # first row among equal keys (max returns the first index of the maximum)
+    feats = top_earliest(peak.values[:, None], n)[1][:, 0]
+    b = peak.indices[feats]
+    d = [rank_key(acts[r, lo:, f]).argmax() for r, f in zip(b.tolist(), feats.tolist())]  # first of equals
+    return b, lo + (torch.stack(d) if d else b.new_zeros(0)), feats
+
+
 def dfa_examples(model, sae, lp, tokens: torch.Tensor, config: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
     """DFA for the `dfa_features` features of one layer with the highest activation on the held-out text at
     a destination with at least `min_sources` sources, each at that position; lp: the layer's `_layer_pass`.
@@ -689,11 +702,7 @@ def dfa_examples(model, sae, lp, tokens: torch.Tensor, config: Config) -> tuple[
     ex_rows, part_rows = [], []
     lo = config.min_sources - 1  # the first destination with min_sources sources
     c, W_eff, b_eff, acts = lp
-    in_row = acts[:, lo:].max(1)  # [b, d_sae]: a feature's peak per row (over a view: no copy of acts)
-    peak = in_row.values.max(0)  # [d_sae]: over rows; ties to the first row, then the first position
-    feats = peak.values.topk(min(config.dfa_features, sae.d_sae)).indices
-    b = peak.indices[feats]
-    d = lo + in_row.indices[b, feats]
+    b, d, feats = _dfa_peaks(acts, lo, config.dfa_features)
     parts = _chunked_dfa(c, W_eff, b, d, feats)
     pre = pre_activations(c, W_eff, b_eff, b, d, feats)
     for i, f in enumerate(feats.tolist()):
@@ -771,7 +780,8 @@ def repeated_tokens(model, config: Config, keep: torch.Tensor | None = None) -> 
 
 def _top_positions(acts: torch.Tensor, n: int, min_fires: int, allowed: torch.Tensor | None = None):
     """For every feature with at least `min_fires` active positions (within `allowed` [b, pos] if given): its
-    top-n positions. Returns LongTensors (feature, row, dest) and the number of active positions per feature.
+    top-n positions (`top_earliest`: near-equal activations rank as equal and the earlier position wins).
+    Returns LongTensors (feature, row, dest) and the number of active positions per feature.
     """
     flat = acts.flatten(0, 1)  # [b * pos, d_sae]
     mask = None if allowed is None else allowed.reshape(-1, 1).to(flat.dtype)
@@ -784,9 +794,10 @@ def _top_positions(acts: torch.Tensor, n: int, min_fires: int, allowed: torch.Te
     fires = torch.cat([(cols(slice(j, j + step)) > 0).sum(0, dtype=torch.int32)
                        for j in range(0, flat.shape[1], step)]).long()
     keep = torch.nonzero(fires >= min_fires).flatten()
-    top = [cols(keep[j:j + step]).topk(min(n, flat.shape[0]), dim=0) for j in range(0, len(keep), step)]
-    vals = torch.cat([t.values for t in top], 1) if top else flat.new_zeros(min(n, flat.shape[0]), 0)
-    idx = torch.cat([t.indices for t in top], 1) if top else vals.new_zeros(vals.shape, dtype=torch.long)
+    half = max(1, step // 2)  # the ranking key is fp64: half the columns for the same bytes
+    top = [top_earliest(cols(keep[j:j + half]), n) for j in range(0, len(keep), half)]
+    vals = torch.cat([t[0] for t in top], 1) if top else flat.new_zeros(min(n, flat.shape[0]), 0)
+    idx = torch.cat([t[1] for t in top], 1) if top else vals.new_zeros(vals.shape, dtype=torch.long)
     # vals, idx: [n, n_keep]
     f = keep.repeat(idx.shape[0], 1)
     ok = vals > 0

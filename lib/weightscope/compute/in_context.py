@@ -26,17 +26,11 @@ from torch import Tensor
 
 from weightscope.compute.attention import read_by_layer, rotate_queries
 from weightscope.compute.passes import final_logits
+from weightscope.compute.ranking import rank_key
 from weightscope.compute.streaming import CHUNK_ELEMENTS, progress_bar
 from weightscope.load.saes import ONE_FEATURE_ARCHITECTURES, feature_activation, hook_layer, sae_architecture
 
 ENTRY_BYTES = 16  # one kept firing: feature (int32), position (int64), activation (fp32)
-# Firings are ranked by their activation's first RANK_BITS significant bits (relative steps of 2^-9, about
-# 0.2%), then by position. Near-equal firings (the same words in near-identical contexts) differ in their
-# last bits by processor: ranked on every bit, which of them a feature kept at its n_keep boundary, and so
-# the chapter's means over kept firings, changed between two CPUs. On the demo, with every activation moved
-# by up to 2 units in its last place, 8 of 2,560 features kept other firings ranked on every bit, 1 with 12
-# bits, none with 10.
-RANK_BITS = 10
 
 
 @dataclass
@@ -70,13 +64,6 @@ class PassResult:
     firings: dict[int, Firings]
     evaluated: Tensor
     final_resid: Tensor
-
-
-def rank_key(act: Tensor) -> Tensor:
-    """fp32 [same shape]: `act` (>= 0) with all but its first `RANK_BITS` significant bits cleared (rounded
-    toward zero, so the order of activations is kept, and activations a few last bits apart become equal)."""
-    mask = -(1 << (24 - RANK_BITS))  # fp32 has 24 significant bits; clear the low 24 - RANK_BITS
-    return (act.float().contiguous().view(torch.int32) & mask).view(torch.float32)
 
 
 class TopFirings:
