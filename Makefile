@@ -15,7 +15,7 @@ export WEIGHTSCOPE_CORPORA ?= $(SHARED)/corpora
 endif
 export PYTHONUNBUFFERED := 1
 
-.PHONY: book test test-fast nbval nbval-refresh demo-saes demo-checksums bench clean setup atlas
+.PHONY: book test test-fast nbval nbval-refresh demo-saes demo-checksums processor-check bench clean setup atlas
 setup: .venv/.installed
 
 .venv/.installed: requirements.txt pyproject.toml
@@ -58,6 +58,11 @@ demo-saes: .venv/.installed
 # Store the fingerprints of the demo's main result tables beside the pinned SAEs (after a change meant to move them)
 demo-checksums: .venv/.installed
 	@$(PY) tests/demo_checksums.py --write
+
+# The demo's chapters with this machine's kernels and with another instruction set, every stored table
+# compared: a result that follows the processor's rounding (a near-tie in a top-k) shows here
+processor-check: .venv/.installed
+	@$(PY) tests/processor_check.py
 
 clean:
 	rm -rf book/_build book/_toc.yml
