@@ -1,6 +1,6 @@
 """Does a result depend on the processor? The demo's chapters on two kernel sets of this machine, compared.
 
-    .venv/bin/python tests/processor_check.py        (or: make processor-check; 2-4 minutes on 2 cores)
+    .venv/bin/python tests/processor_check.py        (or: make processor-check; about 80 s on 2 cores)
 
 Floating-point kernels differ between processors (AVX-512 or AVX2 matrix products sum in another order), so
 a result computed on one machine differs from another's in its last bits. That is harmless unless a discrete
