@@ -106,7 +106,7 @@ def table_differences(name: str, a: pd.DataFrame, b: pd.DataFrame) -> tuple[list
         return [], []
     rounding = ROUNDING_COLUMNS.get(Path(name).name, set())  # name: a path, e.g. demo/04_dfa_examples
     columns = [c for c in a.columns if c not in SKIP_COLUMNS | rounding]
-    floats = {c: v for c in columns if (v := _floats(a[c])) is not None}
+    floats = [c for c in columns if _floats(a[c]) is not None]  # what kind; compared after sorting
     exact = [c for c in columns if c not in floats]
     a, b = _sorted_rows(a, b, exact)
     lines, notes = [], []

@@ -683,14 +683,16 @@ def text_analyses(model, saes, resid: dict, tokens: torch.Tensor, config: Config
 
 def _dfa_peaks(acts: torch.Tensor, lo: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The `n` features of acts [b, pos, d_sae] with the highest peak at a destination from `lo` on, and
-    where: (row [n], dest [n], feature [n]). Peaks and positions rank by `rank_key`, near-equal ones to the earlier
-    position (row, then destination) and the lower feature id, as `top_earliest` does."""
-    key = torch.stack([rank_key(acts[r, lo:]).max(0).values for r in range(acts.shape[0])])  # [b, d_sae]
-    peak = key.max(0)  # first row among equal keys (max returns the first index of the maximum)
+    where: (row [n], dest [n], feature [n]). Peaks rank by `rank_key`; near-equal ones go to the earlier row,
+    then destination (max returns the first index of the maximum), and the lower feature id (`top_earliest`).
+    """
+    per_row = [rank_key(acts[r, lo:]).max(0) for r in range(acts.shape[0])]  # a row's copy at a time
+    key = torch.stack([m.values for m in per_row])  # [b, d_sae]: each feature's peak per row
+    dest = torch.stack([m.indices for m in per_row])  # [b, d_sae]: where, from lo on
+    peak = key.max(0)  # [d_sae]: over rows
     feats = top_earliest(peak.values[:, None], n)[1][:, 0]
     b = peak.indices[feats]
-    d = [rank_key(acts[r, lo:, f]).argmax() for r, f in zip(b.tolist(), feats.tolist())]  # first of equals
-    return b, lo + (torch.stack(d) if d else b.new_zeros(0)), feats
+    return b, lo + dest[b, feats], feats
 
 
 def dfa_examples(model, sae, lp, tokens: torch.Tensor, config: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -728,12 +730,18 @@ def dfa_examples(model, sae, lp, tokens: torch.Tensor, config: Config) -> tuple[
 EXACT_TOLERANCE = 1e-5
 
 
+def within_rounding(error: pd.Series, reference: pd.Series) -> pd.Series:
+    """bool: |error| <= `EXACT_TOLERANCE` x max(1, |reference|), elementwise."""
+    return error.abs() <= np.maximum(1.0, reference.abs()) * EXACT_TOLERANCE
+
+
 def exact_splits(examples: pd.DataFrame) -> pd.Series:
     """bool per DFA example: parts + bias equal the pre-activation, and (where the feature is active)
-    sae-lens's activation, within `EXACT_TOLERANCE` x max(1, |pre-activation|)."""
-    tol = np.maximum(1.0, examples["pre_activation"].abs()) * EXACT_TOLERANCE
+    sae-lens's activation, `within_rounding` of the pre-activation."""
+    pre = examples["pre_activation"]
     inactive = examples["activation"] <= 0  # sae-lens returns 0 there, not the pre-activation
-    return (examples["abs_error"] <= tol) & (inactive | (examples["error_vs_sae_lens"] <= tol))
+    return within_rounding(examples["abs_error"], pre) & (
+        inactive | within_rounding(examples["error_vs_sae_lens"], pre))
 
 
 def exactness_sentence(examples: pd.DataFrame) -> str:
@@ -963,14 +971,13 @@ def recursive_dfa(model, sae, lp, resid: dict, examples: pd.DataFrame, *, n_top:
 
 def rdfa_check(t: Tables) -> dict[str, float]:
     """Recursive DFA's exactness and the residual SAE's error share: examples, how many sum to their part
-    within `EXACT_TOLERANCE` x max(1, |part|) ("exact"), largest |sum of pieces - part|, median |error piece| /
-    |part|."""
+    (`within_rounding`, "exact"), largest |sum of pieces - part|, median |error piece| / |part|."""
     if not len(t.rdfa):
         return {"examples": 0}
     check = t.rdfa.groupby(["layer", "feature"]).agg(part=("part", "first"), total=("contribution", "sum"))
     err = t.rdfa[t.rdfa["piece"] == "residual SAE error"].set_index(["layer", "feature"])["contribution"]
     gap = (check["part"] - check["total"]).abs()
-    exact = gap <= np.maximum(1.0, check["part"].abs()) * EXACT_TOLERANCE
+    exact = within_rounding(gap, check["part"])
     return {"examples": len(check), "exact": int(exact.sum()), "max_error": float(gap.max()),
             "error_share": float((err.abs() / check["part"].abs()).median())}
 
