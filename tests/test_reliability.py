@@ -208,6 +208,29 @@ def test_the_ffkv_baseline_is_skipped_when_no_sae_sees_an_mlp_write(tmp_path, ti
     assert pf.skipped_chapters(post, stems) == {}  # resid_post of block 0 sees block 0's MLP
 
 
+def test_chapter_2_and_its_readers_are_skipped_when_no_head_reads_any_sae(tmp_path, tiny_model, monkeypatch):
+    """Chapter 2 measures how later attention layers read each SAE; resid_post of the last block is read by
+    none (a one-block model's only SAE site, say). Only such SAEs: chapter 2 is skipped with the reason, and
+    chapters 3 and 7, which read its tables, with it (the run does not stop on their missing inputs); one SAE
+    an attention layer reads: all run."""
+    stems = [Path(f"{s}.md") for s in ("01_output_tokens", "02_attention", "03_semantic_populations",
+                                       "07_in_context")]
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path / "data"))  # no stored tables
+    post = str(_sae_folder(tmp_path / "post"))  # resid_post SAEs
+    last = pf.resolve_target(load_target(_params(tmp_path, "last", str(tiny_model), post, layers=[N_LAYERS - 1])))
+    skipped = pf.skipped_chapters(last, stems)
+    assert list(skipped) == ["02_attention", "03_semantic_populations", "07_in_context"]
+    assert "no attention layer of the model reads" in skipped["02_attention"]
+    assert all("reads the tables of 02_attention" in skipped[s] for s in ("03_semantic_populations",
+                                                                         "07_in_context"))
+    defaults = {s.stem: book.notebook_defaults(REPO / "notebooks" / s.name) for s in stems}
+    assert pf.preflight(last, stems[2:], defaults) == []  # chapter 2's tables missing: no problem when skipped
+    assert pf.skipped_chapters(last, stems[2:3]) == {  # chapter 2 not in the run: still consulted
+        "03_semantic_populations": skipped["03_semantic_populations"]}
+    every = pf.resolve_target(load_target(_params(tmp_path, "every", str(tiny_model), post)))
+    assert pf.skipped_chapters(every, stems) == {}  # layer 0's resid_post is read by layer 1
+
+
 @pytest.fixture
 def input_registry(tmp_path, monkeypatch):
     """Two registered chapters: 01_fake reads a corpus and 02_fake reads 01_fake's table; 03_skip never

@@ -6,8 +6,9 @@ from `model.cfg` or the pre-flight's `ModelDims`).
 
 SKIPPABLE maps each chapter that does not apply to every target to the module whose `skip_reason(target,
 dims)` says why it does not apply to this one (None when it does); the book runner then leaves it out,
-printing the reason, instead of failing. A registered module may also define `target_problems(target, dims)`:
-its checks of the target's own inputs (e.g. chapter 4's attention SAEs), run by the pre-flight.
+printing the reason, instead of failing, and with it every chapter that reads its tables (`TableInput`). A
+registered module may also define `target_problems(target, dims)`: its checks of the target's own inputs
+(e.g. chapter 4's attention SAEs), run by the pre-flight.
 """
 
 CHAPTERS = {
@@ -21,6 +22,7 @@ CHAPTERS = {
 }
 
 SKIPPABLE = {
+    "02_attention": "weightscope.chapters.attention",
     "04_attention_saes": "weightscope.chapters.attention_saes",
     "05_context_neurons": "weightscope.chapters.context_neurons",
     "06_ffkv_baseline": "weightscope.chapters.ffkv",

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from weightscope import io
-from weightscope.chapters.context import TableInput
+from weightscope.chapters.context import TableInput, sae_metadata
 from weightscope.chapters.findings import binomial_tolerance, curve_shape, number, percent, shape_words
 from weightscope.compute import attention
 from weightscope.config.params import ParamsError
@@ -74,6 +74,27 @@ class Config:
         return [TableInput("01_features", produced_by="01_output_tokens")]
 
 
+NO_READER_REASON = ("no attention layer of the model reads any of the target's SAEs: each sits where no later "
+                    "block's attention sees it (`hook_resid_post` of the last block, say), so there are no "
+                    "head reads to measure; add SAEs of earlier layers (`layers:`) to run it.")
+
+
+def skip_reason(target, dims) -> str | None:
+    """Why this chapter does not apply to the target: no attention layer reads any of its SAEs (read from the
+    SAEs' cfg.json for a local folder or the demo; a hub release is not read here and is never skipped)."""
+    metas = sae_metadata(target, dims)
+    if metas and all(_never_read(m, dims.n_layers) for m in metas):
+        return NO_READER_REASON
+    return None
+
+
+def _never_read(meta, n_layers: int) -> bool:
+    try:
+        return meta.layer is not None and attention.first_reading_layer(meta.layer, meta.hook_name) >= n_layers
+    except ValueError:  # a hook chapter 2 cannot place: `run` says so
+        return False
+
+
 @dataclass
 class Tables:
     """What chapter 2 produces."""
@@ -87,6 +108,7 @@ class Tables:
     offset_corr: pd.DataFrame  # head, offset, correlation of pair scores with those at offset 0
     rotary: bool  # whether the model has rotary positions (pairs then depend on the offset)
     config: Config = field(repr=False, default_factory=Config)
+    unread: list = field(default_factory=list)  # SAE layers no attention layer reads (resid_post of the last)
 
 
 def run(ctx, config: Config, *, model=None, saes=None) -> Tables:
@@ -121,7 +143,7 @@ def run(ctx, config: Config, *, model=None, saes=None) -> Tables:
     return Tables(n_reads=int(heads["n_features"].sum()), heads=heads, features=features,
                   participation=participation(heads, config),
                   depth=depth_curves(heads), pairs=pairs, offset_corr=tabs["offset_corr"], rotary=rotary,
-                  config=config)
+                  config=config, unread=sorted(set(saes.layers) - set(heads["layer"].tolist())))
 
 
 def sae_reads(model, sae, config: Config, *, dtype, device):

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from weightscope.config.params import PROCESSING_FLAGS, Target, load_target
+from weightscope.config.params import PROCESSING_FLAGS, ParamsError, Target, load_target
 from weightscope.io import folder_fingerprint, table_problem, versions
 from weightscope.load.corpora import STORIES_CASED, STORIES_LOWER, CorpusError, corpus_path, held_out_windows
 from weightscope.load.llama2c import BOS_ID, TOKENIZER_FILE, load_encoder, stories260k_dir
@@ -180,6 +180,22 @@ class TableInput:
         found = table_problem(params.target, self.name)
         return found and (f"{found}; run the chapter {self.produced_by} first (make book "
                           f"TARGET={params.target} runs every chapter in order)")
+
+
+def sae_metadata(target: Target, dims) -> list | None:
+    """The target's SAEs' metadata (`layer`, `hook_name`), read from their cfg.json for a local folder or the
+    demo, for the chapters' skip rules; None where it is not read here (a hub release is not downloaded by the
+    pre-flight; bad layers and missing SAEs are the pre-flight's own problems)."""
+    from weightscope.load.saes import SAEError  # as `input_files`: sae-lens is imported only when needed
+
+    if getattr(dims, "n_layers", None) is None:
+        return None
+    try:
+        layers = target.resolve_layers(dims.n_layers)
+        return SAESequence(target.sae_source, target.sae_names(layers), layers, device="cpu",
+                           dtype=None).metadata()
+    except (ParamsError, SAEError):
+        return None
 
 
 def sae_summary(sae) -> dict[str, Any]:

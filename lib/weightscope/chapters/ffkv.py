@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 from weightscope import io
-from weightscope.chapters.context import HELD_OUT_TEXT
+from weightscope.chapters.context import HELD_OUT_TEXT, sae_metadata
 from weightscope.chapters import output_tokens
 from weightscope.chapters.findings import percent
 from weightscope.compute import ffkv, lens, populations as pops
@@ -206,17 +206,7 @@ NO_MLP_BEFORE_REASON = ("every SAE of the target reads the stream before block 0
 def skip_reason(target, dims) -> str | None:
     """Why this chapter does not apply to the target: none of its SAEs sees an MLP block's write (read from
     the SAEs' cfg.json for a local folder or the demo; a hub release is not read here and is never skipped)."""
-    from weightscope.load.sae_sequence import SAESequence
-    from weightscope.load.saes import SAEError
-
-    if getattr(dims, "n_layers", None) is None:
-        return None
-    try:
-        layers = target.resolve_layers(dims.n_layers)
-        metas = SAESequence(target.sae_source, target.sae_names(layers), layers, device="cpu",
-                            dtype=None).metadata()
-    except (ParamsError, SAEError):  # the pre-flight reports bad layers and missing SAEs itself
-        return None
+    metas = sae_metadata(target, dims)
     if metas and all(m.layer is not None and mlp_layer_for(m) is None for m in metas):
         return NO_MLP_BEFORE_REASON
     return None

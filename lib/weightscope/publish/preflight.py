@@ -102,7 +102,8 @@ def preflight(resolved: ResolvedTarget, sources: list[Path], defaults: dict[str,
     for i, source in enumerate(sources):
         problems += chapter_problems(target, source.stem, defaults[source.stem],
                                      None if source.stem in skipped else dims, extra,
-                                     earlier={s.stem for s in sources[:i]} - set(skipped))
+                                     earlier={s.stem for s in sources[:i]} - set(skipped),
+                                     runs=source.stem not in skipped)
     for folder in (data_dir(), book_dir):
         if folder is not None:
             problems += _writable_problems(folder)
@@ -263,11 +264,13 @@ def _sae_config_problems(folder: Path, dims: ModelDims | None) -> list[str]:
 
 
 def chapter_problems(target: Target, stem: str, defaults: dict[str, Any], dims: ModelDims | None,
-                     extra: dict[str, Any] | None = None, *, earlier: set[str] | None = None) -> list[str]:
+                     extra: dict[str, Any] | None = None, *, earlier: set[str] | None = None,
+                     runs: bool = True) -> list[str]:
     """Problems with one chapter's overrides: names and types, then its registered `Config`'s own checks:
-    `Config(**overrides)`, `Config.problems(dims)` (when `dims` is known and the chapter applies) and the
-    files `Config.inputs()` names (`chapters.context.CorpusInput`, `TableInput`: each `problem(target,
-    earlier)` is None when it is there; `earlier`: the chapters this run executes before this one)."""
+    `Config(**overrides)`, `Config.problems(dims)` (when `dims` is known and the chapter applies) and, where
+    it `runs` (is not skipped), the files `Config.inputs()` names (`chapters.context.CorpusInput`,
+    `TableInput`: each `problem(target, earlier)` is None when it is there; `earlier`: the chapters this run
+    executes before this one)."""
     where = f"{target.path or target.target}: chapters.{stem}"
     overrides = {**target.chapter_params(stem), **(extra or {})}
     declared = {k: v for k, v in defaults.items() if k not in NOTEBOOK_PARAMETERS}
@@ -287,22 +290,36 @@ def chapter_problems(target: Target, stem: str, defaults: dict[str, Any], dims: 
         return [f"{where}: {line}" for line in str(err).splitlines() if line.strip()] + own
     checked = dims is not None and hasattr(config, "problems")
     out = [f"{where}: {p}" for p in config.problems(dims)] if checked else []
-    inputs = config.inputs() if hasattr(config, "inputs") else []
+    inputs = config.inputs() if runs and hasattr(config, "inputs") else []
     found = [item.problem(target, earlier or set()) for item in inputs]
     found = list(dict.fromkeys(p for p in found if p))  # two files of one missing folder: one problem
     return out + [f"{where}: {p}" for p in found] + own
 
 
 def skipped_chapters(resolved: ResolvedTarget, sources: list[Path]) -> dict[str, str]:
-    """{chapter stem: why it does not apply to the target} for the chapters in `sources` that do not."""
+    """{chapter stem: why it does not apply to the target} for the chapters in `sources` that do not: by
+    their own `skip_reason`, or because they read the tables of a chapter that does not (run or not)."""
     target, dims = resolved.params, resolved.dims
-    out = {}
-    for source in sources:
-        skip_reason = getattr(chapter_module(source.stem), "skip_reason", None)
-        reason = skip_reason and skip_reason(target, dims)
-        if reason:
-            out[source.stem] = reason
-    return out
+    reasons: dict[str, str | None] = {}
+
+    def reason(stem: str) -> str | None:
+        if stem not in reasons:
+            skip_reason = getattr(chapter_module(stem), "skip_reason", None)
+            reasons[stem] = skip_reason and skip_reason(target, dims)
+            for producer in [] if reasons[stem] else _producers(stem):
+                if why := reason(producer):
+                    reasons[stem] = f"it reads the tables of {producer}, which does not apply: {why}"
+                    break
+        return reasons[stem]
+
+    return {source.stem: reason(source.stem) for source in sources if reason(source.stem)}
+
+
+def _producers(stem: str) -> list[str]:
+    """The chapters whose tables `stem` reads (its default `Config`'s `TableInput`s)."""
+    config_cls = _registered_config(stem)
+    inputs = config_cls().inputs() if config_cls is not None and hasattr(config_cls, "inputs") else []
+    return [item.produced_by for item in inputs if hasattr(item, "produced_by")]
 
 
 def chapter_module(stem: str):
