@@ -7,9 +7,12 @@ its main products, as a user running `python -m weightscope.publish.book` would 
 A random checkpoint of the target's real width and vocabulary (`tests/realwidth.py`) and SAE folders in its
 releases' formats and widths (encoders calibrated to a mean L0 of about 32, as released SAEs fire: the
 results' `saes` entry records the L0 measured on random tokens) are written to a temporary folder (removed
-afterwards), named in a params file with `processing: auto` and `attn_saes`, and one book runner executes the
-chapters in turn, as `make book` does (`--chapters ... --no-html --force`, chapter defaults: one pre-flight,
-one start, a fresh kernel per chapter). Measured per chapter, between the runner's lines that start and end it:
+afterwards; with `--work DIR` kept there with the chapters' tables, so that a later call with the same arch
+and depth reuses the stand-in and can run the chapters that read an earlier call's tables, e.g. chapter 7
+after chapters 1-3), named in a params file with `processing: auto` and `attn_saes`, and one book runner
+executes the chapters in turn, as `make book` does (`--chapters ... --no-html --force`, chapter defaults: one
+pre-flight, one start, a fresh kernel per chapter). Measured per chapter, between the runner's lines that start
+and end it:
 
 * wall: seconds from the chapter's start line to its end line (its kernel's start included; the runner's own
   start and pre-flight are the whole run's, `run`); cpu: the CPU seconds (user + system) of the runner and
@@ -34,6 +37,7 @@ rewritten after each chapter (`"complete": false` until the last), so an interru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -184,14 +188,18 @@ def flops_table() -> str:
 # streams chapter 1's lens and encodes its held-out code in 64 MB chunks; chapter 4 streams its write lens and
 # residual reads), "acts" chapter 4's layer pass (the activations over the held-out text,
 # [rows x ctx x d_sae], encoded in 64 MB chunks), "budget" chapter 7's `memory_mb`, "final" chapter 7's final
-# residual at every position of its text ([n_tokens x d_model], the clean side of its ablations). Chapter 0
-# shows the weights-only model and its SAEs (`SAESequence`: one at a time), then builds the full model for
-# generation.
-HOLDS = {"00_demo_model": ("weights", "sae", "full"), "01_output_tokens": ("weights", "sae", "chunk"),
+# residual at every position of its text ([n_tokens x d_model], the clean side of its ablations); "sides" the
+# lens's two matrices restricted to the content tokens (`lens.side_matrices`: [d_model x content tokens] each,
+# gathered once per chapter; the real-width stand-ins' vocabularies are content tokens but for a few hundred
+# byte pieces, so d_vocab is used), "unembed" the folded unembedding (`lens.output_matrix`, [d_model x
+# d_vocab]). Chapter 0 shows the weights-only model and its SAEs (`SAESequence`: one at a time), then builds
+# the full model for generation.
+HOLDS = {"00_demo_model": ("weights", "sae", "full"), "01_output_tokens": ("weights", "sae", "sides", "chunk"),
          "02_attention": ("weights", "sae", "chunk"), "03_semantic_populations": ("tables",),
-         "04_attention_saes": ("full", "saes", "att_saes", "acts", "chunk"),
+         "04_attention_saes": ("full", "saes", "att_saes", "acts", "unembed", "chunk"),
          "05_context_neurons": ("full", "chunk"),
-         "06_ffkv_baseline": ("full", "saes", "chunk"), "07_in_context": ("full", "saes", "budget", "final")}
+         "06_ffkv_baseline": ("full", "saes", "sides", "chunk"),
+         "07_in_context": ("full", "saes", "budget", "final", "unembed")}
 
 
 def held(stem: str, result: dict) -> dict[str, float]:
@@ -211,6 +219,7 @@ def held(stem: str, result: dict) -> dict[str, float]:
              "acts": c4.text_rows * c4.text_ctx * (w["d_sae_att"] or 0),
              "budget": in_context.Config().memory_mb * 2**20 / 4,
              "final": in_context.Config().n_tokens * d["d_model"],
+             "sides": 2 * d["d_model"] * d["d_vocab"], "unembed": d["d_model"] * d["d_vocab"],
              "tables": result["chapters"].get(stem, {}).get("tables_gb", 0.0) * 1e9 / 4}
     return {part: 4.0 * sizes[part] for part in HOLDS[stem]}
 
@@ -343,6 +352,33 @@ class GpuPeak:
 SHIPPED = {"gpt2": "gpt2-small.yaml", "gemma2": "gemma-2-2b.yaml", "llama": "llama-3.1-8b.yaml"}
 
 
+STANDIN = "standin.json"  # in a --work folder: what the stand-in there is, written once it is complete
+
+
+def standin(arch: str, n_layers: int, work: Path, keep: bool) -> tuple[Path, Path, dict, float]:
+    """The stand-in of `build` in `work`: (params path, model folder, SAE widths, build seconds). keep: a
+    --work folder, where a complete stand-in of the same arch and depth is reused (0 s) and a new one is
+    recorded; one of another shape is an error, what an interrupted build left is replaced."""
+    marker = work / STANDIN
+    if keep and marker.is_file():
+        m = json.loads(marker.read_text())
+        if (m["arch"], m["n_layers"]) != (arch, n_layers):
+            raise SystemExit(f"{work} holds a {m['arch']} stand-in of {m['n_layers']} block(s), not {arch} of "
+                             f"{n_layers}: name another --work folder, or empty this one")
+        return work / m["params"], work / m["model"], m["widths"], 0.0
+    for part in (f"realwidth-{arch}", "saes", "data", "book"):  # an interrupted build's leftovers
+        shutil.rmtree(work / part, ignore_errors=True)
+    t0 = time.perf_counter()
+    params, folder, widths = build(arch, n_layers, work)
+    build_s = time.perf_counter() - t0
+    if keep:
+        from weightscope.io import atomic_write_json
+
+        atomic_write_json(marker, {"arch": arch, "n_layers": n_layers, "params": params.name,
+                                   "model": str(folder.relative_to(work)), "widths": widths})
+    return params, folder, widths, build_s
+
+
 def build(arch: str, n_layers: int, tmp: Path) -> tuple[Path, Path, dict]:
     """Write the stand-in, its SAEs and params file under tmp: (params path, model folder, SAE widths)."""
     import realwidth
@@ -360,6 +396,19 @@ def build(arch: str, n_layers: int, tmp: Path) -> tuple[Path, Path, dict]:
           for kind, f in (("res", res), ("att", att)) if f is not None and (f / "calibration.json").is_file()}
     return params, folder, {"d_sae": rel["res"][1], "d_sae_att": rel["att"][1] if rel["att"] else None,
                             "res_hook": rel["res"][2], "res_arch": rel["res"][0], "mean_l0_random_tokens": l0}
+
+
+def package_versions() -> dict[str, str | None]:
+    """The installed versions of the packages the chapters' numbers depend on (a GPU machine brings its own)."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "transformer-lens", "sae-lens", "numpy", "pandas", "scipy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def baseline_rss_gb(env: dict) -> float:
@@ -627,6 +676,10 @@ def main(argv=None) -> int:
     ap.add_argument("--chapters", nargs="*", default=None, help="chapter numbers (default: all)")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default: bench/results/book-...)")
     ap.add_argument("--tmp", type=Path, default=None, help="where the temporary stand-in goes")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="keep the stand-in, its SAEs and the chapters' tables in this folder (not removed): a "
+                         "later run with the same --arch and --layers reuses the stand-in and can run chapters "
+                         "that read the tables of the chapters an earlier run ran")
     ap.add_argument("--logs", type=Path, default=None, help="keep each chapter's runner log in this folder")
     ap.add_argument("--table", type=Path, nargs="+", default=None, help="print results files as markdown")
     ap.add_argument("--extrapolate", type=int, default=None, metavar="N",
@@ -651,19 +704,23 @@ def main(argv=None) -> int:
     date = datetime.date.today().isoformat()
     out = args.out or REPO / "bench" / "results" / f"book-{device}-{date}-{args.arch}-L{args.layers}.json"
     load_start = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="bench-book-", dir=args.tmp) as tmp_name:
+    if args.work:
+        args.work.mkdir(parents=True, exist_ok=True)
+    folder_cm = (contextlib.nullcontext(str(args.work)) if args.work
+                 else tempfile.TemporaryDirectory(prefix="bench-book-", dir=args.tmp))
+    with folder_cm as tmp_name:
         tmp = Path(tmp_name)
-        t0 = time.perf_counter()
-        params, folder, widths = build(args.arch, args.layers, tmp)
-        build_s = time.perf_counter() - t0
+        params, folder, widths, build_s = standin(args.arch, args.layers, tmp, keep=args.work is not None)
         d = dims(folder)
         written = yaml.safe_load(params.read_text())  # the device and dtype the chapters were asked for
         book = tmp / "book"  # a book folder of its own, as the stand-in tests do
-        book.mkdir()
+        book.mkdir(exist_ok=True)
         for name in ("_config.yml", "intro.md", "_ext", "_css", "appendix"):
             src = REPO / "book" / name
-            if src.exists():
-                (shutil.copytree if src.is_dir() else shutil.copy)(src, book / name)
+            if src.is_dir():
+                shutil.copytree(src, book / name, dirs_exist_ok=True)
+            elif src.exists():
+                shutil.copy(src, book / name)
         env = {**os.environ, "WEIGHTSCOPE_DATA": str(tmp / "data"), "WEIGHTSCOPE_BOOK": str(book),
                "HF_HUB_OFFLINE": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "lib"), os.environ.get("PYTHONPATH")]))}
@@ -673,9 +730,11 @@ def main(argv=None) -> int:
         result = {
             "benchmark": "book", "arch": args.arch, "n_layers": args.layers, "device": device, "date": date,
             "dims": d, "saes": widths, "build_s": round(build_s, 1), "flop_model": FLOP_MODEL,
+            "standin_reused": build_s == 0.0,
             "params": {k: written[k] for k in ("device", "dtype")},
             "baseline_rss_gb": baseline, "holds": {stem: list(HOLDS[stem]) for stem in stems},
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                        "packages": package_versions(),
                         "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
                         "load_avg_start": load_start,
                         "note": "a shared machine: other jobs ran at the same time; times are upper bounds"},

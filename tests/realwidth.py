@@ -8,8 +8,9 @@ at the real widths and vocabularies, depth a parameter:
     llama   Llama-3.1-8B: 4,096 dims, 32 query / 8 key-value heads of 128, MLP 14,336, vocabulary 128,256
     gemma2  Gemma-2-2B: 2,304 dims, 8 query / 4 key-value heads of 256, MLP 9,216, vocabulary 256,000
 
-(the tokenizer is always GPT-2's, so ids past 50,256 are never produced by text, only ranked by the lenses),
-and SAE folders as sae-lens saves them (`cfg.json` + `sae_weights.safetensors`), as the releases record them:
+(the tokenizer is GPT-2's, given entries up to the real vocabulary's size that no text produces, so that the
+lenses score as many tokens as on the real target: `full_vocabulary`), and SAE folders as sae-lens saves them
+(`cfg.json` + `sae_weights.safetensors`), as the releases record them:
 
     gpt2-small-res-jb      standard ReLU, 24,576 features, blocks.L.hook_resid_pre, center_writing_weights
     gpt2-small-hook-z-kk   standard ReLU, 24,576 features, blocks.L.attn.hook_z (reshape hook_z), same flags
@@ -72,7 +73,29 @@ def build_model(arch: str, folder: Path, *, n_layers: int = 2, seed: int = 0) ->
     vocab = overrides.pop("vocab_size")
     model_folder = standins.build_model(arch, folder, seed=seed, n_layers=n_layers, vocab_size=vocab, **overrides)
     _rescale(model_folder)
+    full_vocabulary(model_folder, vocab)
     return model_folder
+
+
+def full_vocabulary(folder: Path, d_vocab: int) -> None:
+    """Give the stand-in's tokenizer (GPT-2's, 50,257 tokens) entries up to `d_vocab` - 1, the real target's
+    vocabulary less the config's BOS/EOS id: ordinary words (" zzq" + letters) with no merge that makes them,
+    so text tokenizes as before while every id is a content token. Without them the chapters' clean vocabulary
+    (`token_categories`: ids past the tokenizer count as special) would be GPT-2's, and every [features x
+    vocabulary] product a fifth of Gemma's (256,000) and two fifths of Llama's (128,256)."""
+    path = Path(folder) / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    vocab = tok["model"]["vocab"]
+    for i in range(len(vocab), d_vocab - 1):
+        word, n = "", i
+        while True:  # the id in base 26, as letters (GPT-2's byte-level alphabet maps a-z to themselves)
+            word, n = chr(97 + n % 26) + word, n // 26
+            if n == 0:
+                break
+        vocab["\u0120zzq" + word] = i  # U+0120: the byte-level form of a leading space
+    if len(vocab) != max(d_vocab - 1, len(vocab)) or len(set(vocab.values())) != len(vocab):
+        raise RuntimeError(f"{path}: the added entries collide with the tokenizer's own")
+    path.write_text(json.dumps(tok, ensure_ascii=False))
 
 
 def _rescale(folder: Path) -> None:
@@ -121,23 +144,29 @@ def _site_inputs(model, sae, tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def calibrate_l0(model_folder: Path, sae_folder: Path, *, l0: float = 32, flags: dict | None = None,
-                 n_rows: int = 8, row_len: int = 256, seed: int = 1) -> dict[int, float]:
+                 n_rows: int = 8, row_len: int = 256, seed: int = 1, device: str | None = None
+                 ) -> dict[int, float]:
     """Set each ReLU / JumpReLU SAE's `b_enc` (and JumpReLU threshold) in `sae_folder/layer_L/` so that a
     feature fires where its encoder pre-activation is `z` standard deviations above its mean over random
     tokens, z chosen so that l0 of d_sae features per token pass on those tokens (pooled over features);
-    resave. Returns {layer: mean L0 on other random tokens}, also written to `sae_folder/calibration.json`."""
+    resave. Returns {layer: mean L0 on other random tokens}, also written to `sae_folder/calibration.json`.
+
+    device: where the forward passes run (default: the GPU where there is one: on a GPU machine the build
+    is part of each benchmark call's time)."""
     from sae_lens import SAE
 
     from weightscope.load.models import load_full_model
 
-    model = load_full_model(str(model_folder), **(flags or {}))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_full_model(str(model_folder), device=device, **(flags or {}))
     gen = torch.Generator().manual_seed(seed)
-    fit, check = (torch.randint(0, model.cfg.d_vocab, (n_rows, row_len), generator=gen) for _ in range(2))
+    fit, check = (torch.randint(0, model.cfg.d_vocab, (n_rows, row_len), generator=gen).to(device)
+                  for _ in range(2))
     measured = {}
     for path in sorted(Path(sae_folder).glob("layer_*"), key=lambda p: int(p.name.split("_")[1])):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sae = SAE.load_from_disk(str(path))
+            sae = SAE.load_from_disk(str(path), device=device)
         pre = sae.process_sae_in(_site_inputs(model, sae, fit)) @ sae.W_enc  # [n_tokens, d_sae], no b_enc
         mean, std = pre.mean(0), pre.std(0).clamp_min(1e-12)
         z = ((pre - mean) / std).flatten()  # pooled over features: the tail's own shape, not a normal's
@@ -147,9 +176,9 @@ def calibrate_l0(model_folder: Path, sae_folder: Path, *, l0: float = 32, flags:
         sae.b_enc.copy_(floor - cut)
         if hasattr(sae, "threshold"):
             sae.threshold.fill_(floor)
-        sae.save_model(path)
         layer = int(path.name.split("_")[1])
         measured[layer] = float((sae.encode(_site_inputs(model, sae, check)) > 0).sum(1).float().mean())
+        sae.to("cpu").save_model(path)
     (Path(sae_folder) / "calibration.json").write_text(json.dumps({"target_l0": l0, "mean_l0": measured}))
     return measured
 

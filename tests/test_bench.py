@@ -238,6 +238,7 @@ def test_book_memory_table_sets_peak_rss_beside_what_each_chapter_holds():
                            "06_ffkv_baseline": {"rc": 0, "peak_rss_gb": 0.4, "page_mb": None}}}
     parts = bench_book.held("01_output_tokens", result)
     assert parts["weights"] == 4 * (2 * 50 * 8 + 2 * 8 * 8 * 4) and parts["sae"] == 4 * 2 * 8 * 16
+    assert parts["sides"] == 4 * 2 * 8 * 50  # the lens's two [d_model x vocabulary] matrices, gathered once
     assert parts["chunk"] == 2**30  # the streaming budget dominates at this size
     rows = bench_book.memory_table(result).splitlines()
     expected = sum(parts.values()) / 1e9 + 0.5
@@ -350,3 +351,55 @@ def test_book_run_times_each_chapter_and_counts_a_kernel_started_during_a_slow_d
     for stem in ("00_demo_model", "01_output_tokens"):
         assert chapters[stem]["rc"] == 0 and chapters[stem]["wall_s"] >= 2.4
         assert chapters[stem]["peak_rss_gb"] > 0.25, (stem, chapters[stem])
+
+
+def test_a_work_folder_keeps_its_stand_in_for_the_next_call_and_refuses_another_shape(tmp_path, monkeypatch):
+    import bench_book
+
+    builds = []
+
+    def build(arch, n_layers, work):  # the real build writes gigabytes: the files it leaves stand in
+        builds.append((arch, n_layers))
+        (work / f"realwidth-{arch}").mkdir()
+        (work / "saes").mkdir()
+        params = work / f"realwidth-{arch}.yaml"
+        params.write_text("target: t\n")
+        return params, work / f"realwidth-{arch}", {"d_sae": 8}
+
+    monkeypatch.setattr(bench_book, "build", build)
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)  # an interrupted build's leftovers: no record of a stand-in
+    (work / "data" / "stale.parquet").write_text("")
+    params, folder, widths, build_s = bench_book.standin("gpt2", 2, work, keep=True)
+    assert builds == [("gpt2", 2)] and not (work / "data").exists() and build_s > 0
+    (work / "data").mkdir()  # a chapter's tables, for the next call
+    again = bench_book.standin("gpt2", 2, work, keep=True)
+    assert builds == [("gpt2", 2)] and again == (params, folder, widths, 0.0) and (work / "data").exists()
+    with pytest.raises(SystemExit, match="holds a gpt2 stand-in of 2 block"):
+        bench_book.standin("gpt2", 3, work, keep=True)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    bench_book.standin("gpt2", 2, temporary, keep=False)  # a temporary folder records nothing
+    assert not (temporary / bench_book.STANDIN).exists() and len(builds) == 2
+
+
+def test_the_gpu_kit_packs_what_the_machine_lacks_and_nothing_it_has(tmp_path):
+    import gpu_kit
+
+    have = gpu_kit.read_have(None)
+    found = gpu_kit.closure(["sae-lens"], have)
+    assert "sae-lens" in found and "transformer-lens" in found  # sae-lens needs transformer-lens
+    assert not {"torch", "transformers", "numpy", "pandas"} & set(found)  # the machine's own
+    assert not gpu_kit.NOT_IMPORTED & set(found)
+    listing = tmp_path / "pip-list.txt"  # `pip list` and `pip freeze` lines both read
+    listing.write_text("Package    Version\n---------- -------\nTorch 2.11.0\nsae_lens==6.54.12\n")
+    assert gpu_kit.read_have(listing) == {"torch", "sae-lens"}
+    assert "sae-lens" not in gpu_kit.closure(["sae-lens"], gpu_kit.read_have(listing))
+
+
+def test_gpu_checks_run_the_steps_given_and_count_an_unknown_one_as_failed(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_STEPS": "nope", "GPU_ARCHIVE": str(tmp_path / "a.tgz")}
+    proc = subprocess.run(["bash", str(BENCH / "gpu_checks.sh"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "unknown step nope" in proc.stdout
+    assert (tmp_path / "a.tgz").is_file()  # the archive is written however the run ends

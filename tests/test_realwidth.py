@@ -88,3 +88,22 @@ def test_calibration_sets_a_realistic_l0(tmp_path, arch, kind):
     assert all(12 < v < 80 for v in after.values()), after
     assert json.loads((saes / "calibration.json").read_text())["mean_l0"] == {str(k): v for k, v in after.items()}
     assert [s.layer for s in load_saes(str(saes))] == [0, 1]
+
+
+def test_the_tokenizer_has_the_real_vocabulary_and_tokenizes_text_as_before(tmp_path):
+    """Ids past a tokenizer's vocabulary are special to the chapters (not scored): a real-width stand-in with
+    GPT-2's 50,257 tokens would score a fifth of Gemma's vocabulary. Its added entries are content tokens that
+    no text produces; the last id (the config's BOS/EOS) stays outside."""
+    from transformers import AutoTokenizer
+
+    from weightscope.compute.token_scores import token_categories
+
+    standins.tokenizer().save_pretrained(tmp_path)
+    text = "Once upon a time, Lily zzq liked 12 cats \u2014 \u00fcn\u00efcode!"
+    before = AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"]
+    realwidth.full_vocabulary(tmp_path, 60_000)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tok) == 59_999 and tok(text)["input_ids"] == before
+    kinds = token_categories(tok, 60_000)
+    assert set(kinds[50_257:59_999]) == {"content"} and kinds[59_999] == "special"
+    assert tok.decode([50_257]) == " zzqcwiz"  # a word, as a lens table shows it

@@ -91,10 +91,14 @@ def side_matrices(model, keep: Tensor | None = None) -> dict[str, Tensor]:
     """{"dec": M_out, "enc": M_in}, each [d_model, n_keep]: the two sides' matrices restricted to the `keep`
     columns (a copy each; all columns when keep is None). They depend on the model alone, so a chapter
     gathers them once and hands them to every `sae_sides` call (0.46 s a call at GPT-2 small)."""
-    mats = {"dec": output_matrix(model)[0], "enc": input_matrix(model)}
     if keep is None:
-        return mats
-    return {side: M[:, keep.to(M.device)] for side, M in mats.items()}
+        return {"dec": output_matrix(model)[0], "enc": input_matrix(model)}
+    # one side at a time: the folded unembedding (a copy) is freed before the input side is gathered, so at
+    # most two [d_model, d_vocab] copies exist at once (three held 2.4 GB more at Gemma-2-2B's width)
+    dec = output_matrix(model)[0]
+    dec = dec[:, keep.to(dec.device)]
+    enc = input_matrix(model)
+    return {"dec": dec, "enc": enc[:, keep.to(enc.device)]}
 
 
 def side_frame(D: Tensor, M: Tensor, E: Tensor, vocab: list[str], cfg: LensConfig, *, prefix: str,
