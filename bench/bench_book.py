@@ -358,7 +358,8 @@ STANDIN = "standin.json"  # in a --work folder: what the stand-in there is, writ
 def standin(arch: str, n_layers: int, work: Path, keep: bool) -> tuple[Path, Path, dict, float]:
     """The stand-in of `build` in `work`: (params path, model folder, SAE widths, build seconds). keep: a
     --work folder, where a complete stand-in of the same arch and depth is reused (0 s) and a new one is
-    recorded; one of another shape is an error, what an interrupted build left is replaced."""
+    recorded; one of another shape is an error, what an interrupted build left is replaced, and a folder
+    holding anything else is refused (nothing of it is removed)."""
     marker = work / STANDIN
     if keep and marker.is_file():
         m = json.loads(marker.read_text())
@@ -366,7 +367,12 @@ def standin(arch: str, n_layers: int, work: Path, keep: bool) -> tuple[Path, Pat
             raise SystemExit(f"{work} holds a {m['arch']} stand-in of {m['n_layers']} block(s), not {arch} of "
                              f"{n_layers}: name another --work folder, or empty this one")
         return work / m["params"], work / m["model"], m["widths"], 0.0
-    for part in (f"realwidth-{arch}", "saes", "data", "book"):  # an interrupted build's leftovers
+    parts = {f"realwidth-{arch}", "saes", "data", "book", f"realwidth-{arch}.yaml"}
+    other = sorted(p.name for p in work.iterdir() if p.name not in parts) if keep else []
+    if other:  # never remove what this benchmark did not write
+        raise SystemExit(f"{work} holds files that are not a stand-in's ({', '.join(other[:3])}): name an empty "
+                         f"--work folder, or one an earlier run made")
+    for part in parts - {f"realwidth-{arch}.yaml"}:  # an interrupted build's leftovers
         shutil.rmtree(work / part, ignore_errors=True)
     t0 = time.perf_counter()
     params, folder, widths = build(arch, n_layers, work)

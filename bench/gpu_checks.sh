@@ -15,13 +15,19 @@
 # On a GPU machine without internet: `python bench/gpu_kit.py` here first packs `.gpu/` (the wheels of the
 # packages that machine's Python lacks, and the offline inputs); with it copied there, this script installs
 # the wheels into a folder of its own (only where the packages are missing) and reads the inputs from it.
-# GPU_WORK (default $TMPDIR/weightscope-gpu-work) keeps the stand-in and the chapters' tables between calls
-# on the same machine (bench_book.py --work): a second call skips the build, and its chapters can read the
-# tables of the first's (chapter 7 reads those of 1-3). GPU_ARCHIVE=FILE.tgz packs OUTDIR into one file at
-# the end, for a machine that returns few files.
+# GPU_WORK (default $TMPDIR/weightscope-gpu-work; -L<layers> is appended) keeps the stand-in and the chapters'
+# tables between calls on the same machine (bench_book.py --work): a second call skips the build, and its
+# chapters can read the tables of the first's (chapter 7 reads those of 1-3); with GPU_BOOK_CHAPTERS set, the
+# book's results, log and chapter logs are named for those chapters, so two calls keep both. GPU_ARCHIVE=FILE
+# packs OUTDIR into one .tgz however the run ends, for a machine that returns few files.
 set -u
-out=${1:?usage: bash bench/gpu_checks.sh OUTDIR}
+out=$(realpath -m "${1:?usage: bash bench/gpu_checks.sh OUTDIR}")  # absolute: the script changes folder
 mkdir -p "$out"
+if [ -n "${GPU_ARCHIVE:-}" ]; then  # first, so that every exit below leaves the archive
+    archive=$(realpath -m "$GPU_ARCHIVE")
+    mkdir -p "$(dirname "$archive")"
+    trap 'tar czf "$archive" -C "$(dirname "$out")" "$(basename "$out")"' EXIT
+fi
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 tmp=${TMPDIR:-/tmp}
@@ -35,9 +41,6 @@ then
 fi
 [ -d .gpu/shared/models ] && export WEIGHTSCOPE_MODELS=${WEIGHTSCOPE_MODELS:-$PWD/.gpu/shared/models}
 [ -d .gpu/shared/corpora ] && export WEIGHTSCOPE_CORPORA=${WEIGHTSCOPE_CORPORA:-$PWD/.gpu/shared/corpora}
-if [ -n "${GPU_ARCHIVE:-}" ]; then
-    trap 'tar czf "$GPU_ARCHIVE" -C "$(dirname "$out")" "$(basename "$out")"' EXIT
-fi
 failed=0
 step() {  # step NAME LIMIT_S COMMAND...: runs COMMAND under the limit, its output to OUTDIR/NAME.log
     local name=$1 limit=$2; shift 2
@@ -62,10 +65,12 @@ for name in ${GPU_STEPS:-tests book bench}; do  # in the order given
         step tests "${GPU_TESTS_S:-240}" $py -m pytest -p no:cacheprovider -q -k each_device \
             $(grep -l "def test_.*each_device" tests/test_*.py) ;;
     book)
+        part=${GPU_BOOK_CHAPTERS:+-ch${GPU_BOOK_CHAPTERS// /-}}  # a call per part: files of their own
         # shellcheck disable=SC2086  # the chapter numbers are separate words
-        step book "${GPU_BOOK_S:-330}" $py -u bench/bench_book.py --arch gemma2 --layers "$layers" \
-            ${GPU_BOOK_CHAPTERS:+--chapters $GPU_BOOK_CHAPTERS} --out "$out/book-cuda-$day-gemma2-L$layers.json" \
-            --work "${GPU_WORK:-$tmp/weightscope-gpu-work}-L$layers" --logs "$out/chapters" ;;
+        step "book$part" "${GPU_BOOK_S:-330}" $py -u bench/bench_book.py --arch gemma2 --layers "$layers" \
+            ${GPU_BOOK_CHAPTERS:+--chapters $GPU_BOOK_CHAPTERS} \
+            --out "$out/book-cuda-$day-gemma2-L$layers$part.json" \
+            --work "${GPU_WORK:-$tmp/weightscope-gpu-work}-L$layers" --logs "$out/chapters$part" ;;
     bench)
         step bench "${GPU_BENCH_S:-120}" $py -u bench/run.py --device cuda --quick --out "$out/cuda-$day-quick.json" ;;
     *)

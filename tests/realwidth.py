@@ -179,6 +179,9 @@ def calibrate_l0(model_folder: Path, sae_folder: Path, *, l0: float = 32, flags:
         layer = int(path.name.split("_")[1])
         measured[layer] = float((sae.encode(_site_inputs(model, sae, check)) > 0).sum(1).float().mean())
         sae.to("cpu").save_model(path)
+    model = sae = None
+    if device == "cuda":  # the benchmark's process builds the stand-in: give the chapters the GPU's memory back
+        torch.cuda.empty_cache()
     (Path(sae_folder) / "calibration.json").write_text(json.dumps({"target_l0": l0, "mean_l0": measured}))
     return measured
 

@@ -377,6 +377,12 @@ def test_a_work_folder_keeps_its_stand_in_for_the_next_call_and_refuses_another_
     assert builds == [("gpt2", 2)] and again == (params, folder, widths, 0.0) and (work / "data").exists()
     with pytest.raises(SystemExit, match="holds a gpt2 stand-in of 2 block"):
         bench_book.standin("gpt2", 3, work, keep=True)
+    other = tmp_path / "other"
+    (other / "book").mkdir(parents=True)  # a folder of the user's, say the repository: left alone
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not a stand-in's"):
+        bench_book.standin("gpt2", 2, other, keep=True)
+    assert (other / "book").is_dir() and len(builds) == 1
     temporary = tmp_path / "tmp"
     temporary.mkdir()
     bench_book.standin("gpt2", 2, temporary, keep=False)  # a temporary folder records nothing
@@ -403,3 +409,7 @@ def test_gpu_checks_run_the_steps_given_and_count_an_unknown_one_as_failed(tmp_p
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "unknown step nope" in proc.stdout
     assert (tmp_path / "a.tgz").is_file()  # the archive is written however the run ends
+    relative = subprocess.run(["bash", str(BENCH / "gpu_checks.sh"), "out"], cwd=tmp_path, capture_output=True,
+                              env={**env, "GPU_ARCHIVE": "results/b.tgz"}, text=True, timeout=120)
+    assert relative.returncode == 1 and (tmp_path / "out").is_dir()  # relative paths: the caller's folder
+    assert (tmp_path / "results" / "b.tgz").is_file()
