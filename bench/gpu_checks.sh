@@ -7,8 +7,8 @@
 # Usage: bash bench/gpu_checks.sh OUTDIR   (results and logs go there; the repository's bench/results is
 # left alone). Limits in seconds: GPU_TESTS_S, GPU_BOOK_S, GPU_BENCH_S; GPU_BOOK_LAYERS (default 2);
 # GPU_STEPS (default "tests book bench", run in the order given) and GPU_BOOK_CHAPTERS (e.g. "04 05";
-# default all) split the checks over several calls where one call's time is short. The first GPU run of a fused kernel compiles it
-# (torch.compile, tens of seconds), which the tests' limit allows for.
+# default all) split the checks over several calls where one call's time is short. The first GPU run of a
+# fused kernel compiles it (torch.compile, tens of seconds), which the tests' limit allows for.
 # Needs WEIGHTSCOPE_MODELS / WEIGHTSCOPE_CORPORA as for the tests, and ../shared/tokenizers/gpt2 for the
 # stand-ins. Exit status: the number of steps that failed.
 #
@@ -35,8 +35,8 @@ export PYTHONUNBUFFERED=1 WEIGHTSCOPE_PROGRESS=0 HF_HUB_OFFLINE=1
 export PYTHONPATH="$PWD/lib${PYTHONPATH:+:$PYTHONPATH}"  # the library without an install
 if [ -d .gpu/wheels ] && ! $py -c "import sae_lens, transformer_lens, papermill, jupytext, plotly" 2>/dev/null
 then
-    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$tmp/weightscope-site" \
-        .gpu/wheels/*.whl || { echo "could not install .gpu/wheels"; exit 99; }
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$tmp/weightscope-site" .gpu/wheels/*.whl || { echo "wheels not installed"; exit 99; }
     export PYTHONPATH="$PYTHONPATH:$tmp/weightscope-site"  # holds only what the machine lacks
 fi
 [ -d .gpu/shared/models ] && export WEIGHTSCOPE_MODELS=${WEIGHTSCOPE_MODELS:-$PWD/.gpu/shared/models}
@@ -72,7 +72,8 @@ for name in ${GPU_STEPS:-tests book bench}; do  # in the order given
             --out "$out/book-cuda-$day-gemma2-L$layers$part.json" \
             --work "${GPU_WORK:-$tmp/weightscope-gpu-work}-L$layers" --logs "$out/chapters$part" ;;
     bench)
-        step bench "${GPU_BENCH_S:-120}" $py -u bench/run.py --device cuda --quick --out "$out/cuda-$day-quick.json" ;;
+        step bench "${GPU_BENCH_S:-120}" $py -u bench/run.py --device cuda --quick \
+            --out "$out/cuda-$day-quick.json" ;;
     *)
         echo "unknown step $name (GPU_STEPS takes tests, book, bench)"; failed=$((failed + 1)) ;;
     esac

@@ -4,10 +4,10 @@
     python bench/gpu_kit.py                 # writes .gpu/wheels and .gpu/shared, prints their size
     python bench/gpu_kit.py --have pip-list.txt --limit-mb 64
 
-* `.gpu/wheels/`: CPython 3.12 x86-64 wheels (no dependencies resolved there: `pip install --no-deps`) of every
-  package the book imports that the GPU machine's Python lacks: the runtime closure of the book's packages
-  (transformer-lens, sae-lens, papermill, jupytext, ipykernel, plotly, rapidfuzz) as installed here, at the
-  versions installed here, less the packages that machine already has (`--have`: a `pip list` or
+* `.gpu/wheels/`: CPython 3.12 x86-64 wheels (no dependencies resolved there: `pip install --no-deps`) of
+  every package the book imports that the GPU machine's Python lacks: the runtime closure of the book's
+  packages (transformer-lens, sae-lens, papermill, jupytext, ipykernel, plotly, rapidfuzz) as installed here,
+  at the versions installed here, less the packages that machine already has (`--have`: a `pip list` or
   `pip freeze` of it; default `GPU_IMAGE`, a CUDA PyTorch image's list) and less `NOT_IMPORTED`;
 * `.gpu/shared/`: the offline inputs the checks read (`SHARED_INPUTS`): the demo model, the GPT-2 tokenizer
   of the stand-ins and the stories the chapters read. `gpu_checks.sh` points WEIGHTSCOPE_MODELS and
@@ -41,23 +41,23 @@ NOT_IMPORTED = {"debugpy", "py2store", "transformers-stream-generator", "jedi", 
                 "graze", "dol", "config2py", "i2", "cwevals"}
 # a CUDA PyTorch image's packages (the GPU machine of the benchmarks, 2026-11): torch and what it brings
 GPU_IMAGE = set("""absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs
-botorch build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings
-cuda-core cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet
-filelock flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx
-huggingface-hub humanize hypothesis idna imageio interface-meta iniconfig jax jax-cuda13-pjrt
-jax-cuda13-plugin jaxlib jaxtyping jinja2 joblib kiwisolver lazy-loader lightning lightning-utilities
-linear-operator lineax llvmlite lxml markdown markdown-it-py markupsafe matplotlib mdurl meson ml-dtypes
-mpi4py mpmath msgpack multidict multipledispatch mypy-extensions nanobind narwhals networkx ninja numba
-numba-cuda numpy numpyro nvidia-ml-py onnx onnx-ir onnxruntime onnxscript opencv-python-headless optax
-opt-einsum opt-einsum-fx optimistix orbax-checkpoint packaging pandas pathspec patsy peft pillow pip pluggy
-portalocker prometheus-client propcache protobuf psutil pyarrow pybind11 py-cpuinfo pygments pyparsing
-pyproject-hooks pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock pytest-timeout pytest-xdist
-python-dateutil pytorch-lightning pyyaml regex requests rich sacrebleu safetensors scikit-build-core
-scikit-image scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools shellingham simplejson
-six sortedcontainers statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl
-tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torchvision
-tqdm transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig
-werkzeug wheel wrapt xarray xxhash yarl zipp""".split())
+botorch build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage
+cuda-bindings cuda-core cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox
+etils execnet filelock flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch grpcio h11 h5py
+hf-xet httpcore httpx huggingface-hub humanize hypothesis idna imageio interface-meta iniconfig jax
+jax-cuda13-pjrt jax-cuda13-plugin jaxlib jaxtyping jinja2 joblib kiwisolver lazy-loader lightning
+lightning-utilities linear-operator lineax llvmlite lxml markdown markdown-it-py markupsafe matplotlib mdurl
+meson ml-dtypes mpi4py mpmath msgpack multidict multipledispatch mypy-extensions nanobind narwhals networkx
+ninja numba numba-cuda numpy numpyro nvidia-ml-py onnx onnx-ir onnxruntime onnxscript opencv-python-headless
+optax opt-einsum opt-einsum-fx optimistix orbax-checkpoint packaging pandas pathspec patsy peft pillow pip
+pluggy portalocker prometheus-client propcache protobuf psutil pyarrow pybind11 py-cpuinfo pygments
+pyparsing pyproject-hooks pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock pytest-timeout
+pytest-xdist python-dateutil pytorch-lightning pyyaml regex requests rich sacrebleu safetensors
+scikit-build-core scikit-image scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools
+shellingham simplejson six sortedcontainers statsmodels sympy tabulate tensorboard tensorboard-data-server
+tensorstore threadpoolctl tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiffeq
+torch-geometric torchmetrics torchvision tqdm transformers treescope triton typer typing-extensions
+typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp""".split())
 SHARED_INPUTS = ("models/stories260K", "tokenizers/gpt2", "corpora/tinystories")
 TARGET = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
           "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
@@ -122,12 +122,14 @@ def size_mb(path: Path) -> float:
 
 def tracked_mb() -> float:
     files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
-    return sum((REPO / f).stat().st_size for f in files.decode().split("\0") if f and (REPO / f).is_file()) / 2**20
+    paths = [REPO / f for f in files.decode().split("\0") if f]
+    return sum(p.stat().st_size for p in paths if p.is_file()) / 2**20
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--have", type=Path, default=None, help="the GPU machine's `pip list` (default: GPU_IMAGE)")
+    ap.add_argument("--have", type=Path, default=None,
+                    help="the GPU machine's `pip list` (default: GPU_IMAGE)")
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared", help="the offline inputs' folder")
     ap.add_argument("--limit-mb", type=float, default=64.0, help="what may travel to the machine, MiB")
     args = ap.parse_args(argv)
@@ -135,10 +137,12 @@ def main(argv=None) -> int:
     shutil.rmtree(KIT, ignore_errors=True)
     download(packages, KIT / "wheels")
     copy_inputs(args.shared, KIT / "shared")
-    parts = {"wheels": size_mb(KIT / "wheels"), "shared": size_mb(KIT / "shared"), "tracked files": tracked_mb()}
+    parts = {"wheels": size_mb(KIT / "wheels"), "shared": size_mb(KIT / "shared"),
+             "tracked files": tracked_mb()}
     total = sum(parts.values())
     print(f"{len(packages)} packages: " + ", ".join(f"{n}=={v}" for n, v in packages.items()))
-    print("  ".join(f"{k} {v:.1f} MiB" for k, v in parts.items()) + f"  total {total:.1f} of {args.limit_mb} MiB")
+    sizes = "  ".join(f"{k} {v:.1f} MiB" for k, v in parts.items())
+    print(f"{sizes}  total {total:.1f} of {args.limit_mb} MiB")
     if total > args.limit_mb:
         print(f"over the limit by {total - args.limit_mb:.1f} MiB", file=sys.stderr)
         return 1

@@ -86,6 +86,7 @@ def full_vocabulary(folder: Path, d_vocab: int) -> None:
     path = Path(folder) / "tokenizer.json"
     tok = json.loads(path.read_text())
     vocab = tok["model"]["vocab"]
+    expected = max(len(vocab), d_vocab - 1)
     for i in range(len(vocab), d_vocab - 1):
         word, n = "", i
         while True:  # the id in base 26, as letters (GPT-2's byte-level alphabet maps a-z to themselves)
@@ -93,7 +94,7 @@ def full_vocabulary(folder: Path, d_vocab: int) -> None:
             if n == 0:
                 break
         vocab["\u0120zzq" + word] = i  # U+0120: the byte-level form of a leading space
-    if len(vocab) != max(d_vocab - 1, len(vocab)) or len(set(vocab.values())) != len(vocab):
+    if len(vocab) != expected:  # an added word equal to one of GPT-2's would have replaced its id
         raise RuntimeError(f"{path}: the added entries collide with the tokenizer's own")
     path.write_text(json.dumps(tok, ensure_ascii=False))
 

@@ -74,9 +74,9 @@ class Config:
         return [TableInput("01_features", produced_by="01_output_tokens")]
 
 
-NO_READER_REASON = ("no attention layer of the model reads any of the target's SAEs: each sits where no later "
-                    "block's attention sees it (`hook_resid_post` of the last block, say), so there are no "
-                    "head reads to measure; add SAEs of earlier layers (`layers:`) to run it.")
+NO_READER_REASON = ("no attention layer of the model reads any of the target's SAEs: each sits where no "
+                    "later block's attention sees it (`hook_resid_post` of the last block, say), so there are "
+                    "no head reads to measure; add SAEs of earlier layers (`layers:`) to run it.")
 
 
 def skip_reason(target, dims) -> str | None:
@@ -89,8 +89,10 @@ def skip_reason(target, dims) -> str | None:
 
 
 def _never_read(meta, n_layers: int) -> bool:
+    if meta.layer is None:
+        return False
     try:
-        return meta.layer is not None and attention.first_reading_layer(meta.layer, meta.hook_name) >= n_layers
+        return attention.first_reading_layer(meta.layer, meta.hook_name) >= n_layers
     except ValueError:  # a hook chapter 2 cannot place: `run` says so
         return False
 
