@@ -569,13 +569,28 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# What each chapter's work grows with, for `--extrapolate` from one depth: "fixed" (chapter 0 introduces the model,
-# chapter 5 reads one block), "layers" (one pass per SAE layer), "flops" (`chapter_flops`: chapter 2's and 6's
-# (SAE layer, reading layer) reads, chapter 6's (SAE, earlier block) alignment and chapter 7's ablation passes
-# grow as L(L+1)/2).
-SCALING = {"00_demo_model": "fixed", "01_output_tokens": "layers", "02_attention": "flops",
-           "03_semantic_populations": "layers", "04_attention_saes": "layers", "05_context_neurons": "fixed",
+# What each chapter's work grows with, for `--extrapolate` from one depth: "model" (chapter 0 introduces the
+# model, chapter 5 reads one block: their work is loading the model, which grows with its bytes, `model_bytes`),
+# "layers" (one pass per SAE layer), "flops" (`chapter_flops`: chapter 2's and 6's (SAE layer, reading layer)
+# reads, chapter 6's (SAE, earlier block) alignment and chapter 7's ablation passes grow as L(L+1)/2).
+SCALING = {"00_demo_model": "model", "01_output_tokens": "layers", "02_attention": "flops",
+           "03_semantic_populations": "layers", "04_attention_saes": "layers", "05_context_neurons": "model",
            "06_ffkv_baseline": "flops", "07_in_context": "flops"}
+
+
+def at_depth(result: dict, n_layers: int) -> dict:
+    """`result` as if its stand-in had n_layers blocks (its dims and the per-layer input tables of chapter 3
+    scaled), for `held` and the FLOP model."""
+    scale = n_layers / result["n_layers"]
+    chapters = {stem: ({**c, "tables_gb": c["tables_gb"] * scale} if c.get("tables_gb") else c)
+                for stem, c in result["chapters"].items()}
+    return {**result, "n_layers": n_layers, "dims": {**result["dims"], "n_layers": n_layers},
+            "chapters": chapters}
+
+
+def model_bytes(stem: str, result: dict) -> float:
+    """Bytes of the models `stem` loads (`HOLDS`' "weights" and "full"), in fp32."""
+    return sum(v for part, v in held(stem, result).items() if part in ("weights", "full"))
 
 
 def run_flops(stem: str, result: dict, n_layers: int | None = None) -> float | None:
@@ -599,8 +614,8 @@ def res_arch(result: dict) -> str:
 def units(stem: str, result: dict, n_layers: int) -> float:
     """How much of `stem`'s work a target like `result`'s has at depth n_layers (`SCALING`)."""
     kind = SCALING[stem]
-    if kind == "fixed":
-        return 1.0
+    if kind == "model":
+        return model_bytes(stem, at_depth(result, n_layers))
     if kind == "layers":
         return float(n_layers)
     return run_flops(stem, result, n_layers)
@@ -630,14 +645,33 @@ def extrapolate(results: list[dict], n_layers: int) -> str:
             est = cpu[0] + (cpu[1] - cpu[0]) * (u_n - u[0]) / (u[1] - u[0])
             how = "line through both depths"
         else:
-            est, how = cpu[-1] * u_n / u[-1], ("fixed" if SCALING[stem] == "fixed" else "scaled (upper bound)")
-            bound |= how != "fixed"
+            est, how, bound = cpu[-1] * u_n / u[-1], "scaled (upper bound)", True
         total += est
         depths = " and ".join(str(r["n_layers"]) for r in runs)
         there = " and ".join(f"{c:,.0f}" for c in cpu)
         lines.append(f"| {stem} | {SCALING[stem]} | {depths} | {there} | {est:,.0f} | {how} |")
     lines.append(f"| all measured chapters | | | | {total:,.0f} ({total / 3600:.1f} h) | "
                  f"{'includes upper bounds' if bound else ''} |")
+    return "\n".join(lines)
+
+
+def memory_at(result: dict, n_layers: int) -> str:
+    """Markdown: each chapter's peak RSS at depth n_layers, from one run: what it holds there by design
+    (`held` at that depth) plus the imports, times the run's measured peak / expected. The ratio is the
+    measured overhead of the chapter's working copies, taken to stay the same when the held tensors grow."""
+    base = result.get("baseline_rss_gb") or 0.0
+    there = at_depth(result, n_layers)
+    lines = [f"| chapter | expected GB at L={result['n_layers']} | peak RSS GB there | peak / expected | "
+             f"expected GB at L={n_layers} | estimated peak GB at L={n_layers} |", "|---|---|---|---|---|---|"]
+    for stem in CHAPTER_STEMS:
+        c = result["chapters"].get(stem)
+        if c is None or c["rc"] != 0 or skipped(c):
+            continue
+        now = sum(held(stem, result).values()) / 1e9 + base
+        then = sum(held(stem, there).values()) / 1e9 + base
+        ratio = c["peak_rss_gb"] / now
+        lines.append(f"| {stem} | {now:.2f} | {c['peak_rss_gb']:.2f} | {ratio:.2f} | {then:.2f} | "
+                     f"{then * ratio:.2f} |")
     return "\n".join(lines)
 
 
@@ -689,8 +723,11 @@ def main(argv=None) -> int:
     ap.add_argument("--logs", type=Path, default=None, help="keep each chapter's runner log in this folder")
     ap.add_argument("--table", type=Path, nargs="+", default=None, help="print results files as markdown")
     ap.add_argument("--extrapolate", type=int, default=None, metavar="N",
-                    help="with --table: each chapter's CPU seconds scaled to N layers")
+                    help="with --table: each chapter's CPU seconds and peak RSS scaled to N layers")
     args = ap.parse_args(argv)
+    if args.tmp is not None and not args.tmp.is_dir():
+        ap.error(f"--tmp {args.tmp} is not a folder: create it, or leave --tmp out for the system's temporary "
+                 "folder")
     if args.table:
         results = [{**json.loads(p.read_text()), "file": p.name} for p in args.table]
         print(table(results) + "\n\n" + flops_table())
@@ -699,6 +736,9 @@ def main(argv=None) -> int:
             print(f"\nAt the best rate, L={r['n_layers']} ({r['file']}):\n" + floor(r))
         if args.extrapolate:
             print("\n" + extrapolate(results, args.extrapolate))
+            deepest = max(results, key=lambda r: (r["n_layers"], r["date"]))
+            print(f"\nMemory at L={args.extrapolate}, from L={deepest['n_layers']} ({deepest['file']}):\n"
+                  + memory_at(deepest, args.extrapolate))
         return 0
 
     import torch

@@ -74,7 +74,13 @@ def test_book_extrapolation_scales_one_depth_and_fits_a_line_through_two():
     ratio = (bench_book.chapter_flops("02_attention", {**dims, "n_layers": 4}, 16, 16, 0)
              / bench_book.chapter_flops("02_attention", dims, 16, 16, 0))
     assert ratio > 4  # reads grow as L(L+1)/2: faster than the layers
-    assert rows["00_demo_model"].endswith("| 10 | fixed |") and rows["05_context_neurons"].endswith("| 10 | fixed |")
+    # chapters 0 and 5 load the model: their seconds grow with its bytes (embeddings fixed, blocks per layer)
+    emb, attn, mlp = 2 * 50 * 8, 8 * (2 * 2 + 2 * 2) * 4, 2 * 8 * 32  # (un)embedding; per block
+    full = lambda L: emb + L * (attn + mlp)
+    grow = (emb + 4 * attn + full(4)) / (emb + attn + full(1))  # chapter 0: weights-only and full, 4 / 1 blocks
+    assert 1 < grow < 4
+    assert rows["00_demo_model"].endswith(f"| {10 * grow:,.0f} | scaled (upper bound) |")
+    assert rows["05_context_neurons"].endswith(f"| {10 * full(4) / full(1):,.0f} | scaled (upper bound) |")
     assert rows["01_output_tokens"].endswith("| 40 | scaled (upper bound) |")
     assert rows["02_attention"].endswith(f"| {10 * ratio:,.0f} | scaled (upper bound) |")
     skip = {**result, "chapters": {**result["chapters"], "06_ffkv_baseline": {"rc": 0, "cpu_s": 8.0, "page_mb": None}}}
@@ -92,6 +98,29 @@ def test_book_extrapolation_scales_one_depth_and_fits_a_line_through_two():
     four = bench_book.chapter_flops("02_attention", {**dims, "n_layers": 4}, 16, 16, 0)
     one = four / ratio
     assert rows["02_attention"].endswith(f"| {10 + 6 * (four - one) / (two - one):,.0f} | line through both depths |")
+
+
+def test_book_memory_at_another_depth_keeps_each_chapters_measured_overhead():
+    import bench_book
+
+    dims = dict(d_model=8, n_heads=2, n_kv=2, d_head=4, d_vocab=50, n_layers=2, d_mlp=32, mlp_mats=2)
+    result = {"n_layers": 2, "date": "2026-12-07", "dims": dims, "baseline_rss_gb": 0.5,
+              "saes": {"d_sae": 16, "d_sae_att": 16, "res_hook": "hook_resid_pre"},
+              "chapters": {"01_output_tokens": {"rc": 0, "peak_rss_gb": 3.0, "page_mb": 0.1},
+                           "03_semantic_populations": {"rc": 0, "peak_rss_gb": 1.5, "tables_gb": 0.4,
+                                                       "page_mb": 0.1},
+                           "05_context_neurons": {"rc": 0, "peak_rss_gb": 0.0, "page_mb": None}}}
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in
+            bench_book.memory_at(result, 6).splitlines()[2:]}
+    weights = lambda L: 4 * (2 * 50 * 8 + L * 8 * 16 * 4)  # embedding, unembedding, attention per block
+    ch1 = lambda L: (weights(L) + 4 * (2 * 8 * 16 + 2 * 8 * 50 + 2**30 / 4)) / 1e9 + 0.5
+    assert [float(x) for x in rows["01_output_tokens"][:4]] == pytest.approx(
+        [ch1(2), 3.0, 3.0 / ch1(2), ch1(6)], abs=0.006)
+    assert float(rows["01_output_tokens"][4].strip(" |")) == pytest.approx(ch1(6) * 3.0 / ch1(2), abs=0.006)
+    # chapter 3 holds its input tables, per layer: three times the layers, three times the tables
+    assert float(rows["03_semantic_populations"][3]) == pytest.approx(1.2 + 0.5, abs=0.006)
+    assert float(rows["03_semantic_populations"][4].strip(" |")) == pytest.approx(1.7 * 1.5 / 0.9, abs=0.006)
+    assert len(rows) == 2  # chapters that did not run have no row
 
 
 def test_chapter_1_flops_count_the_rows_the_chapter_scores(monkeypatch):
@@ -387,6 +416,15 @@ def test_a_work_folder_keeps_its_stand_in_for_the_next_call_and_refuses_another_
     temporary.mkdir()
     bench_book.standin("gpt2", 2, temporary, keep=False)  # a temporary folder records nothing
     assert not (temporary / bench_book.STANDIN).exists() and len(builds) == 2
+
+
+def test_a_missing_tmp_folder_is_refused_before_any_build(tmp_path, monkeypatch, capsys):
+    import bench_book
+
+    monkeypatch.setattr(bench_book, "build", lambda *a: pytest.fail("built despite a missing --tmp"))
+    with pytest.raises(SystemExit) as stop:
+        bench_book.main(["--tmp", str(tmp_path / "missing"), "--layers", "1"])
+    assert stop.value.code == 2 and "is not a folder: create it" in capsys.readouterr().err
 
 
 def test_the_gpu_kit_packs_what_the_machine_lacks_and_nothing_it_has(tmp_path):

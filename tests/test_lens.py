@@ -29,6 +29,7 @@ def test_output_matrix_matches_the_norm_applied_to_a_direction(norm):
     expected = (x * model.ln_final.w) @ model.W_U
     torch.testing.assert_close(d @ M, expected, rtol=1e-5, atol=1e-5)
     assert ("centring" in note) == (norm == "LN")
+    assert lens.fold_note(model) == note  # the chapters' provenance note, without building M
 
 
 def test_rule_uses_null_quantiles_and_both_tests():

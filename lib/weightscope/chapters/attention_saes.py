@@ -33,7 +33,7 @@ from weightscope.chapters.context import HELD_OUT_TEXT
 from weightscope.chapters.findings import percent
 from weightscope.compute import dfa as dfa_k
 from weightscope.compute import head_attribution as ha
-from weightscope.compute.lens import content_ids, output_matrix, token_strings
+from weightscope.compute.lens import content_ids, fold_note, output_matrix, token_strings
 from weightscope.compute.passes import BlockStream
 from weightscope.compute.ranking import rank_key, top_earliest
 from weightscope.compute.streaming import CHUNK_ELEMENTS, auto_chunk_size, progress_bar, scores_buffer
@@ -211,8 +211,7 @@ def run(ctx, config: Config, *, model=None, attn=None, resid=None, text=None) ->
     target = ctx.params.target
     maps = {sae.layer: output_maps(model, sae.layer) for sae in attn}
     keep = chapter1_content_ids(ctx.params, model)
-    _, fold = output_matrix(model)
-    notes = {"fold": fold, "post_attention_norm": has_post_attention_norm(model),
+    notes = {"fold": fold_note(model), "post_attention_norm": has_post_attention_norm(model),
              "content_tokens": None if keep is None else int(len(keep))}
     prov = ctx.provenance(**dataclasses.asdict(config), attn_saes=ctx.params.attn_saes, **notes)
 

@@ -133,8 +133,7 @@ def lens_tables(ctx, config: Config, model, saes) -> tuple[dict[str, pd.DataFram
     """
     keep = lens.content_ids(model, config.exclude_tokens)
     vocab = lens.token_strings(model)
-    _, fold_note = lens.output_matrix(model)
-    provenance = ctx.provenance(**dataclasses.asdict(config), fold=fold_note)
+    provenance = ctx.provenance(**dataclasses.asdict(config), fold=lens.fold_note(model))
     matrices = functools.cache(lambda: lens.side_matrices(model, keep))  # once, if any layer is computed
     tabs = io.layer_tables(ctx.params.target, "01_token_lens", saes, provenance, lambda sae: analyse_one(
         sae, model, config, vocab=vocab, keep=keep, dtype=ctx.dtype, matrices=matrices()))

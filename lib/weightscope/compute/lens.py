@@ -36,20 +36,29 @@ SIDES = {"dec": "decoder-unembedding (output tokens)", "enc": "encoder-embedding
 
 
 def output_matrix(model) -> tuple[Tensor, str]:
-    """M_out: [d_model, d_vocab], the unembedding with the final norm folded in, and a note of what was folded.
+    """M_out: [d_model, d_vocab], the unembedding with the final norm folded in, and a note of what was folded
+    (`fold_note`).
 
     TransformerLens stores norm weights as the multiplier actually applied (its Gemma conversion already adds
     the 1 of Gemma's `1 + weight`), so the stored weight is folded as is. Biases (b_U, the norm's bias) shift
     every feature's scores for a token by the same amount and are left out.
     """
     weight = getattr(model.ln_final, "w", None)
+    M = fold_final_norm(model.W_U.detach(), None if weight is None else weight.detach(),
+                        model.cfg.normalization_type)
+    return M, fold_note(model)
+
+
+def fold_note(model) -> str:
+    """What `output_matrix` folds into the unembedding, in words (without building it: a [d_model, d_vocab]
+    copy, 2.4 GB at Gemma-2-2B's width in fp32)."""
     norm = model.cfg.normalization_type
-    notes = [f"final {norm} weight folded (as stored by TransformerLens)" if weight is not None
+    notes = [f"final {norm} weight folded (as stored by TransformerLens)"
+             if getattr(model.ln_final, "w", None) is not None
              else "final norm has no weight (already folded into W_U by the model's processing)"]
     if norm in ("LN", "LNPre"):
         notes.append("LayerNorm centring folded")
-    M = fold_final_norm(model.W_U.detach(), None if weight is None else weight.detach(), norm)
-    return M, "; ".join(notes)
+    return "; ".join(notes)
 
 
 def input_matrix(model) -> Tensor:
