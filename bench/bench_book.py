@@ -192,12 +192,15 @@ def flops_table() -> str:
 # lens's two matrices restricted to the content tokens (`lens.side_matrices`: [d_model x content tokens] each,
 # gathered once per chapter; the real-width stand-ins' vocabularies are content tokens but for a few hundred
 # byte pieces, so d_vocab is used), "unembed" the folded unembedding (`lens.output_matrix`, [d_model x
-# d_vocab]). Chapter 0 shows the weights-only model and its SAEs (`SAESequence`: one at a time), then builds
+# d_vocab]), "normed" chapter 5's token embeddings through the block's linearised norm ([d_vocab x d_model],
+# one copy at a time), "passes" what chapter 5 keeps of its forward passes over the calibration and every held-out
+# text (`context_neurons.LayerPass`, per token: the MLP pre-activations, the residual and z, the attention
+# pattern's row; its notebook's defaults). Chapter 0 shows the weights-only model and its SAEs (`SAESequence`: one at a time), then builds
 # the full model for generation.
 HOLDS = {"00_demo_model": ("weights", "sae", "full"), "01_output_tokens": ("weights", "sae", "sides", "chunk"),
          "02_attention": ("weights", "sae", "chunk"), "03_semantic_populations": ("tables",),
          "04_attention_saes": ("full", "saes", "att_saes", "acts", "unembed", "chunk"),
-         "05_context_neurons": ("full", "chunk"),
+         "05_context_neurons": ("full", "normed", "passes", "chunk"),
          "06_ffkv_baseline": ("full", "saes", "sides", "chunk"),
          "07_in_context": ("full", "saes", "budget", "final", "unembed")}
 
@@ -220,8 +223,20 @@ def held(stem: str, result: dict) -> dict[str, float]:
              "budget": in_context.Config().memory_mb * 2**20 / 4,
              "final": in_context.Config().n_tokens * d["d_model"],
              "sides": 2 * d["d_model"] * d["d_vocab"], "unembed": d["d_model"] * d["d_vocab"],
+             "normed": d["d_model"] * d["d_vocab"], "passes": chapter5_pass_floats(d),
              "tables": result["chapters"].get(stem, {}).get("tables_gb", 0.0) * 1e9 / 4}
     return {part: 4.0 * sizes[part] for part in HOLDS[stem]}
+
+
+def chapter5_pass_floats(d: dict, nb: dict | None = None) -> float:
+    """Floats chapter 5 keeps of its forward passes (`context_neurons.measure`) at its notebook's defaults (or
+    `nb`'s n_calibration, heldout, n_heldout, window): per token of the calibration and held-out windows, the
+    block's MLP pre-activations, residual, z and attention pattern row."""
+    from weightscope.publish.book import notebook_defaults
+
+    nb = nb or notebook_defaults(REPO / "notebooks" / "05_context_neurons.md")
+    tokens = (nb["n_calibration"] + len(nb["heldout"]) * nb["n_heldout"]) * nb["window"]
+    return tokens * (d.get("d_mlp", 4 * d["d_model"]) + d["d_model"] + d["n_heads"] * (d["d_head"] + nb["window"]))
 
 
 def tables_rss_gb(params: Path, env: dict) -> float:
@@ -655,23 +670,25 @@ def extrapolate(results: list[dict], n_layers: int) -> str:
     return "\n".join(lines)
 
 
-def memory_at(result: dict, n_layers: int) -> str:
-    """Markdown: each chapter's peak RSS at depth n_layers, from one run: what it holds there by design
-    (`held` at that depth) plus the imports, times the run's measured peak / expected. The ratio is the
-    measured overhead of the chapter's working copies, taken to stay the same when the held tensors grow."""
-    base = result.get("baseline_rss_gb") or 0.0
-    there = at_depth(result, n_layers)
-    lines = [f"| chapter | expected GB at L={result['n_layers']} | peak RSS GB there | peak / expected | "
-             f"expected GB at L={n_layers} | estimated peak GB at L={n_layers} |", "|---|---|---|---|---|---|"]
+def memory_at(results: list[dict], n_layers: int) -> str:
+    """Markdown: each chapter's peak RSS at depth n_layers, from the deepest run where it passed (of equally
+    deep runs, the one given last): what it holds there by design (`held` at that depth) plus the imports,
+    times that run's measured peak / expected. The ratio is the measured overhead of the chapter's working
+    copies, taken to stay the same when the held tensors grow."""
+    lines = [f"| chapter | from | expected GB there | peak RSS GB there | peak / expected | "
+             f"expected GB at L={n_layers} | estimated peak GB at L={n_layers} |", "|---|---|---|---|---|---|---|"]
     for stem in CHAPTER_STEMS:
-        c = result["chapters"].get(stem)
-        if c is None or c["rc"] != 0 or skipped(c):
+        ran = [(r["n_layers"], i, r) for i, r in enumerate(results)
+               if (c := r["chapters"].get(stem)) is not None and c["rc"] == 0 and not skipped(c)]
+        if not ran:
             continue
+        result = max(ran, key=lambda t: t[:2])[2]
+        base = result.get("baseline_rss_gb") or 0.0
         now = sum(held(stem, result).values()) / 1e9 + base
-        then = sum(held(stem, there).values()) / 1e9 + base
-        ratio = c["peak_rss_gb"] / now
-        lines.append(f"| {stem} | {now:.2f} | {c['peak_rss_gb']:.2f} | {ratio:.2f} | {then:.2f} | "
-                     f"{then * ratio:.2f} |")
+        then = sum(held(stem, at_depth(result, n_layers)).values()) / 1e9 + base
+        peak = result["chapters"][stem]["peak_rss_gb"]
+        lines.append(f"| {stem} | {result.get('file', '')} (L={result['n_layers']}) | {now:.2f} | {peak:.2f} | "
+                     f"{peak / now:.2f} | {then:.2f} | {then * peak / now:.2f} |")
     return "\n".join(lines)
 
 
@@ -736,9 +753,7 @@ def main(argv=None) -> int:
             print(f"\nAt the best rate, L={r['n_layers']} ({r['file']}):\n" + floor(r))
         if args.extrapolate:
             print("\n" + extrapolate(results, args.extrapolate))
-            deepest = max(results, key=lambda r: (r["n_layers"], r["date"]))
-            print(f"\nMemory at L={args.extrapolate}, from L={deepest['n_layers']} ({deepest['file']}):\n"
-                  + memory_at(deepest, args.extrapolate))
+            print(f"\nMemory at L={args.extrapolate}:\n" + memory_at(results, args.extrapolate))
         return 0
 
     import torch

@@ -110,8 +110,8 @@ def test_book_memory_at_another_depth_keeps_each_chapters_measured_overhead():
                            "03_semantic_populations": {"rc": 0, "peak_rss_gb": 1.5, "tables_gb": 0.4,
                                                        "page_mb": 0.1},
                            "05_context_neurons": {"rc": 0, "peak_rss_gb": 0.0, "page_mb": None}}}
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in
-            bench_book.memory_at(result, 6).splitlines()[2:]}
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[2:] for line in
+            bench_book.memory_at([result], 6).splitlines()[2:]}
     weights = lambda L: 4 * (2 * 50 * 8 + L * 8 * 16 * 4)  # embedding, unembedding, attention per block
     ch1 = lambda L: (weights(L) + 4 * (2 * 8 * 16 + 2 * 8 * 50 + 2**30 / 4)) / 1e9 + 0.5
     assert [float(x) for x in rows["01_output_tokens"][:4]] == pytest.approx(
@@ -121,6 +121,13 @@ def test_book_memory_at_another_depth_keeps_each_chapters_measured_overhead():
     assert float(rows["03_semantic_populations"][3]) == pytest.approx(1.2 + 0.5, abs=0.006)
     assert float(rows["03_semantic_populations"][4].strip(" |")) == pytest.approx(1.7 * 1.5 / 0.9, abs=0.006)
     assert len(rows) == 2  # chapters that did not run have no row
+    # a chapter rerun at the same depth (given last) replaces its first run; a shallower run does not
+    again = {**result, "file": "again", "chapters": {"01_output_tokens": {"rc": 0, "peak_rss_gb": 2.0, "page_mb": 0.1}}}
+    shallow = {**bench_book.at_depth(result, 1), "file": "shallow"}
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in
+            bench_book.memory_at([result, again, shallow], 6).splitlines()[2:]}
+    assert rows["01_output_tokens"][0] == "again (L=2)" and float(rows["01_output_tokens"][2]) == 2.0
+    assert rows["03_semantic_populations"][0] == " (L=2)"
 
 
 def test_chapter_1_flops_count_the_rows_the_chapter_scores(monkeypatch):
@@ -416,6 +423,25 @@ def test_a_work_folder_keeps_its_stand_in_for_the_next_call_and_refuses_another_
     temporary.mkdir()
     bench_book.standin("gpt2", 2, temporary, keep=False)  # a temporary folder records nothing
     assert not (temporary / bench_book.STANDIN).exists() and len(builds) == 2
+
+
+def test_the_book_benchmark_counts_what_the_passes_keep():
+    """bench_book's memory accounting of chapter 5 (`chapter5_pass_floats`) against the floats `measure` keeps:
+    equal up to the per-position scales and denominators it leaves out (a few per token)."""
+    import bench_book
+    from test_context_neurons import C, N, measured, tiny_model, windows
+
+    with torch.no_grad():
+        model = tiny_model("llama")
+        m = measured(model, C.Config(window=N, n_calibration=4, n_heldout=2), windows(4, 1),
+                     {"a": windows(2, 2), "b": windows(2, 3)})
+    kept = sum(getattr(lp, f).numel() for lp in [m.calibration, *m.heldout.values()]
+               for f in ("pre", "rest", "z", "pattern"))
+    c = model.cfg
+    dims = dict(d_model=c.d_model, d_mlp=c.d_mlp, n_heads=c.n_heads, d_head=c.d_head)
+    nb = dict(n_calibration=4, heldout={"a": "", "b": ""}, n_heldout=2, window=N)
+    assert bench_book.chapter5_pass_floats(dims, nb) == kept
+    assert bench_book.chapter5_pass_floats(dims) > kept  # the notebook's own defaults are read
 
 
 def test_a_missing_tmp_folder_is_refused_before_any_build(tmp_path, monkeypatch, capsys):
