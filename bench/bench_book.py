@@ -193,9 +193,10 @@ def flops_table() -> str:
 # gathered once per chapter; the real-width stand-ins' vocabularies are content tokens but for a few hundred
 # byte pieces, so d_vocab is used), "unembed" the folded unembedding (`lens.output_matrix`, [d_model x
 # d_vocab]), "normed" chapter 5's token embeddings through the block's linearised norm ([d_vocab x d_model],
-# one copy at a time), "passes" what chapter 5 keeps of its forward passes over the calibration and every held-out
-# text (`context_neurons.LayerPass`, per token: the MLP pre-activations, the residual and z, the attention
-# pattern's row; its notebook's defaults). Chapter 0 shows the weights-only model and its SAEs (`SAESequence`: one at a time), then builds
+# one copy at a time), "passes" what chapter 5 keeps of its forward passes over the calibration and every
+# held-out text (`context_neurons.LayerPass`, per token: the MLP pre-activations, the residual and z, the
+# attention pattern's row; at its notebook's defaults). Chapter 0 shows the weights-only model and its SAEs
+# (`SAESequence`: one at a time), then builds
 # the full model for generation.
 HOLDS = {"00_demo_model": ("weights", "sae", "full"), "01_output_tokens": ("weights", "sae", "sides", "chunk"),
          "02_attention": ("weights", "sae", "chunk"), "03_semantic_populations": ("tables",),
@@ -236,7 +237,14 @@ def chapter5_pass_floats(d: dict, nb: dict | None = None) -> float:
 
     nb = nb or notebook_defaults(REPO / "notebooks" / "05_context_neurons.md")
     tokens = (nb["n_calibration"] + len(nb["heldout"]) * nb["n_heldout"]) * nb["window"]
-    return tokens * (d.get("d_mlp", 4 * d["d_model"]) + d["d_model"] + d["n_heads"] * (d["d_head"] + nb["window"]))
+    per_token = d.get("d_mlp", 4 * d["d_model"]) + d["d_model"] + d["n_heads"] * (d["d_head"] + nb["window"])
+    return tokens * per_token
+
+
+def expected_gb(stem: str, result: dict) -> float:
+    """GB `stem` should peak at on `result`'s target: what it holds by design (`held`) plus the Python process
+    with its libraries imported (`result["baseline_rss_gb"]`)."""
+    return sum(held(stem, result).values()) / 1e9 + (result.get("baseline_rss_gb") or 0.0)
 
 
 def tables_rss_gb(params: Path, env: dict) -> float:
@@ -261,8 +269,7 @@ def memory_table(result: dict) -> str:
         c = result["chapters"].get(stem)
         if c is None or c["rc"] != 0 or skipped(c):
             continue
-        parts = held(stem, result)
-        expected = sum(parts.values()) / 1e9 + (base or 0.0)
+        parts, expected = held(stem, result), expected_gb(stem, result)
         what = ", ".join(f"{k} {v / 1e9:.2f}" if v or k != "tables" else "tables not measured"
                          for k, v in parts.items())
         lines.append(f"| {stem} | {what} | {base if base is not None else '–'} | {expected:.2f} | "
@@ -585,9 +592,10 @@ def table(results: list[dict]) -> str:
 
 
 # What each chapter's work grows with, for `--extrapolate` from one depth: "model" (chapter 0 introduces the
-# model, chapter 5 reads one block: their work is loading the model, which grows with its bytes, `model_bytes`),
-# "layers" (one pass per SAE layer), "flops" (`chapter_flops`: chapter 2's and 6's (SAE layer, reading layer)
-# reads, chapter 6's (SAE, earlier block) alignment and chapter 7's ablation passes grow as L(L+1)/2).
+# model, chapter 5 reads one block: their work is loading the model, which grows with its bytes,
+# `model_bytes`), "layers" (one pass per SAE layer), "flops" (`chapter_flops`: chapter 2's and 6's (SAE layer,
+# reading layer) reads, chapter 6's (SAE, earlier block) alignment and chapter 7's ablation passes grow as
+# L(L+1)/2).
 SCALING = {"00_demo_model": "model", "01_output_tokens": "layers", "02_attention": "flops",
            "03_semantic_populations": "layers", "04_attention_saes": "layers", "05_context_neurons": "model",
            "06_ffkv_baseline": "flops", "07_in_context": "flops"}
@@ -676,19 +684,17 @@ def memory_at(results: list[dict], n_layers: int) -> str:
     times that run's measured peak / expected. The ratio is the measured overhead of the chapter's working
     copies, taken to stay the same when the held tensors grow."""
     lines = [f"| chapter | from | expected GB there | peak RSS GB there | peak / expected | "
-             f"expected GB at L={n_layers} | estimated peak GB at L={n_layers} |", "|---|---|---|---|---|---|---|"]
+             f"expected GB at L={n_layers} | estimated peak GB at L={n_layers} |", "|---" * 7 + "|"]
     for stem in CHAPTER_STEMS:
         ran = [(r["n_layers"], i, r) for i, r in enumerate(results)
                if (c := r["chapters"].get(stem)) is not None and c["rc"] == 0 and not skipped(c)]
         if not ran:
             continue
         result = max(ran, key=lambda t: t[:2])[2]
-        base = result.get("baseline_rss_gb") or 0.0
-        now = sum(held(stem, result).values()) / 1e9 + base
-        then = sum(held(stem, at_depth(result, n_layers)).values()) / 1e9 + base
+        now, then = expected_gb(stem, result), expected_gb(stem, at_depth(result, n_layers))
         peak = result["chapters"][stem]["peak_rss_gb"]
-        lines.append(f"| {stem} | {result.get('file', '')} (L={result['n_layers']}) | {now:.2f} | {peak:.2f} | "
-                     f"{peak / now:.2f} | {then:.2f} | {then * peak / now:.2f} |")
+        lines.append(f"| {stem} | {result.get('file', '')} (L={result['n_layers']}) | {now:.2f} | "
+                     f"{peak:.2f} | {peak / now:.2f} | {then:.2f} | {then * peak / now:.2f} |")
     return "\n".join(lines)
 
 
@@ -743,8 +749,8 @@ def main(argv=None) -> int:
                     help="with --table: each chapter's CPU seconds and peak RSS scaled to N layers")
     args = ap.parse_args(argv)
     if args.tmp is not None and not args.tmp.is_dir():
-        ap.error(f"--tmp {args.tmp} is not a folder: create it, or leave --tmp out for the system's temporary "
-                 "folder")
+        ap.error(f"--tmp {args.tmp} is not a folder: create it, or leave --tmp out for the system's "
+                 "temporary folder")
     if args.table:
         results = [{**json.loads(p.read_text()), "file": p.name} for p in args.table]
         print(table(results) + "\n\n" + flops_table())

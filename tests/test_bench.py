@@ -77,7 +77,7 @@ def test_book_extrapolation_scales_one_depth_and_fits_a_line_through_two():
     # chapters 0 and 5 load the model: their seconds grow with its bytes (embeddings fixed, blocks per layer)
     emb, attn, mlp = 2 * 50 * 8, 8 * (2 * 2 + 2 * 2) * 4, 2 * 8 * 32  # (un)embedding; per block
     full = lambda L: emb + L * (attn + mlp)
-    grow = (emb + 4 * attn + full(4)) / (emb + attn + full(1))  # chapter 0: weights-only and full, 4 / 1 blocks
+    grow = (emb + 4 * attn + full(4)) / (emb + attn + full(1))  # chapter 0: weights-only and full model
     assert 1 < grow < 4
     assert rows["00_demo_model"].endswith(f"| {10 * grow:,.0f} | scaled (upper bound) |")
     assert rows["05_context_neurons"].endswith(f"| {10 * full(4) / full(1):,.0f} | scaled (upper bound) |")
@@ -122,7 +122,8 @@ def test_book_memory_at_another_depth_keeps_each_chapters_measured_overhead():
     assert float(rows["03_semantic_populations"][4].strip(" |")) == pytest.approx(1.7 * 1.5 / 0.9, abs=0.006)
     assert len(rows) == 2  # chapters that did not run have no row
     # a chapter rerun at the same depth (given last) replaces its first run; a shallower run does not
-    again = {**result, "file": "again", "chapters": {"01_output_tokens": {"rc": 0, "peak_rss_gb": 2.0, "page_mb": 0.1}}}
+    again = {**result, "file": "again",
+             "chapters": {"01_output_tokens": {"rc": 0, "peak_rss_gb": 2.0, "page_mb": 0.1}}}
     shallow = {**bench_book.at_depth(result, 1), "file": "shallow"}
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in
             bench_book.memory_at([result, again, shallow], 6).splitlines()[2:]}
@@ -426,8 +427,9 @@ def test_a_work_folder_keeps_its_stand_in_for_the_next_call_and_refuses_another_
 
 
 def test_the_book_benchmark_counts_what_the_passes_keep():
-    """bench_book's memory accounting of chapter 5 (`chapter5_pass_floats`) against the floats `measure` keeps:
-    equal up to the per-position scales and denominators it leaves out (a few per token)."""
+    """bench_book's memory accounting of chapter 5 (`chapter5_pass_floats`) against the floats `measure`
+    keeps in its pre-activations, residuals, z and patterns (the per-position scales and denominators, a few
+    floats per token, are left out)."""
     import bench_book
     from test_context_neurons import C, N, measured, tiny_model, windows
 

@@ -450,8 +450,9 @@ def summary_tables(m: Measured, config: Config, heads: list[int], how: str) -> d
                              "median_r position-only": float(r0.median()), "fvu position-only": fvu0,
                              "paper median_r (reported)": PAPER["median_r"],
                              "paper fvu (reported)": PAPER["fvu"]})
-            del parts  # its normed embeddings ([d_vocab, d_model], 2.1 GB at Llama-3.1-8B's width) are gone
-            # before the next variant builds its own: two at once were the chapter's peak
+            # freed before the next variant builds its own normed embeddings ([d_vocab, d_model], 2.1 GB at
+            # Llama-3.1-8B's width): two at once were the chapter's peak
+            del parts
     return {"05_scales": scales, "05_quality": pd.DataFrame(rows)}
 
 
