@@ -202,7 +202,7 @@ HOLDS = {"00_demo_model": ("weights", "sae", "full"), "01_output_tokens": ("weig
          "02_attention": ("weights", "sae", "chunk"), "03_semantic_populations": ("tables",),
          "04_attention_saes": ("full", "saes", "att_saes", "acts", "unembed", "chunk"),
          "05_context_neurons": ("full", "normed", "passes", "chunk"),
-         "06_ffkv_baseline": ("full", "saes", "sides", "chunk"),
+         "06_ffkv_baseline": ("full", "sae", "sides", "chunk"),
          "07_in_context": ("full", "saes", "budget", "final", "unembed")}
 
 

@@ -459,3 +459,49 @@ def test_activation_checks_on_each_device(device):
     got = ch.activation_checks(model.to(device), [on(StandInSAE(0)), on(StandInSAE(1))], tokens, cfg,
                                bos_id=bos)
     pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not (Path(__file__).parent / "standins.py").is_file(), reason="needs tests/standins.py")
+def test_run_loads_the_saes_one_at_a_time(tmp_path, monkeypatch):
+    """With the SAEs as the book loads them (`SAESequence`: each loaded when reached), the chapter never holds
+    more than the SAE in use and the one a loop is loading after it, rather than every SAE of the target
+    (34 GB at Llama-3.1-8B's 32 layers); a rerun with every step cached loads only what `blocks` describes;
+    and the alignment (the step that compares every SAE with every earlier MLP block) is the same whether the
+    SAEs come lazily or in a list."""
+    import sae_lens  # noqa: F401  (imported first: its first import keeps the importing frame, and its SAE, alive)
+    import standins
+
+    from weightscope.chapters.context import open_chapter
+    from weightscope.load.sae_sequence import SAESequence
+
+    if not standins.GPT2_TOKENIZER.is_dir():
+        pytest.skip("needs ../shared/tokenizers/gpt2")
+    folder = standins.build_model("llama", tmp_path / "model", n_layers=4)
+    params = standins.write_params("lazy-saes", folder, standins.build_saes(folder, tmp_path / "saes"),
+                                   tmp_path / "lazy-saes.yaml")
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path / "data"))
+    alive, most = [], [0]
+    load = SAESequence.__getitem__
+
+    def counted(self, index):
+        sae = load(self, index)
+        alive.append(weakref.ref(sae.sae))
+        most[0] = max(most[0], sum(ref() is not None for ref in alive))
+        return sae
+
+    monkeypatch.setattr(SAESequence, "__getitem__", counted)
+    ctx = open_chapter(str(params))
+    ctx.held_out_rows = lambda full, n, row_len: (torch.randint(0, 1000, (2, 16)), None)
+    model, saes = ctx.load_model_and_saes(mlp=True)
+    cfg = CFG
+    lazy = ch.alignment_rows(model, saes, cfg)
+    listed = ch.alignment_rows(model, [saes[i] for i in range(len(saes))], cfg)
+    pd.testing.assert_frame_equal(lazy, listed)
+    alive.clear()
+    most[0] = 0
+    t = ch.run(ctx, cfg, model=model, saes=saes)
+    assert set(t.alignment["layer"]) == {0, 1, 2, 3} and len(t.checks) == 3 * 4
+    assert 1 <= most[0] <= 2, f"{most[0]} SAEs alive at once"
+    alive.clear()
+    ch.run(ctx, cfg, model=model, saes=saes)  # every table cached: only `blocks` reads the SAEs
+    assert len(alive) == len(saes)

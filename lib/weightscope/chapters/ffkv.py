@@ -48,6 +48,7 @@ from weightscope.compute.streaming import CHUNK_ELEMENTS, progress_bar
 from weightscope.compute.token_scores import random_directions_like
 from weightscope.config.params import ParamsError
 from weightscope.load import corpora
+from weightscope.load.sae_sequence import SAESequence
 from weightscope.load.saes import hook_layer, sae_decode
 
 DICTIONARIES = ("features", "neurons", "null")
@@ -212,8 +213,18 @@ def skip_reason(target, dims) -> str | None:
     return None
 
 
-def _paired(saes) -> list:
+def _paired(saes):
+    """The SAEs that see an MLP block's write. A lazy `SAESequence` gives a lazy subset, chosen from the SAEs'
+    descriptions (so each SAE is loaded only where a step uses its weights, and one at a time); a list is
+    filtered."""
+    if isinstance(saes, SAESequence):
+        return saes.subset([i for i, m in enumerate(saes.describe()) if mlp_layer_for(m) is not None])
     return [s for s in saes if mlp_layer_for(s) is not None]
+
+
+def _described(saes) -> list:
+    """Layer, hook and width of each SAE of `saes` without reading its weights where it is lazy."""
+    return saes.describe() if isinstance(saes, SAESequence) else list(saes)
 
 
 def _first(n: int, limit: int) -> int:
@@ -266,14 +277,15 @@ def token_lens(ctx, config: Config, model, saes) -> pd.DataFrame:
     keep, vocab = lens.content_ids(model, ch1.exclude_tokens), lens.token_strings(model)
     provenance = ctx.provenance(**dataclasses.asdict(config), step="token_lens")
     matrices = functools.cache(lambda: lens.side_matrices(model, keep))  # once, if any layer is computed
-    neurons = io.layer_tables(ctx.params.target, "06_token_lens", _paired(saes), provenance, lambda sae: {
+    paired = _described(_paired(saes))  # neuron_lens reads only the SAE's layer: no weights loaded
+    neurons = io.layer_tables(ctx.params.target, "06_token_lens", paired, provenance, lambda sae: {
         "rows": neuron_lens(model, sae, config, tabs["features"], vocab=vocab, keep=keep, dtype=ctx.dtype,
                             matrices=matrices())})
     feats = tabs["features"].rename(columns={"feature": "row"}).assign(dictionary="features")
     null = tabs["nulls"][tabs["nulls"]["population"] == "null: random"]
     null = null.assign(row=null.groupby("layer").cumcount(), dictionary="null")
     rows = pd.concat([feats, neurons.get("rows"), null], ignore_index=True)
-    rows = rows[rows["layer"].isin([s.layer for s in _paired(saes)])]
+    rows = rows[rows["layer"].isin([s.layer for s in paired])]
     return rows.drop(columns=["population", "neuronpedia"], errors="ignore").reset_index(drop=True)
 
 
@@ -318,7 +330,7 @@ def key_choice(model, saes, config: Config, lens_rows: pd.DataFrame) -> pd.DataF
     keep, vocab = lens.content_ids(model, config.exclude_tokens), lens.token_strings(model)
     feats = lens_rows[lens_rows["dictionary"] == "features"]
     rows = []
-    for sae in _paired(saes):
+    for sae in _described(_paired(saes)):  # neuron_lens reads only the SAE's layer
         b = ffkv.ff_block(model, mlp_layer_for(sae))
         for key in ffkv.KEYS if b.gated else ("up",):
             if key == config.key or not b.gated:  # the chosen key: already in lens_rows
@@ -451,39 +463,43 @@ def alignment_rows(model, saes, cfg: Config, *, device=None) -> pd.DataFrame:
     One row per compared direction: direction, population ("real" / "null"), layer, row, set_size, max_cos.
     """
     paired = _paired(saes)
-    layers = sorted({mlp_layer_for(s) for s in paired})
+    metas = _described(paired)
+    layers = sorted({mlp_layer_for(s) for s in metas})
     values = {L: ffkv.value_vectors(ffkv.ff_block(model, L)) for L in layers}
     values = {L: V[: _first(len(V), cfg.max_neurons)] for L, V in values.items()}
-    decoders = {s.layer: s.W_dec[: _first(s.d_sae, cfg.max_features)] for s in paired}
+    n_rows = {s.layer: _first(s.d_sae, cfg.max_features) for s in metas}
     opts = dict(signed=cfg.signed, device=device)
-    # each (SAE, block) pair's cosines once, read both ways: the two sides' real rows share every product
-    best_rows, best_cols = {}, {}
+    d = int(model.cfg.d_model)
+    null_for_values = _null_atoms(max(n_rows.values()), d, cfg, seed=cfg.seed)
+    null_for_decoders = _null_atoms(max(len(V) for V in values.values()), d, cfg, seed=cfg.seed + 500)
+    null_rows = {L: ffkv.max_cosine(null_for_values, V, **opts)[0] for L, V in values.items()}
+    # one SAE at a time: each (SAE, block) pair's cosines once, read both ways (the two sides' real rows share
+    # every product), and the decoder's null maxima, before the next SAE is loaded
+    best_rows, best_cols, null_cols = {}, {}, {}
     for sae in paired:
+        decoder = sae.W_dec[: n_rows[sae.layer]]
         for L in [L for L in values if L <= mlp_layer_for(sae)]:
-            r, c = ffkv.max_cosine_both(decoders[sae.layer], values[L], **opts)
+            r, c = ffkv.max_cosine_both(decoder, values[L], **opts)
             best_rows[sae.layer] = torch.maximum(best_rows.get(sae.layer, r), r)
             best_cols[L] = torch.maximum(best_cols.get(L, c), c)
-    null_rows = _null_maxima(decoders, values, cfg, opts, seed=cfg.seed)
-    null_cols = _null_maxima(values, decoders, cfg, opts, seed=cfg.seed + 500)
+        null_cols[sae.layer] = ffkv.max_cosine(null_for_decoders, decoder, **opts)[0]
+        del decoder, sae
     rows = []
-    for sae in paired:
+    for sae in metas:
         seen = [L for L in values if L <= mlp_layer_for(sae)]
         rows += _frames(FEATURES_SIDE, sae.layer, best_rows[sae.layer], _running_max(null_rows, seen, cfg,
-                        len(decoders[sae.layer])), sum(len(values[L]) for L in seen))
+                        n_rows[sae.layer]), sum(len(values[L]) for L in seen))
     for L, V in values.items():
-        seen = [s.layer for s in paired if mlp_layer_for(s) >= L]
+        seen = [s.layer for s in metas if mlp_layer_for(s) >= L]
         rows += _frames(NEURONS_SIDE, L, best_cols[L], _running_max(null_cols, seen, cfg, len(V)),
-                        sum(len(decoders[k]) for k in seen))
+                        sum(n_rows[k] for k in seen))
     return pd.concat(rows, ignore_index=True)
 
 
-def _null_maxima(rows: dict, sets: dict, cfg: Config, opts: dict, *, seed: int) -> dict[int, torch.Tensor]:
-    """{key: [n] the max cosine of each of n random unit directions with the rows of sets[key]}, one product
-    per set; n = max(n_null, the longest matrix in `rows`), the most null rows any one of them needs."""
-    n = max(cfg.n_null, max(len(A) for A in rows.values()))
-    d = next(iter(sets.values())).shape[1]
-    null = ffkv.random_atoms(n, d, seed=seed)
-    return {key: ffkv.max_cosine(null, B, **opts)[0] for key, B in sets.items()}
+def _null_atoms(n_longest: int, d: int, cfg: Config, *, seed: int) -> torch.Tensor:
+    """[n, d] random unit directions, n = max(n_null, n_longest): the most null rows any one set of real rows
+    compared with them needs (each set's null takes its first rows, `_running_max`)."""
+    return ffkv.random_atoms(max(cfg.n_null, n_longest), d, seed=seed)
 
 
 def _running_max(maxima: dict, keys: list, cfg: Config, n_real: int) -> torch.Tensor:
@@ -548,9 +564,9 @@ def activation_checks(model, saes, tokens: torch.Tensor, cfg: Config, *, bos_id:
     positions (bos_id) are left out, as in the SAEs' own evaluation.
     """
     chosen = "topk" if cfg.topk_of == "plain" else "topk_normalized"
-    paired = _paired(saes)
+    paired = _paired(saes)  # lazy where `saes` is: SAE i is loaded when its blocks have run
     hooks = [[f"blocks.{L}.hook_resid_mid", f"blocks.{L}.hook_mlp_out", s.hook_name]
-             for s, L in ((s, mlp_layer_for(s)) for s in paired)]
+             for s, L in ((s, mlp_layer_for(s)) for s in _described(paired))]
     rows: dict[int, list[dict]] = {}
     bar = progress_bar(len(paired), True, "held-out checks", unit="SAE")
     try:

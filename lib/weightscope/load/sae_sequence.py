@@ -12,6 +12,7 @@ not fit the model is refused before any work.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ class SAESequence(Sequence):
             raise ValueError(f"{len(ids)} SAE ids for {len(layers)} layers")
         self.source, self.ids, self.layers = str(source), list(ids), list(layers)
         self.device, self.dtype, self.model, self.progress = device, dtype, model, progress
+        self._described: list[LoadedSAE] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -67,6 +69,22 @@ class SAESequence(Sequence):
             if not path.is_file() and (folder / "cfg.json").is_file() and len(self.ids) == 1:
                 path = folder / "cfg.json"
             out.append(_describe_cfg(path, self.source, sae_id))
+        return out
+
+    def describe(self) -> list[LoadedSAE]:
+        """Every SAE's description without weights (`LoadedSAE` with `sae=None`: layer, hook, width): from
+        cfg.json for a folder or the demo (`metadata`); for a release, each SAE loaded once in turn and its
+        weights dropped. Computed once per sequence."""
+        if self._described is None:
+            self._described = self.metadata() or [dataclasses.replace(sae, sae=None) for sae in self]
+        return self._described
+
+    def subset(self, indices: list[int]) -> SAESequence:
+        """The SAEs at `indices`, as a sequence like this one (lazy, same device, dtype and model check)."""
+        out = SAESequence(self.source, [self.ids[i] for i in indices], [self.layers[i] for i in indices],
+                          device=self.device, dtype=self.dtype, model=self.model, progress=self.progress)
+        if self._described is not None:
+            out._described = [self._described[i] for i in indices]
         return out
 
     def check(self) -> None:
