@@ -182,8 +182,9 @@ def flops_table() -> str:
 
 # What each chapter holds at once by design, for the memory check (`held`): "weights" the weights-only model
 # (embeddings, unembedding, attention), "full" the forward-pass model (chapters 6 and 7 hold their weights-only
-# model, at most the same size, and the full model one after the other), "sae" one SAE
-# (chapters that stream them), "saes" / "att_saes" every residual / hook_z SAE, and its largest working set:
+# model, at most the same size, and the full model one after the other), "sae" / "att_sae" one residual / hook_z
+# SAE (chapters that load them one at a time: `SAESequence`), "saes" every residual SAE (chapter 7's activation
+# pass encodes every layer's in one forward pass), and its largest working set:
 # "chunk" the streaming budget (`compute.streaming.memory_budget`: 1 GiB on a CPU with 4 GiB free; chapter 6
 # streams chapter 1's lens and encodes its held-out code in 64 MB chunks; chapter 4 streams its write lens and
 # residual reads), "acts" chapter 4's layer pass (the activations over the held-out text,
@@ -200,7 +201,7 @@ def flops_table() -> str:
 # the full model for generation.
 HOLDS = {"00_demo_model": ("weights", "sae", "full"), "01_output_tokens": ("weights", "sae", "sides", "chunk"),
          "02_attention": ("weights", "sae", "chunk"), "03_semantic_populations": ("tables",),
-         "04_attention_saes": ("full", "saes", "att_saes", "acts", "unembed", "chunk"),
+         "04_attention_saes": ("full", "sae", "att_sae", "acts", "unembed", "chunk"),
          "05_context_neurons": ("full", "normed", "passes", "chunk"),
          "06_ffkv_baseline": ("full", "sae", "sides", "chunk"),
          "07_in_context": ("full", "saes", "budget", "final", "unembed")}
@@ -219,7 +220,7 @@ def held(stem: str, result: dict) -> dict[str, float]:
     c4 = attention_saes.Config()
     sizes = {"weights": emb + L * attn, "full": emb + L * (attn + mlp),
              "sae": 2 * d["d_model"] * w["d_sae"], "saes": L * 2 * d["d_model"] * w["d_sae"],
-             "att_saes": L * 2 * d_att_in * (w["d_sae_att"] or 0), "chunk": 2**30 / 4,
+             "att_sae": 2 * d_att_in * (w["d_sae_att"] or 0), "chunk": 2**30 / 4,
              "acts": c4.text_rows * c4.text_ctx * (w["d_sae_att"] or 0),
              "budget": in_context.Config().memory_mb * 2**20 / 4,
              "final": in_context.Config().n_tokens * d["d_model"],

@@ -44,3 +44,28 @@ def _restore_grad_mode():
     torch.set_grad_enabled(True)
     yield
     torch.set_grad_enabled(True)
+
+
+@pytest.fixture
+def sae_loads(monkeypatch):
+    """Watches every SAE a lazy `SAESequence` loads: `.alive` holds a weak reference to each, `.most` the
+    most of them alive at once, counted at each load (the new one included). Call `.reset()` between steps."""
+    import weakref
+    from types import SimpleNamespace
+
+    import sae_lens  # noqa: F401  (imported first: its first import keeps the importing frame, and an SAE, alive)
+
+    from weightscope.load.sae_sequence import SAESequence
+
+    seen = SimpleNamespace(alive=[], most=0)
+    seen.reset = lambda: (seen.alive.clear(), setattr(seen, "most", 0))
+    load = SAESequence.__getitem__
+
+    def counted(self, index):
+        sae = load(self, index)
+        seen.alive.append(weakref.ref(sae.sae))
+        seen.most = max(seen.most, sum(ref() is not None for ref in seen.alive))
+        return sae
+
+    monkeypatch.setattr(SAESequence, "__getitem__", counted)
+    return seen

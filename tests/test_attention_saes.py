@@ -1001,3 +1001,34 @@ def test_rdfa_check_says_exact_only_within_the_tolerance_and_names_a_larger_erro
     said = ch.rdfa_sentence(ch.rdfa_check(SimpleNamespace(rdfa=rdfa)))
     assert "in 1 of 2 the pieces do NOT sum" in said and "= 2.40e-03" in said
     assert ch.rdfa_sentence({"examples": 0}).startswith("No residual SAE")
+
+
+def test_the_chapter_loads_its_saes_one_layer_at_a_time(tmp_path, monkeypatch, sae_loads):
+    """`load` gives both kinds of SAE as lazy sequences: the chapter then never holds more than two SAEs at
+    once (a layer's attention SAE and the residual SAE joined to it, or the next attention SAE while the loop
+    moves on), rather than every layer's of both kinds (35.8 GB at Gemma-2-2B's 26 blocks, estimated); and its
+    tables equal those of the same SAEs given loaded, as a list and a {layer: SAE} dict."""
+    import standins
+
+    from weightscope.chapters import attention_saes as ch
+    from weightscope.chapters.context import open_chapter
+    from weightscope.load.sae_sequence import SAESequence
+
+    if not standins.GPT2_TOKENIZER.is_dir():
+        pytest.skip("needs ../shared/tokenizers/gpt2")
+    params, _, _ = standins.build_target("llama", tmp_path, n_layers=4)
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path / "lazy"))
+    ctx = open_chapter(str(params))
+    model, attn, resid = ch.load(ctx)
+    assert isinstance(attn, SAESequence) and isinstance(resid, SAESequence) and not sae_loads.alive
+    config = ch.Config(top_k=4, n_null=2, text_rows=2, text_ctx=32, dfa_features=2, n_examples=2,
+                       min_fires=1, induction_len=6, induction_rows=2)
+    text = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    lazy = ch.run(ctx, config, model=model, attn=attn, resid=resid, text=text)
+    assert len(sae_loads.alive) >= 2 * 4 and 1 <= sae_loads.most <= 2, f"{sae_loads.most} SAEs alive at once"
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path / "loaded"))
+    loaded = ch.run(ctx, config, model=model, attn=[attn[i] for i in range(4)],
+                    resid={s.layer: s for s in resid}, text=text)
+    for name in ("shares", "top", "poly_heads", "writes", "examples", "parts", "families", "rdfa"):
+        pd.testing.assert_frame_equal(getattr(lazy, name), getattr(loaded, name))
+    assert lazy.rdfa["layer"].nunique() == 3 and lazy.writes["resid_hook"].notna().all()

@@ -461,18 +461,15 @@ def test_activation_checks_on_each_device(device):
     pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(not (Path(__file__).parent / "standins.py").is_file(), reason="needs tests/standins.py")
-def test_run_loads_the_saes_one_at_a_time(tmp_path, monkeypatch):
+def test_run_loads_the_saes_one_at_a_time(tmp_path, monkeypatch, sae_loads):
     """With the SAEs as the book loads them (`SAESequence`: each loaded when reached), the chapter never holds
     more than the SAE in use and the one a loop is loading after it, rather than every SAE of the target
     (34 GB at Llama-3.1-8B's 32 layers); a rerun with every step cached loads only what `blocks` describes;
     and the alignment (the step that compares every SAE with every earlier MLP block) is the same whether the
     SAEs come lazily or in a list."""
-    import sae_lens  # noqa: F401  (imported first: its first import keeps the importing frame, and its SAE, alive)
     import standins
 
     from weightscope.chapters.context import open_chapter
-    from weightscope.load.sae_sequence import SAESequence
 
     if not standins.GPT2_TOKENIZER.is_dir():
         pytest.skip("needs ../shared/tokenizers/gpt2")
@@ -480,28 +477,16 @@ def test_run_loads_the_saes_one_at_a_time(tmp_path, monkeypatch):
     params = standins.write_params("lazy-saes", folder, standins.build_saes(folder, tmp_path / "saes"),
                                    tmp_path / "lazy-saes.yaml")
     monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path / "data"))
-    alive, most = [], [0]
-    load = SAESequence.__getitem__
-
-    def counted(self, index):
-        sae = load(self, index)
-        alive.append(weakref.ref(sae.sae))
-        most[0] = max(most[0], sum(ref() is not None for ref in alive))
-        return sae
-
-    monkeypatch.setattr(SAESequence, "__getitem__", counted)
     ctx = open_chapter(str(params))
     ctx.held_out_rows = lambda full, n, row_len: (torch.randint(0, 1000, (2, 16)), None)
     model, saes = ctx.load_model_and_saes(mlp=True)
-    cfg = CFG
-    lazy = ch.alignment_rows(model, saes, cfg)
-    listed = ch.alignment_rows(model, [saes[i] for i in range(len(saes))], cfg)
+    lazy = ch.alignment_rows(model, saes, CFG)
+    listed = ch.alignment_rows(model, [saes[i] for i in range(len(saes))], CFG)
     pd.testing.assert_frame_equal(lazy, listed)
-    alive.clear()
-    most[0] = 0
-    t = ch.run(ctx, cfg, model=model, saes=saes)
+    sae_loads.reset()
+    t = ch.run(ctx, CFG, model=model, saes=saes)
     assert set(t.alignment["layer"]) == {0, 1, 2, 3} and len(t.checks) == 3 * 4
-    assert 1 <= most[0] <= 2, f"{most[0]} SAEs alive at once"
-    alive.clear()
-    ch.run(ctx, cfg, model=model, saes=saes)  # every table cached: only `blocks` reads the SAEs
-    assert len(alive) == len(saes)
+    assert 1 <= sae_loads.most <= 2, f"{sae_loads.most} SAEs alive at once"
+    sae_loads.reset()
+    ch.run(ctx, CFG, model=model, saes=saes)  # every table cached: only `blocks` reads the SAEs
+    assert len(sae_loads.alive) == len(saes)

@@ -138,6 +138,26 @@ def test_saes_load_one_at_a_time(standin, monkeypatch):
     assert [s.layer for s in it] == [1, 2] and len(calls) == 3
 
 
+def test_sae_subsets_and_sites_are_described_and_checked_without_weights(standin, monkeypatch):
+    """A subset keeps the chosen SAEs lazy, in the given order; its descriptions, and the check that every
+    SAE reads the sequence's site (here residual SAEs refused as hook_z ones), read only the configs."""
+    from weightscope.load import sae_sequence
+    from weightscope.load.saes import SAEError
+
+    params, _, folder = standin("llama")
+    model, saes = open_chapter(str(params)).load_model_and_saes()
+    monkeypatch.setattr(sae_sequence, "load_saes", lambda *a, **k: pytest.fail("SAE weights read"))
+    part = saes.subset([2, 0])
+    assert part.layers == [2, 0] and part.ids == ["layer_2", "layer_0"]
+    assert [m.hook_name for m in part.describe()] == ["blocks.2.hook_resid_post", "blocks.0.hook_resid_post"]
+    wrong = sae_sequence.SAESequence(str(folder), saes.ids, saes.layers, device="cpu", dtype=None, model=model,
+                                     site="attention_z")
+    with pytest.raises(SAEError, match="needs attention-output SAEs on blocks.L.attn.hook_z"):
+        wrong.check()
+    with pytest.raises(ValueError, match="site 'mlp'"):
+        sae_sequence.SAESequence(str(folder), [], [], device="cpu", dtype=None, site="mlp")
+
+
 def test_processing_flags_as_transformer_lens_applies_them(standin):
     """apply_processing on the GPT-2 stand-in equals TransformerLens's own processing of the same weights."""
     import transformers

@@ -201,15 +201,17 @@ def _known_layers(target, dims) -> list[int] | None:
 
 
 def run(ctx, config: Config, *, model=None, attn=None, resid=None, text=None) -> Tables:
-    """Chapter 4 for ctx's target. model, attn (list of hook_z LoadedSAEs), resid ({layer: LoadedSAE}) and
-    text (LongTensor [rows, text_ctx]) are loaded when not given."""
+    """Chapter 4 for ctx's target. model, attn (hook_z `LoadedSAE`s: a list, or a lazy `SAESequence` as
+    `load` gives), resid (residual SAEs: {layer: LoadedSAE}, or a lazy `SAESequence`) and text (LongTensor
+    [rows, text_ctx]) are loaded when not given; lazy SAEs are read one at a time, where a step uses them."""
     if model is None:
         model, attn, resid = load(ctx)
     problems = config.problems(model.cfg)
     if problems:
         raise ParamsError("; ".join(problems) + ".")
     target = ctx.params.target
-    maps = {sae.layer: output_maps(model, sae.layer) for sae in attn}
+    metas = described(attn)
+    maps = {sae.layer: output_maps(model, sae.layer) for sae in metas}
     keep = chapter1_content_ids(ctx.params, model)
     notes = {"fold": fold_note(model), "post_attention_norm": has_post_attention_norm(model),
              "content_tokens": None if keep is None else int(len(keep))}
@@ -237,11 +239,11 @@ def run(ctx, config: Config, *, model=None, attn=None, resid=None, text=None) ->
                  "04_rdfa"], lambda: text_analyses(model, attn, resid, text, config, keep),
                 "DFA examples, feature families and recursive DFA")
     info = {"n_heads": model.cfg.n_heads, "n_kv_heads": model.cfg.n_key_value_heads or model.cfg.n_heads,
-            "d_head": model.cfg.d_head, "d_sae": attn[0].d_sae, "d_in": attn[0].d_in,
+            "d_head": model.cfg.d_head, "d_sae": metas[0].d_sae, "d_in": metas[0].d_in,
             "n_attn_saes": len(attn), "n_resid_saes": len(resid), "text_rows": int(text.shape[0]),
             "text_ctx": int(text.shape[1]), "source": ctx.params.attn_saes["source"],
-            "resid_hook": resid[min(resid)].hook_name if resid else None,
-            "processing_mismatch": processing_mismatch(getattr(ctx, "processing", None), attn[0]), **notes}
+            "resid_hook": min(described(resid), key=lambda s: s.layer).hook_name if len(resid) else None,
+            "processing_mismatch": processing_mismatch(getattr(ctx, "processing", None), metas[0]), **notes}
     return Tables(quality=sae_quality(ctx), shares=sh["shares"], top=sh["top"],
                   heads=heads, groups=poly["04_head_groups"], poly_heads=poly["04_poly_heads"],
                   curve=poly["04_poly_curve"], tau=poly["04_tau"], slice_heads=slice_heads,
@@ -257,24 +259,26 @@ def run(ctx, config: Config, *, model=None, attn=None, resid=None, text=None) ->
 
 
 def load(ctx):
-    """(model, attention SAEs, residual SAEs by layer): the full TransformerLens model (the DFA steps need
-    forward passes) with the processing the target's residual SAEs were trained with (`processing: auto`
-    reads it from their configs), one checked hook_z SAE per analysed layer, and the target's residual SAEs
-    ({layer: LoadedSAE}) for the steps that join the two."""
-    from weightscope.load.saes import check_fits, load_saes, require_attention_z
+    """(model, attention SAEs, residual SAEs): the full TransformerLens model (the DFA steps need forward
+    passes) with the processing the target's residual SAEs were trained with (`processing: auto` reads it
+    from their configs), one hook_z SAE per analysed layer and the target's residual SAEs for the steps that
+    join the two. Both are lazy `SAESequence`s: each SAE is loaded where a step uses it, so the chapter holds
+    one or two at a time, not every layer's; both are checked against the model before any work (every SAE's
+    config, for a folder)."""
+    from weightscope.load.sae_sequence import SAESequence
 
     t = ctx.params
     dtype = str(ctx.dtype).removeprefix("torch.")
     model = ctx.load_full_model()
     layers = t.resolve_layers(model.cfg.n_layers)
     attn_ids = t.attn_sae_ids(layers) or [f"layer_{layer}" for layer in layers]
-    attn = load_saes(t.attn_saes["source"], attn_ids, device=str(ctx.device), dtype=dtype)
-    for sae in attn:
-        check_fits(sae, model)
-        require_attention_z(sae, model.cfg)
-    res_ids = t.sae_names(layers)
-    resid = load_saes(t.sae_source, res_ids, device=str(ctx.device), dtype=dtype, model=model)
-    return model, attn, {s.layer: s for s in resid}
+    attn = SAESequence(t.attn_saes["source"], attn_ids, layers, device=str(ctx.device), dtype=dtype,
+                       model=model, site="attention_z")
+    resid = SAESequence(t.sae_source, t.sae_names(layers), layers, device=str(ctx.device), dtype=dtype,
+                        model=model)
+    attn.check()
+    resid.check()
+    return model, attn, resid
 
 
 def sae_quality(ctx) -> pd.DataFrame:
@@ -336,23 +340,33 @@ def sweep_sentence(sweep: pd.DataFrame) -> str:
             + f". Held-out explained variance spans {ev.min().min():.3f} to {ev.max().max():.3f}.")
 
 
-def residual_sae_after(resid: dict, layer: int):
+def described(saes) -> list:
+    """Layer, hook and width of each SAE of `saes` (a list, a {layer: SAE} dict or a lazy `SAESequence`),
+    without reading the weights of a lazy one."""
+    if isinstance(saes, dict):
+        return list(saes.values())
+    return saes.describe() if hasattr(saes, "describe") else list(saes)
+
+
+def _residual_sae_at(resid, hooks: tuple[str, ...]):
+    """The residual SAE (of a {layer: SAE} dict or a lazy sequence, then loaded) reading one of `hooks`."""
+    for i, meta in enumerate(described(resid)):
+        if meta.hook_name in hooks:
+            return meta if isinstance(resid, dict) else resid[i]
+    return None
+
+
+def residual_sae_after(resid, layer: int):
     """The residual SAE reading the stream right after block `layer`'s attention writes (resid_mid or
     resid_post of that block, or resid_pre of the next), else None."""
-    for sae in resid.values():
-        if sae.hook_name in (f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_resid_post",
-                             f"blocks.{layer + 1}.hook_resid_pre"):
-            return sae
-    return None
+    return _residual_sae_at(resid, (f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_resid_post",
+                                    f"blocks.{layer + 1}.hook_resid_pre"))
 
 
-def residual_sae_before(resid: dict, layer: int):
+def residual_sae_before(resid, layer: int):
     """The residual SAE on the stream block `layer`'s attention reads (resid_pre of it, resid_post of the one
     before), else None."""
-    for sae in resid.values():
-        if sae.hook_name in (f"blocks.{layer}.hook_resid_pre", f"blocks.{layer - 1}.hook_resid_post"):
-            return sae
-    return None
+    return _residual_sae_at(resid, (f"blocks.{layer}.hook_resid_pre", f"blocks.{layer - 1}.hook_resid_post"))
 
 
 def vocab(model) -> list[str]:
@@ -584,6 +598,7 @@ def feature_writes(model, saes, maps: dict, resid: dict, keep, config: Config, *
             frame["null_q99"] = q99
             frame["above_null"] = frame["resid_top_score"] > q99
         rows.append(frame)
+        del W_dec, writes, res  # before the next layer's SAEs load: one layer's at a time
     return pd.concat(rows, ignore_index=True)
 
 
@@ -654,10 +669,12 @@ def text_analyses(model, saes, resid: dict, tokens: torch.Tensor, config: Config
     rep = repeated_tokens(model, config, keep).to(tokens.device)
     text_stream, rep_stream = BlockStream(model, tokens), BlockStream(model, rep)
     out = {k: [] for k in ("examples", "parts", "families", "profiles", "rdfa")}
-    saes = sorted(saes, key=lambda sae: sae.layer)
-    for i, sae in enumerate(saes, 1):
-        io.progress(f"04_attention_saes: DFA, families and recursive DFA, layer {sae.layer} "
-                    f"({i}/{len(saes)})")
+    metas = described(saes)
+    order = sorted(range(len(metas)), key=lambda j: metas[j].layer)  # the streams run forward only
+    for i, j in enumerate(order, 1):
+        io.progress(f"04_attention_saes: DFA, families and recursive DFA, layer {metas[j].layer} "
+                    f"({i}/{len(order)})")
+        sae = saes[j]  # loaded here when `saes` is lazy
         lp = _layer_pass(model, sae, tokens, text_stream)
         ex, parts = dfa_examples(model, sae, lp, tokens, config)
         fam, prof = families(model, sae, lp, tokens, rep, config, rep_stream)
@@ -666,13 +683,13 @@ def text_analyses(model, saes, resid: dict, tokens: torch.Tensor, config: Config
         out["families"].append(fam)
         out["profiles"].append(prof)
         out["rdfa"].append(recursive_dfa(model, sae, lp, resid, ex))
-        del lp  # else the next `_layer_pass` allocates its activations while this layer's are still held
+        del lp, sae  # else the next layer's activations (and SAE) are allocated while these are still held
     feats = pd.concat(out["families"], ignore_index=True)
     summary = (feats.groupby(["layer", "family"]).size().unstack(fill_value=0)
                .reindex(columns=list(FAMILIES), fill_value=0))
     summary.columns.name = None
     summary["classified"] = summary.sum(1)
-    summary["of_features"] = summary.index.map({sae.layer: sae.d_sae for sae in saes})
+    summary["of_features"] = summary.index.map({sae.layer: sae.d_sae for sae in metas})
     return {"04_dfa_examples": pd.concat(out["examples"], ignore_index=True),
             "04_dfa_parts": pd.concat(out["parts"], ignore_index=True),
             "04_families": feats, "04_family_counts": summary.reset_index(),

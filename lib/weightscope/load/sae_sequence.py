@@ -20,20 +20,27 @@ from pathlib import Path
 
 from weightscope.config.paths import progress_enabled
 from weightscope.load.saes import (LoadedSAE, SAEError, check_fits, demo_sae_folder, hook_layer, load_saes,
-                                   require_residual)
+                                   require_attention_z, require_residual)
+
+SITES = ("residual", "attention_z")
 
 
 class SAESequence(Sequence):
-    """SAEs `ids` of `source` (a release, a local folder or "demo"), one per analysed layer in `layers`.
+    """SAEs `ids` of `source` (a release, a local folder, "demo" or "demo:<config>"), one per analysed layer
+    in `layers`.
 
-    model: when given, every SAE is checked to fit it (`check_fits`) and to read the residual stream.
+    model: when given, every SAE is checked to fit it (`check_fits`) and to read the `site` it is for:
+    "residual" (the residual stream, `require_residual`) or "attention_z" (`blocks.L.attn.hook_z`,
+    `require_attention_z`).
     """
 
     def __init__(self, source: str, ids: list[str], layers: list[int], *, device: str, dtype: str | None,
-                 model=None, progress: bool = True):
+                 model=None, progress: bool = True, site: str = "residual"):
         if len(ids) != len(layers):
             raise ValueError(f"{len(ids)} SAE ids for {len(layers)} layers")
-        self.source, self.ids, self.layers = str(source), list(ids), list(layers)
+        if site not in SITES:
+            raise ValueError(f"site {site!r}: use one of {SITES}")
+        self.source, self.ids, self.layers, self.site = str(source), list(ids), list(layers), site
         self.device, self.dtype, self.model, self.progress = device, dtype, model, progress
         self._described: list[LoadedSAE] | None = None
 
@@ -49,9 +56,16 @@ class SAESequence(Sequence):
                   file=sys.stderr, flush=True)  # "n/m [": dropped from pages like tqdm's bars, live only
         sae = load_saes(self.source, [sae_id], device=self.device, dtype=self.dtype)[0]
         if self.model is not None:
-            check_fits(sae, self.model)
-            require_residual(sae)
+            self._require(sae)
         return sae
+
+    def _require(self, sae: LoadedSAE) -> None:
+        """Refuse an SAE (or its description) that does not fit the model or does not read this site."""
+        check_fits(sae, self.model)
+        if self.site == "residual":
+            require_residual(sae)
+        else:
+            require_attention_z(sae, self.model.cfg)
 
     def __iter__(self):
         for index in range(len(self)):
@@ -82,16 +96,16 @@ class SAESequence(Sequence):
     def subset(self, indices: list[int]) -> SAESequence:
         """The SAEs at `indices`, as a sequence like this one (lazy, same device, dtype and model check)."""
         out = SAESequence(self.source, [self.ids[i] for i in indices], [self.layers[i] for i in indices],
-                          device=self.device, dtype=self.dtype, model=self.model, progress=self.progress)
+                          device=self.device, dtype=self.dtype, model=self.model, progress=self.progress,
+                          site=self.site)
         if self._described is not None:
             out._described = [self._described[i] for i in indices]
         return out
 
     def check(self) -> None:
-        """Refuse, before any weights are read, an SAE that does not fit the model or is not residual."""
+        """Refuse, before any weights are read, an SAE that does not fit the model or is not for the site."""
         for meta in self.metadata() or [self[0]]:
-            check_fits(meta, self.model)
-            require_residual(meta)
+            self._require(meta)
 
     def recorded_processing(self) -> dict | None:
         """The TransformerLens processing the first SAE records (`model_from_pretrained_kwargs`)."""
@@ -104,8 +118,8 @@ class SAESequence(Sequence):
 
 
 def _folder_of(source: str) -> Path | None:
-    if source == "demo":
-        return demo_sae_folder()
+    if source == "demo" or source.startswith("demo:"):  # "demo:attn": the prepared config "attn"
+        return demo_sae_folder(source.partition(":")[2] or "default")
     path = Path(source).expanduser()
     return path if path.is_dir() else None
 
