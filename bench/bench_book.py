@@ -197,9 +197,8 @@ def flops_table() -> str:
 # one copy at a time), "passes" what chapter 5 keeps of its forward passes over the calibration and every
 # held-out text (`context_neurons.LayerPass`, per token: the MLP pre-activations, the residual and z, the
 # attention pattern's row; at its notebook's defaults). Chapter 0 shows the weights-only model and its SAEs
-# (`SAESequence`: one at a time), then builds
-# the full model for generation.
-HOLDS = {"00_demo_model": ("weights", "sae", "full"), "01_output_tokens": ("weights", "sae", "sides", "chunk"),
+# (`SAESequence`: one at a time), then drops it and builds the full model for generation.
+HOLDS = {"00_demo_model": ("full", "sae"), "01_output_tokens": ("weights", "sae", "sides", "chunk"),
          "02_attention": ("weights", "sae", "chunk"), "03_semantic_populations": ("tables",),
          "04_attention_saes": ("full", "sae", "att_sae", "acts", "unembed", "chunk"),
          "05_context_neurons": ("full", "normed", "passes", "chunk"),
@@ -207,9 +206,10 @@ HOLDS = {"00_demo_model": ("weights", "sae", "full"), "01_output_tokens": ("weig
          "07_in_context": ("full", "saes", "budget", "final", "unembed")}
 
 
-def held(stem: str, result: dict) -> dict[str, float]:
-    """Bytes of what `stem` holds at once by design on `result`'s target (`HOLDS`): tensors in fp32; "tables",
-    the input tables as loaded (`tables_gb`, measured by `tables_rss_gb`; 0 in runs made before it was)."""
+def held(stem: str, result: dict, parts: tuple[str, ...] | None = None) -> dict[str, float]:
+    """Bytes of what `stem` holds at once by design on `result`'s target (`HOLDS`, or the given `parts`):
+    tensors in fp32; "tables", the input tables as loaded (`tables_gb`, measured by `tables_rss_gb`; 0 in runs
+    made before it was)."""
     from weightscope.chapters import attention_saes, ffkv, in_context
 
     d, w, L = result["dims"], result["saes"], result["n_layers"]
@@ -227,7 +227,7 @@ def held(stem: str, result: dict) -> dict[str, float]:
              "sides": 2 * d["d_model"] * d["d_vocab"], "unembed": d["d_model"] * d["d_vocab"],
              "normed": d["d_model"] * d["d_vocab"], "passes": chapter5_pass_floats(d),
              "tables": result["chapters"].get(stem, {}).get("tables_gb", 0.0) * 1e9 / 4}
-    return {part: 4.0 * sizes[part] for part in HOLDS[stem]}
+    return {part: 4.0 * sizes[part] for part in (parts or HOLDS[stem])}
 
 
 def chapter5_pass_floats(d: dict, nb: dict | None = None) -> float:
@@ -612,9 +612,13 @@ def at_depth(result: dict, n_layers: int) -> dict:
             "chapters": chapters}
 
 
+# The models a chapter scaled by "model" loads, one after the other (chapter 0 holds one at a time).
+LOADS = {"00_demo_model": ("weights", "full"), "05_context_neurons": ("full",)}
+
+
 def model_bytes(stem: str, result: dict) -> float:
-    """Bytes of the models `stem` loads (`HOLDS`' "weights" and "full"), in fp32."""
-    return sum(v for part, v in held(stem, result).items() if part in ("weights", "full"))
+    """Bytes of the models `stem` loads (`LOADS`), in fp32."""
+    return sum(held(stem, result, LOADS[stem]).values())
 
 
 def run_flops(stem: str, result: dict, n_layers: int | None = None) -> float | None:
