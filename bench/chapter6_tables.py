@@ -1,0 +1,41 @@
+"""What chapter 6's weights-only tables take in memory while it runs its held-out checks: build them from the
+chapter's cache (run the chapter first) in a fresh process, and print the resident set they add.
+
+    WEIGHTSCOPE_DATA=DIR/data python bench/chapter6_tables.py PARAMS
+
+`ffkv.run` keeps these tables (chapter 1's lens rows with their token lists, the reads, the alignment) from
+its weights-only steps to its summary, through the held-out checks where the chapter peaks; `bench_book.HOLDS`
+does not count them. Steps that are not cached (the pairing, the key choice of a gated MLP) are computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+
+def rss_gb() -> float:
+    """This process's resident set, GB (VmRSS is in kB)."""
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) / 1e6
+
+
+def main() -> None:
+    from weightscope.chapters import ffkv
+    from weightscope.chapters.context import open_chapter
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("params", help="params file (or name) whose chapter-6 tables are cached")
+    args = ap.parse_args()
+    ctx = open_chapter(args.params)
+    model, saes = ctx.load_model_and_saes(mlp=True)
+    gc.collect()
+    before = rss_gb()
+    tables = ffkv.weight_tables(ctx, ffkv.Config(), model, saes)
+    gc.collect()
+    deep = sum(t.memory_usage(deep=True).sum() for t in tables.values()) / 1e9
+    print(f"chapter 6's weights-only tables: {rss_gb() - before:.2f} GB resident (pandas' deep size {deep:.2f} "
+          f"GB); lens rows {len(tables['lens_rows']):,}, reads {len(tables['reads']):,}")
+
+
+if __name__ == "__main__":
+    main()
