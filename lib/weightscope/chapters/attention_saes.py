@@ -40,6 +40,7 @@ from weightscope.compute.streaming import CHUNK_ELEMENTS, auto_chunk_size, progr
 from weightscope.compute.token_scores import topk_rows
 from weightscope.config.params import ParamsError
 from weightscope.config.paths import progress_enabled
+from weightscope.load.sae_sequence import SAESequence, described
 
 FAMILIES = ("induction", "short-range context", "long-range context")
 _QUANTILES = ("q_link", "mono_frac", "own_share_min", "short_mass_min", "induction_min")
@@ -265,8 +266,6 @@ def load(ctx):
     join the two. Both are lazy `SAESequence`s: each SAE is loaded where a step uses it, so the chapter holds
     one or two at a time, not every layer's; both are checked against the model before any work (every SAE's
     config, for a folder)."""
-    from weightscope.load.sae_sequence import SAESequence
-
     t = ctx.params
     dtype = str(ctx.dtype).removeprefix("torch.")
     model = ctx.load_full_model()
@@ -338,14 +337,6 @@ def sweep_sentence(sweep: pd.DataFrame) -> str:
             + (f" ({'; '.join(ok)})" if ok else "")
             + (f"; short of it: {'; '.join(short)}" if short else "")
             + f". Held-out explained variance spans {ev.min().min():.3f} to {ev.max().max():.3f}.")
-
-
-def described(saes) -> list:
-    """Layer, hook and width of each SAE of `saes` (a list, a {layer: SAE} dict or a lazy `SAESequence`),
-    without reading the weights of a lazy one."""
-    if isinstance(saes, dict):
-        return list(saes.values())
-    return saes.describe() if hasattr(saes, "describe") else list(saes)
 
 
 def _residual_sae_at(resid, hooks: tuple[str, ...]):

@@ -48,7 +48,7 @@ from weightscope.compute.streaming import CHUNK_ELEMENTS, progress_bar
 from weightscope.compute.token_scores import random_directions_like
 from weightscope.config.params import ParamsError
 from weightscope.load import corpora
-from weightscope.load.sae_sequence import SAESequence
+from weightscope.load.sae_sequence import SAESequence, described
 from weightscope.load.saes import hook_layer, sae_decode
 
 DICTIONARIES = ("features", "neurons", "null")
@@ -222,11 +222,6 @@ def _paired(saes):
     return [s for s in saes if mlp_layer_for(s) is not None]
 
 
-def _described(saes) -> list:
-    """Layer, hook and width of each SAE of `saes` without reading its weights where it is lazy."""
-    return saes.describe() if isinstance(saes, SAESequence) else list(saes)
-
-
 def _first(n: int, limit: int) -> int:
     return n if limit <= 0 else min(limit, n)
 
@@ -277,7 +272,7 @@ def token_lens(ctx, config: Config, model, saes) -> pd.DataFrame:
     keep, vocab = lens.content_ids(model, ch1.exclude_tokens), lens.token_strings(model)
     provenance = ctx.provenance(**dataclasses.asdict(config), step="token_lens")
     matrices = functools.cache(lambda: lens.side_matrices(model, keep))  # once, if any layer is computed
-    paired = _described(_paired(saes))  # neuron_lens reads only the SAE's layer: no weights loaded
+    paired = described(_paired(saes))  # neuron_lens reads only the SAE's layer: no weights loaded
     neurons = io.layer_tables(ctx.params.target, "06_token_lens", paired, provenance, lambda sae: {
         "rows": neuron_lens(model, sae, config, tabs["features"], vocab=vocab, keep=keep, dtype=ctx.dtype,
                             matrices=matrices())})
@@ -330,7 +325,7 @@ def key_choice(model, saes, config: Config, lens_rows: pd.DataFrame) -> pd.DataF
     keep, vocab = lens.content_ids(model, config.exclude_tokens), lens.token_strings(model)
     feats = lens_rows[lens_rows["dictionary"] == "features"]
     rows = []
-    for sae in _described(_paired(saes)):  # neuron_lens reads only the SAE's layer
+    for sae in described(_paired(saes)):  # neuron_lens reads only the SAE's layer
         b = ffkv.ff_block(model, mlp_layer_for(sae))
         for key in ffkv.KEYS if b.gated else ("up",):
             if key == config.key or not b.gated:  # the chosen key: already in lens_rows
@@ -463,7 +458,7 @@ def alignment_rows(model, saes, cfg: Config, *, device=None) -> pd.DataFrame:
     One row per compared direction: direction, population ("real" / "null"), layer, row, set_size, max_cos.
     """
     paired = _paired(saes)
-    metas = _described(paired)
+    metas = described(paired)
     layers = sorted({mlp_layer_for(s) for s in metas})
     values = {L: ffkv.value_vectors(ffkv.ff_block(model, L)) for L in layers}
     values = {L: V[: _first(len(V), cfg.max_neurons)] for L, V in values.items()}
@@ -566,7 +561,7 @@ def activation_checks(model, saes, tokens: torch.Tensor, cfg: Config, *, bos_id:
     chosen = "topk" if cfg.topk_of == "plain" else "topk_normalized"
     paired = _paired(saes)  # lazy where `saes` is: SAE i is loaded when its blocks have run
     hooks = [[f"blocks.{L}.hook_resid_mid", f"blocks.{L}.hook_mlp_out", s.hook_name]
-             for s, L in ((s, mlp_layer_for(s)) for s in _described(paired))]
+             for s, L in ((s, mlp_layer_for(s)) for s in described(paired))]
     rows: dict[int, list[dict]] = {}
     bar = progress_bar(len(paired), True, "held-out checks", unit="SAE")
     try:

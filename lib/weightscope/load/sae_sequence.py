@@ -117,6 +117,14 @@ class SAESequence(Sequence):
         return f"SAESequence({self.source!r}, layers={self.layers})"
 
 
+def described(saes) -> list[LoadedSAE]:
+    """Layer, hook and width of each SAE of `saes`: a lazy `SAESequence` (its descriptions, no weights read), a
+    {layer: LoadedSAE} dict or a list of loaded SAEs."""
+    if isinstance(saes, SAESequence):
+        return saes.describe()
+    return list(saes.values()) if isinstance(saes, dict) else list(saes)
+
+
 def _folder_of(source: str) -> Path | None:
     if source == "demo" or source.startswith("demo:"):  # "demo:attn": the prepared config "attn"
         return demo_sae_folder(source.partition(":")[2] or "default")
