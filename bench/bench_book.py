@@ -183,8 +183,11 @@ def flops_table() -> str:
 # What each chapter holds at once by design, for the memory check (`held`): "weights" the weights-only model
 # (embeddings, unembedding, attention), "full" the forward-pass model (chapters 6 and 7 hold their weights-only
 # model, at most the same size, and the full model one after the other), "sae" / "att_sae" one residual / hook_z
-# SAE (chapters that load them one at a time: `SAESequence`), "saes" every residual SAE (chapter 7's activation
-# pass encodes every layer's in one forward pass), and its largest working set:
+# SAE (chapters that load them one at a time: `SAESequence`), "saes" every residual SAE, "sae_group" the
+# residual SAEs chapter 7's activation pass holds at once (as many as `sae_memory_mb` holds:
+# `in_context.sae_groups`) and "streams" each batch's residual stream, kept between its groups
+# ([n_tokens x d_model]; none in one group),
+# and its largest working set:
 # "chunk" the streaming budget (`compute.streaming.memory_budget`: 1 GiB on a CPU with 4 GiB free; chapter 6
 # streams chapter 1's lens and encodes its held-out code in 64 MB chunks; chapter 4 streams its write lens and
 # residual reads), "acts" chapter 4's layer pass (the activations over the held-out text,
@@ -203,7 +206,7 @@ HOLDS = {"00_demo_model": ("full", "sae"), "01_output_tokens": ("weights", "sae"
          "04_attention_saes": ("full", "sae", "att_sae", "acts", "unembed", "chunk"),
          "05_context_neurons": ("full", "normed", "passes", "chunk"),
          "06_ffkv_baseline": ("full", "sae", "sides", "chunk"),
-         "07_in_context": ("full", "saes", "budget", "final", "unembed")}
+         "07_in_context": ("full", "sae_group", "streams", "budget", "final", "unembed")}
 
 
 def held(stem: str, result: dict, parts: tuple[str, ...] | None = None) -> dict[str, float]:
@@ -217,13 +220,15 @@ def held(stem: str, result: dict, parts: tuple[str, ...] | None = None) -> dict[
     attn = d["d_model"] * (2 * d["n_heads"] + 2 * d["n_kv"]) * d["d_head"]
     mlp = d.get("mlp_mats", 2) * d["d_model"] * d.get("d_mlp", 4 * d["d_model"])
     d_att_in = d["n_heads"] * d["d_head"]
-    c4 = attention_saes.Config()
+    c4, c7 = attention_saes.Config(), in_context.Config()
+    one_sae = 2 * d["d_model"] * w["d_sae"]
+    per_group = max(1, min(L, int(c7.sae_memory_mb * 2**20 // (4 * one_sae))))  # `in_context.sae_groups`
     sizes = {"weights": emb + L * attn, "full": emb + L * (attn + mlp),
-             "sae": 2 * d["d_model"] * w["d_sae"], "saes": L * 2 * d["d_model"] * w["d_sae"],
+             "sae": one_sae, "saes": L * one_sae, "sae_group": per_group * one_sae,
+             "streams": c7.n_tokens * d["d_model"] if per_group < L else 0,
              "att_sae": 2 * d_att_in * (w["d_sae_att"] or 0), "chunk": 2**30 / 4,
              "acts": c4.text_rows * c4.text_ctx * (w["d_sae_att"] or 0),
-             "budget": in_context.Config().memory_mb * 2**20 / 4,
-             "final": in_context.Config().n_tokens * d["d_model"],
+             "budget": c7.memory_mb * 2**20 / 4, "final": c7.n_tokens * d["d_model"],
              "sides": 2 * d["d_model"] * d["d_vocab"], "unembed": d["d_model"] * d["d_vocab"],
              "normed": d["d_model"] * d["d_vocab"], "passes": chapter5_pass_floats(d),
              "tables": result["chapters"].get(stem, {}).get("tables_gb", 0.0) * 1e9 / 4}

@@ -69,3 +69,20 @@ def sae_loads(monkeypatch):
 
     monkeypatch.setattr(SAESequence, "__getitem__", counted)
     return seen
+
+
+@pytest.fixture
+def lazy_standin(tmp_path, monkeypatch):
+    """A chapter context (`open_chapter`) for a 4-block Llama stand-in with a TopK SAE on every block, which
+    the chapters load as the book does (`SAESequence`: each when reached); its data under tmp_path."""
+    import standins
+
+    from weightscope.chapters.context import open_chapter
+
+    if not standins.GPT2_TOKENIZER.is_dir():
+        pytest.skip("needs ../shared/tokenizers/gpt2")
+    folder = standins.build_model("llama", tmp_path / "model", n_layers=4)
+    params = standins.write_params("lazy-saes", folder, standins.build_saes(folder, tmp_path / "saes"),
+                                   tmp_path / "lazy-saes.yaml")
+    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path / "data"))
+    return open_chapter(str(params))

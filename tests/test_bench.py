@@ -208,6 +208,11 @@ def test_chapter_7_flops_count_the_pass_and_each_ablation_once():
     parts = bench_book.held("07_in_context", {"dims": d, "n_layers": 3, "chapters": {},
                                               "saes": {"d_sae": 16, "d_sae_att": None}})
     assert parts["final"] == 4 * c.n_tokens * 8  # the activation pass's final residual, fp32
+    assert parts["sae_group"] == 4 * 3 * 2 * 8 * 16 and parts["streams"] == 0  # every SAE fits sae_memory_mb
+    wide = {"d_sae": c.sae_memory_mb * 2**20 // 64, "d_sae_att": None}  # one fp32 SAE fills it
+    big = bench_book.held("07_in_context", {"dims": d, "n_layers": 3, "chapters": {}, "saes": wide})
+    assert big["sae_group"] == c.sae_memory_mb * 2**20  # one SAE (fp32) a group, as `sae_groups` splits them
+    assert big["streams"] == 4 * c.n_tokens * 8  # and each batch's residual waits between the groups
 
 
 def test_book_floor_runs_every_product_at_the_best_rate_of_the_run():

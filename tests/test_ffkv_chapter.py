@@ -461,23 +461,13 @@ def test_activation_checks_on_each_device(device):
     pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-4, atol=1e-5)
 
 
-def test_run_loads_the_saes_one_at_a_time(tmp_path, monkeypatch, sae_loads):
+def test_run_loads_the_saes_one_at_a_time(lazy_standin, sae_loads):
     """With the SAEs as the book loads them (`SAESequence`: each loaded when reached), the chapter never holds
     more than the SAE in use and the one a loop is loading after it, rather than every SAE of the target
     (34 GB at Llama-3.1-8B's 32 layers); a rerun with every step cached loads only what `blocks` describes;
     and the alignment (the step that compares every SAE with every earlier MLP block) is the same whether the
     SAEs come lazily or in a list."""
-    import standins
-
-    from weightscope.chapters.context import open_chapter
-
-    if not standins.GPT2_TOKENIZER.is_dir():
-        pytest.skip("needs ../shared/tokenizers/gpt2")
-    folder = standins.build_model("llama", tmp_path / "model", n_layers=4)
-    params = standins.write_params("lazy-saes", folder, standins.build_saes(folder, tmp_path / "saes"),
-                                   tmp_path / "lazy-saes.yaml")
-    monkeypatch.setenv("WEIGHTSCOPE_DATA", str(tmp_path / "data"))
-    ctx = open_chapter(str(params))
+    ctx = lazy_standin
     ctx.held_out_rows = lambda full, n, row_len: (torch.randint(0, 1000, (2, 16)), None)
     model, saes = ctx.load_model_and_saes(mlp=True)
     lazy = ch.alignment_rows(model, saes, CFG)

@@ -128,6 +128,44 @@ def test_firing_pass_keeps_each_features_strongest_firings_and_counts_all():
     assert torch.allclose(res.final_resid, final, atol=1e-6)  # the clean side of every ablation
 
 
+def test_sae_groups_follow_the_layers_and_fit_the_budget():
+    assert ic.sae_groups([2, 0, 1], [10, 10, 10], 20) == [[1, 2], [0]]  # in layer order
+    assert ic.sae_groups([0, 1, 2], [10, 30, 10], 20) == [[0], [1], [2]]  # one over the budget: alone
+    assert ic.sae_groups([0, 1, 2], [10, 10, 10], 10**9) == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("budget", [1, 2])
+def test_firing_pass_in_groups_of_saes_equals_one_pass_with_every_sae(budget):
+    """Held a group at a time (stretches of blocks, each batch's residual kept between them), the SAEs keep
+    the firings, norm scales and final residual of one pass holding them all; the later group reads the
+    first block again through the kept stream, not a new pass."""
+    model = tiny_model(seed=1)
+    tokens = torch.randint(1, 24, (6, 10), generator=torch.Generator().manual_seed(3))
+    tokens[:, 0] = 0
+    saes = [ReluSAE(32, 16, "blocks.0.hook_resid_mid", 0, seed=4),
+            ReluSAE(32, 16, "blocks.1.hook_resid_pre", 1, seed=5)]
+    kw = dict(n_keep=3, batch_rows=4, bos_id=0, attn_layers=[0, 1], progress=False)
+    one = ic.firing_pass(model, saes, tokens, **kw)
+    runs = []
+    block = type(model.blocks[0]).forward
+
+    def counted(self, *a, **k):
+        runs.append(self)
+        return block(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(model.blocks[0]), "forward", counted)
+        got = ic.firing_pass(model, saes[::-1], tokens, sae_budget_bytes=budget * ic.sae_bytes(saes[0]), **kw)
+    assert len(runs) == model.cfg.n_layers * 2  # every block once per batch, whatever the grouping
+    for lay in (0, 1):
+        a, b = one.firings[lay], got.firings[lay]
+        assert torch.equal(a.feature, b.feature) and torch.equal(a.position, b.position)
+        assert torch.equal(a.act, b.act) and torch.equal(a.n_active, b.n_active)
+        assert torch.equal(one.attn_scale[lay], got.attn_scale[lay])
+    assert torch.equal(one.final_scale, got.final_scale) and torch.equal(one.final_resid, got.final_resid)
+    assert not torch.equal(one.attn_scale[0], torch.ones_like(one.attn_scale[0]))  # the scales were read
+
+
 def test_memory_budget_lowers_the_kept_firings_and_the_batch():
     assert ic.keep_per_feature(10**9, 2, 100, 64) == 64
     small = ic.keep_per_feature(2 * 2 * 100 * ic.ENTRY_BYTES * 5, 2, 100, 64)
@@ -494,3 +532,38 @@ def test_pair_direct_and_ablation_tables_on_each_device(device):
     assert want[0]["in context"].notna().any() and len(want[2])
     for a, b in zip(got, want):
         pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-4, atol=1e-5)
+
+
+def test_the_chapter_holds_one_group_of_saes_at_a_time(lazy_standin, sae_loads):
+    """With the SAEs as the book loads them (`SAESequence`: each loaded when reached) and a budget of two
+    SAEs, the chapter never holds more than two (all at once: 34 GB of SAEs at Llama-3.1-8B's 32 layers), and
+    its tables equal those of one pass holding every SAE, listed; only the groups counted differ."""
+    import dataclasses
+
+    ctx = lazy_standin
+    _, saes = ctx.load_model_and_saes()
+    full = ctx.load_full_model()
+    one = saes.describe()[0]
+    gen = torch.Generator().manual_seed(0)
+    ids = [(layer, f) for layer in range(4) for f in range(one.d_sae)]
+    def top():
+        return [torch.randint(0, full.cfg.d_vocab, (5,), generator=gen).tolist() for _ in ids]
+
+    feats = pd.DataFrame({"layer": [a for a, _ in ids], "feature": [f for _, f in ids], "dec_top_ids": top(),
+                          "enc_top_ids": top(), "dec_predicts": [f % 2 == 0 for _, f in ids],
+                          "enc_predicts": [f % 3 == 0 for _, f in ids]})
+    labels = feats[["layer", "feature"]].assign(dec_label="semantic", enc_label="non-semantic")
+    pairs = pd.DataFrame({"head": ["2.1", "2.1"], "SAE layer": 1, "score": [0.3, -0.1],
+                          "query feature": [1, 2], "key feature": [3, 2]})
+    text = (torch.randint(1, full.cfg.d_vocab, (8, 32), generator=gen), None)
+    config = ch.Config(n_tokens=256, row_len=32, n_boot=100, n_ablate=2, ablate_positions=4, min_firings=1,
+                       n_random_pairs=4, sae_memory_mb=2 * ic.sae_bytes(one) / 2**20)
+    sae_loads.reset()
+    lazy = ch.measure(full, saes, feats, pairs, labels, config, text)
+    assert len(sae_loads.alive) >= 4 and 1 <= sae_loads.most <= 2, f"{sae_loads.most} SAEs alive at once"
+    listed = ch.measure(full, [saes[i] for i in range(len(saes))], feats, pairs, labels,
+                        dataclasses.replace(config, sae_memory_mb=2048), text)
+    assert lazy[0]["firings"].sum() > 0 and lazy[3]["in context"].notna().any()
+    for a, b in zip(lazy[:-1], listed[:-1]):
+        pd.testing.assert_frame_equal(a, b)
+    assert (lazy[-1]["SAE groups"].item(), listed[-1]["SAE groups"].item()) == (2, 1)

@@ -27,6 +27,7 @@ from weightscope.compute import in_context as ic
 from weightscope.compute.lens import output_matrix, token_strings
 from weightscope.compute.populations import token_kind
 from weightscope.config.params import ParamsError
+from weightscope.load.sae_sequence import described
 from weightscope.config.paths import progress_enabled
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
@@ -44,6 +45,8 @@ class Config:
     n_tokens: int = 32768  # held-out story tokens the model reads
     row_len: int = 128  # tokens per row (each story starts with BOS; rows run across stories)
     memory_mb: int = 256  # budget for activations held at once (one batch, and the kept firings)
+    sae_memory_mb: float = 2048  # SAE weights (fp32) held at once by the activation pass: more SAEs run in
+    # stretches of blocks, a group of SAEs each, every block still once (see `ic.firing_pass`)
     n_keep: int = 64  # strongest firing positions kept per feature (lowered to fit memory_mb)
     k_out: int = 5  # weights-only top output tokens a next token must be among (<= chapter 1's k)
     m_in: int = 5  # weights-only top input tokens the current token must be among (<= chapter 1's k)
@@ -61,6 +64,8 @@ class Config:
         for name in ("n_tokens", "row_len", "memory_mb", "n_keep", "k_out", "m_in", "min_firings"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} = {getattr(self, name)}: use a positive number")
+        if not self.sae_memory_mb > 0:
+            problems.append(f"sae_memory_mb = {self.sae_memory_mb}: use a positive number of MB")
         if self.row_len < 2:
             problems.append(f"row_len = {self.row_len}: use at least 2 tokens (a token and its next one)")
         if self.n_tokens < self.row_len:
@@ -142,8 +147,7 @@ def run(ctx, config: Config, *, model=None, saes=None, full=None) -> Tables:
 
     def compute():
         text = ctx.held_out_rows(full, config.n_tokens, config.row_len)
-        return dict(zip(names, measure(full, [saes[i] for i in range(len(saes))], feats, pairs, labels,
-                                       config, text, settings)))
+        return dict(zip(names, measure(full, saes, feats, pairs, labels, config, text, settings)))
 
     tabs = io.cached_tables(target, names, provenance, compute, label=f"{STEM}: measuring on held-out text")
     return Tables(*(tabs[n] for n in names), config=config)
@@ -167,23 +171,29 @@ def head_correlations(pairs: pd.DataFrame, config: Config) -> pd.DataFrame:
                                        "rho (top only)"])
 
 
-def measure(full, saes: list, feats: pd.DataFrame, pairs: pd.DataFrame | None, labels: pd.DataFrame,
+def measure(full, saes, feats: pd.DataFrame, pairs: pd.DataFrame | None, labels: pd.DataFrame,
             config: Config, text: tuple[torch.Tensor, int | None], settings: dict | None = None
             ) -> list[pd.DataFrame]:
     """Every table of the chapter from one activation pass (see `Tables`), in its field order.
 
-    text: ([rows, row_len] held-out token ids, BOS id), `ctx.held_out_rows`; settings: chapter 2's QK-pair
+    saes: a list of `LoadedSAE`s or a lazy `SAESequence` (each loaded when a step reaches it); text:
+    ([rows, row_len] held-out token ids, BOS id), `ctx.held_out_rows`; settings: chapter 2's QK-pair
     settings (`pair_settings`)."""
     tokens, bos = text
     budget = config.memory_mb * 2**20
-    d_sae = max(s.d_sae for s in saes)
+    metas = described(saes)
+    d_sae = max(s.d_sae for s in metas)
+    sae_budget = int(config.sae_memory_mb * 2**20)
+    n_groups = len(ic.sae_groups([m.layer for m in metas], [ic.sae_bytes(m) for m in metas], sae_budget))
     n_keep = ic.keep_per_feature(budget // 2, len(saes), d_sae, config.n_keep)
     batch_rows = ic.batch_rows_for(budget // 2, config.row_len, d_sae, len(saes))
     heads = pair_heads(pairs)
     io.progress(f"{STEM}: activation pass: {tokens.numel():,} tokens in batches of {batch_rows} rows, "
-                f"{n_keep} firings kept per feature")
+                f"{n_keep} firings kept per feature, the SAEs in {n_groups} group(s) of at most "
+                f"{config.sae_memory_mb:,g} MB")
     res = ic.firing_pass(full, saes, tokens, n_keep=n_keep, batch_rows=batch_rows, bos_id=bos,
-                         attn_layers=sorted({h[0] for h in heads}), progress=progress_enabled())
+                         attn_layers=sorted({h[0] for h in heads}), progress=progress_enabled(),
+                         sae_budget_bytes=sae_budget)
     flat = res.tokens.reshape(-1)
     nxt = torch.cat([flat[1:], flat[:1]])  # next token (the last position is never evaluated)
     output = side_table(res, feats, "dec", nxt, config.k_out, full.cfg.d_vocab)
@@ -199,7 +209,7 @@ def measure(full, saes: list, feats: pd.DataFrame, pairs: pd.DataFrame | None, l
     text = pd.DataFrame([{"tokens": int(flat.numel()), "rows": int(tokens.shape[0]),
                           "row_len": config.row_len, "evaluated positions": int(res.evaluated.sum()),
                           "firings kept per feature": n_keep,
-                          "batch rows": batch_rows}])
+                          "batch rows": batch_rows, "SAE groups": n_groups}])
     return [output, inp, effects, pair_rows, words, sens, summary, text]
 
 
@@ -315,15 +325,20 @@ def pair_table(full, saes, res: ic.PassResult, pairs: pd.DataFrame | None, heads
     if not heads:
         return pd.DataFrame(columns=cols)
     meta = settings
-    by_layer = {s.layer: s for s in saes}
+    by_layer = {s.layer: i for i, s in enumerate(described(saes))}  # loaded when its heads are reached
     rng = np.random.default_rng(config.seed)
     row_len = res.tokens.shape[1]
     rows = []
     head_of = pairs["head"].map(lambda h: tuple(int(x) for x in h.split(".")))
+    held = (None, None)
     for (layer, head), part in pairs.groupby(head_of):
-        sae = by_layer.get(int(part["SAE layer"].iloc[0]))
-        if sae is None:
+        i = by_layer.get(int(part["SAE layer"].iloc[0]))
+        if i is None:
             continue
+        if i != held[0]:  # one SAE held (released before the next loads); heads mostly share it
+            held = (i, None)
+            held = (i, saes[i])
+        sae = held[1]
         fir = res.firings[sae.layer]
         firing = torch.unique(fir.feature).numpy()
         chosen = [("chapter 2's top", int(q), int(k), float(s)) for q, k, s in
@@ -501,8 +516,11 @@ def findings(t: Tables) -> dict[str, list[str]]:
     Keys: "text" (what was read), "claims" (one sentence per claim), "tally" (how many hold).
     """
     text = t.text.iloc[0]
-    out = {"text": [f"The model read {number(text['tokens'])} held-out tokens in rows of {text['row_len']}; "
-                    f"each feature's {text['firings kept per feature']} strongest firings were kept."],
+    groups = int(text.get("SAE groups", 1))
+    held = "every SAE at once" if groups == 1 else f"the SAEs in {groups} groups of consecutive layers"
+    out = {"text": [f"The model read {number(text['tokens'])} held-out tokens in rows of {text['row_len']}, "
+                    f"holding {held}; each feature's {text['firings kept per feature']} strongest firings "
+                    f"were kept."],
            "claims": [], "tally": []}
     for _, r in t.summary.iterrows():
         interval = f"[{number(r['lo'], 3)}, {number(r['hi'], 3)}]"

@@ -25,9 +25,10 @@ import torch
 from torch import Tensor
 
 from weightscope.compute.attention import read_by_layer, rotate_queries
-from weightscope.compute.passes import final_logits
+from weightscope.compute.passes import BlockStream, final_logits
 from weightscope.compute.ranking import rank_key
 from weightscope.compute.streaming import CHUNK_ELEMENTS, progress_bar
+from weightscope.load.sae_sequence import described
 from weightscope.load.saes import ONE_FEATURE_ARCHITECTURES, feature_activation, hook_layer, sae_architecture
 
 ENTRY_BYTES = 16  # one kept firing: feature (int32), position (int64), activation (fp32)
@@ -120,59 +121,101 @@ def _scale_hook(name: str) -> str:
     return f"{name}.hook_scale"
 
 
+def sae_groups(layers: list[int], sizes: list[int], budget_bytes: int) -> list[list[int]]:
+    """The SAEs, indexed 0..n-1, in groups held at once by `firing_pass`, [[i, ...], ...]: in order of
+    `layers`, consecutive SAEs while their `sizes` (bytes) fit `budget_bytes` (an SAE over it alone)."""
+    groups, total = [], 0
+    for i in sorted(range(len(layers)), key=layers.__getitem__):
+        if not groups or total + sizes[i] > budget_bytes:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += sizes[i]
+    return groups
+
+
+def sae_bytes(sae) -> int:
+    """An SAE's encoder and decoder in fp32 (an upper bound for a lower precision), from its description."""
+    return 2 * sae.d_in * sae.d_sae * 4
+
+
 @torch.no_grad()
-def firing_pass(model, saes: list, tokens: Tensor, *, n_keep: int, batch_rows: int, attn_layers=(),
-                bos_id: int | None = None, progress: bool = True) -> PassResult:
+def firing_pass(model, saes, tokens: Tensor, *, n_keep: int, batch_rows: int, attn_layers=(),
+                bos_id: int | None = None, progress: bool = True, sae_budget_bytes: int | None = None
+                ) -> PassResult:
     """Stream `tokens` [rows, row_len] through the model in batches of `batch_rows` rows; per SAE keep each
     feature's `n_keep` strongest firings at evaluated positions (see `PassResult`).
 
-    model: a HookedTransformer; saes: `LoadedSAE`s of residual sites; attn_layers: layers whose `ln1` scale
-    is kept (for `pair_contributions`).
+    model: a HookedTransformer; saes: `LoadedSAE`s of residual sites, a list or a lazy `SAESequence`;
+    attn_layers: layers whose `ln1` scale is kept (for `pair_contributions`); sae_budget_bytes: the SAE
+    weights held at once (None: every SAE). With more SAEs than the budget holds, the pass runs in stretches
+    of blocks, one group of SAEs each (`sae_groups`): each batch's residual stream waits between stretches
+    ([rows * row_len, d_model] in all), and every block still runs once per token.
     """
+    metas = described(saes)
+    if any(m.layer is None for m in metas):
+        raise ValueError("firing_pass reads SAEs of block hooks (`blocks.{L}.…`) only")
+    budget = sum(map(sae_bytes, metas)) if sae_budget_bytes is None else sae_budget_bytes
+    groups = sae_groups([m.layer for m in metas], [sae_bytes(m) for m in metas], budget)
     rows, row_len = tokens.shape
-    has_final = hasattr(model.ln_final, "hook_scale")
-    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-    hooks = sorted({s.hook_name for s in saes} | {last}
-                   | ({_scale_hook("ln_final")} if has_final else set())
-                   | {_scale_hook(f"blocks.{lay}.ln1") for lay in attn_layers
-                      if hasattr(model.blocks[lay].ln1, "hook_scale")})
     evaluated = torch.ones(rows, row_len, dtype=torch.bool)
     evaluated[:, -1] = False
     if bos_id is not None:
         evaluated &= tokens != bos_id
     evaluated = evaluated.reshape(-1)
-    final_scale = torch.ones(rows * row_len)
-    attn_scale = {lay: torch.ones(rows * row_len) for lay in attn_layers}
     weight = next(model.parameters())
-    device = weight.device
-    final_resid = torch.empty(rows * row_len, model.cfg.d_model, dtype=weight.dtype)
-    kept = {s.layer: TopFirings(s.d_sae, n_keep, device) for s in saes}
-    bar = progress_bar(rows * row_len, progress, "activation pass", unit="token")
+    res = PassResult(tokens=tokens, final_scale=torch.ones(rows * row_len),
+                     attn_scale={lay: torch.ones(rows * row_len) for lay in attn_layers}, firings={},
+                     evaluated=evaluated,
+                     final_resid=torch.empty(rows * row_len, model.cfg.d_model, dtype=weight.dtype))
+    kept = {m.layer: TopFirings(m.d_sae, n_keep, weight.device) for m in metas}
+    streams: dict[int, BlockStream] = {}  # each batch's residual stream, kept while a later group reads on
+    bar = progress_bar(rows * row_len * len(groups), progress, "activation pass", unit="token")
     try:
-        for start in range(0, rows, batch_rows):
-            batch = tokens[start : start + batch_rows]
-            # return_type=None: the final norm runs (its scale is kept), the unembedding does not
-            _, cache = model.run_with_cache(batch.to(device), names_filter=hooks, return_type=None)
-            first = start * row_len
-            span = slice(first, first + batch.numel())
-            final_resid[span] = cache[last].reshape(-1, model.cfg.d_model).cpu()
-            if has_final:
-                final_scale[span] = cache[_scale_hook("ln_final")].reshape(-1).float().cpu()
-            for lay in attn_scale:
-                name = _scale_hook(f"blocks.{lay}.ln1")
-                if name in cache.cache_dict:
-                    attn_scale[lay][span] = cache[name].reshape(-1).float().cpu()
-            ok = evaluated[span].to(device)
-            for sae in saes:
-                site = cache[sae.hook_name].reshape(-1, sae.d_in)
-                acts = sae.sae.encode(site.to(sae.W_dec.dtype)).float()  # [batch tokens, d_sae]
-                kept[sae.layer].add(acts.mul_(ok[:, None]), first)  # in place: encode's output is new
-            bar.update(batch.numel())
+        for g, group in enumerate(groups):
+            held = [saes[i] for i in group]  # this group's weights only
+            last = model.cfg.n_layers - 1 if g == len(groups) - 1 else max(s.layer for s in held)
+            for start in range(0, rows, batch_rows):
+                batch = tokens[start : start + batch_rows]
+                stream = streams.pop(start, None) or BlockStream(model, batch.to(weight.device))
+                _stretch(model, stream, held, last, res, kept, start * row_len)
+                if last < model.cfg.n_layers - 1:
+                    streams[start] = stream
+                bar.update(batch.numel())
+            del held
     finally:
         bar.close()
-    firings = {lay: top.firings() for lay, top in kept.items()}
-    return PassResult(tokens=tokens, final_scale=final_scale, attn_scale=attn_scale, firings=firings,
-                      evaluated=evaluated, final_resid=final_resid)
+    res.firings = {lay: top.firings() for lay, top in kept.items()}
+    return res
+
+
+def _stretch(model, stream: BlockStream, saes: list, last: int, res: PassResult, kept: dict,
+             first: int) -> None:
+    """Runs one batch's `stream` on through block `last`, adds `saes`' firings to `kept` and, for the blocks
+    run, the norms' scales to `res`; after the last block, its output and the final norm's scale.
+    first: the batch's first position in the flattened rows."""
+    n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
+    scales = {f"blocks.{lay}.ln1": lay for lay in res.attn_scale
+              if stream.next_block <= lay <= last and hasattr(model.blocks[lay].ln1, "hook_scale")}
+    end = f"blocks.{n_layers - 1}.hook_resid_post"
+    hooks = sorted({s.hook_name for s in saes} | {_scale_hook(n) for n in scales}
+                   | ({end} if last == n_layers - 1 else set()))
+    cache = stream.run_to(last, hooks)
+    n = stream.tokens.numel()
+    span = slice(first, first + n)
+    for name, lay in scales.items():
+        res.attn_scale[lay][span] = cache[_scale_hook(name)].reshape(-1).float().cpu()
+    if last == n_layers - 1:
+        res.final_resid[span] = cache[end].reshape(-1, d_model).cpu()
+        if hasattr(model.ln_final, "hook_scale"):  # no blocks left: the final norm runs, no unembedding
+            _, fin = model.run_with_cache(stream.residual, start_at_layer=n_layers, return_type=None,
+                                          names_filter=[_scale_hook("ln_final")])
+            res.final_scale[span] = fin[_scale_hook("ln_final")].reshape(-1).float().cpu()
+    ok = res.evaluated[span].to(stream.residual.device)
+    for sae in saes:
+        site = cache[sae.hook_name].reshape(-1, sae.d_in)
+        acts = sae.sae.encode(site.to(sae.W_dec.dtype)).float()  # [batch tokens, d_sae]
+        kept[sae.layer].add(acts.mul_(ok[:, None]), first)  # in place: encode's output is new
 
 
 def set_hit_rates(feature: Tensor, token: Tensor, top_ids: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
