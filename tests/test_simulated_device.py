@@ -125,12 +125,14 @@ def _chapter_0(ctx) -> None:
     assert (model.W_E.device.type, model.W_E.dtype) == (simdevice.DEVICE, ctx.dtype)
     architecture_table(model)
     model_intro.architecture_note(model)  # (not `model.nbytes()`: the backend's tensors have no storage)
-    full = ctx.load_full_model()
+    del model  # one model at a time, as the page: the SAEs are then checked against the full model
+    saes.model = None
+    full = saes.model = ctx.load_full_model()
     assert {p.device.type for p in full.parameters()} == {simdevice.DEVICE}
     assert full.to_string(model_intro.greedy_generate(full, "Once upon a time", 4))
     assert [sae_summary(sae)["layer"] for sae in saes] == [0, 1]
     model_intro.sae_source_note(ctx.params)
-    model_intro.scale_caveats(model, demo=False)
+    model_intro.scale_caveats(full, demo=False)
 
 
 # ------------------------------------------------------------------------------------------------------------
