@@ -214,6 +214,7 @@ def held(stem: str, result: dict, parts: tuple[str, ...] | None = None) -> dict[
     tensors in fp32; "tables", the input tables as loaded (`tables_gb`, measured by `tables_rss_gb`; 0 in runs
     made before it was)."""
     from weightscope.chapters import attention_saes, ffkv, in_context
+    from weightscope.compute.in_context import sae_groups
 
     d, w, L = result["dims"], result["saes"], result["n_layers"]
     emb = 2 * d["d_vocab"] * d["d_model"]  # embedding and unembedding
@@ -222,10 +223,11 @@ def held(stem: str, result: dict, parts: tuple[str, ...] | None = None) -> dict[
     d_att_in = d["n_heads"] * d["d_head"]
     c4, c7 = attention_saes.Config(), in_context.Config()
     one_sae = 2 * d["d_model"] * w["d_sae"]
-    per_group = max(1, min(L, int(c7.sae_memory_mb * 2**20 // (4 * one_sae))))  # `in_context.sae_groups`
+    groups = sae_groups(list(range(L)), [4 * one_sae] * L, int(c7.sae_memory_mb * 2**20))  # as chapter 7
+    per_group = max(map(len, groups))
     sizes = {"weights": emb + L * attn, "full": emb + L * (attn + mlp),
              "sae": one_sae, "saes": L * one_sae, "sae_group": per_group * one_sae,
-             "streams": c7.n_tokens * d["d_model"] if per_group < L else 0,
+             "streams": c7.n_tokens * d["d_model"] if len(groups) > 1 else 0,
              "att_sae": 2 * d_att_in * (w["d_sae_att"] or 0), "chunk": 2**30 / 4,
              "acts": c4.text_rows * c4.text_ctx * (w["d_sae_att"] or 0),
              "budget": c7.memory_mb * 2**20 / 4, "final": c7.n_tokens * d["d_model"],

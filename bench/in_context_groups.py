@@ -13,6 +13,7 @@ seconds and peak resident set (VmHWM: the imports and the model included).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -36,8 +37,9 @@ def one(params: str, budget: float, dump: Path) -> dict:
     tables = in_context.run(ctx, in_context.Config(sae_memory_mb=budget))
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0
     dump.mkdir(parents=True, exist_ok=True)
-    for name in ("output", "input", "effects", "pairs", "words", "sensitivity", "summary"):
-        getattr(tables, name).to_parquet(dump / f"{name}.parquet")
+    for field in dataclasses.fields(tables):
+        if field.name not in ("text", "config"):  # the text table counts the groups: it differs by design
+            getattr(tables, field.name).to_parquet(dump / f"{field.name}.parquet")
     hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
     return {"sae_memory_mb": budget, "sae_groups": int(tables.text["SAE groups"].iloc[0]),
             "cpu_s": round(cpu, 1), "wall_s": round(wall, 1), "peak_rss_gb": round(hwm * 1024 / 1e9, 2)}

@@ -468,9 +468,10 @@ def test_agreement_rule_and_summary_findings():
     verdict = dict(zip(summary["claim"].str[:40], summary["agreement"]))
     assert list(summary["agreement"]).count(ch.HOLDS) == 9  # 10 claims: all but the reversed input-label claim
     assert [v for k, v in verdict.items() if k.startswith("populations (input")] == [ch.FAILS]
-    t = SimpleNamespace(summary=summary, text=pd.DataFrame([{"tokens": 100, "row_len": 10,
+    t = SimpleNamespace(summary=summary, text=pd.DataFrame([{"tokens": 100, "row_len": 10, "SAE groups": 3,
                                                               "firings kept per feature": 4}]))
     found = ch.findings(t)
+    assert "holding the SAEs in 3 groups of consecutive layers" in found["text"][0]
     assert "9 hold in context, 1 does not" in found["tally"][0]
     assert len(found["claims"]) == len(summary) + 1  # and what the direct share means
     assert ch.direct_sentence(2.0).startswith("The direct path overstates")

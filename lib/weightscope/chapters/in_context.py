@@ -27,8 +27,8 @@ from weightscope.compute import in_context as ic
 from weightscope.compute.lens import output_matrix, token_strings
 from weightscope.compute.populations import token_kind
 from weightscope.config.params import ParamsError
-from weightscope.load.sae_sequence import described
 from weightscope.config.paths import progress_enabled
+from weightscope.load.sae_sequence import described
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
 STEM = "07_in_context"
@@ -181,19 +181,15 @@ def measure(full, saes, feats: pd.DataFrame, pairs: pd.DataFrame | None, labels:
     settings (`pair_settings`)."""
     tokens, bos = text
     budget = config.memory_mb * 2**20
-    metas = described(saes)
-    d_sae = max(s.d_sae for s in metas)
-    sae_budget = int(config.sae_memory_mb * 2**20)
-    n_groups = len(ic.sae_groups([m.layer for m in metas], [ic.sae_bytes(m) for m in metas], sae_budget))
+    d_sae = max(s.d_sae for s in described(saes))
     n_keep = ic.keep_per_feature(budget // 2, len(saes), d_sae, config.n_keep)
     batch_rows = ic.batch_rows_for(budget // 2, config.row_len, d_sae, len(saes))
     heads = pair_heads(pairs)
     io.progress(f"{STEM}: activation pass: {tokens.numel():,} tokens in batches of {batch_rows} rows, "
-                f"{n_keep} firings kept per feature, the SAEs in {n_groups} group(s) of at most "
-                f"{config.sae_memory_mb:,g} MB")
+                f"{n_keep} firings kept per feature, at most {config.sae_memory_mb:,g} MB of SAEs at a time")
     res = ic.firing_pass(full, saes, tokens, n_keep=n_keep, batch_rows=batch_rows, bos_id=bos,
                          attn_layers=sorted({h[0] for h in heads}), progress=progress_enabled(),
-                         sae_budget_bytes=sae_budget)
+                         sae_budget_bytes=int(config.sae_memory_mb * 2**20))
     flat = res.tokens.reshape(-1)
     nxt = torch.cat([flat[1:], flat[:1]])  # next token (the last position is never evaluated)
     output = side_table(res, feats, "dec", nxt, config.k_out, full.cfg.d_vocab)
@@ -209,7 +205,7 @@ def measure(full, saes, feats: pd.DataFrame, pairs: pd.DataFrame | None, labels:
     text = pd.DataFrame([{"tokens": int(flat.numel()), "rows": int(tokens.shape[0]),
                           "row_len": config.row_len, "evaluated positions": int(res.evaluated.sum()),
                           "firings kept per feature": n_keep,
-                          "batch rows": batch_rows, "SAE groups": n_groups}])
+                          "batch rows": batch_rows, "SAE groups": res.sae_groups}])
     return [output, inp, effects, pair_rows, words, sens, summary, text]
 
 
@@ -516,7 +512,7 @@ def findings(t: Tables) -> dict[str, list[str]]:
     Keys: "text" (what was read), "claims" (one sentence per claim), "tally" (how many hold).
     """
     text = t.text.iloc[0]
-    groups = int(text.get("SAE groups", 1))
+    groups = int(text["SAE groups"])
     held = "every SAE at once" if groups == 1 else f"the SAEs in {groups} groups of consecutive layers"
     out = {"text": [f"The model read {number(text['tokens'])} held-out tokens in rows of {text['row_len']}, "
                     f"holding {held}; each feature's {text['firings kept per feature']} strongest firings "

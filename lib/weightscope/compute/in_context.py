@@ -56,7 +56,8 @@ class PassResult:
     (1 without a norm); attn_scale: {layer: fp32 [rows * row_len]}, `blocks.{layer}.ln1`'s divisor;
     firings: {SAE layer: Firings}; evaluated: bool [rows * row_len], positions that may count as firings
     (not BOS, not the last of a row, whose next token is unknown); final_resid: [rows * row_len, d_model] in
-    the model's dtype on the CPU, the last block's output (the clean side of `ablation_effects`).
+    the model's dtype on the CPU, the last block's output (the clean side of `ablation_effects`); sae_groups:
+    how many groups of SAEs the pass held in turn (`sae_groups`).
     """
 
     tokens: Tensor
@@ -65,6 +66,7 @@ class PassResult:
     firings: dict[int, Firings]
     evaluated: Tensor
     final_resid: Tensor
+    sae_groups: int = 1
 
 
 class TopFirings:
@@ -185,7 +187,7 @@ def firing_pass(model, saes, tokens: Tensor, *, n_keep: int, batch_rows: int, at
             del held
     finally:
         bar.close()
-    res.firings = {lay: top.firings() for lay, top in kept.items()}
+    res.firings, res.sae_groups = {lay: top.firings() for lay, top in kept.items()}, len(groups)
     return res
 
 
