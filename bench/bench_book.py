@@ -200,7 +200,8 @@ def flops_table() -> str:
 # one copy at a time), "passes" what chapter 5 keeps of its forward passes over the calibration and every
 # held-out text (`context_neurons.LayerPass`, per token: the MLP pre-activations, the residual and z, the
 # attention pattern's row; at its notebook's defaults). Chapter 0 shows the weights-only model and its SAEs
-# (`SAESequence`: one at a time), then drops it and builds the full model for generation.
+# (`SAESequence`: one at a time), then drops it and builds the full model for generation. Chapter 6's
+# weights-only tables wait on disk through its held-out checks (`io.set_aside`), so they are not counted.
 HOLDS = {"00_demo_model": ("full", "sae"), "01_output_tokens": ("weights", "sae", "sides", "chunk"),
          "02_attention": ("weights", "sae", "chunk"), "03_semantic_populations": ("tables",),
          "04_attention_saes": ("full", "sae", "att_sae", "acts", "unembed", "chunk"),

@@ -432,6 +432,34 @@ def test_run_holds_one_copy_of_the_model(ctx, monkeypatch):
     assert found["summary"][0].startswith(f"Of {len(t.summary)} measures")
 
 
+def test_run_sets_the_weights_only_tables_aside_during_the_held_out_checks(ctx, monkeypatch):
+    """The weights-only tables that grow with layers x rows (1.1 GB at GPT-2 small's width, 12 blocks) wait
+    on disk while the full model runs the held-out text, where the chapter peaks, and come back equal."""
+    ctx.load_model_and_saes = lambda mlp: (lens_model(), [StandInSAE(1)])
+    ctx.load_full_model = lambda: tiny_model("swiglu")
+    ctx.held_out_rows = lambda full, n, row_len: (torch.randint(0, 50, (2, 8)), None)
+    refs, copies, alive = {}, {}, []
+    real_tables, real_checks = ch.weight_tables, ch.held_out_checks
+
+    def weight_tables(*args):
+        tables = real_tables(*args)
+        refs.update({name: weakref.ref(tables[name]) for name in ch.GROWN})
+        copies.update({name: frame.copy() for name, frame in tables.items()})
+        return tables
+
+    def held_out_checks(*args, **kw):
+        gc.collect()
+        alive.extend(name for name, ref in refs.items() if ref() is not None)
+        return real_checks(*args, **kw)
+
+    monkeypatch.setattr(ch, "weight_tables", weight_tables)
+    monkeypatch.setattr(ch, "held_out_checks", held_out_checks)
+    t = ch.run(ctx, CFG)
+    assert refs and alive == []
+    for name, frame in copies.items():
+        pd.testing.assert_frame_equal(getattr(t, name), frame)
+
+
 def test_page_tables_for_the_plots():
     reads = pd.DataFrame({"dictionary": ["features"] * 3, "distance": [1, 1, 2], "q_part_frac": [0.1, 0.3, 0.5],
                           "k_part_frac": 0.0, "v_part_frac": 1.0})

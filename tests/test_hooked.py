@@ -8,6 +8,11 @@ configuration (Gemma-2's soft caps or sliding window, Llama-3.1's rope scaling) 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -133,6 +138,50 @@ def test_processed_model_without_biases_on_each_device(folders, device):
     with torch.no_grad():
         a, b = plain(_ids()).log_softmax(-1), processed(_ids()).log_softmax(-1).cpu()
     assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_gemma_embedding_is_scaled_as_the_loader_scales_it(folders):
+    """The folder route folds sqrt(d_model) into W_E in place after W_U's copy; the result is the loader's
+    own fold, bit for bit, and a `WeightSet` read unfolded gives the same model without being changed."""
+    folded = load_weights(folders["gemma2"], mlp=True)
+    model = hooked_from_folder(folders["gemma2"])
+    assert torch.equal(model.W_E, folded.W_E) and torch.equal(model.W_U, folded.W_U)
+    raw = load_weights(folders["gemma2"], mlp=True, fold_embed_scale=False)
+    before = raw.W_E.clone()
+    again = hooked_from_weights(raw, hf_tokenizer(folders["gemma2"]), "gemma2")
+    assert torch.equal(again.W_E, folded.W_E) and torch.equal(raw.W_E, before)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read from Linux's /proc")
+def test_building_gemma_holds_two_embedding_sized_tensors_not_three(tmp_path):
+    """Gemma ties W_U to the raw embedding and TransformerLens's W_E is it times sqrt(d_model): building the
+    model once held the raw embedding, the scaled one and W_U's copy at once (1.5x the model at Gemma-2-2B's
+    width). The peak resident set the build adds, in a fresh process with the imports done, is now the
+    model's parameters and one read block (made small here), not one more embedding."""
+    folder = standins.build_model("gemma2", tmp_path / "g", seed=3, n_layers=1, vocab_size=131_072,
+                                  hidden_size=128)
+    code = textwrap.dedent(f"""
+        import re, transformer_lens
+        from pathlib import Path
+        from weightscope.load import checkpoints
+        from weightscope.load.hooked import hooked_from_folder
+        from weightscope.load.tokenizer import hf_tokenizer
+        checkpoints._BLOCK_BYTES = 4 << 20  # the reader's transient, bounded by a block
+        def size(field):
+            return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) << 10
+        first = hf_tokenizer(Path({str(folder)!r}))
+        start = size("VmRSS")
+        second = hf_tokenizer(Path({str(folder)!r}))  # what the build's own tokenizer adds
+        tokenizer = size("VmRSS") - start
+        open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+        before = size("VmRSS")
+        model = hooked_from_folder({str(folder)!r})
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        print(size("VmHWM") - before - tokenizer, params, model.W_E.numel() * model.W_E.element_size())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    grown, params, embedding = map(int, out.split())
+    assert grown < params + embedding / 2, (grown / params, embedding / params)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -57,6 +57,22 @@ def test_list_columns_stay_arrow_backed_and_the_file_reads_in_plain_pandas():
         list_column(np.arange(4))
 
 
+def test_set_aside_empties_the_dict_while_the_block_runs_and_gives_equal_tables_back():
+    frames = {"rows": pd.DataFrame({"layer": [0, 1, 1], "x": [0.5, np.nan, 2.0]}),
+              "lists": pd.DataFrame({"feature": [0, 1], "top": list_column([["a", "b"], ["c"]])})}
+    want = {name: frame.copy() for name, frame in frames.items()}
+    with io.set_aside(frames, "t"):
+        assert frames == {}
+        assert list(io.results_dir("t").iterdir()) == []  # an unnamed file: nothing to leave behind
+    assert list(frames) == list(want)
+    for name, frame in want.items():
+        pd.testing.assert_frame_equal(frames[name], frame)
+        assert frames[name].dtypes.equals(frame.dtypes)  # the list column is Arrow-backed again
+    with pytest.raises(KeyError), io.set_aside(frames, "t"):
+        raise KeyError("a failing step")
+    assert list(io.results_dir("t").iterdir()) == []
+
+
 def test_token_column_equals_the_list_column_of_the_token_strings(tmp_path):
     """Arrow's gather gives the very column the Python lists gave, a missing token (None) included, and it
     survives a round trip through parquet as the same dtype."""

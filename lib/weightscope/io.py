@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import hashlib
 import json
 import os
@@ -153,25 +154,34 @@ def parquet_bytes(df: pd.DataFrame) -> bytes:
     """df as parquet bytes that plain `pandas.read_parquet` also reads: an Arrow-backed list column
     (`compute.token_scores.list_column`) is recorded as an object column in the pandas metadata, since
     pandas cannot parse the Arrow list dtype's name back."""
-    table = pa.Table.from_pandas(df, preserve_index=False)
+    sink = pa.BufferOutputStream()
+    pq.write_table(_arrow_table(df, preserve_index=False), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _arrow_table(df: pd.DataFrame, *, preserve_index: bool | None) -> pa.Table:
+    """df in Arrow, its Arrow-backed list columns recorded as object columns in the pandas metadata."""
+    table = pa.Table.from_pandas(df, preserve_index=preserve_index)
     meta = json.loads(table.schema.metadata[b"pandas"])
     for column in meta["columns"]:
         if column["pandas_type"].startswith("list") and column["numpy_type"].endswith("[pyarrow]"):
             column["numpy_type"] = "object"
-    table = table.replace_schema_metadata({**table.schema.metadata, b"pandas": json.dumps(meta).encode()})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
+    return table.replace_schema_metadata({**table.schema.metadata, b"pandas": json.dumps(meta).encode()})
 
 
 def read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """A parquet table whose list columns come back Arrow-backed (`list_column`), the rest as pandas reads them."""
+    df = _pandas(pq.read_table(path, columns=columns))
+    pa.default_memory_pool().release_unused()  # the decoding buffers: else kept (0.1 GB per 100k features)
+    return df
+
+
+def _pandas(table: pa.Table) -> pd.DataFrame:
+    """An Arrow table in pandas, list columns Arrow-backed (`list_column`)."""
     def lists(dtype):
         return pd.ArrowDtype(dtype) if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) else None
 
-    df = pq.read_table(path, columns=columns).to_pandas(types_mapper=lists)
-    pa.default_memory_pool().release_unused()  # the decoding buffers: else kept (0.1 GB per 100k features)
-    return df
+    return table.to_pandas(types_mapper=lists)
 
 
 def load_table(target: str, name: str, *, key: str | None = None,
@@ -322,6 +332,31 @@ def file_lock(path: Path, *, what: str, wait: bool, poll_s: float = 2.0) -> Iter
         yield
     finally:
         handle.close()  # closing drops the lock
+
+
+@contextmanager
+def set_aside(frames: dict[str, pd.DataFrame], target: str) -> Iterator[None]:
+    """Hold `frames` on disk while the block runs: the dict is emptied, its tables written (Arrow IPC) to an
+    unnamed file in the target's results folder (deleted when closed, and by the system if the process
+    dies), and refilled with the tables read back when the block ends, as a cached table reads back (list
+    columns Arrow-backed). For tables a step does not use while it holds much else: chapter 6 keeps its
+    weights-only tables here through its held-out checks."""
+    folder = results_dir(target)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(frames)
+    with tempfile.TemporaryFile(dir=folder) as file:
+        for name in names:  # one table converted at a time
+            table = _arrow_table(frames.pop(name), preserve_index=None)
+            with pa.ipc.new_stream(file, table.schema) as writer:
+                writer.write_table(table)
+            del table
+        gc.collect()
+        pa.default_memory_pool().release_unused()  # the conversions' buffers: else kept by the pool
+        yield
+        file.seek(0)
+        source = pa.PythonFile(file, mode="r")
+        for name in names:
+            frames[name] = _pandas(pa.ipc.open_stream(source).read_all())
 
 
 def progress(line: str) -> None:

@@ -56,6 +56,7 @@ SIDES = {"dec": "output side (decoder-unembedding)", "enc": "input side (encoder
 READS = ("q", "k", "v")
 ROW_LEN = 128  # held-out rows as long as the demo SAEs' evaluation rows (shorter where the context is)
 SCALE_FREE = ("kurtosis", "top_z")  # statistics that do not change when a row is scaled
+GROWN = ("lens_rows", "reads", "alignment")  # the tables that grow with layers x rows (1.1 GB at GPT-2 small)
 LENS_FIELDS = ("k", "m_coherence", "concentration_stat", "q_concentration", "q_coherence", "n_null",
                "max_features", "seed", "exclude_tokens")  # chapter 1's parameters, with chapter 1's defaults
 
@@ -153,7 +154,8 @@ class Tables:
 
 def run(ctx, config: Config, *, model=None, saes=None, full=None) -> Tables:
     """Chapter 6 for ctx's target. Weights first (the weights-only model), then the held-out checks with the
-    full model, loaded only after the weights-only one is released (one copy of the model at a time).
+    full model, loaded only after the weights-only one is released (one copy of the model at a time), while
+    the largest weights-only tables wait on disk (`io.set_aside`).
 
     model, saes: pass them to reuse loaded ones (the caller then holds the model); full: a HookedTransformer
     for the held-out checks (else `ctx.load_full_model()`, only when the checks are not cached).
@@ -169,7 +171,10 @@ def run(ctx, config: Config, *, model=None, saes=None, full=None) -> Tables:
         saes.model = None  # checked on load already; dropping it lets the weights be freed
     del model
     gc.collect()
-    checks = held_out_checks(ctx, config, saes, full=full)
+    grown = {name: weights.pop(name) for name in GROWN}
+    with io.set_aside(grown, ctx.params.target):  # on disk while the full model runs the held-out text
+        checks = held_out_checks(ctx, config, saes, full=full)
+    weights.update(grown)
     provenance = ctx.provenance(**dataclasses.asdict(config), step="summary")
     answer = io.cached_tables(ctx.params.target, None, provenance, lambda: {"06_summary": summary(
         weights, checks, config)})["06_summary"]

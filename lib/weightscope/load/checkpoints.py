@@ -408,25 +408,32 @@ class _Reader:
         return out
 
     def _check(self, name: str, tensor: Tensor, offset: int = 0) -> None:
-        if not self.check_finite or not tensor.is_floating_point() or tensor.numel() == 0:
-            return
-        # One pass and no tensor-sized temporaries (torch.isfinite allocates several): aminmax propagates
-        # NaN, and an Inf is an extreme. Only a failing tensor pays for locating its first bad value.
-        low, high = torch.aminmax(tensor)
-        if math.isfinite(low.item()) and math.isfinite(high.item()):
-            return
-        bad = (~torch.isfinite(tensor)).nonzero()
-        index = bad[0].tolist()
-        value = tensor[tuple(index)].item()
-        if index:
-            index[0] += offset  # rows of a block are offset within the whole tensor
-        raise NonFiniteWeightsError(
-            f"Tensor {name!r} ({self.files[name].name}) holds non-finite values (NaN/Inf): {bad.shape[0]:,}"
-            f"{' in the block from row ' + str(offset) if offset else ''}, "
-            f"the first {value} at index {index} "
-            f"(after conversion to {tensor.dtype}). The checkpoint is corrupted, or its values overflow the "
-            "requested dtype (e.g. float16); pass check_finite=False to load it anyway."
-        )
+        if self.check_finite:
+            check_finite(name, tensor, where=self.files[name].name, offset=offset)
+
+
+def check_finite(name: str, tensor: Tensor, *, where: str, offset: int = 0) -> None:
+    """Raise `NonFiniteWeightsError` if floating `tensor` (rows from `offset` of tensor `name`, read from
+    `where`) holds NaN or Inf."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    # One pass and no tensor-sized temporaries (torch.isfinite allocates several): aminmax propagates
+    # NaN, and an Inf is an extreme. Only a failing tensor pays for locating its first bad value.
+    low, high = torch.aminmax(tensor)
+    if math.isfinite(low.item()) and math.isfinite(high.item()):
+        return
+    bad = (~torch.isfinite(tensor)).nonzero()
+    index = bad[0].tolist()
+    value = tensor[tuple(index)].item()
+    if index:
+        index[0] += offset  # rows of a block are offset within the whole tensor
+    raise NonFiniteWeightsError(
+        f"Tensor {name!r} ({where}) holds non-finite values (NaN/Inf): {bad.shape[0]:,}"
+        f"{' in the block from row ' + str(offset) if offset else ''}, "
+        f"the first {value} at index {index} "
+        f"(after conversion to {tensor.dtype}). The checkpoint is corrupted, or its values overflow the "
+        "requested dtype (e.g. float16); pass check_finite=False to load it anyway."
+    )
 
 
 def _source_itemsize(safetensors_dtype: str) -> int:

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from weightscope.config.params import PROCESSING_FLAGS
-from weightscope.load.checkpoints import CheckpointError, WeightSet, config_from_hf, load_weights
+from weightscope.load.checkpoints import (CheckpointError, WeightSet, check_finite, config_from_hf,
+                                          load_weights)
 from weightscope.load.tokenizer import hf_tokenizer
 
 MAX_CTX = 2048
@@ -83,7 +84,10 @@ def hooked_from_weights(ws: WeightSet, tokenizer, name: str, *, max_ctx: int = M
     _check_flags(processing)
     cfg = tl_config(ws, name, max_ctx=max_ctx)
     cfg.device = str(ws.device)
-    return _build(cfg, ws.tensors(), ws.dtype, tokenizer, name, processing)
+    tensors = ws.tensors()
+    if not ws.embed_scale_folded:  # a new W_E: `ws`'s own tensors are left as they are
+        tensors["embed.W_E"] = _scaled_embedding(tensors["embed.W_E"], ws.embed_scale)
+    return _build(cfg, tensors, ws.dtype, tokenizer, name, processing)
 
 
 def hooked_from_folder(folder: str | Path, *, name: str | None = None, device="cpu", dtype=torch.float32,
@@ -92,11 +96,25 @@ def hooked_from_folder(folder: str | Path, *, name: str | None = None, device="c
     without a second copy of the weights when unprocessed: the tensors read are handed over one at a time."""
     _check_flags(processing)  # before gigabytes are read
     name = name or Path(folder).name
-    ws = load_weights(folder, device=device, dtype=dtype, mlp=True, progress=progress)
-    cfg, tensors, dtype = tl_config(ws, name, max_ctx=max_ctx), ws.tensors(), ws.dtype
+    # Gemma's embedding scale is folded below, in place, once W_U has its own copy of the raw embedding
+    ws = load_weights(folder, device=device, dtype=dtype, mlp=True, progress=progress, fold_embed_scale=False)
+    cfg, tensors, dtype, scale = tl_config(ws, name, max_ctx=max_ctx), ws.tensors(), ws.dtype, ws.embed_scale
     cfg.device = str(ws.device)
     del ws  # `tensors` is now the only holder of the tensors read: `_build` empties it as it goes
+    if scale != 1.0:
+        tensors["unembed.W_U"] = tensors["unembed.W_U"].contiguous()  # tied: a copy of the raw embedding
+        tensors["embed.W_E"] = _scaled_embedding(tensors["embed.W_E"], scale, in_place=True)
     return _build(cfg, tensors, dtype, hf_tokenizer(Path(folder)), name, processing)
+
+
+def _scaled_embedding(W_E: torch.Tensor, scale: float, *, in_place: bool = False) -> torch.Tensor:
+    """W_E [d_vocab, d_model] times `scale` in its own dtype, as TransformerLens folds Gemma's sqrt(d_model).
+
+    in_place: overwrite W_E (no second embedding-sized tensor; only where nothing else views it)."""
+    factor = torch.tensor(scale, dtype=W_E.dtype, device=W_E.device)
+    out = W_E.mul_(factor) if in_place else W_E * factor
+    check_finite("embed.W_E", out, where=f"the embedding times {scale:g}")
+    return out
 
 
 def _check_flags(processing: dict) -> None:
