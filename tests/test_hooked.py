@@ -153,12 +153,14 @@ def test_gemma_embedding_is_scaled_as_the_loader_scales_it(folders):
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read from Linux's /proc")
-def test_building_gemma_holds_two_embedding_sized_tensors_not_three(tmp_path):
+@pytest.mark.parametrize("arch", ["gemma2", "llama"])
+def test_building_the_model_holds_its_parameters_and_no_second_unembedding(tmp_path, arch):
     """Gemma ties W_U to the raw embedding and TransformerLens's W_E is it times sqrt(d_model): building the
     model once held the raw embedding, the scaled one and W_U's copy at once (1.5x the model at Gemma-2-2B's
-    width). The peak resident set the build adds, in a fresh process with the imports done, is now the
-    model's parameters and one read block (made small here), not one more embedding."""
-    folder = standins.build_model("gemma2", tmp_path / "g", seed=3, n_layers=1, vocab_size=131_072,
+    width). Llama's untied lm_head is stored [d_vocab, d_model]: its [d_model, d_vocab] copy was made beside
+    it. The peak resident set the build adds, in a fresh process with the imports done, is now the
+    model's parameters and one read block (made small here), not one more embedding-sized tensor."""
+    folder = standins.build_model(arch, tmp_path / "m", seed=3, n_layers=1, vocab_size=131_072,
                                   hidden_size=128)
     code = textwrap.dedent(f"""
         import re, transformer_lens

@@ -345,8 +345,10 @@ def detect_arch(config: dict) -> str:
 class _Reader:
     """Reads named tensors one at a time (large ones in row blocks) into `dtype` on `device`."""
 
-    def __init__(self, files: dict[str, Path], dtype: torch.dtype, device: torch.device, check_finite: bool):
+    def __init__(self, files: dict[str, Path], dtype: torch.dtype, device: torch.device, check_finite: bool,
+                 contiguous_transposes: bool = False):
         self.files, self.dtype, self.device, self.check_finite = files, dtype, device, check_finite
+        self.contiguous_transposes = contiguous_transposes
         self.read_files: set[Path] = set()
         self.progress = False
 
@@ -371,12 +373,13 @@ class _Reader:
             ) from None
 
     def read(self, name: str, shape: tuple[int, ...] | None = None, *,
-             dtype: torch.dtype | None = None) -> Tensor:
+             dtype: torch.dtype | None = None, transposed: bool = False) -> Tensor:
         """Tensor `name` as `dtype` (default the reader's) on the device, always a copy; checks `shape`.
 
         The output is allocated once and filled from the file's memory map in row blocks of about
         `_BLOCK_BYTES` (one block for most tensors), the file reopened per block so that the pages of one
-        block are unmapped before the next is read.
+        block are unmapped before the next is read. transposed (a matrix): the output is the transpose of a
+        contiguous [cols, rows] tensor, so that its `.T` needs no copy.
         """
         dtype = dtype or self.dtype
         path = self.file(name)
@@ -389,7 +392,10 @@ class _Reader:
                     f"Tensor {name!r} in {path.name} has shape {list(actual)}, but config.json implies "
                     f"{list(shape)}: the config does not describe these weights."
                 )
-            out = torch.empty(actual, dtype=dtype, device=self.device)
+            if transposed:
+                out = torch.empty(actual[::-1], dtype=dtype, device=self.device).T
+            else:
+                out = torch.empty(actual, dtype=dtype, device=self.device)
             if not actual:  # a scalar
                 out.copy_(handle.get_tensor(name))
                 self._check(name, out)
@@ -406,6 +412,11 @@ class _Reader:
                 out[start:stop].copy_(handle.get_slice(name)[start:stop])
             self._check(name, out[start:stop], offset=start)
         return out
+
+    def read_t(self, name: str, shape: tuple[int, int]) -> Tensor:
+        """`read(name, shape).T` ([cols, rows]: TransformerLens's layout of a tensor stored [out, in]),
+        contiguous when `contiguous_transposes`, else a view of the file's layout."""
+        return self.read(name, shape, transposed=self.contiguous_transposes).T
 
     def _check(self, name: str, tensor: Tensor, offset: int = 0) -> None:
         if self.check_finite:
@@ -508,7 +519,7 @@ def _load_rms_model(reader: _Reader, dims: Dims, config_ties: bool, layers: list
         W_U = W_E.T
         tied = True
     else:
-        W_U = reader.read("lm_head.weight", (V, d)).T
+        W_U = reader.read_t("lm_head.weight", (V, d))
         tied = False
     if gemma and fold_embed_scale:
         # TL: embed_tokens.weight * torch.tensor(sqrt(d_model), dtype=cfg.dtype); W_U keeps the raw embedding
@@ -539,9 +550,9 @@ def _load_rms_model(reader: _Reader, dims: Dims, config_ties: bool, layers: list
                 weights.ln2_post_w = norm(q + "post_feedforward_layernorm.weight")
             else:
                 weights.ln2_w = norm(q + "post_attention_layernorm.weight")
-            weights.W_in = reader.read(q + "mlp.up_proj.weight", (dims.d_mlp, d)).T
-            weights.W_gate = reader.read(q + "mlp.gate_proj.weight", (dims.d_mlp, d)).T
-            weights.W_out = reader.read(q + "mlp.down_proj.weight", (d, dims.d_mlp)).T
+            weights.W_in = reader.read_t(q + "mlp.up_proj.weight", (dims.d_mlp, d))
+            weights.W_gate = reader.read_t(q + "mlp.gate_proj.weight", (dims.d_mlp, d))
+            weights.W_out = reader.read_t(q + "mlp.down_proj.weight", (d, dims.d_mlp))
         blocks[layer] = weights
         reader.layer_done(layer, layers)
     out["layers"] = blocks
@@ -556,7 +567,7 @@ def _load_gpt2(reader: _Reader, dims: Dims, config_ties: bool, layers: list[int]
     if config_ties or not reader.has("lm_head.weight"):
         W_U, tied = W_E.T, True
     else:
-        W_U, tied = reader.read("lm_head.weight", (V, d)).T, False
+        W_U, tied = reader.read_t("lm_head.weight", (V, d)), False
     out: dict = dict(W_E=W_E, W_U=W_U, tied=tied, embed_scale=1.0,
                      ln_final_w=reader.read(p + "ln_f.weight", (d,)),
                      ln_final_b=reader.read(p + "ln_f.bias", (d,)),
@@ -608,6 +619,7 @@ def load_weights(
     mlp: bool = False,
     layers: Iterable[int] | None = None,
     fold_embed_scale: bool = True,
+    contiguous_transposes: bool = False,
     check_finite: bool = True,
     progress: bool = False,
 ) -> WeightSet:
@@ -625,6 +637,10 @@ def load_weights(
     layers: block indices to read (default all); other blocks are not touched.
     fold_embed_scale: Gemma only: multiply W_E by sqrt(d_model) as TransformerLens does (default). With
         False, W_E is the raw embedding, W_U a view of it (half the memory), `embed_scale` the model's factor.
+    contiguous_transposes: the tensors the checkpoint stores [out, in] (an untied lm_head, the MLP's
+        projections) read straight into TransformerLens's [in, out] layout, contiguous, rather than as
+        views of the file's: a model built from them would copy each view, holding both at once
+        (`load.hooked`).
     check_finite: raise `NonFiniteWeightsError` if a tensor holds NaN/Inf.
     progress: print a line per block read to stderr.
 
@@ -658,7 +674,7 @@ def load_weights(
                 f"layers {bad} out of range: the model has {dims.n_layers} blocks (0..{dims.n_layers - 1})."
             )
 
-    reader = _Reader(files, dtype, device, check_finite)
+    reader = _Reader(files, dtype, device, check_finite, contiguous_transposes)
     reader.progress = progress
     parts = _load(reader, dims, _config_ties(arch, config), chosen, mlp, fold_embed_scale)
     gemma = arch == "gemma2"

@@ -96,8 +96,10 @@ def hooked_from_folder(folder: str | Path, *, name: str | None = None, device="c
     without a second copy of the weights when unprocessed: the tensors read are handed over one at a time."""
     _check_flags(processing)  # before gigabytes are read
     name = name or Path(folder).name
-    # Gemma's embedding scale is folded below, in place, once W_U has its own copy of the raw embedding
-    ws = load_weights(folder, device=device, dtype=dtype, mlp=True, progress=progress, fold_embed_scale=False)
+    # Gemma's embedding scale is folded below, in place, once W_U has its own copy of the raw embedding; the
+    # tensors stored transposed are read in the model's layout, so that `_build` copies none of them
+    ws = load_weights(folder, device=device, dtype=dtype, mlp=True, progress=progress, fold_embed_scale=False,
+                      contiguous_transposes=True)
     cfg, tensors, dtype, scale = tl_config(ws, name, max_ctx=max_ctx), ws.tensors(), ws.dtype, ws.embed_scale
     cfg.device = str(ws.device)
     del ws  # `tensors` is now the only holder of the tensors read: `_build` empties it as it goes
