@@ -185,10 +185,12 @@ def test_bf16_checkpoint(checkpoints, dtype):
 @pytest.mark.parametrize("arch", ["gemma2", "llama", "gpt2"])
 def test_loads_onto_each_device(checkpoints, arch, device):
     _, single, _ = checkpoints[arch]
-    on_device, on_cpu = C.load_weights(single, device=device, mlp=True), C.load_weights(single, mlp=True)
-    for name, tensor in on_cpu.tensors().items():
-        assert on_device.tensors()[name].device.type == device, name
-        assert torch.equal(on_device.tensors()[name].cpu(), tensor), name
+    on_cpu = C.load_weights(single, mlp=True)
+    for contiguous in (False, True):  # the full model's layout too: blocks copied into a transposed view
+        on_device = C.load_weights(single, device=device, mlp=True, contiguous_transposes=contiguous)
+        for name, tensor in on_cpu.tensors().items():
+            assert on_device.tensors()[name].device.type == device, name
+            assert torch.equal(on_device.tensors()[name].cpu(), tensor), name
 
 
 @pytest.mark.parametrize("contiguous", [False, True])

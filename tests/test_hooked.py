@@ -128,6 +128,17 @@ def test_unknown_flags_are_refused_before_the_weights_are_read(folders, monkeypa
         hooked.hooked_from_folder(folders["llama"], fold_everything=True)
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "llama"])
+def test_unprocessed_model_on_each_device_holds_the_cpu_parameters(folders, arch, device):
+    """Built on `device` (Gemma's embedding scale folded in place there, Llama's transposed tensors read into
+    their layout there), every parameter equals the CPU build's."""
+    on_cpu, on_device = hooked_from_folder(folders[arch]), hooked_from_folder(folders[arch], device=device)
+    reference = dict(on_cpu.named_parameters())
+    for name, param in on_device.named_parameters():
+        assert param.device.type == torch.device(device).type, name
+        assert torch.equal(param.cpu(), reference[name]), name
+
+
 def test_processed_model_without_biases_on_each_device(folders, device):
     """Llama has no attention or MLP biases: the zeros made for them meet the tensors read in
     TransformerLens's folds (fold_value_biases: b_V x W_O), so they are made on the model's device too."""

@@ -100,11 +100,13 @@ def hooked_from_folder(folder: str | Path, *, name: str | None = None, device="c
     # tensors stored transposed are read in the model's layout, so that `_build` copies none of them
     ws = load_weights(folder, device=device, dtype=dtype, mlp=True, progress=progress, fold_embed_scale=False,
                       contiguous_transposes=True)
-    cfg, tensors, dtype, scale = tl_config(ws, name, max_ctx=max_ctx), ws.tensors(), ws.dtype, ws.embed_scale
-    cfg.device = str(ws.device)
+    cfg, tensors, dtype = tl_config(ws, name, max_ctx=max_ctx), ws.tensors(), ws.dtype
+    cfg.device, scale, tied = str(ws.device), ws.embed_scale, ws.tied_embeddings
     del ws  # `tensors` is now the only holder of the tensors read: `_build` empties it as it goes
     if scale != 1.0:
-        tensors["unembed.W_U"] = tensors["unembed.W_U"].contiguous()  # tied: a copy of the raw embedding
+        if tied:  # W_U is a view of the raw embedding: its own copy first (`clone`: some devices' tensors
+            # say they are contiguous whatever their strides, and `contiguous` would keep the view)
+            tensors["unembed.W_U"] = tensors["unembed.W_U"].clone(memory_format=torch.contiguous_format)
         tensors["embed.W_E"] = _scaled_embedding(tensors["embed.W_E"], scale, in_place=True)
     return _build(cfg, tensors, dtype, hf_tokenizer(Path(folder)), name, processing)
 
