@@ -180,6 +180,9 @@ def test_bf16_checkpoint(checkpoints, dtype):
     ws = C.load_weights(folder, dtype=dtype, mlp=True)
     assert ws.W_E.dtype == dtype
     _assert_same(ws, _reference("gemma2", hf_model, dtype), _expected_names("gemma2", LAYERS, True))
+    laid_out = C.load_weights(folder, dtype=dtype, mlp=True, contiguous_transposes=True)  # the full model's
+    for name, tensor in ws.tensors().items():
+        assert torch.equal(laid_out.tensors()[name], tensor), name
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "llama", "gpt2"])

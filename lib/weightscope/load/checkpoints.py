@@ -34,8 +34,9 @@ Tensors come back in TransformerLens conventions, shapes and values, as `HookedT
 
 Tensors may be non-contiguous views (`W_U` of a tied embedding, `W_Q` of the checkpoint's [n_heads * d_head,
 d_model] matrix, ...); their values and shapes are TransformerLens's. Call `.contiguous()` where a layout
-matters. A non-finite value (NaN/Inf) in any tensor read raises `NonFiniteWeightsError` unless
-`check_finite=False`.
+matters; `contiguous_transposes=True` reads the tensors stored [out, in] (an untied lm_head, the MLP's) in
+TransformerLens's layout instead, so that a model built from them copies none (`weightscope.load.hooked`).
+A non-finite value (NaN/Inf) in any tensor read raises `NonFiniteWeightsError` unless `check_finite=False`.
 
 `config_dims(arch, config)` reads the dimensions from config.json alone (no weights); `config_from_hf(ws,
 name)` states a checkpoint's facts under TransformerLens's names (`ModelConfig`), for the weights-only model
