@@ -448,6 +448,15 @@ def check_finite(name: str, tensor: Tensor, *, where: str, offset: int = 0) -> N
     )
 
 
+def scale_embedding(W_E: Tensor, scale: float, *, in_place: bool = False) -> Tensor:
+    """W_E [d_vocab, d_model] times `scale` in its own dtype, as TransformerLens folds Gemma's sqrt(d_model)
+    (`embed_tokens.weight * torch.tensor(sqrt(d_model), dtype=cfg.dtype)`).
+
+    in_place: overwrite W_E (no second embedding-sized tensor; only where nothing else views it)."""
+    factor = torch.tensor(scale, dtype=W_E.dtype, device=W_E.device)
+    return W_E.mul_(factor) if in_place else W_E * factor
+
+
 def _source_itemsize(safetensors_dtype: str) -> int:
     sizes = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
              "U16": 2}
@@ -522,9 +531,8 @@ def _load_rms_model(reader: _Reader, dims: Dims, config_ties: bool, layers: list
     else:
         W_U = reader.read_t("lm_head.weight", (V, d))
         tied = False
-    if gemma and fold_embed_scale:
-        # TL: embed_tokens.weight * torch.tensor(sqrt(d_model), dtype=cfg.dtype); W_U keeps the raw embedding
-        W_E = W_E * torch.tensor(embed_scale, dtype=reader.dtype, device=reader.device)
+    if gemma and fold_embed_scale:  # W_U keeps the raw embedding
+        W_E = scale_embedding(W_E, embed_scale)
         reader._check(p + "embed_tokens.weight", W_E)
     out.update(W_E=W_E, W_U=W_U, tied=tied, embed_scale=embed_scale, ln_final_w=norm(p + "norm.weight"),
                ln_final_b=None)

@@ -30,7 +30,7 @@ import torch
 
 from weightscope.config.params import PROCESSING_FLAGS
 from weightscope.load.checkpoints import (CheckpointError, WeightSet, check_finite, config_from_hf,
-                                          load_weights)
+                                          load_weights, scale_embedding)
 from weightscope.load.tokenizer import hf_tokenizer
 
 MAX_CTX = 2048
@@ -112,11 +112,8 @@ def hooked_from_folder(folder: str | Path, *, name: str | None = None, device="c
 
 
 def _scaled_embedding(W_E: torch.Tensor, scale: float, *, in_place: bool = False) -> torch.Tensor:
-    """W_E [d_vocab, d_model] times `scale` in its own dtype, as TransformerLens folds Gemma's sqrt(d_model).
-
-    in_place: overwrite W_E (no second embedding-sized tensor; only where nothing else views it)."""
-    factor = torch.tensor(scale, dtype=W_E.dtype, device=W_E.device)
-    out = W_E.mul_(factor) if in_place else W_E * factor
+    """`checkpoints.scale_embedding`, checked for an overflow of the model's dtype (as the loader checks)."""
+    out = scale_embedding(W_E, scale, in_place=in_place)
     check_finite("embed.W_E", out, where=f"the embedding times {scale:g}")
     return out
 
