@@ -166,6 +166,26 @@ def test_firing_pass_in_groups_of_saes_equals_one_pass_with_every_sae(budget):
     assert not torch.equal(one.attn_scale[0], torch.ones_like(one.attn_scale[0]))  # the scales were read
 
 
+def test_sae_budget_counts_the_saes_at_the_dtype_they_are_held_in():
+    """Two bf16 SAEs fit the budget of one fp32 SAE: one group, where the same SAEs in fp32 need two (counted
+    in fp32, a GPU's bf16 groups were half-full)."""
+    from weightscope.load.sae_sequence import SAESequence
+
+    model = tiny_model(seed=1)
+    tokens = torch.randint(1, 24, (2, 10), generator=torch.Generator().manual_seed(3))
+    fp32 = [ReluSAE(32, 16, f"blocks.{lay}.hook_resid_pre", lay, seed=4 + lay) for lay in (0, 1)]
+    bf16 = [ReluSAE(32, 16, f"blocks.{lay}.hook_resid_pre", lay, seed=4 + lay) for lay in (0, 1)]
+    for sae in bf16:
+        sae.W_dec = sae.W_dec.bfloat16()
+    budget = ic.sae_bytes(fp32[0])
+    kw = dict(n_keep=3, batch_rows=2, progress=False, sae_budget_bytes=budget)
+    assert ic.firing_pass(model, fp32, tokens, **kw).sae_groups == 2
+    assert ic.firing_pass(model, bf16, tokens, **kw).sae_groups == 1
+    assert ic.held_element_bytes(fp32) == 4 and ic.held_element_bytes(bf16) == 2
+    lazy = [SAESequence("demo", ["x"], [0], device="cpu", dtype=d) for d in ("bfloat16", "float32", None)]
+    assert [ic.held_element_bytes(s) for s in lazy] == [2, 4, 4]  # no weights read
+
+
 def test_memory_budget_lowers_the_kept_firings_and_the_batch():
     assert ic.keep_per_feature(10**9, 2, 100, 64) == 64
     small = ic.keep_per_feature(2 * 2 * 100 * ic.ENTRY_BYTES * 5, 2, 100, 64)

@@ -45,8 +45,8 @@ class Config:
     n_tokens: int = 32768  # held-out story tokens the model reads
     row_len: int = 128  # tokens per row (each story starts with BOS; rows run across stories)
     memory_mb: int = 256  # budget for activations held at once (one batch, and the kept firings)
-    sae_memory_mb: float = 2048  # SAE weights (fp32) held at once by the activation pass: more SAEs run in
-    # stretches of blocks, a group of SAEs each, every block still once (see `ic.firing_pass`)
+    sae_memory_mb: float = 2048  # SAE weights held at once by the activation pass, at the dtype they are
+    # loaded in: more SAEs run in stretches of blocks, a group of SAEs each, every block still once
     n_keep: int = 64  # strongest firing positions kept per feature (lowered to fit memory_mb)
     k_out: int = 5  # weights-only top output tokens a next token must be among (<= chapter 1's k)
     m_in: int = 5  # weights-only top input tokens the current token must be among (<= chapter 1's k)

@@ -28,7 +28,7 @@ from weightscope.compute.attention import read_by_layer, rotate_queries
 from weightscope.compute.passes import BlockStream, final_logits
 from weightscope.compute.ranking import rank_key
 from weightscope.compute.streaming import CHUNK_ELEMENTS, progress_bar
-from weightscope.load.sae_sequence import described
+from weightscope.load.sae_sequence import SAESequence, described
 from weightscope.load.saes import ONE_FEATURE_ARCHITECTURES, feature_activation, hook_layer, sae_architecture
 
 ENTRY_BYTES = 16  # one kept firing: feature (int32), position (int64), activation (fp32)
@@ -136,9 +136,19 @@ def sae_groups(layers: list[int], sizes: list[int], budget_bytes: int) -> list[l
     return groups
 
 
-def sae_bytes(sae) -> int:
-    """An SAE's encoder and decoder in fp32 (an upper bound for a lower precision), from its description."""
-    return 2 * sae.d_in * sae.d_sae * 4
+def sae_bytes(sae, element_bytes: int = 4) -> int:
+    """An SAE's encoder and decoder at `element_bytes` per weight (4: fp32), from its description."""
+    return 2 * sae.d_in * sae.d_sae * element_bytes
+
+
+def held_element_bytes(saes) -> int:
+    """Bytes per weight of `saes` as the pass will hold them: a lazy `SAESequence`'s dtype (None: sae-lens's
+    fp32), or the first loaded SAE's decoder's. On a GPU the book loads SAEs in bf16: counted in fp32, a
+    group would hold half the SAEs its budget allows."""
+    if isinstance(saes, SAESequence):
+        return getattr(torch, saes.dtype).itemsize if saes.dtype else 4
+    first = described(saes)[0]
+    return first.W_dec.element_size()
 
 
 @torch.no_grad()
@@ -150,15 +160,17 @@ def firing_pass(model, saes, tokens: Tensor, *, n_keep: int, batch_rows: int, at
 
     model: a HookedTransformer; saes: `LoadedSAE`s of residual sites, a list or a lazy `SAESequence`;
     attn_layers: layers whose `ln1` scale is kept (for `pair_contributions`); sae_budget_bytes: the SAE
-    weights held at once (None: every SAE). With more SAEs than the budget holds, the pass runs in stretches
-    of blocks, one group of SAEs each (`sae_groups`): each batch's residual stream waits between stretches
-    ([rows * row_len, d_model] in all), and every block still runs once per token.
+    weights held at once, at the dtype they are loaded in (`held_element_bytes`; None: every SAE). With more
+    SAEs than the budget holds, the pass runs in stretches of blocks, one group of SAEs each (`sae_groups`):
+    each batch's residual stream waits between stretches ([rows * row_len, d_model] in all), and every block
+    still runs once per token.
     """
     metas = described(saes)
     if any(m.layer is None for m in metas):
         raise ValueError("firing_pass reads SAEs of block hooks (`blocks.{L}.…`) only")
-    budget = sum(map(sae_bytes, metas)) if sae_budget_bytes is None else sae_budget_bytes
-    groups = sae_groups([m.layer for m in metas], [sae_bytes(m) for m in metas], budget)
+    sizes = [sae_bytes(m, held_element_bytes(saes)) for m in metas]
+    groups = sae_groups([m.layer for m in metas], sizes, sum(sizes) if sae_budget_bytes is None
+                        else sae_budget_bytes)
     rows, row_len = tokens.shape
     evaluated = torch.ones(rows, row_len, dtype=torch.bool)
     evaluated[:, -1] = False
