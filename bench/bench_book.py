@@ -470,8 +470,10 @@ SKIP = re.compile(r"^\[book\] \S+: (\S+) skipped: ")
 def run_book(stems: list[str], params: Path, env: dict, log: Path, done=None,
              cmd: list[str] | None = None) -> tuple[dict[str, dict], dict]:
     """The chapters through one book runner, as `make book` runs them (one pre-flight, one start):
-    ({stem: rc, wall, cpu, peak memory, last lines}, {rc, wall_s, cpu_s of the whole run}). A chapter's wall
-    time runs from the runner's line that starts it to the line that ends it (kernel start included); a
+    ({stem: rc, wall, cpu, peak memory, longest silence, last lines}, {rc, wall_s, cpu_s of the whole run}). A
+    chapter's wall time runs from the runner's line that starts it to the line that ends it (kernel start
+    included); its longest silence is the longest wait between two of its lines (what a user watching the
+    terminal waits for), with the line that came before (`silent_after`); a
     chapter that failed is timed to the runner's exit, and the chapters after it are not run. `done(stem,
     entry)` is called as each chapter ends (while the next one runs). cmd: the runner's command (default: the
     book runner on `params`; a test passes a stand-in that prints the same lines)."""
@@ -481,6 +483,7 @@ def run_book(stems: list[str], params: Path, env: dict, log: Path, done=None,
 
     chapters, lines, current = {}, [], None
     start, cpu0 = time.perf_counter(), _children_cpu(resource)
+    heard, silence = start, (0.0, "")
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                 text=True, errors="replace")
@@ -491,10 +494,14 @@ def run_book(stems: list[str], params: Path, env: dict, log: Path, done=None,
             out.flush()
             lines.append(line.rstrip("\n"))
             now, text = time.perf_counter(), line.strip()
+            if current is not None and now - heard > silence[0]:
+                silence = (now - heard, lines[-2].strip())
+            heard = now
             if m := START.match(text):
-                current, t0, c0, first = m.group(1), now, peak.cpu(), len(lines)
+                current, t0, c0, first, silence = m.group(1), now, peak.cpu(), len(lines), (0.0, text)
             elif (m := END.match(text)) and m.group(1) == current:
                 chapters[current] = _chapter(0, now - t0, peak.cpu() - c0, peak, gpu, lines[first - 1:][-3:])
+                chapters[current].update(longest_silence_s=round(silence[0], 1), silent_after=silence[1])
                 peak.mark(), gpu.mark()  # the next chapter's peaks: its kernel cannot have started yet
                 print(f"  {current}: {_summary(chapters[current])}", flush=True)
                 if done:  # in a thread of its own: the next line's time is taken as it arrives
@@ -533,7 +540,8 @@ def _chapter(rc: int, wall: float, cpu: float, peak: TreePeak, gpu: GpuPeak, tai
 
 def _summary(r: dict) -> str:
     gpu = f"  GPU {r['peak_gpu_gb']} GB" if r["peak_gpu_gb"] is not None else ""
-    return f"rc {r['rc']}  {r['wall_s']} s  cpu {r['cpu_s']} s  peak {r['peak_rss_gb']} GB{gpu}"
+    quiet = f"  silent {r['longest_silence_s']} s at most" if "longest_silence_s" in r else ""
+    return f"rc {r['rc']}  {r['wall_s']} s  cpu {r['cpu_s']} s  peak {r['peak_rss_gb']} GB{gpu}{quiet}"
 
 
 def slow_cells(page: Path, at_least: float = 2.0) -> list[dict]:
@@ -597,6 +605,17 @@ def table(results: list[dict]) -> str:
         cells = [f"{r['wall_s']:.0f} · {r['cpu_s']:.0f}" if r else "one runner per chapter" for r in runs]
         fill = " – | – |" if fit else ""
         lines.append("| whole run (wall s · CPU s) | " + " | ".join(cells) + " |" + fill)
+    return "\n".join(lines)
+
+
+def silences(result: dict) -> str:
+    """Markdown: per chapter, the longest wait between two lines of the runner's terminal (`run_book`) and the
+    line it followed: a long step without progress shows as a long silence after its last line."""
+    lines = ["| chapter | wall s | longest silence s | after the line |", "|---|---|---|---|"]
+    for stem, c in result["chapters"].items():
+        if "longest_silence_s" in c:
+            after = c["silent_after"].replace("|", "\\|")
+            lines.append(f"| {stem} | {c['wall_s']:.0f} | {c['longest_silence_s']:.1f} | `{after[:90]}` |")
     return "\n".join(lines)
 
 
@@ -770,6 +789,8 @@ def main(argv=None) -> int:
         for r in results:
             print(f"\nMemory at L={r['n_layers']} ({r['file']}):\n" + memory_table(r))
             print(f"\nAt the best rate, L={r['n_layers']} ({r['file']}):\n" + floor(r))
+            if any("longest_silence_s" in c for c in r["chapters"].values()):
+                print(f"\nLongest silences, L={r['n_layers']} ({r['file']}):\n" + silences(r))
         if args.extrapolate:
             print("\n" + extrapolate(results, args.extrapolate))
             print(f"\nMemory at L={args.extrapolate}:\n" + memory_at(results, args.extrapolate))
@@ -802,7 +823,7 @@ def main(argv=None) -> int:
             elif src.exists():
                 shutil.copy(src, book / name)
         env = {**os.environ, "WEIGHTSCOPE_DATA": str(tmp / "data"), "WEIGHTSCOPE_BOOK": str(book),
-               "HF_HUB_OFFLINE": "1",
+               "HF_HUB_OFFLINE": "1", "WEIGHTSCOPE_PROGRESS": "1",  # as a user sees it (silences measured)
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "lib"), os.environ.get("PYTHONPATH")]))}
         offset = 0 if widths["res_hook"].endswith("resid_pre") else 1
         baseline = baseline_rss_gb(env)

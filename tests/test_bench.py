@@ -379,6 +379,7 @@ def test_book_run_times_each_chapter_and_counts_a_kernel_started_during_a_slow_d
         "for i, stem in enumerate(['00_demo_model', '01_output_tokens'], 1):\n"
         "    print(f'[book {i}/2] t: {stem} ...', flush=True)\n"
         "    time.sleep(1.0)\n"
+        "    print('  x | [progress] preparing done', flush=True)\n"
         f"    subprocess.run([sys.executable, '-c', {hold!r}])\n"
         "    print(f'[book {i}/2] t: {stem} executed (2 s)', flush=True)\n")
     calls = []
@@ -393,6 +394,9 @@ def test_book_run_times_each_chapter_and_counts_a_kernel_started_during_a_slow_d
     for stem in ("00_demo_model", "01_output_tokens"):
         assert chapters[stem]["rc"] == 0 and chapters[stem]["wall_s"] >= 2.4
         assert chapters[stem]["peak_rss_gb"] > 0.25, (stem, chapters[stem])
+        # the longest wait between two lines: the child's 1.5 s after the progress line, not the 1 s before it
+        assert 1.4 < chapters[stem]["longest_silence_s"] < chapters[stem]["wall_s"] - 0.9
+        assert chapters[stem]["silent_after"] == "x | [progress] preparing done"
 
 
 def test_a_work_folder_keeps_its_stand_in_for_the_next_call_and_refuses_another_shape(tmp_path, monkeypatch):

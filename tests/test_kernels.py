@@ -390,6 +390,29 @@ def test_progress_bars_are_silenced_like_progress_lines(monkeypatch):
     assert isinstance(progress_bar(3, True), NoBar)
 
 
+def test_line_bar_prints_at_most_one_line_per_interval_and_none_for_short_work(monkeypatch, capsys):
+    from weightscope.compute import streaming
+
+    clock = [100.0]
+    monkeypatch.setattr(streaming.time, "monotonic", lambda: clock[0])
+    monkeypatch.setenv("WEIGHTSCOPE_PROGRESS", streaming.LINES)
+    bar = streaming.progress_bar(16384, True, "token scores")
+    assert isinstance(bar, streaming.LineBar) and bar.every == streaming.LINE_EVERY_S
+    for step in (4.0, 4.0, 4.0, 4.0, 30.0):  # updates at 4, 8, 12, 16 and 46 s
+        clock[0] += step
+        bar.update(2048)
+    bar.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "[progress] token scores: 6,144/16,384 features (38%), 12 s, about 20 s left",
+        "[progress] token scores: 10,240/16,384 features (62%), 46 s, about 28 s left"]
+    short = streaming.progress_bar(10, True, "head reads")
+    clock[0] += 9.9
+    short.update(10)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("WEIGHTSCOPE_PROGRESS", "0")
+    assert isinstance(streaming.progress_bar(10, True), streaming.NoBar)
+
+
 def test_stats_frame_is_tidy():
     D, M = gaussian(6, 8, 120, seed=12)
     result = K.token_score_stats(D, M, k=3, progress=False)

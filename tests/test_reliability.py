@@ -367,6 +367,34 @@ def test_kernels_get_fixed_malloc_thresholds_unless_the_user_set_one(world):
         assert f"thresholds {expected}" in page.read_text()
 
 
+@pytest.mark.slow  # runs the book runner in subprocesses (kernels)
+def test_a_long_step_in_a_kernel_reaches_the_terminal_as_lines_and_leaves_the_page(world):
+    """A notebook's bar is a widget, which never reaches the runner's terminal: in the runner's kernels a bar
+    prints lines instead (`LineBar`), which are relayed while the chapter runs and dropped from the page."""
+    body = """
+        import time
+        from weightscope.compute import streaming
+        bar = streaming.progress_bar(4, True, "token scores")
+        print(type(bar).__name__)
+        bar.every = 0.2
+        for _ in range(4):
+            time.sleep(0.25)
+            bar.update(1)
+        bar.close()
+    """
+    _notebooks(world["tmp"] / "notebooks", {"00_fake": body})
+    page = world["book"] / "tiny" / "00_fake.ipynb"
+    proc = _run(world, "--force", env={"WEIGHTSCOPE_PROGRESS": "1"})  # as in a user's shell
+    assert proc.returncode == 0, proc.stderr
+    relayed = [line for line in proc.stdout.splitlines() if "[progress] token scores: " in line]
+    assert len(relayed) == 4, proc.stdout
+    assert relayed[0].startswith("  00_fake | [progress] token scores: 1/4 features (25%)")
+    assert "LineBar" in page.read_text() and "[progress]" not in page.read_text()
+    off = _run(world, "--force", env={"WEIGHTSCOPE_PROGRESS": "0"})
+    assert off.returncode == 0 and "[progress]" not in off.stdout
+    assert "NoBar" in page.read_text()  # WEIGHTSCOPE_PROGRESS=0 holds in the kernels
+
+
 def test_unwritable_data_folder_is_a_preflight_problem(world):
     _notebooks(world["tmp"] / "notebooks", {"00_fake": "print('ran')"})
     blocker = world["tmp"] / "blocker"

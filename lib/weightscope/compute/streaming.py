@@ -7,6 +7,9 @@ fit is retried with half the rows instead of failing the chapter.
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from typing import Callable, Iterator
 
 import torch
@@ -91,14 +94,49 @@ class NoBar:
         pass
 
 
+LINE_EVERY_S = 10.0  # the longest a long step stays silent in the book runner's terminal
+LINES = "lines"  # WEIGHTSCOPE_PROGRESS=lines (the book runner's kernels): progress as `LineBar` lines
+
+
+class LineBar(NoBar):
+    """Progress as lines on stderr, "[progress] token scores: 4,096/16,384 features (25%), 31 s, about 93 s
+    left": at most one per `every` seconds, none for work shorter than that. A notebook's bar is a widget,
+    which never reaches the terminal the book runs in; these lines do (the runner relays them, then drops
+    them from the page)."""
+
+    def __init__(self, total: int, desc: str, unit: str, every: float = LINE_EVERY_S):
+        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.n, self.start = 0, time.monotonic()
+        self.last = self.start
+
+    def update(self, n: int) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            print(self.line(now - self.start), file=sys.stderr, flush=True)
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def line(self, elapsed: float) -> str:
+        done = self.n / self.total if self.total else 1.0
+        left = f", about {elapsed * (1 - done) / done:,.0f} s left" if 0 < done < 1 else ""
+        return (f"[progress] {self.desc}: {self.n:,}/{self.total:,} {self.unit}s ({done:.0%}), "
+                f"{elapsed:,.0f} s{left}")
+
+
 def progress_bar(total: int, enabled: bool, desc: str = "token scores", unit: str = "feature"):
-    """A tqdm bar over `total` rows, or a `NoBar` (when not enabled, or WEIGHTSCOPE_PROGRESS=0: a kernel's
-    tqdm draws a widget, which nbval would compare with the stored page)."""
+    """A tqdm bar over `total` rows; a `LineBar` in a kernel the book runner started (WEIGHTSCOPE_PROGRESS=
+    lines); or a `NoBar` (when not enabled, or WEIGHTSCOPE_PROGRESS=0: a kernel's tqdm draws a widget, which
+    nbval would compare with the stored page)."""
+    if not enabled or not progress_enabled():
+        return NoBar()
+    if os.environ.get("WEIGHTSCOPE_PROGRESS") == LINES:
+        return LineBar(total, desc, unit)
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        enabled = False
-    if not enabled or not progress_enabled():
         return NoBar()
     return tqdm(total=total, unit=unit, desc=desc)
 

@@ -40,7 +40,8 @@ from typing import Any
 from weightscope.config.params import (NOTEBOOK_PARAMETERS, PARAMS_DIR, PARAMS_FILE, ParamsError, Target,
                                        check_overrides, load_target)
 from weightscope.chapters.context import input_files
-from weightscope.config.paths import REPO_ROOT, cache_dir, corpora_dir, data_dir, models_dir
+from weightscope.compute.streaming import LINES
+from weightscope.config.paths import REPO_ROOT, cache_dir, corpora_dir, data_dir, models_dir, progress_enabled
 from weightscope.io import (ARTIFACT_LOG, Busy, CacheError, StorageError, atomic_write_bytes,
                             atomic_write_json, code_fingerprint, file_lock, file_sha256, read_artifact_log,
                             stale_artifacts, versions)
@@ -185,6 +186,8 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
         os.environ[PLOTLYJS_ENV] = "book"  # and its figures leave plotly.js to the book (`_install_plotlyjs`)
         set_malloc = {k: v for k, v in MALLOC_SETTINGS.items() if k not in os.environ}
         os.environ.update(set_malloc)  # read by the kernel's C library when it starts
+        if progress_enabled():  # a kernel's bars are widgets, which never reach this terminal: lines instead
+            os.environ["WEIGHTSCOPE_PROGRESS"] = LINES
         where = f"chapter {source.stem} failed for target {target.target}"
         kernel_log = cache_dir() / "logs" / target.target / f"{source.stem}.kernel.log"
         kernel_log.parent.mkdir(parents=True, exist_ok=True)
@@ -234,8 +237,10 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
 
 # What of a chapter's output reaches the terminal while it runs: the library's progress lines ("[weights] 3/26
 # [block 2] read", "[saes] ...", "01_token_lens: layer 3 (16384 features) ...", waits and warnings)
-_RELAYED = re.compile(r"^(\[(weights|saes|model)\] |\d\d_[a-z0-9_]+: |\S+: layer \d+ \(|waiting: |warning: )")
-_PROGRESS_LINE = re.compile(r"^(\[(weights|saes|model)\] |\d\d_[a-z0-9_]+: |\S+: layer \d+ \().*\n?", re.M)
+_RELAYED = re.compile(
+    r"^(\[(weights|saes|model|progress)\] |\d\d_[a-z0-9_]+: |\S+: layer \d+ \(|waiting: |warning: )")
+_PROGRESS_LINE = re.compile(r"^(\[(weights|saes|model|progress)\] |\d\d_[a-z0-9_]+: |\S+: layer \d+ \().*\n?",
+                            re.M)
 
 
 class _ProgressRelay:
