@@ -180,34 +180,29 @@ def test_bf16_checkpoint(checkpoints, dtype):
     ws = C.load_weights(folder, dtype=dtype, mlp=True)
     assert ws.W_E.dtype == dtype
     _assert_same(ws, _reference("gemma2", hf_model, dtype), _expected_names("gemma2", LAYERS, True))
-    laid_out = C.load_weights(folder, dtype=dtype, mlp=True, contiguous_transposes=True)  # the full model's
-    for name, tensor in ws.tensors().items():
-        assert torch.equal(laid_out.tensors()[name], tensor), name
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "llama", "gpt2"])
 def test_loads_onto_each_device(checkpoints, arch, device):
     _, single, _ = checkpoints[arch]
     on_cpu = C.load_weights(single, mlp=True)
-    for contiguous in (False, True):  # the full model's layout too: blocks copied into a transposed view
-        on_device = C.load_weights(single, device=device, mlp=True, contiguous_transposes=contiguous)
-        for name, tensor in on_cpu.tensors().items():
-            assert on_device.tensors()[name].device.type == device, name
-            assert torch.equal(on_device.tensors()[name].cpu(), tensor), name
+    on_device = C.load_weights(single, device=device, mlp=True)
+    for name, tensor in on_cpu.tensors().items():
+        assert on_device.tensors()[name].device.type == device, name
+        assert torch.equal(on_device.tensors()[name].cpu(), tensor), name
 
 
-@pytest.mark.parametrize("contiguous", [False, True])
 @pytest.mark.parametrize("arch", ["gemma2", "llama", "gpt2"])
-def test_block_reads_match(checkpoints, arch, contiguous, monkeypatch):
-    """Tensors above the block size are read in row blocks into one output: same values, whether the tensors
-    stored [out, in] come as views of the file's layout or contiguous in TransformerLens's."""
+def test_block_reads_match(checkpoints, arch, monkeypatch):
+    """Tensors above the block size are read in row blocks into one output: same values; the tensors stored
+    [out, in] come as views of the file's layout (what the full model's forward pass wants: `load.hooked`)."""
     hf_model, single, _ = checkpoints[arch]
     monkeypatch.setattr(C, "_BLOCK_BYTES", 1000)  # a few rows per block for every matrix
-    ws = C.load_weights(single, mlp=True, contiguous_transposes=contiguous)
+    ws = C.load_weights(single, mlp=True)
     _assert_same(ws, _reference(arch, hf_model, torch.float32), _expected_names(arch, LAYERS, True))
     if arch == "llama":  # untied: lm_head, and the MLP's three projections, are stored [out, in]
         stored = [ws.W_U, ws[0].W_in, ws[0].W_gate, ws[0].W_out]
-        assert [t.is_contiguous() for t in stored] == [contiguous] * 4
+        assert [t.T.is_contiguous() for t in stored] == [True] * 4
 
 
 def test_loads_into_hooked_transformer(checkpoints):
@@ -332,10 +327,10 @@ def test_non_finite_values(checkpoints, tmp_path, monkeypatch, block_bytes):
     assert torch.isinf(ws.W_E[57, 3])
 
     state["model.embed_tokens.weight"][57, 3] = 0.0
-    state["lm_head.weight"][41, 2] = float("-inf")  # read into a transposed output: the file's index
+    state["lm_head.weight"][41, 2] = float("-inf")  # given as a transposed view: the file's index
     folder = _save_state(state, tmp_path / "inf-head", single)
     with pytest.raises(C.NonFiniteWeightsError, match=r"lm_head.*index \[41, 2\]"):
-        C.load_weights(folder, contiguous_transposes=True, layers=[])
+        C.load_weights(folder, layers=[])
     state["lm_head.weight"][41, 2] = 0.0
 
     state["model.layers.1.self_attn.k_proj.weight"][5, 7] = float("nan")

@@ -390,11 +390,12 @@ def test_progress_bars_are_silenced_like_progress_lines(monkeypatch):
     assert isinstance(progress_bar(3, True), NoBar)
 
 
-def test_line_bar_prints_at_most_one_line_per_interval_and_none_for_short_work(monkeypatch, capsys):
+def test_line_bar_prints_one_line_per_interval_across_bars_and_none_for_short_work(monkeypatch, capsys):
     from weightscope.compute import streaming
 
     clock = [100.0]
     monkeypatch.setattr(streaming.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(streaming.LineBar, "last_line", 100.0)
     monkeypatch.setenv("WEIGHTSCOPE_PROGRESS", streaming.LINES)
     bar = streaming.progress_bar(16384, True, "token scores")
     assert isinstance(bar, streaming.LineBar) and bar.every == streaming.LINE_EVERY_S
@@ -405,10 +406,14 @@ def test_line_bar_prints_at_most_one_line_per_interval_and_none_for_short_work(m
     assert capsys.readouterr().err.splitlines() == [
         "[progress] token scores: 6,144/16,384 features (38%), 12 s, about 20 s left",
         "[progress] token scores: 10,240/16,384 features (62%), 46 s, about 28 s left"]
-    short = streaming.progress_bar(10, True, "head reads")
-    clock[0] += 9.9
+    short = streaming.progress_bar(10, True, "head reads", unit="row")
+    clock[0] += 9.9  # 9.9 s since the last line: nothing
     short.update(10)
     assert capsys.readouterr().err == ""
+    after = streaming.progress_bar(4, True, "null scores", unit="direction")
+    clock[0] += 0.2  # a second short step, 10.1 s after the last line: the run of short steps is reported
+    after.update(1)
+    assert capsys.readouterr().err == "[progress] null scores: 1/4 directions (25%), 0 s, about 1 s left\n"
     monkeypatch.setenv("WEIGHTSCOPE_PROGRESS", "0")
     assert isinstance(streaming.progress_bar(10, True), streaming.NoBar)
 

@@ -20,6 +20,7 @@ features] product is taken in row chunks of bounded size (`chunked_topk`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,10 +224,12 @@ def run(ctx, config: Config, *, model=None, attn=None, resid=None, text=None) ->
 
     sh = io.layer_tables(target, "04_head_shares", attn, prov,
                          lambda sae: head_attribution(model, sae, config))
+    # the model's alone: made once for both tables (at most), not per table
+    gram = functools.cache(lambda: ha.profile_gram(output_matrix(model)[0].float().cpu(), keep))
     poly = cached(["04_head_groups", "04_poly_heads", "04_poly_curve", "04_tau"],
-                  lambda: polysemantic_heads(model, attn, maps, keep, config), "polysemantic heads")
+                  lambda: polysemantic_heads(attn, maps, gram(), config), "polysemantic heads")
     own = cached(["04_slice_heads", "04_slice_tau"],
-                 lambda: polysemantic_heads(model, attn, maps, keep, config, own_slice=True),
+                 lambda: polysemantic_heads(attn, maps, gram(), config, own_slice=True),
                  "polysemantic heads, from each head's own slice")
     heads = heads_table(sh["shares"], sh["top"], model.cfg)
     slice_heads = own["04_slice_heads"].merge(heads[["layer", "head", "top_share_mean"]],
@@ -496,19 +499,23 @@ def top_features_table(t: Tables, n: int = 5) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def polysemantic_heads(model, saes, maps: dict, keep, config: Config, *,
+def polysemantic_heads(saes, maps: dict, gram: torch.Tensor, config: Config, *,
                        own_slice: bool = False) -> dict[str, pd.DataFrame]:
     """{"04_head_groups": per (layer, head, tau, kind, draw) the groups among the head's top features,
     "04_poly_heads": the verdict per head at the chosen tau, "04_poly_curve": fraction of heads polysemantic
     against tau, real and null, "04_tau": the chosen tau (the null's q_link quantile of pairwise profile
-    cosines), one row}. Profiles are over the content tokens `keep` (None: all): each feature's whole write
-    through every head, or with `own_slice` what head h itself writes for it (then {"04_slice_heads",
-    "04_slice_tau"} only)."""
-    gram = ha.profile_gram(output_matrix(model)[0].float().cpu(), keep)
+    cosines), one row}. Profiles are over the content tokens (`gram`: `ha.profile_gram` of the model's folded
+    unembedding over them): each feature's whole write through every head, or with `own_slice` what head h
+    itself writes for it (then {"04_slice_heads", "04_slice_tau"} only)."""
     similarities = ha.head_slice_similarities if own_slice else ha.head_similarities
-    sims = {sae.layer: similarities(sae.W_dec.float().cpu(), maps[sae.layer].cpu(), gram, k=config.top_k,
-                                    n_null=config.n_null, seed=config.seed + sae.layer)
-            for sae in saes}
+    sims, bar = {}, progress_bar(len(saes), True, "head profile cosines", unit="SAE")
+    try:
+        for sae in saes:
+            sims[sae.layer] = similarities(sae.W_dec.float().cpu(), maps[sae.layer].cpu(), gram,
+                                           k=config.top_k, n_null=config.n_null, seed=config.seed + sae.layer)
+            bar.update(1)
+    finally:
+        bar.close()
     tau = ha.null_link_threshold([s for layer_sims in sims.values() for s in layer_sims], config.q_link)
     taus = sorted(set(round(t, 2) for t in np.linspace(0.05, 0.95, 19)) | {tau})
     groups = pd.concat([ha.polysemantic_heads(s, layer=layer, taus=taus) for layer, s in sims.items()],

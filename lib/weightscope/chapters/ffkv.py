@@ -183,12 +183,15 @@ def run(ctx, config: Config, *, model=None, saes=None, full=None) -> Tables:
 
 def weight_tables(ctx, config: Config, model, saes) -> dict[str, pd.DataFrame]:
     """Every weights-only table of the chapter (see `Tables`), each step cached."""
-    lens_rows = token_lens(ctx, config, model, saes)
+    keep = lens.content_ids(model, config.exclude_tokens)
+    matrices = functools.cache(lambda: lens.side_matrices(model, keep))  # once, if any layer is computed
+    lens_rows = token_lens(ctx, config, model, saes, matrices=matrices)
     reads = attention_reads(ctx, config, model, saes)
     pop = populations(lens_rows, reads, config)
     align = alignment(ctx, config, model, saes)
+    keys = key_choice(ctx, config, model, saes, lens_rows, matrices=matrices)
     return {"pairing": blocks(model, saes, config), "lens_rows": lens_rows, "lens_rates": lens_rates(lens_rows),
-            "key_choice": key_choice(model, saes, config, lens_rows), "reads": reads, "labels": pop["shares"],
+            "key_choice": keys, "reads": reads, "labels": pop["shares"],
             "contrast": pop["contrast"], "alignment": align, "alignment_shares": alignment_shares(align, config)}
 
 
@@ -265,18 +268,19 @@ def _directions(model, sae, cfg: Config, offset: int) -> dict[str, torch.Tensor]
 # Chapter 1: the token lens, called
 
 
-def token_lens(ctx, config: Config, model, saes) -> pd.DataFrame:
+def token_lens(ctx, config: Config, model, saes, *, matrices=None) -> pd.DataFrame:
     """Chapter 1's rule on the three dictionaries: one row per (dictionary, layer, row), `dec_*`, `enc_*`.
 
     features and null: chapter 1's own rows (`output_tokens.lens_tables`; its "null: random" sample, scored by
     the rule, is the chance level); neurons: their value (output side) and key (input side) vectors over the same
-    content tokens, judged by the same per-layer thresholds (chapter 1's `thr` null sample).
+    content tokens, judged by the same per-layer thresholds (chapter 1's `thr` null sample). matrices: a
+    function returning `lens.side_matrices(model, keep)` (called only if a layer is computed).
     """
     ch1 = config.lens_config()
     tabs, _ = output_tokens.lens_tables(ctx, ch1, model, saes)
     keep, vocab = lens.content_ids(model, ch1.exclude_tokens), lens.token_strings(model)
     provenance = ctx.provenance(**dataclasses.asdict(config), step="token_lens")
-    matrices = functools.cache(lambda: lens.side_matrices(model, keep))  # once, if any layer is computed
+    matrices = matrices or functools.cache(lambda: lens.side_matrices(model, keep))  # once, if needed
     paired = described(_paired(saes))  # neuron_lens reads only the SAE's layer: no weights loaded
     neurons = io.layer_tables(ctx.params.target, "06_token_lens", paired, provenance, lambda sae: {
         "rows": neuron_lens(model, sae, config, tabs["features"], vocab=vocab, keep=keep, dtype=ctx.dtype,
@@ -306,8 +310,8 @@ def neuron_lens(model, sae, config: Config, features: pd.DataFrame, *, vocab, ke
     m = _first(b.d_mlp, config.max_neurons)
     V, K = ffkv.value_vectors(b)[:m], ffkv.key_vectors(b, key or config.key)[:m]
     cfg = config.lens_config().lens_config()
-    df = lens.sae_sides(K.T, V, model, cfg, vocab=vocab, dtype=dtype, keep=keep, progress=False,
-                        matrices=matrices)
+    df = lens.sae_sides(K.T, V, model, cfg, vocab=vocab, dtype=dtype, keep=keep, matrices=matrices,
+                        rows=(f"MLP neurons of block {b.layer}", "neuron"))
     for side in SIDES:
         df = lens.apply_rule(df, _thresholds(features, sae.layer, side), cfg, side)
     return df.rename(columns={"feature": "row"}).assign(dictionary="neurons", layer=sae.layer)
@@ -324,24 +328,31 @@ def lens_rates(rows: pd.DataFrame) -> pd.DataFrame:
     return long
 
 
-def key_choice(model, saes, config: Config, lens_rows: pd.DataFrame) -> pd.DataFrame:
+def key_choice(ctx, config: Config, model, saes, lens_rows: pd.DataFrame, *, matrices) -> pd.DataFrame:
     """The neurons' input side with each of a gated MLP's two input rows as the key, by chapter 1's
-    thresholds: one row per (layer, key), the shares passing each test."""
+    thresholds: one row per (layer, key), the shares passing each test; cached per layer under `06_key_choice`
+    (the other key's lens costs as much as the chosen one's). matrices: as `token_lens`."""
     keep, vocab = lens.content_ids(model, config.exclude_tokens), lens.token_strings(model)
     feats = lens_rows[lens_rows["dictionary"] == "features"]
-    rows = []
-    for sae in described(_paired(saes)):  # neuron_lens reads only the SAE's layer
-        b = ffkv.ff_block(model, mlp_layer_for(sae))
+    provenance = ctx.provenance(**dataclasses.asdict(config), step="key_choice")
+
+    def layer(sae) -> dict[str, pd.DataFrame]:
+        b, rows = ffkv.ff_block(model, mlp_layer_for(sae)), []
         for key in ffkv.KEYS if b.gated else ("up",):
-            if key == config.key or not b.gated:  # the chosen key: already in lens_rows
+            chosen = key == config.key or not b.gated
+            if chosen:  # already in lens_rows
                 df = lens_rows[(lens_rows["dictionary"] == "neurons") & (lens_rows["layer"] == sae.layer)]
             else:
-                df = neuron_lens(model, sae, config, feats, vocab=vocab, keep=keep, key=key)
-            chosen = key == config.key or not b.gated
+                df = neuron_lens(model, sae, config, feats, vocab=vocab, keep=keep, key=key, dtype=ctx.dtype,
+                                 matrices=matrices())
             rows.append({"layer": sae.layer, "key": key + (" (chosen)" if chosen else ""),
                          "concentrated": df["enc_concentrated"].mean(), "coherent": df["enc_coherent"].mean(),
                          "passes the rule": df["enc_predicts"].mean()})
-    return pd.DataFrame(rows)
+        return {"rows": pd.DataFrame(rows)}
+
+    paired = described(_paired(saes))  # neuron_lens reads only the SAE's layer: no weights loaded
+    return io.layer_tables(ctx.params.target, "06_key_choice", paired, provenance, layer).get(
+        "rows", pd.DataFrame(columns=["layer", "key", "concentrated", "coherent", "passes the rule"]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,8 +373,9 @@ def reads_layer(model, sae, cfg: Config, dtype=None, device=None) -> pd.DataFram
     names = [*dirs, "thr"]
     sizes = [len(dirs[n]) for n in dirs] + [len(thr)]
     stack = F.normalize(torch.cat([*dirs.values(), thr]).float(), dim=1).to(thr.dtype)
-    frames = []
-    for read_layer in range(L + 1, model.cfg.n_layers):
+    frames, later = [], range(L + 1, model.cfg.n_layers)
+    bar = progress_bar(len(later), True, f"attention reads of block {L}'s directions", unit="layer")
+    for read_layer in later:
         reads = head_reads(read_by_layer(model, stack, read_layer), *layer_weights(model, read_layer),
                            dtype=dtype, device=device, progress=False)
         split = {r: dict(zip(names, reads[r].split(sizes))) for r in READS}
@@ -375,6 +387,8 @@ def reads_layer(model, sae, cfg: Config, dtype=None, device=None) -> pd.DataFram
                 cols[f"{r}_z_mean"] = z.mean(1).numpy()
                 cols[f"{r}_part_frac"] = part.float().mean(1).numpy()
             frames.append(pd.DataFrame(cols))
+        bar.update(1)
+    bar.close()
     return pd.concat(frames, ignore_index=True) if frames else reads_layer_empty()
 
 
@@ -476,14 +490,19 @@ def alignment_rows(model, saes, cfg: Config, *, device=None) -> pd.DataFrame:
     # one SAE at a time: each (SAE, block) pair's cosines once, read both ways (the two sides' real rows share
     # every product), and the decoder's null maxima, before the next SAE is loaded
     best_rows, best_cols, null_cols = {}, {}, {}
+    n_pairs = sum(1 + sum(L <= mlp_layer_for(s) for L in values) for s in metas)  # each with its null
+    bar = progress_bar(n_pairs, True, "max cosines of decoders and value vectors", unit="product")
     for sae in paired:
         decoder = sae.W_dec[: n_rows[sae.layer]]
         for L in [L for L in values if L <= mlp_layer_for(sae)]:
             r, c = ffkv.max_cosine_both(decoder, values[L], **opts)
             best_rows[sae.layer] = torch.maximum(best_rows.get(sae.layer, r), r)
             best_cols[L] = torch.maximum(best_cols.get(L, c), c)
+            bar.update(1)
         null_cols[sae.layer] = ffkv.max_cosine(null_for_decoders, decoder, **opts)[0]
+        bar.update(1)
         del decoder, sae
+    bar.close()
     rows = []
     for sae in metas:
         seen = [L for L in values if L <= mlp_layer_for(sae)]

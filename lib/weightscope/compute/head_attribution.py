@@ -28,6 +28,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from weightscope.compute.streaming import progress_bar
+
 
 def head_slices(W_dec: Tensor, n_heads: int, d_head: int) -> Tensor:
     """W_dec [d_sae, n_heads * d_head] -> [d_sae, n_heads, d_head] (a view; head-major layout of hook_z)."""
@@ -80,7 +82,7 @@ def residual_writes(W_dec: Tensor, W_O: Tensor) -> Tensor:
 PROFILE_COLUMNS = 8192  # vocabulary columns of the folded unembedding per step of `profile_gram`
 
 
-def profile_gram(M_out: Tensor, keep: Tensor | None = None) -> Tensor:
+def profile_gram(M_out: Tensor, keep: Tensor | None = None, *, progress: bool = True) -> Tensor:
     """[d_model, d_model] fp64: M_c M_c^T, for M_c the folded unembedding M_out [d_model, d_vocab] over the
     tokens `keep` (None: all) with each row centred over them.
 
@@ -95,9 +97,14 @@ def profile_gram(M_out: Tensor, keep: Tensor | None = None) -> Tensor:
         mean += M_out[:, part.to(M_out.device)].double().sum(1)
     mean /= max(1, len(cols))
     gram = torch.zeros(M_out.shape[0], M_out.shape[0], dtype=torch.float64, device=M_out.device)
-    for part in cols.split(PROFILE_COLUMNS):
-        M = M_out[:, part.to(M_out.device)].double() - mean[:, None]
-        gram += M @ M.T
+    bar = progress_bar(len(cols), progress, "token-profile Gram matrix", unit="token")
+    try:
+        for part in cols.split(PROFILE_COLUMNS):
+            M = M_out[:, part.to(M_out.device)].double() - mean[:, None]
+            gram += M @ M.T
+            bar.update(len(part))
+    finally:
+        bar.close()
     return gram
 
 

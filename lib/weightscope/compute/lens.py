@@ -111,18 +111,22 @@ def side_matrices(model, keep: Tensor | None = None) -> dict[str, Tensor]:
 
 
 def side_frame(D: Tensor, M: Tensor, E: Tensor, vocab: list[str], cfg: LensConfig, *, prefix: str,
-               keep: Tensor | None = None, feature_ids=None, progress: bool = True, dtype=None) -> pd.DataFrame:
+               keep: Tensor | None = None, feature_ids=None, progress: bool = True, dtype=None,
+               rows: tuple[str, str] = ("features", "feature")) -> pd.DataFrame:
     """Statistics and top tokens of rows D [n, d_model] against M, columns `<prefix>_*`.
 
     M: [d_model, n_keep], the columns of the tokens `keep` (`side_matrices`), or [d_model, d_vocab] when keep
     is None. E: [d_vocab, d_model] embeddings used for the cosine coherence of the top tokens.
     keep: [n_keep] token ids the distribution is taken over (`content_ids`); None: every token. Top and bottom
-    ids are reported in the full vocabulary's numbering.
+    ids are reported in the full vocabulary's numbering. rows: what D's rows are, as the progress bar names
+    them (what, unit).
     """
     if keep is not None and M.shape[1] != len(keep):
         raise ValueError(f"M has {M.shape[1]} columns but keep names {len(keep)} tokens: pass M's kept "
                          "columns (lens.side_matrices(model, keep)).")
-    stats = token_score_stats(D, M, k=cfg.k, progress=progress, dtype=dtype)
+    side = "output" if prefix == "dec" else "input"
+    stats = token_score_stats(D, M, k=cfg.k, progress=progress, dtype=dtype, unit=rows[1],
+                              desc=f"{side} token scores ({rows[0]})")
     if keep is not None:
         stats = dataclasses.replace(stats, top_ids=keep[stats.top_ids], bottom_ids=keep[stats.bottom_ids])
     df = stats.to_frame(feature_ids)
@@ -168,15 +172,16 @@ def apply_rule(df: pd.DataFrame, thr: dict[str, float], cfg: LensConfig, prefix:
 
 def sae_sides(W_enc: Tensor, W_dec: Tensor, model, cfg: LensConfig, *, vocab: list[str], dtype=None,
               keep: Tensor | None = None, progress: bool = True,
-              matrices: dict | None = None) -> pd.DataFrame:
+              matrices: dict | None = None, rows: tuple[str, str] = ("features", "feature")) -> pd.DataFrame:
     """Both sides for one SAE: one row per feature, `dec_*` and `enc_*` columns.
 
     W_enc: [d_model, d_sae]; W_dec: [d_sae, d_model]; keep: the content token ids (see `side_frame`);
-    matrices: `side_matrices(model, keep)` when the caller has them (else gathered here).
+    matrices: `side_matrices(model, keep)` when the caller has them (else gathered here); rows: what the
+    rows are, for the progress bar (`side_frame`).
     """
     mats = matrices if matrices is not None else side_matrices(model, keep)
     E = model.W_E.detach()
-    opts = dict(keep=keep, progress=progress, dtype=dtype)
+    opts = dict(keep=keep, progress=progress, dtype=dtype, rows=rows)
     dec = side_frame(W_dec, mats["dec"], E, vocab, cfg, prefix="dec", **opts)
     enc = side_frame(W_enc.T, mats["enc"], E, vocab, cfg, prefix="enc", **opts)
     return dec.merge(enc, on="feature")
@@ -230,8 +235,8 @@ def analyse_sae(sae, model, cfg: LensConfig, *, vocab: list[str], n_null: int, m
     for role, kind, offset in NULL_ROLES:
         dec = null_directions(sae.W_dec[rows], kind, seed=seed + offset)
         enc = null_directions(sae.W_enc.T[rows], kind, seed=seed + 10 + offset)
-        nulls[role] = sae_sides(enc.T, dec, model, cfg, vocab=vocab, dtype=dtype, keep=keep, progress=False,
-                                matrices=matrices)
+        nulls[role] = sae_sides(enc.T, dec, model, cfg, vocab=vocab, dtype=dtype, keep=keep,
+                                matrices=matrices, rows=(f"null directions, {role}", "direction"))
     for side in SIDES:
         thr = thresholds(nulls["thr"], cfg, side)
         feats = apply_rule(feats, thr, cfg, side)

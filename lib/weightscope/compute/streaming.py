@@ -100,20 +100,22 @@ LINES = "lines"  # WEIGHTSCOPE_PROGRESS=lines (the book runner's kernels): progr
 
 class LineBar(NoBar):
     """Progress as lines on stderr, "[progress] token scores: 4,096/16,384 features (25%), 31 s, about 93 s
-    left": at most one per `every` seconds, none for work shorter than that. A notebook's bar is a widget,
+    left": one when `every` seconds have passed since the last line of any `LineBar`, so a run of short steps
+    is reported as one long step is, and work shorter than that prints nothing. A notebook's bar is a widget,
     which never reaches the terminal the book runs in; these lines do (the runner relays them, then drops
     them from the page)."""
+
+    last_line = time.monotonic()  # when any LineBar last printed (first: when this module was imported)
 
     def __init__(self, total: int, desc: str, unit: str, every: float = LINE_EVERY_S):
         self.total, self.desc, self.unit, self.every = total, desc, unit, every
         self.n, self.start = 0, time.monotonic()
-        self.last = self.start
 
     def update(self, n: int) -> None:
         self.n += n
         now = time.monotonic()
-        if now - self.last >= self.every:
-            self.last = now
+        if now - LineBar.last_line >= self.every:
+            LineBar.last_line = now
             print(self.line(now - self.start), file=sys.stderr, flush=True)
 
     def set_description(self, desc: str) -> None:

@@ -106,6 +106,8 @@ def token_score_stats(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     fused: bool | None = None,
+    desc: str = "token scores",
+    unit: str = "feature",
 ) -> TokenScoreStats:
     """Top/bottom-k tokens and distribution statistics of the scores `D @ M`, in one streaming pass.
 
@@ -118,7 +120,7 @@ def token_score_stats(
     dtype: dtype of the matrix product; default the promotion of D's and M's dtypes. Statistics are always
         accumulated in fp32, whatever the product's dtype. On a CPU without AVX-512-BF16/AMX a bf16 product
         is emulated and far slower than fp32 (about 35x on an AVX2 CPU): pass dtype=torch.float32 there.
-    progress: show a tqdm bar over features.
+    progress: show a progress bar over features (`streaming.progress_bar`), named `desc`, counting `unit`s.
     fused: compute the moments and the entropy with one `torch.compile`d reduction (two reads of the
         scores) instead of a dozen eager passes. None: fused when the call scores at least 2**26 values;
         below that the one-off compile (seconds, once per process and dtype) costs more than it saves. If
@@ -153,7 +155,7 @@ def token_score_stats(
         chunk_size = auto_chunk_size(d_vocab, dtype, device)
     chunk_size = max(1, min(chunk_size, n_features))
 
-    bar = progress_bar(n_features, progress)
+    bar = progress_bar(n_features, progress, desc, unit)
     # on a CPU one scores buffer serves every chunk: a fresh [chunk, d_vocab] tensor per chunk is mapped and
     # faulted in anew (7-10% of a 1 GiB chunk's product here), and its rows start on 64-byte lines
     # (`scores_buffer`); a GPU's caching allocator reuses memory itself

@@ -32,10 +32,10 @@ Tensors come back in TransformerLens conventions, shapes and values, as `HookedT
   `W_E` and `W_U` are two tensors, each of the embedding's size. `fold_embed_scale=False` keeps the raw
   embedding in `W_E` (and `W_U` a view of it), and `WeightSet.embed_scale` says how the model scales it.
 
-Tensors may be non-contiguous views (`W_U` of a tied embedding, `W_Q` of the checkpoint's [n_heads * d_head,
-d_model] matrix, ...); their values and shapes are TransformerLens's. Call `.contiguous()` where a layout
-matters; `contiguous_transposes=True` reads the tensors stored [out, in] (an untied lm_head, the MLP's) in
-TransformerLens's layout instead, so that a model built from them copies none (`weightscope.load.hooked`).
+Tensors may be non-contiguous views (`W_U` of a tied embedding or of an untied lm_head, `W_Q` of the
+checkpoint's [n_heads * d_head, d_model] matrix, the MLP's projections, ...); their values and shapes are
+TransformerLens's, their layout the checkpoint's. Call `.contiguous()` where a layout matters (a model built
+from them keeps the views: `weightscope.load.hooked`).
 A non-finite value (NaN/Inf) in any tensor read raises `NonFiniteWeightsError` unless `check_finite=False`.
 
 `config_dims(arch, config)` reads the dimensions from config.json alone (no weights); `config_from_hf(ws,
@@ -346,10 +346,8 @@ def detect_arch(config: dict) -> str:
 class _Reader:
     """Reads named tensors one at a time (large ones in row blocks) into `dtype` on `device`."""
 
-    def __init__(self, files: dict[str, Path], dtype: torch.dtype, device: torch.device, check_finite: bool,
-                 contiguous_transposes: bool = False):
+    def __init__(self, files: dict[str, Path], dtype: torch.dtype, device: torch.device, check_finite: bool):
         self.files, self.dtype, self.device, self.check_finite = files, dtype, device, check_finite
-        self.contiguous_transposes = contiguous_transposes
         self.read_files: set[Path] = set()
         self.progress = False
 
@@ -374,13 +372,12 @@ class _Reader:
             ) from None
 
     def read(self, name: str, shape: tuple[int, ...] | None = None, *,
-             dtype: torch.dtype | None = None, transposed: bool = False) -> Tensor:
+             dtype: torch.dtype | None = None) -> Tensor:
         """Tensor `name` as `dtype` (default the reader's) on the device, always a copy; checks `shape`.
 
         The output is allocated once and filled from the file's memory map in row blocks of about
         `_BLOCK_BYTES` (one block for most tensors), the file reopened per block so that the pages of one
-        block are unmapped before the next is read. transposed (a matrix): the output is the transpose of a
-        contiguous [cols, rows] tensor, so that its `.T` needs no copy.
+        block are unmapped before the next is read.
         """
         dtype = dtype or self.dtype
         path = self.file(name)
@@ -393,10 +390,7 @@ class _Reader:
                     f"Tensor {name!r} in {path.name} has shape {list(actual)}, but config.json implies "
                     f"{list(shape)}: the config does not describe these weights."
                 )
-            if transposed:
-                out = torch.empty(actual[::-1], dtype=dtype, device=self.device).T
-            else:
-                out = torch.empty(actual, dtype=dtype, device=self.device)
+            out = torch.empty(actual, dtype=dtype, device=self.device)
             if not actual:  # a scalar
                 out.copy_(handle.get_tensor(name))
                 self._check(name, out)
@@ -413,11 +407,6 @@ class _Reader:
                 out[start:stop].copy_(handle.get_slice(name)[start:stop])
             self._check(name, out[start:stop], offset=start)
         return out
-
-    def read_t(self, name: str, shape: tuple[int, int]) -> Tensor:
-        """`read(name, shape).T` ([cols, rows]: TransformerLens's layout of a tensor stored [out, in]),
-        contiguous when `contiguous_transposes`, else a view of the file's layout."""
-        return self.read(name, shape, transposed=self.contiguous_transposes).T
 
     def _check(self, name: str, tensor: Tensor, offset: int = 0) -> None:
         if self.check_finite:
@@ -529,7 +518,7 @@ def _load_rms_model(reader: _Reader, dims: Dims, config_ties: bool, layers: list
         W_U = W_E.T
         tied = True
     else:
-        W_U = reader.read_t("lm_head.weight", (V, d))
+        W_U = reader.read("lm_head.weight", (V, d)).T
         tied = False
     if gemma and fold_embed_scale:  # W_U keeps the raw embedding
         W_E = scale_embedding(W_E, embed_scale)
@@ -559,9 +548,9 @@ def _load_rms_model(reader: _Reader, dims: Dims, config_ties: bool, layers: list
                 weights.ln2_post_w = norm(q + "post_feedforward_layernorm.weight")
             else:
                 weights.ln2_w = norm(q + "post_attention_layernorm.weight")
-            weights.W_in = reader.read_t(q + "mlp.up_proj.weight", (dims.d_mlp, d))
-            weights.W_gate = reader.read_t(q + "mlp.gate_proj.weight", (dims.d_mlp, d))
-            weights.W_out = reader.read_t(q + "mlp.down_proj.weight", (d, dims.d_mlp))
+            weights.W_in = reader.read(q + "mlp.up_proj.weight", (dims.d_mlp, d)).T
+            weights.W_gate = reader.read(q + "mlp.gate_proj.weight", (dims.d_mlp, d)).T
+            weights.W_out = reader.read(q + "mlp.down_proj.weight", (d, dims.d_mlp)).T
         blocks[layer] = weights
         reader.layer_done(layer, layers)
     out["layers"] = blocks
@@ -576,7 +565,7 @@ def _load_gpt2(reader: _Reader, dims: Dims, config_ties: bool, layers: list[int]
     if config_ties or not reader.has("lm_head.weight"):
         W_U, tied = W_E.T, True
     else:
-        W_U, tied = reader.read_t("lm_head.weight", (V, d)), False
+        W_U, tied = reader.read("lm_head.weight", (V, d)).T, False
     out: dict = dict(W_E=W_E, W_U=W_U, tied=tied, embed_scale=1.0,
                      ln_final_w=reader.read(p + "ln_f.weight", (d,)),
                      ln_final_b=reader.read(p + "ln_f.bias", (d,)),
@@ -628,7 +617,6 @@ def load_weights(
     mlp: bool = False,
     layers: Iterable[int] | None = None,
     fold_embed_scale: bool = True,
-    contiguous_transposes: bool = False,
     check_finite: bool = True,
     progress: bool = False,
 ) -> WeightSet:
@@ -646,10 +634,6 @@ def load_weights(
     layers: block indices to read (default all); other blocks are not touched.
     fold_embed_scale: Gemma only: multiply W_E by sqrt(d_model) as TransformerLens does (default). With
         False, W_E is the raw embedding, W_U a view of it (half the memory), `embed_scale` the model's factor.
-    contiguous_transposes: the tensors the checkpoint stores [out, in] (an untied lm_head, the MLP's
-        projections) read straight into TransformerLens's [in, out] layout, contiguous, rather than as
-        views of the file's: a model built from them would copy each view, holding both at once
-        (`load.hooked`).
     check_finite: raise `NonFiniteWeightsError` if a tensor holds NaN/Inf.
     progress: print a line per block read to stderr.
 
@@ -683,7 +667,7 @@ def load_weights(
                 f"layers {bad} out of range: the model has {dims.n_layers} blocks (0..{dims.n_layers - 1})."
             )
 
-    reader = _Reader(files, dtype, device, check_finite, contiguous_transposes)
+    reader = _Reader(files, dtype, device, check_finite)
     reader.progress = progress
     parts = _load(reader, dims, _config_ties(arch, config), chosen, mlp, fold_embed_scale)
     gemma = arch == "gemma2"

@@ -79,7 +79,7 @@ def hooked_from_weights(ws: WeightSet, tokenizer, name: str, *, max_ctx: int = M
 
     Biases the architecture lacks are zeros (as TransformerLens's conversions make them); any other
     parameter the tensors do not supply is an error, not a random initialisation. Unprocessed, the model's
-    parameters share memory with `ws`'s contiguous tensors (the transposed ones are copied).
+    parameters are `ws`'s tensors, views included (GPT-2's attention W_O alone is laid out anew: `_build`).
     """
     _check_flags(processing)
     cfg = tl_config(ws, name, max_ctx=max_ctx)
@@ -96,17 +96,15 @@ def hooked_from_folder(folder: str | Path, *, name: str | None = None, device="c
     without a second copy of the weights when unprocessed: the tensors read are handed over one at a time."""
     _check_flags(processing)  # before gigabytes are read
     name = name or Path(folder).name
-    # Gemma's embedding scale is folded below, in place, once W_U has its own copy of the raw embedding; the
-    # tensors stored transposed are read in the model's layout, so that `_build` copies none of them
-    ws = load_weights(folder, device=device, dtype=dtype, mlp=True, progress=progress, fold_embed_scale=False,
-                      contiguous_transposes=True)
+    # Gemma's embedding scale is folded below, in place, once W_U has its own copy of the raw embedding
+    ws = load_weights(folder, device=device, dtype=dtype, mlp=True, progress=progress, fold_embed_scale=False)
     cfg, tensors, dtype = tl_config(ws, name, max_ctx=max_ctx), ws.tensors(), ws.dtype
     cfg.device, scale, tied = str(ws.device), ws.embed_scale, ws.tied_embeddings
     del ws  # `tensors` is now the only holder of the tensors read: `_build` empties it as it goes
     if scale != 1.0:
-        if tied:  # W_U is a view of the raw embedding: its own copy first (`clone`: some devices' tensors
-            # say they are contiguous whatever their strides, and `contiguous` would keep the view)
-            tensors["unembed.W_U"] = tensors["unembed.W_U"].clone(memory_format=torch.contiguous_format)
+        if tied:  # W_U is a view of the raw embedding: its own copy first, in the embedding's layout (see
+            # `_build`; `clone`: some devices' tensors say they are contiguous whatever their strides)
+            tensors["unembed.W_U"] = tensors["unembed.W_U"].T.clone(memory_format=torch.contiguous_format).T
         tensors["embed.W_E"] = _scaled_embedding(tensors["embed.W_E"], scale, in_place=True)
     return _build(cfg, tensors, dtype, hf_tokenizer(Path(folder)), name, processing)
 
@@ -138,8 +136,9 @@ def _build(cfg, tensors: dict, dtype: torch.dtype, tokenizer, name: str, process
     if lacking or unexpected:
         raise CheckpointError(f"{name}: the tensors read do not make a whole TransformerLens model (missing "
                               f"{lacking[:6]}, unexpected {unexpected[:6]}); was it read with mlp=True?")
-    # a transposed view becomes a contiguous copy here, and its original is freed before the next one
-    state = {key: tensors.pop(key).contiguous() for key in list(tensors)}
+    # the tensors stay in the checkpoint's layout, views where TransformerLens's differs (W_U, W_in, W_Q,
+    # ...): the layout its forward pass wants (`forward_layout`)
+    state = {key: tensors.pop(key) for key in list(tensors)}
     for key in missing:
         state[key] = torch.zeros_like(params[key], dtype=dtype, device=cfg.device)  # beside the tensors read
     # every flag explicit: TransformerLens's own defaults fold and centre (unprocessed is the book's default)
@@ -149,4 +148,34 @@ def _build(cfg, tensors: dict, dtype: torch.dtype, tokenizer, name: str, process
     else:  # unprocessed: the parameters are the tensors themselves, not a second copy
         model.load_state_dict(state, strict=False, assign=True)
     model.weightscope_processing = flags
-    return model.to(cfg.device, print_details=False).eval()
+    return forward_layout(model.to(cfg.device, print_details=False).eval())
+
+
+# How TransformerLens's forward pass reads each matrix, as a permutation of the parameter's axes whose result
+# it makes contiguous at every call: `F.linear(x, W.T.contiguous())` for the unembedding and a gated MLP's
+# three matrices, a rearrange to [(head d_head), d_model] for W_Q, W_K, W_V and to [d_model, (head d_head)]
+# for W_O. A parameter laid out that way costs nothing there; a contiguous one in TransformerLens's own
+# layout is copied whole each time (a 1-token generation step at Gemma-2-2B's width copied 0.3 GB per
+# block, and 2.4 GB for W_U at each logits call).
+_FORWARD_ORDER = {"unembed.W_U": (1, 0), "mlp.W_in": (1, 0), "mlp.W_gate": (1, 0), "mlp.W_out": (1, 0),
+                  "attn.W_Q": (0, 2, 1), "attn.W_K": (0, 2, 1), "attn.W_V": (0, 2, 1),
+                  "attn._W_K": (0, 2, 1), "attn._W_V": (0, 2, 1), "attn.W_O": (2, 0, 1)}
+
+
+def forward_layout(model):
+    """`model` (changed in place) with every matrix of `_FORWARD_ORDER` laid out as its forward pass reads
+    it: a matrix stored otherwise is copied once, here, instead of at every call. Values are unchanged, and
+    so are the outputs, bit for bit (the same copy, made once). A non-gated MLP (GPT-2's) multiplies W_in
+    and W_out as they are: left alone."""
+    for name, param in model.named_parameters():
+        order = next((o for key, o in _FORWARD_ORDER.items() if name.endswith(key)), None)
+        if order is None or (name.endswith(("mlp.W_in", "mlp.W_out")) and not _gated(model, name)):
+            continue
+        if not param.permute(order).is_contiguous():
+            back = sorted(range(len(order)), key=order.__getitem__)  # the inverse permutation
+            param.data = param.data.permute(order).contiguous().permute(back)
+    return model
+
+
+def _gated(model, name: str) -> bool:
+    return hasattr(model.get_submodule(name.rsplit(".", 1)[0]), "W_gate")

@@ -21,7 +21,7 @@ import torch
 from weightscope.config.params import PROCESSING_FLAGS  # TransformerLens processing options; all off unless asked for
 from weightscope.config.paths import progress_enabled
 from weightscope.load import sources
-from weightscope.load.hooked import hooked_from_folder
+from weightscope.load.hooked import forward_layout, hooked_from_folder
 from weightscope.load.llama2c import (CHECKPOINT_FILE, DEMO_MODEL, KNOWN_SHA256, Llama2cCheckpoint,
                                       llama2c_state_dict, read_checkpoint, stories260k_dir)
 from weightscope.load.tokenizer import stories260k_tokenizer
@@ -52,7 +52,7 @@ def load_model(
     else:
         model = _load_transformer_lens(name, device=device, dtype=dtype, processing=processing, **flags)
     model.weightscope_processing = processing
-    return model.eval()
+    return forward_layout(model.eval())
 
 
 # ----------------------------------------------------------------------------------------------------
