@@ -186,10 +186,11 @@ def weight_tables(ctx, config: Config, model, saes) -> dict[str, pd.DataFrame]:
     keep = lens.content_ids(model, config.exclude_tokens)
     matrices = functools.cache(lambda: lens.side_matrices(model, keep))  # once, if any layer is computed
     lens_rows = token_lens(ctx, config, model, saes, matrices=matrices)
+    keys = key_choice(ctx, config, model, saes, lens_rows, matrices=matrices)
+    matrices.cache_clear()  # two [d_model x content tokens] matrices, freed before the reads and alignment
     reads = attention_reads(ctx, config, model, saes)
     pop = populations(lens_rows, reads, config)
     align = alignment(ctx, config, model, saes)
-    keys = key_choice(ctx, config, model, saes, lens_rows, matrices=matrices)
     return {"pairing": blocks(model, saes, config), "lens_rows": lens_rows, "lens_rates": lens_rates(lens_rows),
             "key_choice": keys, "reads": reads, "labels": pop["shares"],
             "contrast": pop["contrast"], "alignment": align, "alignment_shares": alignment_shares(align, config)}
