@@ -23,6 +23,7 @@ import torch
 from weightscope import io
 from weightscope.compute import context_neurons as cn
 from weightscope.compute import positional_kernels as pk
+from weightscope.compute.streaming import progress_bar
 from weightscope.config.params import ParamsError
 from weightscope.chapters.context import CorpusInput
 from weightscope.load import corpora
@@ -434,10 +435,12 @@ def summary_tables(m: Measured, config: Config, heads: list[int], how: str) -> d
     modes = ["measured"] + ([] if _learned_positions(cfg) else ["token"])
     chosen = resolved_norm_scale(config, cfg)
     rows = []
+    bar = progress_bar(len(modes) * 2 * (1 + len(m.heldout)), True, "linear summaries", unit="step")
     for mode in modes:
         scale = attention_scale(m, mode)
         for weighted in (False, True):
             parts = summary_parts(m, config, heads, scale=scale, weighted=weighted)
+            bar.update(1)
             for genre, lp in m.heldout.items():
                 y = lp.heads_output(heads)[:, 1:]
                 r, fvu = cn.summary_quality(y, cn.linear_summary(lp.tokens, *parts)[:, 1:])
@@ -450,15 +453,18 @@ def summary_tables(m: Measured, config: Config, heads: list[int], how: str) -> d
                              "median_r position-only": float(r0.median()), "fvu position-only": fvu0,
                              "paper median_r (reported)": PAPER["median_r"],
                              "paper fvu (reported)": PAPER["fvu"]})
+                bar.update(1)
             # freed before the next variant builds its own normed embeddings ([d_vocab, d_model], 2.1 GB at
             # Llama-3.1-8B's width): two at once were the chapter's peak
             del parts
+    bar.close()
     return {"05_scales": scales, "05_quality": pd.DataFrame(rows)}
 
 
 def neuron_tables(m: Measured, config: Config, heads: list[int]) -> dict[str, pd.DataFrame]:
     """Neurons ranked by context share, their pushing tokens, the check on held-out text, genre separation
     beside its nulls, and firing."""
+    bar = progress_bar(4, True, "neuron tables", unit="step")  # context shares, check, pushes, genres
     parts = summary_parts(m, config, heads)
     K, ext, _, w = parts
     u, _ = reads(m, config)
@@ -468,9 +474,15 @@ def neuron_tables(m: Measured, config: Config, heads: list[int]) -> dict[str, pd
     table = table.sort_values("context_share", ascending=False, ignore_index=True)
     table.insert(0, "layer", config.layer)
     table["rank"] = np.arange(1, len(table) + 1)
+    bar.update(1)
     check = check_table(m, config, heads, parts, table)
-    return {"05_neurons": table, "05_pushes": pushes(m, config, ext, w, k, table),
-            "05_check": check, "05_genres": genre_separation(m, config, check),
+    bar.update(1)
+    pushed = pushes(m, config, ext, w, k, table)
+    bar.update(1)
+    genres = genre_separation(m, config, check)
+    bar.update(1)
+    bar.close()
+    return {"05_neurons": table, "05_pushes": pushed, "05_check": check, "05_genres": genres,
             "05_firing": firing(check, config)}
 
 
