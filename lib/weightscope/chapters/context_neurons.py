@@ -209,8 +209,9 @@ class LayerPass:
         return torch.einsum("bnhe,hem->bnm", self.z[:, :, heads], self.W_O[heads])
 
 
-def layer_pass(model, tokens: torch.Tensor, layer: int, *, batch: int = 16) -> LayerPass:
-    """Run `model` up to block `layer` on windows [b, n] and keep that block's attention and MLP inputs."""
+def layer_pass(model, tokens: torch.Tensor, layer: int, *, batch: int = 16, bar=None) -> LayerPass:
+    """Run `model` up to block `layer` on windows [b, n] and keep that block's attention and MLP inputs.
+    bar: a progress bar advanced by the windows run."""
     p = f"blocks.{layer}."
     names = {p + k for k in ("attn.hook_pattern", "attn.hook_attn_scores", "attn.hook_z", "hook_resid_mid",
                              "ln1.hook_scale", "ln2.hook_scale", "mlp.hook_pre")}
@@ -227,6 +228,8 @@ def layer_pass(model, tokens: torch.Tensor, layer: int, *, batch: int = 16) -> L
             scale1=c[p + "ln1.hook_scale"][..., 0].float().cpu(),
             scale2=c[p + "ln2.hook_scale"][..., 0].float().cpu(),
             pre=c[p + "mlp.hook_pre"].float().cpu()))
+        if bar is not None:
+            bar.update(len(parts[-1].tokens))
     return LayerPass(*(W_O if f == "W_O" else torch.cat([getattr(x, f) for x in parts])
                        for f in LayerPass.__dataclass_fields__))
 
@@ -246,8 +249,11 @@ class Measured:
 def measure(model, config: Config, cal_tokens: torch.Tensor,
             held_tokens: dict[str, torch.Tensor]) -> Measured:
     """Forward passes of the calibration windows [n_cal, n] and every genre's held-out windows."""
-    cal = layer_pass(model, cal_tokens, config.layer, batch=config.batch)
-    held = {g: layer_pass(model, t, config.layer, batch=config.batch) for g, t in held_tokens.items()}
+    n = len(cal_tokens) + sum(len(t) for t in held_tokens.values())
+    bar = progress_bar(n, True, f"forward passes up to block {config.layer}", unit="window")
+    cal = layer_pass(model, cal_tokens, config.layer, batch=config.batch, bar=bar)
+    held = {g: layer_pass(model, t, config.layer, batch=config.batch, bar=bar) for g, t in held_tokens.items()}
+    bar.close()
     freq = torch.bincount(cal.tokens.flatten(), minlength=model.cfg.d_vocab).float()
     return Measured(model, cal, held, cal.pattern.double().mean(0).float(), freq, model.tokenizer)
 
