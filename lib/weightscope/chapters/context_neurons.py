@@ -252,7 +252,8 @@ def measure(model, config: Config, cal_tokens: torch.Tensor,
     n = len(cal_tokens) + sum(len(t) for t in held_tokens.values())
     bar = progress_bar(n, True, f"forward passes up to block {config.layer}", unit="window")
     cal = layer_pass(model, cal_tokens, config.layer, batch=config.batch, bar=bar)
-    held = {g: layer_pass(model, t, config.layer, batch=config.batch, bar=bar) for g, t in held_tokens.items()}
+    held = {g: layer_pass(model, t, config.layer, batch=config.batch, bar=bar)
+            for g, t in held_tokens.items()}
     bar.close()
     freq = torch.bincount(cal.tokens.flatten(), minlength=model.cfg.d_vocab).float()
     return Measured(model, cal, held, cal.pattern.double().mean(0).float(), freq, model.tokenizer)
