@@ -183,8 +183,9 @@ def run(ctx, config: Config, *, model=None, saes=None, full=None) -> Tables:
 
 def weight_tables(ctx, config: Config, model, saes) -> dict[str, pd.DataFrame]:
     """Every weights-only table of the chapter (see `Tables`), each step cached."""
-    keep = lens.content_ids(model, config.exclude_tokens)
-    matrices = functools.cache(lambda: lens.side_matrices(model, keep))  # once, if any layer is computed
+    # once, and only if a layer of the lens or of the key choice is computed (not when both are cached)
+    matrices = functools.cache(
+        lambda: lens.side_matrices(model, lens.content_ids(model, config.exclude_tokens)))
     lens_rows = token_lens(ctx, config, model, saes, matrices=matrices)
     keys = key_choice(ctx, config, model, saes, lens_rows, matrices=matrices)
     matrices.cache_clear()  # two [d_model x content tokens] matrices, freed before the reads and alignment
@@ -333,9 +334,12 @@ def key_choice(ctx, config: Config, model, saes, lens_rows: pd.DataFrame, *, mat
     """The neurons' input side with each of a gated MLP's two input rows as the key, by chapter 1's
     thresholds: one row per (layer, key), the shares passing each test; cached per layer under `06_key_choice`
     (the other key's lens costs as much as the chosen one's). matrices: as `token_lens`."""
-    keep, vocab = lens.content_ids(model, config.exclude_tokens), lens.token_strings(model)
     feats = lens_rows[lens_rows["dictionary"] == "features"]
     provenance = ctx.provenance(**dataclasses.asdict(config), step="key_choice")
+    # what the other key's lens reads, made only if a layer is computed (a 256,000-token vocabulary's strings
+    # take seconds)
+    tokens = functools.cache(
+        lambda: (lens.content_ids(model, config.exclude_tokens), lens.token_strings(model)))
 
     def layer(sae) -> dict[str, pd.DataFrame]:
         b, rows = ffkv.ff_block(model, mlp_layer_for(sae)), []
@@ -344,6 +348,7 @@ def key_choice(ctx, config: Config, model, saes, lens_rows: pd.DataFrame, *, mat
             if chosen:  # already in lens_rows
                 df = lens_rows[(lens_rows["dictionary"] == "neurons") & (lens_rows["layer"] == sae.layer)]
             else:
+                keep, vocab = tokens()
                 df = neuron_lens(model, sae, config, feats, vocab=vocab, keep=keep, key=key, dtype=ctx.dtype,
                                  matrices=matrices())
             rows.append({"layer": sae.layer, "key": key + (" (chosen)" if chosen else ""),

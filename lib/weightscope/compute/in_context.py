@@ -168,7 +168,8 @@ def firing_pass(model, saes, tokens: Tensor, *, n_keep: int, batch_rows: int, at
     metas = described(saes)
     if any(m.layer is None for m in metas):
         raise ValueError("firing_pass reads SAEs of block hooks (`blocks.{L}.…`) only")
-    sizes = [sae_bytes(m, held_element_bytes(saes)) for m in metas]
+    element_bytes = held_element_bytes(saes)
+    sizes = [sae_bytes(m, element_bytes) for m in metas]
     groups = sae_groups([m.layer for m in metas], sizes, sum(sizes) if sae_budget_bytes is None
                         else sae_budget_bytes)
     rows, row_len = tokens.shape

@@ -237,10 +237,9 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
 
 # What of a chapter's output reaches the terminal while it runs: the library's progress lines ("[weights] 3/26
 # [block 2] read", "[saes] ...", "01_token_lens: layer 3 (16384 features) ...", waits and warnings)
-_RELAYED = re.compile(
-    r"^(\[(weights|saes|model|progress)\] |\d\d_[a-z0-9_]+: |\S+: layer \d+ \(|waiting: |warning: )")
-_PROGRESS_LINE = re.compile(r"^(\[(weights|saes|model|progress)\] |\d\d_[a-z0-9_]+: |\S+: layer \d+ \().*\n?",
-                            re.M)
+_PROGRESS_START = r"\[(weights|saes|model|progress)\] |\d\d_[a-z0-9_]+: |\S+: layer \d+ \("
+_RELAYED = re.compile(rf"^({_PROGRESS_START}|waiting: |warning: )")
+_PROGRESS_LINE = re.compile(rf"^({_PROGRESS_START}).*\n?", re.M)  # dropped from pages
 
 
 class _ProgressRelay:
