@@ -54,6 +54,8 @@ from pathlib import Path
 
 import yaml
 
+import harness  # bench/, beside this file
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the stand-in builders
 sys.path.insert(0, str(REPO / "lib"))
@@ -600,11 +602,15 @@ def table(results: list[dict]) -> str:
             else:
                 row += " – | – |"
         lines.append(row)
-    runs = [r.get("run") for r in results]
+    runs, fill = [r.get("run") for r in results], " – | – |" if fit else ""
     if any(runs):  # one runner for every chapter: its whole time, start and pre-flight included
         cells = [f"{r['wall_s']:.0f} · {r['cpu_s']:.0f}" if r else "one runner per chapter" for r in runs]
-        fill = " – | – |" if fit else ""
         lines.append("| whole run (wall s · CPU s) | " + " | ".join(cells) + " |" + fill)
+    machines = [r.get("machine", {}).get("cpu") for r in results]  # recorded since 2026-12-07
+    if any(machines):
+        cells = [f"{m} ({r['machine']['cpu_capability']})" if m else "not recorded"
+                 for m, r in zip(machines, results)]
+        lines.append("| machine (CPU, vector instructions) | " + " | ".join(cells) + " |" + fill)
     return "\n".join(lines)
 
 
@@ -835,6 +841,7 @@ def main(argv=None) -> int:
             "params": {k: written[k] for k in ("device", "dtype")},
             "baseline_rss_gb": baseline, "holds": {stem: list(HOLDS[stem]) for stem in stems},
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                        "cpu": harness.cpu_name(), "cpu_capability": harness.cpu_capability(),
                         "packages": package_versions(),
                         "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
                         "load_avg_start": load_start,

@@ -246,11 +246,7 @@ def environment(device: str) -> dict:
     import torch
     import transformers
 
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-    else:
-        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name")), platform.processor() or "unknown CPU")
+    name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     try:
         import psutil
 
@@ -262,8 +258,24 @@ def environment(device: str) -> dict:
         "torch_threads": torch.get_num_threads(), "memory_total_bytes": memory,
         "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
         "transformers": transformers.__version__, "safetensors": safetensors.__version__,
-        "cuda": torch.version.cuda if device == "cuda" else None,
+        "cuda": torch.version.cuda if device == "cuda" else None, "cpu_capability": cpu_capability(),
     }
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), e.g. "AMD EPYC"."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or "unknown CPU")
+
+
+def cpu_capability() -> str:
+    """The vector instructions torch's CPU kernels use here ("AVX2", "AVX512", ...): the same code runs at
+    rates several times apart on two 2-core machines that differ in it."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def log(message: str) -> None:

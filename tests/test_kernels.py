@@ -385,6 +385,7 @@ def test_progress_bars_are_silenced_like_progress_lines(monkeypatch):
     monkeypatch.delenv("WEIGHTSCOPE_PROGRESS", raising=False)  # whatever the shell running the tests set
     bar = progress_bar(3, True)
     assert not isinstance(bar, NoBar)
+    assert bar.leave is False  # a kernel runs several times a layer: its finished bars must not pile up
     bar.close()
     monkeypatch.setenv("WEIGHTSCOPE_PROGRESS", "0")
     assert isinstance(progress_bar(3, True), NoBar)
@@ -416,6 +417,35 @@ def test_line_bar_prints_one_line_per_interval_across_bars_and_none_for_short_wo
     assert capsys.readouterr().err == "[progress] null scores: 1/4 directions (25%), 0 s, about 1 s left\n"
     monkeypatch.setenv("WEIGHTSCOPE_PROGRESS", "0")
     assert isinstance(streaming.progress_bar(10, True), streaming.NoBar)
+
+
+def test_a_line_bar_counts_every_update_from_threads_side_by_side(monkeypatch):
+    # chapter 3's bootstraps run in threads and tick one bar
+    from concurrent.futures import ThreadPoolExecutor
+
+    from weightscope.compute import streaming
+
+    bar = streaming.LineBar(40_000, "bootstraps", "resample", every=1e9)  # no line: the count only
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: [bar.update(1) for _ in range(10_000)], range(4)))
+    assert bar.n == 40_000
+
+
+def test_the_one_off_compile_is_announced_once_in_the_runners_lines(monkeypatch, capsys):
+    # the first fused call compiles for tens of seconds on a small CPU: no bar counts it, so a line says so
+    from weightscope.compute import streaming
+
+    monkeypatch.setattr(K, "_COMPILED", {})
+    monkeypatch.setattr(K.torch, "compile", lambda fn, **kw: fn)  # the announcement, not the compile
+    monkeypatch.setenv("WEIGHTSCOPE_PROGRESS", streaming.LINES)
+    D, M = gaussian(4, 8, 100)
+    for _ in range(2):
+        K.token_score_stats(D, M, k=2, fused=True, progress=False)
+    assert capsys.readouterr().err.count("[progress] compiling the fused score statistics") == 1
+    monkeypatch.setattr(K, "_COMPILED", {})
+    monkeypatch.setenv("WEIGHTSCOPE_PROGRESS", "1")  # a notebook run by hand: its bars say enough
+    K.token_score_stats(D, M, k=2, fused=True, progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_stats_frame_is_tidy():

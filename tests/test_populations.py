@@ -246,6 +246,31 @@ def test_bootstrap_ci_covers_truth_and_is_deterministic():
     assert P.bootstrap_ci(x, y, n_boot=300, seed=7) != P.bootstrap_ci(x, y, n_boot=300, seed=8)
 
 
+class Counter:
+    """A progress bar that keeps its count (the `streaming.progress_bar` interface)."""
+
+    def __init__(self):
+        self.n, self.lock = 0, threading.Lock()
+
+    def update(self, n: int) -> None:
+        with self.lock:
+            self.n += n
+
+
+@pytest.mark.parametrize("n_x, n_y", [(3000, 2000), (40, 30)])  # one resample a batch; many a batch
+def test_a_bootstraps_bar_counts_each_resample_once_and_leaves_the_interval_alone(n_x, n_y):
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(1.0, 1.0, n_x), rng.normal(0.5, 1.0, n_y)
+    bar = Counter()
+    assert P.bootstrap_ci(x, y, "cliffs_delta", n_boot=300, seed=3, bar=bar) == P.bootstrap_ci(
+        x, y, "cliffs_delta", n_boot=300, seed=3)
+    assert bar.n == 300
+    frame = pd.DataFrame({"label": ["semantic"] * n_x + ["non-semantic"] * n_y, "a": np.r_[x, y],
+                          "b": np.r_[y, x]})
+    P.compare_populations(frame, ["a", "b"], "label", n_boot=200, bar=bar)  # two columns, side by side
+    assert bar.n == 300 + 2 * 200
+
+
 def test_bootstrap_ci_small_and_bad_input():
     est, lo, hi = P.bootstrap_ci([1.0], [0.0, 2.0])
     assert est == 0.0 and math.isnan(lo) and math.isnan(hi)

@@ -445,15 +445,17 @@ def populations(lens_rows: pd.DataFrame, reads: pd.DataFrame, cfg: Config, *, n_
               .rename("share").reset_index())
     merged = labels[["dictionary", "layer", "row", "dec_label"]].merge(per_row_reads(reads),
                                                                        on=["dictionary", "layer", "row"])
-    rows = []
-    for (name, col) in [(n, c) for n in DICTIONARIES for c in ("q_z_mean", "k_z_mean", "v_z_mean")]:
+    rows, contrasts = [], [(n, c) for n in DICTIONARIES for c in ("q_z_mean", "k_z_mean", "v_z_mean")]
+    bar = progress_bar(len(contrasts) * n_boot, True, "bootstraps of the label contrasts", unit="resample")
+    for (name, col) in contrasts:
         part = merged[merged["dictionary"] == name]
         x = part.loc[part["dec_label"] == "semantic", col]
         y = part.loc[part["dec_label"] == "non-semantic", col]
-        delta, lo, hi = pops.bootstrap_ci(x, y, "cliffs_delta", n_boot=n_boot, seed=cfg.seed)
+        delta, lo, hi = pops.bootstrap_ci(x, y, "cliffs_delta", n_boot=n_boot, seed=cfg.seed, bar=bar)
         _, p, _ = pops.mann_whitney(x, y)
         rows.append({"dictionary": name, "read": col, "n semantic": len(x), "n non-semantic": len(y),
                      "cliffs_delta": delta, "ci_lo": lo, "ci_hi": hi, "p_value": p})
+    bar.close()
     return {"labels": labels, "shares": shares, "contrast": pd.DataFrame(rows)}
 
 

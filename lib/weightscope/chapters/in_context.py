@@ -26,6 +26,7 @@ from weightscope.chapters.findings import number
 from weightscope.compute import in_context as ic
 from weightscope.compute.lens import output_matrix, token_strings
 from weightscope.compute.populations import token_kind
+from weightscope.compute.streaming import progress_bar
 from weightscope.config.params import ParamsError
 from weightscope.config.paths import progress_enabled
 from weightscope.load.sae_sequence import described
@@ -327,7 +328,9 @@ def pair_table(full, saes, res: ic.PassResult, pairs: pd.DataFrame | None, heads
     rows = []
     head_of = pairs["head"].map(lambda h: tuple(int(x) for x in h.split(".")))
     held = (None, None)
+    bar = progress_bar(len(heads), progress_enabled(), "query-key pairs in context", unit="head")
     for (layer, head), part in pairs.groupby(head_of):
+        bar.update(1)
         i = by_layer.get(int(part["SAE layer"].iloc[0]))
         if i is None:
             continue
@@ -362,6 +365,7 @@ def pair_table(full, saes, res: ic.PassResult, pairs: pd.DataFrame | None, heads
                          "key feature": fk, "weights-only": score / float(full.cfg.attn_scale),
                          "in context": float(contrib.mean()) if len(contrib) else np.nan,
                          "co-firings": len(contrib)})
+    bar.close()
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -400,11 +404,15 @@ def sensitivity(res: ic.PassResult, feats: pd.DataFrame, nxt: torch.Tensor, d_vo
                 config: Config) -> pd.DataFrame:
     """The two output-side claims as the number of strongest firings per feature changes."""
     rows = []
+    bar = progress_bar(len(SENSITIVITY_GRID), progress_enabled(), "sensitivity to the firings used",
+                       unit="setting")
     for n in SENSITIVITY_GRID:
         out = side_table(res, feats, "dec", nxt, config.k_out, d_vocab, n_strongest=n)
         for claim, (d, lo, hi) in output_claims(out, dataclasses.replace(config, min_firings=min(
                 config.min_firings, n))).items():
             rows.append({"strongest firings": n, "claim": claim, "difference": d, "lo": lo, "hi": hi})
+        bar.update(1)
+    bar.close()
     return pd.DataFrame(rows)
 
 

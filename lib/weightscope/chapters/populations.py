@@ -21,6 +21,7 @@ from weightscope import io
 from weightscope.chapters.context import TableInput
 from weightscope.chapters.findings import number
 from weightscope.compute import populations
+from weightscope.compute.streaming import progress_bar
 from weightscope.config.params import ParamsError
 
 PHASES = {"dec": "decoder-unembedding", "enc": "encoder-embedding"}
@@ -117,9 +118,12 @@ def compare(data: pd.DataFrame, config: Config) -> pd.DataFrame:
     """Semantic against non-semantic per phase and attention side: the pooled comparison (bootstrap intervals,
     Mann-Whitney, Holm over the six) and van Elteren's test within layers (`p_stratified`, Holm-adjusted too,
     and the layer-weighted Cliff's delta `cliffs_delta_within`)."""
-    # the six comparisons' bootstraps side by side
-    out = pd.concat(populations.in_threads(functools.partial(_compare_one, data, config), COMPARISONS),
-                    ignore_index=True)
+    # the six comparisons' bootstraps side by side, one bar counting their resamples
+    bar = progress_bar(len(COMPARISONS) * config.n_boot, True, "bootstraps of the comparisons",
+                       unit="resample")
+    out = pd.concat(populations.in_threads(functools.partial(_compare_one, data, config, bar=bar),
+                                           COMPARISONS), ignore_index=True)
+    bar.close()
     out["attention side"] = out["column"].map(ATTN)
     out["p_holm"] = populations.holm(out["p_value"].to_numpy())
     out["p_stratified_holm"] = populations.holm(out["p_stratified"].to_numpy())
@@ -128,13 +132,13 @@ def compare(data: pd.DataFrame, config: Config) -> pd.DataFrame:
     return out
 
 
-def _compare_one(data: pd.DataFrame, config: Config, where: tuple[str, str]) -> pd.DataFrame:
+def _compare_one(data: pd.DataFrame, config: Config, where: tuple[str, str], bar=None) -> pd.DataFrame:
     """`compare`'s row for one phase (its label column's prefix s) and attention side col (its p_holm is
-    `compare`'s to set, over all six)."""
+    `compare`'s to set, over all six); bar counts the bootstrap's resamples."""
     s, col = where
     label = f"{s}_label"
     part = data[[label, col, "layer"]]
-    cmp = populations.compare_populations(part, [col], label, n_boot=config.n_boot, seed=config.seed)
+    cmp = populations.compare_populations(part, [col], label, n_boot=config.n_boot, seed=config.seed, bar=bar)
     sub = part[part[label].isin(["semantic", "non-semantic"])]
     test = populations.stratified_rank_test(sub[col], sub[label] == "semantic", sub["layer"])
     return cmp.assign(p_stratified=test["p_value"], cliffs_delta_within=test["cliffs_delta"],
@@ -173,7 +177,9 @@ def sensitivity(tokens: pd.DataFrame, reads: pd.DataFrame, config: Config, *,
     """Cliff's delta (with a bootstrap interval) as one labelling parameter moves, the others at default; each
     labelling's six bootstraps run side by side (`populations.in_threads`).
     cache: the token kinds of `tokens` (`populations.cached_shares`)."""
-    rows = []
+    rows, n_values = [], sum(len(values) for values in SENSITIVITY_GRID.values())
+    bar = progress_bar(n_values * len(COMPARISONS) * _sensitivity_boot(config), True,
+                       "bootstraps of the labelling sensitivity", unit="resample")
     for param, values in SENSITIVITY_GRID.items():
         for value in values:
             lab = populations.label_features(tokens, cache=cache, **{**config.label_params(), param: value})
@@ -181,18 +187,25 @@ def sensitivity(tokens: pd.DataFrame, reads: pd.DataFrame, config: Config, *,
             lab = lab.merge(reads, on=["layer", "feature"])
             # the selections here, in this thread; the bootstraps side by side
             pairs = [populations.population_values(lab, col, f"{s}_label") for s, col in COMPARISONS]
-            deltas = populations.in_threads(functools.partial(_semantic_delta, config), pairs)
+            deltas = populations.in_threads(functools.partial(_semantic_delta, config, bar=bar), pairs)
             for (s, col), (delta, lo, hi) in zip(COMPARISONS, deltas):
                 rows.append({"parameter": param, "value": value, "phase": PHASES[s], "side": ATTN[col],
                              "cliffs_delta": delta, "lo": lo, "hi": hi})
+    bar.close()
     return pd.DataFrame(rows)
 
 
-def _semantic_delta(config: Config, pair: tuple[np.ndarray, np.ndarray]) -> tuple[float, float, float]:
+def _sensitivity_boot(config: Config) -> int:
+    """Resamples of each bootstrap of the sensitivity grid: n_boot / 10, at least 200."""
+    return max(200, config.n_boot // 10)
+
+
+def _semantic_delta(config: Config, pair: tuple[np.ndarray, np.ndarray],
+                    bar=None) -> tuple[float, float, float]:
     """Cliff's delta of semantic against non-semantic values, with the sensitivity grid's bootstrap interval
-    (n_boot / 10 resamples, at least 200)."""
-    return populations.bootstrap_ci(*pair, stat="cliffs_delta", n_boot=max(200, config.n_boot // 10),
-                                    seed=config.seed)
+    (`_sensitivity_boot` resamples); bar counts them."""
+    return populations.bootstrap_ci(*pair, stat="cliffs_delta", n_boot=_sensitivity_boot(config),
+                                    seed=config.seed, bar=bar)
 
 
 def findings(t: Tables, alpha: float = 0.05) -> list[str]:

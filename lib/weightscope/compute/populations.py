@@ -469,11 +469,24 @@ def _estimate(xs: np.ndarray, ys: np.ndarray, stat: str) -> float:
     return cliffs_delta(xs, ys)
 
 
-def _bootstrap(x, y, names, *, n_boot: int, ci: float, seed: int) -> dict[str, tuple[float, float, float]]:
+def _counted(statistic, bar):
+    """`statistic` that also counts on `bar` the resamples of each batch scipy hands it (the [*batch, n]
+    draws along `axis`); scipy's first call, on the data themselves (1-D), counts none."""
+    def counted(ix, iy, axis=-1):
+        out = statistic(ix, iy, axis=axis)
+        if ix.ndim > 1:
+            bar.update(ix.size // ix.shape[axis])
+        return out
+    return counted
+
+
+def _bootstrap(x, y, names, *, n_boot: int, ci: float, seed: int,
+               bar=None) -> dict[str, tuple[float, float, float]]:
     """(estimate, lo, hi) of each statistic from the same resamples; NaN CIs when x or y has < 2 values.
 
     `scipy.stats.bootstrap`: x and y resampled independently, percentile intervals, in batches of about
-    260,000 draws (memory stays small whatever n_boot; small batches stay in cache).
+    260,000 draws (memory stays small whatever n_boot; small batches stay in cache). bar: a progress bar
+    (`streaming.progress_bar`) that counts the resamples, shared by the bootstraps of one step.
     """
     bad = [s for s in names if s not in BOOTSTRAP_STATS]
     if bad:
@@ -491,6 +504,7 @@ def _bootstrap(x, y, names, *, n_boot: int, ci: float, seed: int) -> dict[str, t
     below, above = np.searchsorted(ys, xs, side="left"), np.searchsorted(ys, xs, side="right")
     statistic = functools.partial(_resample_statistics, xs=xs, ys=ys, names=list(names), below=below,
                                   above=above)
+    statistic = statistic if bar is None else _counted(statistic, bar)
     result = stats.bootstrap(  # resamples the indices of x and y; the statistic counts the draws
         (np.arange(len(xs)), np.arange(len(ys))), statistic, n_resamples=int(n_boot),
         batch=max(1, (1 << 18) // (len(xs) + len(ys))), vectorized=True, paired=False,
@@ -524,15 +538,16 @@ def in_threads(fn, items, workers: int | None = None) -> list:
 
 
 def bootstrap_ci(x, y, stat: str = "mean_diff", *, n_boot: int = 2000, ci: float = 0.95,
-                 seed: int = 0) -> tuple[float, float, float]:
+                 seed: int = 0, bar=None) -> tuple[float, float, float]:
     """(estimate, lo, hi): a statistic of x versus y with its percentile bootstrap confidence interval.
 
     stat: "mean_diff" (mean x - mean y), "median_diff" (median x - median y) or "cliffs_delta". x and y are
     resampled independently with replacement n_boot times (`scipy.stats.bootstrap`, method="percentile");
     the same seed gives the same interval. NaNs are dropped; all NaN when x or y is empty, NaN lo/hi when
-    either has fewer than 2 values. Cost: n_boot passes over x and y.
+    either has fewer than 2 values. Cost: n_boot passes over x and y. bar: counts the resamples
+    (`_bootstrap`).
     """
-    return _bootstrap(x, y, [stat], n_boot=n_boot, ci=ci, seed=seed)[stat]
+    return _bootstrap(x, y, [stat], n_boot=n_boot, ci=ci, seed=seed, bar=bar)[stat]
 
 
 def holm(p) -> np.ndarray:
@@ -550,14 +565,15 @@ def holm(p) -> np.ndarray:
 
 def compare_populations(df: pd.DataFrame, value_cols, label_col: str, a: str = "semantic",
                         b: str = "non-semantic", *, n_boot: int = 2000, ci: float = 0.95,
-                        seed: int = 0) -> pd.DataFrame:
+                        seed: int = 0, bar=None) -> pd.DataFrame:
     """One row per value column comparing population a with population b (rows with label_col == a, == b).
 
     Columns: column, a, b, n_a, n_b, mean_a, mean_b, median_a, median_b, p75_a, p75_b; mean_diff (mean a -
     mean b) with mean_diff_lo/hi (bootstrap CI); cliffs_delta (> 0: a tends to be larger) with
     cliffs_delta_lo/hi (bootstrap CI, same resamples); U (Mann-Whitney, pairs a > b), p_value (two-sided) and
     p_holm (Holm-adjusted over the columns compared). NaNs in a column are left out of that column. A
-    population with fewer than 2 values gives NaN comparisons instead of an error.
+    population with fewer than 2 values gives NaN comparisons instead of an error. bar: counts the resamples
+    (`_bootstrap`).
     """
     value_cols = [value_cols] if isinstance(value_cols, str) else list(value_cols)
     _require(df, [label_col, *value_cols])
@@ -569,7 +585,7 @@ def compare_populations(df: pd.DataFrame, value_cols, label_col: str, a: str = "
         for name in ("mean", "median", "p75"):
             row[f"{name}_a"], row[f"{name}_b"] = da[name], db[name]
         if len(x) >= 2 and len(y) >= 2:
-            boot = _bootstrap(x, y, ["mean_diff", "cliffs_delta"], n_boot=n_boot, ci=ci, seed=seed)
+            boot = _bootstrap(x, y, ["mean_diff", "cliffs_delta"], n_boot=n_boot, ci=ci, seed=seed, bar=bar)
             u, p, _ = mann_whitney(x, y)
         else:
             boot = {s: (math.nan, math.nan, math.nan) for s in ("mean_diff", "cliffs_delta")}

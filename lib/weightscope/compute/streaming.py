@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -107,16 +108,20 @@ class LineBar(NoBar):
 
     last_line = time.monotonic()  # when any LineBar last printed (first: when this module was imported)
 
+    _lock = threading.Lock()  # bootstraps run side by side (`populations.in_threads`) update one bar
+
     def __init__(self, total: int, desc: str, unit: str, every: float = LINE_EVERY_S):
         self.total, self.desc, self.unit, self.every = total, desc, unit, every
         self.n, self.start = 0, time.monotonic()
 
     def update(self, n: int) -> None:
-        self.n += n
-        now = time.monotonic()
-        if now - LineBar.last_line >= self.every:
+        with LineBar._lock:
+            self.n += n
+            now = time.monotonic()
+            if now - LineBar.last_line < self.every:
+                return
             LineBar.last_line = now
-            print(self.line(now - self.start), file=sys.stderr, flush=True)
+        print(self.line(now - self.start), file=sys.stderr, flush=True)
 
     def set_description(self, desc: str) -> None:
         self.desc = desc
@@ -128,10 +133,19 @@ class LineBar(NoBar):
                 f"{elapsed:,.0f} s{left}")
 
 
+def announce(text: str) -> None:
+    """One `[progress] text` line in a kernel the book runner started (WEIGHTSCOPE_PROGRESS=lines), for a
+    one-off wait no bar can count (a compile); elsewhere nothing."""
+    if progress_enabled() and os.environ.get("WEIGHTSCOPE_PROGRESS") == LINES:
+        LineBar.last_line = time.monotonic()
+        print(f"[progress] {text}", file=sys.stderr, flush=True)
+
+
 def progress_bar(total: int, enabled: bool, desc: str = "token scores", unit: str = "feature"):
     """A tqdm bar over `total` rows; a `LineBar` in a kernel the book runner started (WEIGHTSCOPE_PROGRESS=
     lines); or a `NoBar` (when not enabled, or WEIGHTSCOPE_PROGRESS=0: a kernel's tqdm draws a widget, which
-    nbval would compare with the stored page)."""
+    nbval would compare with the stored page). The tqdm bar clears itself when done (leave=False): a chapter
+    calls kernels several times a layer, and finished bars would pile up in a notebook run by hand."""
     if not enabled or not progress_enabled():
         return NoBar()
     if os.environ.get("WEIGHTSCOPE_PROGRESS") == LINES:
@@ -140,7 +154,7 @@ def progress_bar(total: int, enabled: bool, desc: str = "token scores", unit: st
         from tqdm.auto import tqdm
     except ImportError:
         return NoBar()
-    return tqdm(total=total, unit=unit, desc=desc)
+    return tqdm(total=total, unit=unit, desc=desc, leave=False)
 
 
 def attempt(compute: Callable[[int, int], object], start: int, rows: int) -> tuple[object, bool]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from rapidfuzz.distance import Levenshtein
 from torch import Tensor
 
-from weightscope.compute.streaming import (CPU_BLOCK_BYTES, auto_chunk_size, is_oom, progress_bar,
+from weightscope.compute.streaming import (CPU_BLOCK_BYTES, announce, auto_chunk_size, is_oom, progress_bar,
                                            release_cache, scores_buffer)
 
 if TYPE_CHECKING:  # pandas is only needed by `stats_frame`
@@ -397,6 +397,7 @@ def _fused_moments_and_entropy(S: Tensor, smax: Tensor) -> tuple[Tensor, ...] | 
     """The compiled `_moments_and_entropy_functional`; None when torch.compile is unavailable here."""
     if "moments" not in _COMPILED:
         _COMPILED["moments"] = torch.compile(_moments_and_entropy_functional, dynamic=True)
+        announce("compiling the fused score statistics (once per process: tens of seconds on a small CPU)")
     compiled = _COMPILED["moments"]
     if compiled is None:
         return None
