@@ -487,6 +487,7 @@ def test_agreement_rule_and_summary_findings():
     summary = ch.summarise(output, inp, effects, pairs, words, ch.Config(n_boot=200))
     verdict = dict(zip(summary["claim"].str[:40], summary["agreement"]))
     assert list(summary["agreement"]).count(ch.HOLDS) == 9  # 10 claims: all but the reversed input-label claim
+    assert len(summary) == ch.N_CLAIMS  # the total of summarise's progress bar
     assert [v for k, v in verdict.items() if k.startswith("populations (input")] == [ch.FAILS]
     t = SimpleNamespace(summary=summary, text=pd.DataFrame([{"tokens": 100, "row_len": 10, "SAE groups": 3,
                                                               "firings kept per feature": 4}]))

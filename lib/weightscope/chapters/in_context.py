@@ -36,6 +36,7 @@ STEM = "07_in_context"
 MIN_ITEMS = 5  # a claim resting on fewer features (or pairs) is inconclusive, whatever its interval
 DIRECT_CLAIM = ("output: the direct path (decoder x unembedding) is about a feature's whole effect on its "
                 "top tokens")
+N_CLAIMS = 10  # rows of the summary table (`summarise`)
 SENSITIVITY_GRID = (4, 8, 16, 32, 64, 128)  # strongest firings per feature used, for the sensitivity table
 
 
@@ -461,12 +462,15 @@ def summarise(output, inp, effects, pairs, words, config: Config) -> pd.DataFram
     """One row per claim: claim, weights-only, in context, base, difference, lo, hi, agreement, n."""
     rows = []
     b, s = config.n_boot, config.seed
+    # ten claims, most with a bootstrap over every analysed feature (seconds each at a real SAE's width)
+    bar = progress_bar(N_CLAIMS, progress_enabled(), "claims and their intervals", unit="claim")
 
     def add(claim, weights, context, base, diff, n, *, above=0.0):
         d, lo, hi = diff
         rows.append({"claim": claim, "weights-only": weights, "in context": context, "base": base,
                      "difference": d, "lo": lo, "hi": hi, "agreement": agreement(lo, hi, above=above, n=n),
                      "n": n})
+        bar.update(1)
 
     for side, frame, verdict, what in (("output", output, "predicts", "next token"),
                                        ("input", inp, "reads", "current token")):
@@ -503,6 +507,7 @@ def summarise(output, inp, effects, pairs, words, config: Config) -> pd.DataFram
                  "agreement": UNSURE if np.isnan(r) or np.isnan(hi) or len(both) < MIN_ITEMS
                  else HOLDS if r > hi else FAILS,
                  "n": len(both)})
+    bar.update(1)
     for phase, col in (("output", "dec_label"), ("input", "enc_label")):
         ok = words[words["firings"] >= config.min_firings]
         sem, non = (ok.loc[ok[col] == lab, "word share"].to_numpy() for lab in ("semantic", "non-semantic"))
@@ -511,6 +516,7 @@ def summarise(output, inp, effects, pairs, words, config: Config) -> pd.DataFram
             float((ok[col] == "semantic").mean()) if len(ok) else np.nan,
             float(sem.mean()) if len(sem) else np.nan, float(non.mean()) if len(non) else np.nan,
             ic.bootstrap_mean_diff(sem, non, n_boot=b, seed=s), len(sem) + len(non))
+    bar.close()
     return pd.DataFrame(rows)
 
 
