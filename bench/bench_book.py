@@ -469,23 +469,27 @@ END = re.compile(r"^\[book \d+/\d+\] \S+: (\S+) (executed|reused) \(\d+ s\)$")
 SKIP = re.compile(r"^\[book\] \S+: (\S+) skipped: ")
 
 
+QUIET_S = 10.0  # a wait between two terminal lines this long is listed (the issue's "about 10 s")
+
+
 def run_book(stems: list[str], params: Path, env: dict, log: Path, done=None,
-             cmd: list[str] | None = None) -> tuple[dict[str, dict], dict]:
+             cmd: list[str] | None = None, quiet_s: float = QUIET_S) -> tuple[dict[str, dict], dict]:
     """The chapters through one book runner, as `make book` runs them (one pre-flight, one start):
     ({stem: rc, wall, cpu, peak memory, longest silence, last lines}, {rc, wall_s, cpu_s of the whole run}). A
     chapter's wall time runs from the runner's line that starts it to the line that ends it (kernel start
     included); its longest silence is the longest wait between two of its lines (what a user watching the
-    terminal waits for), with the line that came before (`silent_after`); a
-    chapter that failed is timed to the runner's exit, and the chapters after it are not run. `done(stem,
-    entry)` is called as each chapter ends (while the next one runs). cmd: the runner's command (default: the
-    book runner on `params`; a test passes a stand-in that prints the same lines)."""
+    terminal waits for), with the line that came before (`silent_after`), and every wait of at least
+    `quiet_s` (`silences`: [[s, the line before], ...], longest first, at most 10); a chapter that failed
+    is timed to the runner's exit, and the chapters after it are not run. `done(stem, entry)` is called as
+    each chapter ends (while the next one runs). cmd: the runner's command (default: the book runner on
+    `params`; a test passes a stand-in that prints the same lines)."""
     cmd = cmd or [sys.executable, "-m", "weightscope.publish.book", "--target", str(params), "--chapters",
                   *[s[:2] for s in stems], "--no-html", "--force"]
     import resource
 
     chapters, lines, current = {}, [], None
     start, cpu0 = time.perf_counter(), _children_cpu(resource)
-    heard, silence = start, (0.0, "")
+    heard, silence, waits = start, (0.0, ""), []
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                 text=True, errors="replace")
@@ -498,12 +502,16 @@ def run_book(stems: list[str], params: Path, env: dict, log: Path, done=None,
             now, text = time.perf_counter(), line.strip()
             if current is not None and now - heard > silence[0]:
                 silence = (now - heard, lines[-2].strip())
+            if current is not None and now - heard >= quiet_s:
+                waits.append([round(now - heard, 1), lines[-2].strip()])
             heard = now
             if m := START.match(text):
-                current, t0, c0, first, silence = m.group(1), now, peak.cpu(), len(lines), (0.0, text)
+                current, t0, c0, first = m.group(1), now, peak.cpu(), len(lines)
+                silence, waits = (0.0, text), []
             elif (m := END.match(text)) and m.group(1) == current:
                 chapters[current] = _chapter(0, now - t0, peak.cpu() - c0, peak, gpu, lines[first - 1:][-3:])
-                chapters[current].update(longest_silence_s=round(silence[0], 1), silent_after=silence[1])
+                chapters[current].update(longest_silence_s=round(silence[0], 1), silent_after=silence[1],
+                                         silences=sorted(waits, key=lambda w: -w[0])[:10])
                 peak.mark(), gpu.mark()  # the next chapter's peaks: its kernel cannot have started yet
                 print(f"  {current}: {_summary(chapters[current])}", flush=True)
                 if done:  # in a thread of its own: the next line's time is taken as it arrives
@@ -617,11 +625,14 @@ def table(results: list[dict]) -> str:
 def silences(result: dict) -> str:
     """Markdown: per chapter, the longest wait between two lines of the runner's terminal (`run_book`) and the
     line it followed: a long step without progress shows as a long silence after its last line."""
-    lines = ["| chapter | wall s | longest silence s | after the line |", "|---|---|---|---|"]
+    lines = [f"| chapter | wall s | longest silence s | after the line | waits of {QUIET_S:.0f} s or more |",
+             "|---|---|---|---|---|"]
     for stem, c in result["chapters"].items():
         if "longest_silence_s" in c:
             after = c["silent_after"].replace("|", "\\|")
-            lines.append(f"| {stem} | {c['wall_s']:.0f} | {c['longest_silence_s']:.1f} | `{after[:90]}` |")
+            waits = ", ".join(f"{s:.1f}" for s, _ in c["silences"]) if "silences" in c else "not recorded"
+            lines.append(f"| {stem} | {c['wall_s']:.0f} | {c['longest_silence_s']:.1f} | `{after[:90]}` | "
+                         f"{waits or 'none'} |")
     return "\n".join(lines)
 
 

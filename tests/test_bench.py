@@ -389,7 +389,8 @@ def test_book_run_times_each_chapter_and_counts_a_kernel_started_during_a_slow_d
         time.sleep(2.0)  # the next chapter's child starts meanwhile
 
     chapters, run = bench_book.run_book(["00_demo_model", "01_output_tokens"], Path("p.yaml"), dict(os.environ),
-                                        tmp_path / "log", slow_done, cmd=[sys.executable, str(runner)])
+                                        tmp_path / "log", slow_done, cmd=[sys.executable, str(runner)],
+                                        quiet_s=0.9)
     assert run["rc"] == 0 and calls[:2] == ["00_demo_model", "01_output_tokens"]
     for stem in ("00_demo_model", "01_output_tokens"):
         assert chapters[stem]["rc"] == 0 and chapters[stem]["wall_s"] >= 2.4
@@ -397,6 +398,11 @@ def test_book_run_times_each_chapter_and_counts_a_kernel_started_during_a_slow_d
         # the longest wait between two lines: the child's 1.5 s after the progress line, not the 1 s before it
         assert 1.4 < chapters[stem]["longest_silence_s"] < chapters[stem]["wall_s"] - 0.9
         assert chapters[stem]["silent_after"] == "x | [progress] preparing done"
+        # every wait of at least quiet_s, longest first: the child's, then the preparation's
+        waits = chapters[stem]["silences"]
+        start = f"[book {int(stem[:2]) + 1}/2] t: {stem} ..."
+        assert [after for _, after in waits] == ["x | [progress] preparing done", start]
+        assert waits[0][0] == chapters[stem]["longest_silence_s"] and 0.9 <= waits[1][0] < waits[0][0]
 
 
 def test_a_work_folder_keeps_its_stand_in_for_the_next_call_and_refuses_another_shape(tmp_path, monkeypatch):
@@ -488,3 +494,16 @@ def test_gpu_checks_run_the_steps_given_and_count_an_unknown_one_as_failed(tmp_p
                               env={**env, "GPU_ARCHIVE": "results/b.tgz"}, text=True, timeout=120)
     assert relative.returncode == 1 and (tmp_path / "out").is_dir()  # relative paths: the caller's folder
     assert (tmp_path / "results" / "b.tgz").is_file()
+
+
+def test_silences_table_lists_every_long_wait_and_says_when_a_file_has_none():
+    import bench_book
+
+    result = {"chapters": {
+        "01_output_tokens": {"wall_s": 100.0, "longest_silence_s": 25.8, "silent_after": "a | b",
+                             "silences": [[25.8, "a | b"], [12.0, "c"]]},
+        "02_attention": {"wall_s": 50.0, "longest_silence_s": 3.0, "silent_after": "d", "silences": []},
+        "03_semantic_populations": {"wall_s": 9.0, "longest_silence_s": 9.0, "silent_after": "e"}}}
+    rows = bench_book.silences(result).splitlines()[2:]
+    assert rows[0] == "| 01_output_tokens | 100 | 25.8 | `a \\| b` | 25.8, 12.0 |"
+    assert rows[1].endswith("| none |") and rows[2].endswith("| not recorded |")

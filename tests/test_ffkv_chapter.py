@@ -489,6 +489,29 @@ def test_activation_checks_on_each_device(device):
     pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-4, atol=1e-5)
 
 
+def test_held_out_checks_count_each_code_on_their_bar(monkeypatch):
+    """The held-out checks advance their bar once per code (seconds apiece at a real width), not per SAE."""
+    counts = []
+
+    class Bar:
+        def __init__(self, total, *args, **kwargs):
+            self.total, self.n = total, 0
+            counts.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(ch, "progress_bar", Bar)
+    tokens = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
+    checks = ch.activation_checks(tiny_model("gemma2"), [StandInSAE(0), StandInSAE(1)], tokens,
+                                  replace(CFG, topk=3))
+    (bar,) = counts
+    assert bar.n == bar.total == len(checks) == 2 * ch.CHECKS_PER_SAE
+
+
 def test_run_loads_the_saes_one_at_a_time(lazy_standin, sae_loads):
     """With the SAEs as the book loads them (`SAESequence`: each loaded when reached), the chapter never holds
     more than the SAE in use and the one a loop is loading after it, rather than every SAE of the target

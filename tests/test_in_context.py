@@ -432,23 +432,24 @@ def test_ablation_of_a_sae_lens_sae_reads_one_encoder_column_where_it_can(tmp_pa
 # statistics, config, summary
 
 
-def test_resamples_drawn_in_chunks_are_the_draws_of_one_matrix():
-    a = np.random.default_rng(0).normal(size=101)
-    for stat in (np.mean, np.median):
-        want = stat(np.random.default_rng(4).choice(a, (33, len(a))), axis=1)
-        for chunk in (1, 101, 250, 10**6):  # one resample (or fewer than a row), one, two, all at a time
-            got = ic.resampled(np.random.default_rng(4), a, 33, stat, chunk=chunk)
-            assert np.array_equal(got, want), (stat.__name__, chunk)
-
-
-def test_bootstrap_intervals_cover_the_difference_and_spearman_null_is_centred():
-    a, b = np.arange(50.0), np.arange(50.0) - 10
-    d, lo, hi = ic.bootstrap_mean_diff(a, b, n_boot=500, seed=0)
-    assert d == 10 and lo < 10 < hi
+def test_spearman_and_its_shuffled_null_is_centred():
     x = np.arange(40.0)
     assert ic.spearman(x, x ** 3) == pytest.approx(1.0)
     lo, hi = ic.shuffled_spearman(x, x, n_perm=500, seed=0)
     assert lo < 0 < hi and hi < 0.5
+
+
+@pytest.mark.parametrize("n", [3, 57])
+def test_the_shuffled_null_equals_ranking_every_shuffle(n):
+    """Ranked once, dotted per shuffle: the same quantiles as `spearman` of each shuffle (ties included)."""
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=n), np.round(rng.normal(size=n), 1)  # y with ties
+    draws = np.random.default_rng(6)
+    naive = [ic.spearman(x, draws.permutation(y)) for _ in range(300)]
+    got = ic.shuffled_spearman(x, y, n_perm=300, seed=6)
+    assert got == pytest.approx(tuple(np.nanquantile(naive, [0.025, 0.975])), abs=1e-12)
+    assert all(np.isnan(ic.shuffled_spearman(x, np.ones(n), n_perm=10, seed=0)))  # a constant side
+    assert all(np.isnan(ic.shuffled_spearman(x[:2], y[:2], n_perm=10, seed=0)))
 
 
 def test_config_lists_every_problem_at_once_and_checks_the_model():

@@ -246,6 +246,28 @@ def test_bootstrap_ci_covers_truth_and_is_deterministic():
     assert P.bootstrap_ci(x, y, n_boot=300, seed=7) != P.bootstrap_ci(x, y, n_boot=300, seed=8)
 
 
+@pytest.mark.parametrize("stat", sorted(P.ONE_SAMPLE_STATS))
+def test_one_sample_bootstrap_agrees_with_explicit_resamples(stat):
+    x, fn = np.random.default_rng(3).exponential(1.0, 90), P.ONE_SAMPLE_STATS[stat]
+    est, lo, hi = P.bootstrap_one(x, stat, n_boot=4000, ci=0.9, seed=2)
+    rng = np.random.default_rng(11)  # other draws, one resample at a time
+    ref_lo, ref_hi = np.quantile([fn(rng.choice(x, len(x))) for _ in range(4000)], [0.05, 0.95])
+    assert est == pytest.approx(fn(x))
+    assert lo == pytest.approx(ref_lo, abs=0.05 * (ref_hi - ref_lo))  # as in the two-sample test
+    assert hi == pytest.approx(ref_hi, abs=0.05 * (ref_hi - ref_lo))
+    assert P.bootstrap_one(x, stat, n_boot=300, seed=7) == P.bootstrap_one(x, stat, n_boot=300, seed=7)
+
+
+def test_one_sample_bootstrap_small_and_bad_input():
+    est, lo, hi = P.bootstrap_one([2.0, np.nan])  # the NaN dropped: one value left
+    assert est == 2.0 and math.isnan(lo) and math.isnan(hi)
+    assert all(math.isnan(v) for v in P.bootstrap_one([]))
+    with pytest.raises(ValueError, match="statistic"):
+        P.bootstrap_one([1.0, 2.0], "mode")
+    with pytest.raises(ValueError, match="n_boot"):
+        P.bootstrap_one([1.0, 2.0], n_boot=0)
+
+
 class Counter:
     """A progress bar that keeps its count (the `streaming.progress_bar` interface)."""
 

@@ -381,6 +381,8 @@ def test_a_long_step_in_a_kernel_reaches_the_terminal_as_lines_and_leaves_the_pa
             time.sleep(0.25)
             bar.update(1)
         bar.close()
+        from weightscope.publish.book import PAGE_BEAT_S
+        time.sleep(PAGE_BEAT_S + 0.5)  # a cell that prints nothing: the runner says the page is running
     """
     _notebooks(world["tmp"] / "notebooks", {"00_fake": body})
     page = world["book"] / "tiny" / "00_fake.ipynb"
@@ -390,8 +392,9 @@ def test_a_long_step_in_a_kernel_reaches_the_terminal_as_lines_and_leaves_the_pa
     assert len(relayed) == 4, proc.stdout
     assert relayed[0].startswith("  00_fake | [progress] token scores: 1/4 features (25%)")
     assert "LineBar" in page.read_text() and "[progress]" not in page.read_text()
+    assert re.search(r"^  00_fake \| \[page\] \d/\d code cells run$", proc.stdout, re.M), proc.stdout
     off = _run(world, "--force", env={"WEIGHTSCOPE_PROGRESS": "0"})
-    assert off.returncode == 0 and "[progress]" not in off.stdout
+    assert off.returncode == 0 and "[progress]" not in off.stdout and "[page]" not in off.stdout
     assert "NoBar" in page.read_text()  # WEIGHTSCOPE_PROGRESS=0 holds in the kernels
 
 
@@ -864,6 +867,25 @@ def test_progress_lines_reach_the_terminal_while_a_chapter_runs(capsys):
                    "  01_output_tokens | 01_token_lens: layer 3 (512 features) ..."]
 
 
+def test_a_quiet_page_gets_a_line_after_its_next_cell_and_a_relayed_line_resets_the_wait(capsys):
+    from weightscope.publish import book
+
+    now = [0.0]
+    heard = book._Heard(clock=lambda: now[0])
+    relay, beat = book._ProgressRelay("02_attention", heard), book._PageHeartbeat("02_attention", 5, heard)
+    now[0] = book.PAGE_BEAT_S - 1
+    beat(cell=None, cell_index=1)  # quiet for less than PAGE_BEAT_S: no line
+    relay.write("[progress] qk pairs: 3/4 features (75%), 1 s\n")
+    now[0] += book.PAGE_BEAT_S - 0.5
+    beat(cell=None, cell_index=2)  # the relayed line restarted the wait
+    now[0] += 1
+    beat(cell=None, cell_index=3)
+    beat(cell=None, cell_index=4)  # its own line restarted it too
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["  02_attention | [progress] qk pairs: 3/4 features (75%), 1 s",
+                   "  02_attention | [page] 3/5 code cells run"]
+
+
 def test_preflight_refuses_an_unsupported_architecture_before_any_work(tmp_path):
     import json
 
@@ -895,6 +917,28 @@ def test_progress_lines_are_dropped_from_pages():
     nb.cells.append(cell)
     _drop_progress_bars(nb)
     assert [(o["name"], o["text"]) for o in nb.cells[0].outputs] == [("stdout", "2.4% of features\n")]
+
+
+def test_a_progress_line_sent_apart_from_its_newline_leaves_nothing_on_the_page():
+    """A kernel may send a line and its newline as two stream messages (seen in chapter 6 of the demo): both
+    go, and the page keeps what a run without progress lines prints (the nbval references compare it)."""
+    import nbformat
+
+    from weightscope.publish.book import _drop_progress_bars
+
+    out = nbformat.v4.new_output
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("run()")
+    cell.outputs = [out("stream", name="stdout", text="06_attention_reads: layer 4 (SAE layer_4) ..."),
+                    out("stream", name="stdout", text="\n"),
+                    out("stream", name="stderr", text="[saes] 5/5 [layer_4] loading from demo\n"),
+                    out("stream", name="stdout", text="kept "), out("stream", name="stdout", text="line\n"),
+                    out("display_data", data={"text/plain": "table"}),
+                    out("stream", name="stdout", text="after\n")]
+    nb.cells.append(cell)
+    _drop_progress_bars(nb)
+    assert [(o["output_type"], o.get("text")) for o in nb.cells[0].outputs] == [
+        ("stream", "kept line\n"), ("display_data", None), ("stream", "after\n")]
 
 
 def test_held_out_text_inputs_name_the_files_the_reader_opens(monkeypatch, tmp_path):

@@ -669,19 +669,26 @@ def text_analyses(model, saes, resid: dict, tokens: torch.Tensor, config: Config
     out = {k: [] for k in ("examples", "parts", "families", "profiles", "rdfa")}
     metas = described(saes)
     order = sorted(range(len(metas)), key=lambda j: metas[j].layer)  # the streams run forward only
+    # four steps a layer, each counted: the layer pass, DFA, families, recursive DFA
+    bar = progress_bar(4 * len(order), progress_enabled(), "held-out text analyses", unit="step")
     for i, j in enumerate(order, 1):
         io.progress(f"04_attention_saes: DFA, families and recursive DFA, layer {metas[j].layer} "
                     f"({i}/{len(order)})")
         sae = saes[j]  # loaded here when `saes` is lazy
         lp = _layer_pass(model, sae, tokens, text_stream)
+        bar.update(1)
         ex, parts = dfa_examples(model, sae, lp, tokens, config)
+        bar.update(1)
         fam, prof = families(model, sae, lp, tokens, rep, config, rep_stream)
+        bar.update(1)
         out["examples"].append(ex)
         out["parts"].append(parts)
         out["families"].append(fam)
         out["profiles"].append(prof)
         out["rdfa"].append(recursive_dfa(model, sae, lp, resid, ex))
+        bar.update(1)
         del lp, sae  # else the next layer's activations (and SAE) are allocated while these are still held
+    bar.close()
     feats = pd.concat(out["families"], ignore_index=True)
     summary = (feats.groupby(["layer", "family"]).size().unstack(fill_value=0)
                .reindex(columns=list(FAMILIES), fill_value=0))

@@ -595,20 +595,23 @@ def activation_checks(model, saes, tokens: torch.Tensor, cfg: Config, *, bos_id:
     hooks = [[f"blocks.{L}.hook_resid_mid", f"blocks.{L}.hook_mlp_out", s.hook_name]
              for s, L in ((s, mlp_layer_for(s)) for s in described(paired))]
     rows: dict[int, list[dict]] = {}
-    bar = progress_bar(len(paired), True, "held-out checks", unit="SAE")
+    # three codes per SAE, each beside its null: seconds apiece at a real width
+    bar = progress_bar(CHECKS_PER_SAE * len(paired), True, "held-out checks", unit="code")
     try:
         for i, acts in hooks_in_turn(model, tokens, hooks, bos_id=bos_id, batch_rows=batch_rows):
-            rows[i] = _sae_checks(model, paired[i], acts, chosen, cfg)
+            rows[i] = _sae_checks(model, paired[i], acts, chosen, cfg, bar)
             del acts  # released before the next stretch of blocks runs
-            bar.update(1)
     finally:
         bar.close()
     return pd.DataFrame([r for i in sorted(rows) for r in rows[i]])
 
 
-def _sae_checks(model, sae, acts: dict[str, torch.Tensor], chosen: str, cfg: Config) -> list[dict]:
+CHECKS_PER_SAE = 3  # the rows `_sae_checks` returns
+
+
+def _sae_checks(model, sae, acts: dict[str, torch.Tensor], chosen: str, cfg: Config, bar) -> list[dict]:
     """The three check rows of one paired SAE (both TopK-FF codes of its MLP block, its own code) from the
-    activations of its hooks, {hook: [n, d]}."""
+    activations of its hooks, {hook: [n, d]}; bar (`streaming.progress_bar`) counts the rows."""
     L = mlp_layer_for(sae)
     b = ffkv.ff_block(model, L)
     x, y, site = acts[f"blocks.{L}.hook_resid_mid"], acts[f"blocks.{L}.hook_mlp_out"], acts[sae.hook_name]
@@ -620,9 +623,11 @@ def _sae_checks(model, sae, acts: dict[str, torch.Tensor], chosen: str, cfg: Con
         rows.append(_check_row("neurons" if v == chosen else "neurons (other TopK)", sae.layer, L,
                                f"MLP output, TopK of {of} latents", y, ffkv.decode(b, z, v).float(),
                                (z != 0).sum(0), cfg, nulls))
+        bar.update(1)
     site_hat, uses = sae_code(sae, site)
     rows.append(_check_row("features", sae.layer, L, f"SAE site ({sae.hook_name.rsplit('.', 1)[-1]})",
                            site, site_hat, uses, cfg, {}))
+    bar.update(1)
     return rows
 
 

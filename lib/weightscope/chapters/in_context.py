@@ -25,7 +25,7 @@ from weightscope.chapters.context import HELD_OUT_TEXT, TableInput
 from weightscope.chapters.findings import number
 from weightscope.compute import in_context as ic
 from weightscope.compute.lens import output_matrix, token_strings
-from weightscope.compute.populations import token_kind
+from weightscope.compute.populations import bootstrap_ci, bootstrap_one, token_kind
 from weightscope.compute.streaming import progress_bar
 from weightscope.config.params import ParamsError
 from weightscope.config.paths import progress_enabled
@@ -422,10 +422,10 @@ def output_claims(out: pd.DataFrame, config: Config) -> dict[str, tuple[float, f
     ok = out[out["firings"] >= config.min_firings]
     excess = (ok["rate"] - ok["base"]).to_numpy()
     pred = ok["predicts"].to_numpy(bool)
-    return {"predicting features: rate above base": ic.bootstrap_mean(excess[pred], n_boot=config.n_boot,
-                                                                      seed=config.seed),
-            "predicting minus other features": ic.bootstrap_mean_diff(excess[pred], excess[~pred],
-                                                                     n_boot=config.n_boot, seed=config.seed)}
+    return {"predicting features: rate above base": bootstrap_one(excess[pred], n_boot=config.n_boot,
+                                                                   seed=config.seed),
+            "predicting minus other features": bootstrap_ci(excess[pred], excess[~pred],
+                                                                  n_boot=config.n_boot, seed=config.seed)}
 
 
 def early_layer_claim(effects: pd.DataFrame, config: Config) -> tuple:
@@ -438,7 +438,7 @@ def early_layer_claim(effects: pd.DataFrame, config: Config) -> tuple:
         return claim, np.nan, np.nan, np.nan, (np.nan,) * 3, len(e)
     miss = (1 - e["direct share"]).abs()
     first, last = (miss[e["layer"] == lay].to_numpy() for lay in (e["layer"].min(), e["layer"].max()))
-    diff = ic.bootstrap_mean_diff(first, last, n_boot=config.n_boot, seed=config.seed)
+    diff = bootstrap_ci(first, last, n_boot=config.n_boot, seed=config.seed)
     return claim, np.nan, float(first.mean()), float(last.mean()), diff, min(len(first), len(last))
 
 
@@ -480,12 +480,12 @@ def summarise(output, inp, effects, pairs, words, config: Config) -> pd.DataFram
         share = float(ok[verdict].mean()) if len(ok) else np.nan
         add(f"{side}: where a '{verdict}' feature fires, its {what} is a top token more often than its base "
             f"rate", share, float(yes["rate"].mean()), float(yes["base"].mean()),
-            ic.bootstrap_mean(ex_yes, n_boot=b, seed=s), len(yes))
+            bootstrap_one(ex_yes, n_boot=b, seed=s), len(yes))
         add(f"{side}: '{verdict}' features beat the other features (excess over base rate)",
             share, float(ex_yes.mean()) if len(yes) else np.nan, float(ex_no.mean()) if len(no) else np.nan,
-            ic.bootstrap_mean_diff(ex_yes, ex_no, n_boot=b, seed=s), len(ok))
+            bootstrap_ci(ex_yes, ex_no, n_boot=b, seed=s), len(ok))
     share = effects["direct share"].dropna().to_numpy()
-    median = ic.bootstrap_mean(share, n_boot=b, seed=s, stat=np.median)
+    median = bootstrap_one(share, "median", n_boot=b, seed=s)
     low, high = config.direct_majority, 1 / config.direct_majority
     add(f"{DIRECT_CLAIM} (median direct share of the ablation effect, within {number(low)} to "
         f"{number(high)})", 1.0, median[0], 1.0, tuple(v - 1 for v in median), len(share))
@@ -497,7 +497,7 @@ def summarise(output, inp, effects, pairs, words, config: Config) -> pd.DataFram
         float(top["weights-only"].abs().mean()) if len(top) else np.nan,
         float(top["in context"].abs().mean()) if len(top) else np.nan,
         float(rnd["in context"].abs().mean()) if len(rnd) else np.nan,
-        ic.bootstrap_mean_diff(top["in context"].abs(), rnd["in context"].abs(), n_boot=b, seed=s), len(top))
+        bootstrap_ci(top["in context"].abs(), rnd["in context"].abs(), n_boot=b, seed=s), len(top))
     both = pairs[pairs["in context"].notna()]
     r = ic.spearman(both["weights-only"], both["in context"])
     lo, hi = ic.shuffled_spearman(both["weights-only"].to_numpy(), both["in context"].to_numpy(), n_perm=b,
@@ -515,7 +515,7 @@ def summarise(output, inp, effects, pairs, words, config: Config) -> pd.DataFram
             "ones",
             float((ok[col] == "semantic").mean()) if len(ok) else np.nan,
             float(sem.mean()) if len(sem) else np.nan, float(non.mean()) if len(non) else np.nan,
-            ic.bootstrap_mean_diff(sem, non, n_boot=b, seed=s), len(sem) + len(non))
+            bootstrap_ci(sem, non, n_boot=b, seed=s), len(sem) + len(non))
     bar.close()
     return pd.DataFrame(rows)
 

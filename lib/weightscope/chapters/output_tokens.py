@@ -118,6 +118,8 @@ def run(ctx, config: Config, *, model=None, saes=None) -> Tables:
     tabs, provenance = lens_tables(ctx, config, model, saes)
     fold_note, target, cfg = provenance["chapter"]["fold"], ctx.params.target, config.lens_config()
     features, nulls = tabs["features"], tabs["nulls"]
+    io.progress(f"01_output_tokens: every layer's {len(features):,} features: table 01_features, the rule's "
+                f"rates, readings and sweeps")
     features["neuronpedia"] = [lens.neuronpedia_url(ctx.params.neuronpedia, layer, f)
                                for layer, f in zip(features["layer"], features["feature"])]
     io.save_table(features, target, "01_features", key=io.cache_key(provenance=provenance), params=provenance)
@@ -178,6 +180,7 @@ def readings(features: pd.DataFrame, nulls: pd.DataFrame, cfg: lens.LensConfig,
     share that the own-quantile reading calls concentrated whatever the weights.
     """
     rows = []
+    features, nulls = _rule_inputs(features, cfg), _rule_inputs(nulls, cfg)
     for q in grid:
         c = dataclasses.replace(cfg, q_concentration=float(q), q_coherence=float(q))
         for side, side_name in lens.SIDES.items():
@@ -196,6 +199,7 @@ def readings(features: pd.DataFrame, nulls: pd.DataFrame, cfg: lens.LensConfig,
 def sweeps(features: pd.DataFrame, nulls: pd.DataFrame, cfg: lens.LensConfig, grid=SWEEP_GRID) -> pd.DataFrame:
     """Rates as one quantile threshold moves (the other at its default), thresholds re-derived per layer."""
     curves = []
+    features, nulls = _rule_inputs(features, cfg), _rule_inputs(nulls, cfg)
     for vary in ("q_concentration", "q_coherence"):
         for side, side_name in lens.SIDES.items():
             parts = []
@@ -205,6 +209,14 @@ def sweeps(features: pd.DataFrame, nulls: pd.DataFrame, cfg: lens.LensConfig, gr
             s = pd.concat(parts).groupby(["value", "population"], as_index=False)["fraction"].mean()
             curves.append(s.assign(parameter=vary, side=side_name))
     return pd.concat(curves, ignore_index=True)
+
+
+def _rule_inputs(df: pd.DataFrame, cfg: lens.LensConfig) -> pd.DataFrame:
+    """The columns the rule reads (`lens.apply_rule`), with layer and population: applied to every layer's
+    rows hundreds of times, the rule copied the top-token lists too (readings and sweeps 6.7 s, now 4.7 s,
+    at GPT-2 small's width on a 2-core CPU)."""
+    stats = [f"{side}_{c}" for side in lens.SIDES for c in (cfg.concentration_stat, "string_sim", "emb_cos")]
+    return df[[c for c in ("layer", "population") if c in df.columns] + stats]
 
 
 def findings(t: Tables) -> dict[str, list[str]]:

@@ -87,6 +87,8 @@ def run(ctx, config: Config) -> Tables:
     """Chapter 3 for ctx's target, from the tables chapters 1 and 2 wrote."""
     target = ctx.params.target
     tokens, reads = read_inputs(target)
+    io.progress(f"03_semantic_populations: labelling {len(tokens):,} features, then comparing the "
+                "populations")
     kinds = {}  # the token kinds of `tokens`, shared by every relabelling below (`populations.cached_shares`)
     labelled = populations.label_features(tokens, cache=kinds, **config.label_params())
     label_cols = ["layer", "feature"] + [f"{s}_{c}" for s in PHASES

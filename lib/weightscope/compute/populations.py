@@ -550,6 +550,30 @@ def bootstrap_ci(x, y, stat: str = "mean_diff", *, n_boot: int = 2000, ci: float
     return _bootstrap(x, y, [stat], n_boot=n_boot, ci=ci, seed=seed, bar=bar)[stat]
 
 
+ONE_SAMPLE_STATS = {"mean": np.mean, "median": np.median}
+
+
+def bootstrap_one(x, stat: str = "mean", *, n_boot: int = 2000, ci: float = 0.95,
+                  seed: int = 0) -> tuple[float, float, float]:
+    """(estimate, lo, hi): the mean or median of one sample with its percentile bootstrap interval.
+
+    `bootstrap_ci`'s conventions for one sample: NaNs dropped, all NaN when x is empty, NaN lo/hi under 2
+    values; `scipy.stats.bootstrap` in batches of about 260,000 draws.
+    """
+    if stat not in ONE_SAMPLE_STATS:
+        raise ValueError(f"Unknown one-sample statistic {stat!r}; use one of {sorted(ONE_SAMPLE_STATS)}.")
+    if int(n_boot) != n_boot or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer; got {n_boot!r}.")
+    xs, fn = _values(x), ONE_SAMPLE_STATS[stat]
+    if len(xs) < 2:
+        return (float(fn(xs)) if len(xs) else math.nan), math.nan, math.nan
+    result = stats.bootstrap((xs,), fn, n_resamples=int(n_boot), batch=max(1, (1 << 18) // len(xs)),
+                             vectorized=True, confidence_level=ci, method="percentile",
+                             rng=np.random.default_rng(seed))
+    low, high = result.confidence_interval
+    return float(fn(xs)), float(low), float(high)
+
+
 def holm(p) -> np.ndarray:
     """Holm-Bonferroni adjusted p-values (family-wise error over the given tests); NaNs stay NaN.
 

@@ -191,12 +191,17 @@ def execute_chapter(target: Target, source: Path, *, extra: dict[str, Any] | Non
         where = f"chapter {source.stem} failed for target {target.target}"
         kernel_log = cache_dir() / "logs" / target.target / f"{source.stem}.kernel.log"
         kernel_log.parent.mkdir(parents=True, exist_ok=True)
+        heard = _Heard()
+        # papermill adds a cell with the parameters: one more code cell than the chapter's own
+        n_cells = sum(c.cell_type == "code" for c in nbformat.read(src_nb, as_version=4).cells) + 1
+        beat = _PageHeartbeat(source.stem, n_cells, heard) if progress_enabled() else None
         try:
             papermill.execute_notebook(
                 str(src_nb), str(done), parameters=params, cwd=str(NOTEBOOKS), progress_bar=False,
                 kernel_name="python3", log_output=False, extra_arguments=[f"--config={kernel_config}"],
-                kernel_manager_class=_kernel_manager_class(kernel_log),
-                stdout_file=_ProgressRelay(source.stem), stderr_file=_ProgressRelay(source.stem),
+                kernel_manager_class=_kernel_manager_class(kernel_log), on_cell_executed=beat,
+                stdout_file=_ProgressRelay(source.stem, heard),
+                stderr_file=_ProgressRelay(source.stem, heard),
             )
         except papermill.PapermillExecutionError as err:
             kept = _keep_failed(done, target, source)
@@ -242,23 +247,51 @@ _RELAYED = re.compile(rf"^({_PROGRESS_START}|waiting: |warning: )")
 _PROGRESS_LINE = re.compile(rf"^({_PROGRESS_START}).*\n?", re.M)  # dropped from pages
 
 
+class _Heard:
+    """When the runner last printed one of a chapter's lines (its relays and its page heartbeat share one)."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock, self.at = clock, clock()
+
+    def say(self, stem: str, line: str) -> None:
+        print(f"  {stem} | {line}", flush=True)
+        self.at = self.clock()
+
+
 class _ProgressRelay:
     """A stream papermill writes a chapter's stdout or stderr to as it runs: prints the progress lines of
     `_RELAYED`, prefixed with the chapter, so a long chapter is not silent until it ends; the rest stays in the
     notebook (progress bars are dropped from the page later)."""
 
-    def __init__(self, stem: str):
-        self.stem, self.pending = stem, ""
+    def __init__(self, stem: str, heard: _Heard | None = None):
+        self.stem, self.pending, self.heard = stem, "", heard or _Heard()
 
     def write(self, text: str) -> None:
         *lines, self.pending = (self.pending + text).split("\n")
         for line in lines:
             line = line.rsplit("\r", 1)[-1]
             if _RELAYED.match(line):
-                print(f"  {self.stem} | {line}", flush=True)
+                self.heard.say(self.stem, line)
 
     def flush(self) -> None:
         pass
+
+
+PAGE_BEAT_S = 5.0  # a quiet terminal this long gets a line after the next code cell
+
+
+class _PageHeartbeat:
+    """nbclient's `on_cell_executed` hook: after a code cell, when the terminal has been quiet for
+    `PAGE_BEAT_S`, one line `[page] n/m code cells run`. The cells that draw a page's tables and figures print
+    nothing, each a second or two, and together they left a chapter's last 10-15 s silent at a real width."""
+
+    def __init__(self, stem: str, n_cells: int, heard: _Heard):
+        self.stem, self.n_cells, self.heard, self.done = stem, n_cells, heard, 0
+
+    def __call__(self, **cell) -> None:
+        self.done += 1
+        if self.heard.clock() - self.heard.at >= PAGE_BEAT_S:
+            self.heard.say(self.stem, f"[page] {self.done}/{self.n_cells} code cells run")
 
 
 def _kernel_manager_class(log: Path):
@@ -357,12 +390,29 @@ def _drop_progress_bars(nb) -> None:
     for cell in nb.cells:
         if cell.get("cell_type") != "code":
             continue
+        cell.outputs = _joined_streams(cell.outputs)
         for o in cell.outputs:  # the library's progress lines were relayed to the terminal live
             if o.get("output_type") == "stream":
-                o["text"] = _PROGRESS_LINE.sub("", "".join(o.get("text", "")))
+                o["text"] = _PROGRESS_LINE.sub("", o["text"])
         cell.outputs = [o for o in cell.outputs if not is_progress(o)
                         and not (o.get("output_type") == "stream" and not o["text"])]
     nb.metadata.pop("widgets", None)
+
+
+def _joined_streams(outputs: list) -> list:
+    """Consecutive outputs of one stream joined, as Jupyter shows them: a kernel may send a line and its
+    newline as two messages, and a progress line removed from the first would leave the newline alone on
+    the page (an output that a run without progress lines does not have)."""
+    joined = []
+    for o in outputs:
+        if o.get("output_type") == "stream":
+            o["text"] = "".join(o.get("text", ""))
+            last = joined[-1] if joined else {}
+            if last.get("output_type") == "stream" and last.get("name") == o.get("name"):
+                last["text"] += o["text"]
+                continue
+        joined.append(o)
+    return joined
 
 
 def _fold_injected_parameters(nb) -> None:
