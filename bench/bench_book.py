@@ -469,7 +469,7 @@ END = re.compile(r"^\[book \d+/\d+\] \S+: (\S+) (executed|reused) \(\d+ s\)$")
 SKIP = re.compile(r"^\[book\] \S+: (\S+) skipped: ")
 
 
-QUIET_S = 10.0  # a wait between two terminal lines this long is listed (the "about 10 s")
+QUIET_S = 11.0  # a wait between two terminal lines this long is listed: longer than a bar's 10 s cadence
 
 
 def run_book(stems: list[str], params: Path, env: dict, log: Path, done=None,
@@ -630,7 +630,8 @@ def silences(result: dict) -> str:
     for stem, c in result["chapters"].items():
         if "longest_silence_s" in c:
             after = c["silent_after"].replace("|", "\\|")
-            waits = ", ".join(f"{s:.1f}" for s, _ in c["silences"]) if "silences" in c else "not recorded"
+            waits = (", ".join(f"{s:.1f}" for s, _ in c["silences"] if s >= QUIET_S) if "silences" in c
+                     else "not recorded")
             lines.append(f"| {stem} | {c['wall_s']:.0f} | {c['longest_silence_s']:.1f} | `{after[:90]}` | "
                          f"{waits or 'none'} |")
     return "\n".join(lines)
