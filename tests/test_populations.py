@@ -266,6 +266,8 @@ def test_one_sample_bootstrap_small_and_bad_input():
         P.bootstrap_one([1.0, 2.0], "mode")
     with pytest.raises(ValueError, match="n_boot"):
         P.bootstrap_one([1.0, 2.0], n_boot=0)
+    with pytest.raises(ValueError, match="coverage"):
+        P.bootstrap_one([1.0, 2.0], ci=95)
 
 
 class Counter:

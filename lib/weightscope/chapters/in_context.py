@@ -424,8 +424,8 @@ def output_claims(out: pd.DataFrame, config: Config) -> dict[str, tuple[float, f
     pred = ok["predicts"].to_numpy(bool)
     return {"predicting features: rate above base": bootstrap_one(excess[pred], n_boot=config.n_boot,
                                                                    seed=config.seed),
-            "predicting minus other features": bootstrap_ci(excess[pred], excess[~pred],
-                                                                  n_boot=config.n_boot, seed=config.seed)}
+            "predicting minus other features": bootstrap_ci(excess[pred], excess[~pred], n_boot=config.n_boot,
+                                                            seed=config.seed)}
 
 
 def early_layer_claim(effects: pd.DataFrame, config: Config) -> tuple:

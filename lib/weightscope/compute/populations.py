@@ -469,6 +469,13 @@ def _estimate(xs: np.ndarray, ys: np.ndarray, stat: str) -> float:
     return cliffs_delta(xs, ys)
 
 
+def _check_resampling(n_boot, ci) -> None:
+    if not 0 < ci < 1:
+        raise ValueError(f"ci is a coverage probability in (0, 1); got {ci!r}.")
+    if int(n_boot) != n_boot or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer; got {n_boot!r}.")
+
+
 def _counted(statistic, bar):
     """`statistic` that also counts on `bar` the resamples of each batch scipy hands it (the [*batch, n]
     draws along `axis`); scipy's first call, on the data themselves (1-D), counts none."""
@@ -491,10 +498,7 @@ def _bootstrap(x, y, names, *, n_boot: int, ci: float, seed: int,
     bad = [s for s in names if s not in BOOTSTRAP_STATS]
     if bad:
         raise ValueError(f"Unknown bootstrap statistic(s) {bad}; use one of {BOOTSTRAP_STATS}.")
-    if not 0 < ci < 1:
-        raise ValueError(f"ci is a coverage probability in (0, 1); got {ci!r}.")
-    if int(n_boot) != n_boot or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive integer; got {n_boot!r}.")
+    _check_resampling(n_boot, ci)
     xs, ys = np.sort(_values(x)), np.sort(_values(y))
     if len(xs) == 0 or len(ys) == 0:
         return {s: (math.nan, math.nan, math.nan) for s in names}
@@ -562,8 +566,7 @@ def bootstrap_one(x, stat: str = "mean", *, n_boot: int = 2000, ci: float = 0.95
     """
     if stat not in ONE_SAMPLE_STATS:
         raise ValueError(f"Unknown one-sample statistic {stat!r}; use one of {sorted(ONE_SAMPLE_STATS)}.")
-    if int(n_boot) != n_boot or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive integer; got {n_boot!r}.")
+    _check_resampling(n_boot, ci)
     xs, fn = _values(x), ONE_SAMPLE_STATS[stat]
     if len(xs) < 2:
         return (float(fn(xs)) if len(xs) else math.nan), math.nan, math.nan
