@@ -966,6 +966,46 @@ def test_text_analyses_on_each_device(device, min_fires):
         pd.testing.assert_frame_equal(got[name], want[name], check_exact=False, rtol=1e-4, atol=1e-5)
 
 
+def test_text_analyses_report_each_layers_dfa_profiles_chunk_by_chunk(monkeypatch):
+    """The held-out analyses advance a bar per step, and inside the families step a bar per layer over the DFA
+    profiles' examples (over 100,000 a layer at GPT-2 small's width: the longest step), one chunk at a time;
+    the profiles in chunks equal them in one piece."""
+    from weightscope.chapters import attention_saes as ch
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, enabled, desc, unit):
+            self.total, self.desc, self.steps = total, desc, []
+            bars.append(self)
+
+        def update(self, n):
+            self.steps.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(ch, "progress_bar", Bar)
+    model = tiny_model("LN", None)
+    attn = [saes._describe(attn_sae("standard", layer=layer, reshape="hook_z", seed=layer), "tiny", None,
+                           None, folded=False) for layer in (0, 1)]
+    cfg = ch.Config(dfa_features=3, n_examples=4, min_fires=1, induction_len=8, induction_rows=3)
+    out = ch.text_analyses(model, attn, {}, tokens(model), cfg)
+    steps, *profiles = bars
+    assert steps.desc == "held-out text analyses" and steps.steps == [1] * 8
+    assert [b.desc for b in profiles] == ["DFA profiles, layer 0", "DFA profiles, layer 1"]
+    for b in profiles:
+        assert b.total > 0 and sum(b.steps) == b.total
+    c, W_eff, _, acts = ch._layer_pass(model, attn[1], tokens(model))
+    f, b, d, _ = ch._top_positions(acts, cfg.n_examples, cfg.min_fires)
+    bar = Bar(len(b), True, "chunks", "example")
+    chunked = ch._dfa_profiles(c, W_eff, b, d, f, cfg.short_window, chunk=5, bar=bar)
+    assert bar.steps == [5] * (len(b) // 5) + [len(b) % 5] * bool(len(b) % 5)
+    for x, y in zip(chunked, ch._dfa_profiles(c, W_eff, b, d, f, cfg.short_window)):
+        torch.testing.assert_close(x, y)
+    assert len(out["04_families"])
+
+
 def test_exact_splits_fail_a_split_off_by_more_than_rounding_and_say_so():
     from weightscope.chapters import attention_saes as ch
 

@@ -261,6 +261,7 @@ def test_set_base_rates_match_a_naive_count():
 
 
 @pytest.mark.parametrize("norm", ["RMS", "LN"])
+@torch.no_grad()  # the model's weights require grad; nothing here is differentiated
 def test_direct_effect_equals_the_logit_change_at_the_final_residual(norm):
     model = tiny_model(norm=norm, pos="standard")
     tokens = torch.randint(0, 24, (1, 12), generator=torch.Generator().manual_seed(7))

@@ -37,7 +37,7 @@ from weightscope.compute import head_attribution as ha
 from weightscope.compute.lens import content_ids, fold_note, output_matrix, token_strings
 from weightscope.compute.passes import BlockStream
 from weightscope.compute.ranking import rank_key, top_earliest
-from weightscope.compute.streaming import CHUNK_ELEMENTS, auto_chunk_size, progress_bar, scores_buffer
+from weightscope.compute.streaming import CHUNK_ELEMENTS, NoBar, auto_chunk_size, progress_bar, scores_buffer
 from weightscope.compute.token_scores import topk_rows
 from weightscope.config.params import ParamsError
 from weightscope.config.paths import progress_enabled
@@ -834,11 +834,12 @@ def _top_positions(acts: torch.Tensor, n: int, min_fires: int, allowed: torch.Te
     return f[ok], pos // acts.shape[1], pos % acts.shape[1], fires
 
 
-def _dfa_profiles(c, W_eff, b, d, f, window: int, chunk: int = DFA_CHUNK):
+def _dfa_profiles(c, W_eff, b, d, f, window: int, chunk: int = DFA_CHUNK, bar=NoBar()):
     """Per example i (feature f[i] at row b[i], destination d[i]), from |DFA| per source summed over heads:
     (short [n]: the share of it within `window` tokens before the destination; mean_distance [n]: its mean
     distance back; heads_null [n]: the share within `window` tokens that the feature's heads' own attention
-    gives, each head weighted by its |DFA|). In chunks of n: the [n, heads, src] parts are never whole."""
+    gives, each head weighted by its |DFA|). In chunks of n: the [n, heads, src] parts are never whole.
+    bar: advanced by each chunk's examples (over 100,000 examples a layer at GPT-2 small's width)."""
     short, distance, null = [], [], []
     for i in range(0, len(b), chunk):
         bi, di = b[i:i + chunk], d[i:i + chunk]
@@ -853,6 +854,7 @@ def _dfa_profiles(c, W_eff, b, d, f, window: int, chunk: int = DFA_CHUNK):
         short.append((mass * near).sum(1) / total)
         distance.append((mass * dist.clamp_min(0)).sum(1) / total)
         null.append((weight * local).sum(1) / weight.sum(1).clamp_min(1e-12))
+        bar.update(len(bi))
     if not short:
         return torch.zeros(0), torch.zeros(0), torch.zeros(0)
     return torch.cat(short), torch.cat(distance), torch.cat(null)
@@ -898,7 +900,9 @@ def families(model, sae, lp, tokens: torch.Tensor, rep: torch.Tensor, config: Co
     second[:, T + 1:] = 1
     c, W_eff, _, acts = lp
     f, b, d, _ = _top_positions(acts, config.n_examples, config.min_fires)
-    short, mean_distance, heads_null = _dfa_profiles(c, W_eff, b, d, f, config.short_window)
+    bar = progress_bar(len(b), progress_enabled(), f"DFA profiles, layer {sae.layer}", unit="example")
+    short, mean_distance, heads_null = _dfa_profiles(c, W_eff, b, d, f, config.short_window, bar=bar)
+    bar.close()
     null_short = (torch.clamp(d, max=config.short_window) + 1).float() / (d + 1).float()
     text = pd.DataFrame({"feature": f.cpu(), "short": short.cpu(), "null_short": null_short.cpu(),
                          "null_short_heads": heads_null.cpu(), "mean_distance": mean_distance.cpu()})

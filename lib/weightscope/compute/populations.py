@@ -226,9 +226,12 @@ def kind_shares(df: pd.DataFrame, side: str, *, m: int = 5, min_letters: int = 2
 
     n = counts.astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return pd.DataFrame({"word_share": per_row(kinds == "word") / n,
-                             "nonword_share": per_row(np.isin(kinds, list(NONWORD_KINDS))) / n,
-                             "n_tokens": counts.astype(int)}, index=df.index)
+        out = pd.DataFrame({"word_share": per_row(kinds == "word") / n,
+                            "nonword_share": per_row(np.isin(kinds, list(NONWORD_KINDS))) / n,
+                            "n_tokens": counts.astype(int)}, index=df.index)
+    del tokens, encoded, codes, per_row  # codes is a view of Arrow's buffer
+    pa.default_memory_pool().release_unused()  # else Arrow keeps the pages (0.05 GB at 12 x 24,576 features)
+    return out
 
 
 def _coherence(df: pd.DataFrame, side: str, margin: float) -> tuple[np.ndarray, np.ndarray]:
